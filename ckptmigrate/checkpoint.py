@@ -1,0 +1,226 @@
+"""A checkpoint opened lazily: its state dict as references, its extras, its envelope.
+
+Opening reads the zip directory and ``data.pkl`` (or the safetensors header), never tensor bytes.
+Values are memory-mapped when a migration or the user asks for them, and written back one tensor
+at a time; when every tensor is still where it was, only metadata is rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ckptmigrate import formats
+from ckptmigrate.atomic import atomic_write
+from ckptmigrate.envelope import Envelope, architecture_hash, schema_of
+from ckptmigrate.errors import BadInput
+from ckptmigrate.formats import torchzip
+from ckptmigrate.layout import Layout, LayoutError, locate
+from ckptmigrate.ops import Operations
+from ckptmigrate.tensors import (
+    Entry,
+    TensorRef,
+    device_of,
+    dtype_of,
+    is_entry,
+    shape_of,
+    to_torch,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+
+class LazyStateDict(MutableMapping[str, Any]):
+    """The state dict a migration sees: reading a key maps its tensor; assigning stores any tensor.
+
+    ``entries`` holds the underlying references (what the ops work on); per-module ``_metadata``
+    versions, when the file had them, travel with it.
+    """
+
+    def __init__(self, entries: MutableMapping[str, Any]) -> None:
+        self.entries = entries
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.entries[key]
+        return to_torch(value) if isinstance(value, TensorRef) or is_entry(value) else value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.entries[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.entries[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({len(self)} keys)"
+
+
+class Checkpoint(Operations):
+    """A checkpoint file: ``state_dict``, ``extras``, ``metadata`` (the envelope) and ``applied``."""
+
+    def __init__(self, container: formats.Container, layout: Layout) -> None:
+        self.container = container
+        self.path = container.path
+        self.format = container.format
+        self.layout = layout
+        raw = layout.state_dict(container.payload)
+        self.state_dict = LazyStateDict(raw)
+        self.extras: dict[str, Any] = layout.extras(container.payload)
+        self.envelope: Envelope | None = None
+        if container.envelope is not None:
+            try:
+                self.envelope = Envelope.from_dict(container.envelope, origin=str(self.path))
+            except (TypeError, ValueError) as exc:
+                raise BadInput(str(exc) if str(self.path) in str(exc) else f"{self.path}: {exc}") from None
+        self.applied: list[str] = []
+        super().__init__()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, key: str | None = None) -> Checkpoint:
+        container = formats.read(path)
+        try:
+            layout = locate(container.payload, key)
+        except LayoutError as exc:
+            container.close()
+            raise BadInput(f"{container.path}: {exc}") from None
+        return cls(container, layout)
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def metadata(self) -> dict[str, Any] | None:
+        return None if self.envelope is None else self.envelope.to_dict()
+
+    @property
+    def revision(self) -> str | None:
+        return None if self.envelope is None else self.envelope.revision
+
+    def tensors(self) -> dict[str, Entry]:
+        return {k: v for k, v in self.state_dict.entries.items() if is_entry(v)}
+
+    def schema(self) -> dict[str, dict[str, Any]]:
+        return schema_of(self.state_dict.entries)
+
+    def arch_hash(self) -> str:
+        return architecture_hash(self.schema())
+
+    def payload(self) -> Any:
+        return self.layout.rebuild(self.container.payload, self.state_dict.entries, self.extras)
+
+    def materialize(self) -> OrderedDict[str, torch.Tensor]:
+        """The state dict as torch tensors (memory-mapped where unchanged)."""
+        out: OrderedDict[str, Any] = OrderedDict(
+            (k, to_torch(v) if is_entry(v) else v) for k, v in self.state_dict.entries.items()
+        )
+        meta = getattr(self.state_dict.entries, "_metadata", None)
+        if meta is not None:
+            out._metadata = meta  # type: ignore[attr-defined]
+        return out
+
+    def summary(self, *, keys: bool = False) -> dict[str, Any]:
+        """What ``inspect`` shows: container, layout, envelope, counts, bytes, dtypes, devices."""
+        tensors = self.tensors()
+        info: dict[str, Any] = {
+            "path": str(self.path),
+            "container": self.format,
+            "layout": self.layout.name,
+            "stamped": self.envelope is not None,
+            "tensors": len(tensors),
+            "parameters": sum(_numel(v) for v in tensors.values()),
+            "bytes": sum(_nbytes(v) for v in tensors.values()),
+            "dtypes": dict(Counter(dtype_of(v) for v in tensors.values())),
+            "devices": sorted({device_of(v) for v in tensors.values()}),
+            "arch_hash": self.arch_hash(),
+            "extras": sorted(map(str, self.extras)),
+            "envelope": self.metadata,
+        }
+        if info["envelope"] is not None:
+            info["envelope"] = {k: v for k, v in info["envelope"].items() if k != "schema"}
+        if keys:
+            info["keys"] = {
+                k: {"shape": list(shape_of(v)), "dtype": dtype_of(v), "device": device_of(v)}
+                for k, v in tensors.items()
+            }
+        return info
+
+    def can_rewrite_metadata_only(self, fmt: str) -> bool:
+        """True when writing ``fmt`` needs no tensor bytes moved: every tensor is still in this zip."""
+        if fmt != "torch-zip" or self.format != "torch-zip":
+            return False
+        source = self.container.source
+        return all(
+            isinstance(v, TensorRef) and v.storage.source is source and v.storage.crc32 is not None
+            for v in _walk_tensors(self.payload())
+        )
+
+    def write(
+        self, dest: str | os.PathLike[str], envelope: Envelope | None, *, fmt: str | None = None
+    ) -> Path:
+        """Write atomically to ``dest`` (which may be this file): the source survives any failure."""
+        dest = Path(dest)
+        fmt = fmt or ("safetensors" if self.format == "safetensors" else "torch-zip")
+        payload = self.payload()
+        env = None if envelope is None else envelope.to_dict()
+        if fmt == "safetensors" and (self.extras or not isinstance(payload, MutableMapping)):
+            raise BadInput(
+                f"{dest}: safetensors holds only tensors; the extras "
+                f"{sorted(map(str, self.extras))} would be lost — write a torch file instead"
+            )
+        if fmt == "safetensors":
+            non_tensor = [k for k, v in payload.items() if not is_entry(v)]
+            if non_tensor:
+                raise BadInput(f"{dest}: safetensors cannot hold the non-tensor entries {non_tensor[:5]}")
+        with atomic_write(dest) as fh:
+            if self.can_rewrite_metadata_only(fmt):
+                c = self.container
+                torchzip.write_metadata_only(fh, c.source, c.records, c.prefix, payload, env)
+            else:
+                formats.write_container(fh, fmt, payload, env, template=self.container)  # type: ignore[arg-type]
+        return dest
+
+
+def _numel(v: Any) -> int:
+    n = 1
+    for d in shape_of(v):
+        n *= d
+    return n
+
+
+def _nbytes(v: Any) -> int:
+    from ckptmigrate.tensors import ITEMSIZE
+
+    return _numel(v) * ITEMSIZE.get(dtype_of(v), 0)
+
+
+def _walk_tensors(obj: Any, _depth: int = 0) -> Iterator[Any]:
+    """Every tensor in a payload (state dict, optimizer state, extras)."""
+    from ckptmigrate.formats.pickled import StandIn
+
+    if _depth > 200:
+        raise BadInput("the checkpoint payload is nested too deeply")
+    if is_entry(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _walk_tensors(v, _depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _walk_tensors(v, _depth + 1)
+    elif isinstance(obj, StandIn):
+        yield from _walk_tensors([obj.args, obj.state, obj.listitems, obj.dictitems], _depth + 1)

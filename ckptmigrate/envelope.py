@@ -1,0 +1,185 @@
+"""The envelope: what a checkpoint knows about itself, as plain JSON with its own format version.
+
+Which torch/CUDA/Python wrote it and from which git commit, the architecture hash and schema of its
+state dict, the lineage and revision of the migration chain it is at, and the history of what was
+applied to it. Building one needs no tensor bytes and does not import torch.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptmigrate.tensors import Entry, device_of, dtype_of, is_entry, shape_of
+
+FORMAT_VERSION = 1
+
+Schema = dict[str, dict[str, Any]]
+
+
+def schema_of(state_dict: Mapping[str, Any]) -> Schema:
+    """key → {"shape": [...], "dtype": "float32"} for every tensor, in the state dict's order."""
+    return {
+        key: {"shape": list(shape_of(value)), "dtype": dtype_of(value)}
+        for key, value in state_dict.items()
+        if is_entry(value)
+    }
+
+
+def architecture_hash(schema: Mapping[str, Mapping[str, Any]]) -> str:
+    """A digest of the sorted (key, shape, dtype) triples: equal for equal definitions, anywhere."""
+    h = hashlib.sha256()
+    for key in sorted(schema):
+        entry = schema[key]
+        h.update(f"{key}\t{','.join(map(str, entry['shape']))}\t{entry['dtype']}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def devices_of(entries: Iterable[Entry]) -> list[str]:
+    return sorted({device_of(e) for e in entries})
+
+
+def _torch_versions() -> dict[str, str | None]:
+    """torch, CUDA and cuDNN versions, without importing torch when it is not imported yet."""
+    torch_mod = sys.modules.get("torch")
+    if torch_mod is not None:
+        cudnn = None
+        try:
+            if torch_mod.backends.cudnn.is_available():
+                cudnn = str(torch_mod.backends.cudnn.version())
+        except Exception:  # noqa: BLE001 - a broken CUDA install must not stop a stamp
+            cudnn = None
+        return {"torch": torch_mod.__version__, "cuda": torch_mod.version.cuda, "cudnn": cudnn}
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return {"torch": None, "cuda": None, "cudnn": None}
+    cuda = None
+    spec = importlib.util.find_spec("torch")
+    if spec is not None and spec.submodule_search_locations:
+        version_py = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+        try:
+            match = re.search(r"^cuda(?:: \S+)? = '([^']+)'", version_py.read_text(), re.M)
+            cuda = match.group(1) if match else None
+        except OSError:
+            cuda = None
+    return {"torch": version, "cuda": cuda, "cudnn": None}
+
+
+def git_info(repo: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
+    """Commit, branch, dirty flag and remote of the repository at (or above) ``repo``; None outside one."""
+    try:
+        import git
+    except Exception:  # noqa: BLE001 - GitPython raises ImportError when the git binary is missing
+        return None
+    try:
+        r = git.Repo(os.fspath(repo or os.getcwd()), search_parent_directories=True)
+    except (git.exc.InvalidGitRepositoryError, git.exc.NoSuchPathError, git.exc.GitError):
+        return None
+    with r:
+        try:
+            commit: str | None = r.head.commit.hexsha
+        except ValueError:
+            commit = None
+        try:
+            branch: str | None = r.active_branch.name
+        except TypeError:
+            branch = None
+        try:
+            dirty = r.is_dirty(untracked_files=False)
+        except git.exc.GitError:
+            dirty = None
+        remote = None
+        if r.remotes:
+            names = [rm.name for rm in r.remotes]
+            chosen = r.remote("origin") if "origin" in names else r.remotes[0]
+            try:
+                remote = next(iter(chosen.urls), None)
+            except git.exc.GitError:
+                remote = None
+        return {"commit": commit, "branch": branch, "dirty": dirty, "remote": remote,
+                "root": r.working_tree_dir}
+
+
+def ckptmigrate_version() -> str:
+    try:
+        return importlib.metadata.version("ckptmigrate")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Envelope:
+    """The metadata record stored next to the tensors (see docs/format.md)."""
+
+    schema: Schema
+    arch_hash: str
+    layout: str
+    devices: list[str]
+    torch: str | None = None
+    cuda: str | None = None
+    cudnn: str | None = None
+    python: str = field(default_factory=platform.python_version)
+    platform: str = field(default_factory=platform.platform)
+    git: dict[str, Any] | None = None
+    lineage: str | None = None
+    revision: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    created_at: str = field(default_factory=now_utc)
+    ckptmigrate_version: str = field(default_factory=ckptmigrate_version)
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def build(
+        cls, state_dict: Mapping[str, Any], *, layout: str, repo: str | os.PathLike[str] | None = None,
+        tags: Mapping[str, str] | None = None, previous: Envelope | None = None,
+    ) -> Envelope:
+        """A fresh envelope for ``state_dict``; lineage, revision, history and tags carry over."""
+        schema = schema_of(state_dict)
+        env = cls(
+            schema=schema, arch_hash=architecture_hash(schema), layout=layout,
+            devices=devices_of(v for v in state_dict.values() if is_entry(v)),
+            git=git_info(repo), **_torch_versions(),
+        )
+        if previous is not None:
+            env.lineage, env.revision = previous.lineage, previous.revision
+            env.history = list(previous.history)
+            env.tags = dict(previous.tags)
+        env.tags.update(tags or {})
+        return env
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, origin: str = "checkpoint") -> Envelope:
+        """Parse a stored envelope; newer format versions are refused rather than misread."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{origin}: the envelope is not a JSON object")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{origin}: envelope format_version {version!r} is newer than this ckptmigrate "
+                f"understands ({FORMAT_VERSION}); upgrade ckptmigrate"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        missing = {"schema", "arch_hash", "layout", "devices"} - kwargs.keys()
+        if missing:
+            raise ValueError(f"{origin}: the envelope lacks {', '.join(sorted(missing))}")
+        return cls(**kwargs)

@@ -1,0 +1,141 @@
+"""Containers: which format a file is in (from its bytes, not its name) and how to read and write it.
+
+:func:`read` gives a :class:`Container` — the payload with tensors as references, the envelope and
+the storages — having read only the zip directory and ``data.pkl``, or the safetensors header.
+Nothing here imports torch; writing a tensor that must be computed does, lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+from ckptmigrate.errors import BadInput
+from ckptmigrate.formats import legacy, safetensors_io, torchzip
+from ckptmigrate.formats.zipio import ZipEntry
+from ckptmigrate.tensors import Source, Storage
+
+Format = Literal["torch-zip", "torch-legacy", "safetensors"]
+FORMATS: tuple[str, ...] = ("torch-zip", "torch-legacy", "safetensors")
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+@dataclass
+class Container:
+    """A checkpoint file as read: payload (tensors as references), envelope and where bytes are."""
+
+    format: Format
+    path: Path
+    source: Source
+    payload: Any
+    envelope: dict[str, Any] | None
+    storages: dict[str, Storage]
+    prefix: str = "archive"
+    records: dict[str, ZipEntry] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _open_source(path: Path) -> Source:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such file") from None
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BadInput(f"{path}: is a directory, not a checkpoint file")
+    if st.st_size == 0:
+        raise BadInput(f"{path}: empty file, not a checkpoint")
+    try:
+        return Source(path)
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def sniff(head: bytes, size: int) -> Format | None:
+    """The container format from the first bytes of a file."""
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "torch-zip"
+    if head.startswith(_LEGACY_MAGIC):
+        return "torch-legacy"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and n >= 2:
+            return "safetensors"
+    return None
+
+
+def _detect(path: Path, source: Source) -> Format:
+    head = os.pread(source.fileno(), 16, 0)
+    fmt = sniff(head, source.size)
+    if fmt is None:
+        raise BadInput(
+            f"{path}: not a checkpoint (neither a torch zip, a legacy torch file nor safetensors)"
+        )
+    return fmt
+
+
+def read(path: str | os.PathLike[str]) -> Container:
+    """Open a checkpoint and read everything but tensor bytes; BadInput names the file and the problem."""
+    path = Path(path)
+    source = _open_source(path)
+    try:
+        fmt = _detect(path, source)
+        if fmt == "torch-zip":
+            payload, envelope, storages, prefix, records = torchzip.read(source)
+            return Container(fmt, path, source, payload, envelope, storages, prefix, records)
+        if fmt == "torch-legacy":
+            payload, storages = legacy.read(source)
+            return Container(fmt, path, source, payload, None, storages)
+        tensors, envelope, metadata, storages = safetensors_io.read(source)
+        return Container(fmt, path, source, tensors, envelope, storages, metadata=metadata)
+    except (torchzip.TorchZipError, legacy.LegacyFormatError, safetensors_io.SafetensorsFormatError) as exc:
+        source.close()
+        raise BadInput(f"{path}: {_describe(fmt)} {exc}") from None
+    except BaseException:
+        source.close()
+        raise
+
+
+def _describe(fmt: str) -> str:
+    return {"torch-zip": "torch zip file:", "torch-legacy": "legacy torch file:",
+            "safetensors": "safetensors file:"}[fmt]
+
+
+def read_envelope(path: str | os.PathLike[str]) -> tuple[Format, dict[str, Any] | None]:
+    """Only the envelope: the zip directory and one record, or the safetensors header."""
+    path = Path(path)
+    source = _open_source(path)
+    try:
+        fmt = _detect(path, source)
+        if fmt == "torch-zip":
+            return fmt, torchzip.read_envelope(source)
+        if fmt == "safetensors":
+            return fmt, safetensors_io.read_envelope(source)
+        return fmt, None
+    except (torchzip.TorchZipError, safetensors_io.SafetensorsFormatError) as exc:
+        raise BadInput(f"{path}: {_describe(fmt)} {exc}") from None
+    finally:
+        source.close()
+
+
+def write_container(
+    fh: BinaryIO, fmt: Format, payload: Any, envelope: dict[str, Any] | None, *,
+    template: Container | None = None,
+) -> None:
+    """Write ``payload`` in ``fmt``; with a template of the same file, reuse what did not change."""
+    if fmt == "safetensors":
+        metadata = template.metadata if template is not None else {}
+        safetensors_io.write(fh, payload, envelope, metadata)
+        return
+    if fmt != "torch-zip":
+        raise BadInput(f"cannot write the {fmt} format; write torch-zip or safetensors")
+    prefix = template.prefix if template is not None and template.format == "torch-zip" else "archive"
+    torchzip.write(fh, payload, envelope, prefix=prefix)

@@ -1,0 +1,174 @@
+"""safetensors: 8-byte header length, a JSON header, then the data section.
+
+The envelope is one JSON string under ``__metadata__["ckptmigrate"]``; other metadata is kept.
+The header is validated fully (dtypes, shapes, offsets that neither overlap nor leave gaps nor
+point past the end) before any tensor is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from ckptmigrate.formats.zipio import copy_range
+from ckptmigrate.tensors import (
+    DTYPE_TO_SAFETENSORS,
+    ITEMSIZE,
+    SAFETENSORS_DTYPE,
+    Deferred,
+    Source,
+    Storage,
+    TensorRef,
+    contiguous_stride,
+    dtype_of,
+    shape_of,
+    to_torch,
+)
+
+ENVELOPE_KEY = "ckptmigrate"
+MAX_HEADER = 100 << 20
+_CHUNK = 16 << 20
+
+
+class SafetensorsFormatError(ValueError):
+    pass
+
+
+def read_header(source: Source) -> tuple[dict[str, Any], int]:
+    fh = source._fh
+    fh.seek(0)
+    raw = fh.read(8)
+    if len(raw) != 8:
+        raise SafetensorsFormatError("shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", raw)
+    if n > source.size - 8:
+        raise SafetensorsFormatError(f"header length {n} is larger than the file")
+    if n > MAX_HEADER:
+        raise SafetensorsFormatError(f"header of {n} bytes exceeds the {MAX_HEADER >> 20} MiB limit")
+    try:
+        header = json.loads(fh.read(n))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SafetensorsFormatError(f"header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsFormatError("header is not a JSON object")
+    return header, 8 + n
+
+
+def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, str], dict[str, Storage]]:
+    """Return (tensors by name in file order, envelope, other metadata, storages)."""
+    header, data_start = read_header(source)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise SafetensorsFormatError("__metadata__ must map strings to strings")
+    data_size = source.size - data_start
+    spans: list[tuple[int, int, str]] = []
+    refs: dict[str, TensorRef] = {}
+    storages: dict[str, Storage] = {}
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPE[info["dtype"]]
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsFormatError(f"tensor {name!r} has a malformed header entry") from None
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise SafetensorsFormatError(f"tensor {name!r} has an invalid shape {list(shape)}")
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
+            raise SafetensorsFormatError(
+                f"tensor {name!r} has offsets [{begin}, {end}] outside the {data_size}-byte data section"
+            )
+        if end - begin != math.prod(shape) * ITEMSIZE[dtype]:
+            raise SafetensorsFormatError(f"tensor {name!r}: offsets do not match its shape and dtype")
+        storage = Storage(name, dtype, "cpu", end - begin, source, data_start + begin)
+        storages[name] = storage
+        refs[name] = TensorRef(storage, 0, shape, contiguous_stride(shape), dtype)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b1, e1, n1), (b2, _e2, n2) in zip(spans, spans[1:]):
+        if b2 < e1:
+            raise SafetensorsFormatError(f"tensors {n1!r} and {n2!r} overlap in the data section")
+    envelope = None
+    if ENVELOPE_KEY in metadata:
+        try:
+            envelope = json.loads(metadata.pop(ENVELOPE_KEY))
+        except ValueError:
+            raise SafetensorsFormatError("the ckptmigrate envelope in __metadata__ is not JSON") from None
+    ordered = OrderedDict((name, refs[name]) for _b, _e, name in spans)
+    return ordered, envelope, metadata, storages
+
+
+def read_envelope(source: Source) -> dict[str, Any] | None:
+    header, _ = read_header(source)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or ENVELOPE_KEY not in meta:
+        return None
+    try:
+        return json.loads(meta[ENVELOPE_KEY])  # type: ignore[no-any-return]
+    except ValueError:
+        raise SafetensorsFormatError("the ckptmigrate envelope in __metadata__ is not JSON") from None
+
+
+def _chunks(obj: Any) -> Iterator[memoryview]:
+    import torch
+
+    tensor = to_torch(obj).contiguous()
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    for start in range(0, len(view), _CHUNK):
+        yield view[start : start + _CHUNK]
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, (TensorRef, Deferred)):
+        return obj.nbytes
+    return int(obj.numel() * obj.element_size())
+
+
+def write(
+    fh: BinaryIO, tensors: dict[str, Any], envelope: dict[str, Any] | None, metadata: dict[str, str]
+) -> None:
+    """Stream tensors to a safetensors file; whole, contiguous storages are copied by the kernel."""
+    header: dict[str, Any] = {}
+    meta = dict(metadata)
+    if envelope is not None:
+        meta[ENVELOPE_KEY] = json.dumps(envelope, sort_keys=True)
+    if meta:
+        header["__metadata__"] = meta
+    offset = 0
+    for name, obj in tensors.items():
+        dtype = dtype_of(obj)
+        if dtype not in DTYPE_TO_SAFETENSORS:
+            raise SafetensorsFormatError(f"tensor {name!r}: safetensors cannot hold dtype {dtype}")
+        size = _nbytes(obj)
+        header[name] = {
+            "dtype": DTYPE_TO_SAFETENSORS[dtype], "shape": list(shape_of(obj)),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * ((-len(encoded)) % 8)
+    fh.write(struct.pack("<Q", len(encoded)) + encoded)
+    fh.flush()
+    pos = 8 + len(encoded)
+    fd = fh.fileno()
+    for obj in tensors.values():
+        size = _nbytes(obj)
+        if isinstance(obj, TensorRef) and obj.is_whole_storage() and obj.storage.source is not None:
+            assert obj.storage.offset is not None
+            copy_range(obj.storage.source.fileno(), fd, obj.storage.offset, size, pos)
+            pos += size
+            continue
+        for chunk in _chunks(obj):
+            view = memoryview(chunk).cast("B")
+            while view:
+                n = os.pwrite(fd, view, pos)
+                pos += n
+                view = view[n:]
+    fh.seek(pos)
+    fh.truncate(pos)

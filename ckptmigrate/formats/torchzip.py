@@ -1,0 +1,231 @@
+"""The torch zip format (``torch.save`` since 1.6): ``<prefix>/data.pkl`` plus one record per storage.
+
+The envelope is one more record, ``<prefix>/.data/ckptmigrate.json``, which ``torch.load``
+ignores. :func:`write_metadata_only` rewrites a file whose tensors are all still in it: records are
+copied by the kernel (or reused in place) and only ``data.pkl``, the envelope and the central
+directory are new.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from ckptmigrate.formats.pickled import PickleFormatError, dump, load
+from ckptmigrate.formats.zipio import (
+    ZipEntry,
+    ZipFormatError,
+    ZipWriter,
+    copy_range,
+    read_entries,
+    read_record,
+)
+from ckptmigrate.tensors import (
+    Deferred,
+    Source,
+    Storage,
+    TensorRef,
+    dtype_of,
+    shape_of,
+    to_torch,
+)
+
+ENVELOPE_RECORD = ".data/ckptmigrate.json"
+_CHUNK = 16 << 20
+
+
+class TorchZipError(ValueError):
+    pass
+
+
+def archive_prefix(entries: dict[str, ZipEntry]) -> str:
+    prefixes = {name[: -len("/data.pkl")] for name in entries if name.endswith("/data.pkl")}
+    prefixes = {p for p in prefixes if "/" not in p}
+    if len(prefixes) != 1:
+        raise TorchZipError("the zip archive holds no torch checkpoint (no <name>/data.pkl record)")
+    return prefixes.pop()
+
+
+def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, Storage], str, dict[str, ZipEntry]]:
+    """Return (payload, envelope, storages, archive prefix, records) without reading tensor bytes."""
+    fh: BinaryIO = source._fh
+    try:
+        entries = read_entries(fh, source.size)
+        prefix = archive_prefix(entries)
+        payload_bytes = read_record(fh, entries[f"{prefix}/data.pkl"])
+    except ZipFormatError as exc:
+        raise TorchZipError(str(exc)) from None
+    storages: dict[str, Storage] = {}
+    try:
+        payload = load(payload_bytes, storages)
+    except PickleFormatError as exc:
+        raise TorchZipError(f"data.pkl: {exc}") from None
+    for key, storage in storages.items():
+        entry = entries.get(f"{prefix}/data/{key}")
+        if entry is None:
+            raise TorchZipError(f"storage record data/{key} is missing from the archive")
+        if entry.size < storage.nbytes:
+            raise TorchZipError(
+                f"storage record data/{key} holds {entry.size} bytes, its tensors need {storage.nbytes}"
+            )
+        storage.source, storage.offset, storage.crc32 = source, entry.data_offset, entry.crc
+    envelope = None
+    env_entry = entries.get(f"{prefix}/{ENVELOPE_RECORD}")
+    if env_entry is not None:
+        try:
+            envelope = json.loads(read_record(fh, env_entry))
+        except (ZipFormatError, ValueError) as exc:
+            raise TorchZipError(f"the ckptmigrate envelope record is unreadable ({exc})") from None
+    return payload, envelope, storages, prefix, entries
+
+
+def read_envelope(source: Source) -> dict[str, Any] | None:
+    fh: BinaryIO = source._fh
+    try:
+        entries = read_entries(fh, source.size)
+        prefix = archive_prefix(entries)
+        entry = entries.get(f"{prefix}/{ENVELOPE_RECORD}")
+        return None if entry is None else json.loads(read_record(fh, entry))
+    except (ZipFormatError, ValueError) as exc:
+        raise TorchZipError(str(exc)) from None
+
+
+class _StoragePlan:
+    """Assigns each tensor of a payload to a storage record, keeping shared storages shared.
+
+    A storage that comes from a file keeps its record key, so a metadata-only rewrite can point
+    the new central directory at the old record.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, Storage | Deferred | Any]] = []
+        self._by_storage: dict[int, tuple[str, Storage]] = {}
+        self._taken: set[str] = set()
+        self._counter = 0
+
+    def _fresh(self, wanted: str | None = None) -> str:
+        if wanted is not None and wanted not in self._taken:
+            key = wanted
+        else:
+            while str(self._counter) in self._taken:
+                self._counter += 1
+            key = str(self._counter)
+        self._taken.add(key)
+        return key
+
+    def __call__(self, obj: Any) -> tuple[str, Storage]:
+        if isinstance(obj, TensorRef):
+            known = self._by_storage.get(id(obj.storage))
+            if known is None:
+                known = (self._fresh(obj.storage.key), obj.storage)
+                self._by_storage[id(obj.storage)] = known
+                self.records.append((known[0], obj.storage))
+            return known
+        key = self._fresh()
+        nbytes = obj.nbytes if isinstance(obj, Deferred) else obj.numel() * obj.element_size()
+        storage = Storage(key, dtype_of(obj), "cpu", nbytes)
+        self.records.append((key, obj))
+        return key, storage
+
+
+def _tensor_chunks(obj: Any) -> Iterator[memoryview]:
+    import torch
+
+    tensor = to_torch(obj).contiguous()
+    if tuple(tensor.shape) != shape_of(obj):
+        raise ValueError(f"tensor shape {tuple(tensor.shape)} differs from planned {shape_of(obj)}")
+    flat = tensor.reshape(-1).view(torch.uint8).numpy()
+    view = memoryview(flat)
+    for start in range(0, len(view), _CHUNK):
+        yield view[start : start + _CHUNK]
+
+
+def _storage_chunks(storage: Storage) -> Iterator[memoryview]:
+    assert storage.source is not None and storage.offset is not None
+    view = memoryview(storage.source.map())
+    end = storage.offset + storage.nbytes
+    for start in range(storage.offset, end, _CHUNK):
+        yield view[start : min(end, start + _CHUNK)]
+
+
+def _fixed_records(prefix: str, serialization_id: bytes | None) -> list[tuple[str, bytes]]:
+    return [
+        (f"{prefix}/.format_version", b"1"),
+        (f"{prefix}/.storage_alignment", b"64"),
+        (f"{prefix}/byteorder", b"little"),
+        (f"{prefix}/version", b"3\n"),
+        (f"{prefix}/.data/serialization_id",
+         serialization_id or str(secrets.randbits(128)).zfill(40).encode()),
+    ]
+
+
+def write(
+    fh: BinaryIO, payload: Any, envelope: dict[str, Any] | None, *, prefix: str = "archive",
+    serialization_id: bytes | None = None,
+) -> None:
+    """Stream a payload to a new torch zip file, one storage at a time."""
+    plan = _StoragePlan()
+    pickled = dump(payload, plan)
+    writer = ZipWriter(fh)
+    writer.add_bytes(f"{prefix}/data.pkl", pickled)
+    for name, data in _fixed_records(prefix, serialization_id)[:3]:
+        writer.add_bytes(name, data)
+    for key, item in plan.records:
+        name = f"{prefix}/data/{key}"
+        if isinstance(item, Storage):
+            assert item.source is not None and item.offset is not None
+            if item.crc32 is not None:
+                writer.add_copy(name, item.source.fileno(), item.offset, item.nbytes, item.crc32)
+            else:
+                writer.add_stream(name, item.nbytes, _storage_chunks(item))
+        else:
+            nbytes = item.nbytes if isinstance(item, Deferred) else item.numel() * item.element_size()
+            writer.add_stream(name, nbytes, _tensor_chunks(item))
+    for name, data in _fixed_records(prefix, serialization_id)[3:]:
+        writer.add_bytes(name, data)
+    if envelope is not None:
+        writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", _envelope_bytes(envelope))
+    writer.close()
+
+
+def _envelope_bytes(envelope: dict[str, Any]) -> bytes:
+    return json.dumps(envelope, indent=1, sort_keys=True).encode()
+
+
+def write_metadata_only(
+    fh: BinaryIO, source: Source, entries: dict[str, ZipEntry], prefix: str, payload: Any,
+    envelope: dict[str, Any] | None,
+) -> None:
+    """Rewrite a zip checkpoint whose tensors all live in ``source``: copy the records region as is,
+    then append a new ``data.pkl``, the envelope and a central directory naming the live records."""
+    plan = _StoragePlan()
+    pickled = dump(payload, plan)
+    region_end = max(e.data_offset + e.size for e in entries.values())
+    copy_range(source.fileno(), fh.fileno(), 0, region_end, 0)
+    fh.seek(region_end)
+    writer = ZipWriter(fh)
+    writer.add_bytes(f"{prefix}/data.pkl", pickled)
+    live = {f"{prefix}/data/{key}": storage for key, storage in plan.records}
+    for name, entry in entries.items():
+        if name.startswith(f"{prefix}/data/") or name in (
+            f"{prefix}/data.pkl", f"{prefix}/{ENVELOPE_RECORD}"
+        ):
+            continue
+        writer.reuse(name, entry.header_offset, entry.size, entry.crc)
+    old_by_offset = {e.data_offset: e for e in entries.values()}
+    for name, storage in live.items():
+        if not isinstance(storage, Storage) or storage.source is not source:
+            raise ValueError("a metadata-only rewrite needs every tensor to be in the source file")
+        assert storage.offset is not None
+        old = old_by_offset[storage.offset]
+        if old.name == name:
+            writer.reuse(name, old.header_offset, old.size, old.crc)
+        else:
+            writer.add_copy(name, source.fileno(), storage.offset, storage.nbytes, old.crc)
+    if envelope is not None:
+        writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", _envelope_bytes(envelope))
+    writer.close()
+

@@ -1,0 +1,219 @@
+"""Just enough of the zip format to read and write torch checkpoints without touching tensor bytes.
+
+Records are stored (never compressed) and their data is aligned to 64 bytes, as ``torch.save``
+does, so ``torch.load(mmap=True)`` can map them. A writer can copy a record's bytes from another
+file with ``os.copy_file_range`` or point the central directory at a record that already sits in
+the file being appended to: that is what makes renames cost only metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+ALIGNMENT = 64
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_EOCD = struct.Struct("<IHHHHIIH")
+_EOCD64 = struct.Struct("<IQHHIIQQQQ")
+_LOCATOR64 = struct.Struct("<IIQI")
+_MAX32 = 0xFFFFFFFF
+_MAX16 = 0xFFFF
+_CHUNK = 8 << 20
+
+
+class ZipFormatError(ValueError):
+    """The archive is not a readable stored-zip torch checkpoint."""
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    name: str
+    header_offset: int
+    data_offset: int
+    size: int
+    crc: int
+
+
+def read_entries(fh: BinaryIO, file_size: int) -> dict[str, ZipEntry]:
+    """Parse the central directory and local headers; validate that every record is in the file."""
+    try:
+        infos = zipfile.ZipFile(fh).infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise ZipFormatError(f"not a readable zip archive ({exc})") from None
+    entries: dict[str, ZipEntry] = {}
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ZipFormatError(f"record {info.filename!r} is compressed; torch writes stored records")
+        if info.compress_size != info.file_size:
+            raise ZipFormatError(f"record {info.filename!r} has inconsistent sizes")
+        header = os.pread(fh.fileno(), _LOCAL.size, info.header_offset)
+        if len(header) != _LOCAL.size or header[:4] != b"PK\x03\x04":
+            raise ZipFormatError(f"record {info.filename!r} has no local header at its offset")
+        name_len, extra_len = struct.unpack_from("<HH", header, 26)
+        data_offset = info.header_offset + _LOCAL.size + name_len + extra_len
+        if data_offset + info.file_size > file_size:
+            raise ZipFormatError(
+                f"record {info.filename!r} claims {info.file_size} bytes past the end of the file"
+            )
+        if info.filename in entries:
+            raise ZipFormatError(f"record {info.filename!r} appears twice")
+        entries[info.filename] = ZipEntry(
+            info.filename, info.header_offset, data_offset, info.file_size, info.CRC
+        )
+    return entries
+
+
+def read_record(fh: BinaryIO, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
+    data = os.pread(fh.fileno(), entry.size, entry.data_offset)
+    if len(data) != entry.size:
+        raise ZipFormatError(f"record {entry.name!r} is truncated")
+    if check_crc and zlib.crc32(data) != entry.crc:
+        raise ZipFormatError(f"record {entry.name!r} fails its CRC check")
+    return data
+
+
+def copy_range(src_fd: int, dst_fd: int, src_offset: int, size: int, dst_offset: int) -> None:
+    """Copy bytes between files in the kernel when it can (reflink/copy_file_range), else by reads."""
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range")
+    while done < size:
+        n = min(size - done, 1 << 30)
+        if use_kernel:
+            try:
+                copied = os.copy_file_range(src_fd, dst_fd, n, src_offset + done, dst_offset + done)
+            except OSError:
+                use_kernel = False
+                continue
+        else:
+            chunk = os.pread(src_fd, min(n, _CHUNK), src_offset + done)
+            copied = os.pwrite(dst_fd, chunk, dst_offset + done) if chunk else 0
+        if copied == 0:
+            raise ZipFormatError("source ended while copying a record")
+        done += copied
+
+
+@dataclass
+class _Written:
+    name: bytes
+    header_offset: int
+    size: int
+    crc: int
+
+
+class ZipWriter:
+    """Write stored, 64-byte-aligned records and a central directory (zip64 when needed).
+
+    ``fh`` must be positioned where the first new record goes; records already in the file can be
+    listed again with :meth:`reuse` without rewriting them.
+    """
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self._fd = fh.fileno()
+        self._pos = fh.tell()
+        self._entries: list[_Written] = []
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def _header(self, name: bytes, size: int, crc: int) -> bytes:
+        zip64 = size >= _MAX32
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        base = self._pos + _LOCAL.size + len(name) + len(extra) + 4
+        pad = (-base) % ALIGNMENT
+        extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+        shown = _MAX32 if zip64 else size
+        head = _LOCAL.pack(
+            0x04034B50, 45 if zip64 else 20, 0, 0, 0, 0, crc, shown, shown, len(name), len(extra)
+        )
+        return head + name + extra
+
+    def _begin(self, name: str, size: int, crc: int) -> tuple[_Written, int]:
+        raw = name.encode("utf-8")
+        header = self._header(raw, size, crc)
+        entry = _Written(raw, self._pos, size, crc)
+        os.pwrite(self._fd, header, self._pos)
+        return entry, self._pos + len(header)
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        entry, data_offset = self._begin(name, len(data), zlib.crc32(data))
+        os.pwrite(self._fd, data, data_offset)
+        self._finish(entry, data_offset)
+
+    def add_stream(self, name: str, size: int, chunks: Iterable[memoryview | bytes]) -> None:
+        """Write ``size`` bytes from ``chunks``; the CRC is computed on the way and patched in."""
+        entry, data_offset = self._begin(name, size, 0)
+        crc = 0
+        written = 0
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
+            view = memoryview(chunk).cast("B")
+            while view:
+                n = os.pwrite(self._fd, view, data_offset + written)
+                written += n
+                view = view[n:]
+        if written != size:
+            raise ValueError(f"record {name!r}: expected {size} bytes, got {written}")
+        entry.crc = crc
+        os.pwrite(self._fd, struct.pack("<I", crc), entry.header_offset + 14)
+        self._finish(entry, data_offset)
+
+    def add_copy(self, name: str, src_fd: int, src_offset: int, size: int, crc: int) -> None:
+        entry, data_offset = self._begin(name, size, crc)
+        copy_range(src_fd, self._fd, src_offset, size, data_offset)
+        self._finish(entry, data_offset)
+
+    def reuse(self, name: str, header_offset: int, size: int, crc: int) -> None:
+        """List a record that already sits in this file at ``header_offset`` (written earlier)."""
+        self._entries.append(_Written(name.encode("utf-8"), header_offset, size, crc))
+
+    def _finish(self, entry: _Written, data_offset: int) -> None:
+        self._entries.append(entry)
+        self._pos = data_offset + entry.size
+
+    def close(self) -> int:
+        """Write the central directory; return the file's final length."""
+        cd_start = self._pos
+        parts: list[bytes] = []
+        for e in self._entries:
+            extra_fields: list[int] = []
+            if e.size >= _MAX32:
+                extra_fields += [e.size, e.size]
+            if e.header_offset >= _MAX32:
+                extra_fields.append(e.header_offset)
+            extra = b""
+            if extra_fields:
+                extra = struct.pack(f"<HH{len(extra_fields)}Q", 1, 8 * len(extra_fields), *extra_fields)
+            size32 = _MAX32 if e.size >= _MAX32 else e.size
+            off32 = _MAX32 if e.header_offset >= _MAX32 else e.header_offset
+            version = 45 if extra else 20
+            parts.append(
+                _CENTRAL.pack(
+                    0x02014B50, version, version, 0, 0, 0, 0, e.crc, size32, size32,
+                    len(e.name), len(extra), 0, 0, 0, 0, off32,
+                )
+                + e.name
+                + extra
+            )
+        cd = b"".join(parts)
+        cd_end = cd_start + len(cd)
+        n = len(self._entries)
+        tail = b""
+        if n >= _MAX16 or cd_start >= _MAX32 or len(cd) >= _MAX32:
+            tail += _EOCD64.pack(0x06064B50, 44, 45, 45, 0, 0, n, n, len(cd), cd_start)
+            tail += _LOCATOR64.pack(0x07064B50, 0, cd_end, 1)
+            tail += _EOCD.pack(0x06054B50, 0, 0, _MAX16, _MAX16, _MAX32, _MAX32, 0)
+        else:
+            tail += _EOCD.pack(0x06054B50, 0, 0, n, n, len(cd), cd_start, 0)
+        os.pwrite(self._fd, cd + tail, cd_start)
+        end = cd_end + len(tail)
+        os.ftruncate(self._fd, end)
+        self._fh.seek(end)
+        return end

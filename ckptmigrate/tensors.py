@@ -1,0 +1,217 @@
+"""Tensors as ckptmigrate sees them: references to bytes in a file, or deferred computations.
+
+A :class:`TensorRef` knows its shape, dtype and where its bytes are, so keys, schemas and hashes
+come from metadata alone. Bytes are only touched by :func:`to_torch`, which memory-maps them. A
+:class:`Deferred` is the result of an op (a transpose, a merge): its shape is known at once, its
+values are computed when the writer streams it out, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    import torch
+
+ITEMSIZE: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+    "uint16": 2, "uint32": 4, "uint64": 8,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1, "qint8": 1, "quint8": 1, "qint32": 4,
+}
+
+#: The typed storage classes torch pickles for dtypes that have one.
+LEGACY_STORAGE: dict[str, str] = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
+}
+STORAGE_FOR_DTYPE = {v: k for k, v in LEGACY_STORAGE.items()}
+
+#: safetensors' dtype names.
+SAFETENSORS_DTYPE: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPE.items()}
+
+
+class Source:
+    """An open file whose bytes tensors point into; mapped once, on first use, copy-on-write."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._fh = open(self.path, "rb")  # noqa: SIM115 - lives as long as the checkpoint
+        self.size = os.fstat(self._fh.fileno()).st_size
+        self._map: mmap.mmap | None = None
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    def map(self) -> mmap.mmap:
+        with self._lock:
+            if self._map is None:
+                self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            return self._map
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+@dataclass(eq=False)
+class Storage:
+    """A run of bytes in a file shared by one or more tensors (tied weights share one storage)."""
+
+    key: str
+    dtype: str
+    location: str
+    nbytes: int
+    source: Source | None = None
+    offset: int | None = None
+    crc32: int | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // ITEMSIZE[self.dtype]
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride = []
+    acc = 1
+    for dim in reversed(shape):
+        stride.append(acc)
+        acc *= max(dim, 1)
+    return tuple(reversed(stride))
+
+
+@dataclass(eq=False)
+class TensorRef:
+    """A tensor in a file: everything about it except its values."""
+
+    storage: Storage
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str
+    requires_grad: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+    @property
+    def device(self) -> str:
+        return self.storage.location
+
+    def is_whole_storage(self) -> bool:
+        """True when the tensor is exactly its storage, contiguous: its bytes can be copied as-is."""
+        return (
+            self.storage_offset == 0
+            and self.stride == contiguous_stride(self.shape)
+            and self.nbytes == self.storage.nbytes
+        )
+
+
+@dataclass(eq=False)
+class Deferred:
+    """A tensor an op will compute; shape and dtype are known before the values are."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    compute: Callable[[], torch.Tensor]
+    device: str = "cpu"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+
+Entry = Union[TensorRef, Deferred, "torch.Tensor"]
+
+
+def is_entry(value: object) -> bool:
+    if isinstance(value, (TensorRef, Deferred)):
+        return True
+    return type(value).__module__.startswith("torch") and hasattr(value, "untyped_storage")
+
+
+def dtype_name(dtype: object) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def shape_of(value: Entry) -> tuple[int, ...]:
+    return tuple(int(d) for d in value.shape)
+
+
+def dtype_of(value: Entry) -> str:
+    if isinstance(value, (TensorRef, Deferred)):
+        return value.dtype
+    return dtype_name(value.dtype)
+
+
+def device_of(value: Entry) -> str:
+    if isinstance(value, (TensorRef, Deferred)):
+        return value.device
+    return str(value.device)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {name!r} is not known to this torch")
+    return dtype
+
+
+def to_torch(value: Entry) -> torch.Tensor:
+    """The values of an entry as a CPU tensor; a TensorRef is memory-mapped, not read."""
+    import torch
+
+    if isinstance(value, Deferred):
+        result = value.compute()
+        if tuple(result.shape) != value.shape or dtype_name(result.dtype) != value.dtype:
+            raise ValueError(
+                f"computed a {dtype_name(result.dtype)} tensor of shape {tuple(result.shape)}, "
+                f"expected {value.dtype} {value.shape}"
+            )
+        return result
+    if not isinstance(value, TensorRef):
+        return value.detach().cpu() if value.device.type != "cpu" else value.detach()
+    dtype = torch_dtype(value.dtype)
+    storage = value.storage
+    if storage.source is None or storage.offset is None:
+        raise ValueError(f"storage {storage.key!r} is not attached to a file")
+    if value.numel == 0 or storage.nbytes == 0:
+        return torch.empty(value.shape, dtype=dtype)
+    itemsize = ITEMSIZE[value.dtype]
+    if storage.offset % itemsize:
+        raw = os.pread(storage.source.fileno(), storage.nbytes, storage.offset)
+        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    else:
+        flat = torch.frombuffer(
+            storage.source.map(), dtype=torch.uint8, count=storage.nbytes, offset=storage.offset
+        )
+    typed = flat.view(dtype)
+    return typed.as_strided(value.shape, value.stride, value.storage_offset)
