@@ -1,0 +1,31 @@
+"""ckptmigrate: Alembic for PyTorch checkpoints.
+
+Importing the package does not import torch; the functions below import it when they need it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["Checkpoint", "LoadReport", "inspect", "load", "load_state_dict", "save", "stamp"]
+
+if TYPE_CHECKING:
+    from ckptmigrate.api import inspect, load, save, stamp
+    from ckptmigrate.checkpoint import Checkpoint
+    from ckptmigrate.loading import LoadReport, load_state_dict
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("inspect", "load", "save", "stamp"):
+        from ckptmigrate import api
+
+        return getattr(api, name)
+    if name in ("load_state_dict", "LoadReport"):
+        from ckptmigrate import loading
+
+        return getattr(loading, name)
+    if name == "Checkpoint":
+        from ckptmigrate.checkpoint import Checkpoint
+
+        return Checkpoint
+    raise AttributeError(f"module 'ckptmigrate' has no attribute {name!r}")

@@ -63,6 +63,17 @@ class LazyStateDict(MutableMapping[str, Any]):
     def __repr__(self) -> str:
         return f"LazyStateDict({len(self)} keys)"
 
+    @property
+    def _metadata(self) -> Any:
+        return getattr(self.entries, "_metadata", None)
+
+    def copy(self) -> OrderedDict[str, Any]:
+        """A plain state dict of tensors (what ``nn.Module.load_state_dict`` copies it into)."""
+        out: OrderedDict[str, Any] = OrderedDict(self.items())
+        if self._metadata is not None:
+            out._metadata = self._metadata  # type: ignore[attr-defined]
+        return out
+
 
 class Checkpoint(Operations):
     """A checkpoint file: ``state_dict``, ``extras``, ``metadata`` (the envelope) and ``applied``."""
@@ -82,6 +93,8 @@ class Checkpoint(Operations):
             except (TypeError, ValueError) as exc:
                 raise BadInput(str(exc) if str(self.path) in str(exc) else f"{self.path}: {exc}") from None
         self.applied: list[str] = []
+        self.map_location: Any = None
+        self.mmap = True
         super().__init__()
 
     @classmethod
@@ -124,13 +137,16 @@ class Checkpoint(Operations):
         return self.layout.rebuild(self.container.payload, self.state_dict.entries, self.extras)
 
     def materialize(self) -> OrderedDict[str, torch.Tensor]:
-        """The state dict as torch tensors (memory-mapped where unchanged)."""
-        out: OrderedDict[str, Any] = OrderedDict(
-            (k, to_torch(v) if is_entry(v) else v) for k, v in self.state_dict.entries.items()
-        )
-        meta = getattr(self.state_dict.entries, "_metadata", None)
-        if meta is not None:
-            out._metadata = meta  # type: ignore[attr-defined]
+        """The state dict as torch tensors: memory-mapped where unchanged (unless ``mmap`` is off),
+        on the CPU unless ``map_location`` says otherwise."""
+        out = self.state_dict.copy()
+        for k, v in out.items():
+            if is_entry(v):
+                if not self.mmap:
+                    v = v.clone()
+                if self.map_location is not None:
+                    v = v.to(self.map_location)
+                out[k] = v
         return out
 
     def summary(self, *, keys: bool = False) -> dict[str, Any]:

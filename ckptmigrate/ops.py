@@ -1,8 +1,407 @@
-"""The operations a migration script calls on the checkpoint it receives."""
+"""The operations vocabulary a migration script calls on the checkpoint it receives.
+
+Every op edits the lazy state dict: renames move references (no tensor bytes), tensor ops leave a
+:class:`~ckptmigrate.tensors.Deferred` whose values are computed when the file is written. Each op
+records its exact inverse (the old shape, dtype or key names it saw) so a chain of invertible ops
+can be walked back without a hand-written ``downgrade``. Patterns are regular expressions matched
+against the whole key; replacement templates may use back-references (``\\1``).
+"""
 
 from __future__ import annotations
 
+import difflib
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ckptmigrate.optimizer import OptimizerTrack
+from ckptmigrate.tensors import (
+    Deferred,
+    Entry,
+    TensorRef,
+    contiguous_stride,
+    dtype_of,
+    is_entry,
+    shape_of,
+    to_torch,
+    torch_dtype,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from ckptmigrate.checkpoint import LazyStateDict
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+Inverse = list[Any]
+
+
+class OpError(ValueError):
+    """An op could not apply; ``op`` and ``key`` say which and where."""
+
+    def __init__(self, op: str, key: str | None, message: str) -> None:
+        super().__init__(message)
+        self.op = op
+        self.key = key
+
+
+def _fullmatch(pattern: str, key: str) -> re.Match[str] | None:
+    return re.fullmatch(pattern, key)
+
 
 class Operations:
+    """Mixin for :class:`~ckptmigrate.checkpoint.Checkpoint`: the ops and their inverse journal."""
+
+    state_dict: LazyStateDict
+    extras: dict[str, Any]
+
     def __init__(self) -> None:
-        pass
+        self.journal: list[Inverse] = []
+        self.irreversible: list[str] = []
+        self.touched: list[tuple[str, list[str]]] = []
+        self.optimizers = OptimizerTrack.find(self.extras, list(self.state_dict.entries))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def _entries(self) -> MutableMapping[str, Any]:
+        return self.state_dict.entries
+
+    def _record(self, op: str, keys: Iterable[str], inverse: Inverse | None) -> None:
+        self.touched.append((op, list(keys)))
+        if inverse is None:
+            self.irreversible.append(op)
+            self.journal.append(["irreversible", {"op": op}])
+        else:
+            self.journal.append(inverse)
+
+    def _closest(self, op: str, pattern: str) -> OpError:
+        keys = [k for k in self._entries if isinstance(k, str)]
+        close = difflib.get_close_matches(pattern, keys, n=3, cutoff=0.4)
+        hint = f"; closest keys: {', '.join(close)}" if close else f"; the checkpoint has {len(keys)} keys"
+        return OpError(op, pattern, f"{op}: {pattern!r} matches no key{hint}")
+
+    def _match(self, op: str, pattern: str, missing_ok: bool) -> list[tuple[str, re.Match[str] | None]]:
+        if pattern in self._entries:
+            return [(pattern, None)]
+        try:
+            found = [(k, m) for k in self._entries if (m := _fullmatch(pattern, k))]
+        except re.error as exc:
+            raise OpError(op, pattern, f"{op}: {pattern!r} is not a valid pattern ({exc})") from None
+        if not found and not missing_ok:
+            raise self._closest(op, pattern)
+        return found
+
+    def _tensor(self, op: str, key: str) -> Entry:
+        value = self._entries[key]
+        if not is_entry(value):
+            raise OpError(op, key, f"{op}: {key!r} is not a tensor")
+        return value  # type: ignore[no-any-return]
+
+    def _replace(self, key: str, value: Entry) -> None:
+        self._entries[key] = value
+
+    # -- names -----------------------------------------------------------------------------
+
+    def rename_map(self, mapping: Mapping[str, str], *, _op: str = "rename") -> None:
+        """Rename keys by an explicit ``{old: new}`` map, in one step, keeping their order."""
+        entries = self._entries
+        missing = [k for k in mapping if k not in entries]
+        if missing:
+            raise self._closest(_op, missing[0])
+        new_keys = [mapping.get(k, k) for k in entries]
+        seen: set[str] = set()
+        for old, new in zip(entries, new_keys, strict=True):
+            if new in seen:
+                raise OpError(_op, old, f"{_op}: {old!r} → {new!r} collides with another key named {new!r}")
+            seen.add(new)
+        values = list(entries.items())
+        entries.clear()
+        for (_old, value), new in zip(values, new_keys, strict=True):
+            entries[new] = value
+        self.optimizers.rename(mapping)
+        changed = {o: n for o, n in mapping.items() if o != n}
+        self._record(_op, changed, ["rename_map", {"mapping": {n: o for o, n in changed.items()}}])
+
+    def rename(self, old: str, new: str, *, missing_ok: bool = False) -> None:
+        """Rename one key."""
+        if old not in self._entries:
+            if missing_ok:
+                return
+            raise self._closest("rename", old)
+        self.rename_map({old: new}, _op="rename")
+
+    def rename_regex(self, pattern: str, repl: str, *, missing_ok: bool = False) -> None:
+        """Rename every key the pattern fully matches to ``repl`` (back-references allowed)."""
+        matches = self._match("rename_regex", pattern, missing_ok)
+        mapping = {k: (m.expand(repl) if m else re.sub(pattern, repl, k)) for k, m in matches}
+        if mapping:
+            self.rename_map(mapping, _op="rename_regex")
+            self._rename_metadata(lambda m: re.sub(pattern, repl, m) if re.fullmatch(pattern, m) else m)
+
+    def rename_prefix(self, old: str, new: str, *, missing_ok: bool = False) -> None:
+        """Replace the prefix ``old`` with ``new`` on every key that starts with it."""
+        mapping = {k: new + k[len(old):] for k in self._entries if k.startswith(old)}
+        if not mapping:
+            if missing_ok:
+                return
+            raise self._closest("rename_prefix", old)
+        self.rename_map(mapping, _op="rename_prefix")
+        self._rename_metadata(lambda m: (new + (m + ".")[len(old):]).rstrip(".") if (m + ".").startswith(old) else m)
+
+    def unwrap(self, prefix: str = "module.", *, missing_ok: bool = False) -> None:
+        """Strip a wrapper's prefix (DataParallel/DDP ``module.``, torch.compile ``_orig_mod.``, ...)."""
+        self.rename_prefix(prefix, "", missing_ok=missing_ok)
+
+    def _rename_metadata(self, fn: Callable[[str], str]) -> None:
+        meta = getattr(self._entries, "_metadata", None)
+        if isinstance(meta, dict):
+            renamed = OrderedDict()
+            for k, v in meta.items():
+                renamed[fn(k)] = v
+            self._entries._metadata = renamed  # type: ignore[attr-defined]
+
+    # -- adding and removing ---------------------------------------------------------------
+
+    def drop(self, pattern: str, *, missing_ok: bool = False) -> None:
+        """Remove every key the pattern matches (irreversible: write a downgrade to bring them back)."""
+        keys = [k for k, _ in self._match("drop", pattern, missing_ok)]
+        for k in keys:
+            del self._entries[k]
+        self.optimizers.drop(keys)
+        if keys:
+            self._record("drop", keys, None)
+
+    def add(self, key: str, tensor_or_factory: Any) -> None:
+        """Add a tensor (or the result of calling a factory) under a new key."""
+        if key in self._entries:
+            raise OpError("add", key, f"add: {key!r} already exists")
+        value = tensor_or_factory() if callable(tensor_or_factory) else tensor_or_factory
+        if not is_entry(value):
+            raise OpError("add", key, f"add: {key!r} must be a tensor, got {type(value).__name__}")
+        self._entries[key] = value
+        self.optimizers.add([key])
+        self._record("add", [key], ["drop", {"pattern": re.escape(key)}])
+
+    # -- shapes and dtypes -----------------------------------------------------------------
+
+    def _each(self, op: str, pattern: str, missing_ok: bool) -> list[str]:
+        return [k for k, _ in self._match(op, pattern, missing_ok)]
+
+    def _transform(
+        self, op: str, key: str, shape: tuple[int, ...], fn: Callable[[torch.Tensor], torch.Tensor],
+        dtype: str | None = None,
+    ) -> None:
+        src = self._tensor(op, key)
+        src_shape = shape_of(src)
+        out_dtype = dtype or dtype_of(src)
+        self._replace(key, Deferred(shape, out_dtype, lambda: fn(to_torch(src)).contiguous()))
+        self.optimizers.transform([key], [key], src_shape, lambda ts: [fn(ts[0])])
+
+    def reshape(self, key: str, shape: Sequence[int], *, missing_ok: bool = False) -> None:
+        """Give tensors a new shape with the same number of elements (free for stored tensors)."""
+        for k in self._each("reshape", key, missing_ok):
+            src = self._tensor("reshape", k)
+            old = shape_of(src)
+            new = _resolve_shape("reshape", k, old, shape)
+            if isinstance(src, TensorRef) and src.stride == contiguous_stride(old):
+                self._replace(k, TensorRef(src.storage, src.storage_offset, new, contiguous_stride(new),
+                                           src.dtype, src.requires_grad))
+                self.optimizers.transform([k], [k], old, lambda ts, n=new: [ts[0].reshape(n)])
+            else:
+                self._transform("reshape", k, new, lambda t, n=new: t.reshape(n))
+            self._record("reshape", [k], ["reshape", {"key": re.escape(k), "shape": list(old)}])
+
+    def transpose(self, key: str, dim0: int, dim1: int, *, missing_ok: bool = False) -> None:
+        """Swap two dimensions (e.g. a Linear weight stored as [in, out])."""
+        for k in self._each("transpose", key, missing_ok):
+            old = list(shape_of(self._tensor("transpose", k)))
+            try:
+                old[dim0], old[dim1] = old[dim1], old[dim0]
+            except IndexError:
+                raise OpError("transpose", k, f"transpose: {k!r} has {len(old)} dims") from None
+            self._transform("transpose", k, tuple(old), lambda t: t.transpose(dim0, dim1))
+            self._record("transpose", [k], ["transpose", {"key": re.escape(k), "dim0": dim0, "dim1": dim1}])
+
+    def permute(self, key: str, dims: Sequence[int], *, missing_ok: bool = False) -> None:
+        """Reorder dimensions."""
+        dims = list(dims)
+        for k in self._each("permute", key, missing_ok):
+            old = shape_of(self._tensor("permute", k))
+            if sorted(dims) != list(range(len(old))):
+                raise OpError("permute", k, f"permute: {dims} is not a permutation of {len(old)} dims of {k!r}")
+            new = tuple(old[d] for d in dims)
+            self._transform("permute", k, new, lambda t: t.permute(*dims))
+            inverse = [dims.index(i) for i in range(len(dims))]
+            self._record("permute", [k], ["permute", {"key": re.escape(k), "dims": inverse}])
+
+    def cast(self, pattern: str, dtype: Any, *, missing_ok: bool = False) -> None:
+        """Change the dtype of every matching tensor."""
+        name = str(dtype).removeprefix("torch.")
+        for k in self._each("cast", pattern, missing_ok):
+            src = self._tensor("cast", k)
+            old = dtype_of(src)
+            shape = shape_of(src)
+            self._transform("cast", k, shape, lambda t: t.to(torch_dtype(name)), dtype=name)
+            self._record("cast", [k], ["cast", {"pattern": re.escape(k), "dtype": old}])
+
+    def pad(self, key: str, shape: Sequence[int], value: float = 0, *, missing_ok: bool = False) -> None:
+        """Grow a tensor to ``shape``, filling new elements with ``value`` (e.g. a grown vocabulary)."""
+        for k in self._each("pad", key, missing_ok):
+            old = shape_of(self._tensor("pad", k))
+            new = tuple(shape)
+            if len(new) != len(old) or any(n < o for n, o in zip(new, old, strict=True)):
+                raise OpError("pad", k, f"pad: cannot pad {k!r} of shape {list(old)} to {list(new)}")
+            self._transform("pad", k, new, lambda t, n=new: _pad(t, n, value))
+            self._record("pad", [k], ["truncate", {"key": re.escape(k), "shape": list(old)}])
+
+    def truncate(self, key: str, shape: Sequence[int], *, missing_ok: bool = False) -> None:
+        """Cut a tensor down to ``shape`` (keeps the leading slice of every dimension)."""
+        for k in self._each("truncate", key, missing_ok):
+            old = shape_of(self._tensor("truncate", k))
+            new = tuple(shape)
+            if len(new) != len(old) or any(n > o for n, o in zip(new, old, strict=True)):
+                raise OpError("truncate", k, f"truncate: cannot cut {k!r} of shape {list(old)} to {list(new)}")
+            self._transform("truncate", k, new, lambda t, n=new: t[tuple(slice(0, d) for d in n)])
+            self._record("truncate", [k], None)
+
+    def map(self, key_or_pattern: str, fn: Callable[[torch.Tensor], torch.Tensor], *,
+            missing_ok: bool = False) -> None:
+        """Apply any tensor function (computed now, so the new shape is known; irreversible)."""
+        for k in self._each("map", key_or_pattern, missing_ok):
+            src = self._tensor("map", k)
+            out = fn(to_torch(src))
+            if not is_entry(out):
+                raise OpError("map", k, f"map: the function returned {type(out).__name__} for {k!r}")
+            self._replace(k, out)
+            self._record("map", [k], None)
+
+    # -- split and merge -------------------------------------------------------------------
+
+    def split(self, key: str, new_keys: Sequence[str], dim: int = 0, sizes: Sequence[int] | None = None,
+              *, missing_ok: bool = False) -> None:
+        """Split a tensor along ``dim`` into several keys (a fused ``qkv`` into ``q``, ``k``, ``v``).
+
+        With a pattern, ``new_keys`` are templates: ``split(r"l\\.(\\d+)\\.qkv", [r"l.\\1.q", ...])``.
+        """
+        for k, m in self._match("split", key, missing_ok):
+            src = self._tensor("split", k)
+            shape = shape_of(src)
+            targets = [m.expand(t) if m else t for t in new_keys]
+            try:
+                length = shape[dim]
+            except IndexError:
+                raise OpError("split", k, f"split: {k!r} of shape {list(shape)} has no dim {dim}") from None
+            parts = list(sizes) if sizes is not None else _equal_parts("split", k, length, len(targets))
+            if len(parts) != len(targets) or sum(parts) != length:
+                raise OpError("split", k, f"split: sizes {parts} do not add up to {length} along dim {dim} of {k!r}")
+            clash = [t for t in targets if t in self._entries and t != k]
+            if clash:
+                raise OpError("split", k, f"split: {clash[0]!r} already exists")
+            position = list(self._entries).index(k)
+            items = list(self._entries.items())
+            new_items: list[tuple[str, Any]] = []
+            start = 0
+            for target, size in zip(targets, parts, strict=True):
+                out_shape = list(shape)
+                out_shape[dim] = size
+                new_items.append((target, Deferred(
+                    tuple(out_shape), dtype_of(src),
+                    lambda s=start, n=size, t=src: to_torch(t).narrow(dim, s, n).contiguous(),
+                )))
+                start += size
+            self._entries.clear()
+            for key_, value in items[:position] + new_items + items[position + 1:]:
+                self._entries[key_] = value
+            self.optimizers.transform(
+                [k], targets, shape, lambda ts, p=parts: list(ts[0].split(p, dim=dim))
+            )
+            self._record("split", [k, *targets],
+                         ["merge", {"keys": [re.escape(t) for t in targets], "new_key": k, "dim": dim}])
+
+    def merge(self, keys: Sequence[str], new_key: str, dim: int = 0, *, missing_ok: bool = False) -> None:
+        """Concatenate tensors along ``dim`` into one key (``q``, ``k``, ``v`` into a fused ``qkv``).
+
+        With patterns, the first one drives: for each key it matches, the others are the keys their
+        patterns match with the same groups, and ``new_key`` is a template.
+        """
+        first = self._match("merge", keys[0], missing_ok)
+        for k0, m0 in first:
+            groups = m0.groups() if m0 else ()
+            sources = [k0]
+            for pattern in keys[1:]:
+                found = [k for k in self._entries if (m := _fullmatch(pattern, k)) and m.groups() == groups]
+                if len(found) != 1:
+                    raise OpError("merge", pattern, f"merge: {pattern!r} matches {len(found)} keys alongside {k0!r}")
+                sources.append(found[0])
+            target = m0.expand(new_key) if m0 else new_key
+            tensors = [self._tensor("merge", s) for s in sources]
+            shapes = [shape_of(t) for t in tensors]
+            base = list(shapes[0])
+            for s, src_key in zip(shapes, sources, strict=True):
+                if len(s) != len(base) or any(a != b for i, (a, b) in enumerate(zip(s, base, strict=True)) if i != dim):
+                    raise OpError("merge", src_key, f"merge: {src_key!r} of shape {list(s)} does not fit beside {list(base)}")
+            sizes = [s[dim] for s in shapes]
+            out_shape = list(base)
+            out_shape[dim] = sum(sizes)
+            dtype = dtype_of(tensors[0])
+            position = list(self._entries).index(sources[0])
+            items = [(k, v) for k, v in self._entries.items() if k not in sources]
+            if target in dict(items):
+                raise OpError("merge", target, f"merge: {target!r} already exists")
+            merged = Deferred(tuple(out_shape), dtype, lambda ts=tensors: _cat(ts, dim))
+            items.insert(min(position, len(items)), (target, merged))
+            self._entries.clear()
+            for key_, value in items:
+                self._entries[key_] = value
+            self.optimizers.transform(sources, [target], tuple(shapes[0]), lambda ts: [_cat_t(ts, dim)], shapes=shapes)
+            self._record("merge", [*sources, target],
+                         ["split", {"key": re.escape(target), "new_keys": sources, "dim": dim, "sizes": sizes}])
+
+    # -- walking back ----------------------------------------------------------------------
+
+    def apply_inverse(self, journal: Sequence[Inverse]) -> None:
+        """Undo a revision from the inverse journal its upgrade recorded."""
+        for name, kwargs in reversed(list(journal)):
+            if name == "irreversible":
+                raise OpError(kwargs["op"], None, f"{kwargs['op']} cannot be undone automatically")
+            getattr(self, name)(**kwargs)
+
+
+def _resolve_shape(op: str, key: str, old: tuple[int, ...], shape: Sequence[int]) -> tuple[int, ...]:
+    new = list(shape)
+    total = math.prod(old)
+    if new.count(-1) == 1:
+        known = math.prod(d for d in new if d != -1)
+        if known == 0 or total % known:
+            raise OpError(op, key, f"{op}: cannot reshape {key!r} of shape {list(old)} to {list(shape)}")
+        new[new.index(-1)] = total // known
+    if math.prod(new) != total:
+        raise OpError(op, key, f"{op}: cannot reshape {key!r} of shape {list(old)} to {list(shape)}")
+    return tuple(new)
+
+
+def _equal_parts(op: str, key: str, length: int, n: int) -> list[int]:
+    if n == 0 or length % n:
+        raise OpError(op, key, f"{op}: {length} does not split into {n} equal parts for {key!r}; pass sizes=")
+    return [length // n] * n
+
+
+def _pad(t: torch.Tensor, shape: tuple[int, ...], value: float) -> torch.Tensor:
+    import torch
+
+    out = torch.full(shape, value, dtype=t.dtype)
+    out[tuple(slice(0, d) for d in t.shape)] = t
+    return out
+
+
+def _cat(entries: Sequence[Entry], dim: int) -> torch.Tensor:
+    return _cat_t([to_torch(e) for e in entries], dim)
+
+
+def _cat_t(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    import torch
+
+    return torch.cat(list(tensors), dim=dim)

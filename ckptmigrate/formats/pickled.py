@@ -246,6 +246,10 @@ class _Writer(pickle._Pickler):  # type: ignore[name-defined,misc]
             offset, shape, stride, requires_grad = (
                 obj.storage_offset, obj.shape, obj.stride, obj.requires_grad
             )
+        elif not isinstance(obj, Deferred):
+            # a torch tensor: storage_of gave its whole storage, so it keeps its own view of it
+            shape, stride = shape_of(obj), tuple(int(s) for s in obj.stride())
+            offset, requires_grad = int(obj.storage_offset()), False
         else:
             from ckptmigrate.tensors import contiguous_stride
 

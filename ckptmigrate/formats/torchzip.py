@@ -103,6 +103,7 @@ class _StoragePlan:
     def __init__(self) -> None:
         self.records: list[tuple[str, Storage | Deferred | Any]] = []
         self._by_storage: dict[int, tuple[str, Storage]] = {}
+        self._by_torch_storage: dict[tuple[int, int, str, str], tuple[str, Storage]] = {}
         self._taken: set[str] = set()
         self._counter = 0
 
@@ -124,11 +125,30 @@ class _StoragePlan:
                 self._by_storage[id(obj.storage)] = known
                 self.records.append((known[0], obj.storage))
             return known
-        key = self._fresh()
-        nbytes = obj.nbytes if isinstance(obj, Deferred) else obj.numel() * obj.element_size()
-        storage = Storage(key, dtype_of(obj), "cpu", nbytes)
-        self.records.append((key, obj))
-        return key, storage
+        if isinstance(obj, Deferred):
+            key = self._fresh()
+            storage = Storage(key, obj.dtype, "cpu", obj.nbytes)
+            self.records.append((key, obj))
+            return key, storage
+        return self._torch_storage(obj)
+
+    def _torch_storage(self, tensor: Any) -> tuple[str, Storage]:
+        """A torch tensor's whole storage, as ``torch.save`` writes it: tensors that view the same
+        storage (tied weights) share one record and keep their offsets and strides."""
+        import torch
+
+        untyped = tensor.untyped_storage()
+        dtype = dtype_of(tensor)
+        ident = (untyped.data_ptr(), untyped.nbytes(), str(untyped.device), dtype)
+        known = self._by_torch_storage.get(ident) if ident[0] else None
+        if known is None:
+            key = self._fresh()
+            known = (key, Storage(key, dtype, "cpu", untyped.nbytes()))
+            if ident[0]:
+                self._by_torch_storage[ident] = known
+            whole = torch.empty(0, dtype=torch.uint8, device=untyped.device).set_(untyped)
+            self.records.append((key, whole))
+        return known
 
 
 def _tensor_chunks(obj: Any) -> Iterator[memoryview]:
@@ -187,11 +207,35 @@ def write(
     for name, data in _fixed_records(prefix, serialization_id)[3:]:
         writer.add_bytes(name, data)
     if envelope is not None:
-        writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", _envelope_bytes(envelope))
+        writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", envelope_bytes(envelope))
     writer.close()
 
 
-def _envelope_bytes(envelope: dict[str, Any]) -> bytes:
+def append_records(fh: BinaryIO, records: dict[str, bytes]) -> None:
+    """Add or replace small records of the zip open in ``fh`` (read-write) in place.
+
+    The new records and central directory go where the old directory was; records the new
+    directory no longer lists stay as unreferenced bytes.
+    """
+    fh.flush()
+    size = os.fstat(fh.fileno()).st_size
+    try:
+        entries = read_entries(fh, size)
+    except ZipFormatError as exc:
+        raise TorchZipError(str(exc)) from None
+    prefix = archive_prefix(entries)
+    names = {f"{prefix}/{name}" for name in records}
+    fh.seek(max(e.data_offset + e.size for e in entries.values()))
+    writer = ZipWriter(fh)
+    for entry in entries.values():
+        if entry.name not in names:
+            writer.reuse(entry.name, entry.header_offset, entry.size, entry.crc)
+    for name, data in records.items():
+        writer.add_bytes(f"{prefix}/{name}", data)
+    writer.close()
+
+
+def envelope_bytes(envelope: dict[str, Any]) -> bytes:
     return json.dumps(envelope, indent=1, sort_keys=True).encode()
 
 
@@ -226,6 +270,6 @@ def write_metadata_only(
         else:
             writer.add_copy(name, source.fileno(), storage.offset, storage.nbytes, old.crc)
     if envelope is not None:
-        writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", _envelope_bytes(envelope))
+        writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", envelope_bytes(envelope))
     writer.close()
 

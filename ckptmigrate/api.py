@@ -1,0 +1,150 @@
+"""The Python API: plain functions the CLI is a thin layer over."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ckptmigrate import config
+from ckptmigrate.atomic import atomic_write
+from ckptmigrate.checkpoint import Checkpoint
+from ckptmigrate.engine import apply, new_envelope, plan_for
+from ckptmigrate.envelope import Envelope, now_utc
+from ckptmigrate.errors import BadInput
+from ckptmigrate.formats import safetensors_io, torchzip
+from ckptmigrate.layout import locate
+from ckptmigrate.revisions import RevisionGraph, ScriptDirectory
+
+
+def inspect(path: str | os.PathLike[str], *, keys: bool = False, key: str | None = None) -> dict[str, Any]:
+    """Describe a checkpoint from its metadata alone (no tensor bytes read, torch not imported)."""
+    with Checkpoint.open(path, key=key) as ckpt:
+        return ckpt.summary(keys=keys)
+
+
+def stamp(
+    path: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None,
+    tags: Mapping[str, str] | None = None, repo: str | os.PathLike[str] | None = None,
+    key: str | None = None, lineage: str | None = None, revision: str | None = None,
+) -> Path:
+    """Write the envelope into ``path`` (or ``output``) without changing any tensor.
+
+    A legacy torch file is rewritten as a torch zip file; a zip or safetensors file keeps its
+    tensor records byte for byte. An existing envelope's lineage, revision, history and tags carry
+    over; ``lineage``/``revision`` set them (``stamp --revision`` in the CLI).
+    """
+    with Checkpoint.open(path, key=key) as ckpt:
+        env = Envelope.build(
+            ckpt.state_dict.entries, layout=ckpt.layout.after_rewrite().name, repo=repo,
+            tags=tags, previous=ckpt.envelope,
+        )
+        if lineage is not None:
+            env.lineage = lineage
+        if revision is not None:
+            env.revision = revision
+        env.history.append({
+            "action": "stamp", "at": now_utc(), "revision": env.revision, "tags": dict(tags or {}),
+            "from_container": ckpt.format,
+        })
+        return ckpt.write(output if output is not None else path, env)
+
+
+def script_directory(migrations: str | os.PathLike[str] | None = None, *, cwd: Path | None = None) -> ScriptDirectory:
+    """The script directory named by ``migrations`` (a path or a module), else by pyproject.toml."""
+    if migrations is not None:
+        return ScriptDirectory.from_spec(migrations if isinstance(migrations, str) else Path(migrations), Path.cwd())
+    cfg = config.load(cwd)
+    if cfg.migrations is None:
+        raise BadInput(
+            "no migrations configured: pass --migrations DIR_OR_MODULE, or run `ckptmigrate init` "
+            "to create one and record it in pyproject.toml"
+        )
+    return ScriptDirectory.from_spec(cfg.migrations, cfg.root)
+
+
+def revision_graph(migrations: str | os.PathLike[str] | RevisionGraph | None = None) -> RevisionGraph:
+    if isinstance(migrations, RevisionGraph):
+        return migrations
+    return script_directory(migrations).load()
+
+
+def _optional_graph(migrations: Any) -> RevisionGraph | None:
+    if migrations is None and config.load().migrations is None:
+        return None
+    return revision_graph(migrations)
+
+
+def save(
+    obj: Any, path: str | os.PathLike[str], *, migrations: Any = None, lineage: str | None = None,
+    tags: Mapping[str, str] | None = None, format: str | None = None,
+    include: str | Sequence[str] | None = None,
+) -> Path:
+    """Save a module, a state dict or a checkpoint dict, stamped at the lineage's head revision."""
+    import torch
+
+    path = Path(path)
+    payload = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+    if not isinstance(payload, Mapping):
+        raise BadInput(f"save: expected a module or a dict, got {type(obj).__name__}")
+    fmt = format or ("safetensors" if path.suffix == ".safetensors" else "torch-zip")
+    graph = _optional_graph(migrations)
+    revision = None
+    if graph is not None and len(graph):
+        head = graph.head(lineage)
+        revision, lineage = head.id, head.lineage
+    layout = locate(payload)
+    state_dict = layout.state_dict(payload)
+    if include is not None:
+        patterns = [include] if isinstance(include, str) else list(include)
+        kept = type(state_dict)((k, v) for k, v in state_dict.items()
+                                if any(re.fullmatch(p, k) or k.startswith(p + ".") for p in patterns))
+        if hasattr(state_dict, "_metadata"):
+            kept._metadata = state_dict._metadata
+        state_dict = kept
+        payload = layout.rebuild(payload, state_dict, layout.extras(payload))
+    env = Envelope.build(state_dict, layout=layout.name, tags=tags)
+    env.lineage, env.revision = lineage, revision
+    env.history.append({"action": "save", "at": now_utc(), "revision": revision})
+    if fmt == "safetensors":
+        if layout.kind != "bare":
+            raise BadInput(f"{path}: safetensors holds only a flat dict of tensors; save a state dict")
+        with atomic_write(path) as fh:
+            safetensors_io.write(fh, dict(state_dict), env.to_dict(), {})
+        return path
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        torchzip.append_records(fh, {torchzip.ENVELOPE_RECORD: torchzip.envelope_bytes(env.to_dict())})
+    return path
+
+
+def load(
+    path: str | os.PathLike[str], *, migrations: Any = None, to: str = "head",
+    map_location: Any = None, mmap: bool = True, trust_pickle: bool = False, key: str | None = None,
+) -> Checkpoint:
+    """Open a checkpoint and upgrade it in memory to ``to``; the file on disk is not changed.
+
+    Tensors are memory-mapped (``mmap``) and loaded on the CPU (a CUDA-saved file needs no
+    ``map_location``); ``trust_pickle=True`` runs the file's pickle code to rebuild the extras as
+    real objects — only for files you trust.
+    """
+    ckpt = Checkpoint.open(path, key=key)
+    ckpt.map_location = map_location
+    ckpt.mmap = mmap
+    if trust_pickle and ckpt.format != "safetensors":
+        import torch
+
+        real = torch.load(ckpt.path, map_location="cpu", weights_only=False, mmap=mmap)
+        if ckpt.layout.kind == "key":
+            ckpt.extras = {k: v for k, v in real.items() if k != ckpt.layout.key}
+    graph = _optional_graph(migrations)
+    if graph is None or not len(graph):
+        return ckpt
+    plan = plan_for(ckpt, graph, to=to)
+    if plan.steps:
+        history = apply(ckpt, plan)
+        ckpt.envelope = new_envelope(ckpt, plan, history)
+    return ckpt

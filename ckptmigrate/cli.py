@@ -1,0 +1,357 @@
+"""The ``ckptmigrate`` command: thin click commands over :mod:`ckptmigrate.api`.
+
+Bad input exits 2 with one line naming the file and the problem; a failed check exits 1;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ckptmigrate.envelope import ckptmigrate_version
+from ckptmigrate.errors import BadInput, CheckFailed, CkptMigrateError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """Turns ckptmigrate's errors into one line and an exit code, unless --debug."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CkptMigrateError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"ckptmigrate: error: {exc}", err=True)
+            ctx.exit(1 if isinstance(exc, CheckFailed) else 2)
+
+
+def _parse_tags(values: Sequence[str]) -> dict[str, str]:
+    tags = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--tag")
+        tags[key] = value
+    return tags
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(ckptmigrate_version(), "--version", "-V", prog_name="ckptmigrate")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Alembic for PyTorch checkpoints: stamp, inspect, upgrade and downgrade them."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _fmt_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{n} B"
+
+
+def _print_summary(info: dict[str, Any]) -> None:
+    env = info["envelope"]
+    click.echo(f"{info['path']}")
+    click.echo(f"  container   {info['container']}")
+    click.echo(f"  layout      {info['layout']}" + (f"  (extras: {', '.join(info['extras'])})" if info["extras"] else ""))
+    click.echo(f"  tensors     {info['tensors']}  ({info['parameters']:,} elements, {_fmt_bytes(info['bytes'])})")
+    dtypes = ", ".join(f"{d} ×{n}" for d, n in sorted(info["dtypes"].items()))
+    click.echo(f"  dtypes      {dtypes or '-'}")
+    click.echo(f"  devices     {', '.join(info['devices']) or '-'}")
+    click.echo(f"  arch hash   {info['arch_hash']}")
+    if env is None:
+        click.echo("  envelope    unstamped")
+    else:
+        click.echo(f"  revision    {env.get('revision') or '-'}  (lineage {env.get('lineage') or '-'})")
+        click.echo(f"  written by  torch {env.get('torch')}, CUDA {env.get('cuda')}, Python {env.get('python')}")
+        git = env.get("git")
+        if git:
+            dirty = " (dirty)" if git.get("dirty") else ""
+            click.echo(f"  git         {git.get('commit') or '-'} on {git.get('branch') or '-'}{dirty}")
+        click.echo(f"  created     {env.get('created_at')}  ({len(env.get('history') or [])} history entries)")
+        if env.get("tags"):
+            click.echo("  tags        " + ", ".join(f"{k}={v}" for k, v in sorted(env["tags"].items())))
+    if "keys" in info:
+        width = max((len(k) for k in info["keys"]), default=0)
+        for k, v in info["keys"].items():
+            click.echo(f"    {k:<{width}}  {str(tuple(v['shape'])):<20} {v['dtype']}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--keys", is_flag=True, help="List every key with its shape and dtype.")
+@click.option("--key", default=None, help="The payload key that holds the state dict.")
+def inspect(paths: tuple[Path, ...], as_json: bool, keys: bool, key: str | None) -> None:
+    """Describe checkpoints from their metadata; reads no tensor bytes."""
+    from ckptmigrate import api
+
+    infos = [api.inspect(p, keys=keys, key=key) for p in paths]
+    if as_json:
+        _emit_json(infos if len(infos) > 1 else infos[0])
+        return
+    for info in infos:
+        _print_summary(info)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--tag", "tags", multiple=True, metavar="K=V", help="Free-form tag (repeatable).")
+@click.option("--repo", type=click.Path(path_type=Path, file_okay=False),
+              help="Git repository to record (default: the working directory's).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of in place.")
+@click.option("--key", default=None, help="The payload key that holds the state dict.")
+@click.option("--json", "as_json", is_flag=True, help="Print the written envelope as JSON.")
+def stamp(path: Path, tags: tuple[str, ...], repo: Path | None, output: Path | None,
+          key: str | None, as_json: bool) -> None:
+    """Write the envelope into a checkpoint without changing any tensor."""
+    from ckptmigrate import api
+
+    written = api.stamp(path, output=output, tags=_parse_tags(tags), repo=repo, key=key)
+    if as_json:
+        _emit_json(api.inspect(written)["envelope"])
+    else:
+        click.echo(f"stamped {written}")
+
+
+_MIGRATIONS = click.option(
+    "--migrations", "migrations", default=None, metavar="DIR_OR_MODULE",
+    help="Script directory or importable package (default: [tool.ckptmigrate] in pyproject.toml).",
+)
+
+
+@main.command()
+@click.argument("directory", default="migrations", type=click.Path(path_type=Path))
+def init(directory: Path) -> None:
+    """Create a script directory and record it in pyproject.toml."""
+    from ckptmigrate import config
+    from ckptmigrate.revisions import TEMPLATE
+
+    if (directory / "versions").exists():
+        raise BadInput(f"{directory}: already a script directory")
+    (directory / "versions").mkdir(parents=True)
+    template = Path(__file__).with_name(TEMPLATE).read_text()
+    (directory / TEMPLATE).write_text(template)
+    pyproject = config.find_pyproject() or Path("pyproject.toml")
+    location = os.path.relpath(directory.resolve(), pyproject.resolve().parent)
+    config.record_migrations(pyproject, location)
+    click.echo(f"created {directory}/versions and {directory}/{TEMPLATE}; recorded in {pyproject}")
+
+
+@main.command()
+@click.option("-m", "--message", required=True, help="What the revision changes.")
+@click.option("--rev-id", default=None, help="Revision id (default: random).")
+@click.option("--lineage", default=None, help="Lineage (model family) of the new revision.")
+@_MIGRATIONS
+def revision(message: str, rev_id: str | None, lineage: str | None, migrations: str | None) -> None:
+    """Write a new migration script on top of the current head."""
+    from ckptmigrate import api
+    from ckptmigrate.envelope import now_utc
+
+    path = api.script_directory(migrations).write_revision(
+        message, rev_id=rev_id, lineage=lineage, created=now_utc()
+    )
+    click.echo(f"created {path}")
+
+
+@main.command()
+@_MIGRATIONS
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def heads(migrations: str | None, as_json: bool) -> None:
+    """The head revision of each lineage."""
+    from ckptmigrate import api
+
+    graph = api.revision_graph(migrations)
+    rows = [{"lineage": lin, "head": rev.id, "message": rev.message, "file": str(rev.path)}
+            for lin, rev in graph.heads().items()]
+    if as_json:
+        _emit_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['head']} (head{', lineage ' + row['lineage'] if row['lineage'] else ''}) {row['message']}")
+
+
+@main.command()
+@_MIGRATIONS
+@click.option("--verbose", "-v", is_flag=True, help="Show files and parents.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def history(migrations: str | None, verbose: bool, as_json: bool) -> None:
+    """Every revision, newest first, per lineage."""
+    from ckptmigrate import api
+
+    graph = api.revision_graph(migrations)
+    rows = []
+    for lin in graph.lineages():
+        for rev in reversed(graph.chain(lin)):
+            rows.append({"revision": rev.id, "down_revision": rev.down, "lineage": lin,
+                         "message": rev.message, "file": str(rev.path),
+                         "has_downgrade": rev.downgrade is not None,
+                         "schema": rev.schema_path.exists()})
+    if as_json:
+        _emit_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['down_revision'] or '<base>'} -> {row['revision']}"
+                   f"{' (' + row['lineage'] + ')' if row['lineage'] else ''}  {row['message']}")
+        if verbose:
+            click.echo(f"    file: {row['file']}")
+            click.echo(f"    downgrade: {'written' if row['has_downgrade'] else 'from recorded inverses'}"
+                       f"; schema snapshot: {'yes' if row['schema'] else 'no'}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def current(paths: tuple[Path, ...], as_json: bool) -> None:
+    """The revision each checkpoint is at, or `unstamped` (reads only the envelope)."""
+    from ckptmigrate import formats
+
+    rows = []
+    for path in paths:
+        _fmt, env = formats.read_envelope(path)
+        rows.append({"path": str(path), "revision": (env or {}).get("revision") if env else None,
+                     "lineage": (env or {}).get("lineage"), "stamped": env is not None})
+    if as_json:
+        _emit_json(rows if len(rows) > 1 else rows[0])
+        return
+    for row in rows:
+        state = row["revision"] or ("stamped, no revision" if row["stamped"] else "unstamped")
+        click.echo(f"{row['path']}: {state}" if len(rows) > 1 else state)
+
+
+def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | None, dry_run: bool,
+             no_backup: bool, from_rev: str | None, lineage: str | None, migrations: str | None,
+             key: str | None, as_json: bool) -> None:
+    from ckptmigrate import api, engine
+
+    graph = api.revision_graph(migrations)
+    files = list(engine.expand_paths(paths))
+    if output is not None and len(files) != 1:
+        raise BadInput("-o/--output takes exactly one input file")
+    results = []
+    show_bar = sys.stdout.isatty() and len(files) > 1 and not as_json
+    with _progress(files, show_bar, direction) as items:
+        for path in items:
+            try:
+                outcome = engine.migrate_file(
+                    path, graph, to=to, output=output, dry_run=dry_run, backup=not no_backup,
+                    from_rev=from_rev, lineage=lineage, key=key, direction=direction,
+                )
+            except CkptMigrateError as exc:
+                if len(files) == 1:
+                    raise
+                outcome = engine.Outcome(path, None, None, error=str(exc))
+            results.append(outcome)
+            if not as_json:
+                _print_outcome(outcome, dry_run)
+    failed = [r for r in results if r.error]
+    if as_json:
+        _emit_json([r.to_dict() for r in results] if len(results) > 1 else results[0].to_dict())
+    elif len(results) > 1:
+        done = sum(1 for r in results if r.written)
+        click.echo(f"{len(results)} files: {done} written, "
+                   f"{len(results) - done - len(failed)} unchanged, {len(failed)} failed")
+    if failed:
+        sys.exit(2)
+
+
+class _progress:
+    def __init__(self, items: list[Path], show: bool, desc: str) -> None:
+        self.items, self.show, self.desc = items, show, desc
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if not self.show:
+            return self.items
+        from tqdm import tqdm
+
+        self.bar = tqdm(self.items, desc=self.desc, unit="file", file=sys.stderr)
+        return self.bar
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _print_outcome(outcome: Any, dry_run: bool) -> None:
+    if outcome.error:
+        click.echo(f"{outcome.path}: FAILED: {outcome.error}", err=True)
+        return
+    plan = outcome.plan
+    if not plan.steps:
+        click.echo(f"{outcome.path}: {plan.describe()}, left untouched")
+        return
+    if dry_run:
+        click.echo(f"{outcome.path}: would {plan.describe()} (start from {plan.start_source})")
+        for step in outcome.ops:
+            ops = ", ".join(f"{o['op']} ({o['keys']} keys)" for o in step["ops"]) or "no ops"
+            click.echo(f"    {step['revision']}: {ops}")
+        return
+    extra = f" (backup: {outcome.backup})" if outcome.backup else ""
+    click.echo(f"{outcome.path}: {plan.describe()} -> {outcome.output}{extra}")
+
+
+_COMMON = [
+    click.argument("paths", nargs=-1, required=True),
+    click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of in place."),
+    click.option("--in-place", is_flag=True, help="Rewrite the file itself (the default without -o)."),
+    click.option("--dry-run", is_flag=True, help="Print the plan and the keys each op touches; write nothing."),
+    click.option("--no-backup", is_flag=True, help="In place: do not keep the original as PATH.bak."),
+    click.option("--from", "from_rev", default=None, help="Revision of an unstamped checkpoint."),
+    click.option("--lineage", default=None, help="Lineage, when the directory holds several."),
+    click.option("--key", default=None, help="The payload key that holds the state dict."),
+    click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+    _MIGRATIONS,
+]
+
+
+def _with_common(fn: Any) -> Any:
+    for decorator in reversed(_COMMON):
+        fn = decorator(fn)
+    return fn
+
+
+@main.command()
+@click.option("--to", default="head", show_default=True, help="Target: REV, head or +N.")
+@_with_common
+def upgrade(paths: tuple[str, ...], to: str, output: Path | None, in_place: bool, dry_run: bool,
+            no_backup: bool, from_rev: str | None, lineage: str | None, key: str | None,
+            as_json: bool, migrations: str | None) -> None:
+    """Upgrade checkpoints (files, directories, globs) to a revision, in place by default."""
+    if in_place and output is not None:
+        raise BadInput("--in-place and -o/--output exclude each other")
+    _migrate("upgrade", paths, to, output, dry_run, no_backup, from_rev, lineage, migrations, key, as_json)
+
+
+@main.command()
+@click.option("--to", required=True, help="Target: REV, -N or base.")
+@_with_common
+def downgrade(paths: tuple[str, ...], to: str, output: Path | None, in_place: bool, dry_run: bool,
+              no_backup: bool, from_rev: str | None, lineage: str | None, key: str | None,
+              as_json: bool, migrations: str | None) -> None:
+    """Walk checkpoints back down the chain to an older revision."""
+    if in_place and output is not None:
+        raise BadInput("--in-place and -o/--output exclude each other")
+    _migrate("downgrade", paths, to, output, dry_run, no_backup, from_rev, lineage, migrations, key, as_json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

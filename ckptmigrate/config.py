@@ -1,0 +1,62 @@
+"""``[tool.ckptmigrate]`` in the nearest ``pyproject.toml``: where the migrations and the model are."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptmigrate.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path | None
+    migrations: str | None
+    model: str | None
+
+    @property
+    def pyproject(self) -> Path | None:
+        return None if self.root is None else self.root / "pyproject.toml"
+
+
+def find_pyproject(start: Path | None = None) -> Path | None:
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        candidate = directory / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load(start: Path | None = None) -> Config:
+    pyproject = find_pyproject(start)
+    if pyproject is None:
+        return Config(None, None, None)
+    try:
+        data: dict[str, Any] = tomllib.loads(pyproject.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{pyproject}: not valid TOML ({exc})") from None
+    section = data.get("tool", {}).get("ckptmigrate", {})
+    return Config(pyproject.parent, section.get("migrations"), section.get("model"))
+
+
+def record_migrations(pyproject: Path, location: str) -> None:
+    """Add or update ``migrations = ...`` under ``[tool.ckptmigrate]``, keeping the rest of the file."""
+    text = pyproject.read_text() if pyproject.exists() else ""
+    line = f'migrations = "{location}"'
+    lines = text.splitlines()
+    if "[tool.ckptmigrate]" in lines:
+        start = lines.index("[tool.ckptmigrate]") + 1
+        end = next((i for i in range(start, len(lines)) if lines[i].startswith("[")), len(lines))
+        for i in range(start, end):
+            if lines[i].split("=")[0].strip() == "migrations":
+                lines[i] = line
+                break
+        else:
+            lines.insert(start, line)
+        text = "\n".join(lines) + "\n"
+    else:
+        text = text + ("\n" if text and not text.endswith("\n\n") else "") + f"[tool.ckptmigrate]\n{line}\n"
+    pyproject.write_text(text)

@@ -1,0 +1,284 @@
+"""Applying a revision path to a checkpoint: plan, run each script, record history, write.
+
+A migration that raises leaves nothing behind: the checkpoint is edited lazily in memory and only
+written (atomically) when every revision has run. The envelope gets the new revision, schema and
+hash and one history entry per revision, including the inverse of every op so the step can be
+walked back without a hand-written ``downgrade``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptmigrate.checkpoint import Checkpoint
+from ckptmigrate.envelope import Envelope, now_utc
+from ckptmigrate.errors import BadInput, MigrationError
+from ckptmigrate.ops import OpError
+from ckptmigrate.optimizer import OptimizerAlignmentError
+from ckptmigrate.revisions import Revision, RevisionGraph
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
+
+
+@dataclass
+class Plan:
+    direction: str
+    lineage: str | None
+    start: str | None
+    target: str | None
+    steps: list[Revision]
+    start_source: str = "envelope"
+
+    def describe(self) -> str:
+        if not self.steps:
+            return f"already at {self.target or 'base'}"
+        arrow = " → ".join([self.start or "base", *[
+            (s.id if self.direction == "upgrade" else (s.down or "base")) for s in self.steps
+        ]])
+        return f"{self.direction} {arrow}"
+
+
+@dataclass
+class Outcome:
+    """What happened to one file."""
+
+    path: Path
+    output: Path | None
+    plan: Plan | None
+    written: bool = False
+    backup: Path | None = None
+    error: str | None = None
+    ops: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "path": str(self.path), "output": str(self.output) if self.output else None,
+            "direction": plan.direction if plan else None,
+            "from": plan.start if plan else None, "to": plan.target if plan else None,
+            "revisions": [s.id for s in plan.steps] if plan else [],
+            "written": self.written, "backup": str(self.backup) if self.backup else None,
+            "error": self.error, "ops": self.ops,
+        }
+
+
+def fingerprint(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | None) -> tuple[str | None, str]:
+    """The revision whose recorded schema equals the checkpoint's; else an error naming the nearest."""
+    schema = ckpt.schema()
+    best: tuple[int, Revision | None, str] = (10**9, None, "")
+    lineages = [lineage] if lineage is not None or None in graph.heads() else graph.lineages()
+    for lin in lineages:
+        for rev in graph.chain(lin):
+            snap = rev.schema()
+            if snap is None:
+                continue
+            if snap == schema:
+                return rev.id, lin or ""
+            missing = snap.keys() - schema.keys()
+            extra = schema.keys() - snap.keys()
+            reshaped = [k for k in snap.keys() & schema.keys() if snap[k] != schema[k]]
+            score = len(missing) + len(extra) + len(reshaped)
+            if score < best[0]:
+                detail = []
+                if missing:
+                    detail.append(f"missing {sorted(missing)[:3]}")
+                if extra:
+                    detail.append(f"unexpected {sorted(extra)[:3]}")
+                if reshaped:
+                    detail.append(f"different shape/dtype {sorted(reshaped)[:3]}")
+                best = (score, rev, "; ".join(detail))
+    if best[1] is None:
+        raise BadInput(
+            f"{ckpt.path}: unstamped, and no revision has a recorded schema to match it against; "
+            "pass --from REV"
+        )
+    raise BadInput(
+        f"{ckpt.path}: unstamped, and its schema matches no revision; nearest is {best[1].id} "
+        f"({best[2]}); pass --from REV if you know where it starts"
+    )
+
+
+def plan_for(
+    ckpt: Checkpoint, graph: RevisionGraph, *, to: str = "head", from_rev: str | None = None,
+    lineage: str | None = None,
+) -> Plan:
+    source = "envelope"
+    if from_rev is not None:
+        start = None if from_rev == "base" else graph.get(from_rev).id
+        lineage = graph.lineage_of(start) if start else lineage
+        source = "--from"
+    elif ckpt.envelope is not None and ckpt.envelope.revision is not None:
+        start = graph.get(ckpt.envelope.revision).id
+        lineage = graph.lineage_of(start)
+    else:
+        if ckpt.envelope is not None and ckpt.envelope.lineage is not None and lineage is None:
+            lineage = ckpt.envelope.lineage
+        start, found_lineage = fingerprint(ckpt, graph, lineage)
+        lineage = found_lineage or None
+        source = "schema"
+    if lineage is None and None not in graph.heads() and len(graph.heads()) == 1:
+        lineage = next(iter(graph.heads()))
+    target = graph.resolve(to, start, lineage)
+    direction, steps = graph.path(start, target, lineage)
+    return Plan(direction, lineage, start, target, steps, source)
+
+
+def _run(ckpt: Checkpoint, rev: Revision, fn: Any, action: str) -> None:
+    ckpt.journal, ckpt.irreversible, ckpt.touched = [], [], []
+    try:
+        fn(ckpt)
+    except OpError as exc:
+        raise MigrationError(
+            f"{ckpt.path}: revision {rev.id} ({rev.path}) {action} failed in {exc.op}"
+            + (f" on {exc.key!r}" if exc.key else "") + f": {exc}"
+        ) from None
+    except OptimizerAlignmentError as exc:
+        raise MigrationError(f"{ckpt.path}: revision {rev.id} ({rev.path}): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's script can raise anything
+        raise MigrationError(
+            f"{ckpt.path}: revision {rev.id} ({rev.path}) {action} raised {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _recorded_inverse(ckpt: Checkpoint, rev: Revision) -> list[Any] | None:
+    if ckpt.envelope is None:
+        return None
+    for entry in reversed(ckpt.envelope.history):
+        if entry.get("revision") == rev.id and entry.get("action") == "upgrade":
+            inverse = entry.get("inverse")
+            return inverse if isinstance(inverse, list) else None
+    return None
+
+
+def apply(ckpt: Checkpoint, plan: Plan) -> list[dict[str, Any]]:
+    """Run the plan on the lazy checkpoint; return the history entries (nothing is written)."""
+    entries: list[dict[str, Any]] = []
+    current = plan.start
+    for rev in plan.steps:
+        if plan.direction == "upgrade":
+            _run(ckpt, rev, rev.upgrade, "upgrade")
+            entry = {"action": "upgrade", "revision": rev.id, "from": current, "at": now_utc(),
+                     "message": rev.message, "script": rev.path.name,
+                     "ops": [{"op": op, "keys": len(keys)} for op, keys in ckpt.touched],
+                     "inverse": None if ckpt.irreversible else ckpt.journal}
+            current = rev.id
+        else:
+            if rev.downgrade is not None:
+                _run(ckpt, rev, rev.downgrade, "downgrade")
+            else:
+                inverse = _recorded_inverse(ckpt, rev)
+                if inverse is None:
+                    raise MigrationError(
+                        f"{ckpt.path}: revision {rev.id} ({rev.path}) has no downgrade() and the "
+                        "checkpoint's history holds no invertible record of its upgrade; write a downgrade()"
+                    )
+                _run(ckpt, rev, lambda c, inv=inverse: c.apply_inverse(inv), "downgrade")
+            entry = {"action": "downgrade", "revision": rev.id, "to": rev.down, "at": now_utc(),
+                     "script": rev.path.name,
+                     "ops": [{"op": op, "keys": len(keys)} for op, keys in ckpt.touched]}
+            current = rev.down
+        entries.append(entry)
+        ckpt.applied.append(rev.id)
+    try:
+        ckpt.optimizers.finalize(list(ckpt.state_dict.entries))
+    except OptimizerAlignmentError as exc:
+        raise MigrationError(f"{ckpt.path}: {exc}") from None
+    return entries
+
+
+def new_envelope(ckpt: Checkpoint, plan: Plan, history: list[dict[str, Any]], repo: Path | None = None) -> Envelope:
+    env = Envelope.build(ckpt.state_dict.entries, layout=ckpt.layout.after_rewrite().name,
+                         previous=ckpt.envelope, repo=repo)
+    env.lineage = plan.lineage
+    env.revision = plan.target
+    env.history.extend(history)
+    return env
+
+
+def backup_path(path: Path) -> Path:
+    """``x.pth.bak``, or ``x.pth.bak.1``, ``.2``, ... — an existing backup is never overwritten."""
+    candidate = path.with_name(path.name + ".bak")
+    n = 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.bak.{n}")
+    return candidate
+
+
+def make_backup(path: Path) -> Path:
+    dest = backup_path(path)
+    try:
+        os.link(path, dest)
+    except OSError:
+        tmp = dest.with_name(dest.name + ".part")
+        shutil.copy2(path, tmp)
+        os.replace(tmp, dest)
+    return dest
+
+
+def migrate_file(
+    path: Path, graph: RevisionGraph, *, to: str = "head", output: Path | None = None,
+    dry_run: bool = False, backup: bool = True, from_rev: str | None = None,
+    lineage: str | None = None, key: str | None = None, direction: str | None = None,
+) -> Outcome:
+    """Upgrade or downgrade one file; ``direction`` refuses the other way (``upgrade --to`` an older rev)."""
+    with Checkpoint.open(path, key=key) as ckpt:
+        plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
+        if direction is not None and plan.steps and plan.direction != direction:
+            raise BadInput(
+                f"{path}: {direction} to {to} would {plan.direction} ({plan.describe()}); "
+                f"use `ckptmigrate {plan.direction}`"
+            )
+        outcome = Outcome(path, output, plan)
+        if not plan.steps:
+            return outcome
+        history = apply(ckpt, plan)
+        outcome.ops = [{"revision": h["revision"], "ops": h["ops"]} for h in history]
+        if dry_run:
+            return outcome
+        env = new_envelope(ckpt, plan, history)
+        dest = output or path
+        if output is None and backup:
+            outcome.backup = make_backup(path)
+        try:
+            ckpt.write(dest, env, fmt=_output_format(ckpt, dest))
+        except BaseException:
+            if outcome.backup is not None:
+                outcome.backup.unlink(missing_ok=True)
+            raise
+        outcome.output = dest
+        outcome.written = True
+        return outcome
+
+
+def _output_format(ckpt: Checkpoint, dest: Path) -> str:
+    if dest.suffix == ".safetensors":
+        return "safetensors"
+    if ckpt.format == "safetensors" and dest.suffix in ("", ".safetensors"):
+        return "safetensors"
+    return "torch-zip"
+
+
+def expand_paths(specs: Iterable[str | Path]) -> Iterator[Path]:
+    """Files, directories (searched recursively for checkpoint suffixes) and glob patterns."""
+    for spec in specs:
+        text = str(spec)
+        path = Path(text)
+        if path.is_dir():
+            yield from sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES and ".bak" not in p.name
+            )
+        elif any(ch in text for ch in "*?[") and not path.exists():
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
+            if not matches:
+                raise BadInput(f"{text}: the pattern matches no file")
+            yield from matches
+        else:
+            yield path

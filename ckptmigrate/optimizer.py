@@ -1,0 +1,163 @@
+"""Optimizer state that follows the weights through a migration.
+
+``torch.optim`` state dicts refer to parameters by index (their position across ``param_groups``),
+so a rename, split or reshape of the weights must carry each parameter's ``exp_avg``,
+``momentum_buffer``, ... along, and the indices must be renumbered for the new layout, or training
+resumes with the moments of the wrong tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ckptmigrate.tensors import is_entry, shape_of, to_torch
+
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt", "optimizer_state")
+LIGHTNING_KEY = "optimizer_states"
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _is_optimizer(value: Any) -> bool:
+    return (
+        isinstance(value, dict) and isinstance(value.get("state"), dict)
+        and isinstance(value.get("param_groups"), list)
+    )
+
+
+class OptimizerAlignmentError(ValueError):
+    pass
+
+
+class _Tracked:
+    """One optimizer: each parameter's state and group, by state-dict key."""
+
+    def __init__(self, opt: dict[str, Any], keys: list[str]) -> None:
+        self.opt = opt
+        self.state: dict[str, dict[str, Any]] = {}
+        self.group: dict[str, int] = {}
+        self.order: list[str] = []
+        index = 0
+        for g, group in enumerate(opt["param_groups"]):
+            names = group.get("param_names")
+            for j, pid in enumerate(group["params"]):
+                key = names[j] if names and j < len(names) else keys[index]
+                self.group[key] = g
+                self.order.append(key)
+                if pid in opt["state"]:
+                    self.state[key] = opt["state"][pid]
+                index += 1
+
+    @property
+    def count(self) -> int:
+        return sum(len(g["params"]) for g in self.opt["param_groups"])
+
+    def finalize(self, keys: Sequence[str]) -> None:
+        position = {k: i for i, k in enumerate(keys)}
+        tracked = sorted(self.group, key=lambda k: position.get(k, len(position)))
+        state: dict[int, Any] = {}
+        index = 0
+        for g, group in enumerate(self.opt["param_groups"]):
+            members = [k for k in tracked if self.group[k] == g]
+            group["params"] = list(range(index, index + len(members)))
+            if "param_names" in group:
+                group["param_names"] = members
+            for i, k in zip(group["params"], members, strict=True):
+                if k in self.state:
+                    state[i] = self.state[k]
+            index += len(members)
+        self.opt["state"] = state
+
+
+class OptimizerTrack:
+    """All optimizers found in a checkpoint's extras, aligned to the state dict's parameter keys."""
+
+    def __init__(self, tracked: list[_Tracked], problem: str | None = None) -> None:
+        self.tracked = tracked
+        self.problem = problem
+
+    @classmethod
+    def find(cls, extras: Mapping[str, Any], keys: list[str]) -> OptimizerTrack:
+        opts = [v for k, v in extras.items() if k in OPTIMIZER_KEYS and _is_optimizer(v)]
+        lightning = extras.get(LIGHTNING_KEY)
+        if isinstance(lightning, list):
+            opts += [v for v in lightning if _is_optimizer(v)]
+        if not opts:
+            return cls([])
+        tracked = []
+        for opt in opts:
+            count = sum(len(g.get("params", [])) for g in opt["param_groups"])
+            named = all("param_names" in g for g in opt["param_groups"])
+            params = keys if named else _parameter_keys(keys, count)
+            if params is None:
+                return cls([], (
+                    f"the optimizer state covers {count} parameters but the state dict has "
+                    f"{len(keys)} tensors; ckptmigrate cannot tell which are parameters"
+                ))
+            tracked.append(_Tracked(opt, params))
+        return cls(tracked)
+
+    def _check(self) -> None:
+        if self.problem:
+            raise OptimizerAlignmentError(self.problem)
+
+    def rename(self, mapping: Mapping[str, str]) -> None:
+        self._check()
+        for t in self.tracked:
+            t.group = {mapping.get(k, k): g for k, g in t.group.items()}
+            t.state = {mapping.get(k, k): s for k, s in t.state.items()}
+
+    def drop(self, keys: Sequence[str]) -> None:
+        self._check()
+        for t in self.tracked:
+            for k in keys:
+                t.group.pop(k, None)
+                t.state.pop(k, None)
+
+    def add(self, keys: Sequence[str]) -> None:
+        """New keys get no optimizer state; they join the first group (a buffer is ignored later)."""
+        self._check()
+
+    def transform(
+        self, src: Sequence[str], dst: Sequence[str], src_shape: tuple[int, ...],
+        fn: Callable[[list[Any]], list[Any]], shapes: Sequence[tuple[int, ...]] | None = None,
+    ) -> None:
+        """Apply the op that turned the weights ``src`` into ``dst`` to their per-parameter state."""
+        self._check()
+        shapes = list(shapes) if shapes is not None else [src_shape] * len(src)
+        for t in self.tracked:
+            if not any(k in t.group for k in src):
+                continue
+            group = next(t.group[k] for k in src if k in t.group)
+            states = [t.state.get(k) for k in src]
+            for k in src:
+                t.group.pop(k, None)
+                t.state.pop(k, None)
+            for k in dst:
+                t.group[k] = group
+            if any(s is None for s in states):
+                continue
+            new_states: list[dict[str, Any]] = [{} for _ in dst]
+            for name, first in states[0].items():  # type: ignore[union-attr]
+                values = [s[name] for s in states]  # type: ignore[index]
+                if all(is_entry(v) and shape_of(v) == sh for v, sh in zip(values, shapes, strict=True)):
+                    outs = fn([to_torch(v) for v in values])
+                    for ns, out in zip(new_states, outs, strict=True):
+                        ns[name] = out.contiguous().clone()
+                else:
+                    for ns in new_states:
+                        ns[name] = first
+            for k, ns in zip(dst, new_states, strict=True):
+                t.state[k] = ns
+
+    def finalize(self, keys: Sequence[str]) -> None:
+        """Renumber every optimizer's parameters to the final order of the state dict."""
+        for t in self.tracked:
+            t.finalize(keys)
+
+
+def _parameter_keys(keys: list[str], count: int) -> list[str] | None:
+    if len(keys) == count:
+        return keys
+    params = [k for k in keys if not k.endswith(BUFFER_SUFFIXES)]
+    return params if len(params) == count else None
