@@ -71,7 +71,8 @@ def _print_summary(info: dict[str, Any]) -> None:
     env = info["envelope"]
     click.echo(f"{info['path']}")
     click.echo(f"  container   {info['container']}")
-    click.echo(f"  layout      {info['layout']}" + (f"  (extras: {', '.join(info['extras'])})" if info["extras"] else ""))
+    extras = f"  (extras: {', '.join(info['extras'])})" if info["extras"] else ""
+    click.echo(f"  layout      {info['layout']}{extras}")
     click.echo(f"  tensors     {info['tensors']}  ({info['parameters']:,} elements, {_fmt_bytes(info['bytes'])})")
     dtypes = ", ".join(f"{d} ×{n}" for d, n in sorted(info["dtypes"].items()))
     click.echo(f"  dtypes      {dtypes or '-'}")
@@ -186,7 +187,8 @@ def heads(migrations: str | None, as_json: bool) -> None:
         _emit_json(rows)
         return
     for row in rows:
-        click.echo(f"{row['head']} (head{', lineage ' + row['lineage'] if row['lineage'] else ''}) {row['message']}")
+        lineage = f", lineage {row['lineage']}" if row["lineage"] else ""
+        click.echo(f"{row['head']} (head{lineage}) {row['message']}")
 
 
 @main.command()
@@ -209,8 +211,8 @@ def history(migrations: str | None, verbose: bool, as_json: bool) -> None:
         _emit_json(rows)
         return
     for row in rows:
-        click.echo(f"{row['down_revision'] or '<base>'} -> {row['revision']}"
-                   f"{' (' + row['lineage'] + ')' if row['lineage'] else ''}  {row['message']}")
+        lineage = f" ({row['lineage']})" if row["lineage"] else ""
+        click.echo(f"{row['down_revision'] or '<base>'} -> {row['revision']}{lineage}  {row['message']}")
         if verbose:
             click.echo(f"    file: {row['file']}")
             click.echo(f"    downgrade: {'written' if row['has_downgrade'] else 'from recorded inverses'}"

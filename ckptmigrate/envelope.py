@@ -119,7 +119,7 @@ def ckptmigrate_version() -> str:
 
 
 def now_utc() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -151,10 +151,11 @@ class Envelope:
     ) -> Envelope:
         """A fresh envelope for ``state_dict``; lineage, revision, history and tags carry over."""
         schema = schema_of(state_dict)
+        versions = _torch_versions()
         env = cls(
             schema=schema, arch_hash=architecture_hash(schema), layout=layout,
             devices=devices_of(v for v in state_dict.values() if is_entry(v)),
-            git=git_info(repo), **_torch_versions(),
+            git=git_info(repo), torch=versions["torch"], cuda=versions["cuda"], cudnn=versions["cudnn"],
         )
         if previous is not None:
             env.lineage, env.revision = previous.lineage, previous.revision

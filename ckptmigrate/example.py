@@ -68,10 +68,7 @@ class ExampleNet(nn.Module):
         h = self.embed(x)
         for block in self.blocks if self.era < 3 else self.layers:
             h = block(h)
-        if self.era >= 5:
-            out = self.head(h.unsqueeze(-1)).squeeze(-1)
-        else:
-            out = self.head(h)
+        out = self.head(h.unsqueeze(-1)).squeeze(-1) if self.era >= 5 else self.head(h)
         return out / self.temperature if self.era >= 6 else out
 
 

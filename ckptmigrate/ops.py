@@ -14,6 +14,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ckptmigrate.optimizer import OptimizerTrack
@@ -87,7 +88,9 @@ class Operations:
         if pattern in self._entries:
             return [(pattern, None)]
         try:
-            found = [(k, m) for k in self._entries if (m := _fullmatch(pattern, k))]
+            found: list[tuple[str, re.Match[str] | None]] = [
+                (k, m) for k in self._entries if (m := _fullmatch(pattern, k))
+            ]
         except re.error as exc:
             raise OpError(op, pattern, f"{op}: {pattern!r} is not a valid pattern ({exc})") from None
         if not found and not missing_ok:
@@ -98,7 +101,7 @@ class Operations:
         value = self._entries[key]
         if not is_entry(value):
             raise OpError(op, key, f"{op}: {key!r} is not a tensor")
-        return value  # type: ignore[no-any-return]
+        return value
 
     def _replace(self, key: str, value: Entry) -> None:
         self._entries[key] = value
@@ -209,9 +212,9 @@ class Operations:
             if isinstance(src, TensorRef) and src.stride == contiguous_stride(old):
                 self._replace(k, TensorRef(src.storage, src.storage_offset, new, contiguous_stride(new),
                                            src.dtype, src.requires_grad))
-                self.optimizers.transform([k], [k], old, lambda ts, n=new: [ts[0].reshape(n)])
+                self.optimizers.transform([k], [k], old, partial(_reshape_all, shape=new))
             else:
-                self._transform("reshape", k, new, lambda t, n=new: t.reshape(n))
+                self._transform("reshape", k, new, partial(_reshape, shape=new))
             self._record("reshape", [k], ["reshape", {"key": re.escape(k), "shape": list(old)}])
 
     def transpose(self, key: str, dim0: int, dim1: int, *, missing_ok: bool = False) -> None:
@@ -254,7 +257,7 @@ class Operations:
             new = tuple(shape)
             if len(new) != len(old) or any(n < o for n, o in zip(new, old, strict=True)):
                 raise OpError("pad", k, f"pad: cannot pad {k!r} of shape {list(old)} to {list(new)}")
-            self._transform("pad", k, new, lambda t, n=new: _pad(t, n, value))
+            self._transform("pad", k, new, partial(_pad, shape=new, value=value))
             self._record("pad", [k], ["truncate", {"key": re.escape(k), "shape": list(old)}])
 
     def truncate(self, key: str, shape: Sequence[int], *, missing_ok: bool = False) -> None:
@@ -264,7 +267,7 @@ class Operations:
             new = tuple(shape)
             if len(new) != len(old) or any(n > o for n, o in zip(new, old, strict=True)):
                 raise OpError("truncate", k, f"truncate: cannot cut {k!r} of shape {list(old)} to {list(new)}")
-            self._transform("truncate", k, new, lambda t, n=new: t[tuple(slice(0, d) for d in n)])
+            self._transform("truncate", k, new, partial(_truncate, shape=new))
             self._record("truncate", [k], None)
 
     def map(self, key_or_pattern: str, fn: Callable[[torch.Tensor], torch.Tensor], *,
@@ -309,14 +312,14 @@ class Operations:
                 out_shape[dim] = size
                 new_items.append((target, Deferred(
                     tuple(out_shape), dtype_of(src),
-                    lambda s=start, n=size, t=src: to_torch(t).narrow(dim, s, n).contiguous(),
+                    partial(_narrow, src, dim, start, size),
                 )))
                 start += size
             self._entries.clear()
             for key_, value in items[:position] + new_items + items[position + 1:]:
                 self._entries[key_] = value
             self.optimizers.transform(
-                [k], targets, shape, lambda ts, p=parts: list(ts[0].split(p, dim=dim))
+                [k], targets, shape, partial(_split_all, sizes=parts, dim=dim)
             )
             self._record("split", [k, *targets],
                          ["merge", {"keys": [re.escape(t) for t in targets], "new_key": k, "dim": dim}])
@@ -342,7 +345,9 @@ class Operations:
             base = list(shapes[0])
             for s, src_key in zip(shapes, sources, strict=True):
                 if len(s) != len(base) or any(a != b for i, (a, b) in enumerate(zip(s, base, strict=True)) if i != dim):
-                    raise OpError("merge", src_key, f"merge: {src_key!r} of shape {list(s)} does not fit beside {list(base)}")
+                    raise OpError(
+                        "merge", src_key, f"merge: {src_key!r} of shape {list(s)} does not fit beside {list(base)}"
+                    )
             sizes = [s[dim] for s in shapes]
             out_shape = list(base)
             out_shape[dim] = sum(sizes)
@@ -351,12 +356,14 @@ class Operations:
             items = [(k, v) for k, v in self._entries.items() if k not in sources]
             if target in dict(items):
                 raise OpError("merge", target, f"merge: {target!r} already exists")
-            merged = Deferred(tuple(out_shape), dtype, lambda ts=tensors: _cat(ts, dim))
+            merged = Deferred(tuple(out_shape), dtype, partial(_cat, tensors, dim))
             items.insert(min(position, len(items)), (target, merged))
             self._entries.clear()
             for key_, value in items:
                 self._entries[key_] = value
-            self.optimizers.transform(sources, [target], tuple(shapes[0]), lambda ts: [_cat_t(ts, dim)], shapes=shapes)
+            self.optimizers.transform(
+                sources, [target], tuple(shapes[0]), lambda ts: [_cat_t(ts, dim)], shapes=shapes
+            )
             self._record("merge", [*sources, target],
                          ["split", {"key": re.escape(target), "new_keys": sources, "dim": dim, "sizes": sizes}])
 
@@ -387,6 +394,26 @@ def _equal_parts(op: str, key: str, length: int, n: int) -> list[int]:
     if n == 0 or length % n:
         raise OpError(op, key, f"{op}: {length} does not split into {n} equal parts for {key!r}; pass sizes=")
     return [length // n] * n
+
+
+def _reshape(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return t.reshape(shape)
+
+
+def _reshape_all(ts: list[torch.Tensor], shape: tuple[int, ...]) -> list[torch.Tensor]:
+    return [ts[0].reshape(shape)]
+
+
+def _truncate(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return t[tuple(slice(0, d) for d in shape)]
+
+
+def _narrow(src: Entry, dim: int, start: int, size: int) -> torch.Tensor:
+    return to_torch(src).narrow(dim, start, size).contiguous()
+
+
+def _split_all(ts: list[torch.Tensor], sizes: list[int], dim: int) -> list[torch.Tensor]:
+    return list(ts[0].split(sizes, dim=dim))
 
 
 def _pad(t: torch.Tensor, shape: tuple[int, ...], value: float) -> torch.Tensor:

@@ -19,10 +19,11 @@ def _span(values: list[str]) -> str:
 def group_keys(keys: Iterable[str]) -> list[str]:
     """``encoder.layer.{0..11}.attn.{k,q,v}.weight``-style lines covering every key exactly."""
     by_shape: dict[tuple[str, ...], list[list[str]]] = defaultdict(list)
+    parts: tuple[str, ...]
     for key in keys:
-        parts = key.split(".")
-        shape = tuple("#" if _NUM.match(p) else p for p in parts)
-        by_shape[shape].append(parts)
+        pieces = key.split(".")
+        shape = tuple("#" if _NUM.match(p) else p for p in pieces)
+        by_shape[shape].append(pieces)
     lines1: dict[tuple[str, ...], list[str]] = {}
     for shape, members in by_shape.items():
         collapsed = tuple(

@@ -48,7 +48,7 @@ class Revision:
         if not self.schema_path.exists():
             return None
         try:
-            return json.loads(self.schema_path.read_text())  # type: ignore[no-any-return]
+            return json.loads(self.schema_path.read_text())
         except ValueError as exc:
             raise RevisionError(f"{self.schema_path}: not valid JSON ({exc})") from None
 

@@ -32,6 +32,9 @@ class PickleFormatError(ValueError):
     """The pickle is malformed or not one torch writes."""
 
 
+_NEWOBJ: Any = getattr(copyreg, "__newobj__")  # noqa: B009 - missing from typeshed
+
+
 class StandIn:
     """An object a pickle asked to build from a global we never import; inert and re-picklable."""
 
@@ -61,7 +64,7 @@ class StandIn:
         listitems = iter(self.listitems) if self.listitems else None
         dictitems = iter(self.dictitems.items()) if self.dictitems else None
         if self.newobj:
-            return (copyreg.__newobj__, (type(self), *self.args), self.state, listitems, dictitems)
+            return (_NEWOBJ, (type(self), *self.args), self.state, listitems, dictitems)
         return (type(self), self.args, self.state, listitems, dictitems)
 
     def __repr__(self) -> str:
@@ -75,10 +78,10 @@ def standin(module: str, name: str) -> type[StandIn]:
     """The stand-in type for ``module.name`` (one per name, so pickle memoises it)."""
     key = (module, name)
     if key not in _STANDINS:
-        cls = type(name.rpartition(".")[2] or name, (StandIn,), {})
+        cls: Any = type(name.rpartition(".")[2] or name, (StandIn,), {})
         cls.module = module
         cls.qualname = name
-        cls.__new__ = _standin_new  # type: ignore[assignment]
+        cls.__new__ = _standin_new
         _STANDINS[key] = cls
     return _STANDINS[key]
 
@@ -92,8 +95,8 @@ def _standin_new(cls: type[StandIn], *args: Any) -> StandIn:
 
 def global_name(obj: object) -> str | None:
     """``module.name`` of a stand-in type or instance, else None."""
-    cls = obj if isinstance(obj, type) else type(obj)
-    if isinstance(cls, type) and issubclass(cls, StandIn) and cls is not StandIn:
+    cls: Any = obj if isinstance(obj, type) else type(obj)
+    if issubclass(cls, StandIn) and cls is not StandIn:
         return f"{cls.module}.{cls.qualname}"
     return None
 
@@ -214,7 +217,10 @@ def load(data: bytes | BinaryIO, storages: dict[str, Storage] | None = None) -> 
         raise PickleFormatError(f"malformed pickle ({type(exc).__name__}: {exc})"[:300]) from None
 
 
-class _Writer(pickle._Pickler):  # type: ignore[name-defined,misc]
+_PurePickler: Any = getattr(pickle, "_Pickler")  # noqa: B009 - the pure-Python pickler lets save_global be overridden
+
+
+class _Writer(_PurePickler):
     """The pure-Python pickler, taught to write stand-ins and tensors as torch expects."""
 
     def __init__(self, file: BinaryIO, storage_of: Callable[[Any], tuple[str, Storage]]) -> None:
@@ -229,8 +235,9 @@ class _Writer(pickle._Pickler):  # type: ignore[name-defined,misc]
     def save_global(self, obj: Any, name: str | None = None) -> None:
         qual = global_name(obj)
         if qual is None:
-            return super().save_global(obj, name)  # type: ignore[no-any-return]
-        cls = obj if isinstance(obj, type) else type(obj)
+            super().save_global(obj, name)
+            return None
+        cls: Any = obj if isinstance(obj, type) else type(obj)
         self.write(pickle.GLOBAL + f"{cls.module}\n{cls.qualname}\n".encode())
         self.memoize(obj)
         return None

@@ -8,8 +8,8 @@ point past the end) before any tensor is touched.
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -91,7 +91,7 @@ def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, str], di
         refs[name] = TensorRef(storage, 0, shape, contiguous_stride(shape), dtype)
         spans.append((begin, end, name))
     spans.sort()
-    for (b1, e1, n1), (b2, _e2, n2) in zip(spans, spans[1:]):
+    for (_b1, e1, n1), (b2, _e2, n2) in zip(spans, spans[1:], strict=False):
         if b2 < e1:
             raise SafetensorsFormatError(f"tensors {n1!r} and {n2!r} overlap in the data section")
     envelope = None
@@ -110,7 +110,7 @@ def read_envelope(source: Source) -> dict[str, Any] | None:
     if not isinstance(meta, dict) or ENVELOPE_KEY not in meta:
         return None
     try:
-        return json.loads(meta[ENVELOPE_KEY])  # type: ignore[no-any-return]
+        return json.loads(meta[ENVELOPE_KEY])
     except ValueError:
         raise SafetensorsFormatError("the ckptmigrate envelope in __metadata__ is not JSON") from None
 
@@ -119,7 +119,7 @@ def _chunks(obj: Any) -> Iterator[memoryview]:
     import torch
 
     tensor = to_torch(obj).contiguous()
-    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     for start in range(0, len(view), _CHUNK):
         yield view[start : start + _CHUNK]
 

@@ -157,8 +157,7 @@ def _tensor_chunks(obj: Any) -> Iterator[memoryview]:
     tensor = to_torch(obj).contiguous()
     if tuple(tensor.shape) != shape_of(obj):
         raise ValueError(f"tensor shape {tuple(tensor.shape)} differs from planned {shape_of(obj)}")
-    flat = tensor.reshape(-1).view(torch.uint8).numpy()
-    view = memoryview(flat)
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     for start in range(0, len(view), _CHUNK):
         yield view[start : start + _CHUNK]
 
