@@ -144,6 +144,7 @@ def load(
     if graph is None or not len(graph):
         return ckpt
     plan = plan_for(ckpt, graph, to=to)
+    ckpt.head_revision = graph.head(plan.lineage).id
     if plan.steps:
         history = apply(ckpt, plan)
         ckpt.envelope = new_envelope(ckpt, plan, history)

@@ -93,6 +93,7 @@ class Checkpoint(Operations):
             except (TypeError, ValueError) as exc:
                 raise BadInput(str(exc) if str(self.path) in str(exc) else f"{self.path}: {exc}") from None
         self.applied: list[str] = []
+        self.head_revision: str | None = None
         self.map_location: Any = None
         self.mmap = True
         super().__init__()

@@ -79,7 +79,7 @@ def load_state_dict(
     expected = model.state_dict()
     wanted = [k for k in expected if _matches(k, include) and not (exclude and _matches(k, exclude))]
     given = [k for k in source if _matches(k, include) and not (exclude and _matches(k, exclude))]
-    report = LoadReport(applied=list(ckpt.applied), revision=ckpt.revision)
+    report = LoadReport(applied=list(ckpt.applied), revision=ckpt.revision, head=ckpt.head_revision)
     report.missing = [k for k in wanted if k not in source]
     report.unexpected = [k for k in given if k not in expected]
     for k in wanted:

@@ -147,7 +147,7 @@ def test_safetensors_writer_round_trips_dtypes_and_views(tmp_path: Path) -> None
     with open(path, "wb") as fh:
         formats.write_container(fh, "safetensors", want, ENVELOPE)
     got = load_file(path)
-    assert list(got) == list(want)
+    assert sorted(got) == sorted(want)  # safetensors orders tensors by offset; empties tie
     for key, value in want.items():
         assert_tensor_same(got[key], value, key)
     assert formats.read_envelope(path) == ("safetensors", ENVELOPE)
