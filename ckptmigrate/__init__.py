@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Checkpoint", "LoadReport", "inspect", "load", "load_state_dict", "save", "stamp"]
+__all__ = ["Checkpoint", "LoadReport", "attach", "inspect", "load", "load_state_dict", "save", "stamp"]
 
 if TYPE_CHECKING:
     from ckptmigrate.api import inspect, load, save, stamp
+    from ckptmigrate.attach import attach
     from ckptmigrate.checkpoint import Checkpoint
     from ckptmigrate.loading import LoadReport, load_state_dict
 
@@ -24,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from ckptmigrate import loading
 
         return getattr(loading, name)
+    if name == "attach":
+        from ckptmigrate.attach import attach
+
+        return attach
     if name == "Checkpoint":
         from ckptmigrate.checkpoint import Checkpoint
 

@@ -108,6 +108,16 @@ class Checkpoint(Operations):
             raise BadInput(f"{container.path}: {exc}") from None
         return cls(container, layout)
 
+    @classmethod
+    def from_payload(cls, payload: Any, *, name: str = "<memory>", key: str | None = None) -> Checkpoint:
+        """A checkpoint over an in-memory payload (a state dict of torch tensors, a checkpoint dict)."""
+        container = formats.Container("memory", Path(name), None, payload, None, {})
+        try:
+            layout = locate(payload, key)
+        except LayoutError as exc:
+            raise BadInput(f"{name}: {exc}") from None
+        return cls(container, layout)
+
     def close(self) -> None:
         self.container.close()
 

@@ -96,6 +96,12 @@ def _print_summary(info: dict[str, Any]) -> None:
             click.echo(f"    {k:<{width}}  {str(tuple(v['shape'])):<20} {v['dtype']}")
 
 
+_MIGRATIONS_OPTION = click.option(
+    "--migrations", "migrations", default=None, metavar="DIR_OR_MODULE",
+    help="Script directory or importable package (default: [tool.ckptmigrate] in pyproject.toml).",
+)
+
+
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -120,23 +126,27 @@ def inspect(paths: tuple[Path, ...], as_json: bool, keys: bool, key: str | None)
               help="Git repository to record (default: the working directory's).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of in place.")
 @click.option("--key", default=None, help="The payload key that holds the state dict.")
+@click.option("--revision", default=None, help="Record that the checkpoint is at this revision.")
+@_MIGRATIONS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the written envelope as JSON.")
 def stamp(path: Path, tags: tuple[str, ...], repo: Path | None, output: Path | None,
-          key: str | None, as_json: bool) -> None:
+          key: str | None, revision: str | None, migrations: str | None, as_json: bool) -> None:
     """Write the envelope into a checkpoint without changing any tensor."""
     from ckptmigrate import api
 
-    written = api.stamp(path, output=output, tags=_parse_tags(tags), repo=repo, key=key)
+    lineage = None
+    if revision is not None:
+        rev = api.revision_graph(migrations).get(revision)
+        revision, lineage = rev.id, rev.lineage
+    written = api.stamp(path, output=output, tags=_parse_tags(tags), repo=repo, key=key,
+                        revision=revision, lineage=lineage)
     if as_json:
         _emit_json(api.inspect(written)["envelope"])
     else:
         click.echo(f"stamped {written}")
 
 
-_MIGRATIONS = click.option(
-    "--migrations", "migrations", default=None, metavar="DIR_OR_MODULE",
-    help="Script directory or importable package (default: [tool.ckptmigrate] in pyproject.toml).",
-)
+_MIGRATIONS = _MIGRATIONS_OPTION
 
 
 @main.command()

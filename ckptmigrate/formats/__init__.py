@@ -28,9 +28,9 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 class Container:
     """A checkpoint file as read: payload (tensors as references), envelope and where bytes are."""
 
-    format: Format
+    format: Format | Literal["memory"]
     path: Path
-    source: Source
+    source: Source | None
     payload: Any
     envelope: dict[str, Any] | None
     storages: dict[str, Storage]
@@ -39,7 +39,8 @@ class Container:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def close(self) -> None:
-        self.source.close()
+        if self.source is not None:
+            self.source.close()
 
 
 def _open_source(path: Path) -> Source:
