@@ -63,9 +63,7 @@ def attach(module_or_class: nn.Module | type[nn.Module], migrations: Any = None)
         @functools.wraps(original_init)
         def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
             original_init(self, *args, **kwargs)
-            if type(self) is cls or not getattr(self, "_ckptmigrate_attached", False):
-                self.register_load_state_dict_pre_hook(hook)
-                self._ckptmigrate_attached = True
+            self.register_load_state_dict_pre_hook(hook)
 
         cls.__init__ = __init__  # type: ignore[method-assign]
         return cls

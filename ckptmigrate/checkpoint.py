@@ -216,6 +216,7 @@ class Checkpoint(Operations):
         with atomic_write(dest) as fh:
             if self.can_rewrite_metadata_only(fmt):
                 c = self.container
+                assert c.source is not None
                 torchzip.write_metadata_only(fh, c.source, c.records, c.prefix, payload, env)
             else:
                 formats.write_container(fh, fmt, payload, env, template=self.container)  # type: ignore[arg-type]
