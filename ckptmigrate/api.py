@@ -11,6 +11,7 @@ from typing import Any
 from ckptmigrate import config
 from ckptmigrate.atomic import atomic_write
 from ckptmigrate.checkpoint import Checkpoint
+from ckptmigrate.compat import version_notes
 from ckptmigrate.engine import apply, new_envelope, plan_for
 from ckptmigrate.envelope import Envelope, now_utc
 from ckptmigrate.errors import BadInput
@@ -131,9 +132,19 @@ def load(
     ``map_location``); ``trust_pickle=True`` runs the file's pickle code to rebuild the extras as
     real objects — only for files you trust.
     """
+    import warnings
+
+    import torch
+
     ckpt = Checkpoint.open(path, key=key)
     ckpt.map_location = map_location
     ckpt.mmap = mmap
+    notes = version_notes(
+        ckpt.metadata, ckpt.summary()["devices"], torch_version=torch.__version__,
+        cuda_available=torch.cuda.is_available(), cuda_version=torch.version.cuda,
+    )
+    for note in notes:
+        warnings.warn(f"{ckpt.path}: {note}", stacklevel=2)
     if trust_pickle and ckpt.format != "safetensors":
         import torch
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import click
 
-from ckptmigrate.envelope import ckptmigrate_version
 from ckptmigrate.errors import BadInput, CheckFailed, CkptMigrateError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -49,7 +48,7 @@ def _emit_json(data: Any) -> None:
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
-@click.version_option(ckptmigrate_version(), "--version", "-V", prog_name="ckptmigrate")
+@click.version_option(None, "--version", "-V", package_name="ckptmigrate", prog_name="ckptmigrate")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import importlib.metadata
-import importlib.util
 import os
 import platform
 import re
@@ -60,6 +58,9 @@ def _torch_versions() -> dict[str, str | None]:
         except Exception:  # noqa: BLE001 - a broken CUDA install must not stop a stamp
             cudnn = None
         return {"torch": torch_mod.__version__, "cuda": torch_mod.version.cuda, "cudnn": cudnn}
+    import importlib.metadata
+    import importlib.util
+
     try:
         version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
@@ -112,6 +113,8 @@ def git_info(repo: str | os.PathLike[str] | None = None) -> dict[str, Any] | Non
 
 
 def ckptmigrate_version() -> str:
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("ckptmigrate")
     except importlib.metadata.PackageNotFoundError:
