@@ -11,8 +11,8 @@ __all__ = ["Checkpoint", "LoadReport", "attach", "inspect", "load", "load_state_
 
 if TYPE_CHECKING:
     from ckptmigrate.api import inspect, load, save, stamp
-    from ckptmigrate.attach import attach
     from ckptmigrate.checkpoint import Checkpoint
+    from ckptmigrate.hooks import attach
     from ckptmigrate.loading import LoadReport, load_state_dict
 
 
@@ -26,7 +26,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(loading, name)
     if name == "attach":
-        from ckptmigrate.attach import attach
+        from ckptmigrate.hooks import attach
 
         return attach
     if name == "Checkpoint":

@@ -2,62 +2,50 @@
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
 from collections.abc import Iterable
 
-_NUM = re.compile(r"^\d+$")
+Line = tuple[frozenset[str], ...]
 
 
-def _span(values: list[str]) -> str:
-    nums = sorted({int(v) for v in values})
-    if len(nums) > 2 and nums == list(range(nums[0], nums[-1] + 1)):
-        return f"{{{nums[0]}..{nums[-1]}}}"
-    return "{" + ",".join(map(str, nums)) + "}" if len(nums) > 1 else str(nums[0])
+def _render(values: frozenset[str]) -> str:
+    if len(values) == 1:
+        return next(iter(values))
+    if all(v.isdigit() for v in values):
+        nums = sorted(int(v) for v in values)
+        if len(nums) > 2 and nums == list(range(nums[0], nums[-1] + 1)):
+            return f"{{{nums[0]}..{nums[-1]}}}"
+        return "{" + ",".join(map(str, nums)) + "}"
+    return "{" + ",".join(sorted(values)) + "}"
+
+
+def _merge_once(lines: list[Line]) -> list[Line]:
+    for position in range(max((len(line) for line in lines), default=0) - 1, -1, -1):
+        merged: dict[tuple[object, ...], Line] = {}
+        for line in lines:
+            if len(line) <= position:
+                merged[("whole", line)] = line
+                continue
+            rest = (len(line), position, line[:position], line[position + 1 :])
+            if rest in merged:
+                previous = merged[rest]
+                merged[rest] = previous[:position] + (previous[position] | line[position],) + previous[position + 1 :]
+            else:
+                merged[rest] = line
+        if len(merged) < len(lines):
+            return list(merged.values())
+    return lines
 
 
 def group_keys(keys: Iterable[str]) -> list[str]:
-    """``encoder.layer.{0..11}.attn.{k,q,v}.weight``-style lines covering every key exactly."""
-    by_shape: dict[tuple[str, ...], list[list[str]]] = defaultdict(list)
-    parts: tuple[str, ...]
-    for key in keys:
-        pieces = key.split(".")
-        shape = tuple("#" if _NUM.match(p) else p for p in pieces)
-        by_shape[shape].append(pieces)
-    lines1: dict[tuple[str, ...], list[str]] = {}
-    for shape, members in by_shape.items():
-        collapsed = tuple(
-            _span([m[i] for m in members]) if part == "#" else part for i, part in enumerate(shape)
-        )
-        lines1[collapsed] = []
-    # merge lines that differ only in one non-numeric segment (q/k/v, weight/bias)
-    merged: dict[tuple[str, ...], set[str]] = {}
-    order: list[tuple[str, ...]] = []
-    for parts in lines1:
-        placed = False
-        for i in range(len(parts) - 1, -1, -1):
-            template = parts[:i] + ("*",) + parts[i + 1 :]
-            if template in merged:
-                merged[template].add(parts[i])
-                placed = True
-                break
-        if not placed:
-            for i in range(len(parts) - 1, -1, -1):
-                template = parts[:i] + ("*",) + parts[i + 1 :]
-                if sum(1 for p in lines1 if len(p) == len(parts) and p[:i] + ("*",) + p[i + 1 :] == template) > 1:
-                    merged[template] = {parts[i]}
-                    order.append(template)
-                    placed = True
-                    break
-        if not placed:
-            merged[parts] = set()
-            order.append(parts)
-    out = []
-    for template in order:
-        values = merged[template]
-        if values:
-            alt = next(iter(values)) if len(values) == 1 else "{" + ",".join(sorted(values)) + "}"
-            out.append(".".join(alt if p == "*" else p for p in template))
-        else:
-            out.append(".".join(template))
-    return out
+    """``encoder.layer.{0..11}.attn.{k,q,v}.weight``-style lines that cover exactly the given keys.
+
+    Two lines merge only when they differ in one dotted segment, so a line never stands for a key
+    that is not there.
+    """
+    lines: list[Line] = list(dict.fromkeys(tuple(frozenset([p]) for p in k.split(".")) for k in keys))
+    while True:
+        merged = _merge_once(lines)
+        if len(merged) == len(lines):
+            break
+        lines = merged
+    return [".".join(_render(part) for part in line) for line in lines]
