@@ -13,7 +13,7 @@ from ckptmigrate.atomic import atomic_write
 from ckptmigrate.checkpoint import Checkpoint
 from ckptmigrate.compat import version_notes
 from ckptmigrate.engine import apply, new_envelope, plan_for
-from ckptmigrate.envelope import Envelope, now_utc
+from ckptmigrate.envelope import Envelope, now_utc, schema_of
 from ckptmigrate.errors import BadInput
 from ckptmigrate.formats import safetensors_io, torchzip
 from ckptmigrate.layout import locate
@@ -160,3 +160,20 @@ def load(
         history = apply(ckpt, plan)
         ckpt.envelope = new_envelope(ckpt, plan, history)
     return ckpt
+
+
+def record_schema(revision: str, source: Any, *, migrations: Any = None) -> Path:
+    """Record the schema ``revision`` produces, from a model (built on ``meta`` costs nothing), a
+    state dict or a checkpoint file, beside the revision's script — what fingerprinting of unstamped
+    checkpoints matches against."""
+    import json
+
+    rev = revision_graph(migrations).get(revision)
+    if isinstance(source, (str, os.PathLike)):
+        with Checkpoint.open(source) as ckpt:
+            schema = ckpt.schema()
+    else:
+        state_dict = source.state_dict() if hasattr(source, "state_dict") and callable(source.state_dict) else source
+        schema = schema_of(state_dict)
+    rev.schema_path.write_text(json.dumps(schema, indent=1) + "\n")
+    return rev.schema_path

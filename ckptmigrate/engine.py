@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,8 +156,33 @@ def _recorded_inverse(ckpt: Checkpoint, rev: Revision) -> list[Any] | None:
     return None
 
 
-def apply(ckpt: Checkpoint, plan: Plan) -> list[dict[str, Any]]:
-    """Run the plan on the lazy checkpoint; return the history entries (nothing is written)."""
+def _target_order(plan: Plan, order: Sequence[str] | None) -> list[str] | None:
+    if order is not None:
+        return list(order)
+    if plan.steps:
+        target = plan.steps[-1] if plan.direction == "upgrade" else None
+        snapshot = target.schema() if target is not None else None
+        if snapshot is not None:
+            return list(snapshot)
+    return None
+
+
+def _reorder(ckpt: Checkpoint, order: list[str]) -> None:
+    """Put the state dict in the model's key order (what optimizer indices are counted in)."""
+    entries = ckpt.state_dict.entries
+    rank = {k: i for i, k in enumerate(order)}
+    items = sorted(entries.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+    entries.clear()
+    for k, v in items:
+        entries[k] = v
+
+
+def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the plan on the lazy checkpoint; return the history entries (nothing is written).
+
+    ``order`` is the model's state-dict key order (default: the target revision's schema snapshot);
+    the result is put in that order, which is also the order optimizer state is renumbered in.
+    """
     entries: list[dict[str, Any]] = []
     current = plan.start
     for rev in plan.steps:
@@ -185,6 +210,9 @@ def apply(ckpt: Checkpoint, plan: Plan) -> list[dict[str, Any]]:
             current = rev.down
         entries.append(entry)
         ckpt.applied.append(rev.id)
+    final_order = _target_order(plan, order)
+    if final_order is not None:
+        _reorder(ckpt, final_order)
     try:
         ckpt.optimizers.finalize(list(ckpt.state_dict.entries))
     except OptimizerAlignmentError as exc:

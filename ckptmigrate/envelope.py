@@ -77,6 +77,15 @@ def _torch_versions() -> dict[str, str | None]:
     return {"torch": version, "cuda": cuda, "cudnn": None}
 
 
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+
+
+def _without_credentials(url: str | None) -> str | None:
+    """The remote URL minus any ``user:token@`` part: CI checkouts put access tokens there, and
+    the envelope travels with the checkpoint."""
+    return None if url is None else _USERINFO.sub(r"\g<scheme>", url)
+
+
 def git_info(repo: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
     """Commit, branch, dirty flag and remote of the repository at (or above) ``repo``; None outside one."""
     try:
@@ -105,7 +114,7 @@ def git_info(repo: str | os.PathLike[str] | None = None) -> dict[str, Any] | Non
             names = [rm.name for rm in r.remotes]
             chosen = r.remote("origin") if "origin" in names else r.remotes[0]
             try:
-                remote = next(iter(chosen.urls), None)
+                remote = _without_credentials(next(iter(chosen.urls), None))
             except git.exc.GitError:
                 remote = None
         return {"commit": commit, "branch": branch, "dirty": dirty, "remote": remote,

@@ -17,7 +17,9 @@ from torch import nn
 from ckptmigrate.errors import BadInput
 
 
-def upgrade_state_dict(state_dict: dict[str, Any], migrations: Any = None, *, name: str = "<state dict>") -> Any:
+def upgrade_state_dict(
+    state_dict: dict[str, Any], migrations: Any = None, *, name: str = "<state dict>", module: nn.Module | None = None
+) -> Any:
     """The state dict upgraded to head in memory (or the same object when nothing applies)."""
     from ckptmigrate.api import revision_graph
     from ckptmigrate.checkpoint import Checkpoint
@@ -34,7 +36,7 @@ def upgrade_state_dict(state_dict: dict[str, Any], migrations: Any = None, *, na
         return state_dict
     if not plan.steps:
         return state_dict
-    apply(ckpt, plan)
+    apply(ckpt, plan, order=list(module.state_dict()) if module is not None else None)
     return ckpt.materialize()
 
 
@@ -44,7 +46,7 @@ def _hook(migrations: Any, module: nn.Module, state_dict: dict[str, Any], prefix
     expected = module.state_dict(keep_vars=True)
     if set(state_dict) == set(expected):
         return
-    upgraded = upgrade_state_dict(state_dict, migrations, name=type(module).__name__)
+    upgraded = upgrade_state_dict(state_dict, migrations, name=type(module).__name__, module=module)
     if upgraded is not state_dict:
         state_dict.clear()
         state_dict.update(upgraded)

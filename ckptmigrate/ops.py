@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 Inverse = list[Any]
+#: The ops an inverse journal may name (it is read back from the file's envelope).
+INVERSE_OPS = frozenset({"rename_map", "drop", "reshape", "transpose", "permute", "cast", "truncate", "split", "merge"})
 
 
 class OpError(ValueError):
@@ -71,6 +73,7 @@ class Operations:
         return self.state_dict.entries
 
     def _record(self, op: str, keys: Iterable[str], inverse: Inverse | None) -> None:
+        self.optimizers.finalize(list(self._entries))  # the extras stay in step with the weights
         self.touched.append((op, list(keys)))
         if inverse is None:
             self.irreversible.append(op)
@@ -241,14 +244,15 @@ class Operations:
             self._record("permute", [k], ["permute", {"key": re.escape(k), "dims": inverse}])
 
     def cast(self, pattern: str, dtype: Any, *, missing_ok: bool = False) -> None:
-        """Change the dtype of every matching tensor."""
+        """Change the dtype of every matching tensor (irreversible when ``dtype`` cannot hold every value)."""
         name = str(dtype).removeprefix("torch.")
         for k in self._each("cast", pattern, missing_ok):
             src = self._tensor("cast", k)
             old = dtype_of(src)
             shape = shape_of(src)
             self._transform("cast", k, shape, lambda t: t.to(torch_dtype(name)), dtype=name)
-            self._record("cast", [k], ["cast", {"pattern": re.escape(k), "dtype": old}])
+            exact = _keeps_values(old, name)
+            self._record("cast", [k], ["cast", {"pattern": re.escape(k), "dtype": old}] if exact else None)
 
     def pad(self, key: str, shape: Sequence[int], value: float = 0, *, missing_ok: bool = False) -> None:
         """Grow a tensor to ``shape``, filling new elements with ``value`` (e.g. a grown vocabulary)."""
@@ -343,15 +347,18 @@ class Operations:
             tensors = [self._tensor("merge", s) for s in sources]
             shapes = [shape_of(t) for t in tensors]
             base = list(shapes[0])
-            for s, src_key in zip(shapes, sources, strict=True):
+            dtype = dtype_of(tensors[0])
+            for s, src_key, tensor in zip(shapes, sources, tensors, strict=True):
                 if len(s) != len(base) or any(a != b for i, (a, b) in enumerate(zip(s, base, strict=True)) if i != dim):
                     raise OpError(
                         "merge", src_key, f"merge: {src_key!r} of shape {list(s)} does not fit beside {list(base)}"
                     )
+                if dtype_of(tensor) != dtype:
+                    raise OpError("merge", src_key,
+                                  f"merge: {src_key!r} is {dtype_of(tensor)}, not {dtype} like {k0!r}; cast first")
             sizes = [s[dim] for s in shapes]
             out_shape = list(base)
             out_shape[dim] = sum(sizes)
-            dtype = dtype_of(tensors[0])
             position = list(self._entries).index(sources[0])
             items = [(k, v) for k, v in self._entries.items() if k not in sources]
             if target in dict(items):
@@ -374,6 +381,8 @@ class Operations:
         for name, kwargs in reversed(list(journal)):
             if name == "irreversible":
                 raise OpError(kwargs["op"], None, f"{kwargs['op']} cannot be undone automatically")
+            if name not in INVERSE_OPS:  # the journal comes from the file: call nothing else
+                raise OpError(str(name), None, f"{name!r} is not an op an inverse can name")
             getattr(self, name)(**kwargs)
 
 
@@ -388,6 +397,30 @@ def _resolve_shape(op: str, key: str, old: tuple[int, ...], shape: Sequence[int]
     if math.prod(new) != total:
         raise OpError(op, key, f"{op}: cannot reshape {key!r} of shape {list(old)} to {list(shape)}")
     return tuple(new)
+
+
+def _keeps_values(old: str, new: str) -> bool:
+    """Every ``old`` value is exactly a ``new`` value, so casting back restores the same bits."""
+    import torch
+
+    a, b = torch_dtype(old), torch_dtype(new)
+    if a == b or a == torch.bool:
+        return True
+    a_float, b_float = a.is_floating_point or a.is_complex, b.is_floating_point or b.is_complex
+    if b == torch.bool or (a_float and not b_float) or (a.is_complex and not b.is_complex):
+        return False
+    try:
+        if a_float:
+            fa, fb = torch.finfo(a), torch.finfo(b)
+            return fb.eps <= fa.eps and fb.max >= fa.max and fb.smallest_normal <= fa.smallest_normal
+        ia = torch.iinfo(a)
+        if b_float:
+            fb = torch.finfo(b)
+            return max(-ia.min, ia.max) <= min(2 / fb.eps, fb.max)
+        ib = torch.iinfo(b)
+        return ib.min <= ia.min and ib.max >= ia.max
+    except TypeError:  # quantized and other dtypes without finfo/iinfo
+        return False
 
 
 def _equal_parts(op: str, key: str, length: int, n: int) -> list[int]:

@@ -53,7 +53,7 @@ class _Tracked:
         return sum(len(g["params"]) for g in self.opt["param_groups"])
 
     def finalize(self, keys: Sequence[str]) -> None:
-        position = {k: i for i, k in enumerate(keys)}
+        position = {k: i for i, k in enumerate(_module_order(keys))}
         tracked = sorted(self.group, key=lambda k: position.get(k, len(position)))
         state: dict[int, Any] = {}
         index = 0
@@ -88,7 +88,7 @@ class OptimizerTrack:
         for opt in opts:
             count = sum(len(g.get("params", [])) for g in opt["param_groups"])
             named = all("param_names" in g for g in opt["param_groups"])
-            params = keys if named else _parameter_keys(keys, count)
+            params = keys if named else _parameter_keys(_module_order(keys), count)
             if params is None:
                 return cls([], (
                     f"the optimizer state covers {count} parameters but the state dict has "
@@ -154,6 +154,15 @@ class OptimizerTrack:
         """Renumber every optimizer's parameters to the final order of the state dict."""
         for t in self.tracked:
             t.finalize(keys)
+
+
+def _module_order(keys: Sequence[str]) -> list[str]:
+    """Each module's tensors together, modules in order of first appearance: ``nn.Module.parameters()``
+    order, also after a split left ``q.weight, k.weight, v.weight, q.bias, k.bias, v.bias``."""
+    modules: dict[str, list[str]] = {}
+    for k in keys:
+        modules.setdefault(k.rpartition(".")[0], []).append(k)
+    return [k for members in modules.values() for k in members]
 
 
 def _parameter_keys(keys: list[str], count: int) -> list[str] | None:

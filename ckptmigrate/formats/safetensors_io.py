@@ -91,9 +91,22 @@ def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, str], di
         refs[name] = TensorRef(storage, 0, shape, contiguous_stride(shape), dtype)
         spans.append((begin, end, name))
     spans.sort()
+    if spans and spans[0][0] != 0:
+        raise SafetensorsFormatError(
+            f"the data section starts with {spans[0][0]} bytes no tensor uses (before {spans[0][2]!r})"
+        )
     for (_b1, e1, n1), (b2, _e2, n2) in zip(spans, spans[1:], strict=False):
         if b2 < e1:
             raise SafetensorsFormatError(f"tensors {n1!r} and {n2!r} overlap in the data section")
+        if b2 > e1:
+            raise SafetensorsFormatError(
+                f"a gap of {b2 - e1} bytes no tensor uses between tensors {n1!r} and {n2!r}"
+            )
+    covered = spans[-1][1] if spans else 0
+    if covered != data_size:
+        raise SafetensorsFormatError(
+            f"the data section holds {data_size - covered} bytes after the last tensor"
+        )
     envelope = None
     if ENVELOPE_KEY in metadata:
         try:

@@ -1,0 +1,59 @@
+"""Lightning integration (``pip install ckptmigrate[lightning]``).
+
+``Trainer(callbacks=[MigrationCallback(migrations=...)]).fit(model, ckpt_path=old)`` resumes from a
+checkpoint written by older model code: the callback makes the module's ``on_load_checkpoint``
+upgrade the checkpoint dict — weights and optimizer states — before Lightning loads it. For
+``Model.load_from_checkpoint(old)``, which runs no callbacks, use :func:`ckptmigrate.attach` on the
+class, or call :func:`upgrade_checkpoint` from your own ``on_load_checkpoint``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+
+from ckptmigrate.errors import BadInput
+
+
+def upgrade_checkpoint(
+    checkpoint: dict[str, Any], migrations: Any = None, module: Any = None
+) -> list[str]:
+    """Upgrade a Lightning checkpoint dict in place; return the revisions applied (none if it fits).
+
+    With ``module``, its state-dict order is the order optimizer state is renumbered in.
+    """
+    from ckptmigrate.api import revision_graph
+    from ckptmigrate.checkpoint import Checkpoint
+    from ckptmigrate.engine import apply, plan_for
+
+    graph = revision_graph(migrations)
+    ckpt = Checkpoint.from_payload(checkpoint, name="<lightning checkpoint>", key="state_dict")
+    try:
+        plan = plan_for(ckpt, graph)
+    except BadInput:
+        return []
+    if not plan.steps:
+        return []
+    apply(ckpt, plan, order=list(module.state_dict()) if module is not None else None)
+    checkpoint["state_dict"] = ckpt.materialize()
+    for key, value in ckpt.extras.items():
+        checkpoint[key] = value
+    return list(ckpt.applied)
+
+
+class MigrationCallback(pl.Callback):
+    """Upgrades the checkpoint a Trainer resumes from (``fit(ckpt_path=...)``)."""
+
+    def __init__(self, migrations: Any = None) -> None:
+        self.migrations = migrations
+        self.applied: list[str] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            self.applied = upgrade_checkpoint(checkpoint, self.migrations, pl_module)
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
