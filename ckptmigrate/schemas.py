@@ -1,0 +1,74 @@
+"""Where a schema comes from: the current model (built on ``meta``), a revision's snapshot, a file.
+
+The model is named ``pkg.module:factory`` — in ``[tool.ckptmigrate] model`` or ``--model`` — and is
+built on the ``meta`` device, so even a model whose weights would not fit in memory costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from ckptmigrate import config
+from ckptmigrate.envelope import Schema, schema_of
+from ckptmigrate.errors import BadInput
+
+
+def build_model(spec: str, *, device: str = "meta") -> Any:
+    """Call the factory ``pkg.module:factory`` on ``device`` (the project root is importable)."""
+    import torch
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise BadInput(f"model {spec!r}: expected pkg.module:factory")
+    cfg = config.load()
+    if cfg.root is not None and str(cfg.root) not in sys.path:
+        sys.path.insert(0, str(cfg.root))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BadInput(f"model {spec!r}: cannot import {module_name} ({exc})") from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise BadInput(f"model {spec!r}: {module_name} has no attribute {attr}")
+    if not callable(factory):
+        raise BadInput(f"model {spec!r}: {attr} is not callable")
+    with torch.device(device):
+        model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise BadInput(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def model_spec(explicit: str | None) -> str:
+    spec = explicit or config.load().model
+    if not spec:
+        raise BadInput("no model configured: pass --model pkg.module:factory or set [tool.ckptmigrate] model")
+    return spec
+
+
+def model_schema(spec: str) -> Schema:
+    return schema_of(build_model(spec).state_dict())
+
+
+def resolve(source: str, *, graph: Any = None, model: str | None = None) -> tuple[str, Schema]:
+    """``model``, a revision id, or a checkpoint path → (label, schema)."""
+    from ckptmigrate.checkpoint import Checkpoint
+
+    if source == "model":
+        spec = model_spec(model)
+        return f"model {spec}", model_schema(spec)
+    if Path(source).exists():
+        with Checkpoint.open(source) as ckpt:
+            return str(source), ckpt.schema()
+    if graph is not None:
+        rev = graph.get(source)
+        snapshot = rev.schema()
+        if snapshot is None:
+            raise BadInput(f"revision {rev.id} has no schema snapshot ({rev.schema_path} is missing)")
+        return f"revision {rev.id}", snapshot
+    raise BadInput(f"{source}: neither a file, a revision nor `model`")
