@@ -17,6 +17,7 @@ from ckptmigrate.envelope import Envelope, now_utc, schema_of
 from ckptmigrate.errors import BadInput
 from ckptmigrate.formats import safetensors_io, torchzip
 from ckptmigrate.layout import locate
+from ckptmigrate.locking import file_lock
 from ckptmigrate.revisions import RevisionGraph, ScriptDirectory
 
 
@@ -37,7 +38,7 @@ def stamp(
     tensor records byte for byte. An existing envelope's lineage, revision, history and tags carry
     over; ``lineage``/``revision`` set them (``stamp --revision`` in the CLI).
     """
-    with Checkpoint.open(path, key=key) as ckpt:
+    with file_lock(output if output is not None else path), Checkpoint.open(path, key=key) as ckpt:
         env = Envelope.build(
             ckpt.state_dict.entries, layout=ckpt.layout.after_rewrite().name, repo=repo,
             tags=tags, previous=ckpt.envelope,

@@ -213,7 +213,17 @@ class Checkpoint(Operations):
             non_tensor = [k for k, v in payload.items() if not is_entry(v)]
             if non_tensor:
                 raise BadInput(f"{dest}: safetensors cannot hold the non-tensor entries {non_tensor[:5]}")
-        with atomic_write(dest) as fh:
+        expected = self.schema()
+
+        def check(written: Path) -> None:
+            """Re-open what was written: the index and envelope must be what we meant to write."""
+            with Checkpoint.open(written, key=self.layout.key if self.layout.kind == "key" else None) as again:
+                if again.schema() != expected:
+                    raise BadInput(f"{dest}: the written file does not read back as written; nothing was replaced")
+                if env is not None and again.metadata != env:
+                    raise BadInput(f"{dest}: the written envelope does not read back; nothing was replaced")
+
+        with atomic_write(dest, check=check) as fh:
             if self.can_rewrite_metadata_only(fmt):
                 c = self.container
                 assert c.source is not None

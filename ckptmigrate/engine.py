@@ -8,6 +8,7 @@ walked back without a hand-written ``downgrade``.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -19,6 +20,7 @@ from typing import Any
 from ckptmigrate.checkpoint import Checkpoint
 from ckptmigrate.envelope import Envelope, now_utc
 from ckptmigrate.errors import BadInput, MigrationError
+from ckptmigrate.locking import file_lock
 from ckptmigrate.ops import OpError
 from ckptmigrate.optimizer import OptimizerAlignmentError
 from ckptmigrate.revisions import Revision, RevisionGraph
@@ -255,8 +257,12 @@ def migrate_file(
     dry_run: bool = False, backup: bool = True, from_rev: str | None = None,
     lineage: str | None = None, key: str | None = None, direction: str | None = None,
 ) -> Outcome:
-    """Upgrade or downgrade one file; ``direction`` refuses the other way (``upgrade --to`` an older rev)."""
-    with Checkpoint.open(path, key=key) as ckpt:
+    """Upgrade or downgrade one file; ``direction`` refuses the other way (``upgrade --to`` an older rev).
+
+    The destination is locked for the whole read-migrate-write, so concurrent runs serialise.
+    """
+    lock = contextlib.nullcontext() if dry_run else file_lock(output or path)
+    with lock, Checkpoint.open(path, key=key) as ckpt:
         plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
         if direction is not None and plan.steps and plan.direction != direction:
             raise BadInput(

@@ -144,9 +144,9 @@ class OptimizerTrack:
                     outs = fn([to_torch(v) for v in values])
                     for ns, out in zip(new_states, outs, strict=True):
                         ns[name] = out.contiguous().clone()
-                else:
+                else:  # e.g. Adam's ``step``: each part gets its own, torch increments it in place
                     for ns in new_states:
-                        ns[name] = first
+                        ns[name] = to_torch(first).clone() if is_entry(first) else first
             for k, ns in zip(dst, new_states, strict=True):
                 t.state[k] = ns
 

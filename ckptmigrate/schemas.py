@@ -30,7 +30,7 @@ def build_model(spec: str, *, device: str = "meta") -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise BadInput(f"model {spec!r}: cannot import {module_name} ({exc})") from None
-    factory = module
+    factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:

@@ -26,6 +26,7 @@ ITEMSIZE: dict[str, int] = {
     "complex128": 16, "complex64": 8, "complex32": 4,
     "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
     "float8_e8m0fnu": 1, "qint8": 1, "quint8": 1, "qint32": 4,
+    "quint4x2": 1, "quint2x4": 1,
 }
 
 #: The typed storage classes torch pickles for dtypes that have one.
@@ -34,6 +35,8 @@ LEGACY_STORAGE: dict[str, str] = {
     "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
     "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
     "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
+    "QInt8Storage": "qint8", "QUInt8Storage": "quint8", "QInt32Storage": "qint32",
+    "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4",
 }
 STORAGE_FOR_DTYPE = {v: k for k, v in LEGACY_STORAGE.items()}
 

@@ -150,13 +150,37 @@ def _rebuild_parameter(data: Any, requires_grad: Any = True, *rest: Any) -> Tens
     return data
 
 
+def _rebuild_parameter_with_state(
+    data: Any, requires_grad: Any, backward_hooks: Any, state: Any, *rest: Any
+) -> TensorRef:
+    """A parameter with Python attributes (``param.tensor_parallel = True``): kept for the writer."""
+    ref = _rebuild_parameter(data, requires_grad)
+    ref.extra["parameter_state"] = state
+    return ref
+
+
 _TENSOR_BUILDERS: dict[str, Callable[..., TensorRef]] = {
     "_rebuild_tensor": _rebuild_tensor,
     "_rebuild_tensor_v2": _rebuild_tensor,
     "_rebuild_tensor_v3": _rebuild_tensor_v3,
     "_rebuild_parameter": _rebuild_parameter,
-    "_rebuild_parameter_with_state": _rebuild_parameter,
+    "_rebuild_parameter_with_state": _rebuild_parameter_with_state,
 }
+_BUILDER_FUNCTIONS = set(_TENSOR_BUILDERS.values())
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    """``torch._tensor._rebuild_from_type_v2``: a tensor with Python attributes, or of a subclass.
+
+    When the inner builder is one we read, the result is a TensorRef that remembers the type and
+    the attributes for the writer; otherwise the call stays an inert stand-in.
+    """
+    if func in _BUILDER_FUNCTIONS and isinstance(args, tuple):
+        ref = func(*args)
+        if isinstance(ref, TensorRef) and not ref.extra.get("parameter"):
+            ref.extra["from_type"] = (new_type, state)
+            return ref
+    return standin("torch._tensor", "_rebuild_from_type_v2")(func, new_type, args, state)
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
@@ -178,6 +202,8 @@ class SafeUnpickler(pickle.Unpickler):
             return _SAFE_GLOBALS[(module, name)]
         if module == "torch._utils" and name in _TENSOR_BUILDERS:
             return _TENSOR_BUILDERS[name]
+        if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
+            return _rebuild_from_type_v2
         return standin(module, name)
 
     def persistent_load(self, pid: Any) -> Storage:
@@ -230,6 +256,9 @@ class _Writer(_PurePickler):
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _PersistentStorage):
             return obj.pid
+        if isinstance(obj, Storage):  # held by a tensor kind we keep as a stand-in (quantized, ...)
+            key, storage = self._storage_of(obj)
+            return _storage_pid(storage.dtype, key, storage)
         return None
 
     def save_global(self, obj: Any, name: str | None = None) -> None:
@@ -243,15 +272,35 @@ class _Writer(_PurePickler):
         return None
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, (TensorRef, Deferred)) or _is_torch_tensor(obj):
+        if isinstance(obj, _Reduced):
+            return obj.reduced
+        if isinstance(obj, TensorRef):
+            return self._reduce_ref(obj)
+        if isinstance(obj, Deferred) or _is_torch_tensor(obj):
             return self._reduce_tensor(obj)
         return NotImplemented
 
-    def _reduce_tensor(self, obj: Any) -> Any:
+    def _reduce_ref(self, ref: TensorRef) -> Any:
+        """As torch pickles it: a parameter wraps the plain tensor, attributes wrap the call."""
+        if ref.extra.get("parameter"):
+            data = _Reduced(self._reduce_tensor(ref, requires_grad=False))
+            hooks = collections.OrderedDict()  # type: ignore[var-annotated]
+            if "parameter_state" in ref.extra:
+                return (standin("torch._utils", "_rebuild_parameter_with_state"),
+                        (data, ref.requires_grad, hooks, ref.extra["parameter_state"]))
+            return (standin("torch._utils", "_rebuild_parameter"), (data, ref.requires_grad, hooks))
+        func, args = self._reduce_tensor(ref)
+        if "from_type" in ref.extra:
+            new_type, state = ref.extra["from_type"]
+            return (standin("torch._tensor", "_rebuild_from_type_v2"), (func, new_type, args, state))
+        return (func, args)
+
+    def _reduce_tensor(self, obj: Any, requires_grad: bool | None = None) -> Any:
         key, storage = self._storage_of(obj)
         if isinstance(obj, TensorRef):
             offset, shape, stride, requires_grad = (
-                obj.storage_offset, obj.shape, obj.stride, obj.requires_grad
+                obj.storage_offset, obj.shape, obj.stride,
+                obj.requires_grad if requires_grad is None else requires_grad,
             )
         elif not isinstance(obj, Deferred):
             # a torch tensor: storage_of gave its whole storage, so it keeps its own view of it
@@ -264,16 +313,21 @@ class _Writer(_PurePickler):
             offset, stride, requires_grad = 0, contiguous_stride(shape), False
         dtype = dtype_of(obj)
         hooks = collections.OrderedDict()  # type: ignore[var-annotated]
+        persistent = _PersistentStorage(_storage_pid(dtype, key, storage))
         if dtype in STORAGE_FOR_DTYPE:
-            pid = ("storage", standin("torch", STORAGE_FOR_DTYPE[dtype]), key, storage.location,
-                   storage.nbytes // _itemsize(dtype))
-            args: tuple[Any, ...] = (_PersistentStorage(pid), offset, shape, stride, requires_grad, hooks)
+            args: tuple[Any, ...] = (persistent, offset, shape, stride, requires_grad, hooks)
             return (standin("torch._utils", "_rebuild_tensor_v2"), args)
-        pid = ("storage", standin("torch.storage", "UntypedStorage"), key, storage.location,
-               storage.nbytes)
-        args = (_PersistentStorage(pid), offset, shape, stride, requires_grad, hooks,
-                standin("torch", dtype))
+        args = (persistent, offset, shape, stride, requires_grad, hooks, standin("torch", dtype))
         return (standin("torch._utils", "_rebuild_tensor_v3"), args)
+
+
+def _storage_pid(dtype: str, key: str, storage: Storage) -> tuple[Any, ...]:
+    """The persistent id torch writes for a storage viewed as ``dtype``."""
+    if dtype in STORAGE_FOR_DTYPE:
+        return ("storage", standin("torch", STORAGE_FOR_DTYPE[dtype]), key, storage.location,
+                storage.nbytes // _itemsize(dtype))
+    return ("storage", standin("torch.storage", "UntypedStorage"), key, storage.location,
+            storage.nbytes)
 
 
 def _itemsize(dtype: str) -> int:
@@ -285,12 +339,19 @@ class _PersistentStorage:
         self.pid = pid
 
 
+class _Reduced:
+    """A ``(callable, args)`` pair to pickle as a nested object (the tensor inside a parameter)."""
+
+    def __init__(self, reduced: tuple[Any, Any]) -> None:
+        self.reduced = reduced
+
+
 def _is_torch_tensor(obj: Any) -> bool:
     return type(obj).__module__.startswith("torch") and hasattr(obj, "untyped_storage")
 
 
 def dump(obj: Any, storage_of: Callable[[Any], tuple[str, Storage]]) -> bytes:
-    """Pickle ``obj`` as torch would; ``storage_of(tensor)`` names the storage record of each tensor."""
+    """Pickle ``obj`` as torch would; ``storage_of(tensor or storage)`` names its storage record."""
     buf = io.BytesIO()
     _Writer(buf, storage_of).dump(obj)
     return buf.getvalue()

@@ -118,12 +118,13 @@ class _StoragePlan:
         return key
 
     def __call__(self, obj: Any) -> tuple[str, Storage]:
-        if isinstance(obj, TensorRef):
-            known = self._by_storage.get(id(obj.storage))
+        if isinstance(obj, (TensorRef, Storage)):
+            storage = obj.storage if isinstance(obj, TensorRef) else obj
+            known = self._by_storage.get(id(storage))
             if known is None:
-                known = (self._fresh(obj.storage.key), obj.storage)
-                self._by_storage[id(obj.storage)] = known
-                self.records.append((known[0], obj.storage))
+                known = (self._fresh(storage.key), storage)
+                self._by_storage[id(storage)] = known
+                self.records.append((known[0], storage))
             return known
         if isinstance(obj, Deferred):
             key = self._fresh()
