@@ -178,3 +178,15 @@ def record_schema(revision: str, source: Any, *, migrations: Any = None) -> Path
         schema = schema_of(state_dict)
     rev.schema_path.write_text(json.dumps(schema, indent=1) + "\n")
     return rev.schema_path
+
+
+def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None) -> tuple[int, int]:
+    """Rewrite a torch zip file with only its live records (in-place appends leave orphaned bytes).
+
+    Returns the sizes before and after. The envelope is kept as it is; tensors are copied by the kernel.
+    """
+    dest = Path(output) if output is not None else Path(path)
+    with file_lock(dest), Checkpoint.open(path) as ckpt:
+        before = os.stat(path).st_size
+        ckpt.write(dest, ckpt.envelope, compact=True)
+    return before, os.stat(dest).st_size

@@ -197,9 +197,15 @@ class Checkpoint(Operations):
         )
 
     def write(
-        self, dest: str | os.PathLike[str], envelope: Envelope | None, *, fmt: str | None = None
+        self, dest: str | os.PathLike[str], envelope: Envelope | None, *, fmt: str | None = None,
+        append_in_place: bool = True, compact: bool = False,
     ) -> Path:
-        """Write atomically to ``dest`` (which may be this file): the source survives any failure."""
+        """Write atomically to ``dest`` (which may be this file): the source survives any failure.
+
+        Rewriting this very zip file when only metadata changed appends to it in place
+        (``append_in_place``); otherwise a temporary sibling is written and renamed over ``dest``.
+        ``compact`` writes only the live records, dropping bytes earlier appends orphaned.
+        """
         dest = Path(dest)
         fmt = fmt or ("safetensors" if self.format == "safetensors" else "torch-zip")
         payload = self.payload()
@@ -223,14 +229,35 @@ class Checkpoint(Operations):
                 if env is not None and again.metadata != env:
                     raise BadInput(f"{dest}: the written envelope does not read back; nothing was replaced")
 
+        metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
+        same_file = dest.exists() and dest.resolve() == self.path.resolve()
+        if metadata_only and append_in_place and same_file and self._append(payload, env, check):
+            return dest
         with atomic_write(dest, check=check) as fh:
-            if self.can_rewrite_metadata_only(fmt):
+            if metadata_only:
                 c = self.container
                 assert c.source is not None
                 torchzip.write_metadata_only(fh, c.source, c.records, c.prefix, payload, env)
             else:
                 formats.write_container(fh, fmt, payload, env, template=self.container)  # type: ignore[arg-type]
         return dest
+
+
+    def _append(self, payload: Any, env: dict[str, Any] | None, check: Any) -> bool:
+        """The in-place path: append to this file; on a failed read-back, cut it back to what it was."""
+        c = self.container
+        assert c.source is not None
+        size = c.source.size
+        if os.stat(self.path).st_size != size:
+            raise BadInput(f"{self.path}: changed on disk while it was being migrated; nothing was written")
+        if not torchzip.append_in_place(self.path, c.source, c.records, c.prefix, payload, env):
+            return False
+        try:
+            check(self.path)
+        except BaseException:
+            os.truncate(self.path, size)
+            raise
+        return True
 
 
 def _numel(v: Any) -> int:

@@ -149,6 +149,17 @@ _MIGRATIONS = _MIGRATIONS_OPTION
 
 
 @main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of in place.")
+def compact(path: Path, output: Path | None) -> None:
+    """Reclaim the bytes that in-place stamps and renames left behind in a torch zip file."""
+    from ckptmigrate import api
+
+    before, after = api.compact(path, output=output)
+    click.echo(f"{output or path}: {before:,} -> {after:,} bytes")
+
+
+@main.command()
 @click.argument("directory", default="migrations", type=click.Path(path_type=Path))
 def init(directory: Path) -> None:
     """Create a script directory and record it in pyproject.toml."""

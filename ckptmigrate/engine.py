@@ -106,6 +106,12 @@ def fingerprint(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | None) -> 
     )
 
 
+def _downgraded_to_base(env: Envelope) -> bool:
+    """A stamped file without a revision is at base when its last step was a downgrade to base."""
+    last = env.history[-1] if env.history else {}
+    return last.get("action") == "downgrade" and last.get("to") is None
+
+
 def plan_for(
     ckpt: Checkpoint, graph: RevisionGraph, *, to: str = "head", from_rev: str | None = None,
     lineage: str | None = None,
@@ -118,6 +124,9 @@ def plan_for(
     elif ckpt.envelope is not None and ckpt.envelope.revision is not None:
         start = graph.get(ckpt.envelope.revision).id
         lineage = graph.lineage_of(start)
+    elif ckpt.envelope is not None and _downgraded_to_base(ckpt.envelope):
+        start = None
+        lineage = lineage if lineage is not None else ckpt.envelope.lineage
     else:
         if ckpt.envelope is not None and ckpt.envelope.lineage is not None and lineage is None:
             lineage = ckpt.envelope.lineage
@@ -281,7 +290,8 @@ def migrate_file(
         if output is None and backup:
             outcome.backup = make_backup(path)
         try:
-            ckpt.write(dest, env, fmt=_output_format(ckpt, dest))
+            # the backup is a hard link to the same inode: never append to it
+            ckpt.write(dest, env, fmt=_output_format(ckpt, dest), append_in_place=outcome.backup is None)
         except BaseException:
             if outcome.backup is not None:
                 outcome.backup.unlink(missing_ok=True)

@@ -85,7 +85,7 @@ def _revision_from(path: Path) -> Revision:
     if not callable(upgrade):
         raise RevisionError(f"{path}: a migration script needs an `upgrade(ckpt)` function")
     downgrade = getattr(module, "downgrade", None)
-    message = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+    message = next(iter((module.__doc__ or "").strip().splitlines()), "")
     lineage = getattr(module, "lineage", None)
     return Revision(rev, down, lineage, message, path, upgrade, downgrade if callable(downgrade) else None)
 
@@ -168,7 +168,7 @@ class RevisionGraph:
             return next(iter(self._heads.values()))
         if lineage not in self._heads:
             names = ", ".join(repr(k) for k in self._heads) or "none"
-            what = f"lineage {lineage!r}" if lineage else "a default lineage"
+            what = f"lineage {lineage!r}" if lineage else "default lineage"
             raise RevisionError(f"there is no {what} (lineages: {names}); pass --lineage")
         return self._heads[lineage]
 

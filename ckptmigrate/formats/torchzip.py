@@ -239,6 +239,12 @@ def envelope_bytes(envelope: dict[str, Any]) -> bytes:
     return json.dumps(envelope, indent=1, sort_keys=True).encode()
 
 
+#: Bytes an in-place append may add: zip readers (torch's miniz, Python's zipfile) look for the
+#: end-of-directory record in the last 64 KiB, so while a smaller tail is being written they still
+#: find the old one and read the file as it was.
+IN_PLACE_LIMIT = 60_000
+
+
 def write_metadata_only(
     fh: BinaryIO, source: Source, entries: dict[str, ZipEntry], prefix: str, payload: Any,
     envelope: dict[str, Any] | None,
@@ -250,6 +256,41 @@ def write_metadata_only(
     region_end = max(e.data_offset + e.size for e in entries.values())
     copy_range(source.fileno(), fh.fileno(), 0, region_end, 0)
     fh.seek(region_end)
+    _append_directory(fh, source, entries, prefix, pickled, plan, envelope)
+
+
+def append_in_place(
+    path: str | os.PathLike[str], source: Source, entries: dict[str, ZipEntry], prefix: str, payload: Any,
+    envelope: dict[str, Any] | None,
+) -> bool:
+    """Append a new ``data.pkl``, envelope and central directory to the file itself, after its old
+    end-of-directory record; False (nothing written) when that would exceed :data:`IN_PLACE_LIMIT`.
+
+    Until the new end record is written the file reads as before; the old ``data.pkl`` stays as
+    orphaned bytes (``ckptmigrate compact`` reclaims them).
+    """
+    plan = _StoragePlan()
+    pickled = dump(payload, plan)
+    env = envelope_bytes(envelope) if envelope is not None else b""
+    names = sum(len(name) + 2 * ALIGNMENT_SLACK for name in entries) + 2 * len(prefix) + 64
+    estimate = len(pickled) + len(env) + names + 100 * len(entries) + 200
+    if estimate > IN_PLACE_LIMIT:
+        return False
+    with open(path, "r+b") as fh:
+        fh.seek(0, os.SEEK_END)
+        _append_directory(fh, source, entries, prefix, pickled, plan, envelope)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+ALIGNMENT_SLACK = 64
+
+
+def _append_directory(
+    fh: BinaryIO, source: Source, entries: dict[str, ZipEntry], prefix: str, pickled: bytes,
+    plan: _StoragePlan, envelope: dict[str, Any] | None,
+) -> None:
     writer = ZipWriter(fh)
     writer.add_bytes(f"{prefix}/data.pkl", pickled)
     live = {f"{prefix}/data/{key}": storage for key, storage in plan.records}

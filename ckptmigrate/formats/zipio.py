@@ -214,6 +214,7 @@ class ZipWriter:
             tail += _EOCD.pack(0x06054B50, 0, 0, n, n, len(cd), cd_start, 0)
         os.pwrite(self._fd, cd + tail, cd_start)
         end = cd_end + len(tail)
-        os.ftruncate(self._fd, end)
+        if os.fstat(self._fd).st_size > end:
+            os.ftruncate(self._fd, end)
         self._fh.seek(end)
         return end
