@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ class LoadReport:
     applied: list[str] = field(default_factory=list)
     revision: str | None = None
     head: str | None = None
+    causes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -56,7 +58,55 @@ class LoadReport:
         if self.mismatched:
             lines.append(f"shape mismatch ({len(self.mismatched)}):")
             lines += [f"  {k}: checkpoint {c}, model {m}" for k, c, m in self.mismatched[:20]]
+        if self.causes:
+            lines.append("likely causes:")
+            lines += [f"  {c}" for c in self.causes]
         return "\n".join(lines)
+
+
+WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def likely_causes(
+    report: LoadReport, given: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+    tied: dict[str, str],
+) -> list[str]:
+    """Explanations for a mismatch: a wrapper prefix, renamed or transposed tensors, tied weights."""
+    causes: list[str] = []
+    for prefix in WRAPPERS:
+        if given and all(k.startswith(prefix) for k in given):
+            stripped = {k[len(prefix):] for k in given}
+            if stripped & set(expected):
+                causes.append(f"every checkpoint key starts with {prefix!r}: saved from a wrapped model; "
+                              f"a migration with ckpt.unwrap({prefix!r}) fixes it")
+    unexpected = list(report.unexpected)
+    for key in report.missing:
+        if key in tied:
+            causes.append(f"{key} is tied to {tied[key]} (shared weight), which is missing too")
+            continue
+        if causes and causes[0].startswith("every checkpoint key"):
+            continue
+        same_shape = [u for u in unexpected if given.get(u) == expected.get(key)]
+        close = difflib.get_close_matches(key, same_shape, n=1, cutoff=0.6)
+        if close:
+            causes.append(f"{key} is probably the checkpoint's {close[0]} (same shape, similar name)")
+    for key, ckpt_shape, model_shape in report.mismatched:
+        if len(ckpt_shape) == 2 and ckpt_shape[::-1] == model_shape:
+            causes.append(f"{key} looks transposed ({ckpt_shape} vs {model_shape}): ckpt.transpose({key!r}, 0, 1)")
+    return causes[:10]
+
+
+def _tied(model: nn.Module) -> dict[str, str]:
+    """Parameter names that share storage with an earlier one (``lm_head.weight`` → ``wte.weight``)."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        ptr = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
+        if ptr in first and ptr != 0:
+            tied[name] = first[ptr]
+        else:
+            first.setdefault(ptr, name)
+    return tied
 
 
 def load_state_dict(
@@ -85,6 +135,12 @@ def load_state_dict(
     for k in wanted:
         if k in source and tuple(source[k].shape) != tuple(expected[k].shape):
             report.mismatched.append((k, list(source[k].shape), list(expected[k].shape)))
+    tied = _tied(model)
+    report.missing = [k for k in report.missing if not (k in tied and tied[k] in source)]
+    report.causes = likely_causes(
+        report, {k: tuple(v.shape) for k, v in source.items() if hasattr(v, "shape")},
+        {k: tuple(v.shape) for k, v in expected.items()}, tied,
+    )
     bad = {k for k, _, _ in report.mismatched}
     chosen = {k: source[k] for k in wanted if k in source and k not in bad}
     if strict is True and not report.ok:

@@ -146,3 +146,51 @@ def test_group_keys_covers_every_key_once() -> None:
     keys = [f"encoder.layer.{i}.attn.{n}.weight" for i in range(12) for n in "qkv"] + ["head.weight"]
     assert group_keys(keys) == ["encoder.layer.{0..11}.attn.{k,q,v}.weight", "head.weight"]
     assert group_keys(["a.0.w", "a.2.w", "a.5.w"]) == ["a.{0,2,5}.w"]
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.proj = torch.nn.Linear(4, 6)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def _diagnose(path: Path, sd: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.chdir(path.parent)
+    torch.save(sd, path)
+    with pytest.raises(BadInput) as err:
+        ckptmigrate.load_state_dict(_Tied(), path)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_diagnosis_of_a_wrapper_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
+    sd = {prefix + k: v for k, v in _Tied().state_dict().items()}
+    message = _diagnose(tmp_path / "wrapped.pth", sd, monkeypatch)
+    assert f"every checkpoint key starts with {prefix!r}" in message
+    assert f"ckpt.unwrap({prefix!r})" in message
+
+
+def test_diagnosis_of_a_renamed_and_a_transposed_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sd = dict(_Tied().state_dict())
+    sd["proj.weight"] = sd["proj.weight"].t().contiguous()
+    sd["projection.bias"] = sd.pop("proj.bias")
+    message = _diagnose(tmp_path / "renamed.pth", sd, monkeypatch)
+    assert "proj.bias is probably the checkpoint's projection.bias" in message
+    assert "proj.weight looks transposed ([4, 6] vs [6, 4])" in message
+
+
+def test_a_tied_weight_saved_once_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    source = _Tied()
+    sd = dict(source.state_dict())
+    del sd["head.weight"]
+    torch.save(sd, tmp_path / "once.pth")
+    model = _Tied()
+    report = ckptmigrate.load_state_dict(model, tmp_path / "once.pth")
+    assert report.ok and torch.equal(model.head.weight, source.emb.weight)
+    del sd["emb.weight"]
+    message = _diagnose(tmp_path / "none.pth", sd, monkeypatch)
+    assert "head.weight is tied to emb.weight" in message
