@@ -1,0 +1,692 @@
+"""Autogenerate: turn the difference between two schemas into the ops of a migration script.
+
+Like Alembic's autogenerate, the result is a draft to read. What the shapes prove (a wrapper prefix,
+a module renamed in every layer, a fused projection whose parts add up) becomes plain ops; what is a
+guess (a rename decided by position, a transpose, every drop and add) carries a ``# REVIEW:`` note
+saying why. Works on schemas alone (key → shape, dtype), so a model built on ``meta`` is enough.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from ckptmigrate.envelope import Schema
+from ckptmigrate.ops import WRAPPER_PREFIXES
+from ckptmigrate.report import group_keys
+
+if TYPE_CHECKING:
+    import torch
+
+Sig = tuple[tuple[int, ...], str]
+_IRREVERSIBLE = ("drop", "truncate", "map")
+_QKV = {"q": 0, "query": 0, "wq": 0, "k": 1, "key": 1, "wk": 1, "v": 2, "value": 2, "wv": 2}
+
+
+class Code(str):
+    """Python source written into the script as is (a tensor expression), not as a string literal."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op call on ``ckpt``; ``review`` says why it is a guess; ``loop`` repeats an add per layer index."""
+
+    op: str
+    args: tuple[Any, ...]
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    review: str | None = None
+    loop: tuple[int, ...] | None = None
+
+    @property
+    def needs_torch(self) -> bool:
+        return any(isinstance(a, Code) and "torch." in a for a in self.args)
+
+    def render(self) -> str:
+        """The call on one line, with its ``# REVIEW:`` note inline."""
+        line = _wrap_call(f"ckpt.{self.op}", self.args, self.kwargs, 10**6)[0]
+        if self.loop is not None:
+            line = f"for i in {_loop_range(self.loop)}: {line}"
+        return line + (f"  # REVIEW: {self.review}" if self.review else "")
+
+    def code_lines(self, width: int = 116) -> list[str]:
+        """The call as script lines within ``width``: the note above it, long calls one argument a line."""
+        out = textwrap.wrap(self.review, width, initial_indent="# REVIEW: ", subsequent_indent="#         ",
+                            break_long_words=False, break_on_hyphens=False) if self.review else []
+        if self.loop is None:
+            return out + _wrap_call(f"ckpt.{self.op}", self.args, self.kwargs, width)
+        call = _wrap_call(f"ckpt.{self.op}", self.args, self.kwargs, width - 4)
+        return [*out, f"for i in {_loop_range(self.loop)}:", *("    " + line for line in call)]
+
+
+@dataclass
+class SchemaDiff:
+    """What changed between two schemas; ``added``/``removed`` leave out the keys explained as renames."""
+
+    added: dict[str, dict[str, Any]]
+    removed: dict[str, dict[str, Any]]
+    reshaped: dict[str, tuple[dict[str, Any], dict[str, Any]]]
+    renamed: dict[str, str]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.reshaped or self.renamed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "added": {k: _entry(v) for k, v in self.added.items()},
+            "removed": {k: _entry(v) for k, v in self.removed.items()},
+            "reshaped": {k: {"old": _entry(o), "new": _entry(n)} for k, (o, n) in self.reshaped.items()},
+            "renamed": dict(self.renamed),
+        }
+
+    def lines(self) -> list[str]:
+        """A few lines grouped by module prefix: ``added     layers.{0..11}.attn.{k,q,v}.weight  [64, 64] float32``."""
+        out = [f"renamed   {o} -> {n}" for o, n in _rename_lines(self.renamed)]
+        for label, entries in (("removed", self.removed), ("added", self.added)):
+            by_sig: dict[Sig, list[str]] = {}
+            for key, e in entries.items():
+                by_sig.setdefault(_sig(e), []).append(key)
+            out += [f"{label:<9} {line}  {_fmt(sig)}" for sig, keys in by_sig.items() for line in group_keys(keys)]
+        pairs: dict[tuple[Sig, Sig], list[str]] = {}
+        for key, (o, n) in self.reshaped.items():
+            pairs.setdefault((_sig(o), _sig(n)), []).append(key)
+        out += [f"reshaped  {line}  {_fmt(o)} -> {_fmt(n)}" for (o, n), ks in pairs.items() for line in group_keys(ks)]
+        return out
+
+
+def diff_schemas(old: Schema, new: Schema) -> SchemaDiff:
+    """Added, removed and reshaped keys, and the probable renames (equal tensors under related names)."""
+    plan = _Plan(old, new)
+    plan.prefix()
+    plan.renames({k for f in plan.fusions() for k in f.keys})
+    targets = set(plan.renamed.values())
+    return SchemaDiff(
+        added={k: dict(v) for k, v in new.items() if k not in old and k not in targets},
+        removed={k: dict(v) for k, v in old.items() if k not in new and k not in plan.renamed},
+        reshaped={k: (dict(old[k]), dict(new[k])) for k in old if k in new and _sig(old[k]) != _sig(new[k])},
+        renamed=dict(plan.renamed),
+    )
+
+
+def generate(old: Schema, new: Schema, *, new_values: Mapping[str, torch.Tensor] | None = None) -> list[Step]:
+    """The ops that take a checkpoint with schema ``old`` to ``new``, most certain first.
+
+    Order: a prefix on every key, renamed modules (one op across layers), splits and merges,
+    casts/reshapes/transposes, drops, adds (valued from ``new_values``, the fresh model, when they fit
+    in a line of code).
+    """
+    plan = _Plan(old, new)
+    plan.prefix()
+    plan.renames({k for f in plan.fusions() for k in f.keys})
+    plan.fuse()
+    plan.changes()
+    plan.drops()
+    plan.adds(new_values or {})
+    return plan.steps
+
+
+def render(message: str, revision: str, down_revision: str | None, lineage: str | None, steps: list[Step]) -> str:
+    """A complete migration script (docstring, ids, ``upgrade(ckpt)``) for ``ScriptDirectory.write_revision(body=)``."""
+    text = message.strip().replace("\\", "\\\\").replace('"""', '\\"\\"\\"') or "Autogenerated revision."
+    doc = [w for line in text.splitlines() for w in (textwrap.wrap(line, 116) or [""])]
+    out = ['"""' + doc[0], *doc[1:], "", f"Revision ID: {revision}", f"Revises: {down_revision or '<base>'}",
+           "Generated by ckptmigrate autogenerate: read every line marked REVIEW before applying it.", '"""', ""]
+    if any(s.needs_torch for s in steps):
+        out += ["import torch", ""]
+    out += [f"revision = {_pystr(revision)}", f"down_revision = {_lit(down_revision)}", f"lineage = {_lit(lineage)}",
+            "", "", "def upgrade(ckpt):", f'    """Bring a checkpoint at {down_revision or "<base>"} to {revision}."""']
+    out += ["    " + line for step in steps for line in step.code_lines()]
+    if any(s.op in _IRREVERSIBLE for s in steps):
+        out += ["", "", "# upgrade() drops tensors, which ckptmigrate cannot bring back by itself: define",
+                "# downgrade(ckpt) to walk back past this revision (the other ops are undone from what they recorded)."]
+    return "\n".join(out) + "\n"
+
+
+# -- the plan: the old schema as the ops written so far leave it ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """A rename of every key the pattern matches: a prefix swap, one key, or a regex across layers."""
+
+    op: str  # rename_prefix | rename | rename_regex
+    old: str
+    new: str
+    lead: str  # literal text every matching key starts with
+    groups: int
+
+    @property
+    def shown(self) -> tuple[str, str]:
+        """Both sides for people: ``encoder.layer.N.attention.output.`` → ``layers.N.self_attn.``."""
+        if self.op != "rename_regex":
+            return self.old, self.new
+        tail = self.old.endswith(r"(.+)")
+        src = re.sub(r"\\(.)", r"\1", self.old.removesuffix(r"(.+)").replace(r"(\d+)", "N"))
+        dst = re.sub(r"\\(\d+|g<\d+>)", "N", self.new)
+        return src, dst.rsplit("N", 1)[0] if tail else dst
+
+    @property
+    def similarity(self) -> float:
+        return _similarity(*self.shown)
+
+    def apply(self, key: str) -> str | None:
+        if not key.startswith(self.lead):
+            return None
+        if self.op == "rename_prefix":
+            return self.new + key[len(self.old):]
+        if self.op == "rename":
+            return self.new if key == self.old else None
+        m = _regex(self.old).fullmatch(key)
+        return m.expand(self.new) if m else None
+
+
+@dataclass(frozen=True)
+class _Fusion:
+    kind: str  # split: one fused key → parts; merge: parts → one fused key
+    fused: str
+    parts: tuple[str, ...]
+    dim: int
+    sizes: tuple[int, ...]
+    loose: bool  # matched by layer index and sizes, not by a shared stem
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.fused, *self.parts)
+
+
+class _Plan:
+    """``state``: the old schema as the steps written so far leave it; each stage adds steps and moves it on."""
+
+    def __init__(self, old: Schema, new: Schema) -> None:
+        self.state: dict[str, Sig] = {k: _sig(v) for k, v in old.items()}
+        self.new: dict[str, Sig] = {k: _sig(v) for k, v in new.items()}
+        self.origin = {k: k for k in self.state}
+        self.renamed: dict[str, str] = {}  # original key → new key, same tensor
+        self.steps: list[Step] = []
+        self.add_notes: dict[str, str] = {}
+        self.dropped: dict[str, Sig] = {}
+
+    def _rename(self, mapping: Mapping[str, str], step: Step) -> None:
+        self.state = {mapping.get(k, k): v for k, v in self.state.items()}
+        self.origin = {mapping.get(k, k): o for k, o in self.origin.items()}
+        self.renamed.update({self.origin[n]: n for n in mapping.values() if self.new.get(n) == self.state[n]})
+        self.steps.append(step)
+
+    def prefix(self) -> None:
+        """A prefix changed on every key: a wrapper (``module.``, ``_orig_mod.``) came or went, or the root moved."""
+        best: tuple[int, int, str, str] | None = None
+        base = len(self.state.keys() & self.new.keys())
+        for a in _common_prefixes(self.state):
+            olds = {k[len(a):] for k in self.state}
+            for b in _common_prefixes(self.new):
+                score = len(olds & {k[len(b):] for k in self.new})
+                if a != b and score > base and (best is None or (score, -len(a) - len(b)) > best[:2]):
+                    best = (score, -len(a) - len(b), a, b)
+        if best is not None:
+            a, b = best[2:]
+            wrapper = not b and all(s + "." in WRAPPER_PREFIXES for s in a.split(".")[:-1])
+            self._rename({k: b + k[len(a):] for k in self.state},
+                         Step("unwrap", (a,)) if wrapper else Step("rename_prefix", (a, b)))
+
+    def renames(self, reserved: set[str]) -> None:
+        """Moved modules: the rules that explain most removed→added pairs of equal tensors, best first."""
+        while (pick := self._best_rule(reserved)) is not None:
+            rule, mapping, review = pick
+            self._rename(mapping, Step(rule.op, (rule.old, rule.new), review=review))
+
+    def _best_rule(self, reserved: set[str]) -> tuple[_Rule, dict[str, str], str | None] | None:
+        added: dict[Sig, dict[tuple[str, ...], list[str]]] = {}
+        for a in self.new:
+            if a not in self.state and a not in reserved:
+                added.setdefault(self.new[a], {}).setdefault(_digits(a), []).append(a)
+        pairs: dict[tuple[str, str], tuple[str, str]] = {}
+        for k in self.state:
+            if k in self.new or k in reserved:
+                continue
+            dk = _digits(k)
+            for dt, keys in added.get(self.state[k], {}).items():
+                if dt == dk:  # the same rule for every layer: one pair per shape of the names is enough
+                    pairs.update({(_undigit(k), _undigit(a)): (k, a) for a in keys})
+                elif _subsequence(dt, dk) or _subsequence(dk, dt):  # a Sequential index came or went
+                    pairs.update({(k, a): (k, a) for a in keys})
+        rules = {r for k, a in pairs.values() if (r := _rule_for(k, a)) is not None}
+        pos_old, pos_new = {k: i for i, k in enumerate(self.state)}, {k: i for i, k in enumerate(self.new)}
+        scored = []
+        for rule in rules:
+            if (got := self._evaluate(rule, reserved)) is not None:
+                mapping, hits = got
+                scored.append((len(hits), min(pos_old[k] for k in hits), min(pos_new[v] for v in hits.values()),
+                               rule, mapping, hits))
+        if not scored:
+            return None
+        most = max(s[0] for s in scored)
+        top = [s for s in scored if s[0] == most]
+        first = min(s[1] for s in top)
+        group = sorted((s for s in top if s[1] == first), key=lambda s: (s[2], s[3].groups, s[3].old))
+        choice = group[0]
+        similar = max(group, key=lambda s: s[3].similarity)
+        if similar[3].similarity - choice[3].similarity >= 0.25:
+            choice = similar
+        rivals = sorted({" -> ".join(s[3].shown) for s in top if s is not choice and _conflict(s[5], choice[5])})
+        rule = choice[3]
+        review = None
+        if rivals:
+            review = f"chosen by key order; these pairings fit the shapes as well: {', '.join(rivals[:3])}"
+        elif rule.similarity < 0.5 and not rule.groups and len({k.rsplit(".", 1)[0] for k in choice[5]}) == 1:
+            review = "matched by shape and dtype only: the names have little in common"
+        return rule, choice[4], review
+
+    def _evaluate(self, rule: _Rule, reserved: set[str]) -> tuple[dict[str, str], dict[str, str]] | None:
+        """(every key the rule moves → its new name, the moves that land on an equal new tensor), or None if unsafe."""
+        mapping: dict[str, str] = {}
+        for k in self.state:
+            if (image := rule.apply(k)) is not None:
+                if k in self.new:
+                    return None  # would move a key that is already right
+                mapping[k] = image
+        if len(set(mapping.values())) != len(mapping):
+            return None
+        hits, misses = {}, 0
+        for k, image in mapping.items():
+            if image in self.state and image not in mapping:
+                return None
+            if self.new.get(image) == self.state[k] and k not in reserved and image not in reserved:
+                hits[k] = image
+            elif image not in self.new or math.prod(self.new[image][0]) != math.prod(self.state[k][0]):
+                misses += k not in reserved  # lands nowhere, or where only a drop and add can follow
+        return (mapping, hits) if misses < len(hits) else None
+
+    def fusions(self) -> list[_Fusion]:
+        """Fused tensors that became sibling keys (split) or siblings that became one (merge), sizes adding up."""
+        removed = [k for k in self.state if k not in self.new]
+        added = [k for k in self.new if k not in self.state]
+        found: list[_Fusion] = []
+        used: set[str] = set()
+        for kind, wholes, pieces, wsig, psig in (("split", removed, added, self.state, self.new),
+                                                 ("merge", added, removed, self.new, self.state)):
+            order = {k: i for i, k in enumerate(pieces)}
+            by_digits: dict[tuple[str, ...], list[tuple[int, list[str]]]] = {}
+            for hole, keys in _siblings(pieces):
+                keys.sort(key=lambda k, h=hole: (_qkv_rank(k.split(".")[h]), order[k]))  # type: ignore[misc]
+                by_digits.setdefault(_digits(keys[0]), []).append((hole, keys))
+            for w in wholes:
+                ws, best = w.split("."), None
+                for hole, keys in by_digits.get(_digits(w), []):
+                    ps = keys[0].split(".")
+                    strict = len(ws) == len(ps) and ws[:hole] + ws[hole + 1:] == ps[:hole] + ps[hole + 1:]
+                    if not strict and not (_digits(w) and (ws[-1].endswith(ps[-1]) or ps[-1].endswith(ws[-1]))):
+                        continue
+                    for run in _runs(keys):
+                        dim = _cat_dim([psig[p] for p in run], wsig[w])
+                        if dim is None or used.intersection(run):
+                            continue
+                        score = (strict, len(run) == len(keys), len(run), _similarity(w, run[0]))
+                        if best is None or score > best[0]:
+                            sizes = tuple(psig[p][0][dim] for p in run)
+                            best = (score, _Fusion(kind, w, tuple(run), dim, sizes, not strict))
+                if best is not None and w not in used:
+                    found.append(best[1])
+                    used.update(best[1].keys)
+        return found
+
+    def fuse(self) -> None:
+        """Write the splits and merges, one op per pattern across layers where the pattern fits exactly."""
+        groups: dict[tuple[Any, ...], list[_Fusion]] = {}
+        for f in self.fusions():
+            if f.kind == "split":
+                pat, tpls, n, _ = _generalise(f.fused.split("."), [p.split(".") for p in f.parts])
+                pats: tuple[str, ...] = (pat,)
+            else:
+                gens = [_generalise(p.split("."), [f.fused.split(".")]) for p in f.parts]
+                pats, tpls, n = tuple(g[0] for g in gens), gens[0][1], gens[0][2]
+            equal = len(set(f.sizes)) == 1
+            sig = (f.kind, pats, tuple(tpls), n, f.dim, None if equal and f.kind == "split" else f.sizes, f.loose)
+            groups.setdefault(sig, []).append(f)
+        for (kind, pats, tpls, n, dim, sizes, _), fs in groups.items():
+            review = _fusion_review(fs[0])
+            extra = (("dim", dim),) + ((("sizes", list(sizes)),) if sizes is not None else ())
+            if n and self._covers(pats[0], tpls, fs):
+                args: tuple[Any, ...] = (pats[0], list(tpls)) if kind == "split" else (list(pats), tpls[0])
+                self.steps.append(Step(kind, args, extra if kind == "split" else extra[:1], review))
+            else:
+                for f in fs:
+                    args = (f.fused, list(f.parts)) if kind == "split" else (list(f.parts), f.fused)
+                    self.steps.append(Step(kind, args, extra if kind == "split" else extra[:1], review))
+            for f in fs:
+                items = list(self.state.items())
+                at = [k for k, _ in items].index(f.parts[0] if kind == "merge" else f.fused)
+                new = [(k, self.new[k]) for k in ([f.fused] if kind == "merge" else f.parts)]
+                self.state = dict([i for i in items[:at] if i[0] not in f.keys] + new
+                                  + [i for i in items[at:] if i[0] not in f.keys])
+
+    def _covers(self, pattern: str, templates: Sequence[str], fs: list[_Fusion]) -> bool:
+        """The pattern matches exactly the driving keys of ``fs`` and expands to exactly their counterparts."""
+        want = {(f.fused if f.kind == "split" else f.parts[0]): f for f in fs}
+        got = {k: m for k in self.state if (m := _regex(pattern).fullmatch(k))}
+        if got.keys() != want.keys():
+            return False
+        return all([m.expand(t) for t in templates] == ([*f.parts] if f.kind == "split" else [f.fused])
+                   for k, m in got.items() if (f := want[k]))
+
+    def changes(self) -> None:
+        """Same key, new dtype or shape: cast, transpose or reshape when the elements stay, else drop and add."""
+        ops: dict[tuple[Any, ...], list[str]] = {}
+        for k in [k for k in self.state if k in self.new and self.state[k] != self.new[k]]:
+            (old, odt), (new, ndt) = self.state[k], self.new[k]
+            if math.prod(old) != math.prod(new):
+                ops.setdefault(("drop", (), _resize_note(old, new)), []).append(k)
+                self.add_notes[k] = f"{list(new)} replaces the dropped {list(old)}"
+                continue
+            if odt != ndt:
+                ops.setdefault(("cast", (ndt,), None), []).append(k)
+            if old == new:
+                continue
+            if len(old) == 2 and old == new[::-1]:
+                ops.setdefault(("transpose", (0, 1), f"{list(old)} -> {list(new)}: guessed a transpose (a Conv1D-style "
+                                "[in, out] weight becoming [out, in]); if it is a reshape, use ckpt.reshape; square "
+                                "weights of the same layer cannot show it and may need it too"), []).append(k)
+            else:
+                plain = [d for d in old if d != 1] == [d for d in new if d != 1]
+                note = None if plain else f"{list(old)} -> {list(new)}: same element count, assumed a row-major reshape"
+                ops.setdefault(("reshape", (new,), note), []).append(k)
+        for (op, args, review), keys in sorted(ops.items(), key=lambda item: item[0][0] != "cast"):
+            self._emit(op, keys, args, review)
+            for k in keys:
+                if op == "drop":
+                    del self.state[k]
+                else:
+                    self.state[k] = (self.state[k][0], args[0]) if op == "cast" else self.new[k]
+
+    def drops(self) -> None:
+        self.dropped = {k: v for k, v in self.state.items() if k not in self.new}
+        self._emit("drop", list(self.dropped), (), "dropped: the new model has no such key")
+        self.state = {k: v for k, v in self.state.items() if k in self.new}
+
+    def _emit(self, op: str, keys: list[str], args: tuple[Any, ...], review: str | None) -> None:
+        self.steps += [Step(op, (p, *args), review=review) for p in _patterns(keys, self.state)]
+
+    def adds(self, values: Mapping[str, Any]) -> None:
+        groups: dict[tuple[str, str, str], list[tuple[str, int | None]]] = {}
+        for k in [k for k in self.new if k not in self.state]:
+            code, note = _init(k, self.new[k], values.get(k), self.new)
+            note = f"{self.add_notes.get(k, 'new key')}: {note}"
+            twins = sorted({_undigit(d) for d, sig in self.dropped.items() if sig == self.new[k]})
+            if twins:
+                note += f"; if it is the dropped {' or '.join(twins[:2])} renamed, use ckpt.rename instead"
+            segs = k.split(".")
+            digits = [i for i, s in enumerate(segs) if s.isdigit()]
+            if len(digits) == 1:
+                tpl = ".".join("{i}" if i == digits[0] else s.replace("{", "{{").replace("}", "}}")
+                               for i, s in enumerate(segs))
+                groups.setdefault((tpl, code, note), []).append((k, int(segs[digits[0]])))
+            else:
+                groups.setdefault((k, code, note), []).append((k, None))
+            self.state[k] = self.new[k]
+        for (tpl, code, note), members in groups.items():
+            if len(members) > 1:
+                loop = tuple(i for _, i in members if i is not None)
+                self.steps.append(Step("add", (Code("f" + _pystr(tpl)), Code(code)), review=note, loop=loop))
+            else:
+                self.steps += [Step("add", (k, Code(code)), review=note) for k, _ in members]
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+
+def _sig(entry: Mapping[str, Any]) -> Sig:
+    return tuple(int(d) for d in entry["shape"]), str(entry["dtype"]).removeprefix("torch.")
+
+
+def _entry(e: Mapping[str, Any]) -> dict[str, Any]:
+    return {"shape": [int(d) for d in e["shape"]], "dtype": str(e["dtype"])}
+
+
+def _fmt(sig: Sig) -> str:
+    return f"{list(sig[0])} {sig[1]}"
+
+
+def _digits(key: str) -> tuple[str, ...]:
+    return tuple(s for s in key.split(".") if s.isdigit())
+
+
+@lru_cache(maxsize=4096)
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+@lru_cache(maxsize=4096)
+def _similarity(a: str, b: str) -> float:
+    a, b = re.sub(r"\d+", "", a), re.sub(r"\d+", "", b)
+    return difflib.SequenceMatcher(None, a, b).ratio() if a or b else 1.0
+
+
+def _common_prefixes(keys: Iterable[str]) -> list[str]:
+    """Every dotted prefix all keys share (``""`` included), never a whole key."""
+    common: list[str] = os.path.commonprefix([k.split(".")[:-1] for k in keys]) or []  # type: ignore[assignment]
+    return ["".join(s + "." for s in common[:i]) for i in range(len(common) + 1)]
+
+
+def _subsequence(short: tuple[str, ...], long: tuple[str, ...]) -> bool:
+    it = iter(long)
+    return len(short) < len(long) and all(s in it for s in short)
+
+
+def _generalise(src: list[str], dsts: list[list[str]]) -> tuple[str, list[str], int, str]:
+    """src as a regex whose digit segments that reappear in the dsts are groups; the dsts as templates."""
+    refs: list[dict[int, int]] = []
+    for dst in dsts:
+        ref: dict[int, int] = {}
+        for j, s in enumerate(dst):
+            i = next((i for i, t in enumerate(src) if s.isdigit() and t == s and i not in ref.values()), None)
+            if i is not None:
+                ref[j] = i
+        refs.append(ref)
+    groups = sorted({i for ref in refs for i in ref.values()})
+    num = {i: n + 1 for n, i in enumerate(groups)}
+    pattern = r"\.".join(r"(\d+)" if i in num else re.escape(s) for i, s in enumerate(src))
+    templates = [".".join(_backref(num[ref[j]]) if j in ref else s for j, s in enumerate(dst))
+                 for dst, ref in zip(dsts, refs, strict=True)]
+    lead = "".join(s + "." for s in src[: groups[0]]) if groups else ".".join(src)
+    return pattern, templates, len(groups), lead
+
+
+def _backref(n: int) -> str:
+    return f"\\{n}" if n < 10 else f"\\g<{n}>"
+
+
+def _undigit(key: str) -> str:
+    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1#", key)
+
+
+def _rule_for(old: str, new: str) -> _Rule | None:
+    """The rename that moves ``old`` to ``new``: the differing prefix when the tails agree, else the whole key."""
+    os_, ns = old.split("."), new.split(".")
+    c = 0
+    while c < min(len(os_), len(ns)) and os_[-1 - c] == ns[-1 - c]:
+        c += 1
+    if c == 0:
+        if os_[:-1] != ns[:-1] and _similarity(old, new) < 0.6:
+            return None
+        pattern, (tpl,), n, lead = _generalise(os_, [ns])
+        return _Rule("rename_regex", pattern, tpl, lead, n) if n else _Rule("rename", old, new, old, 0)
+    p, q = os_[:-c], ns[:-c]
+    pattern, (tpl,), n, lead = _generalise(p, [q])
+    if n:
+        return _Rule("rename_regex", pattern + r"\.(.+)", (tpl + "." if q else "") + _backref(n + 1), lead, n)
+    pre, post = "".join(s + "." for s in p), "".join(s + "." for s in q)
+    return _Rule("rename_prefix", pre, post, pre, 0)
+
+
+def _conflict(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
+    """Two renames that send one key to different places, or different keys to one place."""
+    inv = {v: k for k, v in b.items()}
+    return any((k in b and b[k] != v) or (v in inv and inv[v] != k) for k, v in a.items())
+
+
+def _siblings(keys: Iterable[str]) -> list[tuple[int, list[str]]]:
+    """Keys equal but for one non-numeric segment (the hole): ``attn.{q,k,v}.weight``."""
+    groups: dict[tuple[int, tuple[str, ...]], list[str]] = {}
+    for k in keys:
+        segs = tuple(k.split("."))
+        for i, s in enumerate(segs):
+            if not s.isdigit():
+                groups.setdefault((i, segs[:i] + segs[i + 1:]), []).append(k)
+    return [(hole, ks) for (hole, _), ks in groups.items() if len(ks) > 1]
+
+
+def _qkv_rank(segment: str) -> int:
+    ranks = {_QKV[t] for t in re.split(r"[^a-z]+", segment.lower()) if t in _QKV}
+    return ranks.pop() if len(ranks) == 1 else 3
+
+
+def _runs(keys: list[str]) -> list[list[str]]:
+    if len(keys) > 12:
+        return [keys]
+    return [keys[i:j] for i in range(len(keys)) for j in range(i + 2, len(keys) + 1)]
+
+
+def _cat_dim(parts: list[Sig], whole: Sig) -> int | None:
+    """The dim along which ``parts`` concatenate to ``whole``, if any."""
+    shape, dtype = whole
+    if any(dt != dtype or len(s) != len(shape) for s, dt in parts):
+        return None
+    for d in range(len(shape)):
+        rest = shape[:d] + shape[d + 1:]
+        if all(s[:d] + s[d + 1:] == rest for s, _ in parts) and sum(s[d] for s, _ in parts) == shape[d]:
+            return d
+    return None
+
+
+def _fusion_review(f: _Fusion) -> str | None:
+    if f.loose:
+        return (f"matched by layer index and sizes ({'+'.join(map(str, f.sizes))} along dim {f.dim}), not by name: "
+                f"check the parts and their order ({', '.join(p.rsplit('.', 2)[-2] for p in f.parts)})")
+    segs = [p.split(".") for p in f.parts]
+    names = [p[i] for p in segs for i in range(len(p)) if len({q[i] for q in segs}) > 1]
+    if any(_qkv_rank(n) == 3 for n in names):
+        return f"the order of the parts ({', '.join(names)}) follows the new model's key order; check it"
+    return None
+
+
+def _patterns(keys: list[str], universe: Iterable[str]) -> list[str]:
+    """One pattern per set of keys that differ only in layer indices, when it matches nothing else."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(r"\.".join(r"\d+" if s.isdigit() else re.escape(s) for s in k.split(".")), []).append(k)
+    universe = list(universe)
+    out: list[str] = []
+    for pattern, ks in groups.items():
+        exact = len(ks) > 1 and {k for k in universe if _regex(pattern).fullmatch(k)} == set(ks)
+        out += [pattern] if exact else ks
+    return out
+
+
+def _resize_note(old: tuple[int, ...], new: tuple[int, ...]) -> str:
+    note = f"{list(old)} -> {list(new)} is not a reshape (element counts differ): the old values are dropped"
+    diff = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b] if len(old) == len(new) else []
+    if len(diff) == 1:
+        grew = new[diff[0]] > old[diff[0]]
+        how = "pad(key, shape) keeps the old values" if grew else "truncate(key, shape) keeps a slice"
+        note += f"; if only dim {diff[0]} grew or shrank (a vocabulary), ckpt.{how}"
+    return note
+
+
+def _init(key: str, sig: Sig, value: Any, schema: Mapping[str, Sig]) -> tuple[str, str]:
+    """A tensor expression for a new key, and a note on where its values come from."""
+    shape, dtype = sig
+    dt = "" if dtype == "float32" else f", dtype=torch.{dtype}"
+    size = ", ".join(map(str, shape)) if shape else "()"
+    given = hasattr(value, "detach") and not value.is_meta  # a meta tensor has no values
+    if given and tuple(value.shape) == shape and str(value.dtype).removeprefix("torch.") == dtype:
+        code = _tensor_code(value, shape, dt)
+        if code is not None:
+            return code, "the value the fresh model initialises it with"
+    parent, _, leaf = key.rpartition(".")
+    norm = leaf == "running_var" or (leaf == "weight" and len(shape) == 1 and (
+        "norm" in parent.lower() or re.search(r"(^|\.)(ln|bn)(_?[a-z0-9]*)$", parent.lower()) is not None
+        or f"{parent}.running_var" in schema))
+    fill = "ones" if norm else "zeros"
+    why = "the fresh model's values are too big to write here" if given else "no values from the fresh model"
+    hint = ", how a norm layer's weight or running_var starts" if norm else "; write the initialisation you want"
+    return f"torch.{fill}({size}{dt})", f"{fill} ({why}){hint}"
+
+
+def _tensor_code(value: Any, shape: tuple[int, ...], dt: str) -> str | None:
+    """Source that rebuilds ``value``: zeros/ones/full for a constant, a literal for a few finite numbers."""
+    import torch
+
+    flat = value.detach().reshape(-1).cpu()
+    size = ", ".join(map(str, shape)) if shape else "()"
+    if flat.numel() == 0:
+        return f"torch.zeros({size}{dt})"
+    finite = bool(torch.isfinite(flat).all()) if flat.is_floating_point() or flat.is_complex() else True
+    if bool((flat == flat[0]).all()):
+        v = flat[0].item()
+        if v == 0 or v == 1:
+            return f"torch.{'ones' if v == 1 else 'zeros'}({size}{dt})"
+        return f"torch.full({tuple(shape)!r}, {v!r}{dt})" if finite else None
+    code = f"torch.tensor({value.tolist()!r}{dt})"
+    return code if finite and len(code) <= 80 else None
+
+
+def _loop_range(indices: tuple[int, ...]) -> str:
+    if list(indices) == list(range(indices[0], indices[0] + len(indices))):
+        return f"range({indices[-1] + 1})" if indices[0] == 0 else f"range({indices[0]}, {indices[-1] + 1})"
+    return repr(tuple(indices))
+
+
+def _pystr(s: str) -> str:
+    """A string literal, raw when that reads better (regexes, back-references)."""
+    if "\\" in s and '"' not in s and "\n" not in s and not s.endswith("\\"):
+        return f'r"{s}"'
+    text = repr(s)
+    return '"' + text[1:-1].replace("\\'", "'") + '"' if text.startswith("'") and '"' not in s else text
+
+
+def _lit(v: Any) -> str:
+    if isinstance(v, Code):
+        return str(v)
+    if isinstance(v, str):
+        return _pystr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_lit(x) for x in v) + "]"
+    return repr(v)
+
+
+def _wrap_call(name: str, args: Sequence[Any], kwargs: Sequence[tuple[str, Any]], width: int) -> list[str]:
+    parts: list[tuple[str, Any]] = [("", a) for a in args] + [(k + "=", v) for k, v in kwargs]
+    texts = [k + _lit(v) for k, v in parts]
+    line = f"{name}({', '.join(texts)})"
+    if len(line) <= width:
+        return [line]
+    out = [f"{name}("]
+    for (k, v), text in zip(parts, texts, strict=True):
+        if len(text) + 5 > width and isinstance(v, list):
+            out += [f"    {k}[", *(f"        {_lit(x)}," for x in v), "    ],"]
+        else:
+            out.append(f"    {text},")
+    return [*out, ")"]
+
+
+def _rename_lines(renamed: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Renames grouped by the prefix change they share, each side as ``group_keys`` lines."""
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for o, n in renamed.items():
+        os_, ns = o.split("."), n.split(".")
+        c = 0
+        while c < min(len(os_), len(ns)) - 1 and os_[-1 - c] == ns[-1 - c]:
+            c += 1
+        sig = tuple(".".join("#" if s.isdigit() else s for s in segs[: len(segs) - c]) for segs in (os_, ns))
+        groups.setdefault((sig[0], sig[1]), []).append((o, n))
+    out: list[tuple[str, str]] = []
+    for pairs in groups.values():
+        olds, news = group_keys(o for o, _ in pairs), group_keys(n for _, n in pairs)
+        out += list(zip(olds, news, strict=True)) if len(olds) == len(news) else [(", ".join(olds), ", ".join(news))]
+    return out
