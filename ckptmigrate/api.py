@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -31,26 +32,52 @@ def stamp(
     path: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None,
     tags: Mapping[str, str] | None = None, repo: str | os.PathLike[str] | None = None,
     key: str | None = None, lineage: str | None = None, revision: str | None = None,
+    release: str | None = None, sign: Any = None, digest: bool = False, allow_dirty: bool = False,
 ) -> Path:
     """Write the envelope into ``path`` (or ``output``) without changing any tensor.
 
     A legacy torch file is rewritten as a torch zip file; a zip or safetensors file keeps its
     tensor records byte for byte. An existing envelope's lineage, revision, history and tags carry
     over; ``lineage``/``revision`` set them (``stamp --revision`` in the CLI).
+
+    ``release`` records a release (tag ``release``, a ``release`` history entry with the commit)
+    and refuses a dirty working tree unless ``allow_dirty``; ``sign`` (an Ed25519 private key or
+    its PEM file) signs the envelope. Either, or ``digest``, records the content digest — the only
+    case that reads tensor bytes. An earlier digest and signature go into the new history entry.
     """
+    from ckptmigrate import integrity
+
+    if release is not None and not allow_dirty:
+        from ckptmigrate.release import require_clean
+
+        require_clean(repo)
+    private_key = integrity.load_private_key(sign) if isinstance(sign, (str, os.PathLike)) else sign
     with file_lock(output if output is not None else path), Checkpoint.open(path, key=key) as ckpt:
+        all_tags = {**(tags or {}), **({"release": release} if release is not None else {})}
         env = Envelope.build(
             ckpt.state_dict.entries, layout=ckpt.layout.after_rewrite().name, repo=repo,
-            tags=tags, previous=ckpt.envelope,
+            tags=all_tags, previous=ckpt.envelope,
         )
         if lineage is not None:
             env.lineage = lineage
         if revision is not None:
             env.revision = revision
-        env.history.append({
-            "action": "stamp", "at": now_utc(), "revision": env.revision, "tags": dict(tags or {}),
-            "from_container": ckpt.format,
-        })
+        entry: dict[str, Any] = {
+            "action": "stamp" if release is None else "release", "at": now_utc(), "revision": env.revision,
+            "tags": dict(tags or {}), "from_container": ckpt.format,
+        }
+        if release is not None:
+            entry.update(release=release, commit=(env.git or {}).get("commit"))
+        old_provenance = integrity.superseded(ckpt.envelope)
+        if old_provenance is not None:
+            entry["superseded"] = old_provenance
+        env.history.append(entry)
+        if digest or release is not None or private_key is not None:
+            env.digest = integrity.compute(ckpt)
+            entry["digest"] = env.digest["overall"]
+        if private_key is not None:
+            entry["signed_by"] = integrity.fingerprint(private_key.public_key())
+            env.signature = integrity.sign_envelope(env.to_dict(), private_key)
         return ckpt.write(output if output is not None else path, env)
 
 
@@ -167,8 +194,6 @@ def record_schema(revision: str, source: Any, *, migrations: Any = None) -> Path
     """Record the schema ``revision`` produces, from a model (built on ``meta`` costs nothing), a
     state dict or a checkpoint file, beside the revision's script — what fingerprinting of unstamped
     checkpoints matches against."""
-    import json
-
     rev = revision_graph(migrations).get(revision)
     if isinstance(source, (str, os.PathLike)):
         with Checkpoint.open(source) as ckpt:
@@ -190,3 +215,38 @@ def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | No
         before = os.stat(path).st_size
         ckpt.write(dest, ckpt.envelope, compact=True)
     return before, os.stat(dest).st_size
+
+
+def autogenerate_revision(
+    message: str, *, rev_id: str | None = None, lineage: str | None = None, migrations: Any = None,
+    model: str | None = None,
+) -> Path:
+    """Write a revision whose ops take head's schema to the current model's, and record its snapshot.
+
+    With no revision yet, the first one describes the model as it is (no ops). Every guess carries a
+    ``# REVIEW:`` comment in the generated script.
+    """
+    import uuid
+
+    from ckptmigrate import autogenerate, schemas
+
+    directory = script_directory(migrations)
+    graph = directory.load()
+    new = schemas.model_schema(schemas.model_spec(model))
+    down = None
+    steps: list[Any] = []
+    if lineage in graph.heads() or (lineage is None and len(graph)):
+        head = graph.head(lineage)
+        old = head.schema()
+        if old is None:
+            raise BadInput(
+                f"head {head.id} has no schema snapshot ({head.schema_path}); record one with "
+                "ckptmigrate.api.record_schema() from a model or checkpoint of that revision"
+            )
+        down, lineage = head.id, head.lineage
+        steps = autogenerate.generate(old, new)
+    rev_id = rev_id or uuid.uuid4().hex[:12]
+    body = autogenerate.render(message, rev_id, down, lineage, steps)
+    path = directory.write_revision(message, rev_id=rev_id, lineage=lineage, graph=graph, body=body)
+    path.with_suffix(".schema.json").write_text(json.dumps(new, indent=1) + "\n")
+    return path

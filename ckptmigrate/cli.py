@@ -119,7 +119,7 @@ def inspect(paths: tuple[Path, ...], as_json: bool, keys: bool, key: str | None)
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True)
 @click.option("--tag", "tags", multiple=True, metavar="K=V", help="Free-form tag (repeatable).")
 @click.option("--repo", type=click.Path(path_type=Path, file_okay=False),
               help="Git repository to record (default: the working directory's).")
@@ -128,21 +128,53 @@ def inspect(paths: tuple[Path, ...], as_json: bool, keys: bool, key: str | None)
 @click.option("--revision", default=None, help="Record that the checkpoint is at this revision.")
 @_MIGRATIONS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the written envelope as JSON.")
-def stamp(path: Path, tags: tuple[str, ...], repo: Path | None, output: Path | None,
-          key: str | None, revision: str | None, migrations: str | None, as_json: bool) -> None:
-    """Write the envelope into a checkpoint without changing any tensor."""
-    from ckptmigrate import api
+@click.option("--release", default=None, metavar="VERSION",
+              help="Record a release (tag `release`, history entry, commit, digest); needs a clean git tree.")
+@click.option("--sign", type=click.Path(path_type=Path, dir_okay=False), metavar="KEYFILE",
+              help="Sign the envelope with this Ed25519 private key (see `ckptmigrate keygen`).")
+@click.option("--digest", is_flag=True, help="Record the content digest (reads every tensor byte).")
+@click.option("--allow-dirty", is_flag=True, help="With --release: accept uncommitted changes, or no repository.")
+def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, output: Path | None,
+          key: str | None, revision: str | None, migrations: str | None, as_json: bool,
+          release: str | None, sign: Path | None, digest: bool, allow_dirty: bool) -> None:
+    """Write the envelope into checkpoints (files, directories, globs) without changing any tensor."""
+    from ckptmigrate import api, engine, integrity
 
     lineage = None
     if revision is not None:
         rev = api.revision_graph(migrations).get(revision)
         revision, lineage = rev.id, rev.lineage
-    written = api.stamp(path, output=output, tags=_parse_tags(tags), repo=repo, key=key,
-                        revision=revision, lineage=lineage)
+    files = list(engine.expand_paths(paths))
+    if not files:
+        raise BadInput(f"{', '.join(paths)}: no checkpoint files found")
+    if output is not None and len(files) != 1:
+        raise BadInput("-o/--output takes exactly one input file")
+    if release is not None and not allow_dirty:
+        from ckptmigrate.release import require_clean
+
+        require_clean(repo)  # once, before any file: stamping tracked files dirties the tree as it goes
+    private_key = integrity.load_private_key(sign) if sign is not None else None
+    written, failed = [], 0
+    for path in files:
+        try:
+            written.append(api.stamp(path, output=output, tags=_parse_tags(tags), repo=repo, key=key,
+                                     revision=revision, lineage=lineage, release=release, sign=private_key,
+                                     digest=digest, allow_dirty=True))
+        except CkptMigrateError as exc:
+            if len(files) == 1:
+                raise
+            click.echo(f"{path}: FAILED: {exc}", err=True)
+            failed += 1
+            continue
+        if not as_json:
+            click.echo(f"stamped {written[-1]}")
     if as_json:
-        _emit_json(api.inspect(written)["envelope"])
-    else:
-        click.echo(f"stamped {written}")
+        envelopes = [api.inspect(w)["envelope"] for w in written]
+        _emit_json(envelopes[0] if len(files) == 1 else envelopes)
+    elif len(files) > 1:
+        click.echo(f"{len(files)} files: {len(written)} stamped, {failed} failed")
+    if failed:
+        sys.exit(2)
 
 
 _MIGRATIONS = _MIGRATIONS_OPTION
@@ -181,15 +213,22 @@ def init(directory: Path) -> None:
 @click.option("-m", "--message", required=True, help="What the revision changes.")
 @click.option("--rev-id", default=None, help="Revision id (default: random).")
 @click.option("--lineage", default=None, help="Lineage (model family) of the new revision.")
+@click.option("--autogenerate", is_flag=True,
+              help="Write the ops that take head's schema to the current model's (review them!).")
+@click.option("--model", default=None, metavar="PKG.MODULE:FACTORY", help="The current model, for --autogenerate.")
 @_MIGRATIONS
-def revision(message: str, rev_id: str | None, lineage: str | None, migrations: str | None) -> None:
+def revision(message: str, rev_id: str | None, lineage: str | None, autogenerate: bool, model: str | None,
+             migrations: str | None) -> None:
     """Write a new migration script on top of the current head."""
     from ckptmigrate import api
     from ckptmigrate.envelope import now_utc
 
-    path = api.script_directory(migrations).write_revision(
-        message, rev_id=rev_id, lineage=lineage, created=now_utc()
-    )
+    if autogenerate:
+        path = api.autogenerate_revision(message, rev_id=rev_id, lineage=lineage, migrations=migrations, model=model)
+    else:
+        path = api.script_directory(migrations).write_revision(
+            message, rev_id=rev_id, lineage=lineage, created=now_utc()
+        )
     click.echo(f"created {path}")
 
 
@@ -374,6 +413,12 @@ def downgrade(paths: tuple[str, ...], to: str, output: Path | None, in_place: bo
         raise BadInput("--in-place and -o/--output exclude each other")
     _migrate("downgrade", paths, to, output, dry_run, no_backup, from_rev, lineage, migrations, key, as_json)
 
+
+from ckptmigrate.cli_release import register as _register_release  # noqa: E402
+from ckptmigrate.cli_schema import register as _register_schema  # noqa: E402
+
+_register_schema(main)
+_register_release(main)
 
 if __name__ == "__main__":
     sys.exit(main())

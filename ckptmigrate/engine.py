@@ -236,6 +236,14 @@ def new_envelope(ckpt: Checkpoint, plan: Plan, history: list[dict[str, Any]], re
                          previous=ckpt.envelope, repo=repo)
     env.lineage = plan.lineage
     env.revision = plan.target
+    # Release provenance: a digest or signature vouches for the bytes before this migration, so
+    # Envelope.build does not carry it over; it is kept in this step's first history entry and the
+    # result stays unsigned until stamped again.
+    from ckptmigrate.integrity import superseded
+
+    old_provenance = superseded(ckpt.envelope)
+    if old_provenance is not None and history:
+        history[0]["superseded"] = old_provenance
     env.history.extend(history)
     return env
 

@@ -155,13 +155,19 @@ class Envelope:
     created_at: str = field(default_factory=now_utc)
     ckptmigrate_version: str = field(default_factory=ckptmigrate_version)
     format_version: int = FORMAT_VERSION
+    #: Content digest and Ed25519 signature (ckptmigrate.integrity); absent in older envelopes.
+    digest: dict[str, Any] | None = None
+    signature: dict[str, Any] | None = None
 
     @classmethod
     def build(
         cls, state_dict: Mapping[str, Any], *, layout: str, repo: str | os.PathLike[str] | None = None,
         tags: Mapping[str, str] | None = None, previous: Envelope | None = None,
     ) -> Envelope:
-        """A fresh envelope for ``state_dict``; lineage, revision, history and tags carry over."""
+        """A fresh envelope for ``state_dict``; lineage, revision, history and tags carry over.
+
+        The digest and signature never do: they vouch for the bytes of the previous write.
+        """
         schema = schema_of(state_dict)
         versions = _torch_versions()
         env = cls(

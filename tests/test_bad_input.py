@@ -57,6 +57,13 @@ def truncated(make: Callable[[Path], bytes], where: float) -> Callable[[Path], N
     return build
 
 
+def middle_cut_out(path: Path) -> None:
+    """1 KiB gone from inside a storage record: the directory at the end now points astray."""
+    data = zip_checkpoint(path)
+    middle = len(data) // 2
+    path.write_bytes(data[:middle] + data[middle + 1024 :])
+
+
 def write(data: bytes) -> Callable[[Path], None]:
     return lambda path: path.write_bytes(data)
 
@@ -75,6 +82,18 @@ def compressed_zip_checkpoint(path: Path) -> None:
             dst.writestr(name, src.read(name))
 
 
+def with_envelope_record(data: bytes) -> Callable[[Path], None]:
+    """A torch checkpoint whose ckptmigrate envelope record holds ``data``."""
+
+    def build(path: Path) -> None:
+        zip_checkpoint(path)
+        with zipfile.ZipFile(path, "a") as zf:
+            prefix = zf.namelist()[0].split("/")[0]
+            zf.writestr(f"{prefix}/.data/ckptmigrate.json", data)
+
+    return build
+
+
 BAD_FILES: dict[str, Callable[[Path], None] | None] = {
     "missing": None,
     "directory": lambda path: path.mkdir(),
@@ -83,18 +102,28 @@ BAD_FILES: dict[str, Callable[[Path], None] | None] = {
     "plain-pickle": write(pickle.dumps({"a": 1}, protocol=2)),
     "zip-without-checkpoint": plain_zip,
     "zip-compressed-records": compressed_zip_checkpoint,
+    "zip-envelope-not-json": with_envelope_record(b"{truncated"),
+    "zip-envelope-from-a-newer-ckptmigrate": with_envelope_record(
+        json.dumps({"format_version": 999, "schema": {}, "arch_hash": "", "layout": "bare",
+                    "devices": []}).encode()
+    ),
     **{
         f"zip-truncated-at-{int(where * 100)}%": truncated(zip_checkpoint, where)
-        for where in (0.01, 0.3, 0.6, 0.97, 0.999)
+        for where in (0.01, 0.5, 0.97, 0.999)
     },
+    "zip-with-bytes-cut-from-the-middle": middle_cut_out,
     **{
         f"legacy-truncated-at-{int(where * 100)}%": truncated(legacy_checkpoint, where)
-        for where in (0.05, 0.5, 0.9, 0.99)
+        for where in (0.05, 0.5, 0.99)
     },
     "safetensors-overlapping-offsets": write(
         safetensors_bytes({"a": f32([4], 0, 16), "b": f32([4], 8, 24)}, bytes(24))
     ),
     "safetensors-offsets-past-end": write(safetensors_bytes({"a": f32([4], 0, 16)}, bytes(8))),
+    "safetensors-gap-between-tensors": write(
+        safetensors_bytes({"a": f32([2], 0, 8), "b": f32([2], 12, 20)}, bytes(20))
+    ),
+    "safetensors-trailing-bytes": write(safetensors_bytes({"a": f32([2], 0, 8)}, bytes(12))),
     "safetensors-offsets-not-matching-shape": write(
         safetensors_bytes({"a": f32([4], 0, 12)}, bytes(12))
     ),
@@ -146,17 +175,24 @@ def run_cli_concurrently(cwd: Path, *commands: list[str | Path]) -> list[subproc
 def test_cli_refuses_bad_file_in_one_line_and_writes_nothing(bad_file: Path, tmp_path: Path) -> None:
     before = fingerprint(bad_file)
     out = tmp_path / "out.pt"
-    for proc in run_cli_concurrently(
-        tmp_path,
-        ["inspect", bad_file],
-        ["inspect", "--json", "--keys", bad_file],
-        ["stamp", bad_file, "-o", out],
-        ["stamp", "--tag", "a=b", bad_file],
-    ):
+    commands: list[list[str | Path]] = [["inspect", "--keys", bad_file]]
+    if not bad_file.is_dir():  # stamp reads a directory as a set of checkpoints: tested below
+        commands.append(["stamp", "--tag", "a=b", bad_file, "-o", out])
+    for proc in run_cli_concurrently(tmp_path, *commands):
         assert_one_line_error(proc, bad_file)
     assert fingerprint(bad_file) == before
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckptmigrate")] == []
+
+
+def test_stamp_of_a_directory_without_checkpoints_is_an_error(tmp_path: Path) -> None:
+    directory = tmp_path / "no-checkpoints-here"
+    directory.mkdir()
+    (directory / "notes.txt").write_text("not a checkpoint")
+    for proc in run_cli_concurrently(
+        tmp_path, ["stamp", directory], ["stamp", directory, "-o", tmp_path / "out.pt"]
+    ):
+        assert_one_line_error(proc, directory)
 
 
 def test_api_raises_bad_input(bad_file: Path, tmp_path: Path) -> None:

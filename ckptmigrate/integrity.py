@@ -1,0 +1,439 @@
+"""Integrity of a stamped checkpoint: content digests, Ed25519 signatures, and their verification.
+
+A digest names every state-dict tensor (its key, dtype, shape, stride and the bytes it covers in
+the file, streamed in chunks, torch never imported) plus everything else in the payload (extras,
+optimizer state, the pickled structure), so ``verify`` can say *which* tensors changed. A signature
+covers the canonical JSON of the whole envelope, digest included, so a changed tag, revision or
+digest is caught as surely as a changed byte of tensor data. A digest and signature vouch for the
+bytes they were made over: a migration moves them into its history entry (see :func:`superseded`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ckptmigrate.errors import BadInput
+from ckptmigrate.formats.pickled import StandIn, global_name
+from ckptmigrate.tensors import ITEMSIZE, Storage, TensorRef, is_entry
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+    from ckptmigrate.checkpoint import Checkpoint
+
+#: blake3 hashed a 1 GiB checkpoint 1.3-2.4x faster than hashlib's sha256 (README, Release pipelines).
+DEFAULT_ALG = "blake3"
+ALGORITHMS = ("blake3", "sha256")
+DIGEST_VERSION = 1
+SIGNATURE_ALG = "ed25519"
+_CHUNK = 1 << 20  # small enough to stay in cache between the read and the hash
+_ENVELOPE_CONTEXT = b"ckptmigrate-envelope-signature-v1\n"
+_MANIFEST_CONTEXT = b"ckptmigrate-manifest-signature-v1\n"
+
+
+# --- digests -------------------------------------------------------------------------------------
+
+
+def _hasher(alg: str) -> Any:
+    if alg == "blake3":
+        from blake3 import blake3
+
+        return blake3()
+    if alg == "sha256":
+        return hashlib.sha256()
+    raise BadInput(f"unknown digest algorithm {alg!r} (known: {', '.join(ALGORITHMS)})")
+
+
+def canonical_json(data: Any) -> bytes:
+    """The bytes signed and hashed: sorted keys, no spaces, UTF-8; tuples and lists alike."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _span(ref: TensorRef) -> tuple[int, int]:
+    """(absolute file offset, length) of the bytes a tensor covers: a view covers only its elements."""
+    storage = ref.storage
+    if storage.source is None or storage.offset is None:
+        raise BadInput(f"storage {storage.key!r} is not attached to a file; a digest reads tensors from files")
+    if ref.numel == 0:
+        return storage.offset, 0
+    itemsize = ITEMSIZE[ref.dtype]
+    last = ref.storage_offset + sum((d - 1) * s for d, s in zip(ref.shape, ref.stride, strict=True))
+    start, end = ref.storage_offset * itemsize, (last + 1) * itemsize
+    if end > storage.nbytes:
+        raise BadInput(f"a tensor of shape {list(ref.shape)} reaches past its storage {storage.key!r}")
+    return storage.offset + start, end - start
+
+
+class _Reader:
+    """Hashes byte ranges of one file with one reusable buffer; equal ranges are hashed once."""
+
+    def __init__(self, alg: str) -> None:
+        self.alg = alg
+        self.buf = bytearray(_CHUNK)
+        self.cache: dict[tuple[int, int, int], bytes] = {}
+
+    def range_digest(self, fd: int, start: int, length: int) -> bytes:
+        ident = (fd, start, length)
+        if ident in self.cache:
+            return self.cache[ident]
+        h = _hasher(self.alg)
+        view = memoryview(self.buf)
+        pos, end = start, start + length
+        while pos < end:
+            want = min(_CHUNK, end - pos)
+            if hasattr(os, "preadv"):
+                n = os.preadv(fd, [view[:want]], pos)
+                chunk: Any = view[:n]
+            else:  # pragma: no cover - platforms without preadv
+                chunk = os.pread(fd, want, pos)
+                n = len(chunk)
+            if n == 0:
+                raise BadInput(f"the file ends inside tensor data (offset {pos}); it is truncated")
+            h.update(chunk)
+            pos += n
+        self.cache[ident] = h.digest()
+        return self.cache[ident]
+
+    def tensor_bytes_digest(self, ref: TensorRef) -> bytes:
+        start, length = _span(ref)
+        assert ref.storage.source is not None
+        return self.range_digest(ref.storage.source.fileno(), start, length)
+
+    def storage_digest(self, storage: Storage) -> bytes:
+        if storage.source is None or storage.offset is None:
+            raise BadInput(f"storage {storage.key!r} is not attached to a file")
+        return self.range_digest(storage.source.fileno(), storage.offset, storage.nbytes)
+
+
+def _tensor_digest(reader: _Reader, key: str, ref: Any) -> str:
+    if not isinstance(ref, TensorRef):
+        raise BadInput(f"tensor {key!r} is not in a file (computed or in memory); write the checkpoint first")
+    header = canonical_json({"key": key, "dtype": ref.dtype, "shape": list(ref.shape), "stride": list(ref.stride)})
+    h = _hasher(reader.alg)
+    h.update(b"ckptmigrate-tensor-v1\0" + header + b"\0" + reader.tensor_bytes_digest(ref))
+    return str(h.hexdigest())
+
+
+def _canon(obj: Any, reader: _Reader, names: Mapping[int, str], depth: int = 0) -> Any:
+    """A JSON form of the payload outside the state dict's tensors: what a digest of extras hashes."""
+    if depth > 200:
+        raise BadInput("the checkpoint payload is nested too deeply")
+
+    def again(value: Any) -> Any:
+        return _canon(value, reader, names, depth + 1)
+
+    if isinstance(obj, TensorRef):
+        meta = [obj.requires_grad, again(obj.extra)]
+        if id(obj) in names:  # its bytes are in the per-tensor digest of that key
+            return ["state_dict", names[id(obj)], *meta]
+        return ["tensor", obj.dtype, list(obj.shape), list(obj.stride), *meta,
+                reader.tensor_bytes_digest(obj).hex()]
+    if isinstance(obj, Storage):
+        return ["storage", obj.dtype, obj.nbytes, reader.storage_digest(obj).hex()]
+    if is_entry(obj):
+        raise BadInput("the payload holds a tensor that is not in a file; write the checkpoint first")
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return [type(obj).__name__, obj]
+    if isinstance(obj, float):
+        return ["float", repr(obj)]
+    if isinstance(obj, (bytes, bytearray)):
+        return [type(obj).__name__, obj.hex()]
+    if isinstance(obj, dict):
+        items = [[again(k), again(v)] for k, v in obj.items()]
+        return ["dict", type(obj).__name__, items, again(getattr(obj, "_metadata", None))]
+    if isinstance(obj, (list, tuple)):
+        return [type(obj).__name__, [again(v) for v in obj]]
+    if isinstance(obj, (set, frozenset)):
+        return [type(obj).__name__, sorted(canonical_json(again(v)).decode() for v in obj)]
+    if isinstance(obj, StandIn):
+        return ["object", global_name(obj), obj.newobj, again(obj.args), again(obj.state),
+                again(obj.listitems), again(obj.dictitems)]
+    if isinstance(obj, type) and issubclass(obj, StandIn):
+        return ["global", global_name(obj)]
+    return ["other", f"{type(obj).__module__}.{type(obj).__qualname__}", repr(obj)]
+
+
+def compute(ckpt: Checkpoint, *, alg: str = DEFAULT_ALG) -> dict[str, Any]:
+    """The digest record of an opened checkpoint: per-tensor, payload, and overall."""
+    reader = _Reader(alg)
+    tensors = ckpt.tensors()
+    per_tensor = {key: _tensor_digest(reader, key, ref) for key, ref in tensors.items()}
+    names: dict[int, str] = {}
+    for key, ref in tensors.items():
+        names.setdefault(id(ref), key)
+    payload = [_canon(ckpt.payload(), reader, names), sorted(ckpt.container.metadata.items())]
+    h = _hasher(alg)
+    h.update(canonical_json(payload))
+    payload_digest = str(h.hexdigest())
+    h = _hasher(alg)
+    h.update(b"ckptmigrate-digest-v1\n" + canonical_json({"payload": payload_digest,
+                                                          "tensors": sorted(per_tensor.items())}))
+    return {"alg": alg, "version": DIGEST_VERSION, "overall": f"{alg}:{h.hexdigest()}",
+            "payload": payload_digest, "tensors": per_tensor}
+
+
+def superseded(previous: Any) -> dict[str, Any] | None:
+    """What a rewrite must not carry over as valid: the old overall digest and signature, for the
+    history entry of the step that invalidated them; None when there were none."""
+    if previous is None or (previous.digest is None and previous.signature is None):
+        return None
+    digest = previous.digest or {}
+    return {"digest": digest.get("overall"), "signature": previous.signature,
+            "note": "made over the bytes before this step; stamp again to sign the result"}
+
+
+# --- keys and signatures --------------------------------------------------------------------------
+
+
+def fingerprint(public_key: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def keygen(private_path: str | os.PathLike[str], public_path: str | os.PathLike[str]) -> str:
+    """Write a new Ed25519 key pair (PEM; the private file readable by its owner only); return the
+    public key's fingerprint. Existing files are never overwritten."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private_path, public_path = Path(private_path), Path(public_path)
+    if private_path.resolve() == public_path.resolve():
+        raise BadInput(f"{private_path}: the private and public key files must differ")
+    for p in (private_path, public_path):
+        if p.exists():
+            raise BadInput(f"{p}: already exists; not overwriting a key")
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private_pem)
+    public_path.write_bytes(public_pem)
+    return fingerprint(key.public_key())
+
+
+def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    data = _read_key_file(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise BadInput(f"{path}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BadInput(f"{path}: not an Ed25519 private key (make one with `ckptmigrate keygen`)")
+    return key
+
+
+def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    data = _read_key_file(path)
+    if b"PRIVATE KEY" in data:
+        raise BadInput(f"{path}: is a private key; verify with the public key")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise BadInput(f"{path}: not a PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BadInput(f"{path}: not an Ed25519 public key (make one with `ckptmigrate keygen`)")
+    return key
+
+
+def _read_key_file(path: str | os.PathLike[str]) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such key file") from None
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read the key file ({exc.strerror})") from None
+
+
+def _sign(context: bytes, document: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    unsigned = {k: v for k, v in document.items() if k != "signature"}
+    value = key.sign(context + canonical_json(unsigned))
+    return {"alg": SIGNATURE_ALG, "public_key_fingerprint": fingerprint(key.public_key()),
+            "public_key": base64.b64encode(_raw(key.public_key())).decode(),
+            "value": base64.b64encode(value).decode()}
+
+
+def _raw(public_key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def sign_envelope(envelope: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    """The signature record over the envelope (digest included, signature field excluded)."""
+    return _sign(_ENVELOPE_CONTEXT, envelope, key)
+
+
+def sign_manifest(manifest: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    return _sign(_MANIFEST_CONTEXT, manifest, key)
+
+
+@dataclass
+class SignatureCheck:
+    """``status``: valid, invalid, absent or other-key; ``pinned`` when checked against a given key."""
+
+    status: str
+    signed_by: str | None = None
+    pinned: bool = False
+    problem: str | None = None
+
+
+def check_signature(
+    context: bytes, document: Mapping[str, Any], public_key: Ed25519PublicKey | None,
+) -> SignatureCheck:
+    """Check the ``signature`` of ``document``: against ``public_key`` when given, else against the
+    key recorded beside it (which proves the document is intact, not who signed it)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    sig = document.get("signature")
+    if sig is None:
+        return SignatureCheck("absent", problem="unsigned" + ("; a signature is required" if public_key else ""))
+    if not isinstance(sig, Mapping) or sig.get("alg") != SIGNATURE_ALG:
+        alg = sig.get("alg") if isinstance(sig, Mapping) else None
+        return SignatureCheck("invalid", problem=f"the signature record is malformed (alg {alg!r})")
+    claimed = sig.get("public_key_fingerprint")
+    try:
+        value = base64.b64decode(str(sig.get("value")), validate=True)
+        if public_key is None:
+            public_key = Ed25519PublicKey.from_public_bytes(base64.b64decode(str(sig.get("public_key")),
+                                                                             validate=True))
+            pinned = False
+        else:
+            pinned = True
+    except ValueError:
+        return SignatureCheck("invalid", claimed, problem="the signature record is malformed")
+    actual = fingerprint(public_key)
+    if pinned and claimed != actual:
+        return SignatureCheck("other-key", claimed, True,
+                              f"signed by another key ({claimed}), not the given key ({actual})")
+    if not pinned and claimed != actual:
+        return SignatureCheck("invalid", claimed, problem="the recorded public key does not match its fingerprint")
+    unsigned = {k: v for k, v in document.items() if k != "signature"}
+    try:
+        public_key.verify(value, context + canonical_json(unsigned))
+    except InvalidSignature:
+        return SignatureCheck("invalid", claimed, pinned,
+                              "the signature does not match: the metadata or the recorded digest changed")
+    return SignatureCheck("valid", claimed, pinned)
+
+
+def check_envelope_signature(envelope: Mapping[str, Any], public_key: Ed25519PublicKey | None) -> SignatureCheck:
+    return check_signature(_ENVELOPE_CONTEXT, envelope, public_key)
+
+
+def check_manifest_signature(manifest: Mapping[str, Any], public_key: Ed25519PublicKey | None) -> SignatureCheck:
+    return check_signature(_MANIFEST_CONTEXT, manifest, public_key)
+
+
+# --- verification ---------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyResult:
+    """One file's verdict; ``problems`` are the one-line reasons it failed."""
+
+    path: Path
+    ok: bool = False
+    problems: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    payload_changed: bool = False
+    digest: str | None = None
+    recorded_digest: str | None = None
+    signature: str = "absent"
+    signed_by: str | None = None
+    pinned: bool = False
+    tensors: int = 0
+    envelope: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "ok": self.ok, "problems": self.problems, "changed": self.changed,
+                "missing": self.missing, "added": self.added, "payload_changed": self.payload_changed,
+                "digest": self.digest, "recorded_digest": self.recorded_digest, "signature": self.signature,
+                "signed_by": self.signed_by, "key_pinned": self.pinned, "tensors": self.tensors}
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def verify(
+    path: str | os.PathLike[str], key: Ed25519PublicKey | str | os.PathLike[str] | None = None, *,
+    state_key: str | None = None,
+) -> VerifyResult:
+    """Recompute a stamped file's digest and check its signature.
+
+    ``key`` (a public key or its file) makes a valid signature by that key required; without it a
+    signature is checked against the key recorded beside it, and an unsigned file passes on its
+    digest alone. ``state_key`` is the payload key holding the state dict, as elsewhere.
+    """
+    from ckptmigrate.checkpoint import Checkpoint
+
+    public_key = load_public_key(key) if isinstance(key, (str, os.PathLike)) else key
+    result = VerifyResult(Path(path))
+    with Checkpoint.open(path, key=state_key) as ckpt:
+        raw = ckpt.container.envelope
+        tensors = ckpt.tensors()
+        result.tensors = len(tensors)
+        if raw is None or ckpt.envelope is None:
+            result.problems.append("unstamped: no envelope to verify against")
+            return result
+        result.envelope = raw
+        recorded = raw.get("digest")
+        if not isinstance(recorded, Mapping):
+            result.problems.append("no digest recorded (stamp with --digest, --release or --sign)")
+        else:
+            alg = recorded.get("alg")
+            if alg not in ALGORITHMS or not isinstance(recorded.get("tensors"), Mapping):
+                result.problems.append(f"the recorded digest is malformed or of an unknown algorithm ({alg!r})")
+            else:
+                fresh = compute(ckpt, alg=str(alg))
+                _compare(result, recorded, fresh)
+        arch = ckpt.arch_hash()
+        if raw.get("arch_hash") != arch:
+            result.problems.append(f"the envelope's arch_hash {raw.get('arch_hash')} is not the file's ({arch})")
+    sig = check_envelope_signature(raw, public_key)
+    result.signature, result.signed_by, result.pinned = sig.status, sig.signed_by, sig.pinned
+    if sig.problem is not None and (sig.status != "absent" or public_key is not None):
+        result.problems.append(sig.problem)
+    result.ok = not result.problems
+    return result
+
+
+def _compare(result: VerifyResult, recorded: Mapping[str, Any], fresh: dict[str, Any]) -> None:
+    old, new = recorded["tensors"], fresh["tensors"]
+    result.digest, result.recorded_digest = fresh["overall"], recorded.get("overall")
+    result.changed = [k for k in new if k in old and old[k] != new[k]]
+    result.missing = [k for k in old if k not in new]
+    result.added = [k for k in new if k not in old]
+    result.payload_changed = recorded.get("payload") != fresh["payload"]
+    if result.changed:
+        result.problems.append(f"tensor data or layout changed: {_names(result.changed)}")
+    if result.missing:
+        result.problems.append(f"tensors missing: {_names(result.missing)}")
+    if result.added:
+        result.problems.append(f"tensors not in the recorded digest: {_names(result.added)}")
+    if result.payload_changed:
+        result.problems.append("the payload outside the state dict (extras, optimizer state) changed")
+    if not result.problems and recorded.get("overall") != fresh["overall"]:
+        result.problems.append("the recorded overall digest does not match the per-tensor digests")

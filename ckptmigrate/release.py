@@ -1,0 +1,150 @@
+"""A release: checkpoints stamped from a clean commit, signed, and listed in a signed manifest.
+
+The manifest names each file (relative to the manifest), its revision, architecture hash, overall
+digest and commit, so ``ckptmigrate verify --manifest`` can check a whole release at once: every
+file present, every digest and signature what the release said.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ckptmigrate.envelope import git_info, now_utc
+from ckptmigrate.errors import BadInput, CkptMigrateError
+
+if TYPE_CHECKING:
+    from ckptmigrate.integrity import VerifyResult
+
+MANIFEST_FORMAT = "ckptmigrate-release-manifest"
+MANIFEST_VERSION = 1
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def require_clean(repo: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The git state of ``repo`` (default: the working directory's), which must be a committed,
+    clean working tree: a release names the exact code that goes with its checkpoints."""
+    where = os.fspath(repo) if repo is not None else os.getcwd()
+    info = git_info(repo)
+    if info is None:
+        raise BadInput(f"{where}: not in a git repository; a release records the commit "
+                       "(pass --repo DIR, or --allow-dirty to stamp without one)")
+    if info.get("commit") is None:
+        raise BadInput(f"{info.get('root') or where}: the repository has no commit yet")
+    if info.get("dirty") is not False:
+        raise BadInput(f"{info.get('root') or where}: the working tree has uncommitted changes; "
+                       "commit them or pass --allow-dirty")
+    return info
+
+
+def parallel(fn: Callable[[T], R], items: list[T], jobs: int | None) -> Iterator[R]:
+    """``fn`` over ``items`` in threads (hashing releases the GIL), results in input order."""
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    if jobs == 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=min(jobs, len(items))) as pool:
+        yield from pool.map(fn, items)
+
+
+def manifest_entry(path: Path, root: Path) -> dict[str, Any]:
+    """What the manifest records about one stamped file, read from its envelope."""
+    from ckptmigrate import formats
+
+    _fmt, env = formats.read_envelope(path)
+    env = env or {}
+    return {
+        "file": os.path.relpath(path, root), "revision": env.get("revision"), "lineage": env.get("lineage"),
+        "arch_hash": env.get("arch_hash"), "digest": (env.get("digest") or {}).get("overall"),
+        "commit": (env.get("git") or {}).get("commit"),
+        "signed_by": (env.get("signature") or {}).get("public_key_fingerprint"),
+    }
+
+
+def stamp_release(
+    files: Iterable[Path], version: str, *, manifest: Path, sign: str | os.PathLike[str] | None,
+    repo: str | os.PathLike[str] | None = None, tags: Mapping[str, str] | None = None,
+    allow_dirty: bool = False, jobs: int | None = None,
+) -> tuple[dict[str, Any], dict[Path, str]]:
+    """Stamp (and sign) every file for ``version`` and write the manifest; return it and the
+    files that failed with why. A failed file is left as it was and kept out of the manifest."""
+    from ckptmigrate import api, integrity
+
+    info = git_info(repo) if allow_dirty else require_clean(repo)
+    key = integrity.load_private_key(sign) if sign is not None else None
+    paths = list(files)
+    if not paths:
+        raise BadInput("no checkpoint files to release")
+    root = manifest.parent.resolve()
+    failures: dict[Path, str] = {}
+
+    def one(path: Path) -> dict[str, Any] | None:
+        try:
+            api.stamp(path, release=version, sign=key, repo=repo, tags=tags, allow_dirty=True)
+        except CkptMigrateError as exc:
+            failures[path] = str(exc)
+            return None
+        return manifest_entry(path.resolve(), root)
+
+    entries = [e for e in parallel(one, paths, jobs) if e is not None]
+    doc: dict[str, Any] = {
+        "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "release": version,
+        "created_at": now_utc(), "commit": (info or {}).get("commit"), "dirty": (info or {}).get("dirty"),
+        "remote": (info or {}).get("remote"), "files": entries,
+    }
+    if key is not None:
+        doc["signature"] = integrity.sign_manifest(doc, key)
+    tmp = manifest.with_name(f".{manifest.name}.part")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, manifest)
+    return doc, failures
+
+
+def load_manifest(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such manifest") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BadInput(f"{path}: not a readable JSON manifest ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), list):
+        raise BadInput(f"{path}: not a ckptmigrate release manifest")
+    if not isinstance(doc.get("format_version"), int) or doc["format_version"] > MANIFEST_VERSION:
+        raise BadInput(f"{path}: manifest format_version {doc.get('format_version')!r} is newer than "
+                       "this ckptmigrate understands; upgrade ckptmigrate")
+    for entry in doc["files"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise BadInput(f"{path}: a manifest entry lacks its file name")
+    return doc
+
+
+def check_manifest_file(entry: Mapping[str, Any], root: Path, release: str | None, public_key: Any) -> VerifyResult:
+    """Verify one listed file and compare its envelope with what the manifest recorded."""
+    from ckptmigrate.integrity import VerifyResult, verify
+
+    path = root / entry["file"]
+    if not path.exists():
+        return VerifyResult(path, problems=["listed in the manifest but missing"])
+    try:
+        result = verify(path, public_key)
+    except CkptMigrateError as exc:
+        return VerifyResult(path, problems=[str(exc)])
+    env = result.envelope or {}
+    recorded = {"digest": (env.get("digest") or {}).get("overall"), "revision": env.get("revision"),
+                "arch_hash": env.get("arch_hash"), "commit": (env.get("git") or {}).get("commit")}
+    if result.digest is not None:
+        recorded["digest"] = result.digest  # what the bytes hash to now, not what the envelope claims
+    # a stripped or replaced signature fails even without --key: the manifest says who signed
+    recorded["signed_by"] = result.signed_by if result.signature == "valid" else None
+    for name, value in recorded.items():
+        if name in entry and entry[name] != value:
+            result.problems.append(f"{name} {value!r} differs from the manifest's {entry[name]!r}")
+    if release is not None and (env.get("tags") or {}).get("release") != release:
+        result.problems.append(f"not stamped for release {release}")
+    result.ok = not result.problems
+    return result
