@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from ckptmigrate.optimizer import OptimizerTrack
 from ckptmigrate.tensors import (
+    ITEMSIZE,
     Deferred,
     Entry,
     TensorRef,
     contiguous_stride,
+    dtype_name,
     dtype_of,
     is_entry,
     shape_of,
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 Inverse = list[Any]
+#: Mantissa bits of the IEEE float types whose NaNs :func:`_cast` carries across.
+MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}
 #: The ops an inverse journal may name (it is read back from the file's envelope).
 INVERSE_OPS = frozenset({"rename_map", "drop", "reshape", "transpose", "permute", "cast", "truncate", "split", "merge"})
 
@@ -250,7 +254,7 @@ class Operations:
             src = self._tensor("cast", k)
             old = dtype_of(src)
             shape = shape_of(src)
-            self._transform("cast", k, shape, lambda t: t.to(torch_dtype(name)), dtype=name)
+            self._transform("cast", k, shape, partial(_cast, name=name), dtype=name)
             exact = _keeps_values(old, name)
             self._record("cast", [k], ["cast", {"pattern": re.escape(k), "dtype": old}] if exact else None)
 
@@ -421,6 +425,30 @@ def _keeps_values(old: str, new: str) -> bool:
         return ib.min <= ia.min and ib.max >= ia.max
     except TypeError:  # quantized and other dtypes without finfo/iinfo
         return False
+
+
+def _cast(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t.to(dtype)``, but NaNs keep their sign and payload between IEEE float types (torch's half casts
+    make them one NaN), so a tensor cast up and back is bit for bit what it was."""
+    import torch
+
+    out = t.to(torch_dtype(name))
+    src = dtype_name(t.dtype)
+    if src == name or src not in MANTISSA_BITS or name not in MANTISSA_BITS:
+        return out
+    nan = t.isnan()
+    if not nan.any():
+        return out
+    (src_bits, src_mant), (dst_bits, dst_mant) = [(ITEMSIZE[d] * 8, MANTISSA_BITS[d]) for d in (src, name)]
+    ints = {16: torch.int16, 32: torch.int32, 64: torch.int64}
+    bits = t.view(ints[src_bits])[nan].to(torch.int64)
+    payload = bits & ((1 << src_mant) - 1)
+    payload = payload << (dst_mant - src_mant) if dst_mant >= src_mant else payload >> (src_mant - dst_mant)
+    payload = torch.where(payload == 0, 1 << (dst_mant - 1), payload)  # still a NaN, a quiet one
+    sign = ((bits >> (src_bits - 1)) & 1) << (dst_bits - 1)
+    exponent = ((1 << (dst_bits - 1 - dst_mant)) - 1) << dst_mant
+    out.view(ints[dst_bits])[nan] = (sign | exponent | payload).to(ints[dst_bits])
+    return out
 
 
 def _equal_parts(op: str, key: str, length: int, n: int) -> list[int]:

@@ -359,3 +359,17 @@ def test_atomic_write_replaces_and_keeps_the_file_mode(tmp_path: Path) -> None:
     assert dest.read_bytes() == b"new"
     assert dest.stat().st_mode & 0o777 == 0o640
     assert leftovers(tmp_path) == []
+
+
+def test_atomic_write_through_a_symlink_replaces_its_target(tmp_path: Path) -> None:
+    """``latest.pt -> epoch10.pt`` stays a link to the rewritten checkpoint."""
+    target = tmp_path / "runs" / "epoch10.pt"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "latest.pt"
+    link.symlink_to(target)
+    with atomic_write(link) as fh:
+        fh.write(b"new")
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert target.read_bytes() == b"new"
+    assert leftovers(tmp_path) == [] and leftovers(target.parent) == []

@@ -52,6 +52,13 @@ def read_entries(fh: BinaryIO, file_size: int) -> dict[str, ZipEntry]:
             raise ZipFormatError(f"record {info.filename!r} is compressed; torch writes stored records")
         if info.compress_size != info.file_size:
             raise ZipFormatError(f"record {info.filename!r} has inconsistent sizes")
+        if not 0 <= info.header_offset <= file_size - _LOCAL.size:
+            # zipfile shifts every offset when the directory sits where it did not expect it:
+            # bytes were cut from (or added to) the middle of the file
+            raise ZipFormatError(
+                f"record {info.filename!r} has its local header outside the file; "
+                "the file is truncated or has bytes missing"
+            )
         header = os.pread(fh.fileno(), _LOCAL.size, info.header_offset)
         if len(header) != _LOCAL.size or header[:4] != b"PK\x03\x04":
             raise ZipFormatError(f"record {info.filename!r} has no local header at its offset")
