@@ -1,3 +1,3 @@
 from ckptmigrate.cli import main
 
-main()
+main(prog_name="ckptmigrate")

@@ -55,7 +55,7 @@ def stamp(
     with file_lock(output if output is not None else path), Checkpoint.open(path, key=key) as ckpt:
         all_tags = {**(tags or {}), **({"release": release} if release is not None else {})}
         env = Envelope.build(
-            ckpt.state_dict.entries, layout=ckpt.layout.after_rewrite().name, repo=repo,
+            ckpt.state_dict.entries, layout=ckpt.output_layout().name, repo=repo,
             tags=all_tags, previous=ckpt.envelope,
         )
         if lineage is not None:

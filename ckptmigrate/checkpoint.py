@@ -84,6 +84,7 @@ class Checkpoint(Operations):
         self.format = container.format
         self.layout = layout
         raw = layout.state_dict(container.payload)
+        self._as_read = list(raw.items()) if layout.kind == "module" else []
         self.state_dict = LazyStateDict(raw)
         self.extras: dict[str, Any] = layout.extras(container.payload)
         self.envelope: Envelope | None = None
@@ -144,7 +145,21 @@ class Checkpoint(Operations):
     def arch_hash(self) -> str:
         return architecture_hash(self.schema())
 
+    def module_intact(self) -> bool:
+        """A pickled module whose state dict no op has touched: it can be written back as a module."""
+        entries = self.state_dict.entries
+        return (
+            self.layout.kind == "module" and len(entries) == len(self._as_read)
+            and all(k in entries and entries[k] is v for k, v in self._as_read)
+        )
+
+    def output_layout(self) -> Layout:
+        """The layout :meth:`write` produces: a changed pickled module is written as a bare state dict."""
+        return self.layout if self.layout.kind != "module" or self.module_intact() else Layout("bare")
+
     def payload(self) -> Any:
+        if self.module_intact():
+            return self.container.payload
         return self.layout.rebuild(self.container.payload, self.state_dict.entries, self.extras)
 
     def materialize(self) -> OrderedDict[str, torch.Tensor]:

@@ -419,6 +419,8 @@ from ckptmigrate.cli_schema import register as _register_schema  # noqa: E402
 
 _register_schema(main)
 _register_release(main)
+for _command in main.commands.values():  # `ckptmigrate <command> --version` too
+    click.version_option(None, "--version", "-V", package_name="ckptmigrate", prog_name="ckptmigrate")(_command)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -232,7 +232,7 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None) -
 
 
 def new_envelope(ckpt: Checkpoint, plan: Plan, history: list[dict[str, Any]], repo: Path | None = None) -> Envelope:
-    env = Envelope.build(ckpt.state_dict.entries, layout=ckpt.layout.after_rewrite().name,
+    env = Envelope.build(ckpt.state_dict.entries, layout=ckpt.output_layout().name,
                          previous=ckpt.envelope, repo=repo)
     env.lineage = plan.lineage
     env.revision = plan.target

@@ -92,9 +92,6 @@ class Layout:
                 out[k] = v
         return out
 
-    def after_rewrite(self) -> Layout:
-        return Layout("bare") if self.kind == "module" else self
-
 
 def locate(payload: Any, key: str | None = None) -> Layout:
     """Find the state dict; ``key`` names a wrapper key explicitly."""
