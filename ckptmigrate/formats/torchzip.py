@@ -1,7 +1,9 @@
 """The torch zip format (``torch.save`` since 1.6): ``<prefix>/data.pkl`` plus one record per storage.
 
 The envelope is one more record, ``<prefix>/.data/ckptmigrate.json``, which ``torch.load``
-ignores. :func:`write_metadata_only` rewrites a file whose tensors are all still in it: records are
+ignores: UTF-8 JSON, zlib-compressed (RFC 1950) when it is larger than :data:`COMPRESS_ABOVE` bytes,
+so that the schema and the inverse journal of a model with hundreds of tensors still fit the
+window of an in-place append. :func:`write_metadata_only` rewrites a file whose tensors are all still in it: records are
 copied by the kernel (or reused in place) and only ``data.pkl``, the envelope and the central
 directory are new.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -34,6 +37,9 @@ from ckptmigrate.tensors import (
 )
 
 ENVELOPE_RECORD = ".data/ckptmigrate.json"
+COMPRESS_ABOVE = 4096
+#: An envelope that inflates past this is refused (a zlib bomb, not metadata).
+MAX_ENVELOPE = 64 << 20
 _CHUNK = 16 << 20
 
 
@@ -76,7 +82,7 @@ def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, Storage]
     env_entry = entries.get(f"{prefix}/{ENVELOPE_RECORD}")
     if env_entry is not None:
         try:
-            envelope = json.loads(read_record(fh, env_entry))
+            envelope = parse_envelope(read_record(fh, env_entry))
         except (ZipFormatError, ValueError) as exc:
             raise TorchZipError(f"the ckptmigrate envelope record is unreadable ({exc})") from None
     return payload, envelope, storages, prefix, entries
@@ -88,9 +94,27 @@ def read_envelope(source: Source) -> dict[str, Any] | None:
         entries = read_entries(fh, source.size)
         prefix = archive_prefix(entries)
         entry = entries.get(f"{prefix}/{ENVELOPE_RECORD}")
-        return None if entry is None else json.loads(read_record(fh, entry))
+        return None if entry is None else parse_envelope(read_record(fh, entry))
     except (ZipFormatError, ValueError) as exc:
         raise TorchZipError(str(exc)) from None
+
+
+def envelope_bytes(envelope: dict[str, Any]) -> bytes:
+    raw = json.dumps(envelope, separators=(",", ":"), sort_keys=True).encode()
+    return zlib.compress(raw, 6) if len(raw) > COMPRESS_ABOVE else raw
+
+
+def parse_envelope(data: bytes) -> Any:
+    """The envelope record: JSON text, or zlib-compressed JSON (its first byte is 0x78, never ``{``)."""
+    if data[:1] == b"\x78":
+        inflate = zlib.decompressobj()
+        try:
+            data = inflate.decompress(data, MAX_ENVELOPE)
+        except zlib.error as exc:
+            raise ValueError(f"compressed envelope is corrupt: {exc}") from None
+        if inflate.unconsumed_tail:
+            raise ValueError(f"compressed envelope inflates past {MAX_ENVELOPE} bytes")
+    return json.loads(data)
 
 
 class _StoragePlan:
@@ -235,10 +259,6 @@ def append_records(fh: BinaryIO, records: dict[str, bytes]) -> None:
     writer.close()
 
 
-def envelope_bytes(envelope: dict[str, Any]) -> bytes:
-    return json.dumps(envelope, indent=1, sort_keys=True).encode()
-
-
 #: Bytes an in-place append may add: zip readers (torch's miniz, Python's zipfile) look for the
 #: end-of-directory record in the last 64 KiB, so while a smaller tail is being written they still
 #: find the old one and read the file as it was.
@@ -256,7 +276,8 @@ def write_metadata_only(
     region_end = max(e.data_offset + e.size for e in entries.values())
     copy_range(source.fileno(), fh.fileno(), 0, region_end, 0)
     fh.seek(region_end)
-    _append_directory(fh, source, entries, prefix, pickled, plan, envelope)
+    env = None if envelope is None else envelope_bytes(envelope)
+    _append_directory(fh, source, entries, prefix, pickled, plan, env)
 
 
 def append_in_place(
@@ -272,24 +293,41 @@ def append_in_place(
     plan = _StoragePlan()
     pickled = dump(payload, plan)
     env = envelope_bytes(envelope) if envelope is not None else b""
-    names = sum(len(name) + 2 * ALIGNMENT_SLACK for name in entries) + 2 * len(prefix) + 64
-    estimate = len(pickled) + len(env) + names + 100 * len(entries) + 200
-    if estimate > IN_PLACE_LIMIT:
+    if _tail_bound(entries, prefix, plan, source, len(pickled), len(env)) > IN_PLACE_LIMIT:
         return False
     with open(path, "r+b") as fh:
         fh.seek(0, os.SEEK_END)
-        _append_directory(fh, source, entries, prefix, pickled, plan, envelope)
+        _append_directory(fh, source, entries, prefix, pickled, plan, env if envelope is not None else None)
         fh.flush()
         os.fsync(fh.fileno())
     return True
 
 
-ALIGNMENT_SLACK = 64
+def _tail_bound(
+    entries: dict[str, ZipEntry], prefix: str, plan: _StoragePlan, source: Source, pickled: int, envelope: int
+) -> int:
+    """An upper bound of the bytes :func:`_append_directory` appends (zip64 fields and alignment
+    padding counted as if every record needed them)."""
+    old_names = {e.data_offset: e.name for e in entries.values()}
+    new_record = 30 + 4 + 64 + 20  # local header, alignment extra field, zip64 sizes
+    copied = 0
+    names = [f"{prefix}/data.pkl", f"{prefix}/{ENVELOPE_RECORD}"]
+    for key, storage in plan.records:
+        name = f"{prefix}/data/{key}"
+        names.append(name)
+        if not isinstance(storage, Storage) or storage.source is not source or storage.offset is None:
+            continue
+        if old_names.get(storage.offset) != name:
+            copied += new_record + len(name) + storage.nbytes
+    names += [n for n in entries if not n.startswith(f"{prefix}/data/")]
+    directory = sum(46 + len(n.encode()) + 28 for n in names) + 56 + 20 + 22
+    return pickled + envelope + copied + 2 * (new_record + len(names[0])) + directory
+
 
 
 def _append_directory(
     fh: BinaryIO, source: Source, entries: dict[str, ZipEntry], prefix: str, pickled: bytes,
-    plan: _StoragePlan, envelope: dict[str, Any] | None,
+    plan: _StoragePlan, envelope: bytes | None,
 ) -> None:
     writer = ZipWriter(fh)
     writer.add_bytes(f"{prefix}/data.pkl", pickled)
@@ -311,6 +349,6 @@ def _append_directory(
         else:
             writer.add_copy(name, source.fileno(), storage.offset, storage.nbytes, old.crc)
     if envelope is not None:
-        writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", envelope_bytes(envelope))
+        writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", envelope)
     writer.close()
 
