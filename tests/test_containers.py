@@ -226,6 +226,20 @@ def test_zip_writer_reuse_lists_a_record_already_in_the_file(tmp_path: Path) -> 
         assert zf.read("arc/data.pkl") == b"new"
 
 
+@pytest.mark.parametrize("size", range(4096 - 200, 4096 + 40, 3))
+def test_zip_writer_end_record_never_straddles_a_page(tmp_path: Path, size: int) -> None:
+    """A kill mid-write stops at a page boundary: the end record must land whole or not at all."""
+    path = tmp_path / "a.zip"
+    with open(path, "wb") as fh:
+        writer = ZipWriter(fh)
+        writer.add_bytes("arc/data.pkl", bytes(size))
+        end = writer.close()
+    eocd = end - 22
+    assert eocd % 4096 + 22 <= 4096, eocd
+    with zipfile.ZipFile(path) as zf:
+        assert zf.read("arc/data.pkl") == bytes(size)
+
+
 def test_zip_writer_switches_to_zip64_beyond_65535_records(tmp_path: Path) -> None:
     path = tmp_path / "many.zip"
     count = 0xFFFF + 2

@@ -262,7 +262,7 @@ def append_records(fh: BinaryIO, records: dict[str, bytes]) -> None:
 #: Bytes an in-place append may add: zip readers (torch's miniz, Python's zipfile) look for the
 #: end-of-directory record in the last 64 KiB, so while a smaller tail is being written they still
 #: find the old one and read the file as it was.
-IN_PLACE_LIMIT = 60_000
+IN_PLACE_LIMIT = 64_000
 
 
 def write_metadata_only(
@@ -297,7 +297,8 @@ def append_in_place(
         return False
     with open(path, "r+b") as fh:
         fh.seek(0, os.SEEK_END)
-        _append_directory(fh, source, entries, prefix, pickled, plan, env if envelope is not None else None)
+        _append_directory(fh, source, entries, prefix, pickled, plan, env if envelope is not None else None,
+                          durable=True)
         fh.flush()
         os.fsync(fh.fileno())
     return True
@@ -306,28 +307,26 @@ def append_in_place(
 def _tail_bound(
     entries: dict[str, ZipEntry], prefix: str, plan: _StoragePlan, source: Source, pickled: int, envelope: int
 ) -> int:
-    """An upper bound of the bytes :func:`_append_directory` appends (zip64 fields and alignment
-    padding counted as if every record needed them)."""
+    """An upper bound of the bytes :func:`_append_directory` appends to ``source``."""
+    zip64 = source.size >= (1 << 32) - (1 << 20)
+    new_record = 30 + 4 + 64 + (20 if zip64 else 0)  # local header, alignment field, zip64 sizes
+    directory_entry = 46 + (28 if zip64 else 0)
     old_names = {e.data_offset: e.name for e in entries.values()}
-    new_record = 30 + 4 + 64 + 20  # local header, alignment extra field, zip64 sizes
-    copied = 0
+    total = 2 * new_record + pickled + envelope + 21 + 56 + 20 + 22  # page padding, end records
     names = [f"{prefix}/data.pkl", f"{prefix}/{ENVELOPE_RECORD}"]
+    names += [n for n in entries if not n.startswith(f"{prefix}/data/") and n not in names]
     for key, storage in plan.records:
         name = f"{prefix}/data/{key}"
         names.append(name)
-        if not isinstance(storage, Storage) or storage.source is not source or storage.offset is None:
-            continue
-        if old_names.get(storage.offset) != name:
-            copied += new_record + len(name) + storage.nbytes
-    names += [n for n in entries if not n.startswith(f"{prefix}/data/")]
-    directory = sum(46 + len(n.encode()) + 28 for n in names) + 56 + 20 + 22
-    return pickled + envelope + copied + 2 * (new_record + len(names[0])) + directory
-
+        offset = storage.offset if isinstance(storage, Storage) else None
+        if offset is None or old_names.get(offset) != name:
+            total += new_record + len(name) + (storage.nbytes if isinstance(storage, Storage) else 0)
+    return total + sum(directory_entry + len(n.encode()) for n in names)
 
 
 def _append_directory(
     fh: BinaryIO, source: Source, entries: dict[str, ZipEntry], prefix: str, pickled: bytes,
-    plan: _StoragePlan, envelope: bytes | None,
+    plan: _StoragePlan, envelope: bytes | None, *, durable: bool = False,
 ) -> None:
     writer = ZipWriter(fh)
     writer.add_bytes(f"{prefix}/data.pkl", pickled)
@@ -350,5 +349,5 @@ def _append_directory(
             writer.add_copy(name, source.fileno(), storage.offset, storage.nbytes, old.crc)
     if envelope is not None:
         writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", envelope)
-    writer.close()
+    writer.close(durable=durable)
 

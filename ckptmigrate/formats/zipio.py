@@ -24,6 +24,7 @@ _EOCD64 = struct.Struct("<IQHHIIQQQQ")
 _LOCATOR64 = struct.Struct("<IIQI")
 _MAX32 = 0xFFFFFFFF
 _MAX16 = 0xFFFF
+_PAGE = 4096
 _CHUNK = 8 << 20
 
 
@@ -185,9 +186,13 @@ class ZipWriter:
         self._entries.append(entry)
         self._pos = data_offset + entry.size
 
-    def close(self) -> int:
-        """Write the central directory; return the file's final length."""
-        cd_start = self._pos
+    def close(self, *, durable: bool = False) -> int:
+        """Write the central directory; return the file's final length.
+
+        The end-of-directory record, the last thing a reader looks for, is written on its own and
+        never across a page boundary, so a process killed mid-write leaves it whole or absent; with
+        ``durable`` the directory before it is on disk first (for appends to a live file).
+        """
         parts: list[bytes] = []
         for e in self._entries:
             extra_fields: list[int] = []
@@ -210,17 +215,25 @@ class ZipWriter:
                 + extra
             )
         cd = b"".join(parts)
-        cd_end = cd_start + len(cd)
         n = len(self._entries)
+        zip64 = n >= _MAX16 or self._pos >= _MAX32 - _PAGE or len(cd) >= _MAX32
+        between = _EOCD64.size + _LOCATOR64.size if zip64 else 0
+        eocd_at = self._pos + len(cd) + between
+        pad = (-eocd_at) % _PAGE if eocd_at % _PAGE + _EOCD.size > _PAGE else 0
+        cd_start = self._pos + pad
+        cd_end = cd_start + len(cd)
         tail = b""
-        if n >= _MAX16 or cd_start >= _MAX32 or len(cd) >= _MAX32:
+        if zip64:
             tail += _EOCD64.pack(0x06064B50, 44, 45, 45, 0, 0, n, n, len(cd), cd_start)
             tail += _LOCATOR64.pack(0x07064B50, 0, cd_end, 1)
-            tail += _EOCD.pack(0x06054B50, 0, 0, _MAX16, _MAX16, _MAX32, _MAX32, 0)
+            eocd = _EOCD.pack(0x06054B50, 0, 0, _MAX16, _MAX16, _MAX32, _MAX32, 0)
         else:
-            tail += _EOCD.pack(0x06054B50, 0, 0, n, n, len(cd), cd_start, 0)
-        os.pwrite(self._fd, cd + tail, cd_start)
-        end = cd_end + len(tail)
+            eocd = _EOCD.pack(0x06054B50, 0, 0, n, n, len(cd), cd_start, 0)
+        os.pwrite(self._fd, bytes(pad) + cd + tail, self._pos)
+        if durable:
+            os.fsync(self._fd)
+        os.pwrite(self._fd, eocd, cd_end + len(tail))
+        end = cd_end + len(tail) + len(eocd)
         if os.fstat(self._fd).st_size > end:
             os.ftruncate(self._fd, end)
         self._fh.seek(end)
