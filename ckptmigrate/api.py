@@ -7,19 +7,18 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ckptmigrate import config
 from ckptmigrate.atomic import atomic_write
 from ckptmigrate.checkpoint import Checkpoint
-from ckptmigrate.compat import version_notes
-from ckptmigrate.engine import apply, new_envelope, plan_for
 from ckptmigrate.envelope import Envelope, now_utc, schema_of
 from ckptmigrate.errors import BadInput
 from ckptmigrate.formats import safetensors_io, torchzip
 from ckptmigrate.layout import locate
 from ckptmigrate.locking import file_lock
-from ckptmigrate.revisions import RevisionGraph, ScriptDirectory
+
+if TYPE_CHECKING:  # the migration machinery is imported when used: `inspect` starts faster without it
+    from ckptmigrate.revisions import RevisionGraph, ScriptDirectory
 
 
 def inspect(path: str | os.PathLike[str], *, keys: bool = False, key: str | None = None) -> dict[str, Any]:
@@ -83,6 +82,9 @@ def stamp(
 
 def script_directory(migrations: str | os.PathLike[str] | None = None, *, cwd: Path | None = None) -> ScriptDirectory:
     """The script directory named by ``migrations`` (a path or a module), else by pyproject.toml."""
+    from ckptmigrate import config
+    from ckptmigrate.revisions import ScriptDirectory
+
     if migrations is not None:
         return ScriptDirectory.from_spec(migrations if isinstance(migrations, str) else Path(migrations), Path.cwd())
     cfg = config.load(cwd)
@@ -95,12 +97,16 @@ def script_directory(migrations: str | os.PathLike[str] | None = None, *, cwd: P
 
 
 def revision_graph(migrations: str | os.PathLike[str] | RevisionGraph | None = None) -> RevisionGraph:
+    from ckptmigrate.revisions import RevisionGraph
+
     if isinstance(migrations, RevisionGraph):
         return migrations
     return script_directory(migrations).load()
 
 
 def _optional_graph(migrations: Any) -> RevisionGraph | None:
+    from ckptmigrate import config
+
     if migrations is None and config.load().migrations is None:
         return None
     return revision_graph(migrations)
@@ -164,6 +170,9 @@ def load(
 
     import torch
 
+    from ckptmigrate.compat import version_notes
+    from ckptmigrate.engine import apply, new_envelope, plan_for
+
     ckpt = Checkpoint.open(path, key=key)
     ckpt.map_location = map_location
     ckpt.mmap = mmap
@@ -174,8 +183,6 @@ def load(
     for note in notes:
         warnings.warn(f"{ckpt.path}: {note}", stacklevel=2)
     if trust_pickle and ckpt.format != "safetensors":
-        import torch
-
         real = torch.load(ckpt.path, map_location="cpu", weights_only=False, mmap=mmap)
         if ckpt.layout.kind == "key":
             ckpt.extras = {k: v for k, v in real.items() if k != ckpt.layout.key}
@@ -186,7 +193,7 @@ def load(
     ckpt.head_revision = graph.head(plan.lineage).id
     if plan.steps:
         history = apply(ckpt, plan)
-        ckpt.envelope = new_envelope(ckpt, plan, history)
+        ckpt.envelope = new_envelope(ckpt, plan, history, written=False)
     return ckpt
 
 

@@ -231,9 +231,12 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None) -
     return entries
 
 
-def new_envelope(ckpt: Checkpoint, plan: Plan, history: list[dict[str, Any]], repo: Path | None = None) -> Envelope:
+def new_envelope(
+    ckpt: Checkpoint, plan: Plan, history: list[dict[str, Any]], repo: Path | None = None, *, written: bool = True
+) -> Envelope:
+    """The envelope after ``plan``; ``written=False`` for an upgrade in memory (no git lookup)."""
     env = Envelope.build(ckpt.state_dict.entries, layout=ckpt.output_layout().name,
-                         previous=ckpt.envelope, repo=repo)
+                         previous=ckpt.envelope, repo=repo, describe_code=written)
     env.lineage = plan.lineage
     env.revision = plan.target
     # Release provenance: a digest or signature vouches for the bytes before this migration, so

@@ -162,18 +162,21 @@ class Envelope:
     @classmethod
     def build(
         cls, state_dict: Mapping[str, Any], *, layout: str, repo: str | os.PathLike[str] | None = None,
-        tags: Mapping[str, str] | None = None, previous: Envelope | None = None,
+        tags: Mapping[str, str] | None = None, previous: Envelope | None = None, describe_code: bool = True,
     ) -> Envelope:
         """A fresh envelope for ``state_dict``; lineage, revision, history and tags carry over.
 
         The digest and signature never do: they vouch for the bytes of the previous write.
+        ``describe_code=False`` (an upgrade in memory, nothing written) keeps the previous git
+        description instead of asking git about the working directory.
         """
         schema = schema_of(state_dict)
         versions = _torch_versions()
         env = cls(
             schema=schema, arch_hash=architecture_hash(schema), layout=layout,
             devices=devices_of(v for v in state_dict.values() if is_entry(v)),
-            git=git_info(repo), torch=versions["torch"], cuda=versions["cuda"], cudnn=versions["cudnn"],
+            git=git_info(repo) if describe_code else (previous.git if previous is not None else None),
+            torch=versions["torch"], cuda=versions["cuda"], cudnn=versions["cudnn"],
         )
         if previous is not None:
             env.lineage, env.revision = previous.lineage, previous.revision

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -202,7 +201,7 @@ def _fixed_records(prefix: str, serialization_id: bytes | None) -> list[tuple[st
         (f"{prefix}/byteorder", b"little"),
         (f"{prefix}/version", b"3\n"),
         (f"{prefix}/.data/serialization_id",
-         serialization_id or str(secrets.randbits(128)).zfill(40).encode()),
+         serialization_id or str(int.from_bytes(os.urandom(16))).zfill(40).encode()),
     ]
 
 
