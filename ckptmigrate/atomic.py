@@ -1,19 +1,32 @@
 """Atomic replacement of a file: a temporary sibling, fsync, rename, fsync of the directory.
 
 A reader of the destination sees either the old file or the complete new one, never a mix,
-whatever moment the process is killed at.
+whatever moment the process is killed at. The temporary file is named after the destination
+(``.ckptmigrate-tmp-<name>.<random>.part``), so one that a killed writer left behind can be found
+and removed by the next writer of the same file (:func:`remove_stale_temps`, called by
+:func:`ckptmigrate.locking.file_lock`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from ckptmigrate.errors import CkptMigrateError
+
 TEMP_PREFIX = ".ckptmigrate-tmp-"
+_SUFFIX = ".part"
+_LONG_NAME = 160  # bytes of the destination's name kept in the temporary name (NAME_MAX is 255)
+
+
+class WriteFailed(CkptMigrateError):
+    """The new file could not be written (no space left, no permission); the destination is as it was."""
 
 
 def fsync_dir(directory: Path) -> None:
@@ -24,6 +37,54 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _resolved(dest: str | os.PathLike[str]) -> Path:
+    dest = Path(dest)
+    if dest.is_symlink():  # replace the file the link points to (``latest.pt -> epoch10.pt``)
+        dest = Path(os.path.realpath(dest))
+    return dest
+
+
+def _temp_stem(dest: Path) -> str:
+    """The start of every temporary name of ``dest``: ``.ckptmigrate-tmp-<name>.``"""
+    raw = os.fsencode(dest.name)
+    if len(raw) > _LONG_NAME:
+        raw = raw[: _LONG_NAME - 13] + b"~" + hashlib.sha256(raw).hexdigest()[:12].encode()
+    return f"{TEMP_PREFIX}{os.fsdecode(raw)}."
+
+
+def remove_stale_temps(dest: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files of ``dest`` that killed writers left behind; return them.
+
+    Only call this holding ``dest``'s lock (:func:`ckptmigrate.locking.file_lock`): every writer of
+    ``dest`` holds it, so none of its temporary files can still be in use. Other files' temporary
+    files are never touched.
+    """
+    dest = _resolved(dest)
+    directory = dest.parent if str(dest.parent) else Path(".")
+    pattern = re.compile(re.escape(_temp_stem(dest)) + r"[0-9a-f]{8}" + re.escape(_SUFFIX))
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        if pattern.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(directory / name)
+                removed.append(directory / name)
+    return removed
+
+
+def _create_temp(directory: Path, stem: str) -> tuple[int, Path]:
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        tmp = directory / f"{stem}{secrets.token_hex(4)}{_SUFFIX}"
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_write(
     dest: str | os.PathLike[str], *, mode: int | None = None, check: Callable[[Path], None] | None = None
@@ -31,15 +92,15 @@ def atomic_write(
     """Yield a binary file that replaces ``dest`` only if the block completes without error.
 
     ``check(temp_path)`` runs on the complete, synced file before the rename; if it raises, the
-    destination is left as it was.
+    destination is left as it was. An OSError on the way (a full disk, a read-only directory)
+    becomes :class:`WriteFailed`, one line naming ``dest``.
     """
-    dest = Path(dest)
-    if dest.is_symlink():  # replace the file the link points to (``latest.pt -> epoch10.pt``)
-        dest = Path(os.path.realpath(dest))
+    dest = _resolved(dest)
     directory = dest.parent if str(dest.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=directory)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
+    replaced = False
     try:
+        fd, tmp = _create_temp(directory, _temp_stem(dest))
         with os.fdopen(fd, "w+b") as fh:
             yield fh
             fh.flush()
@@ -50,8 +111,15 @@ def atomic_write(
         if check is not None:
             check(tmp)
         os.replace(tmp, dest)
+        replaced = True
         fsync_dir(directory)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    except OSError as exc:
+        if replaced:
+            state = "it was replaced, but its directory could not be synced"
+        else:
+            state = f"{dest.name} is left as it was" if dest.exists() else "nothing was written"
+        raise WriteFailed(f"{dest}: could not write the new file: {exc.strerror or exc}; {state}") from exc
+    finally:
+        if tmp is not None and not replaced:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

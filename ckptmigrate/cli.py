@@ -1,15 +1,17 @@
 """The ``ckptmigrate`` command: thin click commands over :mod:`ckptmigrate.api`.
 
-Bad input exits 2 with one line naming the file and the problem; a failed check exits 1;
+Bad input exits 2 with one line naming the file and the problem, and so does a file the system
+would not let it read or write (no space left on device, no permission); a failed check exits 1;
 ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,22 @@ class _Group(click.Group):
                 raise
             click.echo(f"ckptmigrate: error: {exc}", err=True)
             ctx.exit(1 if isinstance(exc, CheckFailed) else 2)
+        except OSError as exc:  # the system refused (a full disk, a permission): as bad input, one line
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = f"{exc.filename}: " if exc.filename is not None else ""
+            click.echo(f"ckptmigrate: error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(2)
+
+
+@contextlib.contextmanager
+def _naming(path: object) -> Iterator[None]:
+    """Turn an OSError while handling ``path`` (no space left, no permission) into one line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        other = f" ({exc.filename})" if exc.filename is not None and str(exc.filename) != str(path) else ""
+        raise CkptMigrateError(f"{path}: {exc.strerror or exc}{other}") from exc
 
 
 def _parse_tags(values: Sequence[str]) -> dict[str, str]:
@@ -157,9 +175,10 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
     written, failed = [], 0
     for path in files:
         try:
-            written.append(api.stamp(path, output=output, tags=_parse_tags(tags), repo=repo, key=key,
-                                     revision=revision, lineage=lineage, release=release, sign=private_key,
-                                     digest=digest, allow_dirty=True))
+            with _naming(path):
+                written.append(api.stamp(path, output=output, tags=_parse_tags(tags), repo=repo, key=key,
+                                         revision=revision, lineage=lineage, release=release, sign=private_key,
+                                         digest=digest, allow_dirty=True))
         except CkptMigrateError as exc:
             if len(files) == 1:
                 raise
@@ -187,7 +206,8 @@ def compact(path: Path, output: Path | None) -> None:
     """Reclaim the bytes that in-place stamps and renames left behind in a torch zip file."""
     from ckptmigrate import api
 
-    before, after = api.compact(path, output=output)
+    with _naming(path):
+        before, after = api.compact(path, output=output)
     click.echo(f"{output or path}: {before:,} -> {after:,} bytes")
 
 
@@ -312,10 +332,11 @@ def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | Non
     with _progress(files, show_bar, direction) as items:
         for path in items:
             try:
-                outcome = engine.migrate_file(
-                    path, graph, to=to, output=output, dry_run=dry_run, backup=not no_backup,
-                    from_rev=from_rev, lineage=lineage, key=key, direction=direction,
-                )
+                with _naming(path):
+                    outcome = engine.migrate_file(
+                        path, graph, to=to, output=output, dry_run=dry_run, backup=not no_backup,
+                        from_rev=from_rev, lineage=lineage, key=key, direction=direction,
+                    )
             except CkptMigrateError as exc:
                 if len(files) == 1:
                     raise

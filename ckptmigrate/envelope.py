@@ -88,12 +88,15 @@ def _without_credentials(url: str | None) -> str | None:
 
 def git_info(repo: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
     """Commit, branch, dirty flag and remote of the repository at (or above) ``repo``; None outside one."""
+    start = Path(os.fspath(repo or os.getcwd())).absolute()
+    if "GIT_DIR" not in os.environ and not any((p / ".git").exists() for p in (start, *start.parents)):
+        return None  # outside any repository: not worth importing GitPython (a third of a second) to learn it
     try:
         import git
     except Exception:  # noqa: BLE001 - GitPython raises ImportError when the git binary is missing
         return None
     try:
-        r = git.Repo(os.fspath(repo or os.getcwd()), search_parent_directories=True)
+        r = git.Repo(start, search_parent_directories=True)
     except (git.exc.InvalidGitRepositoryError, git.exc.NoSuchPathError, git.exc.GitError):
         return None
     with r:

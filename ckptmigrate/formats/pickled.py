@@ -12,7 +12,9 @@ from __future__ import annotations
 import collections
 import copyreg
 import io
+import mmap
 import pickle
+import pickletools
 from collections.abc import Callable
 from typing import Any, BinaryIO, ClassVar
 
@@ -30,6 +32,20 @@ from ckptmigrate.tensors import (
 
 class PickleFormatError(ValueError):
     """The pickle is malformed or not one torch writes."""
+
+
+#: How deeply a payload's containers may nest, counted as the code that walks payloads counts (a
+#: stand-in object two levels, its arguments and state one more): deeper pickles are refused when
+#: read, not half-way through a rewrite. A pickled model nests about four levels per submodule.
+MAX_DEPTH = 100
+#: How many more visits than it has slots a walk of the payload may make because objects are shared
+#: (``a = [x] * 10; b = [a] * 10; ...`` is small but visits 10**n leaves).
+MAX_SHARED_VISITS = 1_000_000
+#: Hashing a tuple recurses in C without a depth check (about 60 bytes of stack a level), so
+#: unpickling a dict keyed by 150,000 nested 1-tuples overflows an 8 MiB stack. A pickle holding
+#: fewer tuple-building opcode bytes than this cannot nest tuples deep enough to overflow even a
+#: 2 MiB thread stack; one that holds more (about 5,000 tensors) is scanned before it is unpickled.
+_TUPLE_SCAN_ABOVE = 20_000
 
 
 _NEWOBJ: Any = getattr(copyreg, "__newobj__")  # noqa: B009 - missing from typeshed
@@ -112,23 +128,7 @@ def _is_dtype(obj: Any) -> bool:
 def _rebuild_tensor(
     storage: Storage, storage_offset: int, size: Any, stride: Any, *rest: Any
 ) -> TensorRef:
-    if not isinstance(storage, Storage):
-        raise PickleFormatError("a tensor refers to something that is not a storage")
-    try:
-        shape = tuple(int(d) for d in size)
-        strides = tuple(int(s) for s in stride)
-    except (TypeError, ValueError):
-        raise PickleFormatError("a tensor has a malformed shape or stride") from None
-    if len(shape) != len(strides) or any(d < 0 for d in shape) or any(s < 0 for s in strides):
-        raise PickleFormatError(f"a tensor has an invalid shape {shape} or stride {strides}")
-    if shape and 0 not in shape:
-        last = int(storage_offset) + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
-        if last >= storage.numel:
-            raise PickleFormatError(
-                f"a tensor of shape {list(shape)} reaches past its storage {storage.key!r}"
-            )
-    requires_grad = bool(rest[0]) if rest else False
-    return TensorRef(storage, int(storage_offset), shape, strides, storage.dtype, requires_grad)
+    return _tensor_ref(storage, storage_offset, size, stride, rest[0] if rest else False, None)
 
 
 def _rebuild_tensor_v3(
@@ -137,9 +137,48 @@ def _rebuild_tensor_v3(
 ) -> TensorRef:
     if not _is_dtype(dtype):
         raise PickleFormatError("_rebuild_tensor_v3 without a dtype")
-    ref = _rebuild_tensor(storage, storage_offset, size, stride, requires_grad)
-    ref.dtype = dtype.qualname
+    return _tensor_ref(storage, storage_offset, size, stride, requires_grad, dtype.qualname)
+
+
+def _tensor_ref(
+    storage: Storage, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, dtype: str | None
+) -> TensorRef:
+    if not isinstance(storage, Storage):
+        raise PickleFormatError("a tensor refers to something that is not a storage")
+    try:
+        shape = tuple(int(d) for d in size)
+        strides = tuple(int(s) for s in stride)
+        offset = int(storage_offset)
+    except (TypeError, ValueError):
+        raise PickleFormatError("a tensor has a malformed shape, stride or offset") from None
+    ref = TensorRef(storage, offset, shape, strides, dtype or storage.dtype, bool(requires_grad))
+    _check_tensor(ref)
     return ref
+
+
+def _check_tensor(ref: TensorRef) -> None:
+    """A tensor must lie inside its storage, in whole elements of its dtype (what ``to_torch`` maps)."""
+    storage, shape, strides = ref.storage, ref.shape, ref.stride
+    if not (
+        isinstance(shape, tuple) and isinstance(strides, tuple) and len(shape) == len(strides)
+        and all(type(d) is int and d >= 0 for d in shape) and all(type(s) is int and s >= 0 for s in strides)
+    ):
+        raise PickleFormatError(f"a tensor has an invalid shape {shape!r:.80} or stride {strides!r:.80}")
+    if type(ref.storage_offset) is not int or ref.storage_offset < 0:
+        raise PickleFormatError(f"a tensor has an invalid storage offset {ref.storage_offset!r:.80}")
+    if not (isinstance(ref.dtype, str) and ref.dtype in ITEMSIZE):
+        raise PickleFormatError(f"a tensor has an unknown dtype {ref.dtype!r:.80}")
+    if not (isinstance(ref.requires_grad, bool) and isinstance(ref.extra, dict)):
+        raise PickleFormatError("the pickle altered a tensor after creating it")
+    itemsize = ITEMSIZE[ref.dtype]
+    if storage.nbytes % itemsize:
+        raise PickleFormatError(
+            f"storage {storage.key!r} holds {storage.nbytes} bytes, not whole {ref.dtype} elements"
+        )
+    if 0 not in shape:  # a scalar (shape ()) has one element too
+        last = ref.storage_offset + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
+        if last >= storage.nbytes // itemsize:
+            raise PickleFormatError(f"a tensor of shape {list(shape)} reaches past its storage {storage.key!r}")
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = True, *rest: Any) -> TensorRef:
@@ -159,14 +198,32 @@ def _rebuild_parameter_with_state(
     return ref
 
 
-_TENSOR_BUILDERS: dict[str, Callable[..., TensorRef]] = {
-    "_rebuild_tensor": _rebuild_tensor,
-    "_rebuild_tensor_v2": _rebuild_tensor,
-    "_rebuild_tensor_v3": _rebuild_tensor_v3,
-    "_rebuild_parameter": _rebuild_parameter,
-    "_rebuild_parameter_with_state": _rebuild_parameter_with_state,
+class _Builder:
+    """One of torch's rebuild functions as a pickle may call it. A pickle can also BUILD (set
+    attributes on) any object it names, so what ``find_class`` hands out refuses that: a pickle
+    never changes how the next one is read."""
+
+    __slots__ = ("fn", "module", "name")
+
+    def __init__(self, fn: Callable[..., Any], module: str, name: str) -> None:
+        self.fn, self.module, self.name = fn, module, name
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __setstate__(self, state: Any) -> None:
+        raise PickleFormatError(f"the pickle tries to modify {self.module}.{self.name}")
+
+
+_TENSOR_BUILDERS: dict[str, _Builder] = {
+    name: _Builder(fn, "torch._utils", name) for name, fn in (
+        ("_rebuild_tensor", _rebuild_tensor),
+        ("_rebuild_tensor_v2", _rebuild_tensor),
+        ("_rebuild_tensor_v3", _rebuild_tensor_v3),
+        ("_rebuild_parameter", _rebuild_parameter),
+        ("_rebuild_parameter_with_state", _rebuild_parameter_with_state),
+    )
 }
-_BUILDER_FUNCTIONS = set(_TENSOR_BUILDERS.values())
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
@@ -175,12 +232,15 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
     When the inner builder is one we read, the result is a TensorRef that remembers the type and
     the attributes for the writer; otherwise the call stays an inert stand-in.
     """
-    if func in _BUILDER_FUNCTIONS and isinstance(args, tuple):
+    if isinstance(func, _Builder) and isinstance(args, tuple):
         ref = func(*args)
         if isinstance(ref, TensorRef) and not ref.extra.get("parameter"):
             ref.extra["from_type"] = (new_type, state)
             return ref
     return standin("torch._tensor", "_rebuild_from_type_v2")(func, new_type, args, state)
+
+
+_REBUILD_FROM_TYPE = _Builder(_rebuild_from_type_v2, "torch._tensor", "_rebuild_from_type_v2")
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
@@ -203,7 +263,7 @@ class SafeUnpickler(pickle.Unpickler):
         if module == "torch._utils" and name in _TENSOR_BUILDERS:
             return _TENSOR_BUILDERS[name]
         if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
-            return _rebuild_from_type_v2
+            return _REBUILD_FROM_TYPE
         return standin(module, name)
 
     def persistent_load(self, pid: Any) -> Storage:
@@ -229,10 +289,27 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def load(data: bytes | BinaryIO, storages: dict[str, Storage] | None = None) -> Any:
-    """Unpickle a torch payload safely; raises PickleFormatError for anything malformed."""
+    """Unpickle a torch payload safely; raises PickleFormatError for anything malformed.
+
+    Besides running no pickled code, the result is safe to walk: containers nest at most
+    :data:`MAX_DEPTH` deep, hold no reference cycle and share little enough that a walk stays short,
+    and every tensor lies inside its storage.
+    """
+    storages = {} if storages is None else storages
     fh = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
-        return SafeUnpickler(fh, storages).load()
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            raw = bytes(data)
+            if _tuple_bytes(raw) > _TUPLE_SCAN_ABOVE:
+                _check_tuple_nesting(raw)
+        elif isinstance(fh, io.BytesIO):
+            _check_tuple_nesting(fh.getvalue(), fh.tell())
+        else:  # a file: the pickle is followed by other data (the legacy format), so scan it all
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                _check_tuple_nesting(view, fh.tell())
+        payload = SafeUnpickler(fh, storages).load()
+        _check_payload(payload, storages)
+        return payload
     except PickleFormatError:
         raise
     except RecursionError:
@@ -241,6 +318,213 @@ def load(data: bytes | BinaryIO, storages: dict[str, Storage] | None = None) -> 
         raise PickleFormatError("the pickle asks for more memory than it can hold") from None
     except Exception as exc:  # the unpickler raises many types on malformed input
         raise PickleFormatError(f"malformed pickle ({type(exc).__name__}: {exc})"[:300]) from None
+
+
+def _tuple_bytes(raw: bytes) -> int:
+    """An upper bound on how deeply the pickle's tuples nest: each level needs a TUPLE1/2/3 opcode,
+    or a TUPLE and a MARK."""
+    return sum(raw.count(op) for op in (b"\x85", b"\x86", b"\x87")) + min(raw.count(b"("), raw.count(b"t")) + 1
+
+
+# How the scan below steps over each opcode: (what it does to the stack, how its argument is
+# stored, width, pops below a mark, pushes). Built from pickletools' description of the protocol.
+_PLAIN, _MARK, _POP, _PUT, _MEMOIZE, _GET, _TUPLE, _EMPTY_TUPLE, _DUP, _STOP = range(10)
+_FIXED, _COUNTED, _SIGNED_COUNTED, _LINES = range(4)
+
+
+def _opcode_table() -> list[tuple[int, int, int, bool, int, int] | None]:
+    special = {
+        "MARK": _MARK, "POP": _POP, "PUT": _PUT, "BINPUT": _PUT, "LONG_BINPUT": _PUT, "MEMOIZE": _MEMOIZE,
+        "GET": _GET, "BINGET": _GET, "LONG_BINGET": _GET, "TUPLE": _TUPLE, "TUPLE1": _TUPLE,
+        "TUPLE2": _TUPLE, "TUPLE3": _TUPLE, "EMPTY_TUPLE": _EMPTY_TUPLE, "DUP": _DUP, "STOP": _STOP,
+    }
+    counted = {pickletools.TAKEN_FROM_ARGUMENT1: (_COUNTED, 1), pickletools.TAKEN_FROM_ARGUMENT4: (_SIGNED_COUNTED, 4),
+               pickletools.TAKEN_FROM_ARGUMENT4U: (_COUNTED, 4), pickletools.TAKEN_FROM_ARGUMENT8U: (_COUNTED, 8)}
+    table: list[tuple[int, int, int, bool, int, int] | None] = [None] * 256
+    for op in pickletools.opcodes:
+        arg = op.arg
+        if arg is None:
+            kind, width = _FIXED, 0
+        elif arg.n >= 0:
+            kind, width = _FIXED, arg.n
+        elif arg.n == pickletools.UP_TO_NEWLINE:
+            kind, width = _LINES, 2 if op.name in ("GLOBAL", "INST") else 1
+        else:
+            kind, width = counted[arg.n]
+        before = op.stack_before
+        marked = pickletools.markobject in before
+        pops = before.index(pickletools.markobject) if marked else len(before)
+        table[ord(op.code)] = (special.get(op.name, _PLAIN), kind, width, marked, pops, len(op.stack_after))
+    return table
+
+
+_OPCODES = _opcode_table()
+
+
+def _check_tuple_nesting(data: Any, pos: int = 0) -> None:
+    """Step through the opcodes from ``pos`` (without running them) and refuse tuples nested deeper
+    than MAX_DEPTH. Only each stack slot's tuple depth is followed; a pickle this cannot follow is
+    malformed, and the unpickler refuses it no later than where the scan stopped."""
+    stack: list[int] = []
+    marks: list[int] = []
+    memo: dict[int, int] = {}
+    deepest = 0
+    end = len(data)
+    table = _OPCODES
+    try:
+        while pos < end:
+            entry = table[data[pos]]
+            if entry is None:
+                return
+            action, kind, width, marked, pops, pushes = entry
+            pos += 1
+            arg = pos
+            if kind == _FIXED:
+                pos += width
+            elif kind == _LINES:
+                for _ in range(width):
+                    pos = data.find(b"\n", pos) + 1
+                    if pos == 0:
+                        return
+            else:
+                length = int.from_bytes(data[pos : pos + width], "little", signed=kind == _SIGNED_COUNTED)
+                if length < 0:
+                    return
+                pos += width + length
+            if pos > end:
+                return
+            if action == _PLAIN:
+                if marked:
+                    del stack[marks.pop() if marks else 0 :]
+                if pops:
+                    del stack[-pops:]
+                stack += [0] * pushes
+            elif action == _TUPLE:
+                if marked:
+                    start = marks.pop() if marks else 0
+                    items = stack[start:]
+                    del stack[start:]
+                else:
+                    items = stack[-pops:]
+                    del stack[-pops:]
+                depth = 1 + max(items, default=0)
+                if depth > MAX_DEPTH:
+                    raise PickleFormatError(f"the pickle nests tuples more than {MAX_DEPTH} deep")
+                deepest = max(deepest, depth)
+                stack.append(depth)
+            elif action == _MARK:
+                marks.append(len(stack))
+            elif action == _GET:
+                stack.append(memo.get(_memo_key(data, arg, pos, kind), deepest))
+            elif action == _PUT:
+                memo[_memo_key(data, arg, pos, kind)] = stack[-1] if stack else deepest
+            elif action == _MEMOIZE:
+                memo[len(memo)] = stack[-1] if stack else deepest
+            elif action == _POP:
+                if marks and marks[-1] == len(stack):
+                    marks.pop()
+                elif stack:
+                    stack.pop()
+            elif action == _EMPTY_TUPLE:
+                stack.append(1)
+            elif action == _DUP:
+                stack.append(stack[-1] if stack else 0)
+            else:  # STOP
+                return
+    except PickleFormatError:
+        raise
+    except (ValueError, IndexError):  # a malformed argument; the unpickler says how
+        return
+
+
+def _memo_key(data: Any, start: int, end: int, kind: int) -> int:
+    if kind == _LINES:
+        return int(data[start : end - 1])
+    return int.from_bytes(data[start:end], "little")
+
+
+_ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None))
+
+
+def _check_payload(payload: Any, storages: dict[str, Storage]) -> None:
+    """Walk the unpickled payload once, without recursion: refuse nesting deeper than MAX_DEPTH,
+    reference cycles, sharing that would make a walk of it explode, and tensors or storages the
+    pickle altered after they were built (BUILD can set any attribute of an object it holds)."""
+    for storage in storages.values():
+        _check_storage(storage, storages)
+    cap = 1 << 62
+    done: dict[int, tuple[int, int]] = {}  # id -> (height, visits a walk from it makes)
+    on_path: set[int] = set()
+    slots = 0
+    # a frame: [object, weight, children, next child, depth, tallest child, visits so far]
+    root: list[Any] = [None, 0, [payload], 0, 0, 0, 0]
+    frames = [root]
+    while frames:
+        frame = frames[-1]
+        children = frame[2]
+        if frame[3] < len(children):
+            child = children[frame[3]]
+            frame[3] += 1
+            if type(child) in _ATOMS:
+                frame[6] = min(cap, frame[6] + 1)
+                continue
+            known = done.get(id(child))
+            if known is None:
+                if id(child) in on_path:
+                    raise PickleFormatError("the pickle holds an object that contains itself")
+                weight, grandchildren = _node(child, storages)
+                if frame[4] + weight > MAX_DEPTH:
+                    raise PickleFormatError(f"the pickle nests containers more than {MAX_DEPTH} deep")
+                if grandchildren is not None:
+                    on_path.add(id(child))
+                    frames.append([child, weight, grandchildren, 0, frame[4] + weight, 0, 1])
+                    continue
+                known = done[id(child)] = (weight, 1)
+            elif frame[4] + known[0] > MAX_DEPTH:
+                raise PickleFormatError(f"the pickle nests containers more than {MAX_DEPTH} deep")
+            frame[5] = max(frame[5], known[0])
+            frame[6] = min(cap, frame[6] + known[1])
+            continue
+        frames.pop()
+        if frame is root:
+            break
+        obj = frame[0]
+        height = done[id(obj)] = (frame[1] + frame[5], frame[6])
+        on_path.discard(id(obj))
+        slots += len(children)
+        parent = frames[-1]
+        parent[5] = max(parent[5], height[0])
+        parent[6] = min(cap, parent[6] + height[1])
+    if root[6] - slots - 1 > MAX_SHARED_VISITS:
+        raise PickleFormatError(f"the pickle shares objects so often that a walk of it visits {root[6]:,} of them")
+
+
+def _node(obj: Any, storages: dict[str, Storage]) -> tuple[int, list[Any] | None]:
+    """(nesting weight, children; None for a leaf) of one payload object; checks tensors."""
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return 1, list(obj)
+    if isinstance(obj, dict):
+        attributes = list(vars(obj).values()) if hasattr(obj, "__dict__") else []  # OrderedDict._metadata
+        return 1, [*obj.keys(), *obj.values(), *attributes]
+    if isinstance(obj, StandIn):
+        return 2, [obj.args, obj.state, obj.listitems, obj.dictitems]
+    if isinstance(obj, TensorRef):
+        _check_storage(obj.storage, storages)
+        _check_tensor(obj)
+        return 1, [obj.extra] if obj.extra or not isinstance(obj.extra, dict) else None
+    if isinstance(obj, Storage):
+        _check_storage(obj, storages)
+    return 1, None
+
+
+def _check_storage(storage: Any, storages: dict[str, Storage]) -> None:
+    if not (
+        isinstance(storage, Storage) and isinstance(storage.key, str) and storages.get(storage.key) is storage
+        and isinstance(storage.dtype, str) and storage.dtype in ITEMSIZE
+        and type(storage.nbytes) is int and storage.nbytes >= 0 and isinstance(storage.location, str)
+        and storage.source is None and storage.offset is None and storage.crc32 is None
+    ):
+        raise PickleFormatError("the pickle altered a storage after creating it")
 
 
 _PurePickler: Any = getattr(pickle, "_Pickler")  # noqa: B009 - the pure-Python pickler lets save_global be overridden
@@ -252,6 +536,11 @@ class _Writer(_PurePickler):
     def __init__(self, file: BinaryIO, storage_of: Callable[[Any], tuple[str, Storage]]) -> None:
         super().__init__(file, protocol=2)
         self._storage_of = storage_of
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        if isinstance(obj, _Builder):  # a rebuild function kept inside a stand-in: torch's name for it
+            obj = standin(obj.module, obj.name)
+        super().save(obj, save_persistent_id)
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _PersistentStorage):

@@ -71,10 +71,72 @@ def read_entries(fh: BinaryIO, file_size: int) -> dict[str, ZipEntry]:
             )
         if info.filename in entries:
             raise ZipFormatError(f"record {info.filename!r} appears twice")
+        _check_local_header(fh, info, header, data_offset, file_size)
         entries[info.filename] = ZipEntry(
             info.filename, info.header_offset, data_offset, info.file_size, info.CRC
         )
+    _check_no_overlap(entries)
     return entries
+
+
+def _check_local_header(
+    fh: BinaryIO, info: zipfile.ZipInfo, header: bytes, data_offset: int, file_size: int
+) -> None:
+    """The local header must name the record the central directory lists, with the same CRC and
+    size: in the header itself, or (flag bit 3, as torch writes) in the data descriptor after the data."""
+    flags, _method, _time, _date, crc, csize, usize, name_len, extra_len = struct.unpack_from(
+        "<HHHHIIIHH", header, 6
+    )
+    name = os.pread(fh.fileno(), name_len + extra_len, info.header_offset + _LOCAL.size)
+    try:
+        local_name = name[:name_len].decode("utf-8" if flags & 0x800 else "cp437")
+    except UnicodeDecodeError:
+        local_name = None
+    if local_name != info.orig_filename:
+        raise ZipFormatError(
+            f"record {info.filename!r}: its local header names {name[:name_len]!r:.80} instead"
+        )
+    size, where = info.file_size, "local header"
+    if flags & 0x08:
+        where = "data descriptor"
+        tail = os.pread(fh.fileno(), 24, data_offset + size)
+        if tail[:4] == b"PK\x07\x08":
+            tail = tail[4:]
+        if len(tail) >= 12 and struct.unpack_from("<III", tail) == (info.CRC, size, size):
+            return
+        if len(tail) >= 20 and struct.unpack_from("<IQQ", tail) == (info.CRC, size, size):
+            return
+        crc, csize, usize = struct.unpack_from("<III", tail.ljust(12, b"\0"))
+    elif (csize, usize) == (_MAX32, _MAX32):
+        zip64 = _zip64_sizes(name[name_len:])
+        if zip64 is None:
+            raise ZipFormatError(f"record {info.filename!r}: its local header lacks its zip64 sizes")
+        csize, usize = zip64
+    if (crc, csize, usize) != (info.CRC, size, size):
+        raise ZipFormatError(
+            f"record {info.filename!r}: the central directory says {size} bytes (CRC {info.CRC:08x}), "
+            f"its {where} {usize} bytes (CRC {crc:08x})"
+        )
+
+
+def _zip64_sizes(extra: bytes) -> tuple[int, int] | None:
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        if tag == 1 and length >= 16 and pos + 4 + length <= len(extra):
+            usize, csize = struct.unpack_from("<QQ", extra, pos + 4)
+            return csize, usize
+        pos += 4 + length
+    return None
+
+
+def _check_no_overlap(entries: dict[str, ZipEntry]) -> None:
+    """Records must not share bytes: a directory listing one record many times over is the
+    overlapping-file zip bomb, and would have a digest read the same bytes again and again."""
+    spans = sorted((e.header_offset, e.data_offset + e.size, e.name) for e in entries.values())
+    for (_start, end, name), (next_start, _end, next_name) in zip(spans, spans[1:], strict=False):
+        if next_start < end:
+            raise ZipFormatError(f"records {name!r} and {next_name!r} overlap")
 
 
 def read_record(fh: BinaryIO, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
