@@ -379,7 +379,8 @@ def _print_outcome(outcome: Any, dry_run: bool) -> None:
         return
     plan = outcome.plan
     if not plan.steps:
-        click.echo(f"{outcome.path}: {plan.describe()}, left untouched")
+        copied = f", copied to {outcome.output}" if outcome.written else ""
+        click.echo(f"{outcome.path}: {plan.describe()}, left untouched{copied}")
         return
     if dry_run:
         click.echo(f"{outcome.path}: would {plan.describe()} (start from {plan.start_source})")

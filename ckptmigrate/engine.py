@@ -291,6 +291,10 @@ def migrate_file(
             )
         outcome = Outcome(path, output, plan)
         if not plan.steps:
+            if output is not None and not dry_run and output.resolve() != path.resolve():
+                # `-o` always leaves a file there (in the container its name asks for): pipelines rely on it
+                ckpt.write(output, ckpt.envelope, fmt=_output_format(ckpt, output))
+                outcome.written = True
             return outcome
         history = apply(ckpt, plan)
         outcome.ops = [{"revision": h["revision"], "ops": h["ops"]} for h in history]

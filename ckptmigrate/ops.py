@@ -318,7 +318,8 @@ class Operations:
             for target, size in zip(targets, parts, strict=True):
                 out_shape = list(shape)
                 out_shape[dim] = size
-                new_items.append((target, Deferred(
+                view = _slice_view(src, dim, start, size)
+                new_items.append((target, view if view is not None else Deferred(
                     tuple(out_shape), dtype_of(src),
                     partial(_narrow, src, dim, start, size),
                 )))
@@ -367,7 +368,7 @@ class Operations:
             items = [(k, v) for k, v in self._entries.items() if k not in sources]
             if target in dict(items):
                 raise OpError("merge", target, f"merge: {target!r} already exists")
-            merged = Deferred(tuple(out_shape), dtype, partial(_cat, tensors, dim))
+            merged = _joined_view(tensors, dim) or Deferred(tuple(out_shape), dtype, partial(_cat, tensors, dim))
             items.insert(min(position, len(items)), (target, merged))
             self._entries.clear()
             for key_, value in items:
@@ -467,6 +468,38 @@ def _reshape_all(ts: list[torch.Tensor], shape: tuple[int, ...]) -> list[torch.T
 
 def _truncate(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return t[tuple(slice(0, d) for d in shape)]
+
+
+def _runs_along(ref: TensorRef, dim: int) -> bool:
+    """A stored contiguous tensor whose slices along ``dim`` are single runs of bytes."""
+    return ref.stride == contiguous_stride(ref.shape) and math.prod(ref.shape[:dim]) == 1
+
+
+def _slice_view(src: Entry, dim: int, start: int, size: int) -> TensorRef | None:
+    """A part of a stored tensor as a view of the same bytes, as ``torch.split`` gives: no copy, no
+    torch, and the file can still be rewritten in place. None when the part is not one run."""
+    if not isinstance(src, TensorRef) or not _runs_along(src, dim) or src.numel == 0:
+        return None
+    shape = (*src.shape[:dim], size, *src.shape[dim + 1:])
+    offset = src.storage_offset + start * math.prod(src.shape[dim + 1:])
+    return TensorRef(src.storage, offset, shape, contiguous_stride(shape), src.dtype, src.requires_grad)
+
+
+def _joined_view(parts: Sequence[Entry], dim: int) -> TensorRef | None:
+    """Adjacent views of one storage (the parts a split left) joined back into one view."""
+    first = parts[0]
+    if not isinstance(first, TensorRef):
+        return None
+    offset = first.storage_offset
+    for part in parts:
+        if (not isinstance(part, TensorRef) or part.storage is not first.storage or part.dtype != first.dtype
+                or not _runs_along(part, dim) or part.storage_offset != offset or part.numel == 0):
+            return None
+        offset += part.numel
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    return TensorRef(first.storage, first.storage_offset, tuple(shape), contiguous_stride(tuple(shape)),
+                     first.dtype, first.requires_grad)
 
 
 def _narrow(src: Entry, dim: int, start: int, size: int) -> torch.Tensor:

@@ -123,13 +123,12 @@ class TensorRef:
     def device(self) -> str:
         return self.storage.location
 
-    def is_whole_storage(self) -> bool:
-        """True when the tensor is exactly its storage, contiguous: its bytes can be copied as-is."""
-        return (
-            self.storage_offset == 0
-            and self.stride == contiguous_stride(self.shape)
-            and self.nbytes == self.storage.nbytes
-        )
+    def file_range(self) -> tuple[int, int] | None:
+        """(offset, length) of the tensor's bytes in its file when they are one contiguous run
+        (they can then be copied by the kernel as they are), else None."""
+        if self.stride != contiguous_stride(self.shape) or self.storage.offset is None:
+            return None
+        return self.storage.offset + self.storage_offset * ITEMSIZE[self.dtype], self.nbytes
 
 
 @dataclass(eq=False)

@@ -274,3 +274,38 @@ def test_a_split_chain_streams_a_file_many_times_larger_than_its_memory(tmp_path
     assert peak < budget, f"peak private memory {peak:.0f} MiB for a {size_mib:.0f} MiB file"
     got = torch.load(out, mmap=True, weights_only=True)
     assert_bit_identical(got, split_and_reshaped(sd, d))
+
+
+def test_splitting_a_fused_projection_is_free_and_walks_back(tmp_path: Path, cli: Cli) -> None:
+    """Parts along the first dimension are runs of the fused tensor's bytes: views, as torch.split
+    gives, so the chain stays metadata-only — in place, torch never imported — and merge joins them back."""
+    d = 16
+    sd = gpt_like(layers=6, d=d)
+    path = tmp_path / "gpt.pt"
+    torch.save(sd, path)
+    before = path.stat()
+    migrations = chain(tmp_path, split_dim=d)
+    out = tmp_path / "parts.safetensors"  # safetensors has no views: each part gets its own bytes
+    cli("upgrade", path, "--from", "base", "-o", out, "--migrations", migrations, check=True)
+    assert_bit_identical(dict(sorted(load_file(out).items())), dict(sorted(split_and_reshaped(sd, d).items())))
+    probe = textwrap.dedent("""
+        import sys
+        from ckptmigrate.cli import main
+        try:
+            main(sys.argv[1:], prog_name="ckptmigrate")
+        finally:
+            print("torch imported:", "torch" in sys.modules, file=sys.stderr)
+    """)
+
+    proc = subprocess.run([sys.executable, "-c", probe, "upgrade", str(path), "--from", "base", "--no-backup",
+                           "--migrations", str(migrations)], capture_output=True, text=True, cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "torch imported: False" in proc.stderr
+    assert path.stat().st_ino == before.st_ino and path.stat().st_size - before.st_size < 64 * 1024
+    assert_loads_as(path, split_and_reshaped(sd, d))
+
+    cli("downgrade", path, "--to", "base", "--no-backup", "--migrations", migrations, check=True)
+
+    assert path.stat().st_ino == before.st_ino
+    assert_loads_as(path, sd)

@@ -213,6 +213,14 @@ def test_a_file_already_at_head_is_left_untouched(tmp_path: Path, cli: Cli, rena
     assert proc.stdout.strip() == "model.pt: already at c3, left untouched"
     assert fingerprint(path) == before and listing(tmp_path) == files
 
+    proc = cli("upgrade", "model.pt", "-o", "copy.pt", "--migrations", "chain", check=True)
+
+    assert proc.stdout.strip() == "model.pt: already at c3, left untouched, copied to copy.pt"
+    assert fingerprint(path) == before
+    assert cli("current", "copy.pt", check=True).stdout.strip() == "c3"
+    for k, v in torch.load(path, weights_only=True).items():
+        assert torch.equal(torch.load(tmp_path / "copy.pt", weights_only=True)[k], v)
+
 
 def test_current_shows_the_revision_or_unstamped(tmp_path: Path, cli: Cli, renames: Path) -> None:
     small(tmp_path / "raw.pt")

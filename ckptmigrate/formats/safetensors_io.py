@@ -31,7 +31,9 @@ from ckptmigrate.tensors import (
 )
 
 ENVELOPE_KEY = "ckptmigrate"
-MAX_HEADER = 100 << 20
+#: The longest header read, as the safetensors library itself allows; a longer one is refused
+#: before any of it is read.
+MAX_HEADER = 100_000_000
 _CHUNK = 16 << 20
 
 
@@ -46,17 +48,31 @@ def read_header(source: Source) -> tuple[dict[str, Any], int]:
     if len(raw) != 8:
         raise SafetensorsFormatError("shorter than a safetensors header")
     (n,) = struct.unpack("<Q", raw)
+    if n > MAX_HEADER:
+        raise SafetensorsFormatError(f"header of {n:,} bytes exceeds the limit of {MAX_HEADER:,} bytes")
     if n > source.size - 8:
         raise SafetensorsFormatError(f"header length {n} is larger than the file")
-    if n > MAX_HEADER:
-        raise SafetensorsFormatError(f"header of {n} bytes exceeds the {MAX_HEADER >> 20} MiB limit")
     try:
-        header = json.loads(fh.read(n))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SafetensorsFormatError(f"header is not valid JSON ({exc})") from None
+        header = json.loads(fh.read(n).decode("utf-8"))
+    except RecursionError:
+        raise SafetensorsFormatError("header is nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise SafetensorsFormatError(f"header is not valid JSON ({exc})"[:300]) from None
     if not isinstance(header, dict):
         raise SafetensorsFormatError("header is not a JSON object")
     return header, 8 + n
+
+
+def _parse_envelope(text: Any) -> dict[str, Any]:
+    if not isinstance(text, str):
+        raise SafetensorsFormatError("the ckptmigrate envelope in __metadata__ is not a string")
+    try:
+        envelope = json.loads(text)
+    except (ValueError, RecursionError):
+        raise SafetensorsFormatError("the ckptmigrate envelope in __metadata__ is not JSON") from None
+    if not isinstance(envelope, dict):
+        raise SafetensorsFormatError("the ckptmigrate envelope in __metadata__ is not a JSON object")
+    return envelope
 
 
 def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, str], dict[str, Storage]]:
@@ -107,12 +123,7 @@ def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, str], di
         raise SafetensorsFormatError(
             f"the data section holds {data_size - covered} bytes after the last tensor"
         )
-    envelope = None
-    if ENVELOPE_KEY in metadata:
-        try:
-            envelope = json.loads(metadata.pop(ENVELOPE_KEY))
-        except ValueError:
-            raise SafetensorsFormatError("the ckptmigrate envelope in __metadata__ is not JSON") from None
+    envelope = _parse_envelope(metadata.pop(ENVELOPE_KEY)) if ENVELOPE_KEY in metadata else None
     ordered = OrderedDict((name, refs[name]) for _b, _e, name in spans)
     return ordered, envelope, metadata, storages
 
@@ -122,10 +133,7 @@ def read_envelope(source: Source) -> dict[str, Any] | None:
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or ENVELOPE_KEY not in meta:
         return None
-    try:
-        return json.loads(meta[ENVELOPE_KEY])
-    except ValueError:
-        raise SafetensorsFormatError("the ckptmigrate envelope in __metadata__ is not JSON") from None
+    return _parse_envelope(meta[ENVELOPE_KEY])
 
 
 def _chunks(obj: Any) -> Iterator[memoryview]:
@@ -146,11 +154,11 @@ def _nbytes(obj: Any) -> int:
 def write(
     fh: BinaryIO, tensors: dict[str, Any], envelope: dict[str, Any] | None, metadata: dict[str, str]
 ) -> None:
-    """Stream tensors to a safetensors file; whole, contiguous storages are copied by the kernel."""
+    """Stream tensors to a safetensors file; contiguous tensors in a file are copied by the kernel."""
     header: dict[str, Any] = {}
     meta = dict(metadata)
     if envelope is not None:
-        meta[ENVELOPE_KEY] = json.dumps(envelope, sort_keys=True)
+        meta[ENVELOPE_KEY] = json.dumps(envelope, separators=(",", ":"), sort_keys=True)
     if meta:
         header["__metadata__"] = meta
     offset = 0
@@ -172,9 +180,9 @@ def write(
     fd = fh.fileno()
     for obj in tensors.values():
         size = _nbytes(obj)
-        if isinstance(obj, TensorRef) and obj.is_whole_storage() and obj.storage.source is not None:
-            assert obj.storage.offset is not None
-            copy_range(obj.storage.source.fileno(), fd, obj.storage.offset, size, pos)
+        run = obj.file_range() if isinstance(obj, TensorRef) and obj.storage.source is not None else None
+        if run is not None:
+            copy_range(obj.storage.source.fileno(), fd, run[0], size, pos)
             pos += size
             continue
         for chunk in _chunks(obj):
