@@ -24,3 +24,11 @@ class MigrationError(BadInput):
 
 class RevisionError(BadInput):
     """The revision graph is inconsistent, or a revision cannot be found."""
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line: what a broken file holds (a quoted name, a line break) escaped."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)

@@ -66,7 +66,7 @@ def _import_script(path: Path) -> ModuleType:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
         raise RevisionError(f"{path}:{exc.lineno}: syntax error in migration script: {exc.msg}") from None
-    except Exception as exc:  # noqa: BLE001 - any import-time failure is the script's
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - any import-time failure is the script's
         raise RevisionError(f"{path}: importing the migration script raised {type(exc).__name__}: {exc}") from None
     return module
 

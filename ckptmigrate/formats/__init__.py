@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from ckptmigrate.errors import BadInput
+from ckptmigrate.errors import BadInput, one_line
 from ckptmigrate.formats import legacy, safetensors_io, torchzip
 from ckptmigrate.formats.zipio import ZipEntry
 from ckptmigrate.tensors import Source, Storage
@@ -99,7 +99,7 @@ def read(path: str | os.PathLike[str]) -> Container:
         return Container(fmt, path, source, tensors, envelope, storages, metadata=metadata)
     except (torchzip.TorchZipError, legacy.LegacyFormatError, safetensors_io.SafetensorsFormatError) as exc:
         source.close()
-        raise BadInput(f"{path}: {_describe(fmt)} {exc}") from None
+        raise BadInput(f"{path}: {_describe(fmt)} {one_line(exc)}") from None
     except BaseException:
         source.close()
         raise
@@ -122,7 +122,7 @@ def read_envelope(path: str | os.PathLike[str]) -> tuple[Format, dict[str, Any] 
             return fmt, safetensors_io.read_envelope(source)
         return fmt, None
     except (torchzip.TorchZipError, safetensors_io.SafetensorsFormatError) as exc:
-        raise BadInput(f"{path}: {_describe(fmt)} {exc}") from None
+        raise BadInput(f"{path}: {_describe(fmt)} {one_line(exc)}") from None
     finally:
         source.close()
 

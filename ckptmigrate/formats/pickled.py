@@ -18,6 +18,7 @@ import pickletools
 from collections.abc import Callable
 from typing import Any, BinaryIO, ClassVar
 
+from ckptmigrate.errors import one_line
 from ckptmigrate.tensors import (
     ITEMSIZE,
     LEGACY_STORAGE,
@@ -41,11 +42,8 @@ MAX_DEPTH = 100
 #: How many more visits than it has slots a walk of the payload may make because objects are shared
 #: (``a = [x] * 10; b = [a] * 10; ...`` is small but visits 10**n leaves).
 MAX_SHARED_VISITS = 1_000_000
-#: Hashing a tuple recurses in C without a depth check (about 60 bytes of stack a level), so
-#: unpickling a dict keyed by 150,000 nested 1-tuples overflows an 8 MiB stack. A pickle holding
-#: fewer tuple-building opcode bytes than this cannot nest tuples deep enough to overflow even a
-#: 2 MiB thread stack; one that holds more (about 5,000 tensors) is scanned before it is unpickled.
-_TUPLE_SCAN_ABOVE = 20_000
+#: How many distinct globals one pickle may name: each becomes a stand-in class, kept for the process.
+MAX_GLOBALS = 10_000
 
 
 _NEWOBJ: Any = getattr(copyreg, "__newobj__")  # noqa: B009 - missing from typeshed
@@ -256,8 +254,12 @@ class SafeUnpickler(pickle.Unpickler):
     def __init__(self, file: BinaryIO, storages: dict[str, Storage] | None = None) -> None:
         super().__init__(file, encoding="utf-8")
         self.storages: dict[str, Storage] = {} if storages is None else storages
+        self.globals_named: set[tuple[str, str]] = set()
 
     def find_class(self, module: str, name: str) -> Any:
+        self.globals_named.add((module, name))
+        if len(self.globals_named) > MAX_GLOBALS:
+            raise PickleFormatError(f"the pickle names more than {MAX_GLOBALS:,} distinct globals")
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[(module, name)]
         if module == "torch._utils" and name in _TENSOR_BUILDERS:
@@ -299,36 +301,30 @@ def load(data: bytes | BinaryIO, storages: dict[str, Storage] | None = None) -> 
     fh = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
         if isinstance(data, (bytes, bytearray, memoryview)):
-            raw = bytes(data)
-            if _tuple_bytes(raw) > _TUPLE_SCAN_ABOVE:
-                _check_tuple_nesting(raw)
+            _scan(bytes(data))
         elif isinstance(fh, io.BytesIO):
-            _check_tuple_nesting(fh.getvalue(), fh.tell())
-        else:  # a file: the pickle is followed by other data (the legacy format), so scan it all
+            _scan(fh.getvalue(), fh.tell())
+        else:  # a file: the pickle is followed by other data (the legacy format)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                _check_tuple_nesting(view, fh.tell())
+                _scan(view, fh.tell())
         payload = SafeUnpickler(fh, storages).load()
         _check_payload(payload, storages)
         return payload
-    except PickleFormatError:
-        raise
+    except PickleFormatError as exc:
+        if str(exc).isprintable():
+            raise
+        raise PickleFormatError(one_line(exc)) from None  # it quotes the file: one line, escaped
     except RecursionError:
         raise PickleFormatError("the pickle is nested too deeply") from None
     except MemoryError:
         raise PickleFormatError("the pickle asks for more memory than it can hold") from None
     except Exception as exc:  # the unpickler raises many types on malformed input
-        raise PickleFormatError(f"malformed pickle ({type(exc).__name__}: {exc})"[:300]) from None
-
-
-def _tuple_bytes(raw: bytes) -> int:
-    """An upper bound on how deeply the pickle's tuples nest: each level needs a TUPLE1/2/3 opcode,
-    or a TUPLE and a MARK."""
-    return sum(raw.count(op) for op in (b"\x85", b"\x86", b"\x87")) + min(raw.count(b"("), raw.count(b"t")) + 1
+        raise PickleFormatError(f"malformed pickle ({one_line(f'{type(exc).__name__}: {exc}'[:300])})") from None
 
 
 # How the scan below steps over each opcode: (what it does to the stack, how its argument is
 # stored, width, pops below a mark, pushes). Built from pickletools' description of the protocol.
-_PLAIN, _MARK, _POP, _PUT, _MEMOIZE, _GET, _TUPLE, _EMPTY_TUPLE, _DUP, _STOP = range(10)
+_PLAIN, _PUSH, _NOOP, _MARK, _POP, _PUT, _MEMOIZE, _GET, _TUPLE, _EMPTY_TUPLE, _DUP, _STOP = range(12)
 _FIXED, _COUNTED, _SIGNED_COUNTED, _LINES = range(4)
 
 
@@ -354,29 +350,44 @@ def _opcode_table() -> list[tuple[int, int, int, bool, int, int] | None]:
         before = op.stack_before
         marked = pickletools.markobject in before
         pops = before.index(pickletools.markobject) if marked else len(before)
-        table[ord(op.code)] = (special.get(op.name, _PLAIN), kind, width, marked, pops, len(op.stack_after))
+        action = special.get(op.name, _PLAIN)
+        if action == _PLAIN and not marked and not pops and len(op.stack_after) <= 1:
+            action = _PUSH if op.stack_after else _NOOP
+        table[ord(op.code)] = (action, kind, width, marked, pops, len(op.stack_after))
     return table
 
 
 _OPCODES = _opcode_table()
 
 
-def _check_tuple_nesting(data: Any, pos: int = 0) -> None:
-    """Step through the opcodes from ``pos`` (without running them) and refuse tuples nested deeper
-    than MAX_DEPTH. Only each stack slot's tuple depth is followed; a pickle this cannot follow is
-    malformed, and the unpickler refuses it no later than where the scan stopped."""
+def _scan(data: Any, pos: int = 0) -> None:
+    """Step through the opcodes from ``pos`` without running them, and refuse what would hurt the C
+    unpickler before it acts on it:
+
+    * tuples nested deeper than MAX_DEPTH: hashing a tuple (a dict key, a set member) recurses in
+      C without a depth check, about 60 bytes of stack a level, so 150,000 nested 1-tuples
+      overflow an 8 MiB stack and crash the interpreter;
+    * a memo index far past the entries stored so far: the unpickler grows its memo array to twice
+      the index, so ``LONG_BINPUT 2**31`` asks for 32 GiB, and zeroes it;
+    * an argument longer than the bytes left: the unpickler allocates it before finding them missing.
+
+    Only each stack slot's tuple depth is followed; a pickle this cannot follow is malformed, and
+    the unpickler refuses it no later than where the scan stopped.
+    """
     stack: list[int] = []
     marks: list[int] = []
     memo: dict[int, int] = {}
     deepest = 0
     end = len(data)
     table = _OPCODES
+    ops = 0
     try:
         while pos < end:
             entry = table[data[pos]]
             if entry is None:
                 return
             action, kind, width, marked, pops, pushes = entry
+            ops += 1
             pos += 1
             arg = pos
             if kind == _FIXED:
@@ -391,9 +402,21 @@ def _check_tuple_nesting(data: Any, pos: int = 0) -> None:
                 if length < 0:
                     return
                 pos += width + length
+                if pos > end:
+                    raise PickleFormatError(f"the pickle is truncated: an argument of {length:,} bytes runs past it")
             if pos > end:
                 return
-            if action == _PLAIN:
+            if action == _PUSH:
+                stack.append(0)
+            elif action == _PUT:
+                index = int(data[arg : pos - 1]) if kind == _LINES else int.from_bytes(data[arg:pos], "little")
+                if not 0 <= index <= ops:
+                    raise PickleFormatError(f"the pickle stores memo entry {index:,} after {ops:,} opcodes")
+                memo[index] = stack[-1] if stack else deepest
+            elif action == _GET:
+                index = int(data[arg : pos - 1]) if kind == _LINES else int.from_bytes(data[arg:pos], "little")
+                stack.append(memo.get(index, deepest))
+            elif action == _PLAIN:
                 if marked:
                     del stack[marks.pop() if marks else 0 :]
                 if pops:
@@ -414,10 +437,6 @@ def _check_tuple_nesting(data: Any, pos: int = 0) -> None:
                 stack.append(depth)
             elif action == _MARK:
                 marks.append(len(stack))
-            elif action == _GET:
-                stack.append(memo.get(_memo_key(data, arg, pos, kind), deepest))
-            elif action == _PUT:
-                memo[_memo_key(data, arg, pos, kind)] = stack[-1] if stack else deepest
             elif action == _MEMOIZE:
                 memo[len(memo)] = stack[-1] if stack else deepest
             elif action == _POP:
@@ -429,18 +448,12 @@ def _check_tuple_nesting(data: Any, pos: int = 0) -> None:
                 stack.append(1)
             elif action == _DUP:
                 stack.append(stack[-1] if stack else 0)
-            else:  # STOP
+            elif action == _STOP:
                 return
     except PickleFormatError:
         raise
     except (ValueError, IndexError):  # a malformed argument; the unpickler says how
         return
-
-
-def _memo_key(data: Any, start: int, end: int, kind: int) -> int:
-    if kind == _LINES:
-        return int(data[start : end - 1])
-    return int.from_bytes(data[start:end], "little")
 
 
 _ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None))

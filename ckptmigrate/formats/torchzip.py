@@ -113,7 +113,13 @@ def parse_envelope(data: bytes) -> Any:
             raise ValueError(f"compressed envelope is corrupt: {exc}") from None
         if inflate.unconsumed_tail:
             raise ValueError(f"compressed envelope inflates past {MAX_ENVELOPE} bytes")
-    return json.loads(data)
+    try:
+        envelope = json.loads(data)
+    except RecursionError:
+        raise ValueError("the envelope is nested too deeply") from None
+    if not isinstance(envelope, dict):
+        raise ValueError("the envelope is not a JSON object")
+    return envelope
 
 
 class _StoragePlan:
