@@ -259,15 +259,16 @@ class Checkpoint(Operations):
 
 
     def _append(self, payload: Any, env: dict[str, Any] | None, check: Any) -> bool:
-        """The in-place path: append to this file; on a failed read-back, cut it back to what it was."""
+        """The in-place path: append to this file; if the append or its read-back fails, cut the file
+        back to what it was (the original bytes before its old end are never touched)."""
         c = self.container
         assert c.source is not None
         size = c.source.size
         if os.stat(self.path).st_size != size:
             raise BadInput(f"{self.path}: changed on disk while it was being migrated; nothing was written")
-        if not torchzip.append_in_place(self.path, c.source, c.records, c.prefix, payload, env):
-            return False
         try:
+            if not torchzip.append_in_place(self.path, c.source, c.records, c.prefix, payload, env):
+                return False
             check(self.path)
         except BaseException:
             os.truncate(self.path, size)

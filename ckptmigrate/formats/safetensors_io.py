@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from ckptmigrate.formats.zipio import copy_range
+from ckptmigrate.formats.zipio import copy_range, write_all
 from ckptmigrate.tensors import (
     DTYPE_TO_SAFETENSORS,
     ITEMSIZE,
@@ -187,9 +187,7 @@ def write(
             continue
         for chunk in _chunks(obj):
             view = memoryview(chunk).cast("B")
-            while view:
-                n = os.pwrite(fd, view, pos)
-                pos += n
-                view = view[n:]
+            write_all(fd, view, pos)
+            pos += len(view)
     fh.seek(pos)
     fh.truncate(pos)

@@ -8,6 +8,7 @@ the file being appended to: that is what makes renames cost only metadata.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zipfile
@@ -26,6 +27,9 @@ _MAX32 = 0xFFFFFFFF
 _MAX16 = 0xFFFF
 _PAGE = 4096
 _CHUNK = 8 << 20
+#: Signatures of what may follow a record's data: a local header, the central directory, the (zip64)
+#: end of central directory.
+_NEXT_STRUCTURES = (b"PK\x03\x04", b"PK\x01\x02", b"PK\x06\x06", b"PK\x05\x06")
 
 
 class ZipFormatError(ValueError):
@@ -45,7 +49,7 @@ def read_entries(fh: BinaryIO, file_size: int) -> dict[str, ZipEntry]:
     """Parse the central directory and local headers; validate that every record is in the file."""
     try:
         infos = zipfile.ZipFile(fh).infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
         raise ZipFormatError(f"not a readable zip archive ({exc})") from None
     entries: dict[str, ZipEntry] = {}
     for info in infos:
@@ -71,7 +75,7 @@ def read_entries(fh: BinaryIO, file_size: int) -> dict[str, ZipEntry]:
             )
         if info.filename in entries:
             raise ZipFormatError(f"record {info.filename!r} appears twice")
-        _check_local_header(fh, info, header, data_offset, file_size)
+        _check_local_header(fh, info, header, data_offset)
         entries[info.filename] = ZipEntry(
             info.filename, info.header_offset, data_offset, info.file_size, info.CRC
         )
@@ -79,9 +83,7 @@ def read_entries(fh: BinaryIO, file_size: int) -> dict[str, ZipEntry]:
     return entries
 
 
-def _check_local_header(
-    fh: BinaryIO, info: zipfile.ZipInfo, header: bytes, data_offset: int, file_size: int
-) -> None:
+def _check_local_header(fh: BinaryIO, info: zipfile.ZipInfo, header: bytes, data_offset: int) -> None:
     """The local header must name the record the central directory lists, with the same CRC and
     size: in the header itself, or (flag bit 3, as torch writes) in the data descriptor after the data."""
     flags, _method, _time, _date, crc, csize, usize, name_len, extra_len = struct.unpack_from(
@@ -93,21 +95,12 @@ def _check_local_header(
     except UnicodeDecodeError:
         local_name = None
     if local_name != info.orig_filename:
-        raise ZipFormatError(
-            f"record {info.filename!r}: its local header names {name[:name_len]!r:.80} instead"
-        )
-    size, where = info.file_size, "local header"
-    if flags & 0x08:
-        where = "data descriptor"
-        tail = os.pread(fh.fileno(), 24, data_offset + size)
-        if tail[:4] == b"PK\x07\x08":
-            tail = tail[4:]
-        if len(tail) >= 12 and struct.unpack_from("<III", tail) == (info.CRC, size, size):
-            return
-        if len(tail) >= 20 and struct.unpack_from("<IQQ", tail) == (info.CRC, size, size):
-            return
-        crc, csize, usize = struct.unpack_from("<III", tail.ljust(12, b"\0"))
-    elif (csize, usize) == (_MAX32, _MAX32):
+        raise ZipFormatError(f"record {info.filename!r}: its local header names {name[:name_len]!r:.80}")
+    size = info.file_size
+    if flags & 0x08 and (crc, csize, usize) == (0, 0, 0):
+        _check_data_descriptor(fh, info, data_offset + size)
+        return
+    if (csize, usize) == (_MAX32, _MAX32):
         zip64 = _zip64_sizes(name[name_len:])
         if zip64 is None:
             raise ZipFormatError(f"record {info.filename!r}: its local header lacks its zip64 sizes")
@@ -115,8 +108,26 @@ def _check_local_header(
     if (crc, csize, usize) != (info.CRC, size, size):
         raise ZipFormatError(
             f"record {info.filename!r}: the central directory says {size} bytes (CRC {info.CRC:08x}), "
-            f"its {where} {usize} bytes (CRC {crc:08x})"
+            f"its local header {usize} bytes (CRC {crc:08x})"
         )
+
+
+def _check_data_descriptor(fh: BinaryIO, info: zipfile.ZipInfo, data_end: int) -> None:
+    size = info.file_size
+    tail = os.pread(fh.fileno(), 24, data_end)
+    if tail[:4] in _NEXT_STRUCTURES:
+        # the descriptor was overwritten by records appended right after the data (as ckptmigrate's
+        # in-place writes do): the next zip structure starts where the data ends
+        return
+    body = tail[4:] if tail[:4] == b"PK\x07\x08" else tail
+    if len(body) >= 12 and struct.unpack_from("<III", body) == (info.CRC, size, size):
+        return
+    if len(body) >= 20 and struct.unpack_from("<IQQ", body) == (info.CRC, size, size):
+        return
+    raise ZipFormatError(
+        f"record {info.filename!r}: the central directory says {size} bytes (CRC {info.CRC:08x}), "
+        "but no data descriptor or next record follows that many bytes of data"
+    )
 
 
 def _zip64_sizes(extra: bytes) -> tuple[int, int] | None:
@@ -148,6 +159,18 @@ def read_record(fh: BinaryIO, entry: ZipEntry, *, check_crc: bool = True) -> byt
     return data
 
 
+def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte is written: a short write (a disk filling up) is retried,
+    and a write that makes no progress is the error it is, not silently fewer bytes."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        offset += n
+        view = view[n:]
+
+
 def copy_range(src_fd: int, dst_fd: int, src_offset: int, size: int, dst_offset: int) -> None:
     """Copy bytes between files in the kernel when it can (reflink/copy_file_range), else by reads."""
     done = 0
@@ -162,7 +185,9 @@ def copy_range(src_fd: int, dst_fd: int, src_offset: int, size: int, dst_offset:
                 continue
         else:
             chunk = os.pread(src_fd, min(n, _CHUNK), src_offset + done)
-            copied = os.pwrite(dst_fd, chunk, dst_offset + done) if chunk else 0
+            if chunk:
+                write_all(dst_fd, chunk, dst_offset + done)
+            copied = len(chunk)
         if copied == 0:
             raise ZipFormatError("source ended while copying a record")
         done += copied
@@ -209,12 +234,12 @@ class ZipWriter:
         raw = name.encode("utf-8")
         header = self._header(raw, size, crc)
         entry = _Written(raw, self._pos, size, crc)
-        os.pwrite(self._fd, header, self._pos)
+        write_all(self._fd, header, self._pos)
         return entry, self._pos + len(header)
 
     def add_bytes(self, name: str, data: bytes) -> None:
         entry, data_offset = self._begin(name, len(data), zlib.crc32(data))
-        os.pwrite(self._fd, data, data_offset)
+        write_all(self._fd, data, data_offset)
         self._finish(entry, data_offset)
 
     def add_stream(self, name: str, size: int, chunks: Iterable[memoryview | bytes]) -> None:
@@ -225,14 +250,12 @@ class ZipWriter:
         for chunk in chunks:
             crc = zlib.crc32(chunk, crc)
             view = memoryview(chunk).cast("B")
-            while view:
-                n = os.pwrite(self._fd, view, data_offset + written)
-                written += n
-                view = view[n:]
+            write_all(self._fd, view, data_offset + written)
+            written += len(view)
         if written != size:
             raise ValueError(f"record {name!r}: expected {size} bytes, got {written}")
         entry.crc = crc
-        os.pwrite(self._fd, struct.pack("<I", crc), entry.header_offset + 14)
+        write_all(self._fd, struct.pack("<I", crc), entry.header_offset + 14)
         self._finish(entry, data_offset)
 
     def add_copy(self, name: str, src_fd: int, src_offset: int, size: int, crc: int) -> None:
@@ -291,10 +314,10 @@ class ZipWriter:
             eocd = _EOCD.pack(0x06054B50, 0, 0, _MAX16, _MAX16, _MAX32, _MAX32, 0)
         else:
             eocd = _EOCD.pack(0x06054B50, 0, 0, n, n, len(cd), cd_start, 0)
-        os.pwrite(self._fd, bytes(pad) + cd + tail, self._pos)
+        write_all(self._fd, bytes(pad) + cd + tail, self._pos)
         if durable:
             os.fsync(self._fd)
-        os.pwrite(self._fd, eocd, cd_end + len(tail))
+        write_all(self._fd, eocd, cd_end + len(tail))
         end = cd_end + len(tail) + len(eocd)
         if os.fstat(self._fd).st_size > end:
             os.ftruncate(self._fd, end)
