@@ -356,6 +356,7 @@ BROKEN_PICKLES: dict[str, bytes] = {
         call(global_("collections", "OrderedDict")), global_("torch", "float32")) + b"u.",
     "storage-of-a-huge-size": PROTO2 + b"}(" + text("w") + tensor(numel=2**40, shape=(2**40,)) + b"u.",
     "bytes-claiming-a-terabyte": state_dict_with(b"\x8e" + struct.pack("<Q", 1 << 40) + b"abc"),
+    "memo-entry-2**31-asks-for-32-GiB": state_dict_with(b"Nr" + struct.pack("<I", 2**31)),
     "truncated-mid-opcode": state_dict_with(integer(1))[:-20],
 }
 
