@@ -182,10 +182,8 @@ def load(
     )
     for note in notes:
         warnings.warn(f"{ckpt.path}: {note}", stacklevel=2)
-    if trust_pickle and ckpt.format != "safetensors":
-        real = torch.load(ckpt.path, map_location="cpu", weights_only=False, mmap=mmap)
-        if ckpt.layout.kind == "key":
-            ckpt.extras = {k: v for k, v in real.items() if k != ckpt.layout.key}
+    if trust_pickle:
+        ckpt.trust_pickle()
     graph = _optional_graph(migrations)
     if graph is None or not len(graph):
         return ckpt

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +121,26 @@ class Checkpoint(Operations):
 
     def close(self) -> None:
         self.container.close()
+
+    def trust_pickle(self) -> None:
+        """Run the file's pickle code (``torch.load(weights_only=False)``) so the extras, and the
+        state dict's non-tensor entries, are real objects instead of inert stand-ins — for files the
+        user trusts; the tensors stay lazy references."""
+        if self.format not in ("torch-zip", "torch-legacy") or self.layout.kind == "module":
+            return
+        import torch
+
+        try:
+            real = torch.load(self.path, map_location="cpu", weights_only=False, mmap=self.format == "torch-zip")
+        except Exception as exc:  # noqa: BLE001 - whatever the file's own code raises
+            raise BadInput(f"{self.path}: running its pickle code failed: {type(exc).__name__}: {exc}") from None
+        if self.layout.kind == "key":
+            self.extras = {k: v for k, v in real.items() if k != self.layout.key}
+            real = real[self.layout.key]
+        entries = self.state_dict.entries
+        for k, v in list(entries.items()):
+            if not is_entry(v) and isinstance(real, Mapping) and k in real:
+                entries[k] = real[k]
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -320,7 +320,7 @@ def current(paths: tuple[Path, ...], as_json: bool) -> None:
 
 def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | None, dry_run: bool,
              no_backup: bool, from_rev: str | None, lineage: str | None, migrations: str | None,
-             key: str | None, as_json: bool) -> None:
+             key: str | None, as_json: bool, trust_pickle: bool) -> None:
     from ckptmigrate import api, engine
 
     graph = api.revision_graph(migrations)
@@ -336,6 +336,7 @@ def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | Non
                     outcome = engine.migrate_file(
                         path, graph, to=to, output=output, dry_run=dry_run, backup=not no_backup,
                         from_rev=from_rev, lineage=lineage, key=key, direction=direction,
+                        trust_pickle=trust_pickle,
                     )
             except CkptMigrateError as exc:
                 if len(files) == 1:
@@ -402,6 +403,8 @@ _COMMON = [
     click.option("--lineage", default=None, help="Lineage, when the directory holds several."),
     click.option("--key", default=None, help="The payload key that holds the state dict."),
     click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+    click.option("--trust-pickle", is_flag=True,
+                 help="Run the file's pickle code so migrations see its extras as real objects. Trusted files only."),
     _MIGRATIONS,
 ]
 
@@ -417,11 +420,12 @@ def _with_common(fn: Any) -> Any:
 @_with_common
 def upgrade(paths: tuple[str, ...], to: str, output: Path | None, in_place: bool, dry_run: bool,
             no_backup: bool, from_rev: str | None, lineage: str | None, key: str | None,
-            as_json: bool, migrations: str | None) -> None:
+            as_json: bool, trust_pickle: bool, migrations: str | None) -> None:
     """Upgrade checkpoints (files, directories, globs) to a revision, in place by default."""
     if in_place and output is not None:
         raise BadInput("--in-place and -o/--output exclude each other")
-    _migrate("upgrade", paths, to, output, dry_run, no_backup, from_rev, lineage, migrations, key, as_json)
+    _migrate("upgrade", paths, to, output, dry_run, no_backup, from_rev, lineage, migrations, key, as_json,
+             trust_pickle)
 
 
 @main.command()
@@ -429,11 +433,12 @@ def upgrade(paths: tuple[str, ...], to: str, output: Path | None, in_place: bool
 @_with_common
 def downgrade(paths: tuple[str, ...], to: str, output: Path | None, in_place: bool, dry_run: bool,
               no_backup: bool, from_rev: str | None, lineage: str | None, key: str | None,
-              as_json: bool, migrations: str | None) -> None:
+              as_json: bool, trust_pickle: bool, migrations: str | None) -> None:
     """Walk checkpoints back down the chain to an older revision."""
     if in_place and output is not None:
         raise BadInput("--in-place and -o/--output exclude each other")
-    _migrate("downgrade", paths, to, output, dry_run, no_backup, from_rev, lineage, migrations, key, as_json)
+    _migrate("downgrade", paths, to, output, dry_run, no_backup, from_rev, lineage, migrations, key, as_json,
+             trust_pickle)
 
 
 from ckptmigrate.cli_release import register as _register_release  # noqa: E402

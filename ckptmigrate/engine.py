@@ -276,14 +276,18 @@ def migrate_file(
     path: Path, graph: RevisionGraph, *, to: str = "head", output: Path | None = None,
     dry_run: bool = False, backup: bool = True, from_rev: str | None = None,
     lineage: str | None = None, key: str | None = None, direction: str | None = None,
+    trust_pickle: bool = False,
 ) -> Outcome:
-    """Upgrade or downgrade one file; ``direction`` refuses the other way (``upgrade --to`` an older rev).
+    """Upgrade or downgrade one file; ``direction`` refuses the other way (``upgrade --to`` an older rev);
+    ``trust_pickle`` gives the migrations the extras as real objects (the file's pickle code runs).
 
     The destination is locked for the whole read-migrate-write, so concurrent runs serialise.
     """
     lock = contextlib.nullcontext() if dry_run else file_lock(output or path)
     with lock, Checkpoint.open(path, key=key) as ckpt:
         plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
+        if trust_pickle and plan.steps:
+            ckpt.trust_pickle()
         if direction is not None and plan.steps and plan.direction != direction:
             raise BadInput(
                 f"{path}: {direction} to {to} would {plan.direction} ({plan.describe()}); "

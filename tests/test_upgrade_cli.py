@@ -12,6 +12,7 @@ on CUDA (LPIPS) is migrated too.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from collections.abc import Callable
@@ -330,3 +331,30 @@ def test_the_real_lpips_file_saved_on_cuda_in_the_legacy_format(tmp_path: Path, 
     for i in range(5):
         assert torch.equal(migrated[f"lin{i}.conv.weight"], original[f"lin{i}.model.1.weight"])
     assert formats.read(path.with_name(path.name + ".bak")).format == "torch-legacy"
+
+
+# -- a migration that needs the real objects in the extras ---------------------------------------
+
+
+def test_trust_pickle_gives_migrations_the_real_extras(tmp_path: Path, cli: Cli, renames: Path) -> None:
+    """The hyper-parameters are an ``argparse.Namespace``: without ``--trust-pickle`` the migration
+    sees an inert stand-in and fails cleanly; with it, the file's pickle runs and the migration can
+    read and change the real object, which is written back as one."""
+    (renames / "versions" / "c4.py").write_text(
+        '"""Scale the learning rate."""\nrevision = "c4"\ndown_revision = "c3"\n\n\n'
+        "def upgrade(ckpt):\n    ckpt.extras['args'].lr *= 10\n"
+    )
+    path = tmp_path / "model.pt"
+    torch.save({"model": {"a": torch.arange(6.0)}, "args": argparse.Namespace(lr=0.5, width=8)}, path)
+    before, files = fingerprint(path), listing(tmp_path)
+
+    refused = cli("upgrade", "model.pt", "--from", "c1", "--migrations", "chain")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "revision c4" in refused.stderr and "upgrade raised AttributeError" in refused.stderr
+    assert fingerprint(path) == before and listing(tmp_path) == files
+
+    cli("upgrade", "model.pt", "--from", "c1", "--trust-pickle", "--no-backup", "--migrations", "chain", check=True)
+    upgraded = torch.load(path, weights_only=False)
+    assert upgraded["args"] == argparse.Namespace(lr=5.0, width=8)
+    assert list(upgraded["model"]) == ["c"] and torch.equal(upgraded["model"]["c"], torch.arange(6.0))
+    assert revision_of(path) == "c4"
