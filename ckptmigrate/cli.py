@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from ckptmigrate.errors import BadInput, CheckFailed, CkptMigrateError
+from ckptmigrate.progress import file_bar
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -173,9 +174,10 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
         require_clean(repo)  # once, before any file: stamping tracked files dirties the tree as it goes
     private_key = integrity.load_private_key(sign) if sign is not None else None
     written, failed = [], 0
+    watching = sys.stdout.isatty() and not as_json
     for path in files:
         try:
-            with _naming(path):
+            with _naming(path), file_bar("stamp", path, show=watching and len(files) == 1):
                 written.append(api.stamp(path, output=output, tags=_parse_tags(tags), repo=repo, key=key,
                                          revision=revision, lineage=lineage, release=release, sign=private_key,
                                          digest=digest, allow_dirty=True))
@@ -206,7 +208,7 @@ def compact(path: Path, output: Path | None) -> None:
     """Reclaim the bytes that in-place stamps and renames left behind in a torch zip file."""
     from ckptmigrate import api
 
-    with _naming(path):
+    with _naming(path), file_bar("compact", path, show=sys.stdout.isatty()):
         before, after = api.compact(path, output=output)
     click.echo(f"{output or path}: {before:,} -> {after:,} bytes")
 
@@ -328,11 +330,11 @@ def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | Non
     if output is not None and len(files) != 1:
         raise BadInput("-o/--output takes exactly one input file")
     results = []
-    show_bar = sys.stdout.isatty() and len(files) > 1 and not as_json
-    with _progress(files, show_bar, direction) as items:
+    watching = sys.stdout.isatty() and not as_json
+    with _progress(files, watching and len(files) > 1, direction) as items:
         for path in items:
             try:
-                with _naming(path):
+                with _naming(path), file_bar(direction, path, show=watching and len(files) == 1):
                     outcome = engine.migrate_file(
                         path, graph, to=to, output=output, dry_run=dry_run, backup=not no_backup,
                         from_rev=from_rev, lineage=lineage, key=key, direction=direction,

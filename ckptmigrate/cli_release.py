@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from ckptmigrate.errors import BadInput, CkptMigrateError
+from ckptmigrate.progress import file_bar
 
 
 @click.command()
@@ -75,9 +76,12 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
             raise BadInput(f"{path}: no such file")
     doc = release.load_manifest(manifest) if manifest is not None else None
 
+    watching = sys.stdout.isatty() and not as_json and len(files) == 1 and manifest is None
+
     def one(path: Path) -> integrity.VerifyResult:
         try:
-            return integrity.verify(path, public_key, state_key=state_key)
+            with file_bar("verify", path, show=watching):
+                return integrity.verify(path, public_key, state_key=state_key)
         except CkptMigrateError as exc:  # one unreadable file never stops the rest
             return integrity.VerifyResult(path, problems=[str(exc)])
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptmigrate.errors import BadInput
 from ckptmigrate.formats.pickled import StandIn, global_name
+from ckptmigrate.progress import advance
 from ckptmigrate.tensors import ITEMSIZE, Storage, TensorRef, is_entry
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ class _Reader:
                 raise BadInput(f"the file ends inside tensor data (offset {pos}); it is truncated")
             h.update(chunk)
             pos += n
+            advance(n)
         self.cache[ident] = h.digest()
         return self.cache[ident]
 

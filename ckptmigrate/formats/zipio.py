@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ckptmigrate.progress import advance
+
 ALIGNMENT = 64
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
@@ -169,6 +171,7 @@ def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         offset += n
         view = view[n:]
+        advance(n)
 
 
 def copy_range(src_fd: int, dst_fd: int, src_offset: int, size: int, dst_offset: int) -> None:
@@ -183,6 +186,7 @@ def copy_range(src_fd: int, dst_fd: int, src_offset: int, size: int, dst_offset:
             except OSError:
                 use_kernel = False
                 continue
+            advance(copied)
         else:
             chunk = os.pread(src_fd, min(n, _CHUNK), src_offset + done)
             if chunk:
