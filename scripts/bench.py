@@ -14,19 +14,30 @@ The work directory needs about six times ``--size-mb`` of free disk.
 What one run does:
 
 1. Builds a GPT-2-medium-like state dict (d=1024, fused ``attn.c_attn`` qkv ``[3072, 1024]``,
-   ``attn.c_proj``, ``mlp.c_fc`` ``[4096, 1024]``, ``mlp.c_proj``, layer norms, ``wte``, ``wpe``),
-   every key under ``module.``; the layer count is scaled to ``--size-mb`` (24 float32 layers
-   would be 1.3 GiB, so 1024 MiB gives 17). Tensors are generated one chunk at a time and
-   streamed into a safetensors file (the twin); ``torch.save`` then writes the torch zip file
-   from a memory map of it, so the builder never holds the checkpoint in private memory.
-2. Writes two migration chains (script directories) in the work directory: (a) ``unwrap("module.")``
+   ``attn.c_proj`` ``[1024, 1024]``, ``mlp.c_fc`` ``[4096, 1024]``, ``mlp.c_proj`` ``[1024, 4096]``,
+   layer norms, ``wte``, ``wpe``), every key under ``module.``; the layer count is scaled to
+   ``--size-mb`` (24 float32 layers would be 1.3 GiB, so 1024 MiB gives 17). Tensors are generated
+   one chunk at a time and streamed into a safetensors file (the twin); ``torch.save`` then writes
+   the torch zip file from a memory map of it, so the builder never holds the checkpoint in private
+   memory.
+2. Writes three migration chains (script directories) in the work directory: (a) ``unwrap("module.")``
    then ``rename_regex`` of ``h.N.`` to ``layers.N.``; (b) the same, then ``split`` of the fused
    ``c_attn`` weight and bias into q/k/v along dim 0 and a ``reshape`` of ``mlp.c_fc.weight`` into a
-   1x1-conv weight ``[4096, 1024, 1]``. The base revision has a schema snapshot, so unstamped
-   files are recognised without ``--from``.
+   1x1-conv weight ``[4096, 1024, 1]``; (c) the same as (b), then a ``transpose(…, 0, 1)`` of every
+   ``attn.c_proj.weight`` (``[1024, 1024]``, same shape) and ``mlp.c_proj.weight`` (``[1024, 4096]``
+   → ``[4096, 1024]``), the Conv1D ↔ nn.Linear layout swap. The base revision has a schema
+   snapshot, so unstamped files are recognised without ``--from``.
+   Chains (a) and (b) are metadata-only: a split along the leading dimension of a stored contiguous
+   tensor is a view of the stored bytes (as ``torch.split`` gives) and a reshape of one is free, so
+   every output tensor is still a record of the source; in place (``--no-backup``) a torch zip file
+   gets its new metadata appended, ``-o`` and safetensors copy the records by the kernel, no tensor
+   is materialised and torch need not be imported. Chain (c) is the streaming path: each transposed
+   tensor is materialised from the memory map, one at a time, and written to a new file, so private
+   memory should stay near the size of the largest changed tensor (``mlp.c_proj.weight``, 16 MiB).
 3. Measures, round-robin over the cases, ``--repeat`` times each: ``cp`` (the floor), a naive
-   ``torch.load`` → edit keys → ``torch.save`` script, ``ckptmigrate upgrade`` in place (on a fresh
-   copy each run, the copy untimed) and out of place (``-o``) for both chains and both containers,
+   ``torch.load`` → edit keys (and split, reshape, ``transpose(0, 1).contiguous()``) → ``torch.save``
+   script, ``ckptmigrate upgrade`` in place (``--no-backup``, on a fresh copy each run, the copy
+   untimed) and out of place (``-o``) for the three chains and both containers,
    ``ckptmigrate inspect``, and ``ckptmigrate.load_state_dict`` with automatic upgrade against
    ``torch.load(mmap=True)`` + ``model.load_state_dict`` of the already-upgraded file.
 
@@ -134,8 +145,10 @@ class Geometry:
         return sum(math.prod(s) for _, s in self.tensors()) * FLOAT32
 
     def largest_changed_tensor(self) -> int:
-        """Bytes of the largest tensor chain (b) splits or reshapes (``mlp.c_fc.weight``)."""
-        return max(3 * self.d * self.d, 4 * self.d * self.d) * FLOAT32
+        """Bytes of the largest tensor chain (b) or (c) splits, reshapes or transposes (4d × d: ``mlp.c_fc.weight``,
+        and ``mlp.c_proj.weight``, the largest one (c) materialises)."""
+        changed = ("attn.c_attn.weight", "mlp.c_fc.weight", "attn.c_proj.weight", "mlp.c_proj.weight")
+        return max(math.prod(shape) for key, shape in self.tensors() if key.endswith(changed)) * FLOAT32
 
 
 def renamed(key: str) -> str:
@@ -145,16 +158,19 @@ def renamed(key: str) -> str:
 
 
 def expected_schema(geom: Geometry, chain: str) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes the head of ``chain`` ("a" or "b") should produce, in order."""
+    """Keys and shapes the head of ``chain`` ("a", "b" or "c") should produce, in order."""
     out: dict[str, tuple[int, ...]] = {}
+    split = chain in ("b", "c")
     for key, shape in geom.source_schema().items():
         new = renamed(key)
         qkv = re.fullmatch(r"(layers\.\d+\.attn\.)c_attn\.(weight|bias)", new)
-        if chain == "b" and qkv:
+        if split and qkv:
             for name in ("q_proj", "k_proj", "v_proj"):
                 out[f"{qkv[1]}{name}.{qkv[2]}"] = (shape[0] // 3, *shape[1:])
-        elif chain == "b" and re.fullmatch(r"layers\.\d+\.mlp\.c_fc\.weight", new):
+        elif split and re.fullmatch(r"layers\.\d+\.mlp\.c_fc\.weight", new):
             out[new] = (*shape, 1)
+        elif chain == "c" and re.fullmatch(r"layers\.\d+\.(attn|mlp)\.c_proj\.weight", new):
+            out[new] = (shape[1], shape[0])
         else:
             out[new] = shape
     return out
@@ -287,6 +303,22 @@ def upgrade(ckpt):
     ckpt.reshape(r"layers\\.\\d+\\.mlp\\.c_fc\\.weight", [-1, 1024, 1])
 '''
 
+_TRANSPOSE = '''\
+"""GPT-2 Conv1D to nn.Linear layout: transpose the output projections' weights.
+
+Revision ID: b005
+Revises: b004
+"""
+
+revision = "b005"
+down_revision = "b004"
+
+
+def upgrade(ckpt):
+    ckpt.transpose(r"layers\\.\\d+\\.attn\\.c_proj\\.weight", 0, 1)
+    ckpt.transpose(r"layers\\.\\d+\\.mlp\\.c_proj\\.weight", 0, 1)
+'''
+
 NAIVE_SCRIPT = '''\
 """Naive migration: torch.load everything, edit the keys in Python, torch.save."""
 import json
@@ -302,7 +334,7 @@ state = torch.load(src, map_location="cpu")
 out = {}
 for key, value in state.items():
     key = re.sub(r"^h\\.(\\d+)\\.", r"layers.\\1.", key.removeprefix("module."))
-    if chain == "b":
+    if chain in ("b", "c"):
         qkv = re.fullmatch(r"(layers\\.\\d+\\.attn\\.)c_attn\\.(weight|bias)", key)
         if qkv:
             for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
@@ -310,6 +342,8 @@ for key, value in state.items():
             continue
         if re.fullmatch(r"layers\\.\\d+\\.mlp\\.c_fc\\.weight", key):
             value = value.reshape(-1, value.shape[1], 1)
+    if chain == "c" and re.fullmatch(r"layers\\.\\d+\\.(attn|mlp)\\.c_proj\\.weight", key):
+        value = value.transpose(0, 1).contiguous()
     out[key] = value
 torch.save(out, dst)
 print(json.dumps({"seconds": time.perf_counter() - t0}))
@@ -370,12 +404,15 @@ print(json.dumps({"seconds": seconds, "ok": ok, "applied": applied, "probe": pro
 '''
 
 
-def write_chain(root: Path, geom: Geometry, with_split: bool) -> Path:
+def write_chain(root: Path, geom: Geometry, chain: str) -> Path:
+    """Write chain ``chain`` ("a", "b" or "c") as a script directory at ``root``."""
     versions = root / "versions"
     versions.mkdir(parents=True, exist_ok=True)
     scripts = {"b001_base.py": _BASE, "b002_unwrap.py": _UNWRAP, "b003_rename_layers.py": _RENAME}
-    if with_split:
+    if chain in ("b", "c"):
         scripts["b004_split_qkv.py"] = _SPLIT
+    if chain == "c":
+        scripts["b005_transpose_c_proj.py"] = _TRANSPOSE
     for name, text in scripts.items():
         (versions / name).write_text(text)
     schema = {k: {"shape": list(s), "dtype": "float32"} for k, s in geom.source_schema().items()}
@@ -590,11 +627,14 @@ def verify_output(path: Path, container: str, chain: str, geom: Geometry, source
         raise VerifyError(f"shape of {bad[0]}: {shapes[bad[0]]}, expected {want[bad[0]]}")
     src = torch.load(source, mmap=True, map_location="cpu", weights_only=True)
     last = geom.layers - 1
+    mlp_proj = src[f"module.h.{last}.mlp.c_proj.weight"]
     checks = {
         "wte.weight": src["module.wte.weight"],
-        f"layers.{last}.mlp.c_proj.weight": src[f"module.h.{last}.mlp.c_proj.weight"],
+        f"layers.{last}.mlp.c_proj.weight": mlp_proj.t() if chain == "c" else mlp_proj,
     }
-    if chain == "b":
+    if chain == "c":
+        checks["layers.0.attn.c_proj.weight"] = src["module.h.0.attn.c_proj.weight"].t()
+    if chain in ("b", "c"):
         for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
             checks[f"layers.0.attn.{name}.weight"] = src["module.h.0.attn.c_attn.weight"].chunk(3)[i]
             checks[f"layers.{last}.attn.{name}.bias"] = src[f"module.h.{last}.attn.c_attn.bias"].chunk(3)[i]
@@ -620,6 +660,7 @@ class Files:
     st: Path
     chain_a: Path
     chain_b: Path
+    chain_c: Path
     naive: Path
     loader: Path
     schema_a: Path
@@ -659,15 +700,17 @@ def build_cases(f: Files, geom: Geometry) -> list[Case]:
     py = sys.executable
     src = {ZIP: f.pt, ST: f.st}
     suffix = {ZIP: ".pt", ST: ".safetensors"}
-    chains = {"a": f.chain_a, "b": f.chain_b}
+    chains = {"a": f.chain_a, "b": f.chain_b, "c": f.chain_c}
     anon_budget = 300 + 2 * geom.largest_changed_tensor() / MiB
+    streaming = Target(f"≤ 1.5× cp, anon ≤ {anon_budget:.0f} MiB", max_cp_ratio=1.5, max_anon_mib=anon_budget)
     targets = {
         ("a", "in place"): Target("≤ 0.1 s", max_seconds=0.1),
         ("a", "-o"): Target("≤ 1.2× cp", max_cp_ratio=1.2),
-        ("b", "in place"): Target(f"≤ 1.5× cp, anon ≤ {anon_budget:.0f} MiB", max_cp_ratio=1.5,
-                                  max_anon_mib=anon_budget),
+        ("b", "in place"): streaming,
+        ("b", "-o"): streaming,
+        ("c", "in place"): streaming,
+        ("c", "-o"): streaming,
     }
-    targets["b", "-o"] = targets["b", "in place"]
     cp_zip_out = f.work / "cp-out.pt"
     cases = [
         Case("cp (zip)", ZIP, [["cp", str(f.pt), str(cp_zip_out)]],
@@ -679,14 +722,14 @@ def build_cases(f: Files, geom: Geometry) -> list[Case]:
         Case("start-up: ckptmigrate --version", ZIP, [[*cli, "--version"]]),
         Case("start-up: python -c 'import torch'", ZIP, [[py, "-c", "import torch"]]),
     ]
-    for chain in ("a", "b"):
+    for chain in ("a", "b", "c"):
         out = f.work / f"naive-{chain}.pt"
         cases.append(Case(
             f"naive torch.load→edit→torch.save ({chain})", ZIP, [[py, str(f.naive), str(f.pt), str(out), chain]],
             prepare=remover(out), cleanup=remover(out),
             verify=partial(check_file, out, ZIP, chain, geom, f.pt),
         ))
-    for chain in ("a", "b"):
+    for chain in ("a", "b", "c"):
         for container in (ZIP, ST):
             label = "zip" if container == ZIP else "safetensors"
             work = f.work / f"inplace-{chain}{suffix[container]}"
@@ -856,7 +899,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, work: Path, geom: Geometry) -> int:
     f = Files(work, work / "gpt2m.pt", work / "gpt2m.safetensors", work / "chain_a", work / "chain_b",
-              work / "naive_migrate.py", work / "load_case.py", work / "schema_a.json", work / "upgraded-a.pt")
+              work / "chain_c", work / "naive_migrate.py", work / "load_case.py", work / "schema_a.json",
+              work / "upgraded-a.pt")
     print(f"ckptmigrate benchmark in {work}: {geom.layers} layers, vocab {geom.vocab}, d={geom.d}, "
           f"{len(geom.tensors())} tensors, {geom.nbytes() / MiB:.0f} MiB float32; repeat {args.repeat}", flush=True)
     build: dict[str, float] = {}
@@ -870,8 +914,9 @@ def run(args: argparse.Namespace, work: Path, geom: Geometry) -> int:
     print(f"built {f.pt.name} ({f.pt.stat().st_size / MiB:.0f} MiB) and {f.st.name} "
           f"({f.st.stat().st_size / MiB:.0f} MiB) in {sum(build.values()):.1f} s", flush=True)
 
-    write_chain(f.chain_a, geom, with_split=False)
-    write_chain(f.chain_b, geom, with_split=True)
+    write_chain(f.chain_a, geom, "a")
+    write_chain(f.chain_b, geom, "b")
+    write_chain(f.chain_c, geom, "c")
     f.naive.write_text(NAIVE_SCRIPT)
     f.loader.write_text(LOAD_SCRIPT)
     f.schema_a.write_text(json.dumps({k: list(s) for k, s in expected_schema(geom, "a").items()}))
@@ -880,6 +925,7 @@ def run(args: argparse.Namespace, work: Path, geom: Geometry) -> int:
     child_env(work)
     for warm in ([*cli, "history", "--migrations", str(f.chain_a)],
                  [*cli, "history", "--migrations", str(f.chain_b)],
+                 [*cli, "history", "--migrations", str(f.chain_c)],
                  [sys.executable, "-c", "import torch, git, ckptmigrate.api, ckptmigrate.loading"]):
         subprocess.run(warm, cwd=work, check=True, capture_output=True, env=CHILD_ENV)
     prep = subprocess.run([*cli, "upgrade", "--migrations", str(f.chain_a), str(f.pt), "-o", str(f.upgraded_a)],
@@ -910,7 +956,8 @@ def run(args: argparse.Namespace, work: Path, geom: Geometry) -> int:
           "(start-up included); load rows: the load call alone, timed inside the child (the model, "
           f"{geom.nbytes() / MiB:.0f} MiB of zeros, is built first and counts in its memory).")
     print("Peak RSS: VmHWM, peak anon: RssAnon, from /proc/<pid>/status every 5 ms; both the max over runs. "
-          f"(b)'s anon budget: 300 MiB + 2 × {geom.largest_changed_tensor() / MiB:.0f} MiB (mlp.c_fc.weight).")
+          f"(b) and (c)'s anon budget: 300 MiB + 2 × {geom.largest_changed_tensor() / MiB:.0f} MiB, the largest "
+          "changed tensor (mlp.c_fc.weight, reshaped by (b) and (c); mlp.c_proj.weight, transposed by (c)).")
     where = f"git {source['git_commit']}{' + uncommitted changes' if source['git_dirty'] else ''}"
     print(f"ckptmigrate imported from {source['path']} ({where if source['git_commit'] else 'not in git'}, "
           f"sources sha256 {source['sources_sha256']}).")
