@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+#: The one place the version is written (pyproject.toml reads it): recording it in every envelope
+#: costs nothing, where importlib.metadata would scan site-packages on every write.
+__version__ = "0.1.0"
+
 __all__ = ["Checkpoint", "LoadReport", "attach", "inspect", "load", "load_state_dict", "save", "stamp"]
 
 if TYPE_CHECKING:

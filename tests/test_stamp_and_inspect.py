@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ckptmigrate import api
+from ckptmigrate import api, formats
 from ckptmigrate.envelope import architecture_hash, git_info, schema_of
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -371,6 +371,12 @@ def test_inspect_and_stamp_do_not_import_torch(tmp_path: Path) -> None:
     for path in (files["zip"], files["legacy"]):
         assert_same(torch.load(f"{path}.stamped"), state)
     assert_same(load_file(f"{files['st']}.stamped"), load_file(files["st"]))
+    # the versions an envelope records without importing torch are the ones torch and pip report
+    for path in files.values():
+        envelope = formats.read_envelope(f"{path}.stamped")[1]
+        assert envelope is not None
+        assert (envelope["torch"], envelope["cuda"]) == (torch.__version__, torch.version.cuda)
+        assert envelope["ckptmigrate_version"] == importlib.metadata.version("ckptmigrate")
 
 
 MODULE_SOURCE = '''
