@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,11 +153,14 @@ def inspect(paths: tuple[Path, ...], as_json: bool, keys: bool, key: str | None)
               help="Sign the envelope with this Ed25519 private key (see `ckptmigrate keygen`).")
 @click.option("--digest", is_flag=True, help="Record the content digest (reads every tensor byte).")
 @click.option("--allow-dirty", is_flag=True, help="With --release: accept uncommitted changes, or no repository.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+              help="Files stamped at once (default: the number of CPUs).")
 def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, output: Path | None,
           key: str | None, revision: str | None, migrations: str | None, as_json: bool,
-          release: str | None, sign: Path | None, digest: bool, allow_dirty: bool) -> None:
+          release: str | None, sign: Path | None, digest: bool, allow_dirty: bool, jobs: int | None) -> None:
     """Write the envelope into checkpoints (files, directories, globs) without changing any tensor."""
     from ckptmigrate import api, engine, integrity
+    from ckptmigrate.release import parallel
 
     lineage = None
     if revision is not None:
@@ -173,22 +176,31 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
 
         require_clean(repo)  # once, before any file: stamping tracked files dirties the tree as it goes
     private_key = integrity.load_private_key(sign) if sign is not None else None
-    written, failed = [], 0
+    tag_map = _parse_tags(tags)
     watching = sys.stdout.isatty() and not as_json
-    for path in files:
+
+    def one(path: Path) -> tuple[Path, Path | None, str | None]:
+        """Stamp one file: (path, where it was written, or the error that stopped it)."""
         try:
             with _naming(path), file_bar("stamp", path, show=watching and len(files) == 1):
-                written.append(api.stamp(path, output=output, tags=_parse_tags(tags), repo=repo, key=key,
-                                         revision=revision, lineage=lineage, release=release, sign=private_key,
-                                         digest=digest, allow_dirty=True))
+                return path, api.stamp(path, output=output, tags=tag_map, repo=repo, key=key, revision=revision,
+                                       lineage=lineage, release=release, sign=private_key, digest=digest,
+                                       allow_dirty=True), None
         except CkptMigrateError as exc:
             if len(files) == 1:
                 raise
-            click.echo(f"{path}: FAILED: {exc}", err=True)
-            failed += 1
-            continue
-        if not as_json:
-            click.echo(f"stamped {written[-1]}")
+            return path, None, str(exc)
+
+    written, failed = [], 0
+    with _progress(parallel(one, files, jobs), watching and len(files) > 1, "stamp", len(files)) as results:
+        for path, dest, error in results:
+            if dest is None:
+                click.echo(f"{path}: FAILED: {error}", err=True)
+                failed += 1
+                continue
+            written.append(dest)
+            if not as_json:
+                click.echo(f"stamped {dest}")
     if as_json:
         envelopes = [api.inspect(w)["envelope"] for w in written]
         _emit_json(envelopes[0] if len(files) == 1 else envelopes)
@@ -359,8 +371,10 @@ def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | Non
 
 
 class _progress:
-    def __init__(self, items: list[Path], show: bool, desc: str) -> None:
-        self.items, self.show, self.desc = items, show, desc
+    """A bar of files over ``items`` on stderr when ``show`` (a batch on a terminal)."""
+
+    def __init__(self, items: Iterable[Any], show: bool, desc: str, total: int | None = None) -> None:
+        self.items, self.show, self.desc, self.total = items, show, desc, total
         self.bar: Any = None
 
     def __enter__(self) -> Any:
@@ -368,7 +382,7 @@ class _progress:
             return self.items
         from tqdm import tqdm
 
-        self.bar = tqdm(self.items, desc=self.desc, unit="file", file=sys.stderr)
+        self.bar = tqdm(self.items, desc=self.desc, unit="file", total=self.total, file=sys.stderr)
         return self.bar
 
     def __exit__(self, *exc: object) -> None:

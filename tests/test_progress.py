@@ -95,3 +95,12 @@ def test_no_bar_in_a_pipe_or_for_a_small_file(tmp_path: Path, chain: Path) -> No
     small = checkpoint(tmp_path / "small.pt", 1 << 20)
     code, out = on_terminal(["upgrade", small, "--from", "t1", "--no-backup", "--migrations", chain], tmp_path)
     assert code == 0 and not BAR.search(out), out
+
+
+def test_a_batch_on_a_terminal_shows_a_bar_of_files(tmp_path: Path) -> None:
+    for i in range(3):
+        checkpoint(tmp_path / f"small{i}.pt", 1 << 20)
+    code, out = on_terminal(["stamp", tmp_path, "-j", "2"], tmp_path)
+    assert code == 0, out
+    assert re.search(r"stamp: 100%\|[^|]*\| 3/3", out), out
+    assert "3 files: 3 stamped, 0 failed" in out

@@ -306,6 +306,26 @@ def test_a_batch_goes_on_past_bad_files_and_exit_code_reflects_them(
     assert cli("verify", str(ckpts / "g[0-9].pt"), "--key", keys["a_pub"]).returncode == 0
 
 
+def test_a_batch_stamp_in_parallel_signs_the_good_files_and_names_the_bad(
+    tmp_path: Path, keys: dict[str, Path], cli: Cli
+) -> None:
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    good = [ckpts / f"g{i}.pt" for i in range(4)]
+    for i, path in enumerate(good):
+        torch.save({"w": torch.full((64,), float(i))}, path)
+    (ckpts / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    proc = cli("stamp", ckpts, "--sign", keys["a"], "--tag", "batch=1", "-j", "2")
+    assert proc.returncode == 2, proc.stderr
+    assert "5 files: 4 stamped, 1 failed" in proc.stdout
+    assert [line.split(": FAILED")[0] for line in proc.stderr.splitlines()] == [str(ckpts / "garbage.pt")]
+    assert proc.stdout.splitlines()[:4] == [f"stamped {p}" for p in good]  # in input order, whatever finished first
+    verified = cli("verify", *good, "--key", keys["a_pub"])
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    for i, path in enumerate(good):
+        assert torch.equal(torch.load(path)["w"], torch.full((64,), float(i)))
+
+
 # --- a release ---------------------------------------------------------------------------------------
 
 
