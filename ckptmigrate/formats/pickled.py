@@ -1,10 +1,11 @@
-"""Read and write torch's pickles without importing torch and without running their code.
+"""Read torch's pickles without importing torch and without running their code.
 
 :class:`SafeUnpickler` resolves no global: every class or function a pickle names becomes an
 inert :class:`StandIn` type that only records how it was called. Tensors become
 :class:`~ckptmigrate.tensors.TensorRef`. A pickle whose ``__reduce__`` calls ``os.system``
-therefore yields a record of the call, never the call. :func:`dump` writes the same structure
-back, stand-ins included, so a rewritten file loads in torch exactly as the original did.
+therefore yields a record of the call, never the call. :mod:`~ckptmigrate.formats.pickle_writer`
+writes the same structure back, stand-ins included, so a rewritten file loads in torch exactly as
+the original did.
 """
 
 from __future__ import annotations
@@ -14,31 +15,18 @@ import copyreg
 import io
 import mmap
 import pickle
-import pickletools
 from collections.abc import Callable
 from typing import Any, BinaryIO, ClassVar
 
 from ckptmigrate.errors import one_line
+from ckptmigrate.formats.pickle_scan import MAX_DEPTH, PickleFormatError, scan
 from ckptmigrate.tensors import (
     ITEMSIZE,
     LEGACY_STORAGE,
-    STORAGE_FOR_DTYPE,
-    Deferred,
     Storage,
     TensorRef,
-    dtype_of,
-    shape_of,
 )
 
-
-class PickleFormatError(ValueError):
-    """The pickle is malformed or not one torch writes."""
-
-
-#: How deeply a payload's containers may nest, counted as the code that walks payloads counts (a
-#: stand-in object two levels, its arguments and state one more): deeper pickles are refused when
-#: read, not half-way through a rewrite. A pickled model nests about four levels per submodule.
-MAX_DEPTH = 100
 #: How many more visits than it has slots a walk of the payload may make because objects are shared
 #: (``a = [x] * 10; b = [a] * 10; ...`` is small but visits 10**n leaves).
 MAX_SHARED_VISITS = 1_000_000
@@ -196,7 +184,7 @@ def _rebuild_parameter_with_state(
     return ref
 
 
-class _Builder:
+class TorchRebuild:
     """One of torch's rebuild functions as a pickle may call it. A pickle can also BUILD (set
     attributes on) any object it names, so what ``find_class`` hands out refuses that: a pickle
     never changes how the next one is read."""
@@ -213,8 +201,8 @@ class _Builder:
         raise PickleFormatError(f"the pickle tries to modify {self.module}.{self.name}")
 
 
-_TENSOR_BUILDERS: dict[str, _Builder] = {
-    name: _Builder(fn, "torch._utils", name) for name, fn in (
+_TENSOR_BUILDERS: dict[str, TorchRebuild] = {
+    name: TorchRebuild(fn, "torch._utils", name) for name, fn in (
         ("_rebuild_tensor", _rebuild_tensor),
         ("_rebuild_tensor_v2", _rebuild_tensor),
         ("_rebuild_tensor_v3", _rebuild_tensor_v3),
@@ -230,7 +218,7 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
     When the inner builder is one we read, the result is a TensorRef that remembers the type and
     the attributes for the writer; otherwise the call stays an inert stand-in.
     """
-    if isinstance(func, _Builder) and isinstance(args, tuple):
+    if isinstance(func, TorchRebuild) and isinstance(args, tuple):
         ref = func(*args)
         if isinstance(ref, TensorRef) and not ref.extra.get("parameter"):
             ref.extra["from_type"] = (new_type, state)
@@ -238,7 +226,7 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
     return standin("torch._tensor", "_rebuild_from_type_v2")(func, new_type, args, state)
 
 
-_REBUILD_FROM_TYPE = _Builder(_rebuild_from_type_v2, "torch._tensor", "_rebuild_from_type_v2")
+_REBUILD_FROM_TYPE = TorchRebuild(_rebuild_from_type_v2, "torch._tensor", "_rebuild_from_type_v2")
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
@@ -301,12 +289,12 @@ def load(data: bytes | BinaryIO, storages: dict[str, Storage] | None = None) -> 
     fh = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
         if isinstance(data, (bytes, bytearray, memoryview)):
-            _scan(bytes(data))
+            scan(bytes(data))
         elif isinstance(fh, io.BytesIO):
-            _scan(fh.getvalue(), fh.tell())
+            scan(fh.getvalue(), fh.tell())
         else:  # a file: the pickle is followed by other data (the legacy format)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                _scan(view, fh.tell())
+                scan(view, fh.tell())
         payload = SafeUnpickler(fh, storages).load()
         _check_payload(payload, storages)
         return payload
@@ -320,140 +308,6 @@ def load(data: bytes | BinaryIO, storages: dict[str, Storage] | None = None) -> 
         raise PickleFormatError("the pickle asks for more memory than it can hold") from None
     except Exception as exc:  # the unpickler raises many types on malformed input
         raise PickleFormatError(f"malformed pickle ({one_line(f'{type(exc).__name__}: {exc}'[:300])})") from None
-
-
-# How the scan below steps over each opcode: (what it does to the stack, how its argument is
-# stored, width, pops below a mark, pushes). Built from pickletools' description of the protocol.
-_PLAIN, _PUSH, _NOOP, _MARK, _POP, _PUT, _MEMOIZE, _GET, _TUPLE, _EMPTY_TUPLE, _DUP, _STOP = range(12)
-_FIXED, _COUNTED, _SIGNED_COUNTED, _LINES = range(4)
-
-
-def _opcode_table() -> list[tuple[int, int, int, bool, int, int] | None]:
-    special = {
-        "MARK": _MARK, "POP": _POP, "PUT": _PUT, "BINPUT": _PUT, "LONG_BINPUT": _PUT, "MEMOIZE": _MEMOIZE,
-        "GET": _GET, "BINGET": _GET, "LONG_BINGET": _GET, "TUPLE": _TUPLE, "TUPLE1": _TUPLE,
-        "TUPLE2": _TUPLE, "TUPLE3": _TUPLE, "EMPTY_TUPLE": _EMPTY_TUPLE, "DUP": _DUP, "STOP": _STOP,
-    }
-    counted = {pickletools.TAKEN_FROM_ARGUMENT1: (_COUNTED, 1), pickletools.TAKEN_FROM_ARGUMENT4: (_SIGNED_COUNTED, 4),
-               pickletools.TAKEN_FROM_ARGUMENT4U: (_COUNTED, 4), pickletools.TAKEN_FROM_ARGUMENT8U: (_COUNTED, 8)}
-    table: list[tuple[int, int, int, bool, int, int] | None] = [None] * 256
-    for op in pickletools.opcodes:
-        arg = op.arg
-        if arg is None:
-            kind, width = _FIXED, 0
-        elif arg.n >= 0:
-            kind, width = _FIXED, arg.n
-        elif arg.n == pickletools.UP_TO_NEWLINE:
-            kind, width = _LINES, 2 if op.name in ("GLOBAL", "INST") else 1
-        else:
-            kind, width = counted[arg.n]
-        before = op.stack_before
-        marked = pickletools.markobject in before
-        pops = before.index(pickletools.markobject) if marked else len(before)
-        action = special.get(op.name, _PLAIN)
-        if action == _PLAIN and not marked and not pops and len(op.stack_after) <= 1:
-            action = _PUSH if op.stack_after else _NOOP
-        table[ord(op.code)] = (action, kind, width, marked, pops, len(op.stack_after))
-    return table
-
-
-_OPCODES = _opcode_table()
-
-
-def _scan(data: Any, pos: int = 0) -> None:
-    """Step through the opcodes from ``pos`` without running them, and refuse what would hurt the C
-    unpickler before it acts on it:
-
-    * tuples nested deeper than MAX_DEPTH: hashing a tuple (a dict key, a set member) recurses in
-      C without a depth check, about 60 bytes of stack a level, so 150,000 nested 1-tuples
-      overflow an 8 MiB stack and crash the interpreter;
-    * a memo index far past the entries stored so far: the unpickler grows its memo array to twice
-      the index, so ``LONG_BINPUT 2**31`` asks for 32 GiB, and zeroes it;
-    * an argument longer than the bytes left: the unpickler allocates it before finding them missing.
-
-    Only each stack slot's tuple depth is followed; a pickle this cannot follow is malformed, and
-    the unpickler refuses it no later than where the scan stopped.
-    """
-    stack: list[int] = []
-    marks: list[int] = []
-    memo: dict[int, int] = {}
-    deepest = 0
-    end = len(data)
-    table = _OPCODES
-    ops = 0
-    try:
-        while pos < end:
-            entry = table[data[pos]]
-            if entry is None:
-                return
-            action, kind, width, marked, pops, pushes = entry
-            ops += 1
-            pos += 1
-            arg = pos
-            if kind == _FIXED:
-                pos += width
-            elif kind == _LINES:
-                for _ in range(width):
-                    pos = data.find(b"\n", pos) + 1
-                    if pos == 0:
-                        return
-            else:
-                length = int.from_bytes(data[pos : pos + width], "little", signed=kind == _SIGNED_COUNTED)
-                if length < 0:
-                    return
-                pos += width + length
-                if pos > end:
-                    raise PickleFormatError(f"the pickle is truncated: an argument of {length:,} bytes runs past it")
-            if pos > end:
-                return
-            if action == _PUSH:
-                stack.append(0)
-            elif action == _PUT:
-                index = int(data[arg : pos - 1]) if kind == _LINES else int.from_bytes(data[arg:pos], "little")
-                if not 0 <= index <= ops:
-                    raise PickleFormatError(f"the pickle stores memo entry {index:,} after {ops:,} opcodes")
-                memo[index] = stack[-1] if stack else deepest
-            elif action == _GET:
-                index = int(data[arg : pos - 1]) if kind == _LINES else int.from_bytes(data[arg:pos], "little")
-                stack.append(memo.get(index, deepest))
-            elif action == _PLAIN:
-                if marked:
-                    del stack[marks.pop() if marks else 0 :]
-                if pops:
-                    del stack[-pops:]
-                stack += [0] * pushes
-            elif action == _TUPLE:
-                if marked:
-                    start = marks.pop() if marks else 0
-                    items = stack[start:]
-                    del stack[start:]
-                else:
-                    items = stack[-pops:]
-                    del stack[-pops:]
-                depth = 1 + max(items, default=0)
-                if depth > MAX_DEPTH:
-                    raise PickleFormatError(f"the pickle nests tuples more than {MAX_DEPTH} deep")
-                deepest = max(deepest, depth)
-                stack.append(depth)
-            elif action == _MARK:
-                marks.append(len(stack))
-            elif action == _MEMOIZE:
-                memo[len(memo)] = stack[-1] if stack else deepest
-            elif action == _POP:
-                if marks and marks[-1] == len(stack):
-                    marks.pop()
-                elif stack:
-                    stack.pop()
-            elif action == _EMPTY_TUPLE:
-                stack.append(1)
-            elif action == _DUP:
-                stack.append(stack[-1] if stack else 0)
-            elif action == _STOP:
-                return
-    except PickleFormatError:
-        raise
-    except (ValueError, IndexError):  # a malformed argument; the unpickler says how
-        return
 
 
 _ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None))
@@ -538,122 +392,3 @@ def _check_storage(storage: Any, storages: dict[str, Storage]) -> None:
         and storage.source is None and storage.offset is None and storage.crc32 is None
     ):
         raise PickleFormatError("the pickle altered a storage after creating it")
-
-
-_PurePickler: Any = getattr(pickle, "_Pickler")  # noqa: B009 - the pure-Python pickler lets save_global be overridden
-
-
-class _Writer(_PurePickler):
-    """The pure-Python pickler, taught to write stand-ins and tensors as torch expects."""
-
-    def __init__(self, file: BinaryIO, storage_of: Callable[[Any], tuple[str, Storage]]) -> None:
-        super().__init__(file, protocol=2)
-        self._storage_of = storage_of
-
-    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
-        if isinstance(obj, _Builder):  # a rebuild function kept inside a stand-in: torch's name for it
-            obj = standin(obj.module, obj.name)
-        super().save(obj, save_persistent_id)
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _PersistentStorage):
-            return obj.pid
-        if isinstance(obj, Storage):  # held by a tensor kind we keep as a stand-in (quantized, ...)
-            key, storage = self._storage_of(obj)
-            return _storage_pid(storage.dtype, key, storage)
-        return None
-
-    def save_global(self, obj: Any, name: str | None = None) -> None:
-        qual = global_name(obj)
-        if qual is None:
-            super().save_global(obj, name)
-            return None
-        cls: Any = obj if isinstance(obj, type) else type(obj)
-        self.write(pickle.GLOBAL + f"{cls.module}\n{cls.qualname}\n".encode())
-        self.memoize(obj)
-        return None
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, _Reduced):
-            return obj.reduced
-        if isinstance(obj, TensorRef):
-            return self._reduce_ref(obj)
-        if isinstance(obj, Deferred) or _is_torch_tensor(obj):
-            return self._reduce_tensor(obj)
-        return NotImplemented
-
-    def _reduce_ref(self, ref: TensorRef) -> Any:
-        """As torch pickles it: a parameter wraps the plain tensor, attributes wrap the call."""
-        if ref.extra.get("parameter"):
-            data = _Reduced(self._reduce_tensor(ref, requires_grad=False))
-            hooks = collections.OrderedDict()  # type: ignore[var-annotated]
-            if "parameter_state" in ref.extra:
-                return (standin("torch._utils", "_rebuild_parameter_with_state"),
-                        (data, ref.requires_grad, hooks, ref.extra["parameter_state"]))
-            return (standin("torch._utils", "_rebuild_parameter"), (data, ref.requires_grad, hooks))
-        func, args = self._reduce_tensor(ref)
-        if "from_type" in ref.extra:
-            new_type, state = ref.extra["from_type"]
-            return (standin("torch._tensor", "_rebuild_from_type_v2"), (func, new_type, args, state))
-        return (func, args)
-
-    def _reduce_tensor(self, obj: Any, requires_grad: bool | None = None) -> Any:
-        key, storage = self._storage_of(obj)
-        if isinstance(obj, TensorRef):
-            offset, shape, stride, requires_grad = (
-                obj.storage_offset, obj.shape, obj.stride,
-                obj.requires_grad if requires_grad is None else requires_grad,
-            )
-        elif not isinstance(obj, Deferred):
-            # a torch tensor: storage_of gave its whole storage, so it keeps its own view of it
-            shape, stride = shape_of(obj), tuple(int(s) for s in obj.stride())
-            offset, requires_grad = int(obj.storage_offset()), False
-        else:
-            from ckptmigrate.tensors import contiguous_stride
-
-            shape = shape_of(obj)
-            offset, stride, requires_grad = 0, contiguous_stride(shape), False
-        dtype = dtype_of(obj)
-        hooks = collections.OrderedDict()  # type: ignore[var-annotated]
-        persistent = _PersistentStorage(_storage_pid(dtype, key, storage))
-        if dtype in STORAGE_FOR_DTYPE:
-            args: tuple[Any, ...] = (persistent, offset, shape, stride, requires_grad, hooks)
-            return (standin("torch._utils", "_rebuild_tensor_v2"), args)
-        args = (persistent, offset, shape, stride, requires_grad, hooks, standin("torch", dtype))
-        return (standin("torch._utils", "_rebuild_tensor_v3"), args)
-
-
-def _storage_pid(dtype: str, key: str, storage: Storage) -> tuple[Any, ...]:
-    """The persistent id torch writes for a storage viewed as ``dtype``."""
-    if dtype in STORAGE_FOR_DTYPE:
-        return ("storage", standin("torch", STORAGE_FOR_DTYPE[dtype]), key, storage.location,
-                storage.nbytes // _itemsize(dtype))
-    return ("storage", standin("torch.storage", "UntypedStorage"), key, storage.location,
-            storage.nbytes)
-
-
-def _itemsize(dtype: str) -> int:
-    return ITEMSIZE[dtype]
-
-
-class _PersistentStorage:
-    def __init__(self, pid: tuple[Any, ...]) -> None:
-        self.pid = pid
-
-
-class _Reduced:
-    """A ``(callable, args)`` pair to pickle as a nested object (the tensor inside a parameter)."""
-
-    def __init__(self, reduced: tuple[Any, Any]) -> None:
-        self.reduced = reduced
-
-
-def _is_torch_tensor(obj: Any) -> bool:
-    return type(obj).__module__.startswith("torch") and hasattr(obj, "untyped_storage")
-
-
-def dump(obj: Any, storage_of: Callable[[Any], tuple[str, Storage]]) -> bytes:
-    """Pickle ``obj`` as torch would; ``storage_of(tensor or storage)`` names its storage record."""
-    buf = io.BytesIO()
-    _Writer(buf, storage_of).dump(obj)
-    return buf.getvalue()

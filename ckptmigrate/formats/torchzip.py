@@ -16,7 +16,8 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from ckptmigrate.formats.pickled import PickleFormatError, dump, load
+from ckptmigrate.formats.pickle_writer import dump
+from ckptmigrate.formats.pickled import PickleFormatError, load
 from ckptmigrate.formats.zipio import (
     ZipEntry,
     ZipFormatError,

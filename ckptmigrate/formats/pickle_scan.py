@@ -1,0 +1,155 @@
+"""What the C unpickler must not be handed: one pass over a pickle's opcodes, before any of them runs.
+
+The unpickler in C trusts some of what a pickle says in ways a hostile file can turn against the
+process (a stack overflow, a 32 GiB allocation); :func:`scan` finds those without running
+anything, and a pickle it cannot follow is malformed anyway.
+"""
+
+from __future__ import annotations
+
+import pickletools
+from typing import Any
+
+
+class PickleFormatError(ValueError):
+    """The pickle is malformed or not one torch writes."""
+
+
+#: How deeply a payload's containers may nest, counted as the code that walks payloads counts (a
+#: stand-in object two levels, its arguments and state one more): deeper pickles are refused when
+#: read, not half-way through a rewrite. A pickled model nests about four levels per submodule.
+MAX_DEPTH = 100
+
+
+# How the scan below steps over each opcode: (what it does to the stack, how its argument is
+# stored, width, pops below a mark, pushes). Built from pickletools' description of the protocol.
+_PLAIN, _PUSH, _NOOP, _MARK, _POP, _PUT, _MEMOIZE, _GET, _TUPLE, _EMPTY_TUPLE, _DUP, _STOP = range(12)
+_FIXED, _COUNTED, _SIGNED_COUNTED, _LINES = range(4)
+
+
+def _opcode_table() -> list[tuple[int, int, int, bool, int, int] | None]:
+    special = {
+        "MARK": _MARK, "POP": _POP, "PUT": _PUT, "BINPUT": _PUT, "LONG_BINPUT": _PUT, "MEMOIZE": _MEMOIZE,
+        "GET": _GET, "BINGET": _GET, "LONG_BINGET": _GET, "TUPLE": _TUPLE, "TUPLE1": _TUPLE,
+        "TUPLE2": _TUPLE, "TUPLE3": _TUPLE, "EMPTY_TUPLE": _EMPTY_TUPLE, "DUP": _DUP, "STOP": _STOP,
+    }
+    counted = {pickletools.TAKEN_FROM_ARGUMENT1: (_COUNTED, 1), pickletools.TAKEN_FROM_ARGUMENT4: (_SIGNED_COUNTED, 4),
+               pickletools.TAKEN_FROM_ARGUMENT4U: (_COUNTED, 4), pickletools.TAKEN_FROM_ARGUMENT8U: (_COUNTED, 8)}
+    table: list[tuple[int, int, int, bool, int, int] | None] = [None] * 256
+    for op in pickletools.opcodes:
+        arg = op.arg
+        if arg is None:
+            kind, width = _FIXED, 0
+        elif arg.n >= 0:
+            kind, width = _FIXED, arg.n
+        elif arg.n == pickletools.UP_TO_NEWLINE:
+            kind, width = _LINES, 2 if op.name in ("GLOBAL", "INST") else 1
+        else:
+            kind, width = counted[arg.n]
+        before = op.stack_before
+        marked = pickletools.markobject in before
+        pops = before.index(pickletools.markobject) if marked else len(before)
+        action = special.get(op.name, _PLAIN)
+        if action == _PLAIN and not marked and not pops and len(op.stack_after) <= 1:
+            action = _PUSH if op.stack_after else _NOOP
+        table[ord(op.code)] = (action, kind, width, marked, pops, len(op.stack_after))
+    return table
+
+
+_OPCODES = _opcode_table()
+
+
+def scan(data: Any, pos: int = 0) -> None:
+    """Step through the opcodes from ``pos`` without running them, and refuse what would hurt the C
+    unpickler before it acts on it:
+
+    * tuples nested deeper than MAX_DEPTH: hashing a tuple (a dict key, a set member) recurses in
+      C without a depth check, about 60 bytes of stack a level, so 150,000 nested 1-tuples
+      overflow an 8 MiB stack and crash the interpreter;
+    * a memo index far past the entries stored so far: the unpickler grows its memo array to twice
+      the index, so ``LONG_BINPUT 2**31`` asks for 32 GiB, and zeroes it;
+    * an argument longer than the bytes left: the unpickler allocates it before finding them missing.
+
+    Only each stack slot's tuple depth is followed; a pickle this cannot follow is malformed, and
+    the unpickler refuses it no later than where the scan stopped.
+    """
+    stack: list[int] = []
+    marks: list[int] = []
+    memo: dict[int, int] = {}
+    deepest = 0
+    end = len(data)
+    table = _OPCODES
+    ops = 0
+    try:
+        while pos < end:
+            entry = table[data[pos]]
+            if entry is None:
+                return
+            action, kind, width, marked, pops, pushes = entry
+            ops += 1
+            pos += 1
+            arg = pos
+            if kind == _FIXED:
+                pos += width
+            elif kind == _LINES:
+                for _ in range(width):
+                    pos = data.find(b"\n", pos) + 1
+                    if pos == 0:
+                        return
+            else:
+                length = int.from_bytes(data[pos : pos + width], "little", signed=kind == _SIGNED_COUNTED)
+                if length < 0:
+                    return
+                pos += width + length
+                if pos > end:
+                    raise PickleFormatError(f"the pickle is truncated: an argument of {length:,} bytes runs past it")
+            if pos > end:
+                return
+            if action == _PUSH:
+                stack.append(0)
+            elif action == _PUT:
+                index = int(data[arg : pos - 1]) if kind == _LINES else int.from_bytes(data[arg:pos], "little")
+                if not 0 <= index <= ops:
+                    raise PickleFormatError(f"the pickle stores memo entry {index:,} after {ops:,} opcodes")
+                memo[index] = stack[-1] if stack else deepest
+            elif action == _GET:
+                index = int(data[arg : pos - 1]) if kind == _LINES else int.from_bytes(data[arg:pos], "little")
+                stack.append(memo.get(index, deepest))
+            elif action == _PLAIN:
+                if marked:
+                    del stack[marks.pop() if marks else 0 :]
+                if pops:
+                    del stack[-pops:]
+                stack += [0] * pushes
+            elif action == _TUPLE:
+                if marked:
+                    start = marks.pop() if marks else 0
+                    items = stack[start:]
+                    del stack[start:]
+                else:
+                    items = stack[-pops:]
+                    del stack[-pops:]
+                depth = 1 + max(items, default=0)
+                if depth > MAX_DEPTH:
+                    raise PickleFormatError(f"the pickle nests tuples more than {MAX_DEPTH} deep")
+                deepest = max(deepest, depth)
+                stack.append(depth)
+            elif action == _MARK:
+                marks.append(len(stack))
+            elif action == _MEMOIZE:
+                memo[len(memo)] = stack[-1] if stack else deepest
+            elif action == _POP:
+                if marks and marks[-1] == len(stack):
+                    marks.pop()
+                elif stack:
+                    stack.pop()
+            elif action == _EMPTY_TUPLE:
+                stack.append(1)
+            elif action == _DUP:
+                stack.append(stack[-1] if stack else 0)
+            elif action == _STOP:
+                return
+    except PickleFormatError:
+        raise
+    except (ValueError, IndexError):  # a malformed argument; the unpickler says how
+        return
