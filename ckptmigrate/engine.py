@@ -286,13 +286,13 @@ def migrate_file(
     lock = contextlib.nullcontext() if dry_run else file_lock(output or path)
     with lock, Checkpoint.open(path, key=key) as ckpt:
         plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
-        if trust_pickle and plan.steps:
-            ckpt.trust_pickle()
         if direction is not None and plan.steps and plan.direction != direction:
             raise BadInput(
                 f"{path}: {direction} to {to} would {plan.direction} ({plan.describe()}); "
                 f"use `ckptmigrate {plan.direction}`"
             )
+        if trust_pickle and plan.steps:
+            ckpt.trust_pickle()
         outcome = Outcome(path, output, plan)
         if not plan.steps:
             if output is not None and not dry_run and output.resolve() != path.resolve():
