@@ -233,7 +233,7 @@ def autogenerate_revision(
     """
     import uuid
 
-    from ckptmigrate import autogenerate, schemas
+    from ckptmigrate import autogenerate, migration_source, schemas
 
     directory = script_directory(migrations)
     graph = directory.load()
@@ -251,7 +251,7 @@ def autogenerate_revision(
         down, lineage = head.id, head.lineage
         steps = autogenerate.generate(old, new)
     rev_id = rev_id or uuid.uuid4().hex[:12]
-    body = autogenerate.render(message, rev_id, down, lineage, steps)
+    body = migration_source.render(message, rev_id, down, lineage, steps)
     path = directory.write_revision(message, rev_id=rev_id, lineage=lineage, graph=graph, body=body)
     path.with_suffix(".schema.json").write_text(json.dumps(new, indent=1) + "\n")
     return path

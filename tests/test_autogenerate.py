@@ -23,10 +23,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ckptmigrate.autogenerate import Step, diff_schemas, generate, render
+from ckptmigrate.autogenerate import diff_schemas, generate
 from ckptmigrate.checkpoint import Checkpoint
 from ckptmigrate.envelope import schema_of
 from ckptmigrate.example import model_at
+from ckptmigrate.migration_source import Step, render
 from ckptmigrate.revisions import ScriptDirectory
 
 D, HEADS, FF, IN, OUT = 16, 4, 64, 8, 5
