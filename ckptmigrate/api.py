@@ -44,13 +44,13 @@ def stamp(
     its PEM file) signs the envelope. Either, or ``digest``, records the content digest — the only
     case that reads tensor bytes. An earlier digest and signature go into the new history entry.
     """
-    from ckptmigrate import integrity
+    from ckptmigrate import integrity, signing
 
     if release is not None and not allow_dirty:
         from ckptmigrate.release import require_clean
 
         require_clean(repo)
-    private_key = integrity.load_private_key(sign) if isinstance(sign, (str, os.PathLike)) else sign
+    private_key = signing.load_private_key(sign) if isinstance(sign, (str, os.PathLike)) else sign
     with file_lock(output if output is not None else path), Checkpoint.open(path, key=key) as ckpt:
         all_tags = {**(tags or {}), **({"release": release} if release is not None else {})}
         env = Envelope.build(
@@ -75,8 +75,8 @@ def stamp(
             env.digest = integrity.compute(ckpt)
             entry["digest"] = env.digest["overall"]
         if private_key is not None:
-            entry["signed_by"] = integrity.fingerprint(private_key.public_key())
-            env.signature = integrity.sign_envelope(env.to_dict(), private_key)
+            entry["signed_by"] = signing.fingerprint(private_key.public_key())
+            env.signature = signing.sign_envelope(env.to_dict(), private_key)
         return ckpt.write(output if output is not None else path, env)
 
 

@@ -159,7 +159,7 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
           key: str | None, revision: str | None, migrations: str | None, as_json: bool,
           release: str | None, sign: Path | None, digest: bool, allow_dirty: bool, jobs: int | None) -> None:
     """Write the envelope into checkpoints (files, directories, globs) without changing any tensor."""
-    from ckptmigrate import api, engine, integrity
+    from ckptmigrate import api, engine, signing
     from ckptmigrate.release import parallel
 
     lineage = None
@@ -175,7 +175,7 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
         from ckptmigrate.release import require_clean
 
         require_clean(repo)  # once, before any file: stamping tracked files dirties the tree as it goes
-    private_key = integrity.load_private_key(sign) if sign is not None else None
+    private_key = signing.load_private_key(sign) if sign is not None else None
     tag_map = _parse_tags(tags)
     watching = sys.stdout.isatty() and not as_json
 

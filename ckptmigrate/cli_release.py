@@ -24,9 +24,9 @@ from ckptmigrate.progress import file_bar
 @click.argument("public", type=click.Path(path_type=Path, dir_okay=False))
 def keygen(private: Path, public: Path) -> None:
     """Create an Ed25519 key pair for signing checkpoints (PEM files; never overwrites)."""
-    from ckptmigrate import integrity
+    from ckptmigrate import signing
 
-    fp = integrity.keygen(private, public)
+    fp = signing.keygen(private, public)
     click.echo(f"wrote {private} (private, mode 600) and {public}; fingerprint {fp}")
 
 
@@ -63,11 +63,11 @@ def _line(r: Any) -> str:
 def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, as_json: bool,
            jobs: int | None, state_key: str | None) -> None:
     """Recompute digests and check signatures of stamped checkpoints (files, directories, globs)."""
-    from ckptmigrate import engine, integrity, release
+    from ckptmigrate import engine, integrity, release, signing
 
     if not paths and manifest is None:
         raise BadInput("verify needs PATH... or --manifest")
-    public_key = integrity.load_public_key(pubkey) if pubkey is not None else None
+    public_key = signing.load_public_key(pubkey) if pubkey is not None else None
     files = list(engine.expand_paths(paths))
     if paths and not files:
         raise BadInput(f"{', '.join(paths)}: no checkpoint files found")
@@ -88,7 +88,7 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
     manifest_info: dict[str, Any] | None = None
     jobs_list: list[tuple[str, Path, Any]] = [("path", p, None) for p in files]
     if doc is not None and manifest is not None:
-        sig = integrity.check_manifest_signature(doc, public_key)
+        sig = signing.check_manifest_signature(doc, public_key)
         problems = [sig.problem] if sig.problem and (sig.status != "absent" or public_key is not None) else []
         manifest_info = {"path": str(manifest), "release": doc.get("release"), "commit": doc.get("commit"),
                          "files": len(doc["files"]), "signature": sig.status, "signed_by": sig.signed_by,

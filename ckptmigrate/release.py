@@ -73,10 +73,10 @@ def stamp_release(
 ) -> tuple[dict[str, Any], dict[Path, str]]:
     """Stamp (and sign) every file for ``version`` and write the manifest; return it and the
     files that failed with why. A failed file is left as it was and kept out of the manifest."""
-    from ckptmigrate import api, integrity
+    from ckptmigrate import api, signing
 
     info = git_info(repo) if allow_dirty else require_clean(repo)
-    key = integrity.load_private_key(sign) if sign is not None else None
+    key = signing.load_private_key(sign) if sign is not None else None
     paths = list(files)
     if not paths:
         raise BadInput("no checkpoint files to release")
@@ -98,7 +98,7 @@ def stamp_release(
         "remote": (info or {}).get("remote"), "files": entries,
     }
     if key is not None:
-        doc["signature"] = integrity.sign_manifest(doc, key)
+        doc["signature"] = signing.sign_manifest(doc, key)
     tmp = manifest.with_name(f".{manifest.name}.part")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, manifest)

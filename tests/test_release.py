@@ -25,7 +25,7 @@ import torch
 from conftest import CREPE, LPIPS, ROOT
 from safetensors.torch import save_file
 
-from ckptmigrate import api, integrity
+from ckptmigrate import api, integrity, signing
 from ckptmigrate.checkpoint import Checkpoint
 from ckptmigrate.envelope import Envelope
 from ckptmigrate.example import model_at
@@ -46,7 +46,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("keys")
     out = {}
     for name in ("a", "b"):
-        integrity.keygen(d / f"{name}.pem", d / f"{name}.pub")
+        signing.keygen(d / f"{name}.pem", d / f"{name}.pub")
         out[name], out[f"{name}_pub"] = d / f"{name}.pem", d / f"{name}.pub"
     return out
 
