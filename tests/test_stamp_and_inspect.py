@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import platform
 import re
 import subprocess
 import sys
@@ -371,11 +372,13 @@ def test_inspect_and_stamp_do_not_import_torch(tmp_path: Path) -> None:
     for path in (files["zip"], files["legacy"]):
         assert_same(torch.load(f"{path}.stamped"), state)
     assert_same(load_file(f"{files['st']}.stamped"), load_file(files["st"]))
-    # the versions an envelope records without importing torch are the ones torch and pip report
+    # what an envelope records cheaply (no torch import, no importlib.metadata, no scan of the
+    # interpreter binary) is what torch, pip and the platform module report
     for path in files.values():
         envelope = formats.read_envelope(f"{path}.stamped")[1]
         assert envelope is not None
         assert (envelope["torch"], envelope["cuda"]) == (torch.__version__, torch.version.cuda)
+        assert (envelope["python"], envelope["platform"]) == (platform.python_version(), platform.platform())
         assert envelope["ckptmigrate_version"] == importlib.metadata.version("ckptmigrate")
 
 
