@@ -14,6 +14,8 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +25,7 @@ from ckptmigrate.errors import CkptMigrateError
 TEMP_PREFIX = ".ckptmigrate-tmp-"
 _SUFFIX = ".part"
 _LONG_NAME = 160  # bytes of the destination's name kept in the temporary name (NAME_MAX is 255)
+_FICLONE = 0x40049409  # linux/fs.h, _IOW(0x94, 9, int): clone a whole file, sharing its blocks copy-on-write
 
 
 class WriteFailed(CkptMigrateError):
@@ -123,3 +126,40 @@ def atomic_write(
         if tmp is not None and not replaced:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+def keep_copy(src: Path, dest: Path) -> bool:
+    """Make the new file ``dest`` hold ``src``'s bytes, without copying them where the filesystem can.
+
+    First a copy-on-write clone (XFS, btrfs: no bytes move, and ``dest`` is a file of its own), else
+    a hard link (no bytes move, but ``dest`` *is* ``src``'s inode: ``src`` may then only be replaced,
+    never changed in place), else a copy. Returns True when ``dest`` is independent of ``src``.
+    ``dest`` appears complete or not at all; a clone's temporary file is one of ``src``'s, so
+    :func:`remove_stale_temps` finds it after a crash.
+    """
+    directory = dest.parent if str(dest.parent) else Path(".")
+    if sys.platform == "linux":
+        import fcntl
+
+        fd, tmp = _create_temp(directory, _temp_stem(src))
+        try:
+            with open(src, "rb") as original:
+                fcntl.ioctl(fd, _FICLONE, original.fileno())
+            os.fsync(fd)
+        except OSError:  # no clones here (ext4, tmpfs, another filesystem)
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+        else:
+            os.close(fd)
+            shutil.copystat(src, tmp)
+            os.replace(tmp, dest)
+            fsync_dir(directory)
+            return True
+    try:
+        os.link(src, dest)
+        return False
+    except OSError:
+        with atomic_write(dest) as fh, open(src, "rb") as original:
+            shutil.copyfileobj(original, fh, 8 << 20)
+        shutil.copystat(src, dest)
+        return True

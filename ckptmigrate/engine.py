@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import os
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckptmigrate.atomic import keep_copy
 from ckptmigrate.checkpoint import Checkpoint
 from ckptmigrate.envelope import Envelope, now_utc
 from ckptmigrate.errors import BadInput, MigrationError
@@ -261,15 +260,12 @@ def backup_path(path: Path) -> Path:
     return candidate
 
 
-def make_backup(path: Path) -> Path:
+def make_backup(path: Path) -> tuple[Path, bool]:
+    """Keep the original at ``PATH.bak[.N]`` without copying it where possible (see
+    :func:`~ckptmigrate.atomic.keep_copy`); True when the backup is a file of its own, so that
+    ``path`` may still be appended to in place."""
     dest = backup_path(path)
-    try:
-        os.link(path, dest)
-    except OSError:
-        tmp = dest.with_name(dest.name + ".part")
-        shutil.copy2(path, tmp)
-        os.replace(tmp, dest)
-    return dest
+    return dest, keep_copy(path, dest)
 
 
 def migrate_file(
@@ -306,11 +302,12 @@ def migrate_file(
             return outcome
         env = new_envelope(ckpt, plan, history)
         dest = output or path
+        independent = True
         if output is None and backup:
-            outcome.backup = make_backup(path)
+            outcome.backup, independent = make_backup(path)
         try:
-            # the backup is a hard link to the same inode: never append to it
-            ckpt.write(dest, env, fmt=_output_format(ckpt, dest), append_in_place=outcome.backup is None)
+            # a backup that is a hard link shares the original's inode: never append to it
+            ckpt.write(dest, env, fmt=_output_format(ckpt, dest), append_in_place=independent)
         except BaseException:
             if outcome.backup is not None:
                 outcome.backup.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -145,6 +145,70 @@ def test_rename_chain_appends_in_place_and_keeps_every_original_byte(
     assert_loads_as(path, renamed(sd))
     assert api.inspect(path)["envelope"]["revision"] == "r1"
     assert not list(tmp_path.glob(".*ckptmigrate*")), "a temporary or lock file was left behind"
+
+
+def test_a_backup_is_a_hard_link_so_the_upgraded_file_is_a_new_one(
+    tmp_path: Path, cli: Cli, big: tuple[Path, dict[str, torch.Tensor]]
+) -> None:
+    """Where the filesystem cannot clone (ext4, tmpfs), the backup costs no copy: it is the
+    original's inode, which therefore must not be appended to — the result is a new file."""
+    path, sd = big
+    before = path.stat()
+    original = sha256(path)
+
+    cli("upgrade", path, "--from", "base", "--migrations", chain(tmp_path), check=True)
+
+    backup = path.with_name(path.name + ".bak")
+    if backup.stat().st_ino != before.st_ino:
+        pytest.skip("this filesystem cloned the backup (copy-on-write): see the XFS test")
+    assert sha256(backup) == original and backup.stat().st_size == before.st_size
+    assert path.stat().st_ino != before.st_ino, "the upgrade wrote into the backup's inode"
+    assert_loads_as(path, renamed(sd))
+
+
+@pytest.fixture
+def xfs(tmp_path: Path) -> Iterator[Path]:
+    """A 300 MiB XFS filesystem with reflink, on a loop device; skipped where it cannot be made."""
+    image, mountpoint = tmp_path / "xfs.img", tmp_path / "xfs"
+    mountpoint.mkdir()
+    with open(image, "wb") as fh:
+        fh.truncate(300 << 20)
+    try:
+        made = subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("mkfs.xfs is not installed (xfsprogs)")
+    if made.returncode != 0:
+        pytest.skip(f"mkfs.xfs failed: {made.stderr.strip()}")
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here ({mounted.stderr.strip() or mounted.returncode})")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], capture_output=True)
+
+
+def test_on_a_copy_on_write_filesystem_the_backup_is_a_clone_and_the_upgrade_appends(
+    xfs: Path, cli: Cli, big: tuple[Path, dict[str, torch.Tensor]]
+) -> None:
+    """On XFS (or btrfs) the default in-place upgrade is O(metadata) *with* its backup: the backup
+    is a copy-on-write clone, a file of its own, so the original is appended to in place."""
+    source, sd = big
+    path = xfs / source.name
+    path.write_bytes(source.read_bytes())
+    before = path.stat()
+    original = sha256(path)
+
+    cli("upgrade", path, "--from", "base", "--migrations", chain(xfs), check=True)
+
+    backup = path.with_name(path.name + ".bak")
+    assert backup.stat().st_ino != before.st_ino and backup.stat().st_nlink == 1, "the backup is not a clone"
+    assert sha256(backup) == original
+    assert path.stat().st_ino == before.st_ino, "the file was replaced, not appended to"
+    assert sha256(path, before.st_size) == original, "bytes of the original changed"
+    assert_loads_as(path, renamed(sd))
+    assert_loads_as(backup, sd)
+    assert sorted(p.name for p in xfs.iterdir()) == sorted([path.name, backup.name, "migrations"])
 
 
 def test_out_of_place_rename_copies_records_and_equals_the_slow_path(
