@@ -159,7 +159,9 @@ def keep_copy(src: Path, dest: Path) -> bool:
         os.link(src, dest)
         return False
     except OSError:
+        from ckptmigrate.formats.zipio import copy_range
+
         with atomic_write(dest) as fh, open(src, "rb") as original:
-            shutil.copyfileobj(original, fh, 8 << 20)
+            copy_range(original.fileno(), fh.fileno(), 0, os.fstat(original.fileno()).st_size, 0)
         shutil.copystat(src, dest)
         return True
