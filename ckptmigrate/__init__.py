@@ -7,17 +7,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-#: The one place the version is written (pyproject.toml reads it): recording it in every envelope
-#: costs nothing, where importlib.metadata would scan site-packages on every write.
-__version__ = "0.1.0"
+from ckptmigrate.version import __version__ as __version__
 
 __all__ = ["Checkpoint", "LoadReport", "attach", "inspect", "load", "load_state_dict", "save", "stamp"]
 
 if TYPE_CHECKING:
     from ckptmigrate.api import inspect, load, save, stamp
-    from ckptmigrate.checkpoint import Checkpoint
-    from ckptmigrate.hooks import attach
-    from ckptmigrate.loading import LoadReport, load_state_dict
+    from ckptmigrate.checkpoint.lazy import Checkpoint
+    from ckptmigrate.integrations.hooks import attach
+    from ckptmigrate.integrations.loading import LoadReport, load_state_dict
 
 
 def __getattr__(name: str) -> Any:
@@ -26,15 +24,15 @@ def __getattr__(name: str) -> Any:
 
         return getattr(api, name)
     if name in ("load_state_dict", "LoadReport"):
-        from ckptmigrate import loading
+        from ckptmigrate.integrations import loading
 
         return getattr(loading, name)
     if name == "attach":
-        from ckptmigrate.hooks import attach
+        from ckptmigrate.integrations.hooks import attach
 
         return attach
     if name == "Checkpoint":
-        from ckptmigrate.checkpoint import Checkpoint
+        from ckptmigrate.checkpoint.lazy import Checkpoint
 
         return Checkpoint
     raise AttributeError(f"module 'ckptmigrate' has no attribute {name!r}")

@@ -9,16 +9,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptmigrate.atomic import atomic_write
-from ckptmigrate.checkpoint import Checkpoint
-from ckptmigrate.envelope import Envelope, now_utc, schema_of
+from ckptmigrate.checkpoint.envelope import Envelope, now_utc, schema_of
+from ckptmigrate.checkpoint.layout import locate
+from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput
 from ckptmigrate.formats import safetensors_io, torchzip
-from ckptmigrate.layout import locate
-from ckptmigrate.locking import file_lock
+from ckptmigrate.release.stamping import stamp
+from ckptmigrate.storage.atomic import atomic_write
+from ckptmigrate.storage.locking import file_lock
+
+__all__ = [
+    "autogenerate_revision", "compact", "inspect", "load", "record_schema", "revision_graph", "save",
+    "script_directory", "stamp",
+]
 
 if TYPE_CHECKING:  # the migration machinery is imported when used: `inspect` starts faster without it
-    from ckptmigrate.revisions import RevisionGraph, ScriptDirectory
+    from ckptmigrate.chain.revisions import RevisionGraph, ScriptDirectory
 
 
 def inspect(path: str | os.PathLike[str], *, keys: bool = False, key: str | None = None) -> dict[str, Any]:
@@ -27,63 +33,10 @@ def inspect(path: str | os.PathLike[str], *, keys: bool = False, key: str | None
         return ckpt.summary(keys=keys)
 
 
-def stamp(
-    path: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None,
-    tags: Mapping[str, str] | None = None, repo: str | os.PathLike[str] | None = None,
-    key: str | None = None, lineage: str | None = None, revision: str | None = None,
-    release: str | None = None, sign: Any = None, digest: bool = False, allow_dirty: bool = False,
-) -> Path:
-    """Write the envelope into ``path`` (or ``output``) without changing any tensor.
-
-    A legacy torch file is rewritten as a torch zip file; a zip or safetensors file keeps its
-    tensor records byte for byte. An existing envelope's lineage, revision, history and tags carry
-    over; ``lineage``/``revision`` set them (``stamp --revision`` in the CLI).
-
-    ``release`` records a release (tag ``release``, a ``release`` history entry with the commit)
-    and refuses a dirty working tree unless ``allow_dirty``; ``sign`` (an Ed25519 private key or
-    its PEM file) signs the envelope. Either, or ``digest``, records the content digest — the only
-    case that reads tensor bytes. An earlier digest and signature go into the new history entry.
-    """
-    from ckptmigrate import integrity, signing
-
-    if release is not None and not allow_dirty:
-        from ckptmigrate.release import require_clean
-
-        require_clean(repo)
-    private_key = signing.load_private_key(sign) if isinstance(sign, (str, os.PathLike)) else sign
-    with file_lock(output if output is not None else path), Checkpoint.open(path, key=key) as ckpt:
-        all_tags = {**(tags or {}), **({"release": release} if release is not None else {})}
-        env = Envelope.build(
-            ckpt.state_dict.entries, layout=ckpt.output_layout().name, repo=repo,
-            tags=all_tags, previous=ckpt.envelope,
-        )
-        if lineage is not None:
-            env.lineage = lineage
-        if revision is not None:
-            env.revision = revision
-        entry: dict[str, Any] = {
-            "action": "stamp" if release is None else "release", "at": now_utc(), "revision": env.revision,
-            "tags": dict(tags or {}), "from_container": ckpt.format,
-        }
-        if release is not None:
-            entry.update(release=release, commit=(env.git or {}).get("commit"))
-        old_provenance = integrity.superseded(ckpt.envelope)
-        if old_provenance is not None:
-            entry["superseded"] = old_provenance
-        env.history.append(entry)
-        if digest or release is not None or private_key is not None:
-            env.digest = integrity.compute(ckpt)
-            entry["digest"] = env.digest["overall"]
-        if private_key is not None:
-            entry["signed_by"] = signing.fingerprint(private_key.public_key())
-            env.signature = signing.sign_envelope(env.to_dict(), private_key)
-        return ckpt.write(output if output is not None else path, env)
-
-
 def script_directory(migrations: str | os.PathLike[str] | None = None, *, cwd: Path | None = None) -> ScriptDirectory:
     """The script directory named by ``migrations`` (a path or a module), else by pyproject.toml."""
-    from ckptmigrate import config
-    from ckptmigrate.revisions import ScriptDirectory
+    from ckptmigrate.chain import config
+    from ckptmigrate.chain.revisions import ScriptDirectory
 
     if migrations is not None:
         return ScriptDirectory.from_spec(migrations if isinstance(migrations, str) else Path(migrations), Path.cwd())
@@ -97,7 +50,7 @@ def script_directory(migrations: str | os.PathLike[str] | None = None, *, cwd: P
 
 
 def revision_graph(migrations: str | os.PathLike[str] | RevisionGraph | None = None) -> RevisionGraph:
-    from ckptmigrate.revisions import RevisionGraph
+    from ckptmigrate.chain.revisions import RevisionGraph
 
     if isinstance(migrations, RevisionGraph):
         return migrations
@@ -105,7 +58,7 @@ def revision_graph(migrations: str | os.PathLike[str] | RevisionGraph | None = N
 
 
 def _optional_graph(migrations: Any) -> RevisionGraph | None:
-    from ckptmigrate import config
+    from ckptmigrate.chain import config
 
     if migrations is None and config.load().migrations is None:
         return None
@@ -170,8 +123,8 @@ def load(
 
     import torch
 
-    from ckptmigrate.compat import version_notes
-    from ckptmigrate.engine import apply, new_envelope, plan_for
+    from ckptmigrate.chain.engine import apply, new_envelope, plan_for
+    from ckptmigrate.checkpoint.compat import version_notes
 
     ckpt = Checkpoint.open(path, key=key)
     ckpt.map_location = map_location
@@ -233,7 +186,9 @@ def autogenerate_revision(
     """
     import uuid
 
-    from ckptmigrate import autogenerate, migration_source, schemas
+    from ckptmigrate.autogenerate import plan as autogenerate
+    from ckptmigrate.autogenerate import render as migration_source
+    from ckptmigrate.chain import schemas
 
     directory = script_directory(migrations)
     graph = directory.load()

@@ -364,7 +364,7 @@ from torch import nn
 
 import ckptmigrate
 import ckptmigrate.api
-import ckptmigrate.loading
+import ckptmigrate.integrations.loading
 
 mode, path, schema_path, migrations = sys.argv[1:5]
 
@@ -942,7 +942,7 @@ def run(args: argparse.Namespace, work: Path, geom: Geometry) -> int:
     for warm in ([*cli, "history", "--migrations", str(f.chain_a)],
                  [*cli, "history", "--migrations", str(f.chain_b)],
                  [*cli, "history", "--migrations", str(f.chain_c)],
-                 [sys.executable, "-c", "import torch, git, ckptmigrate.api, ckptmigrate.loading"]):
+                 [sys.executable, "-c", "import torch, git, ckptmigrate.api, ckptmigrate.integrations.loading"]):
         subprocess.run(warm, cwd=work, check=True, capture_output=True, env=CHILD_ENV)
     prep = subprocess.run([*cli, "upgrade", "--migrations", str(f.chain_a), str(f.pt), "-o", str(f.upgraded_a)],
                           cwd=work, capture_output=True, text=True, check=False, env=CHILD_ENV)

@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ckptmigrate import integrity
-from ckptmigrate.checkpoint import Checkpoint
-from ckptmigrate.release import parallel
+from ckptmigrate.checkpoint.lazy import Checkpoint
+from ckptmigrate.release import integrity
+from ckptmigrate.release.manifest import parallel
 
 
 def build(path: Path, size_mb: int) -> None:

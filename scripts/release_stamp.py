@@ -15,9 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ckptmigrate import engine
+from ckptmigrate.chain import engine
 from ckptmigrate.errors import CkptMigrateError
-from ckptmigrate.release import stamp_release
+from ckptmigrate.release.manifest import stamp_release
 
 
 def main(argv: list[str] | None = None) -> int:

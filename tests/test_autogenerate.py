@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ckptmigrate.autogenerate import diff_schemas, generate
-from ckptmigrate.checkpoint import Checkpoint
-from ckptmigrate.envelope import schema_of
+from ckptmigrate.autogenerate.plan import diff_schemas, generate
+from ckptmigrate.autogenerate.render import Step, render
+from ckptmigrate.chain.revisions import ScriptDirectory
+from ckptmigrate.checkpoint.envelope import schema_of
+from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.example import model_at
-from ckptmigrate.migration_source import Step, render
-from ckptmigrate.revisions import ScriptDirectory
 
 D, HEADS, FF, IN, OUT = 16, 4, 64, 8, 5
 Cli = Callable[..., subprocess.CompletedProcess[str]]

@@ -95,8 +95,9 @@ def test_check_passes_then_fails_after_a_refactor_and_autogenerate_fixes_it(tmp_
 
 
 def test_diff_in_every_combination(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
-    from ckptmigrate import api, schemas
-    from ckptmigrate.autogenerate import diff_schemas
+    from ckptmigrate import api
+    from ckptmigrate.autogenerate.plan import diff_schemas
+    from ckptmigrate.chain import schemas
     from ckptmigrate.example import model_at
 
     torch.save(model_at(1).state_dict(), tmp_path / "era1.pth")

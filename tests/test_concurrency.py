@@ -27,9 +27,10 @@ from typing import Any
 import pytest
 import torch
 
-from ckptmigrate import api, engine, formats
+from ckptmigrate import api, formats
+from ckptmigrate.chain import engine
 from ckptmigrate.example import model_at
-from ckptmigrate.locking import lock_path
+from ckptmigrate.storage.locking import lock_path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = str(ROOT / "migrations")
@@ -37,7 +38,7 @@ UPGRADED = ["0002", "0003", "0004", "0005", "0006"]
 
 HOLD = """
 import sys
-from ckptmigrate.locking import file_lock
+from ckptmigrate.storage.locking import file_lock
 with file_lock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()  # until the test closes stdin, or kills this process
@@ -45,8 +46,8 @@ with file_lock(sys.argv[1]):
 
 HOLD_WHILE_WRITING = """
 import sys, time
-from ckptmigrate.atomic import atomic_write
-from ckptmigrate.locking import file_lock
+from ckptmigrate.storage.atomic import atomic_write
+from ckptmigrate.storage.locking import file_lock
 with file_lock(sys.argv[1]), atomic_write(sys.argv[1]) as fh:
     fh.write(b"half of a new checkpoint" * 4096)
     fh.flush()

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckptmigrate import formats
-from ckptmigrate.atomic import TEMP_PREFIX, atomic_write
-from ckptmigrate.checkpoint import Checkpoint
+from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.formats import torchzip
 from ckptmigrate.formats.zipio import ALIGNMENT, ZipWriter, read_entries
+from ckptmigrate.storage.atomic import TEMP_PREFIX, atomic_write
 
 DTYPES = {
     "float32": torch.float32,

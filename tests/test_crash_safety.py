@@ -33,9 +33,10 @@ from typing import Any
 import pytest
 import torch
 
-from ckptmigrate import api, formats, integrity
-from ckptmigrate.atomic import TEMP_PREFIX
+from ckptmigrate import api, formats
 from ckptmigrate.example import model_at
+from ckptmigrate.release import integrity
+from ckptmigrate.storage.atomic import TEMP_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = str(ROOT / "migrations")

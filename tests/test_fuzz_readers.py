@@ -42,7 +42,7 @@ from ckptmigrate import api, formats
 from ckptmigrate.errors import BadInput
 from ckptmigrate.formats import legacy, pickled, safetensors_io, zipio
 from ckptmigrate.formats.pickled import PickleFormatError, StandIn
-from ckptmigrate.tensors import Source, Storage, TensorRef, to_torch
+from ckptmigrate.tensors.refs import Source, Storage, TensorRef, to_torch
 
 EXAMPLES = int(os.environ.get("CKPTMIGRATE_FUZZ_EXAMPLES", "200"))
 IN_CI = bool(os.environ.get("CI"))

@@ -17,7 +17,7 @@ pl = pytest.importorskip("pytorch_lightning")
 
 from ckptmigrate import attach  # noqa: E402
 from ckptmigrate.api import record_schema  # noqa: E402
-from ckptmigrate.lightning import MigrationCallback, upgrade_checkpoint  # noqa: E402
+from ckptmigrate.integrations.lightning import MigrationCallback, upgrade_checkpoint  # noqa: E402
 
 CHAIN = {
     "0001_initial.py": 'revision = "0001"\ndown_revision = None\n\n\ndef upgrade(ckpt):\n    pass\n',

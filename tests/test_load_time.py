@@ -15,7 +15,7 @@ import torch
 import ckptmigrate
 from ckptmigrate.errors import BadInput
 from ckptmigrate.example import ERAS, ExampleNet, current_model, model_at
-from ckptmigrate.report import group_keys
+from ckptmigrate.util.keygroups import group_keys
 from tests.conftest import LPIPS, ROOT
 
 MIGRATIONS = str(ROOT / "migrations")

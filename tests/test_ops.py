@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch import nn
 
-from ckptmigrate.checkpoint import Checkpoint
-from ckptmigrate.envelope import Envelope
-from ckptmigrate.ops import OpError
+from ckptmigrate.checkpoint.envelope import Envelope
+from ckptmigrate.checkpoint.lazy import Checkpoint
+from ckptmigrate.ops.operations import OpError
 
 Op = Callable[[Checkpoint], None]
 

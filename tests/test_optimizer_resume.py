@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckptmigrate import engine
-from ckptmigrate.revisions import ScriptDirectory
+from ckptmigrate.chain import engine
+from ckptmigrate.chain.revisions import ScriptDirectory
 
 DIM, STEPS = 8, 3
 

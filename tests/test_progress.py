@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptmigrate.progress import MIN_BYTES
+from ckptmigrate.util.progress import MIN_BYTES
 
 BAR = re.compile(r"(upgrade|stamp|verify): +\d+%\|")
 

@@ -25,12 +25,13 @@ import torch
 from conftest import CREPE, LPIPS, ROOT
 from safetensors.torch import save_file
 
-from ckptmigrate import api, integrity, signing
-from ckptmigrate.checkpoint import Checkpoint
-from ckptmigrate.envelope import Envelope
+from ckptmigrate import api
+from ckptmigrate.checkpoint.envelope import Envelope
+from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.example import model_at
 from ckptmigrate.formats import torchzip
-from ckptmigrate.tensors import ITEMSIZE
+from ckptmigrate.release import integrity, signing
+from ckptmigrate.tensors.refs import ITEMSIZE
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 MIGRATIONS = ROOT / "migrations"

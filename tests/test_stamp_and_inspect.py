@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ckptmigrate import api, formats
-from ckptmigrate.envelope import architecture_hash, git_info, schema_of
+from ckptmigrate.checkpoint.envelope import architecture_hash, git_info, schema_of
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 LPIPS_CHANNELS = (64, 192, 384, 256, 256)
@@ -454,7 +454,7 @@ META_MODEL_SCRIPT = """
 import json, sys
 import torch
 from torch import nn
-from ckptmigrate.envelope import architecture_hash, schema_of
+from ckptmigrate.checkpoint.envelope import architecture_hash, schema_of
 
 
 def lpips_heads(channels):

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Literal
 from ckptmigrate.errors import BadInput, one_line
 from ckptmigrate.formats import legacy, safetensors_io, torchzip
 from ckptmigrate.formats.zipio import ZipEntry
-from ckptmigrate.tensors import Source, Storage
+from ckptmigrate.tensors.refs import Source, Storage
 
 Format = Literal["torch-zip", "torch-legacy", "safetensors"]
 FORMATS: tuple[str, ...] = ("torch-zip", "torch-legacy", "safetensors")

@@ -9,7 +9,7 @@ import struct
 from typing import Any
 
 from ckptmigrate.formats.pickled import PickleFormatError, load
-from ckptmigrate.tensors import Source, Storage
+from ckptmigrate.tensors.refs import Source, Storage
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001

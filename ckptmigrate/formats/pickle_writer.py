@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from ckptmigrate.formats.pickled import TorchRebuild, global_name, standin
-from ckptmigrate.tensors import ITEMSIZE, STORAGE_FOR_DTYPE, Deferred, Storage, TensorRef, dtype_of, shape_of
+from ckptmigrate.tensors.refs import ITEMSIZE, STORAGE_FOR_DTYPE, Deferred, Storage, TensorRef, dtype_of, shape_of
 
 _PurePickler: Any = getattr(pickle, "_Pickler")  # noqa: B009 - the pure-Python pickler lets save_global be overridden
 
@@ -83,7 +83,7 @@ class _Writer(_PurePickler):
             shape, stride = shape_of(obj), tuple(int(s) for s in obj.stride())
             offset, requires_grad = int(obj.storage_offset()), False
         else:
-            from ckptmigrate.tensors import contiguous_stride
+            from ckptmigrate.tensors.refs import contiguous_stride
 
             shape = shape_of(obj)
             offset, stride, requires_grad = 0, contiguous_stride(shape), False

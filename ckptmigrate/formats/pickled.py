@@ -2,7 +2,7 @@
 
 :class:`SafeUnpickler` resolves no global: every class or function a pickle names becomes an
 inert :class:`StandIn` type that only records how it was called. Tensors become
-:class:`~ckptmigrate.tensors.TensorRef`. A pickle whose ``__reduce__`` calls ``os.system``
+:class:`~ckptmigrate.tensors.refs.TensorRef`. A pickle whose ``__reduce__`` calls ``os.system``
 therefore yields a record of the call, never the call. :mod:`~ckptmigrate.formats.pickle_writer`
 writes the same structure back, stand-ins included, so a rewritten file loads in torch exactly as
 the original did.
@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, ClassVar
 
 from ckptmigrate.errors import one_line
 from ckptmigrate.formats.pickle_scan import MAX_DEPTH, PickleFormatError, scan
-from ckptmigrate.tensors import (
+from ckptmigrate.tensors.refs import (
     ITEMSIZE,
     LEGACY_STORAGE,
     Storage,

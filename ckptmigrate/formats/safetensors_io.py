@@ -14,8 +14,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from ckptmigrate.formats.zipio import copy_range, write_all
-from ckptmigrate.tensors import (
+from ckptmigrate.storage.rawio import copy_range, write_all
+from ckptmigrate.tensors.refs import (
     DTYPE_TO_SAFETENSORS,
     ITEMSIZE,
     SAFETENSORS_DTYPE,

@@ -26,7 +26,7 @@ from ckptmigrate.formats.zipio import (
     read_entries,
     read_record,
 )
-from ckptmigrate.tensors import (
+from ckptmigrate.tensors.refs import (
     Deferred,
     Source,
     Storage,

@@ -8,7 +8,6 @@ the file being appended to: that is what makes renames cost only metadata.
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 import zipfile
@@ -17,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ckptmigrate.progress import advance
+from ckptmigrate.storage.rawio import copy_range, write_all
 
 ALIGNMENT = 64
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
@@ -28,7 +27,6 @@ _LOCATOR64 = struct.Struct("<IIQI")
 _MAX32 = 0xFFFFFFFF
 _MAX16 = 0xFFFF
 _PAGE = 4096
-_CHUNK = 8 << 20
 #: Signatures of what may follow a record's data: a local header, the central directory, the (zip64)
 #: end of central directory.
 _NEXT_STRUCTURES = (b"PK\x03\x04", b"PK\x01\x02", b"PK\x06\x06", b"PK\x05\x06")
@@ -159,42 +157,6 @@ def read_record(fh: BinaryIO, entry: ZipEntry, *, check_crc: bool = True) -> byt
     if check_crc and zlib.crc32(data) != entry.crc:
         raise ZipFormatError(f"record {entry.name!r} fails its CRC check")
     return data
-
-
-def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """``os.pwrite`` until every byte is written: a short write (a disk filling up) is retried,
-    and a write that makes no progress is the error it is, not silently fewer bytes."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n == 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        offset += n
-        view = view[n:]
-        advance(n)
-
-
-def copy_range(src_fd: int, dst_fd: int, src_offset: int, size: int, dst_offset: int) -> None:
-    """Copy bytes between files in the kernel when it can (reflink/copy_file_range), else by reads."""
-    done = 0
-    use_kernel = hasattr(os, "copy_file_range")
-    while done < size:
-        n = min(size - done, 1 << 30)
-        if use_kernel:
-            try:
-                copied = os.copy_file_range(src_fd, dst_fd, n, src_offset + done, dst_offset + done)
-            except OSError:
-                use_kernel = False
-                continue
-            advance(copied)
-        else:
-            chunk = os.pread(src_fd, min(n, _CHUNK), src_offset + done)
-            if chunk:
-                write_all(dst_fd, chunk, dst_offset + done)
-            copied = len(chunk)
-        if copied == 0:
-            raise ZipFormatError("source ended while copying a record")
-        done += copied
 
 
 @dataclass

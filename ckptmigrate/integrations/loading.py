@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ckptmigrate.errors import BadInput
-from ckptmigrate.report import group_keys
+from ckptmigrate.util.keygroups import group_keys
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ckptmigrate.checkpoint import Checkpoint
+    from ckptmigrate.checkpoint.lazy import Checkpoint
 
 Patterns = str | Sequence[str] | None
 
@@ -120,7 +120,7 @@ def load_state_dict(
     ``strict="compatible"`` loads every key whose name and shape match and reports the rest.
     """
     from ckptmigrate.api import load
-    from ckptmigrate.checkpoint import Checkpoint
+    from ckptmigrate.checkpoint.lazy import Checkpoint
 
     ckpt = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else load(
         path_or_checkpoint, migrations=migrations, map_location=map_location

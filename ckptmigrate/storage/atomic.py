@@ -4,7 +4,7 @@ A reader of the destination sees either the old file or the complete new one, ne
 whatever moment the process is killed at. The temporary file is named after the destination
 (``.ckptmigrate-tmp-<name>.<random>.part``), so one that a killed writer left behind can be found
 and removed by the next writer of the same file (:func:`remove_stale_temps`, called by
-:func:`ckptmigrate.locking.file_lock`).
+:func:`ckptmigrate.storage.locking.file_lock`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _temp_stem(dest: Path) -> str:
 def remove_stale_temps(dest: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files of ``dest`` that killed writers left behind; return them.
 
-    Only call this holding ``dest``'s lock (:func:`ckptmigrate.locking.file_lock`): every writer of
+    Only call this holding ``dest``'s lock (:func:`ckptmigrate.storage.locking.file_lock`): every writer of
     ``dest`` holds it, so none of its temporary files can still be in use. Other files' temporary
     files are never touched.
     """
@@ -159,7 +159,7 @@ def keep_copy(src: Path, dest: Path) -> bool:
         os.link(src, dest)
         return False
     except OSError:
-        from ckptmigrate.formats.zipio import copy_range
+        from ckptmigrate.storage.rawio import copy_range
 
         with atomic_write(dest) as fh, open(src, "rb") as original:
             copy_range(original.fileno(), fh.fileno(), 0, os.fstat(original.fileno()).st_size, 0)

@@ -25,6 +25,8 @@ from typing import Any
 from ckptmigrate.errors import RevisionError
 
 TEMPLATE = "script.py.tmpl"
+#: The template shipped with ckptmigrate, copied by ``init`` and used when a directory has none.
+DEFAULT_TEMPLATE = Path(__file__).with_name(TEMPLATE)
 
 
 @dataclass
@@ -257,7 +259,7 @@ class ScriptDirectory:
         local = self.root / TEMPLATE
         if local.is_file():
             return local.read_text()
-        return (Path(__file__).parent / TEMPLATE).read_text()
+        return DEFAULT_TEMPLATE.read_text()
 
     def write_revision(
         self, message: str, *, rev_id: str | None = None, lineage: str | None = None,

@@ -5,8 +5,9 @@ the file, streamed in chunks, torch never imported) plus everything else in the 
 optimizer state, the pickled structure), so ``verify`` can say *which* tensors changed. A signature
 covers the canonical JSON of the whole envelope, digest included, so a changed tag, revision or
 digest is caught as surely as a changed byte of tensor data. A digest and signature vouch for the
-bytes they were made over: a migration moves them into its history entry (see :func:`superseded`).
-Keys and signatures themselves are :mod:`ckptmigrate.signing`.
+bytes they were made over: a migration moves them into its history entry
+(:func:`ckptmigrate.checkpoint.envelope.superseded`).
+Keys and signatures themselves are :mod:`ckptmigrate.release.signing`.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from ckptmigrate.errors import BadInput
 from ckptmigrate.formats.pickled import StandIn, global_name
-from ckptmigrate.progress import advance
-from ckptmigrate.signing import canonical_json, check_envelope_signature, load_public_key
-from ckptmigrate.tensors import ITEMSIZE, Storage, TensorRef, is_entry
+from ckptmigrate.release.signing import canonical_json, check_envelope_signature, load_public_key
+from ckptmigrate.tensors.refs import ITEMSIZE, Storage, TensorRef, is_entry
+from ckptmigrate.util.progress import advance
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from ckptmigrate.checkpoint import Checkpoint
+    from ckptmigrate.checkpoint.lazy import Checkpoint
 
 #: blake3 hashed a 1 GiB checkpoint 1.3-2.4x faster than hashlib's sha256 (README, Release pipelines).
 DEFAULT_ALG = "blake3"
@@ -173,16 +174,6 @@ def compute(ckpt: Checkpoint, *, alg: str = DEFAULT_ALG) -> dict[str, Any]:
             "payload": payload_digest, "tensors": per_tensor}
 
 
-def superseded(previous: Any) -> dict[str, Any] | None:
-    """What a rewrite must not carry over as valid: the old overall digest and signature, for the
-    history entry of the step that invalidated them; None when there were none."""
-    if previous is None or (previous.digest is None and previous.signature is None):
-        return None
-    digest = previous.digest or {}
-    return {"digest": digest.get("overall"), "signature": previous.signature,
-            "note": "made over the bytes before this step; stamp again to sign the result"}
-
-
 # --- verification ---------------------------------------------------------------------------------
 
 
@@ -227,7 +218,7 @@ def verify(
     signature is checked against the key recorded beside it, and an unsigned file passes on its
     digest alone. ``state_key`` is the payload key holding the state dict, as elsewhere.
     """
-    from ckptmigrate.checkpoint import Checkpoint
+    from ckptmigrate.checkpoint.lazy import Checkpoint
 
     public_key = load_public_key(key) if isinstance(key, (str, os.PathLike)) else key
     result = VerifyResult(Path(path))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptmigrate.formats.pickled import StandIn, global_name
-from ckptmigrate.tensors import is_entry
+from ckptmigrate.tensors.refs import is_entry
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "module", "net")
 

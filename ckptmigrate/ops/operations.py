@@ -1,7 +1,7 @@
 """The operations vocabulary a migration script calls on the checkpoint it receives.
 
 Every op edits the lazy state dict: renames move references (no tensor bytes), tensor ops leave a
-:class:`~ckptmigrate.tensors.Deferred` whose values are computed when the file is written. Each op
+:class:`~ckptmigrate.tensors.refs.Deferred` whose values are computed when the file is written. Each op
 records its exact inverse (the old shape, dtype or key names it saw) so a chain of invertible ops
 can be walked back without a hand-written ``downgrade``. Patterns are regular expressions matched
 against the whole key; replacement templates may use back-references (``\\1``).
@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequenc
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ckptmigrate.optimizer import OptimizerTrack
-from ckptmigrate.tensors import (
+from ckptmigrate.ops.optimizer import OptimizerTrack
+from ckptmigrate.tensors.refs import (
     ITEMSIZE,
     Deferred,
     Entry,
@@ -35,7 +35,7 @@ from ckptmigrate.tensors import (
 if TYPE_CHECKING:
     import torch
 
-    from ckptmigrate.checkpoint import LazyStateDict
+    from ckptmigrate.tensors.state_dict import LazyStateDict
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 Inverse = list[Any]
@@ -59,7 +59,7 @@ def _fullmatch(pattern: str, key: str) -> re.Match[str] | None:
 
 
 class Operations:
-    """Mixin for :class:`~ckptmigrate.checkpoint.Checkpoint`: the ops and their inverse journal."""
+    """Mixin for :class:`~ckptmigrate.checkpoint.lazy.Checkpoint`: the ops and their inverse journal."""
 
     state_dict: LazyStateDict
     extras: dict[str, Any]

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptmigrate.tensors import Entry, device_of, dtype_of, is_entry, shape_of
+from ckptmigrate.tensors.refs import Entry, device_of, dtype_of, is_entry, shape_of
 
 FORMAT_VERSION = 1
 
@@ -137,7 +137,7 @@ def platform_name() -> str:
 
 
 def ckptmigrate_version() -> str:
-    from ckptmigrate import __version__
+    from ckptmigrate.version import __version__
 
     return __version__
 
@@ -167,7 +167,7 @@ class Envelope:
     created_at: str = field(default_factory=now_utc)
     ckptmigrate_version: str = field(default_factory=ckptmigrate_version)
     format_version: int = FORMAT_VERSION
-    #: Content digest and Ed25519 signature (ckptmigrate.integrity); absent in older envelopes.
+    #: Content digest and Ed25519 signature (ckptmigrate.release.integrity); absent in older envelopes.
     digest: dict[str, Any] | None = None
     signature: dict[str, Any] | None = None
 
@@ -217,3 +217,13 @@ class Envelope:
         if missing:
             raise ValueError(f"{origin}: the envelope lacks {', '.join(sorted(missing))}")
         return cls(**kwargs)
+
+
+def superseded(previous: Any) -> dict[str, Any] | None:
+    """What a rewrite must not carry over as valid: the old overall digest and signature, for the
+    history entry of the step that invalidated them; None when there were none."""
+    if previous is None or (previous.digest is None and previous.signature is None):
+        return None
+    digest = previous.digest or {}
+    return {"digest": digest.get("overall"), "signature": previous.signature,
+            "note": "made over the bytes before this step; stamp again to sign the result"}

@@ -14,65 +14,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptmigrate import formats
-from ckptmigrate.atomic import atomic_write
-from ckptmigrate.envelope import Envelope, architecture_hash, schema_of
+from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, schema_of
+from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate
 from ckptmigrate.errors import BadInput
 from ckptmigrate.formats import torchzip
-from ckptmigrate.layout import Layout, LayoutError, locate
-from ckptmigrate.ops import Operations
-from ckptmigrate.tensors import (
+from ckptmigrate.ops.operations import Operations
+from ckptmigrate.storage.atomic import atomic_write
+from ckptmigrate.tensors.refs import (
     Entry,
     TensorRef,
     device_of,
     dtype_of,
     is_entry,
     shape_of,
-    to_torch,
 )
+from ckptmigrate.tensors.state_dict import LazyStateDict
 
 if TYPE_CHECKING:
     import torch
-
-
-class LazyStateDict(MutableMapping[str, Any]):
-    """The state dict a migration sees: reading a key maps its tensor; assigning stores any tensor.
-
-    ``entries`` holds the underlying references (what the ops work on); per-module ``_metadata``
-    versions, when the file had them, travel with it.
-    """
-
-    def __init__(self, entries: MutableMapping[str, Any]) -> None:
-        self.entries = entries
-
-    def __getitem__(self, key: str) -> Any:
-        value = self.entries[key]
-        return to_torch(value) if isinstance(value, TensorRef) or is_entry(value) else value
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.entries[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        del self.entries[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.entries)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __repr__(self) -> str:
-        return f"LazyStateDict({len(self)} keys)"
-
-    @property
-    def _metadata(self) -> Any:
-        return getattr(self.entries, "_metadata", None)
-
-    def copy(self) -> OrderedDict[str, Any]:
-        """A plain state dict of tensors (what ``nn.Module.load_state_dict`` copies it into)."""
-        out: OrderedDict[str, Any] = OrderedDict(self.items())
-        if self._metadata is not None:
-            out._metadata = self._metadata  # type: ignore[attr-defined]
-        return out
 
 
 class Checkpoint(Operations):
@@ -304,7 +263,7 @@ def _numel(v: Any) -> int:
 
 
 def _nbytes(v: Any) -> int:
-    from ckptmigrate.tensors import ITEMSIZE
+    from ckptmigrate.tensors.refs import ITEMSIZE
 
     return _numel(v) * ITEMSIZE.get(dtype_of(v), 0)
 

@@ -5,7 +5,7 @@ is followed, so ``latest.pt`` and the ``epoch10.pt`` it points to share one lock
 releases it when its holder dies, so a crash leaves no stale lock, only the lock file. The file is
 removed on release; a waiter that then finds it gone (or replaced) simply locks again. Whoever
 locks a lock file that it did not create knows the holder before it died without releasing: it
-removes the temporary file that holder may have left (:func:`ckptmigrate.atomic.remove_stale_temps`).
+removes the temporary file that holder may have left (:func:`ckptmigrate.storage.atomic.remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ckptmigrate.atomic import remove_stale_temps
+from ckptmigrate.storage.atomic import remove_stale_temps
 
 
 def lock_path(path: Path) -> Path:

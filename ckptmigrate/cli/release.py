@@ -1,5 +1,5 @@
-"""The release commands, ``keygen`` and ``verify``: thin click commands over :mod:`ckptmigrate.integrity`
-and :mod:`ckptmigrate.release`, registered on the main group by :func:`register`.
+"""The release commands, ``keygen`` and ``verify``: thin click commands over :mod:`ckptmigrate.release.integrity`
+and :mod:`ckptmigrate.release.manifest`, registered on the main group by :func:`register`.
 
 ``verify`` exits 0 when every file checks out, 1 naming each file and tensor that did not, and 2 for
 bad input (a missing key, an unreadable manifest, a PATH that does not exist).
@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from ckptmigrate.errors import BadInput, CkptMigrateError
-from ckptmigrate.progress import file_bar
+from ckptmigrate.util.progress import file_bar
 
 
 @click.command()
@@ -24,7 +24,7 @@ from ckptmigrate.progress import file_bar
 @click.argument("public", type=click.Path(path_type=Path, dir_okay=False))
 def keygen(private: Path, public: Path) -> None:
     """Create an Ed25519 key pair for signing checkpoints (PEM files; never overwrites)."""
-    from ckptmigrate import signing
+    from ckptmigrate.release import signing
 
     fp = signing.keygen(private, public)
     click.echo(f"wrote {private} (private, mode 600) and {public}; fingerprint {fp}")
@@ -63,7 +63,9 @@ def _line(r: Any) -> str:
 def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, as_json: bool,
            jobs: int | None, state_key: str | None) -> None:
     """Recompute digests and check signatures of stamped checkpoints (files, directories, globs)."""
-    from ckptmigrate import engine, integrity, release, signing
+    from ckptmigrate.chain import engine
+    from ckptmigrate.release import integrity, signing
+    from ckptmigrate.release import manifest as release
 
     if not paths and manifest is None:
         raise BadInput("verify needs PATH... or --manifest")
@@ -124,10 +126,3 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
             click.echo(f"{len(results)} files: {len(results) - len(failed)} ok, {len(failed)} failed")
     if failed or not manifest_ok:
         sys.exit(1)
-
-
-def register(main: click.Group) -> None:
-    """Add the release commands to the ``ckptmigrate`` group."""
-    main.add_command(keygen)
-    main.add_command(verify)
-

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ckptmigrate import config
-from ckptmigrate.envelope import Schema, schema_of
+from ckptmigrate.chain import config
+from ckptmigrate.checkpoint.envelope import Schema, schema_of
 from ckptmigrate.errors import BadInput
 
 
@@ -57,7 +57,7 @@ def model_schema(spec: str) -> Schema:
 
 def resolve(source: str, *, graph: Any = None, model: str | None = None) -> tuple[str, Schema]:
     """``model``, a revision id, or a checkpoint path → (label, schema)."""
-    from ckptmigrate.checkpoint import Checkpoint
+    from ckptmigrate.checkpoint.lazy import Checkpoint
 
     if source == "model":
         spec = model_spec(model)

@@ -6,29 +6,23 @@ import json
 
 import click
 
+from ckptmigrate.cli.common import MIGRATIONS
 from ckptmigrate.errors import CheckFailed
-
-
-def register(main: click.Group) -> None:
-    main.add_command(check)
-    main.add_command(diff)
-
 
 _MODEL = click.option("--model", default=None, metavar="PKG.MODULE:FACTORY",
                       help="The current model (default: [tool.ckptmigrate] model); built on the meta device.")
-_MIGRATIONS = click.option("--migrations", default=None, metavar="DIR_OR_MODULE",
-                           help="Script directory or importable package (default: from pyproject.toml).")
 
 
 @click.command()
 @_MODEL
-@_MIGRATIONS
+@MIGRATIONS
 @click.option("--lineage", default=None, help="Lineage whose head to check.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def check(model: str | None, migrations: str | None, lineage: str | None, as_json: bool) -> None:
     """Exit 0 when the head revision's schema equals the current model's, 1 with the difference."""
-    from ckptmigrate import api, schemas
-    from ckptmigrate.autogenerate import diff_schemas
+    from ckptmigrate import api
+    from ckptmigrate.autogenerate.plan import diff_schemas
+    from ckptmigrate.chain import schemas
     from ckptmigrate.errors import BadInput
 
     graph = api.revision_graph(migrations)
@@ -55,15 +49,16 @@ def check(model: str | None, migrations: str | None, lineage: str | None, as_jso
 @click.argument("a")
 @click.argument("b", default="model")
 @_MODEL
-@_MIGRATIONS
+@MIGRATIONS
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def diff(a: str, b: str, model: str | None, migrations: str | None, as_json: bool) -> None:
     """Differences between two schemas: each of A and B is a checkpoint, a revision id or `model`.
 
     Added, removed, reshaped and probably renamed keys, grouped by module prefix.
     """
-    from ckptmigrate import api, schemas
-    from ckptmigrate.autogenerate import diff_schemas
+    from ckptmigrate import api
+    from ckptmigrate.autogenerate.plan import diff_schemas
+    from ckptmigrate.chain import schemas
     from ckptmigrate.errors import BadInput
 
     try:

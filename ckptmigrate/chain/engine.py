@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptmigrate.atomic import keep_copy
-from ckptmigrate.checkpoint import Checkpoint
-from ckptmigrate.envelope import Envelope, now_utc
+from ckptmigrate.chain.revisions import Revision, RevisionGraph
+from ckptmigrate.checkpoint.envelope import Envelope, now_utc
+from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, MigrationError
-from ckptmigrate.locking import file_lock
-from ckptmigrate.ops import OpError
-from ckptmigrate.optimizer import OptimizerAlignmentError
-from ckptmigrate.revisions import Revision, RevisionGraph
+from ckptmigrate.ops.operations import OpError
+from ckptmigrate.ops.optimizer import OptimizerAlignmentError
+from ckptmigrate.storage.atomic import keep_copy
+from ckptmigrate.storage.locking import file_lock
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 
@@ -241,7 +241,7 @@ def new_envelope(
     # Release provenance: a digest or signature vouches for the bytes before this migration, so
     # Envelope.build does not carry it over; it is kept in this step's first history entry and the
     # result stays unsigned until stamped again.
-    from ckptmigrate.integrity import superseded
+    from ckptmigrate.checkpoint.envelope import superseded
 
     old_provenance = superseded(ckpt.envelope)
     if old_provenance is not None and history:
@@ -262,7 +262,7 @@ def backup_path(path: Path) -> Path:
 
 def make_backup(path: Path) -> tuple[Path, bool]:
     """Keep the original at ``PATH.bak[.N]`` without copying it where possible (see
-    :func:`~ckptmigrate.atomic.keep_copy`); True when the backup is a file of its own, so that
+    :func:`~ckptmigrate.storage.atomic.keep_copy`); True when the backup is a file of its own, so that
     ``path`` may still be appended to in place."""
     dest = backup_path(path)
     return dest, keep_copy(path, dest)

@@ -14,32 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ckptmigrate.envelope import git_info, now_utc
+from ckptmigrate.checkpoint.envelope import git_info, now_utc
 from ckptmigrate.errors import BadInput, CkptMigrateError
+from ckptmigrate.release.stamping import require_clean, stamp
 
 if TYPE_CHECKING:
-    from ckptmigrate.integrity import VerifyResult
+    from ckptmigrate.release.integrity import VerifyResult
 
 MANIFEST_FORMAT = "ckptmigrate-release-manifest"
 MANIFEST_VERSION = 1
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def require_clean(repo: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """The git state of ``repo`` (default: the working directory's), which must be a committed,
-    clean working tree: a release names the exact code that goes with its checkpoints."""
-    where = os.fspath(repo) if repo is not None else os.getcwd()
-    info = git_info(repo)
-    if info is None:
-        raise BadInput(f"{where}: not in a git repository; a release records the commit "
-                       "(pass --repo DIR, or --allow-dirty to stamp without one)")
-    if info.get("commit") is None:
-        raise BadInput(f"{info.get('root') or where}: the repository has no commit yet")
-    if info.get("dirty") is not False:
-        raise BadInput(f"{info.get('root') or where}: the working tree has uncommitted changes; "
-                       "commit them or pass --allow-dirty")
-    return info
 
 
 def parallel(fn: Callable[[T], R], items: list[T], jobs: int | None) -> Iterator[R]:
@@ -73,7 +58,7 @@ def stamp_release(
 ) -> tuple[dict[str, Any], dict[Path, str]]:
     """Stamp (and sign) every file for ``version`` and write the manifest; return it and the
     files that failed with why. A failed file is left as it was and kept out of the manifest."""
-    from ckptmigrate import api, signing
+    from ckptmigrate.release import signing
 
     info = git_info(repo) if allow_dirty else require_clean(repo)
     key = signing.load_private_key(sign) if sign is not None else None
@@ -85,7 +70,7 @@ def stamp_release(
 
     def one(path: Path) -> dict[str, Any] | None:
         try:
-            api.stamp(path, release=version, sign=key, repo=repo, tags=tags, allow_dirty=True)
+            stamp(path, release=version, sign=key, repo=repo, tags=tags, allow_dirty=True)
         except CkptMigrateError as exc:
             failures[path] = str(exc)
             return None
@@ -125,7 +110,7 @@ def load_manifest(path: Path) -> dict[str, Any]:
 
 def check_manifest_file(entry: Mapping[str, Any], root: Path, release: str | None, public_key: Any) -> VerifyResult:
     """Verify one listed file and compare its envelope with what the manifest recorded."""
-    from ckptmigrate.integrity import VerifyResult, verify
+    from ckptmigrate.release.integrity import VerifyResult, verify
 
     path = root / entry["file"]
     if not path.exists():

@@ -22,8 +22,8 @@ def upgrade_state_dict(
 ) -> Any:
     """The state dict upgraded to head in memory (or the same object when nothing applies)."""
     from ckptmigrate.api import revision_graph
-    from ckptmigrate.checkpoint import Checkpoint
-    from ckptmigrate.engine import apply, plan_for
+    from ckptmigrate.chain.engine import apply, plan_for
+    from ckptmigrate.checkpoint.lazy import Checkpoint
 
     graph = revision_graph(migrations)
     ckpt = Checkpoint.from_payload(OrderedDict(state_dict), name=name)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from ckptmigrate.envelope import Schema
-from ckptmigrate.migration_source import Code, Step, string_literal, tensor_code
-from ckptmigrate.ops import WRAPPER_PREFIXES
-from ckptmigrate.report import group_keys
+from ckptmigrate.autogenerate.render import Code, Step, string_literal, tensor_code
+from ckptmigrate.checkpoint.envelope import Schema
+from ckptmigrate.ops.operations import WRAPPER_PREFIXES
+from ckptmigrate.util.keygroups import group_keys
 
 if TYPE_CHECKING:
     import torch

@@ -24,8 +24,8 @@ def upgrade_checkpoint(
     With ``module``, its state-dict order is the order optimizer state is renumbered in.
     """
     from ckptmigrate.api import revision_graph
-    from ckptmigrate.checkpoint import Checkpoint
-    from ckptmigrate.engine import apply, plan_for
+    from ckptmigrate.chain.engine import apply, plan_for
+    from ckptmigrate.checkpoint.lazy import Checkpoint
 
     graph = revision_graph(migrations)
     ckpt = Checkpoint.from_payload(checkpoint, name="<lightning checkpoint>", key="state_dict")

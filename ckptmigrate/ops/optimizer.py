@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ckptmigrate.tensors import is_entry, shape_of, to_torch
+from ckptmigrate.tensors.refs import is_entry, shape_of, to_torch
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt", "optimizer_state")
 LIGHTNING_KEY = "optimizer_states"

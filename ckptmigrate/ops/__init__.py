@@ -1,0 +1,2 @@
+"""The vocabulary of migration scripts (rename, split, cast, ...) with their recorded inverses,
+and the optimizer state that follows the weights."""

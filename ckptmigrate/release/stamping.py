@@ -1,0 +1,81 @@
+"""Stamping: write the envelope into a checkpoint without touching a tensor, and, for a release,
+record the commit, the content digest and an Ed25519 signature."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ckptmigrate.checkpoint.envelope import Envelope, git_info, now_utc, superseded
+from ckptmigrate.checkpoint.lazy import Checkpoint
+from ckptmigrate.errors import BadInput
+from ckptmigrate.storage.locking import file_lock
+
+
+def require_clean(repo: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The git state of ``repo`` (default: the working directory's), which must be a committed,
+    clean working tree: a release names the exact code that goes with its checkpoints."""
+    where = os.fspath(repo) if repo is not None else os.getcwd()
+    info = git_info(repo)
+    if info is None:
+        raise BadInput(f"{where}: not in a git repository; a release records the commit "
+                       "(pass --repo DIR, or --allow-dirty to stamp without one)")
+    if info.get("commit") is None:
+        raise BadInput(f"{info.get('root') or where}: the repository has no commit yet")
+    if info.get("dirty") is not False:
+        raise BadInput(f"{info.get('root') or where}: the working tree has uncommitted changes; "
+                       "commit them or pass --allow-dirty")
+    return info
+
+
+def stamp(
+    path: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None,
+    tags: Mapping[str, str] | None = None, repo: str | os.PathLike[str] | None = None,
+    key: str | None = None, lineage: str | None = None, revision: str | None = None,
+    release: str | None = None, sign: Any = None, digest: bool = False, allow_dirty: bool = False,
+) -> Path:
+    """Write the envelope into ``path`` (or ``output``) without changing any tensor.
+
+    A legacy torch file is rewritten as a torch zip file; a zip or safetensors file keeps its
+    tensor records byte for byte. An existing envelope's lineage, revision, history and tags carry
+    over; ``lineage``/``revision`` set them (``stamp --revision`` in the CLI).
+
+    ``release`` records a release (tag ``release``, a ``release`` history entry with the commit)
+    and refuses a dirty working tree unless ``allow_dirty``; ``sign`` (an Ed25519 private key or
+    its PEM file) signs the envelope. Either, or ``digest``, records the content digest — the only
+    case that reads tensor bytes. An earlier digest and signature go into the new history entry.
+    """
+    from ckptmigrate.release import integrity, signing
+
+    if release is not None and not allow_dirty:
+        require_clean(repo)
+    private_key = signing.load_private_key(sign) if isinstance(sign, (str, os.PathLike)) else sign
+    with file_lock(output if output is not None else path), Checkpoint.open(path, key=key) as ckpt:
+        all_tags = {**(tags or {}), **({"release": release} if release is not None else {})}
+        env = Envelope.build(
+            ckpt.state_dict.entries, layout=ckpt.output_layout().name, repo=repo,
+            tags=all_tags, previous=ckpt.envelope,
+        )
+        if lineage is not None:
+            env.lineage = lineage
+        if revision is not None:
+            env.revision = revision
+        entry: dict[str, Any] = {
+            "action": "stamp" if release is None else "release", "at": now_utc(), "revision": env.revision,
+            "tags": dict(tags or {}), "from_container": ckpt.format,
+        }
+        if release is not None:
+            entry.update(release=release, commit=(env.git or {}).get("commit"))
+        old_provenance = superseded(ckpt.envelope)
+        if old_provenance is not None:
+            entry["superseded"] = old_provenance
+        env.history.append(entry)
+        if digest or release is not None or private_key is not None:
+            env.digest = integrity.compute(ckpt)
+            entry["digest"] = env.digest["overall"]
+        if private_key is not None:
+            entry["signed_by"] = signing.fingerprint(private_key.public_key())
+            env.signature = signing.sign_envelope(env.to_dict(), private_key)
+        return ckpt.write(output if output is not None else path, env)
