@@ -11,3 +11,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,lightning]"
     touch "$stamp"
 fi
+# System tools the tests use for real: xfsprogs for the copy-on-write (reflink) tests on an XFS loop
+# mount. Installed where we may (root with apt, as on CI); elsewhere those tests say why they skip.
+if ! command -v mkfs.xfs >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q xfsprogs >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q xfsprogs >/dev/null; }
+fi
