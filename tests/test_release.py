@@ -285,10 +285,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, keys: dict[str, Path], 
         ("keygen", keys["a"], tmp_path / "x.pub"),                  # never overwrites a key
         ("stamp", path, "--sign", keys["a_pub"]),
     ]
+    private_key = keys["a"].read_bytes()
     for args in cases:
         proc = cli(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert keys["a"].read_bytes() == private_key and not (tmp_path / "x.pub").exists()
 
 
 def test_a_batch_goes_on_past_bad_files_and_exit_code_reflects_them(
