@@ -60,6 +60,7 @@ class Checkpoint(Operations):
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, key: str | None = None) -> Checkpoint:
+        """Open a checkpoint file lazily (no tensor bytes read); ``key`` names where the state dict is."""
         container = formats.read(path)
         try:
             layout = locate(container.payload, key)
@@ -79,6 +80,7 @@ class Checkpoint(Operations):
         return cls(container, layout)
 
     def close(self) -> None:
+        """Release the file (its memory maps stay valid while tensors from it are alive)."""
         self.container.close()
 
     def trust_pickle(self) -> None:
@@ -109,19 +111,24 @@ class Checkpoint(Operations):
 
     @property
     def metadata(self) -> dict[str, Any] | None:
+        """The envelope as a plain dict, or None for an unstamped file."""
         return None if self.envelope is None else self.envelope.to_dict()
 
     @property
     def revision(self) -> str | None:
+        """The revision recorded in the envelope, or None."""
         return None if self.envelope is None else self.envelope.revision
 
     def tensors(self) -> dict[str, Entry]:
+        """The state dict's tensors as references (key → where its bytes are), no bytes read."""
         return {k: v for k, v in self.state_dict.entries.items() if is_entry(v)}
 
     def schema(self) -> dict[str, dict[str, Any]]:
+        """key → {"shape", "dtype"} of every tensor in the state dict, in order."""
         return schema_of(self.state_dict.entries)
 
     def arch_hash(self) -> str:
+        """The architecture hash of :meth:`schema` (docs/format.md)."""
         return architecture_hash(self.schema())
 
     def module_intact(self) -> bool:
@@ -137,6 +144,7 @@ class Checkpoint(Operations):
         return self.layout if self.layout.kind != "module" or self.module_intact() else Layout("bare")
 
     def payload(self) -> Any:
+        """The whole object ``torch.load`` would return, with the current state dict and extras in it."""
         if self.module_intact():
             return self.container.payload
         return self.layout.rebuild(self.container.payload, self.state_dict.entries, self.extras)

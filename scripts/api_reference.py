@@ -1,0 +1,65 @@
+"""The Python API reference as Markdown, from the docstrings: ``python scripts/api_reference.py > docs/api.md``.
+
+The public API is what ``ckptmigrate`` exports (``__all__``), the ``Checkpoint`` a script or
+``ckptmigrate.load`` hands you, and the ops a migration script calls on it. A test fails when a
+public name has no docstring or when the committed page differs from what the code says.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import ckptmigrate
+from ckptmigrate.checkpoint.lazy import Checkpoint
+from ckptmigrate.ops.operations import Operations
+
+
+def public_objects() -> Iterator[tuple[str, Any]]:
+    """(qualified name, object) for every documented public name."""
+    for name in sorted(ckptmigrate.__all__):
+        yield f"ckptmigrate.{name}", getattr(ckptmigrate, name)
+    for cls, prefix in ((Operations, "ckpt"), (Checkpoint, "Checkpoint")):
+        for name, member in sorted(vars(cls).items()):
+            if name.startswith("_") or not (inspect.isfunction(member) or isinstance(member, (property, classmethod))):
+                continue
+            if cls is Checkpoint and name in vars(Operations):
+                continue
+            yield f"{prefix}.{name}", member
+
+
+def _signature(obj: Any) -> str:
+    target = obj.__func__ if isinstance(obj, classmethod) else obj
+    if isinstance(target, property) or not callable(target):
+        return ""
+    try:
+        sig = str(inspect.signature(target))
+    except (TypeError, ValueError):
+        return ""
+    return sig.replace("(self, ", "(").replace("(self)", "()").replace("(cls, ", "(").replace("(cls)", "()")
+
+
+def docstring(obj: Any) -> str:
+    target = obj.__func__ if isinstance(obj, classmethod) else obj
+    return inspect.cleandoc(target.__doc__ or "")
+
+
+def render() -> str:
+    lines = ["# ckptmigrate Python API", "",
+             "Generated from the docstrings (`python scripts/api_reference.py > docs/api.md`).", ""]
+    section = None
+    for qualname, obj in public_objects():
+        head = qualname.split(".")[0]
+        if head != section:
+            section = head
+            lines += [{"ckptmigrate": "## `ckptmigrate`", "ckpt": "## Ops: what a migration script calls on `ckpt`",
+                       "Checkpoint": "## `Checkpoint`"}[head], ""]
+        kind = "class " if inspect.isclass(obj) else ""
+        lines += [f"### `{kind}{qualname}{_signature(obj)}`", "", docstring(obj), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
