@@ -14,6 +14,7 @@ from typing import Any
 
 import ckptmigrate
 from ckptmigrate.checkpoint.lazy import Checkpoint
+from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.ops.operations import Operations
 
 
@@ -21,11 +22,11 @@ def public_objects() -> Iterator[tuple[str, Any]]:
     """(qualified name, object) for every documented public name."""
     for name in sorted(ckptmigrate.__all__):
         yield f"ckptmigrate.{name}", getattr(ckptmigrate, name)
-    for cls, prefix in ((Operations, "ckpt"), (Checkpoint, "Checkpoint")):
+    for cls, prefix in ((Operations, "ckpt"), (ArchitectureOps, "ckpt"), (Checkpoint, "Checkpoint")):
         for name, member in sorted(vars(cls).items()):
             if name.startswith("_") or not (inspect.isfunction(member) or isinstance(member, (property, classmethod))):
                 continue
-            if cls is Checkpoint and name in vars(Operations):
+            if cls is Checkpoint and (name in vars(Operations) or name in vars(ArchitectureOps)):
                 continue
             yield f"{prefix}.{name}", member
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptmigrate import formats
+from ckptmigrate.checkpoint import model_config
 from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, schema_of
 from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate
 from ckptmigrate.errors import BadInput
 from ckptmigrate.formats import torchzip
-from ckptmigrate.ops.operations import Operations
+from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.tensors.refs import (
     Entry,
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 
-class Checkpoint(Operations):
+class Checkpoint(ArchitectureOps):
     """A checkpoint file: ``state_dict``, ``extras``, ``metadata`` (the envelope) and ``applied``."""
 
     def __init__(self, container: formats.Container, layout: Layout) -> None:
@@ -56,6 +57,7 @@ class Checkpoint(Operations):
         self.head_revision: str | None = None
         self.map_location: Any = None
         self.mmap = True
+        self._config: dict[str, Any] | None = None
         super().__init__()
 
     @classmethod
@@ -113,6 +115,18 @@ class Checkpoint(Operations):
     def metadata(self) -> dict[str, Any] | None:
         """The envelope as a plain dict, or None for an unstamped file."""
         return None if self.envelope is None else self.envelope.to_dict()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The model's configuration for ops (``ckpt.config["num_attention_heads"]``): what was set
+        from the model factory, else Lightning's hyper-parameters, else a ``config.json`` beside the file."""
+        if self._config is None:
+            self._config = model_config.find(self.extras, self.path if self.format != "memory" else None)
+        return self._config
+
+    @config.setter
+    def config(self, value: dict[str, Any]) -> None:
+        self._config = dict(value)
 
     @property
     def revision(self) -> str | None:

@@ -15,7 +15,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ckptmigrate.ops.optimizer import OptimizerTrack
 from ckptmigrate.tensors.refs import (
@@ -60,6 +60,9 @@ def _fullmatch(pattern: str, key: str) -> re.Match[str] | None:
 
 class Operations:
     """Mixin for :class:`~ckptmigrate.checkpoint.lazy.Checkpoint`: the ops and their inverse journal."""
+
+    #: The op names an inverse journal may call (subclasses that add ops extend it).
+    inverse_ops: ClassVar[frozenset[str]] = INVERSE_OPS
 
     state_dict: LazyStateDict
     extras: dict[str, Any]
@@ -386,7 +389,7 @@ class Operations:
         for name, kwargs in reversed(list(journal)):
             if name == "irreversible":
                 raise OpError(kwargs["op"], None, f"{kwargs['op']} cannot be undone automatically")
-            if name not in INVERSE_OPS:  # the journal comes from the file: call nothing else
+            if name not in self.inverse_ops:  # the journal comes from the file: call nothing else
                 raise OpError(str(name), None, f"{name!r} is not an op an inverse can name")
             getattr(self, name)(**kwargs)
 
