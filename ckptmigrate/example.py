@@ -80,3 +80,8 @@ def model_at(era: int) -> nn.Module:
 
 def current_model() -> nn.Module:
     return ExampleNet(CURRENT_ERA)
+
+
+def example_inputs() -> torch.Tensor:
+    """A batch for recorded fixtures (``[tool.ckptmigrate] example_inputs``): seeded by the caller."""
+    return torch.randn(4, IN_FEATURES)

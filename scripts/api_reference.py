@@ -22,6 +22,10 @@ def public_objects() -> Iterator[tuple[str, Any]]:
     """(qualified name, object) for every documented public name."""
     for name in sorted(ckptmigrate.__all__):
         yield f"ckptmigrate.{name}", getattr(ckptmigrate, name)
+    from ckptmigrate import testing
+
+    for name in ("check_chain", "record_fixture", "ChainBroken"):
+        yield f"ckptmigrate.testing.{name}", getattr(testing, name)
     for cls, prefix in ((Operations, "ckpt"), (ArchitectureOps, "ckpt"), (Checkpoint, "Checkpoint")):
         for name, member in sorted(vars(cls).items()):
             if name.startswith("_") or not (inspect.isfunction(member) or isinstance(member, (property, classmethod))):
@@ -52,11 +56,11 @@ def render() -> str:
              "Generated from the docstrings (`python scripts/api_reference.py > docs/api.md`).", ""]
     section = None
     for qualname, obj in public_objects():
-        head = qualname.split(".")[0]
+        head = "testing" if qualname.startswith("ckptmigrate.testing.") else qualname.split(".")[0]
         if head != section:
             section = head
             lines += [{"ckptmigrate": "## `ckptmigrate`", "ckpt": "## Ops: what a migration script calls on `ckpt`",
-                       "Checkpoint": "## `Checkpoint`"}[head], ""]
+                       "Checkpoint": "## `Checkpoint`", "testing": "## `ckptmigrate.testing`"}[head], ""]
         kind = "class " if inspect.isclass(obj) else ""
         lines += [f"### `{kind}{qualname}{_signature(obj)}`", "", docstring(obj), ""]
     return "\n".join(lines).rstrip() + "\n"

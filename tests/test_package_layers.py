@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("checkpoint",),
     ("chain", "autogenerate"),
     ("release",),
-    ("api",),
+    ("api", "testing"),
     ("integrations",),
     ("cli",),
     ("__init__", "__main__"),

@@ -15,6 +15,10 @@ class Config:
     root: Path | None
     migrations: str | None
     model: str | None
+    #: A small instance of the same architecture for recorded fixtures (default: ``model``).
+    fixture_model: str | None = None
+    #: ``pkg.module:fn`` returning the inputs a fixture runs through the model.
+    example_inputs: str | None = None
 
     @property
     def pyproject(self) -> Path | None:
@@ -39,7 +43,8 @@ def load(start: Path | None = None) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInput(f"{pyproject}: not valid TOML ({exc})") from None
     section = data.get("tool", {}).get("ckptmigrate", {})
-    return Config(pyproject.parent, section.get("migrations"), section.get("model"))
+    return Config(pyproject.parent, section.get("migrations"), section.get("model"),
+                  section.get("fixture_model"), section.get("example_inputs"))
 
 
 def record_migrations(pyproject: Path, location: str) -> None:

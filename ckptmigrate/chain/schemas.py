@@ -16,27 +16,33 @@ from ckptmigrate.checkpoint.envelope import Schema, schema_of
 from ckptmigrate.errors import BadInput
 
 
-def build_model(spec: str, *, device: str = "meta") -> Any:
-    """Call the factory ``pkg.module:factory`` on ``device`` (the project root is importable)."""
-    import torch
-
+def import_object(spec: str, what: str = "model") -> Any:
+    """The object named ``pkg.module:attr`` (the project root is importable); BadInput names ``what``."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise BadInput(f"model {spec!r}: expected pkg.module:factory")
+        raise BadInput(f"{what} {spec!r}: expected pkg.module:factory")
     cfg = config.load()
     if cfg.root is not None and str(cfg.root) not in sys.path:
         sys.path.insert(0, str(cfg.root))
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise BadInput(f"model {spec!r}: cannot import {module_name} ({exc})") from None
-    factory: Any = module
+        raise BadInput(f"{what} {spec!r}: cannot import {module_name} ({exc})") from None
+    obj: Any = module
     for part in attr.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise BadInput(f"model {spec!r}: {module_name} has no attribute {attr}")
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise BadInput(f"{what} {spec!r}: {module_name} has no attribute {attr}")
+    return obj
+
+
+def build_model(spec: str, *, device: str = "meta") -> Any:
+    """Call the factory ``pkg.module:factory`` on ``device``."""
+    import torch
+
+    factory = import_object(spec)
     if not callable(factory):
-        raise BadInput(f"model {spec!r}: {attr} is not callable")
+        raise BadInput(f"model {spec!r}: {spec.partition(':')[2]} is not callable")
     with torch.device(device):
         model = factory()
     if not isinstance(model, torch.nn.Module):

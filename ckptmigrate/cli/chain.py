@@ -50,6 +50,23 @@ def revision(message: str, rev_id: str | None, lineage: str | None, autogenerate
             message, rev_id=rev_id, lineage=lineage, created=now_utc()
         )
     click.echo(f"created {path}")
+    _record_fixture(path, migrations, model)
+
+
+def _record_fixture(script: Path, migrations: str | None, model: str | None) -> None:
+    """With ``example_inputs`` configured, the new revision gets its fixture from today's model."""
+    from ckptmigrate import testing
+    from ckptmigrate.chain import config
+    from ckptmigrate.errors import CkptMigrateError
+
+    if not config.load().example_inputs:
+        return
+    try:
+        recorded = testing.record_fixture("head", migrations=migrations, model=model)
+    except CkptMigrateError as exc:
+        click.echo(f"ckptmigrate: note: no fixture recorded for {script.name}: {exc}", err=True)
+        return
+    click.echo(f"recorded {recorded[0]}")
 
 
 @click.command()

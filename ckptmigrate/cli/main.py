@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ckptmigrate.cli import chain, checkpoints, migrate, release, schema
+from ckptmigrate.cli import chain, checkpoints, fixture, migrate, release, schema
 from ckptmigrate.errors import CheckFailed, CkptMigrateError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -52,6 +52,7 @@ for _command in (
     chain.init, chain.revision, chain.heads, chain.history,
     migrate.upgrade, migrate.downgrade,
     schema.check, schema.diff, release.keygen, release.verify,
+    fixture.test, fixture.fixture,
 ):
     click.version_option(None, "--version", "-V", package_name="ckptmigrate", prog_name="ckptmigrate")(_command)
     main.add_command(_command)
