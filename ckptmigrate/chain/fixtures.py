@@ -19,6 +19,7 @@ from typing import Any
 
 from ckptmigrate.chain.engine import apply, new_envelope, plan_for
 from ckptmigrate.chain.revisions import Revision, RevisionGraph
+from ckptmigrate.checkpoint import model_config
 from ckptmigrate.checkpoint.envelope import Envelope, now_utc, schema_of
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, CkptMigrateError
@@ -183,14 +184,22 @@ def check(graph: RevisionGraph, model: Factory, *, lineage: str | None = None) -
                        "`ckptmigrate fixture record`")
     results = [_upgrade_result(graph, rev, model, lineage) for rev in fixtures]
     _blame(results, [r.id for r in chain])
-    results += [_roundtrip_result(graph, rev, lineage) for rev in fixtures if rev is not head]
+    results += [_roundtrip_result(graph, rev, model, lineage) for rev in fixtures if rev is not head]
     return results
+
+
+def _open(fixture: Path, model: Factory) -> Checkpoint:
+    """The fixture, with the fixture model's configuration as ``ckpt.config`` (a fixture file has none)."""
+    ckpt = Checkpoint.open(fixture)
+    if not ckpt.config:
+        ckpt.config = model_config.of_model(_seeded(model, SEED))
+    return ckpt
 
 
 def _upgrade_result(graph: RevisionGraph, rev: Revision, model: Factory, lineage: str | None) -> FixtureResult:
     fixture, io_path = paths(rev)
     io = _load_io(io_path)
-    with Checkpoint.open(fixture) as ckpt:
+    with _open(fixture, model) as ckpt:
         try:
             plan = plan_for(ckpt, graph, to="head", lineage=lineage)
             apply(ckpt, plan)
@@ -201,13 +210,13 @@ def _upgrade_result(graph: RevisionGraph, rev: Revision, model: Factory, lineage
     return FixtureResult(rev.id, "upgrade", steps, problem is None, deviations, problem)
 
 
-def _roundtrip_result(graph: RevisionGraph, rev: Revision, lineage: str | None) -> FixtureResult:
+def _roundtrip_result(graph: RevisionGraph, rev: Revision, model: Factory, lineage: str | None) -> FixtureResult:
     """``rev``'s fixture up to head and back down, from the inverses recorded on the way up: the
     tensors must come back bit for bit."""
     import torch
 
     fixture, _io = paths(rev)
-    with Checkpoint.open(fixture) as original, Checkpoint.open(fixture) as ckpt:
+    with Checkpoint.open(fixture) as original, _open(fixture, model) as ckpt:
         want = original.materialize()
         try:
             up = plan_for(ckpt, graph, to="head", lineage=lineage)
