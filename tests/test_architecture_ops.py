@@ -178,3 +178,86 @@ def test_tying_over_different_values_is_irreversible(tmp_path: Path) -> None:
     got, _up, journal = migrate(tmp_path, sd, lambda c: c.tie("lm_head.weight", "embed.weight"))
     assert torch.equal(got["lm_head.weight"], torch.ones(2, 2))
     assert journal == [["irreversible", {"op": "tie"}]]
+
+
+# -- refusals: each op says what is wrong instead of guessing -----------------------------------------
+
+
+@pytest.mark.parametrize(("op", "message"), [
+    (lambda c: c.stack(r"layers\.0\.experts\.\d+\.w1\.weight", "fused"), "needs a group that captures the index"),
+    (lambda c: c.unstack("head.weight", ["a", "b", "c"]), "has 2 entries along dim 0, but 3 keys were named"),
+    (lambda c: c.unstack("head.weight", ["norm", "b"]), "'norm' already exists"),
+    (lambda c: c.unstack("norm", "x.{i}", dim=1), "has no dim 1"),
+    (lambda c: c.permute_rope("head.weight", 4), "does not have 4 heads of an even size"),
+    (lambda c: c.permute_rope("head.weight", 1, to="llama"), "use 'hf' or 'meta'"),
+    (lambda c: c.resize("head.weight", (4,)), "has 2 dims, the new shape 1"),
+    (lambda c: c.resize("head.weight", (4, 3), init="ones"), "use 'zeros', 'mean' or 'normal'"),
+    (lambda c: c.interpolate("head.weight", (2, 2)), "is not 0 prefix tokens and a square grid"),
+    (lambda c: c.interpolate("norm", (2, 2)), "neither a position embedding nor a conv kernel"),
+    (lambda c: c.tie("head.weight", "norm"), r"cannot share 'norm' of shape \[3\]"),
+    (lambda c: c.split_qkv("head.weight", ["q", "k", "v"], n_heads=1, n_kv_heads=1), r"are not \(1 \+ 2×1\) heads"),
+], ids=["stack-no-group", "unstack-count", "unstack-clash", "unstack-dim", "rope-heads", "rope-direction",
+        "resize-dims", "resize-init", "interpolate-grid", "interpolate-rank", "tie-shape", "qkv-sizes"])
+def test_an_op_that_cannot_apply_names_the_problem(tmp_path: Path, op: Any, message: str) -> None:
+    with pytest.raises(OpError, match=message):
+        migrate(tmp_path, experts(), op)
+
+
+def test_stack_refuses_experts_of_different_shapes(tmp_path: Path) -> None:
+    sd = experts()
+    sd["layers.1.experts.3.w1.weight"] = torch.zeros(6, 3)
+    with pytest.raises(OpError, match="needs tensors of one shape and dtype"):
+        migrate(tmp_path, sd, lambda c: c.stack(r"layers\.(\d+)\.experts\.(\d+)\.w1\.weight", r"layers.\1.w1"))
+
+
+def test_stack_along_another_dim_and_an_explicit_key_list(tmp_path: Path) -> None:
+    sd = experts()
+    keys = [f"layers.0.experts.{e}.w1.weight" for e in (2, 0)]
+    got, up, journal = migrate(tmp_path, sd, lambda c: c.stack(keys, "pair", dim=-1))
+    assert torch.equal(got["pair"], torch.stack([sd[k] for k in keys], dim=-1))
+    back = walk_back(tmp_path, up, journal)
+    assert all(torch.equal(back[k], sd[k]) for k in keys)
+
+
+def test_rope_of_a_bias_and_head_counts_from_other_config_names(tmp_path: Path) -> None:
+    bias = torch.arange(16.0)
+    payload = {"state_dict": OrderedDict(bq=bias), "hyper_parameters": {"n_heads": 2}}
+    got, _up, _j = migrate(tmp_path, payload, lambda c: c.permute_rope("bq"))
+    assert torch.equal(got["state_dict"]["bq"], reference_meta_to_hf(bias[:, None], 2)[:, 0])
+
+
+def test_split_qkv_takes_an_explicit_head_dim_and_plain_attention_without_kv_heads(tmp_path: Path) -> None:
+    qkv = torch.arange(18.0 * 2).reshape(18, 2)
+    got, _up, _j = migrate(tmp_path, OrderedDict(qkv=qkv), lambda c: c.split_qkv("qkv", ["q", "k", "v"], n_heads=3))
+    assert [got[n].shape[0] for n in "qkv"] == [6, 6, 6]
+    got, _up, _j = migrate(tmp_path, OrderedDict(qkv=qkv[:16]), lambda c: c.split_qkv(
+        "qkv", ["q", "k", "v"], n_heads=2, n_kv_heads=1, head_dim=4), name="d")
+    assert [got[n].shape[0] for n in "qkv"] == [8, 4, 4]
+    with pytest.raises(OpError, match=r"18 rows of 'qkv' are not \(2 \+ 2×1\) heads"):
+        migrate(tmp_path, OrderedDict(qkv=qkv), lambda c: c.split_qkv(
+            "qkv", ["q", "k", "v"], n_heads=2, n_kv_heads=1, head_dim=4), name="e")
+
+
+def test_a_conv_kernel_is_resampled_like_f_interpolate(tmp_path: Path) -> None:
+    kernel = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(5))
+    got, _up, journal = migrate(tmp_path, OrderedDict(k=kernel), lambda c: c.interpolate("k", (5, 5), mode="bilinear"))
+    assert torch.allclose(got["k"], F.interpolate(kernel, size=(5, 5), mode="bilinear", align_corners=False))
+    assert journal == [["irreversible", {"op": "interpolate"}]]
+
+
+def test_resize_with_normal_rows_is_seeded_and_shrinking_is_irreversible(tmp_path: Path) -> None:
+    emb = torch.zeros(2, 3)
+    first, _u, _j = migrate(tmp_path, OrderedDict(e=emb), lambda c: c.resize("e", (4, 3), init="normal", std=1.0))
+    again, _u, _j = migrate(tmp_path, OrderedDict(e=emb), lambda c: c.resize("e", (4, 3), init="normal", std=1.0),
+                            name="again")
+    assert torch.equal(first["e"], again["e"]) and first["e"][2:].abs().sum() > 0
+    assert torch.equal(first["e"][:2], emb)
+    _got, _u, journal = migrate(tmp_path, OrderedDict(e=torch.ones(4, 3)), lambda c: c.resize("e", (2, 3)), name="s")
+    assert journal == [["irreversible", {"op": "resize"}]]
+
+
+def test_tying_an_already_shared_head_is_undone_exactly(tmp_path: Path) -> None:
+    emb = torch.randn(3, 2)
+    sd = OrderedDict([("embed.weight", emb), ("lm_head.weight", emb)])  # torch.save keeps them one storage
+    _got, _up, journal = migrate(tmp_path, sd, lambda c: c.tie("lm_head.weight", "embed.weight"))
+    assert journal == [["untie", {"key": "lm_head.weight", "source": "embed.weight"}]]
