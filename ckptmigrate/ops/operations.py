@@ -3,8 +3,10 @@
 Every op edits the lazy state dict: renames move references (no tensor bytes), tensor ops leave a
 :class:`~ckptmigrate.tensors.refs.Deferred` whose values are computed when the file is written. Each op
 records its exact inverse (the old shape, dtype or key names it saw) so a chain of invertible ops
-can be walked back without a hand-written ``downgrade``. Patterns are regular expressions matched
-against the whole key; replacement templates may use back-references (``\\1``).
+can be walked back without a hand-written ``downgrade``. Selection patterns (``drop``, ``cast``,
+``split``, ...) are regular expressions matched against the whole key; ``rename_regex`` follows
+``re.sub`` (searched, anchor with ``^``), like transformers' ``key_mapping``. Replacement templates may
+use back-references (``\\1``).
 """
 
 from __future__ import annotations
@@ -88,11 +90,11 @@ class Operations:
         else:
             self.journal.append(inverse)
 
-    def _closest(self, op: str, pattern: str) -> OpError:
+    def _closest(self, op: str, pattern: str, how: str = "matches no key") -> OpError:
         keys = [k for k in self._entries if isinstance(k, str)]
         close = difflib.get_close_matches(pattern, keys, n=3, cutoff=0.4)
         hint = f"; closest keys: {', '.join(close)}" if close else f"; the checkpoint has {len(keys)} keys"
-        return OpError(op, pattern, f"{op}: {pattern!r} matches no key{hint}")
+        return OpError(op, pattern, f"{op}: {pattern!r} {how}{hint}")
 
     def _match(self, op: str, pattern: str, missing_ok: bool) -> list[tuple[str, re.Match[str] | None]]:
         if pattern in self._entries:
@@ -104,7 +106,7 @@ class Operations:
         except re.error as exc:
             raise OpError(op, pattern, f"{op}: {pattern!r} is not a valid pattern ({exc})") from None
         if not found and not missing_ok:
-            raise self._closest(op, pattern)
+            raise self._closest(op, pattern, "matches no key (a pattern must match the whole key, as re.fullmatch)")
         return found
 
     def _tensor(self, op: str, key: str) -> Entry:
@@ -147,12 +149,30 @@ class Operations:
         self.rename_map({old: new}, _op="rename")
 
     def rename_regex(self, pattern: str, repl: str, *, missing_ok: bool = False) -> None:
-        """Rename every key the pattern fully matches to ``repl`` (back-references allowed)."""
-        matches = self._match("rename_regex", pattern, missing_ok)
-        mapping = {k: (m.expand(repl) if m else re.sub(pattern, repl, k)) for k, m in matches}
-        if mapping:
-            self.rename_map(mapping, _op="rename_regex")
-            self._rename_metadata(lambda m: re.sub(pattern, repl, m) if re.fullmatch(pattern, m) else m)
+        """Rename keys as ``re.sub(pattern, repl, key)`` does: the pattern is searched (anchor it with
+        ``^``) and the match replaced, like transformers' ``key_mapping`` and hand-written converters."""
+        mapping: dict[str, str] = {}
+        try:
+            regex = re.compile(pattern)
+            for k in self._entries:
+                new, n = regex.subn(repl, k)
+                if n:
+                    mapping[k] = new
+        except (re.error, IndexError) as exc:
+            raise OpError("rename_regex", pattern, f"rename_regex: {pattern!r} is not a valid pattern, "
+                          f"or {repl!r} not a valid replacement ({exc})") from None
+        if not mapping:
+            if missing_ok:
+                return
+            raise self._closest("rename_regex", pattern,
+                                "matches no key (searched in each key, as re.sub does; anchor it with ^)")
+        self.rename_map(mapping, _op="rename_regex")
+
+        def module(name: str) -> str:  # a module's name is a prefix of its keys: rename it as one
+            new, n = regex.subn(repl, name + ".")
+            return new.removesuffix(".") if n else name
+
+        self._rename_metadata(module)
 
     def rename_prefix(self, old: str, new: str, *, missing_ok: bool = False) -> None:
         """Replace the prefix ``old`` with ``new`` on every key that starts with it."""
