@@ -7,9 +7,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ckptmigrate.errors import (
+    BadInput,
+    CheckFailed,
+    CkptMigrateError,
+    CkptMigrateWarning,
+    MigrationError,
+    OutputExists,
+    RevisionError,
+    SchemaMismatch,
+)
 from ckptmigrate.version import __version__ as __version__
 
-__all__ = ["Checkpoint", "LoadReport", "attach", "inspect", "load", "load_state_dict", "save", "stamp"]
+__all__ = [
+    "BadInput", "CheckFailed", "Checkpoint", "CkptMigrateError", "CkptMigrateWarning", "LoadReport",
+    "MigrationError", "OutputExists", "RevisionError", "SchemaMismatch", "attach", "inspect", "load",
+    "load_state_dict", "save", "stamp",
+]
 
 if TYPE_CHECKING:
     from ckptmigrate.api import inspect, load, save, stamp
