@@ -130,7 +130,7 @@ class Operations:
         seen: set[str] = set()
         for old, new in zip(entries, new_keys, strict=True):
             if new in seen:
-                raise OpError(_op, old, f"{_op}: {old!r} → {new!r} collides with another key named {new!r}")
+                raise OpError(_op, old, f"{_op}: {old!r} -> {new!r} collides with another key named {new!r}")
             seen.add(new)
         values = list(entries.items())
         entries.clear()
@@ -174,19 +174,19 @@ class Operations:
 
         self._rename_metadata(module)
 
-    def rename_prefix(self, old: str, new: str, *, missing_ok: bool = False) -> None:
+    def rename_prefix(self, old: str, new: str, *, missing_ok: bool = False, _op: str = "rename_prefix") -> None:
         """Replace the prefix ``old`` with ``new`` on every key that starts with it."""
         mapping = {k: new + k[len(old):] for k in self._entries if k.startswith(old)}
         if not mapping:
             if missing_ok:
                 return
-            raise self._closest("rename_prefix", old)
-        self.rename_map(mapping, _op="rename_prefix")
+            raise self._closest(_op, old)
+        self.rename_map(mapping, _op=_op)
         self._rename_metadata(lambda m: (new + (m + ".")[len(old):]).rstrip(".") if (m + ".").startswith(old) else m)
 
     def unwrap(self, prefix: str = "module.", *, missing_ok: bool = False) -> None:
         """Strip a wrapper's prefix (DataParallel/DDP ``module.``, torch.compile ``_orig_mod.``, ...)."""
-        self.rename_prefix(prefix, "", missing_ok=missing_ok)
+        self.rename_prefix(prefix, "", missing_ok=missing_ok, _op="unwrap")
 
     def _rename_metadata(self, fn: Callable[[str], str]) -> None:
         meta = getattr(self._entries, "_metadata", None)
