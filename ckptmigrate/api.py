@@ -16,18 +16,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptmigrate.autogenerate.compare import Check, Comparison, check, diff
-from ckptmigrate.chain.project import (
-    autogenerate_revision,
-    configured,
-    heads,
-    history,
-    init,
-    new_revision,
-    record_schema,
-    revision_graph,
-    script_directory,
-)
 from ckptmigrate.checkpoint.envelope import Envelope, now_utc
 from ckptmigrate.checkpoint.layout import locate
 from ckptmigrate.checkpoint.lazy import Checkpoint
@@ -38,14 +26,15 @@ from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.locking import file_lock
 
 __all__ = [
-    "Check", "Comparison", "autogenerate_revision", "check", "checkpoint_files", "compact", "current", "diff",
+    "autogenerate_revision", "check", "checkpoint_files", "compact", "current", "diff",
     "downgrade", "heads", "history", "init", "inspect", "load", "new_revision", "record_schema",
     "revision_graph", "save", "script_directory", "stamp", "upgrade", "verify", "verify_manifest",
 ]
 
 if TYPE_CHECKING:  # the migration machinery is imported when used: `inspect` starts faster without it
+    from ckptmigrate.autogenerate.compare import Check, Comparison
     from ckptmigrate.chain.engine import Outcome
-    from ckptmigrate.chain.revisions import RevisionGraph
+    from ckptmigrate.chain.revisions import RevisionGraph, ScriptDirectory
     from ckptmigrate.release.integrity import VerifyResult
 
 PathLike = str | os.PathLike[str]
@@ -57,8 +46,77 @@ def inspect(path: str | os.PathLike[str], *, keys: bool = False, key: str | None
         return ckpt.summary(keys=keys)
 
 
+# -- the project (chain/project.py), imported when used: `inspect` and `current` start without it --
+
+
+def script_directory(migrations: str | os.PathLike[str] | None = None, *, cwd: Path | None = None) -> ScriptDirectory:
+    """The script directory named by ``migrations`` (a path or a module), else by pyproject.toml."""
+    from ckptmigrate.chain import project
+
+    return project.script_directory(migrations, cwd=cwd)
+
+
+def revision_graph(migrations: Any = None) -> RevisionGraph:
+    """The validated revision graph of ``migrations`` (a path, a module, a graph), else pyproject.toml's."""
+    from ckptmigrate.chain import project
+
+    return project.revision_graph(migrations)
+
+
+def init(directory: PathLike = "migrations", *, cwd: Path | None = None) -> tuple[Path, Path]:
+    """Create a script directory and record it in pyproject.toml (:func:`ckptmigrate.chain.project.init`)."""
+    from ckptmigrate.chain import project
+
+    return project.init(directory, cwd=cwd)
+
+
+def heads(migrations: Any = None) -> list[dict[str, Any]]:
+    """The head of each lineage (:func:`ckptmigrate.chain.project.heads`)."""
+    from ckptmigrate.chain import project
+
+    return project.heads(migrations)
+
+
+def history(migrations: Any = None) -> list[dict[str, Any]]:
+    """Every revision, newest first per lineage (:func:`ckptmigrate.chain.project.history`)."""
+    from ckptmigrate.chain import project
+
+    return project.history(migrations)
+
+
+def new_revision(message: str, *, rev_id: str | None = None, lineage: str | None = None,
+                 autogenerate: bool = False, model: str | None = None,
+                 migrations: str | os.PathLike[str] | None = None) -> Path:
+    """Write a revision on top of the head, with the model's schema snapshot when a model is named
+    (:func:`ckptmigrate.chain.project.new_revision`)."""
+    from ckptmigrate.chain import project
+
+    return project.new_revision(message, rev_id=rev_id, lineage=lineage, autogenerate=autogenerate, model=model,
+                                migrations=migrations)
+
+
+def autogenerate_revision(message: str, *, rev_id: str | None = None, lineage: str | None = None,
+                          migrations: str | os.PathLike[str] | None = None, model: str | None = None) -> Path:
+    """Write a revision whose ops take head's schema to the model's
+    (:func:`ckptmigrate.chain.project.autogenerate_revision`)."""
+    from ckptmigrate.chain import project
+
+    return project.autogenerate_revision(message, rev_id=rev_id, lineage=lineage, migrations=migrations,
+                                         model=model)
+
+
+def record_schema(revision: str, source: Any = None, *, model: str | None = None, migrations: Any = None) -> Path:
+    """Record the schema ``revision`` produces, from a model, a state dict, a checkpoint file or the
+    named/configured model (:func:`ckptmigrate.chain.project.record_schema`)."""
+    from ckptmigrate.chain import project
+
+    return project.record_schema(revision, source, model=model, migrations=migrations)
+
+
 def _optional_graph(migrations: Any) -> RevisionGraph | None:
-    return revision_graph(migrations) if configured(migrations) else None
+    from ckptmigrate.chain import project
+
+    return project.revision_graph(migrations) if project.configured(migrations) else None
 
 
 def checkpoint_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
@@ -315,3 +373,21 @@ def verify_manifest(manifest: PathLike, public_key: Any = None, *, jobs: int | N
     root = path.resolve().parent
     results = list(parallel(lambda e: check_manifest_file(e, root, doc.get("release"), key), doc["files"], jobs))
     return info, results
+
+
+def check(*, model: str | None = None, migrations: str | os.PathLike[str] | None = None,
+          lineage: str | None = None) -> Check:
+    """Compare the head revision's schema snapshot with the current model's: ``.ok``, ``.difference``
+    (:func:`ckptmigrate.autogenerate.compare.check`; imported here when used, it is slow to import)."""
+    from ckptmigrate.autogenerate import compare
+
+    return compare.check(model=model, migrations=migrations, lineage=lineage)
+
+
+def diff(a: PathLike, b: PathLike = "model", *, model: str | None = None,
+         migrations: str | os.PathLike[str] | None = None) -> Comparison:
+    """The difference between two schemas, each a checkpoint, a revision id or ``"model"``
+    (:func:`ckptmigrate.autogenerate.compare.diff`)."""
+    from ckptmigrate.autogenerate import compare
+
+    return compare.diff(a, b, model=model, migrations=migrations)
