@@ -28,7 +28,7 @@ from ckptmigrate.storage.locking import file_lock
 __all__ = [
     "autogenerate_revision", "check", "checkpoint_files", "compact", "current", "diff",
     "downgrade", "heads", "history", "init", "inspect", "load", "new_revision", "record_schema",
-    "revision_graph", "save", "script_directory", "stamp", "upgrade", "verify", "verify_manifest",
+    "keygen", "revision_graph", "save", "script_directory", "stamp", "upgrade", "verify", "verify_manifest",
 ]
 
 if TYPE_CHECKING:  # the migration machinery is imported when used: `inspect` starts faster without it
@@ -343,6 +343,14 @@ def downgrade(
     return _migrate("downgrade", path, to=to, output=output, overwrite=overwrite, migrations=migrations,
                     dry_run=dry_run, backup=backup, from_rev=from_rev, lineage=lineage, key=key,
                     trust_pickle=trust_pickle, **options)
+
+
+def keygen(private: PathLike, public: PathLike) -> str:
+    """Write a new Ed25519 key pair for signing (PEM; the private file mode 600; existing files are never
+    overwritten) and return the public key's fingerprint."""
+    from ckptmigrate.release import signing
+
+    return signing.keygen(private, public)
 
 
 def verify(path: PathLike, public_key: Any = None, *, key: str | None = None) -> VerifyResult:

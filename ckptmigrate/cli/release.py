@@ -26,9 +26,9 @@ from ckptmigrate.util.progress import file_bar
 @click.argument("public", type=click.Path(path_type=Path, dir_okay=False))
 def keygen(private: Path, public: Path) -> None:
     """Create an Ed25519 key pair for signing checkpoints (PEM files; never overwrites)."""
-    from ckptmigrate.release import signing
+    from ckptmigrate import api
 
-    fp = signing.keygen(private, public)
+    fp = api.keygen(private, public)
     click.echo(f"wrote {private} (private, mode 600) and {public}; fingerprint {fp}")
 
 
