@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import click
 
 from ckptmigrate.cli import chain, checkpoints, fixture, migrate, release, schema
-from ckptmigrate.cli.common import debug_mode, error_dict, error_line
+from ckptmigrate.cli.common import debug_mode, error_dict, error_line, json_mode
 from ckptmigrate.errors import CkptMigrateError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -111,6 +111,9 @@ def _everywhere(command: click.Command) -> None:
     """--version and --debug on a (sub)command, as on the group."""
     click.version_option(None, "--version", "-V", package_name="ckptmigrate", prog_name="ckptmigrate")(command)
     click.option("--debug", is_flag=True, expose_value=False, callback=debug_mode, help=_DEBUG_HELP)(command)
+    for param in command.params:  # every --json reports a failure as JSON, whichever module declared it
+        if param.name == "as_json" and param.callback is None:
+            param.callback = json_mode
     for sub in getattr(command, "commands", {}).values():
         _everywhere(sub)
 
