@@ -52,7 +52,7 @@ class Revision:
         try:
             return json.loads(self.schema_path.read_text())
         except ValueError as exc:
-            raise RevisionError(f"{self.schema_path}: not valid JSON ({exc})") from None
+            raise RevisionError(f"{self.schema_path}: not valid JSON ({exc})") from exc
 
     def __str__(self) -> str:
         return f"{self.id} ({self.path.name})"

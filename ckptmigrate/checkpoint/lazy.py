@@ -52,7 +52,7 @@ class Checkpoint(ArchitectureOps):
             try:
                 self.envelope = Envelope.from_dict(container.envelope, origin=str(self.path))
             except (TypeError, ValueError) as exc:
-                raise BadInput(str(exc) if str(self.path) in str(exc) else f"{self.path}: {exc}") from None
+                raise BadInput(str(exc) if str(self.path) in str(exc) else f"{self.path}: {exc}") from exc
         self.applied: list[str] = []
         self.head_revision: str | None = None
         self.map_location: Any = None
@@ -82,7 +82,7 @@ class Checkpoint(ArchitectureOps):
         try:
             layout = locate(payload, key)
         except LayoutError as exc:
-            raise BadInput(f"{name}: {exc}") from None
+            raise BadInput(f"{name}: {exc}") from exc
         return cls(container, layout)
 
     def close(self) -> None:
