@@ -21,7 +21,7 @@ from ckptmigrate.version import __version__ as __version__
 
 __all__ = [
     "BadInput", "CheckFailed", "Checkpoint", "CkptMigrateError", "CkptMigrateWarning", "LoadReport",
-    "MigrationError", "OutputExists", "RevisionError", "SchemaMismatch", "attach", "inspect", "load",
+    "MigrationError", "OpError", "OutputExists", "RevisionError", "SchemaMismatch", "attach", "inspect", "load",
     "load_state_dict", "save", "stamp",
 ]
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ckptmigrate.checkpoint.lazy import Checkpoint
     from ckptmigrate.integrations.hooks import attach
     from ckptmigrate.integrations.loading import LoadReport, load_state_dict
+    from ckptmigrate.ops.operations import OpError
 
 
 def __getattr__(name: str) -> Any:
@@ -45,6 +46,10 @@ def __getattr__(name: str) -> Any:
         from ckptmigrate.integrations.hooks import attach
 
         return attach
+    if name == "OpError":  # raised by the ops a script (or your code) calls on a Checkpoint
+        from ckptmigrate.ops.operations import OpError
+
+        return OpError
     if name == "Checkpoint":
         from ckptmigrate.checkpoint.lazy import Checkpoint
 

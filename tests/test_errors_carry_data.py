@@ -87,6 +87,10 @@ def test_exported_types_carry_their_facts(tmp_path: Path, renamed: Path) -> None
     assert (error.revision, error.op, error.key, error.action) == ("r2", "transpose", "old.wieght", "upgrade")
     assert error.script == str(renamed / "versions" / "r2.py") and error.path == str(tmp_path / "m.pt")
     assert error.to_dict()["type"] == "MigrationError"
+    # an op called outside a migration: the same facts, on the op's own error
+    with ckptmigrate.Checkpoint.open(tmp_path / "m.pt") as ckpt, pytest.raises(ckptmigrate.OpError) as op:
+        ckpt.drop(r"old\.wieght")
+    assert (op.value.op, op.value.key) == ("drop", r"old\.wieght") and isinstance(op.value, ckptmigrate.BadInput)
 
 
 def test_a_file_that_fits_no_revision_names_the_nearest_without_cli_flags(tmp_path: Path, renamed: Path) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequenc
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ckptmigrate.errors import BadInput
 from ckptmigrate.ops.optimizer import OptimizerTrack
 from ckptmigrate.tensors.refs import (
     ITEMSIZE,
@@ -47,13 +48,16 @@ MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}
 INVERSE_OPS = frozenset({"rename_map", "drop", "reshape", "transpose", "permute", "cast", "truncate", "split", "merge"})
 
 
-class OpError(ValueError):
-    """An op could not apply; ``op`` and ``key`` say which and where."""
+class OpError(BadInput, ValueError):
+    """An op could not apply; ``op`` and ``key`` (or the pattern) say which and where."""
 
     def __init__(self, op: str, key: str | None, message: str) -> None:
         super().__init__(message)
         self.op = op
         self.key = key
+
+    def fields(self) -> dict[str, Any]:
+        return {"op": self.op, "key": self.key}
 
 
 def _fullmatch(pattern: str, key: str) -> re.Match[str] | None:
