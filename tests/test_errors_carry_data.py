@@ -147,6 +147,8 @@ def test_attach_gives_the_diagnosis_load_state_dict_gives(tmp_path: Path, rename
     # strict=False asked for leniency: torch loads what fits
     result = model.load_state_dict(torch.load(tmp_path / "odd.pt"), strict=False)
     assert "extra_buffer" in result.unexpected_keys
+    torch.save(model, tmp_path / "whole.pt")  # an attached module is still an ordinary, picklable module
+    assert set(torch.load(tmp_path / "whole.pt", weights_only=False).state_dict()) == {"fc.weight", "fc.bias"}
 
     # a state dict the chain upgrades but that still does not fit the model: the LoadReport's words
     torch.save({"old.weight": torch.ones(2, 3), "old.bias": torch.ones(2)}, tmp_path / "r1.pt")

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import types
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -75,8 +73,12 @@ def _hook(migrations: Any, module: nn.Module, state_dict: dict[str, Any], prefix
         state_dict.update(upgraded)
 
 
-def _recording_strict(load: Callable[..., Any]) -> Callable[..., Any]:
-    """``load_state_dict`` that lets the hook know the caller's ``strict``."""
+def _record_strict(cls: type[nn.Module]) -> None:
+    """Make ``cls.load_state_dict`` let the hook know the caller's ``strict`` (once per class; the
+    class, not the instance, so a module stays picklable). Instances without the hook are unaffected."""
+    load = cls.load_state_dict
+    if getattr(load, "_ckptmigrate_records_strict", False):
+        return
 
     @functools.wraps(load)
     def load_state_dict(self: nn.Module, state_dict: Any, strict: bool = True, *args: Any, **kwargs: Any) -> Any:
@@ -86,18 +88,17 @@ def _recording_strict(load: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             _STRICT.reset(token)
 
-    return load_state_dict
+    load_state_dict._ckptmigrate_records_strict = True  # type: ignore[attr-defined]
+    cls.load_state_dict = load_state_dict  # type: ignore[method-assign]
 
 
 def attach(module_or_class: nn.Module | type[nn.Module], migrations: Any = None) -> nn.Module | type[nn.Module]:
     """Make ``load_state_dict`` of this module (or of every instance of this class) upgrade old state dicts."""
     hook = functools.partial(_hook, migrations)
     if isinstance(module_or_class, nn.Module):
-        module = module_or_class
-        module.register_load_state_dict_pre_hook(hook)
-        module.load_state_dict = types.MethodType(  # type: ignore[method-assign]
-            _recording_strict(type(module).load_state_dict), module)
-        return module
+        module_or_class.register_load_state_dict_pre_hook(hook)
+        _record_strict(type(module_or_class))
+        return module_or_class
     if isinstance(module_or_class, type) and issubclass(module_or_class, nn.Module):
         cls = module_or_class
         original_init = cls.__init__
@@ -108,6 +109,6 @@ def attach(module_or_class: nn.Module | type[nn.Module], migrations: Any = None)
             self.register_load_state_dict_pre_hook(hook)
 
         cls.__init__ = __init__  # type: ignore[method-assign]
-        cls.load_state_dict = _recording_strict(cls.load_state_dict)  # type: ignore[method-assign]
+        _record_strict(cls)
         return cls
     raise TypeError(f"attach() takes an nn.Module or a subclass of it, not {module_or_class!r}")
