@@ -124,7 +124,7 @@ def checkpoint_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
 
     A directory or pattern that holds no checkpoint file is an error naming it, as is no path at all.
     """
-    from ckptmigrate.chain.engine import CHECKPOINT_SUFFIXES, expand_paths
+    from ckptmigrate.util.paths import CHECKPOINT_SUFFIXES, expand_paths
 
     specs = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not specs:

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ckptmigrate import BadInput, api, formats
-from ckptmigrate.chain.engine import CHECKPOINT_SUFFIXES
 from ckptmigrate.checkpoint.lazy import Checkpoint
+from ckptmigrate.util.paths import CHECKPOINT_SUFFIXES
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = str(ROOT / "migrations")

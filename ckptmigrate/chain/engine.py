@@ -9,8 +9,7 @@ walked back without a hand-written ``downgrade``.
 from __future__ import annotations
 
 import contextlib
-import glob
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ from ckptmigrate.ops.operations import OpError
 from ckptmigrate.ops.optimizer import OptimizerAlignmentError
 from ckptmigrate.storage.atomic import keep_copy
 from ckptmigrate.storage.locking import file_lock
-
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
+from ckptmigrate.util.paths import CHECKPOINT_SUFFIXES as CHECKPOINT_SUFFIXES
+from ckptmigrate.util.paths import expand_paths as expand_paths
 
 
 @dataclass
@@ -351,22 +350,3 @@ def _output_format(ckpt: Checkpoint, dest: Path) -> str:
     if ckpt.format == "safetensors" and dest.suffix in ("", ".safetensors"):
         return "safetensors"
     return "torch-zip"
-
-
-def expand_paths(specs: Iterable[str | Path]) -> Iterator[Path]:
-    """Files, directories (searched recursively for checkpoint suffixes) and glob patterns."""
-    for spec in specs:
-        text = str(spec)
-        path = Path(text)
-        if path.is_dir():
-            yield from sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES and ".bak" not in p.name
-            )
-        elif any(ch in text for ch in "*?[") and not path.exists():
-            matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
-            if not matches:
-                raise BadInput(f"{text}: the pattern matches no file")
-            yield from matches
-        else:
-            yield path
