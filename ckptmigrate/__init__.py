@@ -7,15 +7,30 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ckptmigrate.errors import (
+    BadInput,
+    CheckFailed,
+    CkptMigrateError,
+    CkptMigrateWarning,
+    MigrationError,
+    OutputExists,
+    RevisionError,
+    SchemaMismatch,
+)
 from ckptmigrate.version import __version__ as __version__
 
-__all__ = ["Checkpoint", "LoadReport", "attach", "inspect", "load", "load_state_dict", "save", "stamp"]
+__all__ = [
+    "BadInput", "CheckFailed", "Checkpoint", "CkptMigrateError", "CkptMigrateWarning", "LoadReport",
+    "MigrationError", "OpError", "OutputExists", "RevisionError", "SchemaMismatch", "attach", "inspect", "load",
+    "load_state_dict", "save", "stamp",
+]
 
 if TYPE_CHECKING:
     from ckptmigrate.api import inspect, load, save, stamp
     from ckptmigrate.checkpoint.lazy import Checkpoint
     from ckptmigrate.integrations.hooks import attach
     from ckptmigrate.integrations.loading import LoadReport, load_state_dict
+    from ckptmigrate.ops.operations import OpError
 
 
 def __getattr__(name: str) -> Any:
@@ -31,6 +46,10 @@ def __getattr__(name: str) -> Any:
         from ckptmigrate.integrations.hooks import attach
 
         return attach
+    if name == "OpError":  # raised by the ops a script (or your code) calls on a Checkpoint
+        from ckptmigrate.ops.operations import OpError
+
+        return OpError
     if name == "Checkpoint":
         from ckptmigrate.checkpoint.lazy import Checkpoint
 

@@ -1,30 +1,43 @@
-"""The Python API: plain functions the CLI is a thin layer over."""
+"""The Python API: every command is a plain function here, and the CLI only parses and prints.
+
+Checkpoints: :func:`save`, :func:`load`, :func:`inspect`, :func:`current`, :func:`stamp`,
+:func:`upgrade`, :func:`downgrade`, :func:`compact`, :func:`verify`, :func:`verify_manifest`,
+:func:`checkpoint_files`. The project: :func:`init`, :func:`new_revision`, :func:`heads`,
+:func:`history`, :func:`record_schema`, :func:`check`, :func:`diff` (from
+:mod:`ckptmigrate.chain.project` and :mod:`ckptmigrate.autogenerate.compare`). Validation lives
+here, not in the CLI; errors are the types of :mod:`ckptmigrate.errors`, with their facts as fields.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptmigrate.checkpoint.envelope import Envelope, now_utc, schema_of
+from ckptmigrate.checkpoint.envelope import Envelope, now_utc
 from ckptmigrate.checkpoint.layout import locate
 from ckptmigrate.checkpoint.lazy import Checkpoint
-from ckptmigrate.errors import BadInput
+from ckptmigrate.errors import BadInput, CkptMigrateError, OutputExists, SchemaMismatch
 from ckptmigrate.formats import safetensors_io, torchzip
-from ckptmigrate.release.stamping import stamp
+from ckptmigrate.release import stamping
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.locking import file_lock
 
 __all__ = [
-    "autogenerate_revision", "compact", "inspect", "load", "record_schema", "revision_graph", "save",
-    "script_directory", "stamp",
+    "autogenerate_revision", "check", "checkpoint_files", "compact", "current", "diff",
+    "downgrade", "heads", "history", "init", "inspect", "load", "new_revision", "record_schema",
+    "keygen", "revision_graph", "save", "script_directory", "stamp", "upgrade", "verify", "verify_manifest",
 ]
 
 if TYPE_CHECKING:  # the migration machinery is imported when used: `inspect` starts faster without it
+    from ckptmigrate.autogenerate.compare import Check, Comparison
+    from ckptmigrate.chain.engine import Outcome
     from ckptmigrate.chain.revisions import RevisionGraph, ScriptDirectory
+    from ckptmigrate.release.integrity import VerifyResult
+
+PathLike = str | os.PathLike[str]
 
 
 def inspect(path: str | os.PathLike[str], *, keys: bool = False, key: str | None = None) -> dict[str, Any]:
@@ -33,36 +46,113 @@ def inspect(path: str | os.PathLike[str], *, keys: bool = False, key: str | None
         return ckpt.summary(keys=keys)
 
 
+# -- the project (chain/project.py), imported when used: `inspect` and `current` start without it --
+
+
 def script_directory(migrations: str | os.PathLike[str] | None = None, *, cwd: Path | None = None) -> ScriptDirectory:
     """The script directory named by ``migrations`` (a path or a module), else by pyproject.toml."""
-    from ckptmigrate.chain import config
-    from ckptmigrate.chain.revisions import ScriptDirectory
+    from ckptmigrate.chain import project
 
-    if migrations is not None:
-        return ScriptDirectory.from_spec(migrations if isinstance(migrations, str) else Path(migrations), Path.cwd())
-    cfg = config.load(cwd)
-    if cfg.migrations is None:
-        raise BadInput(
-            "no migrations configured: pass --migrations DIR_OR_MODULE, or run `ckptmigrate init` "
-            "to create one and record it in pyproject.toml"
-        )
-    return ScriptDirectory.from_spec(cfg.migrations, cfg.root)
+    return project.script_directory(migrations, cwd=cwd)
 
 
-def revision_graph(migrations: str | os.PathLike[str] | RevisionGraph | None = None) -> RevisionGraph:
-    from ckptmigrate.chain.revisions import RevisionGraph
+def revision_graph(migrations: Any = None) -> RevisionGraph:
+    """The validated revision graph of ``migrations`` (a path, a module, a graph), else pyproject.toml's."""
+    from ckptmigrate.chain import project
 
-    if isinstance(migrations, RevisionGraph):
-        return migrations
-    return script_directory(migrations).load()
+    return project.revision_graph(migrations)
+
+
+def init(directory: PathLike = "migrations", *, cwd: Path | None = None) -> tuple[Path, Path]:
+    """Create a script directory and record it in pyproject.toml (:func:`ckptmigrate.chain.project.init`)."""
+    from ckptmigrate.chain import project
+
+    return project.init(directory, cwd=cwd)
+
+
+def heads(migrations: Any = None) -> list[dict[str, Any]]:
+    """The head of each lineage (:func:`ckptmigrate.chain.project.heads`)."""
+    from ckptmigrate.chain import project
+
+    return project.heads(migrations)
+
+
+def history(migrations: Any = None) -> list[dict[str, Any]]:
+    """Every revision, newest first per lineage (:func:`ckptmigrate.chain.project.history`)."""
+    from ckptmigrate.chain import project
+
+    return project.history(migrations)
+
+
+def new_revision(message: str, *, rev_id: str | None = None, lineage: str | None = None,
+                 autogenerate: bool = False, model: str | None = None,
+                 migrations: str | os.PathLike[str] | None = None) -> Path:
+    """Write a revision on top of the head, with the model's schema snapshot when a model is named
+    (:func:`ckptmigrate.chain.project.new_revision`)."""
+    from ckptmigrate.chain import project
+
+    return project.new_revision(message, rev_id=rev_id, lineage=lineage, autogenerate=autogenerate, model=model,
+                                migrations=migrations)
+
+
+def autogenerate_revision(message: str, *, rev_id: str | None = None, lineage: str | None = None,
+                          migrations: str | os.PathLike[str] | None = None, model: str | None = None) -> Path:
+    """Write a revision whose ops take head's schema to the model's
+    (:func:`ckptmigrate.chain.project.autogenerate_revision`)."""
+    from ckptmigrate.chain import project
+
+    return project.autogenerate_revision(message, rev_id=rev_id, lineage=lineage, migrations=migrations,
+                                         model=model)
+
+
+def record_schema(revision: str, source: Any = None, *, model: str | None = None, migrations: Any = None) -> Path:
+    """Record the schema ``revision`` produces, from a model, a state dict, a checkpoint file or the
+    named/configured model (:func:`ckptmigrate.chain.project.record_schema`)."""
+    from ckptmigrate.chain import project
+
+    return project.record_schema(revision, source, model=model, migrations=migrations)
 
 
 def _optional_graph(migrations: Any) -> RevisionGraph | None:
-    from ckptmigrate.chain import config
+    from ckptmigrate.chain import project
 
-    if migrations is None and config.load().migrations is None:
+    return project.revision_graph(migrations) if project.configured(migrations) else None
+
+
+def checkpoint_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    """The files that ``paths`` (files, directories searched recursively, glob patterns) name.
+
+    A directory or pattern that holds no checkpoint file is an error naming it, as is no path at all.
+    """
+    from ckptmigrate.util.paths import CHECKPOINT_SUFFIXES, expand_paths
+
+    specs = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not specs:
+        raise BadInput("no checkpoint files given")
+    files: list[Path] = []
+    for spec in specs:
+        found = list(expand_paths([os.fspath(spec)]))
+        if not found:
+            raise BadInput(f"{os.fspath(spec)}: no checkpoint files found (looked for "
+                           f"{', '.join(CHECKPOINT_SUFFIXES)})", path=spec)
+        files += found
+    return files
+
+
+def _check_output(source: PathLike, output: PathLike | None, overwrite: bool) -> Path | None:
+    """``output`` as a Path after the checks every writing function makes: its directory exists, and
+    it is not an existing file (other than the source itself) unless ``overwrite``."""
+    if output is None:
         return None
-    return revision_graph(migrations)
+    out = Path(output)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInput(f"{out}: the output's directory {parent} does not exist", path=out)
+    if out.exists() and not overwrite and out.resolve() != Path(source).resolve():
+        error = OutputExists(f"{out}: the output exists, and overwriting it was not asked for", path=out)
+        error.cli_hint = "pass --overwrite to replace it"
+        raise error
+    return out
 
 
 def save(
@@ -112,12 +202,14 @@ def save(
 def load(
     path: str | os.PathLike[str], *, migrations: Any = None, to: str = "head",
     map_location: Any = None, mmap: bool = True, trust_pickle: bool = False, key: str | None = None,
+    from_rev: str | None = None,
 ) -> Checkpoint:
     """Open a checkpoint and upgrade it in memory to ``to``; the file on disk is not changed.
 
     Tensors are memory-mapped (``mmap``) and loaded on the CPU (a CUDA-saved file needs no
     ``map_location``); ``trust_pickle=True`` runs the file's pickle code to rebuild the extras as
-    real objects — only for files you trust.
+    real objects — only for files you trust. ``from_rev`` says which revision an unstamped file is at
+    when its schema matches none.
     """
     import warnings
 
@@ -140,7 +232,7 @@ def load(
     graph = _optional_graph(migrations)
     if graph is None or not len(graph):
         return ckpt
-    plan = plan_for(ckpt, graph, to=to)
+    plan = plan_for(ckpt, graph, to=to, from_rev=from_rev)
     ckpt.head_revision = graph.head(plan.lineage).id
     if plan.steps:
         history = apply(ckpt, plan)
@@ -148,65 +240,162 @@ def load(
     return ckpt
 
 
-def record_schema(revision: str, source: Any, *, migrations: Any = None) -> Path:
-    """Record the schema ``revision`` produces, from a model (built on ``meta`` costs nothing), a
-    state dict or a checkpoint file, beside the revision's script — what fingerprinting of unstamped
-    checkpoints matches against."""
-    rev = revision_graph(migrations).get(revision)
-    if isinstance(source, (str, os.PathLike)):
-        with Checkpoint.open(source) as ckpt:
-            schema = ckpt.schema()
-    else:
-        state_dict = source.state_dict() if hasattr(source, "state_dict") and callable(source.state_dict) else source
-        schema = schema_of(state_dict)
-    rev.schema_path.write_text(json.dumps(schema, indent=1) + "\n")
-    return rev.schema_path
-
-
-def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None) -> tuple[int, int]:
+def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None,
+            overwrite: bool = False) -> tuple[int, int]:
     """Rewrite a torch zip file with only its live records (in-place appends leave orphaned bytes).
 
     Returns the sizes before and after. The envelope is kept as it is; tensors are copied by the kernel.
     """
-    dest = Path(output) if output is not None else Path(path)
+    dest = _check_output(path, output, overwrite) or Path(path)
     with file_lock(dest), Checkpoint.open(path) as ckpt:
         before = os.stat(path).st_size
         ckpt.write(dest, ckpt.envelope, compact=True)
     return before, os.stat(dest).st_size
 
 
-def autogenerate_revision(
-    message: str, *, rev_id: str | None = None, lineage: str | None = None, migrations: Any = None,
-    model: str | None = None,
+def current(path: PathLike) -> dict[str, Any]:
+    """The revision a checkpoint is at, from its envelope alone: ``path``, ``revision`` (None when
+    unstamped or at base), ``lineage``, ``stamped``."""
+    from ckptmigrate import formats
+
+    try:
+        _fmt, env = formats.read_envelope(Path(path))
+    except CkptMigrateError as exc:
+        exc.path = exc.path or os.fspath(path)
+        raise
+    env = env or None
+    return {"path": os.fspath(path), "revision": env.get("revision") if env else None,
+            "lineage": env.get("lineage") if env else None, "stamped": env is not None}
+
+
+def stamp(
+    path: PathLike, *, output: PathLike | None = None, overwrite: bool = False,
+    tags: Mapping[str, str] | None = None, repo: PathLike | None = None, key: str | None = None,
+    lineage: str | None = None, revision: str | None = None, migrations: Any = None,
+    release: str | None = None, sign: Any = None, digest: bool = False, allow_dirty: bool = False,
 ) -> Path:
-    """Write a revision whose ops take head's schema to the current model's, and record its snapshot.
+    """Write the envelope into ``path`` (or ``output``) without changing any tensor; see
+    :func:`ckptmigrate.release.stamping.stamp`.
 
-    With no revision yet, the first one describes the model as it is (no ops). Every guess carries a
-    ``# REVIEW:`` comment in the generated script.
+    ``revision`` (an id or unique prefix) must be a revision of the chain (``migrations``, default
+    pyproject.toml's); its lineage is recorded with it. A file whose schema is exactly another
+    revision's snapshot is refused with the difference: stamping it would send the next upgrade
+    down the wrong path.
     """
-    import uuid
+    out = _check_output(path, output, overwrite)
+    if revision is not None:
+        graph = revision_graph(migrations)
+        rev = graph.get(revision)
+        revision, lineage = rev.id, rev.lineage
+        _refuse_other_revisions_schema(Path(path), revision, key, graph)
+    return stamping.stamp(path, output=out, tags=tags, repo=repo, key=key, lineage=lineage, revision=revision,
+                          release=release, sign=sign, digest=digest, allow_dirty=allow_dirty)
 
-    from ckptmigrate.autogenerate import plan as autogenerate
-    from ckptmigrate.autogenerate import render as migration_source
-    from ckptmigrate.chain import schemas
 
-    directory = script_directory(migrations)
-    graph = directory.load()
-    new = schemas.model_schema(schemas.model_spec(model))
-    down = None
-    steps: list[Any] = []
-    if lineage in graph.heads() or (lineage is None and len(graph)):
-        head = graph.head(lineage)
-        old = head.schema()
-        if old is None:
-            raise BadInput(
-                f"head {head.id} has no schema snapshot ({head.schema_path}); record one with "
-                "ckptmigrate.api.record_schema() from a model or checkpoint of that revision"
-            )
-        down, lineage = head.id, head.lineage
-        steps = autogenerate.generate(old, new)
-    rev_id = rev_id or uuid.uuid4().hex[:12]
-    body = migration_source.render(message, rev_id, down, lineage, steps)
-    path = directory.write_revision(message, rev_id=rev_id, lineage=lineage, graph=graph, body=body)
-    path.with_suffix(".schema.json").write_text(json.dumps(new, indent=1) + "\n")
-    return path
+def _refuse_other_revisions_schema(path: Path, revision: str, key: str | None, graph: RevisionGraph) -> None:
+    from ckptmigrate.autogenerate.plan import diff_schemas
+
+    with Checkpoint.open(path, key=key) as ckpt:
+        schema = ckpt.schema()
+    wanted = graph.get(revision)
+    snapshot = wanted.schema()
+    if snapshot is None or snapshot == schema:
+        return
+    for lin in graph.lineages():
+        for rev in graph.chain(lin):
+            if rev.id != revision and rev.schema() == schema:
+                difference = diff_schemas(snapshot, schema)
+                raise SchemaMismatch(
+                    f"{path}: its schema is revision {rev.id}'s, not {revision}'s ({'; '.join(difference.lines())}); "
+                    f"stamp it at {rev.id}, or upgrade it there", path=path, nearest=rev.id,
+                    missing=sorted(snapshot.keys() - schema.keys()), unexpected=sorted(schema.keys() - snapshot.keys()),
+                    reshaped=sorted(k for k in snapshot.keys() & schema.keys() if snapshot[k] != schema[k]),
+                )
+
+
+def _migrate(direction: str, path: PathLike, *, to: str, output: PathLike | None, overwrite: bool,
+             migrations: Any, **options: Any) -> Outcome:
+    from ckptmigrate.chain.engine import migrate_file
+
+    out = _check_output(path, output, overwrite)
+    return migrate_file(Path(path), revision_graph(migrations), to=to, output=out, direction=direction, **options)
+
+
+def upgrade(
+    path: PathLike, *, to: str = "head", output: PathLike | None = None, overwrite: bool = False,
+    dry_run: bool = False, backup: bool = True, from_rev: str | None = None, lineage: str | None = None,
+    key: str | None = None, trust_pickle: bool = False, migrations: Any = None, **options: Any,
+) -> Outcome:
+    """Upgrade one file to ``to``, in place (keeping ``PATH.bak`` unless ``backup=False``) or into
+    ``output``; ``dry_run`` plans and runs the migrations in memory and writes nothing. Further
+    ``options`` go to :func:`ckptmigrate.chain.engine.migrate_file`. Returns what happened."""
+    return _migrate("upgrade", path, to=to, output=output, overwrite=overwrite, migrations=migrations,
+                    dry_run=dry_run, backup=backup, from_rev=from_rev, lineage=lineage, key=key,
+                    trust_pickle=trust_pickle, **options)
+
+
+def downgrade(
+    path: PathLike, *, to: str, output: PathLike | None = None, overwrite: bool = False,
+    dry_run: bool = False, backup: bool = True, from_rev: str | None = None, lineage: str | None = None,
+    key: str | None = None, trust_pickle: bool = False, migrations: Any = None, **options: Any,
+) -> Outcome:
+    """Walk one file back to ``to`` (a revision, ``-N`` or ``base``); as :func:`upgrade` otherwise."""
+    return _migrate("downgrade", path, to=to, output=output, overwrite=overwrite, migrations=migrations,
+                    dry_run=dry_run, backup=backup, from_rev=from_rev, lineage=lineage, key=key,
+                    trust_pickle=trust_pickle, **options)
+
+
+def keygen(private: PathLike, public: PathLike) -> str:
+    """Write a new Ed25519 key pair for signing (PEM; the private file mode 600; existing files are never
+    overwritten) and return the public key's fingerprint."""
+    from ckptmigrate.release import signing
+
+    return signing.keygen(private, public)
+
+
+def verify(path: PathLike, public_key: Any = None, *, key: str | None = None) -> VerifyResult:
+    """Recompute a stamped file's digests and check its signature (``public_key``: a key or its PEM
+    file, which must then have signed it); ``key`` is the state dict's location, as everywhere."""
+    from ckptmigrate.release import integrity
+
+    return integrity.verify(path, public_key, state_key=key)
+
+
+def verify_manifest(manifest: PathLike, public_key: Any = None, *, jobs: int | None = None
+                    ) -> tuple[dict[str, Any], list[VerifyResult]]:
+    """Check a release manifest: its signature, and every file it lists (present, hashing to the
+    listed digest, signed by the listed key, stamped for the release). Returns (the manifest's
+    verdict: ``release``, ``commit``, ``files``, ``signature``, ``signed_by``, ``problems``, ``ok``;
+    the verdict of each listed file)."""
+    from ckptmigrate.release import signing
+    from ckptmigrate.release.manifest import check_manifest_file, load_manifest, parallel
+
+    path = Path(manifest)
+    key = signing.load_public_key(public_key) if isinstance(public_key, (str, os.PathLike)) else public_key
+    doc = load_manifest(path)
+    sig = signing.check_manifest_signature(doc, key)
+    problems = [sig.problem] if sig.problem and (sig.status != "absent" or key is not None) else []
+    info = {"path": str(path), "release": doc.get("release"), "commit": doc.get("commit"),
+            "files": len(doc["files"]), "signature": sig.status, "signed_by": sig.signed_by,
+            "problems": problems, "ok": not problems}
+    root = path.resolve().parent
+    results = list(parallel(lambda e: check_manifest_file(e, root, doc.get("release"), key), doc["files"], jobs))
+    return info, results
+
+
+def check(*, model: str | None = None, migrations: str | os.PathLike[str] | None = None,
+          lineage: str | None = None) -> Check:
+    """Compare the head revision's schema snapshot with the current model's: ``.ok``, ``.difference``
+    (:func:`ckptmigrate.autogenerate.compare.check`; imported here when used, it is slow to import)."""
+    from ckptmigrate.autogenerate import compare
+
+    return compare.check(model=model, migrations=migrations, lineage=lineage)
+
+
+def diff(a: PathLike, b: PathLike = "model", *, model: str | None = None,
+         migrations: str | os.PathLike[str] | None = None) -> Comparison:
+    """The difference between two schemas, each a checkpoint, a revision id or ``"model"``
+    (:func:`ckptmigrate.autogenerate.compare.diff`)."""
+    from ckptmigrate.autogenerate import compare
+
+    return compare.diff(a, b, model=model, migrations=migrations)

@@ -22,8 +22,10 @@ def public_objects() -> Iterator[tuple[str, Any]]:
     """(qualified name, object) for every documented public name."""
     for name in sorted(ckptmigrate.__all__):
         yield f"ckptmigrate.{name}", getattr(ckptmigrate, name)
-    from ckptmigrate import testing
+    from ckptmigrate import api, testing
 
+    for name in sorted(set(api.__all__) - set(ckptmigrate.__all__)):  # every command as a function
+        yield f"ckptmigrate.api.{name}", getattr(api, name)
     for name in ("check_chain", "record_fixture", "ChainBroken"):
         yield f"ckptmigrate.testing.{name}", getattr(testing, name)
     for cls, prefix in ((Operations, "ckpt"), (ArchitectureOps, "ckpt"), (Checkpoint, "Checkpoint")):
@@ -56,11 +58,13 @@ def render() -> str:
              "Generated from the docstrings (`python scripts/api_reference.py > docs/api.md`).", ""]
     section = None
     for qualname, obj in public_objects():
-        head = "testing" if qualname.startswith("ckptmigrate.testing.") else qualname.split(".")[0]
+        head = ("testing" if qualname.startswith("ckptmigrate.testing.")
+                else "api" if qualname.startswith("ckptmigrate.api.") else qualname.split(".")[0])
         if head != section:
             section = head
             lines += [{"ckptmigrate": "## `ckptmigrate`", "ckpt": "## Ops: what a migration script calls on `ckpt`",
-                       "Checkpoint": "## `Checkpoint`", "testing": "## `ckptmigrate.testing`"}[head], ""]
+                       "Checkpoint": "## `Checkpoint`", "testing": "## `ckptmigrate.testing`",
+                       "api": "## `ckptmigrate.api`: every command as a function"}[head], ""]
         kind = "class " if inspect.isclass(obj) else ""
         lines += [f"### `{kind}{qualname}{_signature(obj)}`", "", docstring(obj), ""]
     return "\n".join(lines).rstrip() + "\n"

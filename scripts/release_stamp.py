@@ -1,7 +1,7 @@
 """Stamp and sign every checkpoint under a directory for a release, and write its manifest.
 
     .venv/bin/python scripts/release_stamp.py ckpts/ --release 1.4.0 --sign release.pem
-    .venv/bin/ckptmigrate verify --manifest ckpts/release-manifest.json --key release.pub
+    .venv/bin/ckptmigrate verify --manifest ckpts/release-manifest.json --public-key release.pub
 
 Each checkpoint gets the release tag and history entry, the git commit, its content digest and an
 Ed25519 signature; the manifest (default ``DIR/release-manifest.json``, itself signed) lists each

@@ -202,7 +202,7 @@ def test_upgrades_started_together_upgrade_the_file_once(
     holder.release()
     outputs = finish(procs)
 
-    assert sum("upgrade 0001 → 0002 → 0003 → 0004 → 0005 → 0006" in o for o in outputs) == 1, outputs
+    assert sum("upgrade 0001 -> 0002 -> 0003 -> 0004 -> 0005 -> 0006" in o for o in outputs) == 1, outputs
     assert sum("already at 0006, left untouched" in o for o in outputs) == 2, outputs
     env = envelope_of(checkpoint)
     assert env["revision"] == "0006"

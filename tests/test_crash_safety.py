@@ -137,6 +137,7 @@ def watch(argv: list[str], cwd: Path, path: Path, *, size: int, full_size: int,
     proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     start = time.monotonic()
     temp: str | None = None
+    temp_inode = -1
     killed = False
     while proc.poll() is None:
         now = time.monotonic() - start
@@ -144,9 +145,14 @@ def watch(argv: list[str], cwd: Path, path: Path, *, size: int, full_size: int,
             phases.locked = now
         names = [n for n in os.listdir(path.parent) if n.startswith(TEMP_PREFIX) and n.endswith(".part")]
         if temp is None:
-            fresh = [n for n in names if n not in before]
-            if fresh:
-                temp, phases.temp = fresh[0], now
+            for name in (n for n in names if n not in before):
+                try:
+                    temp_inode = (path.parent / name).stat().st_ino
+                except FileNotFoundError:  # gone already: a backup's copy-on-write probe, say
+                    before.add(name)
+                    continue
+                temp, phases.temp = name, now
+                break
         elif temp in names:
             try:
                 if phases.temp_full is None and (path.parent / temp).stat().st_size >= full_size:
@@ -154,7 +160,18 @@ def watch(argv: list[str], cwd: Path, path: Path, *, size: int, full_size: int,
             except FileNotFoundError:
                 pass
         elif phases.renamed is None:
-            phases.renamed = now
+            # the temporary file went away: the write's if it now *is* the path (a rename keeps the
+            # inode); otherwise it was another temporary file (the backup's copy-on-write probe, gone
+            # or renamed to PATH.bak), and the real one is still to come
+            try:
+                renamed = path.stat().st_ino == temp_inode
+            except FileNotFoundError:
+                renamed = False
+            if renamed:
+                phases.renamed = now
+            else:
+                before.add(temp)
+                temp, phases.temp, phases.temp_full = None, None, None
         try:
             if phases.grown is None and path.stat().st_size != size:
                 phases.grown = now
@@ -413,3 +430,25 @@ def test_sigkill_leaves_the_original_or_the_result(pristine: Pristine, command: 
     )
     print(pristine.summary[-1])
     assert outcomes["original"] >= 1 and outcomes["result"] >= 1, outcomes
+
+
+def test_the_watcher_follows_the_write_not_the_backups_copy_on_write_probe(tmp_path: Path) -> None:
+    """An in-place write first tries a copy-on-write clone for its backup through a temporary file of
+    its own (empty and removed again on ext4); the watcher must not take it for the write's."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"old")
+    writer = (
+        "import os, sys, time\n"
+        "d, prefix = sys.argv[1], sys.argv[2]\n"
+        "probe = os.path.join(d, prefix + 'model.pt.00000000.part')\n"
+        "open(probe, 'wb').close(); time.sleep(0.3); os.unlink(probe)\n"
+        "real = os.path.join(d, prefix + 'model.pt.11111111.part')\n"
+        "with open(real, 'wb') as fh: fh.write(b'new' * 1000)\n"
+        "time.sleep(0.3); os.replace(real, os.path.join(d, 'model.pt')); time.sleep(0.3)\n"
+    )
+    phases, killed, proc = watch([sys.executable, "-c", writer, str(tmp_path), TEMP_PREFIX], tmp_path, path,
+                                 size=3, full_size=3000)
+    assert proc.returncode == 0 and not killed
+    assert phases.temp is not None and phases.temp_full is not None and phases.renamed is not None
+    assert phases.temp <= phases.temp_full <= phases.renamed
+    assert path.read_bytes() == b"new" * 1000

@@ -63,7 +63,7 @@ def test_the_converted_weights_give_transformers_logits_in_metas_model(cli: Cli)
     proc = cli("test", "--migrations", EXAMPLE / "migrations", "--model", MODEL, cwd=TESTS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok   fixture 0001 upgrade to head (0002)" in proc.stdout
-    assert "ok   fixture 0001 to head and back (0002 → back to 0001): tensors identical" in proc.stdout
+    assert "ok   fixture 0001 to head and back (0002 -> back to 0001): tensors identical" in proc.stdout
 
 
 @pytest.mark.parametrize(("old", "new"), [

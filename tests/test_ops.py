@@ -468,8 +468,12 @@ def test_a_pattern_that_matches_nothing_names_the_closest_keys(tmp_path: Path, n
     with pytest.raises(OpError) as err:
         run.forward(op)
     message = str(err.value)
-    expected_op = "rename_prefix" if name == "unwrap" else name
+    expected_op = name
     assert message.startswith(f"{expected_op}: ") and "matches no key" in message
+    if name == "rename_regex":  # the error says which semantics apply: re.sub searches, selections fullmatch
+        assert "as re.sub does; anchor it with ^" in message
+    elif name in ("drop", "cast", "split", "merge", "reshape", "transpose", "permute", "pad", "truncate", "map"):
+        assert "must match the whole key" in message
     assert err.value.op == expected_op
     if closest:
         assert "closest keys:" in message and closest in message.split("closest keys:")[1]

@@ -181,17 +181,17 @@ def test_one_flipped_bit_in_a_torch_zip_tensor_record_is_caught_and_named(
             flip_bit(path, offset + where, bit)
             result = verify(path, keys["a_pub"])
             assert not result.ok and result.changed == [key], (key, where, result.problems)
-    proc = cli("verify", path, "--key", keys["a_pub"])
+    proc = cli("verify", path, "--public-key", keys["a_pub"])
     assert proc.returncode == 1 and "temperature" in proc.stderr and "FAILED" in proc.stderr
     path.write_bytes(pristine)
-    assert cli("verify", path, "--key", keys["a_pub"]).returncode == 0
+    assert cli("verify", path, "--public-key", keys["a_pub"]).returncode == 0
 
 
 def test_one_flipped_byte_in_a_safetensors_tensor_is_caught(tmp_path: Path, keys: dict[str, Path], cli: Cli) -> None:
     path = signed_safetensors(tmp_path, keys)
     offset, nbytes = tensor_offset(path, "head.bias")
     flip_bit(path, offset + nbytes - 1, 5)
-    proc = cli("verify", path, "--key", keys["a_pub"], "--json")
+    proc = cli("verify", path, "--public-key", keys["a_pub"], "--json")
     assert proc.returncode == 1
     report = json.loads(proc.stdout)
     assert report["files"][0]["changed"] == ["head.bias"] and not report["ok"]
@@ -203,7 +203,7 @@ def test_an_edited_metadata_field_is_caught_by_the_signature(tmp_path: Path, key
     env["tags"]["run"] = "43"
     rewrite_zip_envelope(path, env)
     assert envelope_of(path)["tags"]["run"] == "43"
-    for args in (["--key", keys["a_pub"]], []):  # also without a pinned key: the recorded key checks it
+    for args in (["--public-key", keys["a_pub"]], []):  # also without a pinned key: the recorded key checks it
         proc = cli("verify", path, *args)
         assert proc.returncode == 1 and "metadata or the recorded digest changed" in proc.stderr
 
@@ -254,7 +254,7 @@ def test_another_keys_signature_is_rejected(tmp_path: Path, keys: dict[str, Path
     path = tmp_path / "m.pt"
     torch.save(state_dict(), path)
     assert cli("stamp", path, "--sign", keys["b"]).returncode == 0
-    proc = cli("verify", path, "--key", keys["a_pub"])
+    proc = cli("verify", path, "--public-key", keys["a_pub"])
     assert proc.returncode == 1 and "signed by another key" in proc.stderr
     # re-signed by someone else after a change: valid on its own, rejected against our key
     assert verify(path).ok and verify(path, keys["b_pub"]).ok
@@ -265,7 +265,7 @@ def test_a_removed_signature_fails_when_a_key_is_required(tmp_path: Path, keys: 
     env = envelope_of(path)
     env["signature"] = None
     rewrite_zip_envelope(path, env)
-    proc = cli("verify", path, "--key", keys["a_pub"])
+    proc = cli("verify", path, "--public-key", keys["a_pub"])
     assert proc.returncode == 1 and "unsigned; a signature is required" in proc.stderr
     assert cli("verify", path).returncode == 0  # without a key the digest alone is checked
 
@@ -278,8 +278,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, keys: dict[str, Path], 
     (tmp_path / "empty").mkdir()
     cases = [
         ("verify", tmp_path / "empty"),                               # a directory without checkpoints
-        ("verify", path, "--key", keys["a"]),                       # a private key where a public one goes
-        ("verify", path, "--key", tmp_path / "nope.pub"),
+        ("verify", path, "--public-key", keys["a"]),                       # a private key where a public one goes
+        ("verify", path, "--public-key", tmp_path / "nope.pub"),
         ("verify", tmp_path / "missing.pt"),
         ("verify", "--manifest", tmp_path / "nope.json"),
         ("keygen", keys["a"], tmp_path / "x.pub"),                  # never overwrites a key
@@ -301,12 +301,12 @@ def test_a_batch_goes_on_past_bad_files_and_exit_code_reflects_them(
     good = [signed_zip(ckpts, keys, name=f"g{i}.pt") for i in range(3)]
     (ckpts / "garbage.pt").write_bytes(b"not a checkpoint at all")
     torch.save(state_dict(), ckpts / "unstamped.pt")
-    proc = cli("verify", ckpts, "--key", keys["a_pub"], "-j", "2")
+    proc = cli("verify", ckpts, "--public-key", keys["a_pub"], "-j", "2")
     assert proc.returncode == 1
     assert "5 files: 3 ok, 2 failed" in proc.stdout
     assert "garbage.pt: FAILED" in proc.stderr and "unstamped.pt: FAILED: unstamped" in proc.stderr
     assert all(f"{g}: OK" in proc.stdout for g in good)
-    assert cli("verify", str(ckpts / "g[0-9].pt"), "--key", keys["a_pub"]).returncode == 0
+    assert cli("verify", str(ckpts / "g[0-9].pt"), "--public-key", keys["a_pub"]).returncode == 0
 
 
 def test_a_batch_stamp_in_parallel_signs_the_good_files_and_names_the_bad(
@@ -323,7 +323,7 @@ def test_a_batch_stamp_in_parallel_signs_the_good_files_and_names_the_bad(
     assert "5 files: 4 stamped, 1 failed" in proc.stdout
     assert [line.split(": FAILED")[0] for line in proc.stderr.splitlines()] == [str(ckpts / "garbage.pt")]
     assert proc.stdout.splitlines()[:4] == [f"stamped {p}" for p in good]  # in input order, whatever finished first
-    verified = cli("verify", *good, "--key", keys["a_pub"])
+    verified = cli("verify", *good, "--public-key", keys["a_pub"])
     assert verified.returncode == 0, verified.stdout + verified.stderr
     for i, path in enumerate(good):
         assert torch.equal(torch.load(path)["w"], torch.full((64,), float(i)))
@@ -362,10 +362,10 @@ def test_a_release_is_stamped_signed_listed_and_verified(git_repo: Path, keys: d
         assert entry["arch_hash"] == env["arch_hash"]
         assert entry["signed_by"] == env["signature"]["public_key_fingerprint"]
 
-    ok = cli("verify", "--manifest", manifest_path, "--key", keys["a_pub"])
+    ok = cli("verify", "--manifest", manifest_path, "--public-key", keys["a_pub"])
     assert ok.returncode == 0, ok.stderr
     assert "3 files: 3 ok, 0 failed" in ok.stdout
-    assert cli("verify", "--manifest", manifest_path, "--key", keys["b_pub"]).returncode == 1
+    assert cli("verify", "--manifest", manifest_path, "--public-key", keys["b_pub"]).returncode == 1
 
     # a stripped signature fails even without --key: the signed manifest says who signed
     env = envelope_of(ckpts / "model.pt")
@@ -378,7 +378,7 @@ def test_a_release_is_stamped_signed_listed_and_verified(git_repo: Path, keys: d
     offset, _ = tensor_offset(ckpts / "model.safetensors", "head.weight")
     flip_bit(ckpts / "model.safetensors", offset)
     (ckpts / "sub" / "trainer.ckpt").unlink()
-    bad = cli("verify", "--manifest", manifest_path, "--key", keys["a_pub"], "--json")
+    bad = cli("verify", "--manifest", manifest_path, "--public-key", keys["a_pub"], "--json")
     assert bad.returncode == 1
     report = json.loads(bad.stdout)
     failed = {Path(f["path"]).name: f["problems"] for f in report["files"] if not f["ok"]}
@@ -386,7 +386,7 @@ def test_a_release_is_stamped_signed_listed_and_verified(git_repo: Path, keys: d
     assert "missing" in failed["trainer.ckpt"][0] and "head.weight" in failed["model.safetensors"][0]
     manifest["files"] = [e for e in manifest["files"] if e["file"] != "sub/trainer.ckpt"]
     manifest_path.write_text(json.dumps(manifest))
-    edited = cli("verify", "--manifest", manifest_path, "--key", keys["a_pub"])
+    edited = cli("verify", "--manifest", manifest_path, "--public-key", keys["a_pub"])
     assert edited.returncode == 1 and "manifest" in edited.stderr and "does not match" in edited.stderr
 
 
@@ -424,7 +424,7 @@ def test_upgrading_a_signed_checkpoint_leaves_it_unsigned_with_the_old_signature
     torch.save(model_at(1).state_dict(), path)
     cli("stamp", path, "--revision", "0001", "--migrations", MIGRATIONS, "--sign", keys["a"], check=True)
     signed = envelope_of(path)
-    assert cli("verify", path, "--key", keys["a_pub"]).returncode == 0
+    assert cli("verify", path, "--public-key", keys["a_pub"]).returncode == 0
 
     cli("upgrade", path, "--migrations", MIGRATIONS, check=True)
     env = envelope_of(path)
@@ -432,10 +432,10 @@ def test_upgrading_a_signed_checkpoint_leaves_it_unsigned_with_the_old_signature
     first_step = next(h for h in env["history"] if h.get("action") == "upgrade")
     assert first_step["superseded"]["signature"] == signed["signature"]
     assert first_step["superseded"]["digest"] == signed["digest"]["overall"]
-    proc = cli("verify", path, "--key", keys["a_pub"])
+    proc = cli("verify", path, "--public-key", keys["a_pub"])
     assert proc.returncode == 1 and "no digest recorded" in proc.stderr and "unsigned" in proc.stderr
 
     cli("stamp", path, "--sign", keys["a"], check=True)
-    assert cli("verify", path, "--key", keys["a_pub"]).returncode == 0
+    assert cli("verify", path, "--public-key", keys["a_pub"]).returncode == 0
     backup = path.with_name(path.name + ".bak")
-    assert cli("verify", backup, "--key", keys["a_pub"]).returncode == 0  # the original is untouched
+    assert cli("verify", backup, "--public-key", keys["a_pub"]).returncode == 0  # the original is untouched

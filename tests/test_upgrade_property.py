@@ -116,7 +116,7 @@ class Chain:
         if not self.rename_all(lambda x: new + x[len(prefix):] if x.startswith(prefix) else x):
             return None
         if self.draw(st.booleans()):
-            return f"ckpt.rename_regex({re.escape(prefix) + '(.+)'!r}, {new + chr(92) + '1'!r})"
+            return f"ckpt.rename_regex({'^' + re.escape(prefix)!r}, {new!r})"
         return f"ckpt.rename_prefix({prefix!r}, {new!r})"
 
     def unwrap(self) -> str | None:

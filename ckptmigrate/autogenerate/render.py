@@ -5,6 +5,7 @@ them (:func:`render`), and the literals inside (raw strings for regexes, tensor 
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,12 +30,19 @@ class Step:
     loop: tuple[int, ...] | None = None
 
     @property
+    def script_args(self) -> tuple[Any, ...]:
+        """The arguments as the script passes them: a ``rename_regex`` anchored for ``re.sub``."""
+        if self.op != "rename_regex":
+            return self.args
+        return anchored(*self.args)
+
+    @property
     def needs_torch(self) -> bool:
         return any(isinstance(a, Code) and "torch." in a for a in self.args)
 
     def render(self) -> str:
         """The call on one line, with its ``# REVIEW:`` note inline."""
-        line = _wrap_call(f"ckpt.{self.op}", self.args, self.kwargs, 10**6)[0]
+        line = _wrap_call(f"ckpt.{self.op}", self.script_args, self.kwargs, 10**6)[0]
         if self.loop is not None:
             line = f"for i in {_loop_range(self.loop)}: {line}"
         return line + (f"  # REVIEW: {self.review}" if self.review else "")
@@ -44,8 +52,8 @@ class Step:
         out = textwrap.wrap(self.review, width, initial_indent="# REVIEW: ", subsequent_indent="#         ",
                             break_long_words=False, break_on_hyphens=False) if self.review else []
         if self.loop is None:
-            return out + _wrap_call(f"ckpt.{self.op}", self.args, self.kwargs, width)
-        call = _wrap_call(f"ckpt.{self.op}", self.args, self.kwargs, width - 4)
+            return out + _wrap_call(f"ckpt.{self.op}", self.script_args, self.kwargs, width)
+        call = _wrap_call(f"ckpt.{self.op}", self.script_args, self.kwargs, width - 4)
         return [*out, f"for i in {_loop_range(self.loop)}:", *("    " + line for line in call)]
 
 
@@ -65,6 +73,17 @@ def render(message: str, revision: str, down_revision: str | None, lineage: str 
         out += ["", "", "# upgrade() drops tensors, which ckptmigrate cannot bring back by itself: define",
                 "# downgrade(ckpt) to walk back past this revision (the other ops are undone from what they recorded)."]
     return "\n".join(out) + "\n"
+
+
+def anchored(pattern: str, repl: str) -> tuple[str, str]:
+    """A whole-key rename (``blocks\\.(\\d+)\\.mlp\\.(.+)`` -> ``blocks.\\1.ffn.\\2``) as ``rename_regex``
+    applies it, ``re.sub`` on the searched pattern: a tail carried verbatim becomes a ``^``-anchored
+    prefix (``^blocks\\.(\\d+)\\.mlp\\.`` -> ``blocks.\\1.ffn.``), anything else is anchored at both ends."""
+    groups = re.compile(pattern).groups
+    for tail in (f"\\{groups}", f"\\g<{groups}>"):
+        if groups and pattern.endswith(r"\.(.+)") and repl.endswith(tail) and repl.count(tail) == 1:
+            return "^" + pattern.removesuffix("(.+)"), repl.removesuffix(tail)
+    return "^" + pattern + "$", repl
 
 
 def tensor_code(value: Any, shape: tuple[int, ...], dt: str) -> str | None:

@@ -41,7 +41,7 @@ def load(start: Path | None = None) -> Config:
     try:
         data: dict[str, Any] = tomllib.loads(pyproject.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{pyproject}: not valid TOML ({exc})") from None
+        raise BadInput(f"{pyproject}: not valid TOML ({exc})") from exc
     section = data.get("tool", {}).get("ckptmigrate", {})
     return Config(pyproject.parent, section.get("migrations"), section.get("model"),
                   section.get("fixture_model"), section.get("example_inputs"))

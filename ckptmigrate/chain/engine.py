@@ -9,8 +9,7 @@ walked back without a hand-written ``downgrade``.
 from __future__ import annotations
 
 import contextlib
-import glob
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,13 @@ from typing import Any
 from ckptmigrate.chain.revisions import Revision, RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope, now_utc
 from ckptmigrate.checkpoint.lazy import Checkpoint
-from ckptmigrate.errors import BadInput, MigrationError
+from ckptmigrate.errors import BadInput, MigrationError, SchemaMismatch
 from ckptmigrate.ops.operations import OpError
 from ckptmigrate.ops.optimizer import OptimizerAlignmentError
 from ckptmigrate.storage.atomic import keep_copy
 from ckptmigrate.storage.locking import file_lock
-
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
+from ckptmigrate.util.paths import CHECKPOINT_SUFFIXES as CHECKPOINT_SUFFIXES
+from ckptmigrate.util.paths import expand_paths as expand_paths
 
 
 @dataclass
@@ -39,7 +38,7 @@ class Plan:
     def describe(self) -> str:
         if not self.steps:
             return f"already at {self.target or 'base'}"
-        arrow = " → ".join([self.start or "base", *[
+        arrow = " -> ".join([self.start or "base", *[
             (s.id if self.direction == "upgrade" else (s.down or "base")) for s in self.steps
         ]])
         return f"{self.direction} {arrow}"
@@ -72,7 +71,7 @@ class Outcome:
 def fingerprint(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | None) -> tuple[str | None, str]:
     """The revision whose recorded schema equals the checkpoint's; else an error naming the nearest."""
     schema = ckpt.schema()
-    best: tuple[int, Revision | None, str] = (10**9, None, "")
+    best: tuple[int, Revision | None, str, list[str], list[str], list[str]] = (10**9, None, "", [], [], [])
     lineages = [lineage] if lineage is not None or None in graph.heads() else graph.lineages()
     for lin in lineages:
         for rev in graph.chain(lin):
@@ -93,16 +92,18 @@ def fingerprint(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | None) -> 
                     detail.append(f"unexpected {sorted(extra)[:3]}")
                 if reshaped:
                     detail.append(f"different shape/dtype {sorted(reshaped)[:3]}")
-                best = (score, rev, "; ".join(detail))
+                best = (score, rev, "; ".join(detail), sorted(missing), sorted(extra), sorted(reshaped))
     if best[1] is None:
-        raise BadInput(
-            f"{ckpt.path}: unstamped, and no revision has a recorded schema to match it against; "
-            "pass --from REV"
+        error = SchemaMismatch(
+            f"{ckpt.path}: unstamped, and no revision has a recorded schema to match it against", path=ckpt.path
         )
-    raise BadInput(
-        f"{ckpt.path}: unstamped, and its schema matches no revision; nearest is {best[1].id} "
-        f"({best[2]}); pass --from REV if you know where it starts"
-    )
+    else:
+        error = SchemaMismatch(
+            f"{ckpt.path}: unstamped, and its schema matches no revision; nearest is {best[1].id} ({best[2]})",
+            path=ckpt.path, nearest=best[1].id, missing=best[3], unexpected=best[4], reshaped=best[5],
+        )
+    error.cli_hint = "pass --from REV if you know where it starts"
+    raise error
 
 
 def _downgraded_to_base(env: Envelope) -> bool:
@@ -141,19 +142,21 @@ def plan_for(
 
 def _run(ckpt: Checkpoint, rev: Revision, fn: Any, action: str) -> None:
     ckpt.journal, ckpt.irreversible, ckpt.touched = [], [], []
+    where = f"{ckpt.path}: revision {rev.id} ({rev.path})"
+    facts: dict[str, Any] = {"path": ckpt.path, "revision": rev.id, "script": rev.path, "action": action}
     try:
         fn(ckpt)
     except OpError as exc:
         raise MigrationError(
-            f"{ckpt.path}: revision {rev.id} ({rev.path}) {action} failed in {exc.op}"
-            + (f" on {exc.key!r}" if exc.key else "") + f": {exc}"
-        ) from None
-    except OptimizerAlignmentError as exc:
-        raise MigrationError(f"{ckpt.path}: revision {rev.id} ({rev.path}): {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - the user's script can raise anything
-        raise MigrationError(
-            f"{ckpt.path}: revision {rev.id} ({rev.path}) {action} raised {type(exc).__name__}: {exc}"
+            f"{where} {action} failed in {exc.op}" + (f" on {exc.key!r}" if exc.key else "") + f": {exc}",
+            op=exc.op, key=exc.key, **facts,
         ) from exc
+    except OptimizerAlignmentError as exc:
+        raise MigrationError(f"{where}: {exc}", **facts) from exc
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's script can raise anything, exit included
+        what = (f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit)
+                else f"raised {type(exc).__name__}: {exc}")
+        raise MigrationError(f"{where} {action} {what}", **facts) from exc
 
 
 def _recorded_inverse(ckpt: Checkpoint, rev: Revision) -> list[Any] | None:
@@ -187,11 +190,13 @@ def _reorder(ckpt: Checkpoint, order: list[str]) -> None:
         entries[k] = v
 
 
-def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
+          trace: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Run the plan on the lazy checkpoint; return the history entries (nothing is written).
 
     ``order`` is the model's state-dict key order (default: the target revision's schema snapshot);
     the result is put in that order, which is also the order optimizer state is renumbered in.
+    ``trace`` receives, per revision, each op and the keys it touched (what ``--dry-run`` shows).
     """
     entries: list[dict[str, Any]] = []
     current = plan.start
@@ -208,10 +213,13 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None) -
                 _run(ckpt, rev, rev.downgrade, "downgrade")
             else:
                 inverse = _recorded_inverse(ckpt, rev)
+                if inverse is None and _does_nothing(rev.upgrade):
+                    inverse = []  # a baseline (or any revision) whose upgrade() is empty has nothing to undo
                 if inverse is None:
                     raise MigrationError(
                         f"{ckpt.path}: revision {rev.id} ({rev.path}) has no downgrade() and the "
-                        "checkpoint's history holds no invertible record of its upgrade; write a downgrade()"
+                        "checkpoint's history holds no invertible record of its upgrade; write a downgrade()",
+                        path=ckpt.path, revision=rev.id, script=rev.path, action="downgrade",
                     )
                 _run(ckpt, rev, lambda c, inv=inverse: c.apply_inverse(inv), "downgrade")
             entry = {"action": "downgrade", "revision": rev.id, "to": rev.down, "at": now_utc(),
@@ -219,6 +227,9 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None) -
                      "ops": [{"op": op, "keys": len(keys)} for op, keys in ckpt.touched]}
             current = rev.down
         entries.append(entry)
+        if trace is not None:
+            trace.append({"revision": rev.id, "ops": [{"op": op, "keys": len(keys), "touched": list(keys)}
+                                                      for op, keys in ckpt.touched]})
         ckpt.applied.append(rev.id)
     final_order = _target_order(plan, order)
     if final_order is not None:
@@ -226,8 +237,25 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None) -
     try:
         ckpt.optimizers.finalize(list(ckpt.state_dict.entries))
     except OptimizerAlignmentError as exc:
-        raise MigrationError(f"{ckpt.path}: {exc}") from None
+        raise MigrationError(f"{ckpt.path}: {exc}", path=ckpt.path) from exc
     return entries
+
+
+def _does_nothing(fn: Any) -> bool:
+    """True when ``fn``'s body is only a docstring, ``pass`` or ``...`` (a baseline's upgrade)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    func = tree.body[0] if tree.body else None
+    if not isinstance(func, ast.FunctionDef):
+        return False
+    return all(isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))
+               for stmt in func.body)
 
 
 def new_envelope(
@@ -296,8 +324,7 @@ def migrate_file(
                 ckpt.write(output, ckpt.envelope, fmt=_output_format(ckpt, output))
                 outcome.written = True
             return outcome
-        history = apply(ckpt, plan)
-        outcome.ops = [{"revision": h["revision"], "ops": h["ops"]} for h in history]
+        history = apply(ckpt, plan, trace=outcome.ops)
         if dry_run:
             return outcome
         env = new_envelope(ckpt, plan, history)
@@ -323,22 +350,3 @@ def _output_format(ckpt: Checkpoint, dest: Path) -> str:
     if ckpt.format == "safetensors" and dest.suffix in ("", ".safetensors"):
         return "safetensors"
     return "torch-zip"
-
-
-def expand_paths(specs: Iterable[str | Path]) -> Iterator[Path]:
-    """Files, directories (searched recursively for checkpoint suffixes) and glob patterns."""
-    for spec in specs:
-        text = str(spec)
-        path = Path(text)
-        if path.is_dir():
-            yield from sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES and ".bak" not in p.name
-            )
-        elif any(ch in text for ch in "*?[") and not path.exists():
-            matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
-            if not matches:
-                raise BadInput(f"{text}: the pattern matches no file")
-            yield from matches
-        else:
-            yield path

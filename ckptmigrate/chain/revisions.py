@@ -52,7 +52,7 @@ class Revision:
         try:
             return json.loads(self.schema_path.read_text())
         except ValueError as exc:
-            raise RevisionError(f"{self.schema_path}: not valid JSON ({exc})") from None
+            raise RevisionError(f"{self.schema_path}: not valid JSON ({exc})") from exc
 
     def __str__(self) -> str:
         return f"{self.id} ({self.path.name})"
@@ -62,14 +62,15 @@ def _import_script(path: Path) -> ModuleType:
     name = "ckptmigrate_revision_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise RevisionError(f"{path}: cannot be imported as a migration script")
+        raise RevisionError(f"{path}: cannot be imported as a migration script", script=path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
-        raise RevisionError(f"{path}:{exc.lineno}: syntax error in migration script: {exc.msg}") from None
+        raise RevisionError(f"{path}:{exc.lineno}: syntax error in migration script: {exc.msg}", script=path) from exc
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - any import-time failure is the script's
-        raise RevisionError(f"{path}: importing the migration script raised {type(exc).__name__}: {exc}") from None
+        raise RevisionError(f"{path}: importing the migration script raised {type(exc).__name__}: {exc}",
+                            script=path) from exc
     return module
 
 
@@ -77,15 +78,15 @@ def _revision_from(path: Path) -> Revision:
     module = _import_script(path)
     rev = getattr(module, "revision", None)
     if not isinstance(rev, str) or not rev:
-        raise RevisionError(f"{path}: a migration script needs `revision = \"<id>\"`")
+        raise RevisionError(f"{path}: a migration script needs `revision = \"<id>\"`", script=path)
     if not hasattr(module, "down_revision"):
-        raise RevisionError(f"{path}: a migration script needs `down_revision` (None for the first)")
+        raise RevisionError(f"{path}: a migration script needs `down_revision` (None for the first)", script=path)
     down = module.down_revision
     if down is not None and not isinstance(down, str):
-        raise RevisionError(f"{path}: down_revision must be a string or None")
+        raise RevisionError(f"{path}: down_revision must be a string or None", script=path)
     upgrade = getattr(module, "upgrade", None)
     if not callable(upgrade):
-        raise RevisionError(f"{path}: a migration script needs an `upgrade(ckpt)` function")
+        raise RevisionError(f"{path}: a migration script needs an `upgrade(ckpt)` function", script=path)
     downgrade = getattr(module, "downgrade", None)
     message = next(iter((module.__doc__ or "").strip().splitlines()), "")
     lineage = getattr(module, "lineage", None)
@@ -118,7 +119,7 @@ class RevisionGraph:
                 if rev.id in seen:
                     loop = seen[seen.index(rev.id):] + [rev.id]
                     files = ", ".join(self.revisions[r].path.name for r in loop[:-1])
-                    raise RevisionError(f"revisions form a cycle: {' → '.join(loop)} (files: {files})")
+                    raise RevisionError(f"revisions form a cycle: {' -> '.join(loop)} (files: {files})")
                 seen.append(rev.id)
                 rev = self.revisions[rev.down] if rev.down is not None else None
 
@@ -143,7 +144,7 @@ class RevisionGraph:
                 label = f"lineage {lineage!r}" if lineage else "the default lineage"
                 raise RevisionError(
                     f"{label} has {len(heads)} heads: {files}; give each chain its own lineage "
-                    "or point one down_revision at the other's head"
+                    "or point one down_revision at the other's head", heads=[h.id for h in heads],
                 )
         self._heads = {lineage: heads[0] for lineage, heads in heads_by_lineage.items()}
 
@@ -161,9 +162,11 @@ class RevisionGraph:
         if len(found) == 1:
             return found[0]
         if found:
-            raise RevisionError(f"revision prefix {rev_id!r} is ambiguous: {', '.join(r.id for r in found)}")
+            raise RevisionError(f"revision prefix {rev_id!r} is ambiguous: {', '.join(r.id for r in found)}",
+                                revision=rev_id, candidates=[r.id for r in found])
         known = ", ".join(sorted(self.revisions)[:10])
-        raise RevisionError(f"unknown revision {rev_id!r} (known: {known or 'none'})")
+        raise RevisionError(f"unknown revision {rev_id!r} (known: {known or 'none'})", revision=rev_id,
+                            candidates=sorted(self.revisions))
 
     def head(self, lineage: str | None = None) -> Revision:
         if lineage is None and None not in self._heads and len(self._heads) == 1:
@@ -171,7 +174,10 @@ class RevisionGraph:
         if lineage not in self._heads:
             names = ", ".join(repr(k) for k in self._heads) or "none"
             what = f"lineage {lineage!r}" if lineage else "default lineage"
-            raise RevisionError(f"there is no {what} (lineages: {names}); pass --lineage")
+            error = RevisionError(f"there is no {what} (lineages: {names})",
+                                  heads=[h.id for h in self._heads.values()])
+            error.cli_hint = "pass --lineage NAME"
+            raise error
         return self._heads[lineage]
 
     def chain(self, lineage: str | None) -> list[Revision]:
@@ -251,7 +257,9 @@ class ScriptDirectory:
 
     def load(self) -> RevisionGraph:
         if not self.versions.is_dir():
-            raise RevisionError(f"{self.root}: no migrations directory (run `ckptmigrate init`)")
+            error = RevisionError(f"{self.root}: no migrations directory")
+            error.cli_hint = "create one with `ckptmigrate init`"
+            raise error
         scripts = sorted(p for p in self.versions.glob("*.py") if not p.name.startswith("_"))
         return RevisionGraph([_revision_from(p) for p in scripts])
 

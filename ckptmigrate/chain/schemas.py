@@ -27,7 +27,7 @@ def import_object(spec: str, what: str = "model") -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise BadInput(f"{what} {spec!r}: cannot import {module_name} ({exc})") from None
+        raise BadInput(f"{what} {spec!r}: cannot import {module_name} ({exc})") from exc
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
@@ -43,8 +43,11 @@ def build_model(spec: str, *, device: str = "meta") -> Any:
     factory = import_object(spec)
     if not callable(factory):
         raise BadInput(f"model {spec!r}: {spec.partition(':')[2]} is not callable")
-    with torch.device(device):
-        model = factory()
+    try:
+        with torch.device(device):
+            model = factory()
+    except Exception as exc:  # noqa: BLE001 - the project's own code can raise anything
+        raise BadInput(f"model {spec!r}: the factory raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, torch.nn.Module):
         raise BadInput(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
@@ -53,7 +56,9 @@ def build_model(spec: str, *, device: str = "meta") -> Any:
 def model_spec(explicit: str | None) -> str:
     spec = explicit or config.load().model
     if not spec:
-        raise BadInput("no model configured: pass --model pkg.module:factory or set [tool.ckptmigrate] model")
+        error = BadInput("no model configured: name one as pkg.module:factory, or set [tool.ckptmigrate] model")
+        error.cli_hint = "pass --model pkg.module:factory"
+        raise error
     return spec
 
 

@@ -117,5 +117,5 @@ def locate(payload: Any, key: str | None = None) -> Layout:
         raise LayoutError(f"no state dict found among the top-level keys [{top}]; name one with --key")
     if _module_state(payload) is not None:
         return Layout("module")
-    name = global_name(payload) or type(payload).__name__
+    name = "tensor" if is_entry(payload) else global_name(payload) or type(payload).__name__
     raise LayoutError(f"the payload is a {name}, not a state dict or a checkpoint dict")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ from ckptmigrate import formats
 from ckptmigrate.checkpoint import model_config
 from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, schema_of
 from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate
-from ckptmigrate.errors import BadInput
+from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
 from ckptmigrate.formats import torchzip
 from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.storage.atomic import atomic_write
@@ -52,7 +52,7 @@ class Checkpoint(ArchitectureOps):
             try:
                 self.envelope = Envelope.from_dict(container.envelope, origin=str(self.path))
             except (TypeError, ValueError) as exc:
-                raise BadInput(str(exc) if str(self.path) in str(exc) else f"{self.path}: {exc}") from None
+                raise BadInput(str(exc) if str(self.path) in str(exc) else f"{self.path}: {exc}") from exc
         self.applied: list[str] = []
         self.head_revision: str | None = None
         self.map_location: Any = None
@@ -63,12 +63,16 @@ class Checkpoint(ArchitectureOps):
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, key: str | None = None) -> Checkpoint:
         """Open a checkpoint file lazily (no tensor bytes read); ``key`` names where the state dict is."""
-        container = formats.read(path)
+        try:
+            container = formats.read(path)
+        except CkptMigrateError as exc:
+            exc.path = exc.path or os.fspath(path)  # the file is the fact a caller acts on
+            raise
         try:
             layout = locate(container.payload, key)
         except LayoutError as exc:
             container.close()
-            raise BadInput(f"{container.path}: {exc}") from None
+            raise BadInput(f"{container.path}: {exc}", path=container.path) from exc
         return cls(container, layout)
 
     @classmethod
@@ -78,25 +82,41 @@ class Checkpoint(ArchitectureOps):
         try:
             layout = locate(payload, key)
         except LayoutError as exc:
-            raise BadInput(f"{name}: {exc}") from None
+            raise BadInput(f"{name}: {exc}") from exc
         return cls(container, layout)
 
     def close(self) -> None:
         """Release the file (its memory maps stay valid while tensors from it are alive)."""
         self.container.close()
 
-    def trust_pickle(self) -> None:
+    def trust_pickle(self) -> str | None:
         """Run the file's pickle code (``torch.load(weights_only=False)``) so the extras, and the
         state dict's non-tensor entries, are real objects instead of inert stand-ins — for files the
-        user trusts; the tensors stay lazy references."""
-        if self.format not in ("torch-zip", "torch-legacy") or self.layout.kind == "module":
-            return
+        user trusts; the tensors stay lazy references.
+
+        Where that would change nothing, no code runs and the reason is returned (and warned about,
+        :class:`~ckptmigrate.errors.CkptMigrateWarning`): a caller who asked for it should know.
+        """
+        import warnings
+
+        reason = None
+        if self.format not in ("torch-zip", "torch-legacy"):
+            reason = f"a {self.format} file holds no pickle"
+        elif self.layout.kind == "module":
+            reason = "a whole pickled module is taken apart without running its code, trusted or not"
+        elif not _has_stand_ins([self.extras, list(self.state_dict.entries.values())]):
+            reason = "its pickle holds only tensors and plain data, which are read as they are"
+        if reason is not None:
+            note = f"{self.path}: trust_pickle has nothing to do: {reason}"
+            warnings.warn(note, CkptMigrateWarning, stacklevel=2)
+            return note
         import torch
 
         try:
             real = torch.load(self.path, map_location="cpu", weights_only=False, mmap=self.format == "torch-zip")
         except Exception as exc:  # noqa: BLE001 - whatever the file's own code raises
-            raise BadInput(f"{self.path}: running its pickle code failed: {type(exc).__name__}: {exc}") from None
+            raise BadInput(f"{self.path}: running its pickle code failed: {type(exc).__name__}: {exc}",
+                           path=self.path) from exc
         if self.layout.kind == "key":
             self.extras = {k: v for k, v in real.items() if k != self.layout.key}
             real = real[self.layout.key]
@@ -104,6 +124,7 @@ class Checkpoint(ArchitectureOps):
         for k, v in list(entries.items()):
             if not is_entry(v) and isinstance(real, Mapping) and k in real:
                 entries[k] = real[k]
+        return None
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -186,7 +207,7 @@ class Checkpoint(ArchitectureOps):
             "stamped": self.envelope is not None,
             "tensors": len(tensors),
             "parameters": sum(_numel(v) for v in tensors.values()),
-            "bytes": sum(_nbytes(v) for v in tensors.values()),
+            "bytes": _data_bytes(tensors.values()),
             "dtypes": dict(Counter(dtype_of(v) for v in tensors.values())),
             "devices": sorted({device_of(v) for v in tensors.values()}),
             "arch_hash": self.arch_hash(),
@@ -284,10 +305,37 @@ def _numel(v: Any) -> int:
     return n
 
 
+def _data_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of tensor data, a view shared by several keys (tied weights) counted once."""
+    seen: set[tuple[Any, ...]] = set()
+    total = 0
+    for v in tensors:
+        if isinstance(v, TensorRef):
+            view = (id(v.storage), v.storage_offset, v.shape, v.stride, v.dtype)
+            if view in seen:
+                continue
+            seen.add(view)
+        total += _nbytes(v)
+    return total
+
+
 def _nbytes(v: Any) -> int:
     from ckptmigrate.tensors.refs import ITEMSIZE
 
     return _numel(v) * ITEMSIZE.get(dtype_of(v), 0)
+
+
+def _has_stand_ins(obj: Any, _depth: int = 0) -> bool:
+    """True when ``obj`` holds an inert stand-in anywhere: something trusted pickle code would rebuild."""
+    from ckptmigrate.formats.pickled import StandIn
+
+    if isinstance(obj, StandIn) or _depth > 200:
+        return True
+    if isinstance(obj, dict):
+        return any(_has_stand_ins(v, _depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_stand_ins(v, _depth + 1) for v in obj)
+    return False
 
 
 def _walk_tensors(obj: Any, _depth: int = 0) -> Iterator[Any]:

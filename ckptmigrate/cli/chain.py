@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-from ckptmigrate.cli.common import MIGRATIONS, emit_json
-from ckptmigrate.errors import BadInput
+from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json
 
 
 @click.command()
 @click.argument("directory", default="migrations", type=click.Path(path_type=Path))
 def init(directory: Path) -> None:
     """Create a script directory and record it in pyproject.toml."""
-    from ckptmigrate.chain import config
-    from ckptmigrate.chain.revisions import DEFAULT_TEMPLATE, TEMPLATE
+    from ckptmigrate import api
+    from ckptmigrate.chain.revisions import TEMPLATE
 
-    if (directory / "versions").exists():
-        raise BadInput(f"{directory}: already a script directory")
-    (directory / "versions").mkdir(parents=True)
-    template = DEFAULT_TEMPLATE.read_text()
-    (directory / TEMPLATE).write_text(template)
-    pyproject = config.find_pyproject() or Path("pyproject.toml")
-    location = os.path.relpath(directory.resolve(), pyproject.resolve().parent)
-    config.record_migrations(pyproject, location)
+    _root, pyproject = api.init(directory)
     click.echo(f"created {directory}/versions and {directory}/{TEMPLATE}; recorded in {pyproject}")
 
 
@@ -35,21 +26,20 @@ def init(directory: Path) -> None:
 @click.option("--lineage", default=None, help="Lineage (model family) of the new revision.")
 @click.option("--autogenerate", is_flag=True,
               help="Write the ops that take head's schema to the current model's (review them!).")
-@click.option("--model", default=None, metavar="PKG.MODULE:FACTORY", help="The current model, for --autogenerate.")
+@click.option("--model", default=None, metavar="PKG.MODULE:FACTORY",
+              help="The current model (default: [tool.ckptmigrate] model): its schema is recorded as the "
+                   "new revision's snapshot; --autogenerate writes the ops towards it.")
 @MIGRATIONS
 def revision(message: str, rev_id: str | None, lineage: str | None, autogenerate: bool, model: str | None,
              migrations: str | None) -> None:
-    """Write a new migration script on top of the current head."""
+    """Write a new migration script on top of the current head (and its schema snapshot, when a model is
+    configured)."""
     from ckptmigrate import api
-    from ckptmigrate.checkpoint.envelope import now_utc
 
-    if autogenerate:
-        path = api.autogenerate_revision(message, rev_id=rev_id, lineage=lineage, migrations=migrations, model=model)
-    else:
-        path = api.script_directory(migrations).write_revision(
-            message, rev_id=rev_id, lineage=lineage, created=now_utc()
-        )
-    click.echo(f"created {path}")
+    path = api.new_revision(message, rev_id=rev_id, lineage=lineage, autogenerate=autogenerate, model=model,
+                            migrations=migrations)
+    snapshot = path.with_suffix(".schema.json")
+    click.echo(f"created {path}" + (f" and {snapshot.name}" if snapshot.exists() else ""))
     _record_fixture(path, migrations, model)
 
 
@@ -71,14 +61,12 @@ def _record_fixture(script: Path, migrations: str | None, model: str | None) -> 
 
 @click.command()
 @MIGRATIONS
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@JSON
 def heads(migrations: str | None, as_json: bool) -> None:
     """The head revision of each lineage."""
     from ckptmigrate import api
 
-    graph = api.revision_graph(migrations)
-    rows = [{"lineage": lin, "head": rev.id, "message": rev.message, "file": str(rev.path)}
-            for lin, rev in graph.heads().items()]
+    rows = api.heads(migrations)
     if as_json:
         emit_json(rows)
         return
@@ -90,19 +78,12 @@ def heads(migrations: str | None, as_json: bool) -> None:
 @click.command()
 @MIGRATIONS
 @click.option("--verbose", "-v", is_flag=True, help="Show files and parents.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@JSON
 def history(migrations: str | None, verbose: bool, as_json: bool) -> None:
     """Every revision, newest first, per lineage."""
     from ckptmigrate import api
 
-    graph = api.revision_graph(migrations)
-    rows = []
-    for lin in graph.lineages():
-        for rev in reversed(graph.chain(lin)):
-            rows.append({"revision": rev.id, "down_revision": rev.down, "lineage": lin,
-                         "message": rev.message, "file": str(rev.path),
-                         "has_downgrade": rev.downgrade is not None,
-                         "schema": rev.schema_path.exists()})
+    rows = api.history(migrations)
     if as_json:
         emit_json(rows)
         return

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ckptmigrate.cli.common import MIGRATIONS, emit_json, files_bar, naming, parse_tags
+from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json, error_dict, error_line, files_bar, naming, parse_tags
 from ckptmigrate.errors import BadInput, CkptMigrateError
 from ckptmigrate.util.progress import file_bar
 
@@ -37,7 +37,8 @@ def _print_summary(info: dict[str, Any]) -> None:
         click.echo("  envelope    unstamped")
     else:
         click.echo(f"  revision    {env.get('revision') or '-'}  (lineage {env.get('lineage') or '-'})")
-        click.echo(f"  written by  torch {env.get('torch')}, CUDA {env.get('cuda')}, Python {env.get('python')}")
+        cuda = f"CUDA {env['cuda']}" if env.get("cuda") else "no CUDA"
+        click.echo(f"  written by  torch {env.get('torch')}, {cuda}, Python {env.get('python')}")
         git = env.get("git")
         if git:
             dirty = " (dirty)" if git.get("dirty") else ""
@@ -51,18 +52,31 @@ def _print_summary(info: dict[str, Any]) -> None:
             click.echo(f"    {k:<{width}}  {str(tuple(v['shape'])):<20} {v['dtype']}")
 
 
+def _single(paths: tuple[str, ...]) -> bool:
+    """One file named as such: one object in JSON, a bare answer; several, a directory or a pattern: a list."""
+    return len(paths) == 1 and Path(paths[0]).is_file()
+
+
+_KEY = click.option("--key", default=None, metavar="LOCATION",
+                    help="Where the state dict sits in the payload (default: found, or the envelope's).")
+_OUTPUT = [
+    click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of in place."),
+    click.option("--overwrite", is_flag=True, help="With -o: replace an existing file."),
+]
+
+
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.argument("paths", nargs=-1, required=True)
+@JSON
 @click.option("--keys", is_flag=True, help="List every key with its shape and dtype.")
-@click.option("--key", default=None, help="The payload key that holds the state dict.")
-def inspect(paths: tuple[Path, ...], as_json: bool, keys: bool, key: str | None) -> None:
-    """Describe checkpoints from their metadata; reads no tensor bytes."""
+@_KEY
+def inspect(paths: tuple[str, ...], as_json: bool, keys: bool, key: str | None) -> None:
+    """Describe checkpoints (files, directories, globs) from their metadata; reads no tensor bytes."""
     from ckptmigrate import api
 
-    infos = [api.inspect(p, keys=keys, key=key) for p in paths]
+    infos = [api.inspect(p, keys=keys, key=key) for p in api.checkpoint_files(paths)]
     if as_json:
-        emit_json(infos if len(infos) > 1 else infos[0])
+        emit_json(infos[0] if _single(paths) else infos)
         return
     for info in infos:
         _print_summary(info)
@@ -73,11 +87,12 @@ def inspect(paths: tuple[Path, ...], as_json: bool, keys: bool, key: str | None)
 @click.option("--tag", "tags", multiple=True, metavar="K=V", help="Free-form tag (repeatable).")
 @click.option("--repo", type=click.Path(path_type=Path, file_okay=False),
               help="Git repository to record (default: the working directory's).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of in place.")
-@click.option("--key", default=None, help="The payload key that holds the state dict.")
+@_OUTPUT[0]
+@_OUTPUT[1]
+@_KEY
 @click.option("--revision", default=None, help="Record that the checkpoint is at this revision.")
 @MIGRATIONS
-@click.option("--json", "as_json", is_flag=True, help="Print the written envelope as JSON.")
+@JSON
 @click.option("--release", default=None, metavar="VERSION",
               help="Record a release (tag `release`, history entry, commit, digest); needs a clean git tree.")
 @click.option("--sign", type=click.Path(path_type=Path, dir_okay=False), metavar="KEYFILE",
@@ -86,24 +101,21 @@ def inspect(paths: tuple[Path, ...], as_json: bool, keys: bool, key: str | None)
 @click.option("--allow-dirty", is_flag=True, help="With --release: accept uncommitted changes, or no repository.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Files stamped at once (default: the number of CPUs).")
-def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, output: Path | None,
+def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, output: Path | None, overwrite: bool,
           key: str | None, revision: str | None, migrations: str | None, as_json: bool,
           release: str | None, sign: Path | None, digest: bool, allow_dirty: bool, jobs: int | None) -> None:
     """Write the envelope into checkpoints (files, directories, globs) without changing any tensor."""
     from ckptmigrate import api
-    from ckptmigrate.chain import engine
     from ckptmigrate.release import signing
     from ckptmigrate.release.manifest import parallel
 
-    lineage = None
-    if revision is not None:
-        rev = api.revision_graph(migrations).get(revision)
-        revision, lineage = rev.id, rev.lineage
-    files = list(engine.expand_paths(paths))
-    if not files:
-        raise BadInput(f"{', '.join(paths)}: no checkpoint files found")
+    files = api.checkpoint_files(paths)
     if output is not None and len(files) != 1:
         raise BadInput("-o/--output takes exactly one input file")
+    graph = None
+    if revision is not None:  # once, before any file: an unknown revision is one error, not one per file
+        graph = api.revision_graph(migrations)
+        revision = graph.get(revision).id
     if release is not None and not allow_dirty:
         from ckptmigrate.release.stamping import require_clean
 
@@ -112,31 +124,33 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
     tag_map = parse_tags(tags)
     watching = sys.stdout.isatty() and not as_json
 
-    def one(path: Path) -> tuple[Path, Path | None, str | None]:
+    def one(path: Path) -> tuple[Path, Path | None, CkptMigrateError | None]:
         """Stamp one file: (path, where it was written, or the error that stopped it)."""
         try:
             with naming(path), file_bar("stamp", path, show=watching and len(files) == 1):
-                return path, api.stamp(path, output=output, tags=tag_map, repo=repo, key=key, revision=revision,
-                                       lineage=lineage, release=release, sign=private_key, digest=digest,
-                                       allow_dirty=True), None
+                return path, api.stamp(path, output=output, overwrite=overwrite, tags=tag_map, repo=repo, key=key,
+                                       revision=revision, migrations=graph, release=release,
+                                       sign=private_key, digest=digest, allow_dirty=True), None
         except CkptMigrateError as exc:
             if len(files) == 1:
                 raise
-            return path, None, str(exc)
+            return path, None, exc
 
-    written, failed = [], 0
+    written, rows, failed = [], [], 0
     with files_bar(parallel(one, files, jobs), watching and len(files) > 1, "stamp", len(files)) as results:
         for path, dest, error in results:
-            if dest is None:
-                click.echo(f"{path}: FAILED: {error}", err=True)
+            if error is not None or dest is None:
+                click.echo(f"{path}: FAILED: {error_line(error) if error else 'not written'}", err=True)
+                rows.append({"path": str(path), "error": error_dict(error) if error else None})
                 failed += 1
                 continue
             written.append(dest)
+            rows.append({"path": str(path), "output": str(dest), "envelope": api.inspect(dest)["envelope"]
+                         if as_json else None})
             if not as_json:
                 click.echo(f"stamped {dest}")
     if as_json:
-        envelopes = [api.inspect(w)["envelope"] for w in written]
-        emit_json(envelopes[0] if len(files) == 1 else envelopes)
+        emit_json(rows[0]["envelope"] if len(files) == 1 else rows)
     elif len(files) > 1:
         click.echo(f"{len(files)} files: {len(written)} stamped, {failed} failed")
     if failed:
@@ -144,32 +158,29 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def current(paths: tuple[Path, ...], as_json: bool) -> None:
-    """The revision each checkpoint is at, or `unstamped` (reads only the envelope)."""
-    from ckptmigrate import formats
+@click.argument("paths", nargs=-1, required=True)
+@JSON
+def current(paths: tuple[str, ...], as_json: bool) -> None:
+    """The revision each checkpoint (files, directories, globs) is at, or `unstamped` (reads only the envelope)."""
+    from ckptmigrate import api
 
-    rows = []
-    for path in paths:
-        _fmt, env = formats.read_envelope(path)
-        rows.append({"path": str(path), "revision": (env or {}).get("revision") if env else None,
-                     "lineage": (env or {}).get("lineage"), "stamped": env is not None})
+    rows = [api.current(p) for p in api.checkpoint_files(paths)]
     if as_json:
-        emit_json(rows if len(rows) > 1 else rows[0])
+        emit_json(rows[0] if _single(paths) else rows)
         return
     for row in rows:
         state = row["revision"] or ("stamped, no revision" if row["stamped"] else "unstamped")
-        click.echo(f"{row['path']}: {state}" if len(rows) > 1 else state)
+        click.echo(state if _single(paths) else f"{row['path']}: {state}")
 
 
 @click.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of in place.")
-def compact(path: Path, output: Path | None) -> None:
+@_OUTPUT[0]
+@_OUTPUT[1]
+def compact(path: Path, output: Path | None, overwrite: bool) -> None:
     """Reclaim the bytes that in-place stamps and renames left behind in a torch zip file."""
     from ckptmigrate import api
 
     with naming(path), file_bar("compact", path, show=sys.stdout.isatty()):
-        before, after = api.compact(path, output=output)
+        before, after = api.compact(path, output=output, overwrite=overwrite)
     click.echo(f"{output or path}: {before:,} -> {after:,} bytes")

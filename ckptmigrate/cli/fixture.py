@@ -35,7 +35,7 @@ def test(migrations: str | None, model: str | None, lineage: str | None, as_json
             what = "upgrade to head" if r.kind == "upgrade" else "to head and back"
             worst = max(r.deviations.values(), default=0.0)
             detail = f"max deviation {worst:.2g}" if r.kind == "upgrade" and r.ok else r.problem or "tensors identical"
-            steps = " → ".join(r.steps) + (f" → back to {r.revision}" if r.kind == "roundtrip" else "") or "-"
+            steps = " -> ".join(r.steps) + (f" -> back to {r.revision}" if r.kind == "roundtrip" else "") or "-"
             click.echo(f"{'ok  ' if r.ok else 'FAIL'} fixture {r.revision} {what} ({steps}): {detail}")
         click.echo(f"{len(results)} checks, {len(failed)} failed, {elapsed:.2f} s")
         if failed:

@@ -1,13 +1,14 @@
-"""Commands that compare schemas: ``check`` (for CI and pre-commit) and ``diff``."""
+"""Commands on schemas: ``check`` (for CI and pre-commit), ``diff`` and ``schema record``."""
 
 from __future__ import annotations
 
-import json
+import sys
+from pathlib import Path
 
 import click
 
-from ckptmigrate.cli.common import MIGRATIONS
-from ckptmigrate.errors import CheckFailed
+from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json
+from ckptmigrate.errors import BadInput, CheckFailed
 
 _MODEL = click.option("--model", default=None, metavar="PKG.MODULE:FACTORY",
                       help="The current model (default: [tool.ckptmigrate] model); built on the meta device.")
@@ -17,32 +18,28 @@ _MODEL = click.option("--model", default=None, metavar="PKG.MODULE:FACTORY",
 @_MODEL
 @MIGRATIONS
 @click.option("--lineage", default=None, help="Lineage whose head to check.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@JSON
 def check(model: str | None, migrations: str | None, lineage: str | None, as_json: bool) -> None:
     """Exit 0 when the head revision's schema equals the current model's, 1 with the difference."""
     from ckptmigrate import api
-    from ckptmigrate.autogenerate.plan import diff_schemas
-    from ckptmigrate.chain import schemas
-    from ckptmigrate.errors import BadInput
 
-    graph = api.revision_graph(migrations)
-    head = graph.head(lineage)
-    snapshot = head.schema()
-    if snapshot is None:
-        raise BadInput(f"head {head.id} has no schema snapshot ({head.schema_path})")
-    spec = schemas.model_spec(model)
-    difference = diff_schemas(snapshot, schemas.model_schema(spec))
+    result = api.check(model=model, migrations=migrations, lineage=lineage)
     if as_json:
-        click.echo(json.dumps({"head": head.id, "model": spec, "ok": difference.empty, **difference.to_dict()}))
-    if not difference.empty:
-        if not as_json:
-            click.echo(f"the model changed but no migration describes it (head {head.id} vs {spec}):")
-            for line in difference.lines():
-                click.echo(f"  {line}")
-            click.echo("write one: ckptmigrate revision -m MESSAGE --autogenerate")
-        raise CheckFailed(f"model {spec} differs from head revision {head.id}")
-    if not as_json:
-        click.echo(f"ok: head {head.id} matches {spec}")
+        emit_json(result.to_dict())
+    elif result.ok:
+        click.echo(f"ok: head {result.head} matches {result.model}")
+    else:
+        click.echo(f"the model changed but no migration describes it (head {result.head} vs {result.model}):")
+        for line in result.difference.lines():
+            click.echo(f"  {line}")
+        click.echo("write one: ckptmigrate revision -m MESSAGE --autogenerate")
+    if not result.ok:
+        failed = CheckFailed(f"model {result.model} differs from head revision {result.head}",
+                             difference=result.difference.to_dict())
+        if as_json:  # the verdict is the JSON above, not an {"error": ...} object; the exit code says it failed
+            click.echo(f"ckptmigrate: error: {failed}", err=True)
+            sys.exit(failed.exit_code)
+        raise failed
 
 
 @click.command()
@@ -50,30 +47,45 @@ def check(model: str | None, migrations: str | None, lineage: str | None, as_jso
 @click.argument("b", default="model")
 @_MODEL
 @MIGRATIONS
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@JSON
 def diff(a: str, b: str, model: str | None, migrations: str | None, as_json: bool) -> None:
     """Differences between two schemas: each of A and B is a checkpoint, a revision id or `model`.
 
     Added, removed, reshaped and probably renamed keys, grouped by module prefix.
     """
     from ckptmigrate import api
-    from ckptmigrate.autogenerate.plan import diff_schemas
-    from ckptmigrate.chain import schemas
-    from ckptmigrate.errors import BadInput
 
-    try:
-        graph = api.revision_graph(migrations)
-    except BadInput:
-        graph = None
-    label_a, schema_a = schemas.resolve(a, graph=graph, model=model)
-    label_b, schema_b = schemas.resolve(b, graph=graph, model=model)
-    difference = diff_schemas(schema_a, schema_b)
+    result = api.diff(a, b, model=model, migrations=migrations)
     if as_json:
-        click.echo(json.dumps({"a": label_a, "b": label_b, "same": difference.empty, **difference.to_dict()}))
-        return
-    if difference.empty:
-        click.echo(f"{label_a} and {label_b} have the same schema")
-        return
-    click.echo(f"{label_a} -> {label_b}:")
-    for line in difference.lines():
-        click.echo(f"  {line}")
+        emit_json(result.to_dict())
+    elif result.same:
+        click.echo(f"{result.a} and {result.b} have the same schema")
+    else:
+        click.echo(f"{result.a} -> {result.b}:")
+        for line in result.difference.lines():
+            click.echo(f"  {line}")
+
+
+@click.group()
+def schema() -> None:
+    """Schema snapshots: what each revision's checkpoints look like (key -> shape, dtype)."""
+
+
+@schema.command()
+@click.argument("revision")
+@_MODEL
+@click.option("--from-checkpoint", "checkpoint", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Take the schema from this checkpoint (one at REVISION) instead of the model.")
+@MIGRATIONS
+def record(revision: str, model: str | None, checkpoint: Path | None, migrations: str | None) -> None:
+    """Record the schema REVISION produces beside its script, from the model or a checkpoint.
+
+    Unstamped checkpoints are recognised by these snapshots; `check` and `revision --autogenerate`
+    compare against head's.
+    """
+    from ckptmigrate import api
+
+    if model is not None and checkpoint is not None:
+        raise BadInput("--model and --from-checkpoint exclude each other")
+    path = api.record_schema(revision, checkpoint, model=model, migrations=migrations)
+    click.echo(f"recorded {path}")

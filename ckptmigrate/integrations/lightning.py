@@ -13,7 +13,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from ckptmigrate.errors import BadInput
+from ckptmigrate.errors import SchemaMismatch
 
 
 def upgrade_checkpoint(
@@ -21,22 +21,35 @@ def upgrade_checkpoint(
 ) -> list[str]:
     """Upgrade a Lightning checkpoint dict in place; return the revisions applied (none if it fits).
 
-    With ``module``, its state-dict order is the order optimizer state is renumbered in.
+    With ``module``, its state-dict order is the order optimizer state is renumbered in, a checkpoint
+    that already fits it is left alone, and one that fits no revision, or still not the module after
+    its upgrade, raises :class:`~ckptmigrate.errors.SchemaMismatch` with the same diagnosis as
+    :func:`ckptmigrate.load_state_dict` (unless the module loads with ``strict_loading = False``).
     """
     from ckptmigrate.api import revision_graph
     from ckptmigrate.chain.engine import apply, plan_for
     from ckptmigrate.checkpoint.lazy import Checkpoint
+    from ckptmigrate.integrations.loading import diagnose, mismatch
 
+    name = "<lightning checkpoint>"
+    strict = module is None or getattr(module, "strict_loading", True) is not False
+    if module is not None and set(checkpoint.get("state_dict") or {}) == set(module.state_dict()):
+        return []
     graph = revision_graph(migrations)
-    ckpt = Checkpoint.from_payload(checkpoint, name="<lightning checkpoint>", key="state_dict")
+    ckpt = Checkpoint.from_payload(checkpoint, name=name, key="state_dict")
     try:
         plan = plan_for(ckpt, graph)
-    except BadInput:
-        return []
+    except SchemaMismatch:
+        if not strict:
+            return []
+        raise
     if not plan.steps:
         return []
     apply(ckpt, plan, order=list(module.state_dict()) if module is not None else None)
-    checkpoint["state_dict"] = ckpt.materialize()
+    upgraded = ckpt.materialize()
+    if module is not None and strict and set(upgraded) != set(module.state_dict()):
+        raise mismatch(name, diagnose(module, upgraded))
+    checkpoint["state_dict"] = upgraded
     for key, value in ckpt.extras.items():
         checkpoint[key] = value
     return list(ckpt.applied)

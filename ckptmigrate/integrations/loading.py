@@ -5,11 +5,11 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckptmigrate.errors import BadInput
+from ckptmigrate.errors import SchemaMismatch
 from ckptmigrate.util.keygroups import group_keys
 
 if TYPE_CHECKING:
@@ -109,6 +109,35 @@ def _tied(model: nn.Module) -> dict[str, str]:
     return tied
 
 
+def diagnose(model: nn.Module, source: Mapping[str, Any], *, include: Patterns = None,
+             exclude: Patterns = None) -> LoadReport:
+    """How ``source`` fits ``model``: missing, unexpected and shape-mismatched keys, and their likely causes
+    (the same report on every loading path: ``load_state_dict``, ``attach``, the Lightning callback)."""
+    expected = model.state_dict()
+    wanted = [k for k in expected if _matches(k, include) and not (exclude and _matches(k, exclude))]
+    given = [k for k in source if _matches(k, include) and not (exclude and _matches(k, exclude))]
+    report = LoadReport()
+    report.missing = [k for k in wanted if k not in source]
+    report.unexpected = [k for k in given if k not in expected]
+    for k in wanted:
+        if k in source and tuple(source[k].shape) != tuple(expected[k].shape):
+            report.mismatched.append((k, list(source[k].shape), list(expected[k].shape)))
+    tied = _tied(model)
+    report.missing = [k for k in report.missing if not (k in tied and tied[k] in source)]
+    report.causes = likely_causes(
+        report, {k: tuple(v.shape) for k, v in source.items() if hasattr(v, "shape")},
+        {k: tuple(v.shape) for k, v in expected.items()}, tied,
+    )
+    return report
+
+
+def mismatch(name: str | os.PathLike[str], report: LoadReport) -> SchemaMismatch:
+    """The error for a checkpoint that does not fit the model, with the report's keys as fields."""
+    return SchemaMismatch(f"{os.fspath(name)}: the checkpoint does not fit the model\n{report}", path=name,
+                          nearest=report.revision, missing=report.missing, unexpected=report.unexpected,
+                          reshaped=[k for k, _, _ in report.mismatched])
+
+
 def load_state_dict(
     model: nn.Module, path_or_checkpoint: str | os.PathLike[str] | Checkpoint, *,
     migrations: Any = None, strict: bool | Literal["compatible"] = True,
@@ -127,24 +156,13 @@ def load_state_dict(
     )
     source = ckpt.materialize()
     expected = model.state_dict()
+    report = diagnose(model, source, include=include, exclude=exclude)
+    report.applied, report.revision, report.head = list(ckpt.applied), ckpt.revision, ckpt.head_revision
     wanted = [k for k in expected if _matches(k, include) and not (exclude and _matches(k, exclude))]
-    given = [k for k in source if _matches(k, include) and not (exclude and _matches(k, exclude))]
-    report = LoadReport(applied=list(ckpt.applied), revision=ckpt.revision, head=ckpt.head_revision)
-    report.missing = [k for k in wanted if k not in source]
-    report.unexpected = [k for k in given if k not in expected]
-    for k in wanted:
-        if k in source and tuple(source[k].shape) != tuple(expected[k].shape):
-            report.mismatched.append((k, list(source[k].shape), list(expected[k].shape)))
-    tied = _tied(model)
-    report.missing = [k for k in report.missing if not (k in tied and tied[k] in source)]
-    report.causes = likely_causes(
-        report, {k: tuple(v.shape) for k, v in source.items() if hasattr(v, "shape")},
-        {k: tuple(v.shape) for k, v in expected.items()}, tied,
-    )
     bad = {k for k, _, _ in report.mismatched}
     chosen = {k: source[k] for k in wanted if k in source and k not in bad}
     if strict is True and not report.ok:
-        raise BadInput(f"{ckpt.path}: the checkpoint does not fit the model\n{report}")
+        raise mismatch(ckpt.path, report)
     meta = getattr(source, "_metadata", None)
     from collections import OrderedDict
 

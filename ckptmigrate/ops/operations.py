@@ -3,8 +3,10 @@
 Every op edits the lazy state dict: renames move references (no tensor bytes), tensor ops leave a
 :class:`~ckptmigrate.tensors.refs.Deferred` whose values are computed when the file is written. Each op
 records its exact inverse (the old shape, dtype or key names it saw) so a chain of invertible ops
-can be walked back without a hand-written ``downgrade``. Patterns are regular expressions matched
-against the whole key; replacement templates may use back-references (``\\1``).
+can be walked back without a hand-written ``downgrade``. Selection patterns (``drop``, ``cast``,
+``split``, ...) are regular expressions matched against the whole key; ``rename_regex`` follows
+``re.sub`` (searched, anchor with ``^``), like transformers' ``key_mapping``. Replacement templates may
+use back-references (``\\1``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequenc
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ckptmigrate.errors import BadInput
 from ckptmigrate.ops.optimizer import OptimizerTrack
 from ckptmigrate.tensors.refs import (
     ITEMSIZE,
@@ -45,13 +48,16 @@ MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}
 INVERSE_OPS = frozenset({"rename_map", "drop", "reshape", "transpose", "permute", "cast", "truncate", "split", "merge"})
 
 
-class OpError(ValueError):
-    """An op could not apply; ``op`` and ``key`` say which and where."""
+class OpError(BadInput, ValueError):
+    """An op could not apply; ``op`` and ``key`` (or the pattern) say which and where."""
 
     def __init__(self, op: str, key: str | None, message: str) -> None:
         super().__init__(message)
         self.op = op
         self.key = key
+
+    def fields(self) -> dict[str, Any]:
+        return {"op": self.op, "key": self.key}
 
 
 def _fullmatch(pattern: str, key: str) -> re.Match[str] | None:
@@ -88,11 +94,11 @@ class Operations:
         else:
             self.journal.append(inverse)
 
-    def _closest(self, op: str, pattern: str) -> OpError:
+    def _closest(self, op: str, pattern: str, how: str = "matches no key") -> OpError:
         keys = [k for k in self._entries if isinstance(k, str)]
         close = difflib.get_close_matches(pattern, keys, n=3, cutoff=0.4)
         hint = f"; closest keys: {', '.join(close)}" if close else f"; the checkpoint has {len(keys)} keys"
-        return OpError(op, pattern, f"{op}: {pattern!r} matches no key{hint}")
+        return OpError(op, pattern, f"{op}: {pattern!r} {how}{hint}")
 
     def _match(self, op: str, pattern: str, missing_ok: bool) -> list[tuple[str, re.Match[str] | None]]:
         if pattern in self._entries:
@@ -104,7 +110,7 @@ class Operations:
         except re.error as exc:
             raise OpError(op, pattern, f"{op}: {pattern!r} is not a valid pattern ({exc})") from None
         if not found and not missing_ok:
-            raise self._closest(op, pattern)
+            raise self._closest(op, pattern, "matches no key (a pattern must match the whole key, as re.fullmatch)")
         return found
 
     def _tensor(self, op: str, key: str) -> Entry:
@@ -128,7 +134,7 @@ class Operations:
         seen: set[str] = set()
         for old, new in zip(entries, new_keys, strict=True):
             if new in seen:
-                raise OpError(_op, old, f"{_op}: {old!r} → {new!r} collides with another key named {new!r}")
+                raise OpError(_op, old, f"{_op}: {old!r} -> {new!r} collides with another key named {new!r}")
             seen.add(new)
         values = list(entries.items())
         entries.clear()
@@ -147,26 +153,44 @@ class Operations:
         self.rename_map({old: new}, _op="rename")
 
     def rename_regex(self, pattern: str, repl: str, *, missing_ok: bool = False) -> None:
-        """Rename every key the pattern fully matches to ``repl`` (back-references allowed)."""
-        matches = self._match("rename_regex", pattern, missing_ok)
-        mapping = {k: (m.expand(repl) if m else re.sub(pattern, repl, k)) for k, m in matches}
-        if mapping:
-            self.rename_map(mapping, _op="rename_regex")
-            self._rename_metadata(lambda m: re.sub(pattern, repl, m) if re.fullmatch(pattern, m) else m)
+        """Rename keys as ``re.sub(pattern, repl, key)`` does: the pattern is searched (anchor it with
+        ``^``) and the match replaced, like transformers' ``key_mapping`` and hand-written converters."""
+        mapping: dict[str, str] = {}
+        try:
+            regex = re.compile(pattern)
+            for k in self._entries:
+                new, n = regex.subn(repl, k)
+                if n:
+                    mapping[k] = new
+        except (re.error, IndexError) as exc:
+            raise OpError("rename_regex", pattern, f"rename_regex: {pattern!r} is not a valid pattern, "
+                          f"or {repl!r} not a valid replacement ({exc})") from None
+        if not mapping:
+            if missing_ok:
+                return
+            raise self._closest("rename_regex", pattern,
+                                "matches no key (searched in each key, as re.sub does; anchor it with ^)")
+        self.rename_map(mapping, _op="rename_regex")
 
-    def rename_prefix(self, old: str, new: str, *, missing_ok: bool = False) -> None:
+        def module(name: str) -> str:  # a module's name is a prefix of its keys: rename it as one
+            new, n = regex.subn(repl, name + ".")
+            return new.removesuffix(".") if n else name
+
+        self._rename_metadata(module)
+
+    def rename_prefix(self, old: str, new: str, *, missing_ok: bool = False, _op: str = "rename_prefix") -> None:
         """Replace the prefix ``old`` with ``new`` on every key that starts with it."""
         mapping = {k: new + k[len(old):] for k in self._entries if k.startswith(old)}
         if not mapping:
             if missing_ok:
                 return
-            raise self._closest("rename_prefix", old)
-        self.rename_map(mapping, _op="rename_prefix")
+            raise self._closest(_op, old)
+        self.rename_map(mapping, _op=_op)
         self._rename_metadata(lambda m: (new + (m + ".")[len(old):]).rstrip(".") if (m + ".").startswith(old) else m)
 
     def unwrap(self, prefix: str = "module.", *, missing_ok: bool = False) -> None:
         """Strip a wrapper's prefix (DataParallel/DDP ``module.``, torch.compile ``_orig_mod.``, ...)."""
-        self.rename_prefix(prefix, "", missing_ok=missing_ok)
+        self.rename_prefix(prefix, "", missing_ok=missing_ok, _op="unwrap")
 
     def _rename_metadata(self, fn: Callable[[str], str]) -> None:
         meta = getattr(self._entries, "_metadata", None)

@@ -20,13 +20,16 @@ def require_clean(repo: str | os.PathLike[str] | None) -> dict[str, Any]:
     where = os.fspath(repo) if repo is not None else os.getcwd()
     info = git_info(repo)
     if info is None:
-        raise BadInput(f"{where}: not in a git repository; a release records the commit "
-                       "(pass --repo DIR, or --allow-dirty to stamp without one)")
+        error = BadInput(f"{where}: not in a git repository; a release records the commit (name the repository, "
+                         "or allow_dirty to stamp without one)")
+        error.cli_hint = "pass --repo DIR, or --allow-dirty"
+        raise error
     if info.get("commit") is None:
         raise BadInput(f"{info.get('root') or where}: the repository has no commit yet")
     if info.get("dirty") is not False:
-        raise BadInput(f"{info.get('root') or where}: the working tree has uncommitted changes; "
-                       "commit them or pass --allow-dirty")
+        error = BadInput(f"{info.get('root') or where}: the working tree has uncommitted changes; commit them")
+        error.cli_hint = "pass --allow-dirty to stamp anyway"
+        raise error
     return info
 
 

@@ -14,7 +14,7 @@ from ckptmigrate.tensors.refs import TensorRef, is_entry, to_torch
 
 
 class LazyStateDict(MutableMapping[str, Any]):
-    """The state dict a migration sees: reading a key maps its tensor; assigning stores any tensor.
+    """The state dict a migration sees: reading a key maps its tensor; assigning stores a tensor (only).
 
     ``entries`` holds the underlying references (what the ops work on); per-module ``_metadata``
     versions, when the file had them, travel with it.
@@ -28,6 +28,11 @@ class LazyStateDict(MutableMapping[str, Any]):
         return to_torch(value) if isinstance(value, TensorRef) or is_entry(value) else value
 
     def __setitem__(self, key: str, value: Any) -> None:
+        """Store a tensor; anything else is refused here, naming the key, rather than written into the
+        file for ``load_state_dict`` to trip over later (extras belong in ``ckpt.extras``)."""
+        if not is_entry(value):
+            raise TypeError(f"state_dict[{key!r}] = {type(value).__name__}: a state dict holds tensors only; "
+                            "put other values in ckpt.extras")
         self.entries[key] = value
 
     def __delitem__(self, key: str) -> None:
