@@ -242,7 +242,8 @@ class Checkpoint(ArchitectureOps):
             with Checkpoint.open(written, key=self.layout.key if self.layout.kind == "key" else None) as again:
                 if again.schema() != expected:
                     raise BadInput(f"{dest}: the written file does not read back as written; nothing was replaced")
-                if env is not None and again.metadata != env:
+                # the envelope as read (JSON), not ``again.metadata``: a copy of a schema per check
+                if env is not None and again.container.envelope != env:
                     raise BadInput(f"{dest}: the written envelope does not read back; nothing was replaced")
 
         metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
