@@ -5,6 +5,7 @@ Run it from the repository root with the project's virtualenv::
     .venv/bin/python scripts/bench.py                  # ~1 GiB checkpoint, 3 repeats, medians
     .venv/bin/python scripts/bench.py --quick          # 64 MiB, 1 repeat: a smoke run
     .venv/bin/python scripts/bench.py --workdir /tmp/bench --size-mb 2048 --repeat 5 --json bench.json
+    .venv/bin/python scripts/bench.py --sweep --json docs/bench-sweep.json   # count and size sweep, PNG plot
 
 Options: ``--workdir DIR`` (default: a fresh temporary directory under /tmp, removed at the end
 unless ``--keep``), ``--size-mb N`` (default 1024), ``--repeat N`` (default 3), ``--json PATH``
@@ -884,6 +885,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write all figures here")
     p.add_argument("--quick", action="store_true", help="smoke run: --size-mb 64 --repeat 1 unless given")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead: time a rename-only migration against tensor count (100 to 100,000) and file "
+                        "size (64 MiB to --sweep-max-mb), write --json (default bench-sweep.json) and a PNG plot")
+    p.add_argument("--sweep-max-mb", type=int, default=4096, help="largest file of the size sweep (default 4096)")
+    p.add_argument("--sweep-counts", default="100,1000,10000,100000", help="tensor counts of the sweep")
     args = p.parse_args(argv)
     args.size_mb = args.size_mb or (64 if args.quick else 1024)
     args.repeat = args.repeat or (1 if args.quick else 3)
@@ -898,6 +904,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="ckptmigrate-bench-", dir="/tmp")) if temporary else args.workdir
     work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        import bench_sweep
+
+        try:
+            counts = [int(c) for c in args.sweep_counts.split(",")]
+            return bench_sweep.sweep(work, args.repeat, args.sweep_max_mb, counts,
+                                     args.json or Path("bench-sweep.json"))
+        finally:
+            if temporary and not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
     geom = Geometry.for_size(args.size_mb)
     need = 6 * geom.nbytes()
     free = shutil.disk_usage(work).free

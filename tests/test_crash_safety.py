@@ -2,7 +2,9 @@
 
 A ~200 MB checkpoint (the example model's era-1 state dict plus four large tensors) is rewritten by
 ``ckptmigrate upgrade`` (in place, keeping a ``.bak``), ``stamp --digest`` (an in-place append),
-``downgrade`` and ``compact``, each run as a real subprocess that is killed with SIGKILL at a moment
+``downgrade`` and ``compact``, and a rename of a file of 4,000 tensors and an embedded zip (an
+in-place append of a tail far larger than the 64 KiB window, holding an end-record signature of its
+own), each run as a real subprocess that is killed with SIGKILL at a moment
 drawn from a seeded random: anywhere from process start (import, read, migrate), after it took the
 lock, while the temporary file is being written, once it is complete (fsync, read-back), and right
 after the rename. After every kill the path holds either the complete original or the complete
@@ -17,6 +19,7 @@ that completes, so the directory ends with only the checkpoint and its backups.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 import shutil
@@ -24,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -69,9 +73,11 @@ def tensors_of(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, mmap=True, weights_only=True)
 
 
-def same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
+def same_tensors(got: dict[str, Any], want: dict[str, Any]) -> bool:
     return list(got) == list(want) and all(
-        got[k].dtype == w.dtype and got[k].shape == w.shape and torch.equal(got[k], w) for k, w in want.items()
+        got[k].dtype == w.dtype and got[k].shape == w.shape and torch.equal(got[k], w)
+        if isinstance(w, torch.Tensor) else got[k] == w
+        for k, w in want.items()
     )
 
 
@@ -227,6 +233,39 @@ def big_era1_state_dict() -> dict[str, torch.Tensor]:
     return sd
 
 
+#: Tensors in the file whose in-place rename appends a tail of ~300 KiB, past the 64 KiB in which zip
+#: readers look for the end record
+MANY = 4000
+BASE = '''
+revision = "r0"
+down_revision = None
+lineage = "moe"
+
+
+def upgrade(ckpt):
+    pass
+'''
+UNWRAP = '''
+revision = "r1"
+down_revision = "r0"
+
+
+def upgrade(ckpt):
+    ckpt.unwrap("module.")
+'''
+
+
+def many_tensors_and_a_zip() -> dict[str, Any]:
+    """Thousands of small tensors and, among them, a code snapshot: a zip with its own end record,
+    which lands inside the new ``data.pkl`` while the append is in progress."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(zipfile.ZipInfo("train.py", (2024, 1, 1, 0, 0, 0)), "print('hello')\n")
+    sd: dict[str, Any] = {f"module.experts.{i // 8}.w{i % 8}": torch.full((4,), float(i)) for i in range(MANY)}
+    sd["code"] = buf.getvalue()
+    return sd
+
+
 def calibrate(directory: Path, name: str, source: Path, args: list[str]) -> tuple[Path, Phases]:
     """Run the command to completion once on a copy of ``source``: its result and when each step came."""
     work = directory / f"calibrate-{name}"
@@ -261,6 +300,17 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pristine]:
         downs = [h["revision"] for h in (env or {}).get("history", []) if h.get("action") == "downgrade"]
         return env is not None and env["revision"] == "0001" and downs == UPGRADED[::-1]
 
+    many = directory / "many.pt"
+    torch.save(many_tensors_and_a_zip(), many)
+    api.stamp(many, revision="r0", lineage="moe")
+    unwrap = directory / "unwrap" / "versions"
+    unwrap.mkdir(parents=True)
+    (unwrap / "r0_base.py").write_text(BASE)
+    (unwrap / "r1_unwrap.py").write_text(UNWRAP)
+
+    def unwrapped(env: dict[str, Any] | None, path: Path) -> bool:
+        return env is not None and env["revision"] == "r1"
+
     def stamped_crash(env: dict[str, Any] | None, path: Path) -> bool:
         return env is not None and env["tags"].get("crash") == "yes" and env.get("digest") is not None
 
@@ -268,6 +318,8 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pristine]:
         ("stamp", unstamped, ["stamp", "PATH", "--digest", "--tag", "crash=yes"], stamped_crash, True, False),
         ("upgrade", stamped, ["upgrade", "PATH", "--migrations", EXAMPLE], upgraded, False, True),
         ("compact", stamped, ["compact", "PATH"], lambda env, p: env == envelope_of(stamped), False, False),
+        ("rename-many", many, ["upgrade", "PATH", "--no-backup", "--migrations", str(unwrap.parent)],
+         unwrapped, True, False),
     ]
     series: dict[str, Series] = {}
     for name, source, args, is_result, appends, keeps_backup in specs:
@@ -288,6 +340,8 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pristine]:
     assert same_tensors(series["downgrade"].result_tensors, series["stamp"].tensors)
     assert same_tensors(series["stamp"].result_tensors, series["stamp"].tensors)
     assert same_tensors(series["compact"].result_tensors, series["compact"].tensors)
+    renamed = {k.removeprefix("module."): v for k, v in series["rename-many"].tensors.items()}
+    assert same_tensors(series["rename-many"].result_tensors, renamed)
     assert series["compact"].result_size < series["compact"].size
     state = Pristine(directory, series)
     yield state
@@ -308,6 +362,7 @@ PLANS = {
     "downgrade": [("any", 3), ("locked", 1), ("temp", 2), ("temp_full", 1), ("renamed", 2)],
     "stamp": [("any", 5), ("locked", 4), ("grown", 2), ("grown+", 4), ("ended", 2)],
     "compact": [("any", 4), ("locked", 3), ("temp", 4), ("temp_full", 2), ("renamed", 2)],
+    "rename-many": [("any", 3), ("locked", 3), ("grown", 3), ("grown+", 6), ("ended", 2)],
 }
 
 

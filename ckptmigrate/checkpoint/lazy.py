@@ -263,31 +263,33 @@ class Checkpoint(ArchitectureOps):
             with Checkpoint.open(written, key=self.layout.key if self.layout.kind == "key" else None) as again:
                 if again.schema() != expected:
                     raise BadInput(f"{dest}: the written file does not read back as written; nothing was replaced")
-                if env is not None and again.metadata != env:
+                # the envelope as read (JSON), not ``again.metadata``: a copy of a schema per check
+                if env is not None and again.container.envelope != env:
                     raise BadInput(f"{dest}: the written envelope does not read back; nothing was replaced")
 
         metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
         same_file = dest.exists() and dest.resolve() == self.path.resolve()
-        if metadata_only and append_in_place and same_file and self._append(payload, env, check):
+        pickled = torchzip.Pickled(payload) if metadata_only else None
+        if pickled is not None and append_in_place and same_file and self._append(pickled, env, check):
             return dest
         with atomic_write(dest, check=check) as fh:
-            if metadata_only:
+            if pickled is not None:
                 c = self.container
                 assert c.source is not None
-                torchzip.write_metadata_only(fh, c.source, c.records, c.prefix, payload, env)
+                torchzip.write_metadata_only(fh, c.source, c.records, c.prefix, pickled, env)
             else:
                 formats.write_container(fh, fmt, payload, env, template=self.container)  # type: ignore[arg-type]
         return dest
 
 
-    def _append(self, payload: Any, env: dict[str, Any] | None, check: Any) -> bool:
+    def _append(self, payload: torchzip.Pickled, env: dict[str, Any] | None, check: Any) -> bool:
         """The in-place path: append to this file; if the append or its read-back fails, cut the file
-        back to what it was (the original bytes before its old end are never touched)."""
+        back to the archive it held (whose bytes are never touched)."""
         c = self.container
         assert c.source is not None
-        size = c.source.size
-        if os.stat(self.path).st_size != size:
+        if os.stat(self.path).st_size != c.source.size:
             raise BadInput(f"{self.path}: changed on disk while it was being migrated; nothing was written")
+        size = torchzip.live_end(c.source)
         try:
             if not torchzip.append_in_place(self.path, c.source, c.records, c.prefix, payload, env):
                 return False

@@ -82,7 +82,69 @@ def scan(data: Any, pos: int = 0) -> None:
     ops = 0
     try:
         while pos < end:
-            entry = table[data[pos]]
+            op = data[pos]
+            # the opcodes a torch pickle is mostly made of, stepped over inline (same checks as below)
+            if op == 0x72 and pos + 5 <= end:  # LONG_BINPUT
+                ops += 1
+                index = int.from_bytes(data[pos + 1 : pos + 5], "little")
+                if index > ops:
+                    raise PickleFormatError(f"the pickle stores memo entry {index:,} after {ops:,} opcodes")
+                memo[index] = stack[-1] if stack else deepest
+                pos += 5
+                continue
+            if op == 0x71 and pos + 2 <= end:  # BINPUT
+                ops += 1
+                index = data[pos + 1]
+                if index > ops:
+                    raise PickleFormatError(f"the pickle stores memo entry {index:,} after {ops:,} opcodes")
+                memo[index] = stack[-1] if stack else deepest
+                pos += 2
+                continue
+            if op == 0x68 and pos + 2 <= end:  # BINGET
+                ops += 1
+                stack.append(memo.get(data[pos + 1], deepest))
+                pos += 2
+                continue
+            if op == 0x58 and pos + 5 <= end:  # BINUNICODE
+                ops += 1
+                pos += 5 + int.from_bytes(data[pos + 1 : pos + 5], "little")
+                if pos > end:
+                    length = pos - end  # how far past the end it runs
+                    raise PickleFormatError(f"the pickle is truncated: an argument runs {length:,} bytes past it")
+                stack.append(0)
+                continue
+            if op == 0x4B and pos + 2 <= end:  # BININT1
+                ops += 1
+                stack.append(0)
+                pos += 2
+                continue
+            if op == 0x28:  # MARK
+                ops += 1
+                marks.append(len(stack))
+                pos += 1
+                continue
+            if op == 0x85 or op == 0x74:  # TUPLE1, TUPLE
+                ops += 1
+                pos += 1
+                if op == 0x85:
+                    depth = 1 + (stack.pop() if stack else 0)
+                else:
+                    start = marks.pop() if marks else 0
+                    depth = 1 + max(stack[start:], default=0)
+                    del stack[start:]
+                if depth > MAX_DEPTH:
+                    raise PickleFormatError(f"the pickle nests tuples more than {MAX_DEPTH} deep")
+                if depth > deepest:
+                    deepest = depth
+                stack.append(depth)
+                continue
+            if op == 0x52:  # REDUCE
+                ops += 1
+                pos += 1
+                del stack[-2:]
+                stack.append(0)
+                continue
+            entry = table[op]
             if entry is None:
                 return
             action, kind, width, marked, pops, pushes = entry

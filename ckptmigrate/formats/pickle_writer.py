@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import struct
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -15,19 +16,119 @@ from ckptmigrate.formats.pickled import TorchRebuild, global_name, standin
 from ckptmigrate.tensors.refs import ITEMSIZE, STORAGE_FOR_DTYPE, Deferred, Storage, TensorRef, dtype_of, shape_of
 
 _PurePickler: Any = getattr(pickle, "_Pickler")  # noqa: B009 - the pure-Python pickler lets save_global be overridden
+#: Types neither :meth:`_Writer.persistent_id` nor :meth:`_Writer.reducer_override` acts on: saved
+#: straight from the dispatch table.
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None), bytes, tuple, list, dict})
 
 
 class _Writer(_PurePickler):
-    """The pure-Python pickler, taught to write stand-ins and tensors as torch expects."""
+    """The pure-Python pickler, taught to write stand-ins and tensors as torch expects.
+
+    Its per-object cost (a few microseconds) is what a checkpoint of many tensors pays, so plain
+    types skip the two hooks that never apply to them, and a tensor's rebuild call is written as
+    opcodes directly (:meth:`_save_tensor`) rather than object by object.
+    """
 
     def __init__(self, file: BinaryIO, storage_of: Callable[[Any], tuple[str, Storage]]) -> None:
         super().__init__(file, protocol=2)
         self._storage_of = storage_of
+        self._dispatch = self.dispatch
+        self._memo = self.memo
+        self.write = file.write  # protocol 2 has no frames: the framer would only pass writes on
+
+    def _memo_ref(self, obj: Any) -> bytes | None:
+        """The opcode that fetches ``obj`` from the memo, or None when it is not there yet."""
+        x = self._memo.get(id(obj))
+        return None if x is None else self.get(x[0])
+
+    def _put(self, obj: Any) -> bytes:
+        """Memoise ``obj`` as ``memoize`` does, returning the opcode instead of writing it."""
+        idx = len(self._memo)
+        self._memo[id(obj)] = idx, obj
+        return self.put(idx)
 
     def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        t = type(obj)
+        if t is str:
+            got = self._memo_ref(obj)
+            self.write(got if got is not None else _str_op(obj) + self._put(obj))
+            return
+        if t in _PLAIN_TYPES:
+            got = self._memo_ref(obj)
+            if got is not None:
+                self.write(got)
+            else:
+                self._dispatch[t](self, obj)
+            return
+        if t is TensorRef:
+            got = self._memo_ref(obj)
+            if got is not None:
+                self.write(got)
+                return
+            func, args = self._reduce_ref(obj)
+            self._save_tensor(obj, func, args)
+            return
         if isinstance(obj, TorchRebuild):  # a rebuild function kept inside a stand-in: torch's name for it
             obj = standin(obj.module, obj.name)
         super().save(obj, save_persistent_id)
+
+    def _save_tensor(self, obj: Any, func: Any, args: Any) -> None:
+        """``save_reduce(func, args)`` for a tensor's rebuild call, with its usual arguments (ints,
+        tuples of ints, a persistent storage, empty hooks, a wrapped tensor) written as opcodes;
+        anything else goes through :meth:`save`. The tensor is memoised, as ``save_reduce`` does."""
+        if type(args) is not tuple:
+            self.save_reduce(func, args, obj=obj)
+            return
+        buf: list[bytes] = []
+        write = self.write
+
+        def save(item: Any) -> None:  # the general way, after what is buffered
+            write(b"".join(buf))
+            buf.clear()
+            self.save(item)
+
+        got = self._memo_ref(func)
+        if got is None:
+            save(func)
+        else:
+            buf.append(got)
+        buf.append(pickle.MARK)
+        for item in args:
+            t = type(item)
+            if t is int or t is bool:
+                buf.append(_int_op(item))
+                continue
+            if t is tuple:
+                encoded = _int_tuple(item)
+                if encoded is not None:
+                    buf.append(encoded)
+                    continue
+            elif t is _PersistentStorage and _plain_pid(item.pid):
+                kind, storage_type, key, location, numel = item.pid
+                buf.append(pickle.MARK + _short_str(kind))
+                got = self._memo_ref(storage_type)
+                if got is None:
+                    save(storage_type)
+                else:
+                    buf.append(got)
+                buf.append(_str_op(key) + _short_str(location) + _int_op(numel) + pickle.TUPLE + pickle.BINPERSID)
+                continue
+            elif t is collections.OrderedDict and not item and not vars(item) and id(item) not in self._memo:
+                got = self._memo_ref(collections.OrderedDict)
+                if got is None:
+                    save(collections.OrderedDict)
+                else:
+                    buf.append(got)
+                buf.append(pickle.EMPTY_TUPLE + pickle.REDUCE + self._put(item))
+                continue
+            elif t is _Reduced and id(item) not in self._memo:
+                write(b"".join(buf))
+                buf.clear()
+                self._save_tensor(item, *item.reduced)
+                continue
+            save(item)
+        buf.append(pickle.TUPLE + pickle.REDUCE + self._put(obj))
+        write(b"".join(buf))
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _PersistentStorage):
@@ -95,6 +196,74 @@ class _Writer(_PurePickler):
             return (standin("torch._utils", "_rebuild_tensor_v2"), args)
         args = (persistent, offset, shape, stride, requires_grad, hooks, standin("torch", dtype))
         return (standin("torch._utils", "_rebuild_tensor_v3"), args)
+
+
+_BININT = struct.Struct("<i")
+_SMALL_INTS = [pickle.BININT1 + bytes([i]) for i in range(256)]
+
+
+def _int_op(n: int) -> bytes:
+    """An int (or bool) as protocol 2 pickles it; TypeError for anything else."""
+    if type(n) is not int and type(n) is not bool:
+        raise TypeError(f"not an int: {type(n).__name__}")
+    if n is True:
+        return pickle.NEWTRUE
+    if n is False:
+        return pickle.NEWFALSE
+    if 0 <= n < 256:
+        return _SMALL_INTS[n]
+    if 0 <= n < 65536:
+        return pickle.BININT2 + struct.pack("<H", n)
+    if -(1 << 31) <= n < (1 << 31):
+        return pickle.BININT + _BININT.pack(n)
+    encoded = pickle.encode_long(n)
+    if len(encoded) < 256:
+        return pickle.LONG1 + bytes([len(encoded)]) + encoded
+    return pickle.LONG4 + struct.pack("<i", len(encoded)) + encoded
+
+
+_TUPLE_OPS = {0: pickle.EMPTY_TUPLE, 1: pickle.TUPLE1, 2: pickle.TUPLE2, 3: pickle.TUPLE3}
+
+
+def _int_tuple(items: tuple[Any, ...]) -> bytes | None:
+    """A tuple of ints (a shape, a stride), unmemoised as nothing else refers to it; None when it
+    holds anything but ints."""
+    try:
+        body = b"".join([_SMALL_INTS[d] if type(d) is int and 0 <= d < 256 else _int_op(d) for d in items])
+    except TypeError:
+        return None
+    if len(items) in _TUPLE_OPS:
+        return body + _TUPLE_OPS[len(items)]
+    return pickle.MARK + body + pickle.TUPLE
+
+
+def _plain_pid(pid: Any) -> bool:
+    """A persistent id as :func:`_storage_pid` makes it: ``("storage", type, key, location, numel)``."""
+    return (
+        type(pid) is tuple and len(pid) == 5 and type(pid[0]) is str and type(pid[2]) is str
+        and type(pid[3]) is str and type(pid[4]) is int
+    )
+
+
+_LENGTH = struct.Struct("<I")
+
+
+def _str_op(text: str) -> bytes:
+    raw = text.encode("utf-8", "surrogatepass")
+    return pickle.BINUNICODE + _LENGTH.pack(len(raw)) + raw
+
+
+_SHORT: dict[str, bytes] = {}
+
+
+def _short_str(text: str) -> bytes:
+    """:func:`_str_op` of a string every tensor repeats (``storage``, a device)."""
+    got = _SHORT.get(text)
+    if got is None:
+        got = _str_op(text)
+        if len(_SHORT) < 64:
+            _SHORT[text] = got
+    return got
 
 
 def _storage_pid(dtype: str, key: str, storage: Storage) -> tuple[Any, ...]:

@@ -142,12 +142,21 @@ def _tensor_ref(
     return ref
 
 
+_INT = {int}
+
+
+def _naturals(items: tuple[Any, ...]) -> bool:
+    """Every item an int (not a bool or a subclass) and none negative; checked in C, as this runs
+    twice for every tensor of a file."""
+    return not items or (set(map(type, items)) == _INT and min(items) >= 0)
+
+
 def _check_tensor(ref: TensorRef) -> None:
     """A tensor must lie inside its storage, in whole elements of its dtype (what ``to_torch`` maps)."""
     storage, shape, strides = ref.storage, ref.shape, ref.stride
     if not (
         isinstance(shape, tuple) and isinstance(strides, tuple) and len(shape) == len(strides)
-        and all(type(d) is int and d >= 0 for d in shape) and all(type(s) is int and s >= 0 for s in strides)
+        and _naturals(shape) and _naturals(strides)
     ):
         raise PickleFormatError(f"a tensor has an invalid shape {shape!r:.80} or stride {strides!r:.80}")
     if type(ref.storage_offset) is not int or ref.storage_offset < 0:
@@ -162,7 +171,10 @@ def _check_tensor(ref: TensorRef) -> None:
             f"storage {storage.key!r} holds {storage.nbytes} bytes, not whole {ref.dtype} elements"
         )
     if 0 not in shape:  # a scalar (shape ()) has one element too
-        last = ref.storage_offset + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
+        if len(shape) == 1:
+            last = ref.storage_offset + (shape[0] - 1) * strides[0]
+        else:
+            last = ref.storage_offset + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
         if last >= storage.nbytes // itemsize:
             raise PickleFormatError(f"a tensor of shape {list(shape)} reaches past its storage {storage.key!r}")
 

@@ -1,11 +1,11 @@
 """The torch zip format (``torch.save`` since 1.6): ``<prefix>/data.pkl`` plus one record per storage.
 
 The envelope is one more record, ``<prefix>/.data/ckptmigrate.json``, which ``torch.load``
-ignores: UTF-8 JSON, zlib-compressed (RFC 1950) when it is larger than :data:`COMPRESS_ABOVE` bytes,
-so that the schema and the inverse journal of a model with hundreds of tensors still fit the
-window of an in-place append. :func:`write_metadata_only` rewrites a file whose tensors are all still in it: records are
-copied by the kernel (or reused in place) and only ``data.pkl``, the envelope and the central
-directory are new.
+ignores: UTF-8 JSON, zlib-compressed (RFC 1950) when it is larger than :data:`COMPRESS_ABOVE` bytes
+(the schema and inverse journal of a large model are mostly repeated key names).
+:func:`write_metadata_only` rewrites a file whose tensors are all still in it: records are copied by
+the kernel (or reused in place) and only ``data.pkl``, the envelope and the central directory are
+new; :func:`append_in_place` appends those three to the file itself.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ckptmigrate.formats.zipio import (
     ZipFormatError,
     ZipWriter,
     copy_range,
+    live_length,
     read_entries,
     read_record,
 )
@@ -265,10 +266,18 @@ def append_records(fh: BinaryIO, records: dict[str, bytes]) -> None:
     writer.close()
 
 
-#: Bytes an in-place append may add: zip readers (torch's miniz, Python's zipfile) look for the
-#: end-of-directory record in the last 64 KiB, so while a smaller tail is being written they still
-#: find the old one and read the file as it was.
-IN_PLACE_LIMIT = 64_000
+class Pickled:
+    """A payload pickled once, with the storage records its tensors were assigned to: the in-place
+    append and the rewrite that replaces it when it cannot be done share it."""
+
+    def __init__(self, payload: Any) -> None:
+        self.plan = _StoragePlan()
+        self.data = dump(payload, self.plan)
+
+
+def live_end(source: Source) -> int:
+    """Where the archive ``source`` holds ends: its length, or less after an interrupted append."""
+    return live_length(source.fileno(), source.size)
 
 
 def write_metadata_only(
@@ -277,13 +286,14 @@ def write_metadata_only(
 ) -> None:
     """Rewrite a zip checkpoint whose tensors all live in ``source``: copy the records region as is,
     then append a new ``data.pkl``, the envelope and a central directory naming the live records."""
-    plan = _StoragePlan()
-    pickled = dump(payload, plan)
+    payload = payload if isinstance(payload, Pickled) else Pickled(payload)
     region_end = max(e.data_offset + e.size for e in entries.values())
     copy_range(source.fileno(), fh.fileno(), 0, region_end, 0)
     fh.seek(region_end)
     env = None if envelope is None else envelope_bytes(envelope)
-    _append_directory(fh, source, entries, prefix, pickled, plan, env)
+    writer = ZipWriter(fh)
+    _append_directory(writer, source, entries, prefix, payload, env)
+    writer.close()
 
 
 def append_in_place(
@@ -291,60 +301,46 @@ def append_in_place(
     envelope: dict[str, Any] | None,
 ) -> bool:
     """Append a new ``data.pkl``, envelope and central directory to the file itself, after its old
-    end-of-directory record; False (nothing written) when that would exceed :data:`IN_PLACE_LIMIT`.
+    end-of-directory record, however large (:meth:`ZipWriter.close_appended`: torch reads the old
+    archive until the new end record is written); False (nothing written) when the file does not
+    end with its end record. A tail left by an interrupted append is cut off first.
 
-    Until the new end record is written the file reads as before; the old ``data.pkl`` stays as
-    orphaned bytes (``ckptmigrate compact`` reclaims them).
+    The old ``data.pkl`` stays as orphaned bytes (``ckptmigrate compact`` reclaims them).
     """
-    plan = _StoragePlan()
-    pickled = dump(payload, plan)
-    env = envelope_bytes(envelope) if envelope is not None else b""
-    if _tail_bound(entries, prefix, plan, source, len(pickled), len(env)) > IN_PLACE_LIMIT:
-        return False
+    payload = payload if isinstance(payload, Pickled) else Pickled(payload)
+    live = live_end(source)
     with open(path, "r+b") as fh:
-        fh.seek(0, os.SEEK_END)
-        _append_directory(fh, source, entries, prefix, pickled, plan, env if envelope is not None else None,
-                          durable=True)
-        fh.flush()
-        os.fsync(fh.fileno())
+        fd = fh.fileno()
+        if os.fstat(fd).st_size != source.size:
+            return False
+        if live != source.size:
+            os.ftruncate(fd, live)
+            os.fsync(fd)
+        fh.seek(live)
+        writer = ZipWriter(fh, deferred=True)
+        _append_directory(writer, source, entries, prefix, payload,
+                          envelope_bytes(envelope) if envelope is not None else None)
+        try:
+            writer.close_appended(live)
+        except ZipFormatError:
+            return False
     return True
 
 
-def _tail_bound(
-    entries: dict[str, ZipEntry], prefix: str, plan: _StoragePlan, source: Source, pickled: int, envelope: int
-) -> int:
-    """An upper bound of the bytes :func:`_append_directory` appends to ``source``."""
-    zip64 = source.size >= (1 << 32) - (1 << 20)
-    new_record = 30 + 4 + 64 + (20 if zip64 else 0)  # local header, alignment field, zip64 sizes
-    directory_entry = 46 + (28 if zip64 else 0)
-    old_names = {e.data_offset: e.name for e in entries.values()}
-    total = 2 * new_record + pickled + envelope + 21 + 56 + 20 + 22  # page padding, end records
-    names = [f"{prefix}/data.pkl", f"{prefix}/{ENVELOPE_RECORD}"]
-    names += [n for n in entries if not n.startswith(f"{prefix}/data/") and n not in names]
-    for key, storage in plan.records:
-        name = f"{prefix}/data/{key}"
-        names.append(name)
-        offset = storage.offset if isinstance(storage, Storage) else None
-        if offset is None or old_names.get(offset) != name:
-            total += new_record + len(name) + (storage.nbytes if isinstance(storage, Storage) else 0)
-    return total + sum(directory_entry + len(n.encode()) for n in names)
-
-
 def _append_directory(
-    fh: BinaryIO, source: Source, entries: dict[str, ZipEntry], prefix: str, pickled: bytes,
-    plan: _StoragePlan, envelope: bytes | None, *, durable: bool = False,
+    writer: ZipWriter, source: Source, entries: dict[str, ZipEntry], prefix: str, payload: Pickled,
+    envelope: bytes | None,
 ) -> None:
-    writer = ZipWriter(fh)
-    writer.add_bytes(f"{prefix}/data.pkl", pickled)
-    live = {f"{prefix}/data/{key}": storage for key, storage in plan.records}
+    writer.add_bytes(f"{prefix}/data.pkl", payload.data)
+    data_dir = f"{prefix}/data/"
+    skip = (f"{prefix}/data.pkl", f"{prefix}/{ENVELOPE_RECORD}")
     for name, entry in entries.items():
-        if name.startswith(f"{prefix}/data/") or name in (
-            f"{prefix}/data.pkl", f"{prefix}/{ENVELOPE_RECORD}"
-        ):
+        if name.startswith(data_dir) or name in skip:
             continue
         writer.reuse(name, entry.header_offset, entry.size, entry.crc)
     old_by_offset = {e.data_offset: e for e in entries.values()}
-    for name, storage in live.items():
+    for key, storage in payload.plan.records:
+        name = data_dir + key
         if not isinstance(storage, Storage) or storage.source is not source:
             raise ValueError("a metadata-only rewrite needs every tensor to be in the source file")
         assert storage.offset is not None
@@ -355,5 +351,3 @@ def _append_directory(
             writer.add_copy(name, source.fileno(), storage.offset, storage.nbytes, old.crc)
     if envelope is not None:
         writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", envelope)
-    writer.close(durable=durable)
-

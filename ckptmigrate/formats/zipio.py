@@ -8,13 +8,14 @@ the file being appended to: that is what makes renames cost only metadata.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zipfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ckptmigrate.storage.rawio import copy_range, write_all
 
@@ -45,8 +46,67 @@ class ZipEntry:
     crc: int
 
 
+def live_length(fd: int, file_size: int) -> int:
+    """The length of the archive a reader that follows the end record's offsets (torch) sees:
+    ``file_size``, or, after an in-place append was interrupted (see :meth:`ZipWriter.close_appended`),
+    the length before that append: the file then ends with a copy of the bytes that end it there."""
+    if file_size < 2 * APPEND_END:
+        return file_size
+    end = os.pread(fd, APPEND_END, file_size - APPEND_END)
+    record = end[-_EOCD.size :]
+    if len(end) != APPEND_END or record[:4] != b"PK\x05\x06":
+        return file_size
+    _sig, _disk, _cd_disk, _n_disk, _n, cd_size, cd_offset, comment = _EOCD.unpack(record)
+    if comment:
+        return file_size
+    if end[:4] == b"PK\x06\x07":  # a zip64 locator: readers take the directory from its record
+        live = _LOCATOR64.unpack(end[: _LOCATOR64.size])[2] + _EOCD64.size + APPEND_END
+    else:
+        live = cd_offset + cd_size + _EOCD.size
+    if live == file_size or not APPEND_END <= live < file_size - APPEND_END:
+        return file_size
+    return live if os.pread(fd, APPEND_END, live - APPEND_END) == end else file_size
+
+
+class _Prefix(io.RawIOBase):
+    """The first ``length`` bytes of a file, for zipfile to read an archive followed by a dead tail."""
+
+    def __init__(self, fd: int, length: int) -> None:
+        self._fd, self._length, self._pos = fd, length, 0
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self._length - self._pos))
+        data = os.pread(self._fd, n, self._pos)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
 def read_entries(fh: BinaryIO, file_size: int) -> dict[str, ZipEntry]:
-    """Parse the central directory and local headers; validate that every record is in the file."""
+    """Parse the central directory and local headers; validate that every record is in the file.
+
+    A file whose in-place append was interrupted is read as torch reads it: the archive before it.
+    """
+    live = live_length(fh.fileno(), file_size)
+    if live != file_size:
+        fh, file_size = io.BufferedReader(_Prefix(fh.fileno(), live)), live
     try:
         infos = zipfile.ZipFile(fh).infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
@@ -171,18 +231,26 @@ class ZipWriter:
     """Write stored, 64-byte-aligned records and a central directory (zip64 when needed).
 
     ``fh`` must be positioned where the first new record goes; records already in the file can be
-    listed again with :meth:`reuse` without rewriting them.
+    listed again with :meth:`reuse` without rewriting them. With ``deferred`` nothing is written
+    until :meth:`close_appended` (the in-place append, which must know the final length first).
     """
 
-    def __init__(self, fh: BinaryIO) -> None:
+    def __init__(self, fh: BinaryIO, *, deferred: bool = False) -> None:
         self._fh = fh
         self._fd = fh.fileno()
         self._pos = fh.tell()
         self._entries: list[_Written] = []
+        self._deferred: list[tuple[int, bytes] | tuple[int, int, int, int]] | None = [] if deferred else None
 
     @property
     def position(self) -> int:
         return self._pos
+
+    def _write(self, data: bytes, offset: int) -> None:
+        if self._deferred is None:
+            write_all(self._fd, data, offset)
+        else:
+            self._deferred.append((offset, data))
 
     def _header(self, name: bytes, size: int, crc: int) -> bytes:
         zip64 = size >= _MAX32
@@ -200,16 +268,18 @@ class ZipWriter:
         raw = name.encode("utf-8")
         header = self._header(raw, size, crc)
         entry = _Written(raw, self._pos, size, crc)
-        write_all(self._fd, header, self._pos)
+        self._write(header, self._pos)
         return entry, self._pos + len(header)
 
     def add_bytes(self, name: str, data: bytes) -> None:
         entry, data_offset = self._begin(name, len(data), zlib.crc32(data))
-        write_all(self._fd, data, data_offset)
+        self._write(data, data_offset)
         self._finish(entry, data_offset)
 
     def add_stream(self, name: str, size: int, chunks: Iterable[memoryview | bytes]) -> None:
         """Write ``size`` bytes from ``chunks``; the CRC is computed on the way and patched in."""
+        if self._deferred is not None:
+            raise ValueError("a deferred (appending) writer takes only small records and copies")
         entry, data_offset = self._begin(name, size, 0)
         crc = 0
         written = 0
@@ -226,7 +296,10 @@ class ZipWriter:
 
     def add_copy(self, name: str, src_fd: int, src_offset: int, size: int, crc: int) -> None:
         entry, data_offset = self._begin(name, size, crc)
-        copy_range(src_fd, self._fd, src_offset, size, data_offset)
+        if self._deferred is None:
+            copy_range(src_fd, self._fd, src_offset, size, data_offset)
+        else:
+            self._deferred.append((src_fd, src_offset, size, data_offset))
         self._finish(entry, data_offset)
 
     def reuse(self, name: str, header_offset: int, size: int, crc: int) -> None:
@@ -237,13 +310,10 @@ class ZipWriter:
         self._entries.append(entry)
         self._pos = data_offset + entry.size
 
-    def close(self, *, durable: bool = False) -> int:
-        """Write the central directory; return the file's final length.
-
-        The end-of-directory record, the last thing a reader looks for, is written on its own and
-        never across a page boundary, so a process killed mid-write leaves it whole or absent; with
-        ``durable`` the directory before it is on disk first (for appends to a live file).
-        """
+    def _directory(self, whole: int) -> tuple[int, bytes]:
+        """(padding, central directory + end records) for records that end at the current position;
+        the padding keeps the last ``whole`` bytes inside one page, so a single write of them lands
+        whole or not at all (a killed write stops at a page boundary)."""
         parts: list[bytes] = []
         for e in self._entries:
             extra_fields: list[int] = []
@@ -269,8 +339,8 @@ class ZipWriter:
         n = len(self._entries)
         zip64 = n >= _MAX16 or self._pos >= _MAX32 - _PAGE or len(cd) >= _MAX32
         between = _EOCD64.size + _LOCATOR64.size if zip64 else 0
-        eocd_at = self._pos + len(cd) + between
-        pad = (-eocd_at) % _PAGE if eocd_at % _PAGE + _EOCD.size > _PAGE else 0
+        end_at = self._pos + len(cd) + between + _EOCD.size
+        pad = (-(end_at - whole)) % _PAGE if (end_at - whole) % _PAGE + whole > _PAGE else 0
         cd_start = self._pos + pad
         cd_end = cd_start + len(cd)
         tail = b""
@@ -280,12 +350,82 @@ class ZipWriter:
             eocd = _EOCD.pack(0x06054B50, 0, 0, _MAX16, _MAX16, _MAX32, _MAX32, 0)
         else:
             eocd = _EOCD.pack(0x06054B50, 0, 0, n, n, len(cd), cd_start, 0)
-        write_all(self._fd, bytes(pad) + cd + tail, self._pos)
+        return pad, cd + tail + eocd
+
+    def close(self, *, durable: bool = False) -> int:
+        """Write the central directory; return the file's final length.
+
+        The end-of-directory record, the last thing a reader looks for, is written on its own and
+        never across a page boundary, so a process killed mid-write leaves it whole or absent; with
+        ``durable`` the directory before it is on disk first.
+        """
+        pad, directory = self._directory(_EOCD.size)
+        write_all(self._fd, bytes(pad) + directory[: -_EOCD.size], self._pos)
         if durable:
             os.fsync(self._fd)
-        write_all(self._fd, eocd, cd_end + len(tail))
-        end = cd_end + len(tail) + len(eocd)
+        end = self._pos + pad + len(directory)
+        write_all(self._fd, directory[-_EOCD.size :], end - _EOCD.size)
         if os.fstat(self._fd).st_size > end:
             os.ftruncate(self._fd, end)
         self._fh.seek(end)
         return end
+
+    def close_appended(self, live_end: int) -> int:
+        """Finish an in-place append begun at ``live_end``, the end of the archive as it is; return
+        the new length. Readable by torch at every instant, whatever bytes the new records hold:
+
+        1. the last :data:`APPEND_END` bytes of the archive (its end record, and its zip64 locator or
+           the directory's last bytes) are copied, as they are, to where the new archive will end:
+           one write inside one page that moves the end of the file. A reader that looks for the
+           end record in the last 64 KiB (miniz, which torch uses; Python's zipfile) finds this copy
+           first — it is the last signature in the file, so a signature inside the new records is
+           never reached — and the copy points, by absolute offsets, at the old directory: the file
+           reads as it was;
+        2. the new records, padding, central directory and zip64 end record fill the gap, and are
+           fsynced;
+        3. the last :data:`APPEND_END` bytes of the new archive replace the copy in one write inside
+           one page, and are fsynced: the file now reads as the new archive.
+
+        The layout this leaves (a strict reader accepts exactly this; ``[a, b)`` are file offsets)::
+
+            [0, live_end)       the archive as it was: its records, its central directory and end
+                                records, byte for byte (earlier appends leave the same shape inside)
+            [live_end, R)       new records, each a local header (64-byte aligned data, the 0x4246
+                                padding extra field) and its data, back to back; the central
+                                directory lists these and records of [0, live_end) by offset;
+                                records of [0, live_end) it no longer lists are dead bytes
+            [R, C)              zero padding, fewer than 4096 bytes
+            [C, E - 22)         the new central directory, then (zip64) its end record and locator
+            [E - 22, E)         the end record, no comment; E is the file length
+
+        Killed during step 2 the file is ``[0, live_end)``, then zeros or a prefix of the new bytes,
+        then the copy of step 1 at ``[E - 42, E)``: torch reads the old archive; zipfile (which
+        expects the directory right before the end record) does not, and ckptmigrate reads it as the
+        old archive (:func:`live_length`) and cuts the tail off before it next writes.
+        """
+        if self._deferred is None:
+            raise ValueError("close_appended needs a deferred writer")
+        pad, directory = self._directory(APPEND_END)
+        end = self._pos + pad + len(directory)
+        old_end = os.pread(self._fd, APPEND_END, live_end - APPEND_END)
+        if len(old_end) != APPEND_END or old_end[-_EOCD.size : -_EOCD.size + 4] != b"PK\x05\x06":
+            raise ZipFormatError("the archive does not end with its end record; it cannot be appended to")
+        write_all(self._fd, old_end, end - APPEND_END)
+        os.fsync(self._fd)
+        for op in self._deferred:
+            if len(op) == 2:
+                write_all(self._fd, op[1], op[0])
+            else:
+                src_fd, src_offset, size, dst_offset = op
+                copy_range(src_fd, self._fd, src_offset, size, dst_offset)
+        write_all(self._fd, bytes(pad) + directory[:-APPEND_END], self._pos)
+        os.fsync(self._fd)
+        write_all(self._fd, directory[-APPEND_END:], end - APPEND_END)
+        os.fsync(self._fd)
+        self._fh.seek(end)
+        return end
+
+
+#: Bytes at the end of an archive written in one piece when appending: the end record and the 20
+#: bytes before it (the zip64 locator, or the directory's last bytes), what a reader reads first.
+APPEND_END = _EOCD.size + _LOCATOR64.size
