@@ -427,7 +427,8 @@ def read_record(fd: int, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
 
 
 def _check_torch_records(fd: int, entries: Entries, prefix: str) -> None:
-    """What torch reads before the payload: refuse what it would refuse, so that an accepted file loads."""
+    """What torch reads before the payload, read (CRC checked) and judged as torch judges it, so that
+    an archive accepted here is one torch loads: the version, byte order and storage alignment."""
     if f"{prefix}/constants.pkl" in entries:
         raise ZipFormatError("a TorchScript archive (constants.pkl): torch.load hands it to torch.jit.load")
     version = entries.get(f"{prefix}/.data/version") or entries.get(f"{prefix}/version")
@@ -437,3 +438,17 @@ def _check_torch_records(fd: int, entries: Entries, prefix: str) -> None:
     if match is None or int(match.group(1)) not in TORCH_VERSIONS:
         raise ZipFormatError(f"record {version.name!r} holds no archive version torch reads "
                              f"({TORCH_VERSIONS.start}..{TORCH_VERSIONS.stop - 1})")
+    order = entries.get(f"{prefix}/byteorder")
+    if order is not None and read_record(fd, order) != b"little":
+        raise ZipFormatError("the byteorder record is not 'little': torch would byte-swap (or refuse) every "
+                             "tensor; ckptmigrate reads little-endian files only")
+    for name in (".format_version", ".data/serialization_id"):
+        entry = entries.get(f"{prefix}/{name}")
+        if entry is not None:
+            read_record(fd, entry)
+    alignment = entries.get(f"{prefix}/.storage_alignment")
+    if alignment is not None:
+        try:
+            int(read_record(fd, alignment)[:64])
+        except ValueError:
+            raise ZipFormatError("the .storage_alignment record is not a number, which torch requires") from None
