@@ -168,6 +168,9 @@ def agree(path: Path, tally: Tally) -> None:
             assert value.contiguous().view(torch.uint8).tolist() == mine.contiguous().view(torch.uint8).tolist(), key
 
 
+HYPOTHESIS = Tally()  # what the hypothesis test ran, reported by the sweep after it
+
+
 def test_every_base_archive_is_accepted_and_agrees(bases: dict[str, bytes], tmp_path: Path) -> None:
     tally = Tally()
     for name, data in bases.items():
@@ -190,7 +193,7 @@ def test_mutated_archives_ckptmigrate_accepts_load_the_same_in_torch(
         data = mutate(data, rng)
     path = tmp_path / "mutated.pt"
     path.write_bytes(data)
-    agree(path, Tally())
+    agree(path, HYPOTHESIS)
 
 
 def test_a_seeded_sweep_finds_no_disagreement(bases: dict[str, bytes], tmp_path: Path) -> None:
@@ -205,7 +208,8 @@ def test_a_seeded_sweep_finds_no_disagreement(bases: dict[str, bytes], tmp_path:
         path = tmp_path / f"case{i % 2}.pt"
         path.write_bytes(data)
         agree(path, tally)
-    print(f"\ndifferential zip fuzz: {tally.cases} cases, {tally.accepted} accepted, 0 disagreements")
+    print(f"\ndifferential zip fuzz: sweep {tally.cases} cases ({tally.accepted} accepted), hypothesis "
+          f"{HYPOTHESIS.cases} cases ({HYPOTHESIS.accepted} accepted), 0 disagreements")
     assert tally.accepted > 0  # the oracle compared something
 
 

@@ -55,6 +55,7 @@ _DOS_DIRECTORY = 0x10
 _TAG_ZIP64 = 0x0001
 _TAG_PADDING = 0x4246  # "FB": torch's (and ckptmigrate's) alignment padding in local headers
 _SCAN = 1 << 20
+_BLOCK = 512  # a local header and its name and extra field, read at once
 #: torch refuses an archive whose ``version`` record is outside this range (caffe2/serialize/versions.h).
 TORCH_VERSIONS = range(1, 0xA + 1)
 _LEADING_INTEGER = re.compile(rb"[ \t\n\v\f\r]*\+?([0-9]+)")
@@ -107,7 +108,14 @@ class _Central:
     header_offset: int
 
 
+#: A canonical name: printable ASCII parts without ``/`` or ``\\``, at least two, none ``.`` or ``..``.
+_CANONICAL = re.compile(rb"[ -.0-\[\]-~]+(?:/[ -.0-\[\]-~]+)+")
+_DOT_PART = re.compile(rb"(?:^|/)\.\.?(?:/|$)")
+
+
 def _check_name(raw: bytes, where: str) -> str:
+    if _CANONICAL.fullmatch(raw) and not _DOT_PART.search(raw):
+        return raw.decode("ascii")
     if not raw:
         raise ZipFormatError(f"{where} has an empty name")
     if b"\x00" in raw:
@@ -115,12 +123,9 @@ def _check_name(raw: bytes, where: str) -> str:
     if any(b < 0x20 or b > 0x7E for b in raw):
         raise ZipFormatError(f"{where} has a name with a control or non-ASCII byte: {raw[:80]!r}")
     name = raw.decode("ascii")
-    parts = name.split("/")
-    if "\\" in name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ZipFormatError(f"{where} has a non-canonical name {name[:80]!r} (backslash, absolute, empty, . or ..)")
-    if len(parts) < 2:
+    if "/" not in name.strip("/"):
         raise ZipFormatError(f"{where}: {name[:80]!r} is not inside the archive's folder")
-    return name
+    raise ZipFormatError(f"{where} has a non-canonical name {name[:80]!r} (backslash, absolute, empty, . or ..)")
 
 
 def _extra_fields(extra: bytes, allowed: tuple[int, ...], where: str) -> dict[int, bytes]:
@@ -268,13 +273,14 @@ class _Reader:
 
     def walk(self, live: dict[int, _Central], cd_offset: int) -> None:
         self.live = live
-        self.live_offsets = sorted(live)
         self.records: dict[int, tuple[str, int]] = {}
+        self.data_offsets: dict[int, int] = {}
         pos = 0
         while pos < cd_offset:
-            sig = self.pread(min(4, cd_offset - pos), pos, "a structure")
+            block = os.pread(self.fd, min(_BLOCK, cd_offset - pos), pos)
+            sig = block[:4]
             if sig == SIG_LOCAL:
-                pos = self.record(pos, cd_offset)
+                pos = self.record(pos, block, cd_offset)
             elif sig == SIG_CENTRAL:
                 pos = self.superseded_directory(pos, cd_offset)
             elif sig[:1] == b"\x00":
@@ -288,13 +294,19 @@ class _Reader:
         if hidden:
             raise ZipFormatError(f"record {hidden[0]!r} has its local header inside another record's bytes")
 
-    def record(self, pos: int, limit: int) -> int:
-        (_sig, needed, flags, method, _time, _date, crc, csize, usize, nlen, xlen) = _LOCAL.unpack(
-            self.pread(30, pos, "a local header"))
-        raw_extra = self.pread(nlen + xlen, pos + 30, "a local header")
+    def record(self, pos: int, block: bytes, limit: int) -> int:
+        if len(block) < 30:
+            raise ZipFormatError(f"a local header at offset {pos} runs into the central directory")
+        (_sig, needed, flags, method, _time, _date, crc, csize, usize, nlen, xlen) = _LOCAL.unpack_from(block)
+        raw_extra = block[30 : 30 + nlen + xlen]
+        if len(raw_extra) != nlen + xlen:
+            raw_extra = self.pread(nlen + xlen, pos + 30, "a local header")
         central = self.live.get(pos)
         where = f"record {central.name!r}" if central else f"a superseded record at offset {pos}"
-        name = _check_name(raw_extra[:nlen], where)
+        if central is not None and raw_extra[:nlen] == central.raw_name:
+            name = central.name
+        else:
+            name = _check_name(raw_extra[:nlen], where)
         if name.split("/")[0] != self.prefix:
             raise ZipFormatError(f"{where}: {name!r} is outside the archive folder {self.prefix!r}")
         if needed > _MAX_VERSION_NEEDED or flags & ~_FLAGS_ALLOWED or method != 0:
@@ -322,6 +334,7 @@ class _Reader:
         if end > limit:
             raise ZipFormatError(f"{where} claims {size} bytes past the central directory or the end of the file")
         self.records[pos] = (name, size)
+        self.data_offsets[pos] = data
         if not described:
             return end
         long = pos >= MAX32 or size >= MAX32
@@ -411,8 +424,7 @@ def read_archive(fd: int, length: int) -> Entries:
     reader.walk(live, cd_offset)
     entries = Entries()
     for c in centrals:
-        nlen, xlen = struct.unpack("<HH", reader.pread(4, c.header_offset + 26, "a local header"))
-        entries[c.name] = ZipEntry(c.name, c.header_offset, c.header_offset + 30 + nlen + xlen, c.size, c.crc)
+        entries[c.name] = ZipEntry(c.name, c.header_offset, reader.data_offsets[c.header_offset], c.size, c.crc)
     _check_torch_records(fd, entries, reader.prefix or "")
     return entries
 
