@@ -12,6 +12,7 @@ returns one thing while ``zipfile`` (what ckptmigrate read before) sees another.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import subprocess
@@ -22,11 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import zipcraft
 from zipcraft import Layout, Rec, central_entry, layout_of, records_of
 
 from ckptmigrate import formats
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput
+from ckptmigrate.formats.zipio import ZipWriter
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 A = {"w": torch.arange(4.0)}
@@ -344,3 +347,29 @@ def test_a_superseded_directory_that_was_tampered_with_is_refused(tmp_path: Path
 def test_records_of_a_real_file_are_what_the_crafted_archives_start_from() -> None:
     names = [name for name, _ in records_of(A)]
     assert names[0] == "archive/data.pkl" and "archive/data/0" in names and "archive/version" in names
+
+
+def test_records_past_4_gib_are_read_through_their_zip64_fields(tmp_path: Path) -> None:
+    """A 4 GiB record (its sizes in a zip64 field) before the others puts their offsets in zip64
+    fields too, and the end records in zip64 records; a sparse file makes it cheap."""
+    path = tmp_path / "far.pt"
+    gap = (1 << 32) + 100
+    name = b"archive/pad"
+    extra = struct.pack("<HHQQ", 1, 16, gap, gap)
+    header = zipcraft.LOCAL.pack(0x04034B50, 45, 0, 0, 0, 0, 0, 0xFFFFFFFF, 0xFFFFFFFF, len(name), len(extra))
+    try:
+        with open(path, "wb") as fh:
+            fh.write(header + name + extra)
+            fh.seek(fh.tell() + gap)
+            writer = ZipWriter(fh)
+            for record, data in records_of(A):
+                writer.add_bytes(record, data)
+            writer.reuse("archive/pad", 0, gap, 0)
+            writer.close()
+            if os.fstat(fh.fileno()).st_blocks * 512 > 64 << 20:
+                pytest.skip("this file system does not store sparse files")
+        entries = formats.read(path).records
+        assert entries["archive/pad"].size == gap and entries["archive/data/0"].header_offset > gap
+        assert_reads_as_torch_loads(path)
+    finally:
+        path.unlink()

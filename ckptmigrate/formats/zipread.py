@@ -123,7 +123,7 @@ def _check_name(raw: bytes, where: str) -> str:
     if any(b < 0x20 or b > 0x7E for b in raw):
         raise ZipFormatError(f"{where} has a name with a control or non-ASCII byte: {raw[:80]!r}")
     name = raw.decode("ascii")
-    if "/" not in name.strip("/"):
+    if "/" not in name.strip("/") and "\\" not in name:
         raise ZipFormatError(f"{where}: {name[:80]!r} is not inside the archive's folder")
     raise ZipFormatError(f"{where} has a non-canonical name {name[:80]!r} (backslash, absolute, empty, . or ..)")
 
@@ -408,13 +408,25 @@ class _Reader:
 def read_archive(fd: int, length: int) -> Entries:
     """The records of the torch zip archive in the first ``length`` bytes of ``fd``, refusing any
     archive that miniz (torch) and another zip reader could read differently (see the module)."""
+    try:
+        return _read_archive(fd, length)
+    except ZipFormatError as exc:
+        raise ZipFormatError(f"{exc}; re-save it with torch.save (or restore a copy)") from None
+
+
+def _read_archive(fd: int, length: int) -> Entries:
     reader = _Reader(fd, length)
     if length < 30 + 46 + 22:
         raise ZipFormatError("the file is too short to be a zip archive")
     if reader.pread(4, 0, "the first local header") != SIG_LOCAL:
         raise ZipFormatError("the file does not start with a zip local header (torch reads only those)")
-    n, cd_size, cd_offset, _end = reader.end_records(length - 22, "the end-of-central-directory record at "
-                                                                  "the end of the file")
+    if reader.pread(4, length - 22, "the end record") != SIG_EOCD:
+        window = os.pread(fd, min(length, MAX16 + 22), max(0, length - MAX16 - 22))
+        if SIG_EOCD in window:
+            raise ZipFormatError("bytes (or a comment) follow the archive's end record: zip readers may pick "
+                                 "different end records")
+        raise ZipFormatError("the archive has no end-of-central-directory record: it is truncated")
+    n, cd_size, cd_offset, _end = reader.end_records(length - 22, "the end record")
     centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
     reader.check_names(centrals, "the archive")
     live: dict[int, _Central] = {}
