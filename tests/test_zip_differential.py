@@ -33,6 +33,7 @@ from zipcraft import layout_of
 
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput
+from ckptmigrate.formats import torchzip
 
 EXAMPLES = int(os.environ.get("CKPTMIGRATE_FUZZ_EXAMPLES", "150"))
 SWEEP = max(EXAMPLES * 8 // 3, 50)
@@ -136,6 +137,30 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(buf)
 
 
+#: Records a well-formed append may add or replace (relative to the archive folder), and contents.
+RECORD_NAMES = ("byteorder", "BYTEORDER", "version", ".data/version", ".DATA/VERSION", "data.pkl", "DATA.PKL",
+                "data/0", "Data/0", "data/9", "constants.pkl", ".storage_alignment", ".format_version", "x")
+CONTENTS = (b"big", b"little", b"9\n", b"11\n", b"", b"64", b"sixty-four")
+
+
+def append_record(data: bytes, rng: random.Random, scratch: Path) -> bytes:
+    """A well-formed in-place append of one record (ckptmigrate's own writer): names that collide
+    ignoring case, records torch reads before the payload, a replaced data.pkl or storage."""
+    scratch.write_bytes(data)
+    other = {name.split("/", 1)[1]: body for name, body in layout_records()}
+    content = rng.choice([*CONTENTS, other["data.pkl"], other["data/0"], os.urandom(rng.randrange(1, 64))])
+    try:
+        with open(scratch, "r+b") as fh:
+            torchzip.append_records(fh, {rng.choice(RECORD_NAMES): content})
+    except (torchzip.TorchZipError, ValueError):
+        return data
+    return scratch.read_bytes()
+
+
+def layout_records() -> list[tuple[str, bytes]]:
+    return [(r.name.decode(), r.data) for r in layout_of({"w": torch.full((4,), 666.0)}).recs]
+
+
 # -- the oracle ----------------------------------------------------------------------------------------
 
 
@@ -190,7 +215,7 @@ def test_mutated_archives_ckptmigrate_accepts_load_the_same_in_torch(
     rng = random.Random(seed)
     data = bases[base]
     for _ in range(steps):
-        data = mutate(data, rng)
+        data = append_record(data, rng, tmp_path / "scratch.pt") if rng.random() < 0.25 else mutate(data, rng)
     path = tmp_path / "mutated.pt"
     path.write_bytes(data)
     agree(path, HYPOTHESIS)
@@ -204,7 +229,7 @@ def test_a_seeded_sweep_finds_no_disagreement(bases: dict[str, bytes], tmp_path:
     for i in range(SWEEP):
         data = bases[names[i % len(names)]]
         for _ in range(rng.randrange(1, 4)):
-            data = mutate(data, rng)
+            data = append_record(data, rng, tmp_path / "scratch.pt") if rng.random() < 0.25 else mutate(data, rng)
         path = tmp_path / f"case{i % 2}.pt"
         path.write_bytes(data)
         agree(path, tally)

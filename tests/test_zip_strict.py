@@ -195,6 +195,13 @@ def a_torchscript_archive() -> bytes:
     return layout.build()
 
 
+def a_storage_record_longer_than_its_storage() -> bytes:
+    """torch.load refuses it (without mmap); with mmap it reads the first bytes: refuse, as torch does."""
+    layout = layout_of(A)
+    rec(layout, "data/0").data += bytes(32)
+    return layout.build()
+
+
 ATTACKS: list[Callable[[], bytes]] = [
     nul_in_a_name, names_equal_ignoring_case, more_entries_than_counted, a_polyglot_of_two_archives,
     directory_not_where_the_end_record_says, directory_offset_points_elsewhere, bytes_between_records,
@@ -204,7 +211,7 @@ ATTACKS: list[Callable[[], bytes]] = [
     name_with(b"archive\\data\\x"), name_with(b"archive/../x"), name_with(b"/archive/x"),
     name_with(b"archive//x"), name_with(b"archive/./x"), name_with(b"archive/x/"), name_with(b"archive/\xc3\xa9"),
     a_record_outside_the_archive_folder, two_local_headers_for_one_entry, a_version_torch_refuses,
-    a_torchscript_archive,
+    a_torchscript_archive, a_storage_record_longer_than_its_storage,
 ]
 
 

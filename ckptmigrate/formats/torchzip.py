@@ -79,9 +79,9 @@ def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, Storage]
         entry = entries.get(f"{prefix}/data/{key}")
         if entry is None:
             raise TorchZipError(f"storage record data/{key} is missing from the archive")
-        if entry.size < storage.nbytes:
+        if entry.size != storage.nbytes:  # torch.load (without mmap) refuses any other size
             raise TorchZipError(
-                f"storage record data/{key} holds {entry.size} bytes, its tensors need {storage.nbytes}"
+                f"storage record data/{key} holds {entry.size} bytes, its storage is {storage.nbytes}"
             )
         storage.source, storage.offset, storage.crc32 = source, entry.data_offset, entry.crc
     envelope = None
