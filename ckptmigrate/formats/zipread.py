@@ -55,6 +55,8 @@ _DOS_DIRECTORY = 0x10
 _TAG_ZIP64 = 0x0001
 _TAG_PADDING = 0x4246  # "FB": torch's (and ckptmigrate's) alignment padding in local headers
 _SCAN = 1 << 20
+#: The largest central directory read (it is read whole): a bound on memory whatever the file claims.
+MAX_DIRECTORY = 256 << 20
 _BLOCK = 512  # a local header and its name and extra field, read at once
 #: torch refuses an archive whose ``version`` record is outside this range (caffe2/serialize/versions.h).
 TORCH_VERSIONS = range(1, 0xA + 1)
@@ -218,6 +220,9 @@ class _Reader:
                 f"{cd_offset + cd_size}, the end records begin at {end}); zip readers disagree on such files")
         if cd_size < 46 * n:
             raise ZipFormatError(f"{where}: {n} entries cannot fit a {cd_size}-byte central directory")
+        if cd_size > MAX_DIRECTORY:
+            raise ZipFormatError(f"{where}: a central directory of {cd_size:,} bytes is more than ckptmigrate "
+                                 f"reads ({MAX_DIRECTORY:,}; a million records take ~80 MB)")
         return n, cd_size, cd_offset, end
 
     def directory(self, cd: bytes, count: int, where: str) -> list[_Central]:
@@ -258,12 +263,13 @@ class _Reader:
         """One top-level folder (torch takes the first entry's; it refuses other folders) and no two
         names equal ignoring ASCII case (miniz's lookup finds either)."""
         self.prefix = self.prefix or centrals[0].name.split("/")[0]
-        seen: dict[str, str] = {}
-        for c in centrals:
+        seen: dict[str, int] = {}
+        for i, c in enumerate(centrals):
             if c.name.split("/")[0] != self.prefix:
                 raise ZipFormatError(f"{where}: record {c.name!r} is outside the archive folder {self.prefix!r}")
-            other = seen.setdefault(c.name.lower(), c.name)
-            if other is not c.name:
+            first = seen.setdefault(c.name.lower(), i)
+            if first != i:
+                other = centrals[first].name
                 if other == c.name:
                     raise ZipFormatError(f"{where}: record {c.name!r} appears twice")
                 raise ZipFormatError(f"{where}: records {other!r} and {c.name!r} have the same name ignoring "
