@@ -380,3 +380,16 @@ def test_records_past_4_gib_are_read_through_their_zip64_fields(tmp_path: Path) 
         assert_reads_as_torch_loads(path)
     finally:
         path.unlink()
+
+
+def test_a_tail_after_the_end_record_is_refused_with_the_length_that_gives_the_archive_back(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """What an interrupted in-place write of an older ckptmigrate leaves: the archive, then a tail."""
+    path = tmp_path / "model.pt"
+    archive = layout_of(A).build()
+    path.write_bytes(archive + layout_of(B).build()[:300])
+    proc = cli("inspect", path)
+    assert proc.returncode == 2 and f"truncate -s {len(archive)}" in proc.stderr, proc.stderr
+    os.truncate(path, len(archive))
+    assert cli("inspect", path).returncode == 0

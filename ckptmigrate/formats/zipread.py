@@ -427,10 +427,13 @@ def _read_archive(fd: int, length: int) -> Entries:
     if reader.pread(4, 0, "the first local header") != SIG_LOCAL:
         raise ZipFormatError("the file does not start with a zip local header (torch reads only those)")
     if reader.pread(4, length - 22, "the end record") != SIG_EOCD:
-        window = os.pread(fd, min(length, MAX16 + 22), max(0, length - MAX16 - 22))
-        if SIG_EOCD in window:
-            raise ZipFormatError("bytes (or a comment) follow the archive's end record: zip readers may pick "
-                                 "different end records")
+        start = max(0, length - MAX16 - 22)
+        last = os.pread(fd, length - start, start)[:-21].rfind(SIG_EOCD)  # the one miniz would take
+        if last >= 0:
+            raise ZipFormatError(
+                f"{length - start - last - 22} bytes (or a comment) follow the archive's end record, and zip "
+                "readers may pick different end records; if an in-place write was interrupted, "
+                f"`truncate -s {start + last + 22}` gives back the archive it appended to")
         raise ZipFormatError("the archive has no end-of-central-directory record: it is truncated")
     n, cd_size, cd_offset, _end = reader.end_records(length - 22, "the end record")
     centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
