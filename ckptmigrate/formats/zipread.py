@@ -6,7 +6,8 @@ rules (miniz looks names up ignoring ASCII case and reads only the entries the e
 offset when the directory is not where the end record says). An archive is accepted only when
 every such rule gives the same answer:
 
-- the end record is the file's last 22 bytes (no comment, one disk), with a zip64 end record and
+- the end record ends the file (with a comment only when no end record signature is in it: every
+  reader then takes the same one; one disk), with a zip64 end record and
   locator right before it when it uses them, every 32-bit field equal to its zip64 value or the
   0xFFFF.. marker; the central directory ends exactly where they begin and holds exactly the
   counted entries;
@@ -179,14 +180,15 @@ class _Reader:
 
     # -- the end records and a central directory ---------------------------------------------------
 
-    def end_records(self, eocd: int, where: str) -> tuple[int, int, int, int]:
+    def end_records(self, eocd: int, where: str, comment_len: int = 0) -> tuple[int, int, int, int]:
         """(entries, directory size, directory offset, where the directory must end) from the end
-        record at ``eocd`` and the zip64 records before it."""
+        record at ``eocd`` (followed by a comment of ``comment_len`` bytes) and the zip64 records before it."""
         sig, disk, cd_disk, n_disk, n, cd_size, cd_offset, comment = _EOCD.unpack(self.pread(22, eocd, where))
         if sig != 0x06054B50:
             raise ZipFormatError(f"{where} is missing")
-        if comment:
-            raise ZipFormatError(f"{where} has a comment (a reader may find another end record inside it)")
+        if comment != comment_len:
+            raise ZipFormatError(f"{where} has a comment that does not end the file (a reader may find another "
+                                 "end record)")
         if disk or cd_disk or n_disk != n:
             raise ZipFormatError(f"{where} spans several disks")
         end = eocd
@@ -426,16 +428,21 @@ def _read_archive(fd: int, length: int) -> Entries:
         raise ZipFormatError("the file is too short to be a zip archive")
     if reader.pread(4, 0, "the first local header") != SIG_LOCAL:
         raise ZipFormatError("the file does not start with a zip local header (torch reads only those)")
-    if reader.pread(4, length - 22, "the end record") != SIG_EOCD:
+    eocd, comment = length - 22, 0
+    if reader.pread(4, eocd, "the end record") != SIG_EOCD:
+        # a comment may follow the end record if no end record signature is in it: every reader then
+        # takes the same one (miniz and zipfile both take the last signature before the end)
         start = max(0, length - MAX16 - 22)
-        last = os.pread(fd, length - start, start)[:-21].rfind(SIG_EOCD)  # the one miniz would take
-        if last >= 0:
+        last = os.pread(fd, length - start, start)[:-18].rfind(SIG_EOCD)  # 22 bytes after it, as miniz asks
+        if last < 0:
+            raise ZipFormatError("the archive has no end-of-central-directory record: it is truncated")
+        eocd, comment = start + last, length - start - last - 22
+        if struct.unpack("<H", reader.pread(2, eocd + 20, "the end record"))[0] != comment:
             raise ZipFormatError(
-                f"{length - start - last - 22} bytes (or a comment) follow the archive's end record, and zip "
-                "readers may pick different end records; if an in-place write was interrupted, "
-                f"`truncate -s {start + last + 22}` gives back the archive it appended to")
-        raise ZipFormatError("the archive has no end-of-central-directory record: it is truncated")
-    n, cd_size, cd_offset, _end = reader.end_records(length - 22, "the end record")
+                f"{comment} bytes follow the archive's end record, and zip readers may pick different end "
+                "records; if an in-place write was interrupted, "
+                f"`truncate -s {eocd + 22}` gives back the archive it appended to")
+    n, cd_size, cd_offset, _end = reader.end_records(eocd, "the end record", comment)
     centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
     reader.check_names(centrals, "the archive")
     live: dict[int, _Central] = {}
