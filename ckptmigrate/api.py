@@ -361,24 +361,29 @@ def verify(path: PathLike, public_key: Any = None, *, key: str | None = None) ->
     return integrity.verify(path, public_key, state_key=key)
 
 
-def verify_manifest(manifest: PathLike, public_key: Any = None, *, jobs: int | None = None
+def verify_manifest(manifest: PathLike, public_key: Any = None, *, jobs: int | None = None, strict: bool = False
                     ) -> tuple[dict[str, Any], list[VerifyResult]]:
     """Check a release manifest: its signature, and every file it lists (present, hashing to the
     listed digest, signed by the listed key, stamped for the release). Returns (the manifest's
-    verdict: ``release``, ``commit``, ``files``, ``signature``, ``signed_by``, ``problems``, ``ok``;
+    verdict: ``release``, ``commit``, ``files``, ``signature``, ``signed_by``, ``unlisted`` (checkpoint
+    files in its directory it does not list: a problem with ``strict``), ``problems``, ``ok``;
     the verdict of each listed file)."""
     from ckptmigrate.release import signing
-    from ckptmigrate.release.manifest import check_manifest_file, load_manifest, parallel
+    from ckptmigrate.release.manifest import check_manifest_file, load_manifest, parallel, unlisted_checkpoints
 
     path = Path(manifest)
     key = signing.load_public_key(public_key) if isinstance(public_key, (str, os.PathLike)) else public_key
     doc = load_manifest(path)
     sig = signing.check_manifest_signature(doc, key)
     problems = [sig.problem] if sig.problem and (sig.status != "absent" or key is not None) else []
+    root = path.resolve().parent
+    unlisted = unlisted_checkpoints(doc, root, path.resolve())
+    if strict and unlisted:
+        problems.append(f"{len(unlisted)} checkpoint file(s) in its directory are not listed (--strict)")
     info = {"path": str(path), "release": doc.get("release"), "commit": doc.get("commit"),
             "files": len(doc["files"]), "signature": sig.status, "signed_by": sig.signed_by,
+            "unlisted": [{"path": str(p), "format": kind} for p, kind in unlisted],
             "problems": problems, "ok": not problems}
-    root = path.resolve().parent
     results = list(parallel(lambda e: check_manifest_file(e, root, doc.get("release"), key), doc["files"], jobs))
     return info, results
 

@@ -3,7 +3,9 @@ and :mod:`ckptmigrate.release.manifest`, registered on the main group by :func:`
 
 ``verify`` exits 0 when every file checks out, 1 naming each file and tensor that did not, and 2 for
 bad input (a missing key, an unreadable manifest, a PATH that does not exist). The public key is
-``--public-key``; ``--key`` names where the state dict sits, as on every other command.
+``--public-key``; ``--key`` names where the state dict sits, as on every other command. With
+``--manifest`` it also reports checkpoint files in the manifest's directory that the manifest does
+not list (a failure with ``--strict``).
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ def _public_key_given_as_key(value: str | None) -> bool:
               help="Files verified at once (default: the number of CPUs).")
 @click.option("--key", "state_key", default=None, metavar="LOCATION",
               help="Where the state dict sits in the payload, as on every command (the public key is --public-key).")
+@click.option("--strict", is_flag=True,
+              help="With --manifest: fail when the manifest's directory holds checkpoint files it does not list.")
 def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, as_json: bool,
-           jobs: int | None, state_key: str | None) -> None:
+           jobs: int | None, state_key: str | None, strict: bool) -> None:
     """Recompute digests and check signatures of stamped checkpoints (files, directories, globs)."""
     from ckptmigrate import api
     from ckptmigrate.release import integrity, signing
@@ -83,6 +87,8 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
                        f"command; pass the public key as --public-key {state_key}")
     if not paths and manifest is None:
         raise BadInput("verify needs PATH... or --manifest")
+    if strict and manifest is None:
+        raise BadInput("--strict checks the directory of a --manifest; give --manifest")
     public_key = signing.load_public_key(pubkey) if pubkey is not None else None
     files = api.checkpoint_files(paths) if paths else []
     for path in files:
@@ -106,7 +112,7 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
             click.echo(_line(result), err=not result.ok)
     manifest_info: dict[str, Any] | None = None
     if manifest is not None:
-        manifest_info, listed = api.verify_manifest(manifest, public_key, jobs=jobs)
+        manifest_info, listed = api.verify_manifest(manifest, public_key, jobs=jobs, strict=strict)
         for result in listed:
             results.append(result)
             if not as_json:
@@ -118,10 +124,15 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
                                "manifest": manifest_info, "files": [r.to_dict() for r in results]}, indent=2))
     else:
         if manifest_info is not None:
+            level = "FAILED" if strict else "WARNING"
+            for item in manifest_info["unlisted"]:
+                click.echo(f"{item['path']}: {level}: a {item['format']} checkpoint not listed in the manifest: "
+                           "nothing vouches for it" + ("" if strict else " (--strict fails on it)"), err=True)
             state = "OK" if manifest_ok else "FAILED: " + "; ".join(manifest_info["problems"])
             who = f", signed by {manifest_info['signed_by']}" if manifest_info["signature"] == "valid" else ""
+            extra = f", {len(manifest_info['unlisted'])} unlisted in its directory" if manifest_info["unlisted"] else ""
             click.echo(f"manifest {manifest}: release {manifest_info['release']}, {manifest_info['files']} files"
-                       f"{who}: {state}", err=not manifest_ok)
+                       f"{extra}{who}: {state}", err=not manifest_ok)
         if len(results) > 1 or manifest_info is not None:
             click.echo(f"{len(results)} files: {len(results) - len(failed)} ok, {len(failed)} failed")
     if failed or not manifest_ok:

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from ckptmigrate.formats.torchzip import MAX_ENVELOPE, MAX_ENVELOPE_DEPTH, MAX_ENVELOPE_VALUES
 from ckptmigrate.storage.rawio import copy_range, write_all
 from ckptmigrate.tensors.refs import (
     DTYPE_TO_SAFETENSORS,
@@ -28,6 +29,7 @@ from ckptmigrate.tensors.refs import (
     shape_of,
     to_torch,
 )
+from ckptmigrate.util import boundedjson
 
 ENVELOPE_KEY = "ckptmigrate"
 #: The longest header read, as the safetensors library itself allows; a longer one is refused
@@ -66,9 +68,10 @@ def _parse_envelope(text: Any) -> dict[str, Any]:
     if not isinstance(text, str):
         raise SafetensorsFormatError("the ckptmigrate envelope in __metadata__ is not a string")
     try:
-        envelope = json.loads(text)
-    except (ValueError, RecursionError):
-        raise SafetensorsFormatError("the ckptmigrate envelope in __metadata__ is not JSON") from None
+        envelope = boundedjson.loads(text, max_bytes=MAX_ENVELOPE, max_values=MAX_ENVELOPE_VALUES,
+                                     max_depth=MAX_ENVELOPE_DEPTH)
+    except boundedjson.JSONBoundsError as exc:
+        raise SafetensorsFormatError(f"the ckptmigrate envelope in __metadata__ is refused: {exc}") from None
     if not isinstance(envelope, dict):
         raise SafetensorsFormatError("the ckptmigrate envelope in __metadata__ is not a JSON object")
     return envelope

@@ -36,11 +36,16 @@ from ckptmigrate.tensors.refs import (
     shape_of,
     to_torch,
 )
+from ckptmigrate.util import boundedjson
 
 ENVELOPE_RECORD = ".data/ckptmigrate.json"
 COMPRESS_ABOVE = 4096
-#: An envelope that inflates past this is refused (a zlib bomb, not metadata).
-MAX_ENVELOPE = 64 << 20
+#: Bounds of an envelope, checked before it is inflated or parsed: its JSON text (inflated) in bytes,
+#: its values (strings, numbers, containers...) and its nesting. A stamped model of 1,000 tensors with
+#: digests has an envelope of ~180 KB and ~12,000 values.
+MAX_ENVELOPE = 32 << 20
+MAX_ENVELOPE_VALUES = 2_000_000
+MAX_ENVELOPE_DEPTH = 64
 _CHUNK = 16 << 20
 
 
@@ -74,9 +79,9 @@ def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, Storage]
         entry = entries.get(f"{prefix}/data/{key}")
         if entry is None:
             raise TorchZipError(f"storage record data/{key} is missing from the archive")
-        if entry.size < storage.nbytes:
+        if entry.size != storage.nbytes:  # torch.load (without mmap) refuses any other size
             raise TorchZipError(
-                f"storage record data/{key} holds {entry.size} bytes, its tensors need {storage.nbytes}"
+                f"storage record data/{key} holds {entry.size} bytes, its storage is {storage.nbytes}"
             )
         storage.source, storage.offset, storage.crc32 = source, entry.data_offset, entry.crc
     envelope = None
@@ -106,19 +111,13 @@ def envelope_bytes(envelope: dict[str, Any]) -> bytes:
 
 
 def parse_envelope(data: bytes) -> Any:
-    """The envelope record: JSON text, or zlib-compressed JSON (its first byte is 0x78, never ``{``)."""
+    """The envelope record: JSON text, or zlib-compressed JSON (its first byte is 0x78, never ``{``),
+    within the bounds of :data:`MAX_ENVELOPE`, :data:`MAX_ENVELOPE_VALUES` and :data:`MAX_ENVELOPE_DEPTH`."""
     if data[:1] == b"\x78":
-        inflate = zlib.decompressobj()
-        try:
-            data = inflate.decompress(data, MAX_ENVELOPE)
-        except zlib.error as exc:
-            raise ValueError(f"compressed envelope is corrupt: {exc}") from None
-        if inflate.unconsumed_tail:
-            raise ValueError(f"compressed envelope inflates past {MAX_ENVELOPE} bytes")
-    try:
-        envelope = json.loads(data)
-    except RecursionError:
-        raise ValueError("the envelope is nested too deeply") from None
+        data = boundedjson.inflate(data, MAX_ENVELOPE)
+    envelope = boundedjson.loads(
+        data, max_bytes=MAX_ENVELOPE, max_values=MAX_ENVELOPE_VALUES, max_depth=MAX_ENVELOPE_DEPTH
+    )
     if not isinstance(envelope, dict):
         raise ValueError("the envelope is not a JSON object")
     return envelope

@@ -1,22 +1,26 @@
 """Just enough of the zip format to read and write torch checkpoints without touching tensor bytes.
 
-Records are stored (never compressed) and their data is aligned to 64 bytes, as ``torch.save``
-does, so ``torch.load(mmap=True)`` can map them. A writer can copy a record's bytes from another
-file with ``os.copy_file_range`` or point the central directory at a record that already sits in
-the file being appended to: that is what makes renames cost only metadata.
+Reading is :mod:`ckptmigrate.formats.zipread` (re-exported here). Records are stored (never
+compressed) and their data is aligned to 64 bytes, as ``torch.save`` does, so
+``torch.load(mmap=True)`` can map them. A writer can copy a record's bytes from another file with
+``os.copy_file_range`` or point the central directory at a record that already sits in the file
+being appended to: that is what makes renames cost only metadata.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import struct
-import zipfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
+from ckptmigrate.formats import zipread
+from ckptmigrate.formats.zipread import Entries as Entries
+from ckptmigrate.formats.zipread import ZipEntry as ZipEntry
+from ckptmigrate.formats.zipread import ZipFormatError as ZipFormatError
+from ckptmigrate.formats.zipread import read_archive
 from ckptmigrate.storage.rawio import copy_range, write_all
 
 ALIGNMENT = 64
@@ -28,22 +32,6 @@ _LOCATOR64 = struct.Struct("<IIQI")
 _MAX32 = 0xFFFFFFFF
 _MAX16 = 0xFFFF
 _PAGE = 4096
-#: Signatures of what may follow a record's data: a local header, the central directory, the (zip64)
-#: end of central directory.
-_NEXT_STRUCTURES = (b"PK\x03\x04", b"PK\x01\x02", b"PK\x06\x06", b"PK\x05\x06")
-
-
-class ZipFormatError(ValueError):
-    """The archive is not a readable stored-zip torch checkpoint."""
-
-
-@dataclass(frozen=True)
-class ZipEntry:
-    name: str
-    header_offset: int
-    data_offset: int
-    size: int
-    crc: int
 
 
 def live_length(fd: int, file_size: int) -> int:
@@ -68,155 +56,18 @@ def live_length(fd: int, file_size: int) -> int:
     return live if os.pread(fd, APPEND_END, live - APPEND_END) == end else file_size
 
 
-class _Prefix(io.RawIOBase):
-    """The first ``length`` bytes of a file, for zipfile to read an archive followed by a dead tail."""
+def read_entries(fh: BinaryIO, file_size: int) -> Entries:
+    """The records of the archive, by :func:`ckptmigrate.formats.zipread.read_archive`: the one strict
+    parse, which refuses any archive torch's miniz and another zip reader could read differently.
 
-    def __init__(self, fd: int, length: int) -> None:
-        self._fd, self._length, self._pos = fd, length, 0
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._length}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        n = max(0, min(len(buffer), self._length - self._pos))
-        data = os.pread(self._fd, n, self._pos)
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-
-def read_entries(fh: BinaryIO, file_size: int) -> dict[str, ZipEntry]:
-    """Parse the central directory and local headers; validate that every record is in the file.
-
-    A file whose in-place append was interrupted is read as torch reads it: the archive before it.
+    A file whose in-place append was interrupted is read as torch reads it: the archive before it
+    (:func:`live_length`; the dead tail is accepted only when it ends with a copy of the archive's end).
     """
-    live = live_length(fh.fileno(), file_size)
-    if live != file_size:
-        fh, file_size = io.BufferedReader(_Prefix(fh.fileno(), live)), live
-    try:
-        infos = zipfile.ZipFile(fh).infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
-        raise ZipFormatError(f"not a readable zip archive ({exc})") from None
-    entries: dict[str, ZipEntry] = {}
-    for info in infos:
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise ZipFormatError(f"record {info.filename!r} is compressed; torch writes stored records")
-        if info.compress_size != info.file_size:
-            raise ZipFormatError(f"record {info.filename!r} has inconsistent sizes")
-        if not 0 <= info.header_offset <= file_size - _LOCAL.size:
-            # zipfile shifts every offset when the directory sits where it did not expect it:
-            # bytes were cut from (or added to) the middle of the file
-            raise ZipFormatError(
-                f"record {info.filename!r} has its local header outside the file; "
-                "the file is truncated or has bytes missing"
-            )
-        header = os.pread(fh.fileno(), _LOCAL.size, info.header_offset)
-        if len(header) != _LOCAL.size or header[:4] != b"PK\x03\x04":
-            raise ZipFormatError(f"record {info.filename!r} has no local header at its offset")
-        name_len, extra_len = struct.unpack_from("<HH", header, 26)
-        data_offset = info.header_offset + _LOCAL.size + name_len + extra_len
-        if data_offset + info.file_size > file_size:
-            raise ZipFormatError(
-                f"record {info.filename!r} claims {info.file_size} bytes past the end of the file"
-            )
-        if info.filename in entries:
-            raise ZipFormatError(f"record {info.filename!r} appears twice")
-        _check_local_header(fh, info, header, data_offset)
-        entries[info.filename] = ZipEntry(
-            info.filename, info.header_offset, data_offset, info.file_size, info.CRC
-        )
-    _check_no_overlap(entries)
-    return entries
-
-
-def _check_local_header(fh: BinaryIO, info: zipfile.ZipInfo, header: bytes, data_offset: int) -> None:
-    """The local header must name the record the central directory lists, with the same CRC and
-    size: in the header itself, or (flag bit 3, as torch writes) in the data descriptor after the data."""
-    flags, _method, _time, _date, crc, csize, usize, name_len, extra_len = struct.unpack_from(
-        "<HHHHIIIHH", header, 6
-    )
-    name = os.pread(fh.fileno(), name_len + extra_len, info.header_offset + _LOCAL.size)
-    try:
-        local_name = name[:name_len].decode("utf-8" if flags & 0x800 else "cp437")
-    except UnicodeDecodeError:
-        local_name = None
-    if local_name != info.orig_filename:
-        raise ZipFormatError(f"record {info.filename!r}: its local header names {name[:name_len]!r:.80}")
-    size = info.file_size
-    if flags & 0x08 and (crc, csize, usize) == (0, 0, 0):
-        _check_data_descriptor(fh, info, data_offset + size)
-        return
-    if (csize, usize) == (_MAX32, _MAX32):
-        zip64 = _zip64_sizes(name[name_len:])
-        if zip64 is None:
-            raise ZipFormatError(f"record {info.filename!r}: its local header lacks its zip64 sizes")
-        csize, usize = zip64
-    if (crc, csize, usize) != (info.CRC, size, size):
-        raise ZipFormatError(
-            f"record {info.filename!r}: the central directory says {size} bytes (CRC {info.CRC:08x}), "
-            f"its local header {usize} bytes (CRC {crc:08x})"
-        )
-
-
-def _check_data_descriptor(fh: BinaryIO, info: zipfile.ZipInfo, data_end: int) -> None:
-    size = info.file_size
-    tail = os.pread(fh.fileno(), 24, data_end)
-    if tail[:4] in _NEXT_STRUCTURES:
-        # the descriptor was overwritten by records appended right after the data (as ckptmigrate's
-        # in-place writes do): the next zip structure starts where the data ends
-        return
-    body = tail[4:] if tail[:4] == b"PK\x07\x08" else tail
-    if len(body) >= 12 and struct.unpack_from("<III", body) == (info.CRC, size, size):
-        return
-    if len(body) >= 20 and struct.unpack_from("<IQQ", body) == (info.CRC, size, size):
-        return
-    raise ZipFormatError(
-        f"record {info.filename!r}: the central directory says {size} bytes (CRC {info.CRC:08x}), "
-        "but no data descriptor or next record follows that many bytes of data"
-    )
-
-
-def _zip64_sizes(extra: bytes) -> tuple[int, int] | None:
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, length = struct.unpack_from("<HH", extra, pos)
-        if tag == 1 and length >= 16 and pos + 4 + length <= len(extra):
-            usize, csize = struct.unpack_from("<QQ", extra, pos + 4)
-            return csize, usize
-        pos += 4 + length
-    return None
-
-
-def _check_no_overlap(entries: dict[str, ZipEntry]) -> None:
-    """Records must not share bytes: a directory listing one record many times over is the
-    overlapping-file zip bomb, and would have a digest read the same bytes again and again."""
-    spans = sorted((e.header_offset, e.data_offset + e.size, e.name) for e in entries.values())
-    for (_start, end, name), (next_start, _end, next_name) in zip(spans, spans[1:], strict=False):
-        if next_start < end:
-            raise ZipFormatError(f"records {name!r} and {next_name!r} overlap")
+    return read_archive(fh.fileno(), live_length(fh.fileno(), file_size))
 
 
 def read_record(fh: BinaryIO, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
-    data = os.pread(fh.fileno(), entry.size, entry.data_offset)
-    if len(data) != entry.size:
-        raise ZipFormatError(f"record {entry.name!r} is truncated")
-    if check_crc and zlib.crc32(data) != entry.crc:
-        raise ZipFormatError(f"record {entry.name!r} fails its CRC check")
-    return data
+    return zipread.read_record(fh.fileno(), entry, check_crc=check_crc)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -106,6 +107,52 @@ def load_manifest(path: Path) -> dict[str, Any]:
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
             raise BadInput(f"{path}: a manifest entry lacks its file name")
     return doc
+
+
+def _checkpoint_kind(path: Path) -> str | None:
+    """The format a file would be loaded as, from its first bytes (never its name); regular files
+    only (a FIFO or device left in the directory is opened without blocking and skipped)."""
+    from ckptmigrate import formats
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in does not block
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return None
+        head = os.pread(fd, 512, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"  # what torch.load takes for a zip archive: the first four bytes
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"  # torch.load reads the tar checkpoints of torch < 0.4 too
+    return formats.sniff(head, st.st_size)
+
+
+def unlisted_checkpoints(doc: Mapping[str, Any], root: Path, manifest: Path) -> list[tuple[Path, str]]:
+    """Checkpoint files under ``root`` that the manifest does not list, with their format.
+
+    A release directory is what users download and load: a file in it that the manifest does not
+    cover is unsigned for the release, whatever its name. Symlinked directories are not followed.
+    """
+    listed = {os.path.normpath(root / entry["file"]) for entry in doc["files"]}
+    listed.add(os.path.normpath(manifest))
+    found: list[tuple[Path, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            if os.path.normpath(path) in listed:
+                continue
+            kind = _checkpoint_kind(path)
+            if kind is not None:
+                found.append((path, kind))
+    return found
 
 
 def check_manifest_file(entry: Mapping[str, Any], root: Path, release: str | None, public_key: Any) -> VerifyResult:

@@ -1,0 +1,494 @@
+"""The one parse of a torch zip archive: what torch's miniz reads, and nothing two readers could read two ways.
+
+torch reads a checkpoint with miniz; ``zipfile`` and streaming readers read the same bytes by other
+rules (miniz looks names up ignoring ASCII case and reads only the entries the end record counts;
+``zipfile`` cuts a name at a NUL, reads the directory until its size is used up and shifts every
+offset when the directory is not where the end record says). An archive is accepted only when
+every such rule gives the same answer:
+
+- the end record ends the file (with a comment only when no end record signature is in it: every
+  reader then takes the same one; one disk), with a zip64 end record and
+  locator right before it when it uses them, every 32-bit field equal to its zip64 value or the
+  0xFFFF.. marker; the central directory ends exactly where they begin and holds exactly the
+  counted entries;
+- every name is printable ASCII, canonical (no ``\\``, no empty, ``.`` or ``..`` part, no leading or
+  trailing ``/``), under the one top-level folder of the first entry, and unique ignoring case;
+- every record is stored (torch maps its bytes), unencrypted, not a directory, and its local header
+  repeats its name, flags, method and sizes (or, with flag bit 3, leaves them to a data descriptor
+  that repeats them);
+- the file is a sequence of structures with nothing unexplained between them, read from offset 0:
+  local records (header, data, data descriptor), zero padding of less than a page before a
+  central directory, and central directories. Records and directories the current end record
+  does not reach are *superseded*: an in-place append leaves the old ``data.pkl``, envelope,
+  central directory and end records behind, each whole; a superseded directory must describe
+  records that precede it, and be closed by its own consistent end records.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_EOCD = struct.Struct("<IHHHHIIH")
+_EOCD64 = struct.Struct("<IQHHIIQQQQ")
+_LOCATOR64 = struct.Struct("<IIQI")
+_DESCRIPTOR32 = struct.Struct("<IIII")
+_DESCRIPTOR64 = struct.Struct("<IIQQ")
+SIG_LOCAL = b"PK\x03\x04"
+SIG_CENTRAL = b"PK\x01\x02"
+SIG_EOCD = b"PK\x05\x06"
+SIG_EOCD64 = b"PK\x06\x06"
+SIG_LOCATOR64 = b"PK\x06\x07"
+SIG_DESCRIPTOR = b"PK\x07\x08"
+MAX32 = 0xFFFFFFFF
+MAX16 = 0xFFFF
+PAGE = 4096
+_FLAG_DESCRIPTOR = 0x0008
+_FLAGS_ALLOWED = _FLAG_DESCRIPTOR | 0x0800  # data descriptor, UTF-8 names (ASCII here either way)
+_MAX_VERSION_NEEDED = 45  # zip64; what torch's miniz and ckptmigrate write
+_DOS_DIRECTORY = 0x10
+_TAG_ZIP64 = 0x0001
+_TAG_PADDING = 0x4246  # "FB": torch's (and ckptmigrate's) alignment padding in local headers
+_SCAN = 1 << 20
+#: The largest central directory read (it is read whole): a bound on memory whatever the file claims.
+MAX_DIRECTORY = 256 << 20
+_BLOCK = 512  # a local header and its name and extra field, read at once
+#: torch refuses an archive whose ``version`` record is outside this range (caffe2/serialize/versions.h).
+TORCH_VERSIONS = range(1, 0xA + 1)
+_LEADING_INTEGER = re.compile(rb"[ \t\n\v\f\r]*\+?([0-9]+)")
+
+
+class ZipFormatError(ValueError):
+    """The archive is not a readable stored-zip torch checkpoint, or could be read two ways."""
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    name: str
+    header_offset: int
+    data_offset: int
+    size: int
+    crc: int
+
+
+class Entries(dict[str, ZipEntry]):
+    """Records by name; lookups ignore ASCII case, as miniz's do (names are unique ignoring case)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._folded: dict[str, str] = {}
+
+    def __setitem__(self, name: str, entry: ZipEntry) -> None:
+        self._folded[name.lower()] = name
+        super().__setitem__(name, entry)
+
+    def _name(self, name: str) -> str:
+        return self._folded.get(name.lower(), name)
+
+    def __getitem__(self, name: str) -> ZipEntry:
+        return super().__getitem__(self._name(name))
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(self._name(name) if isinstance(name, str) else name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return super().get(self._name(name), default)
+
+
+@dataclass
+class _Central:
+    raw_name: bytes
+    name: str
+    flags: int
+    crc: int
+    size: int
+    header_offset: int
+
+
+#: A canonical name: printable ASCII parts without ``/`` or ``\\``, at least two, none ``.`` or ``..``.
+_CANONICAL = re.compile(rb"[ -.0-\[\]-~]+(?:/[ -.0-\[\]-~]+)+")
+_DOT_PART = re.compile(rb"(?:^|/)\.\.?(?:/|$)")
+
+
+def _check_name(raw: bytes, where: str) -> str:
+    if _CANONICAL.fullmatch(raw) and not _DOT_PART.search(raw):
+        return raw.decode("ascii")
+    if not raw:
+        raise ZipFormatError(f"{where} has an empty name")
+    if b"\x00" in raw:
+        raise ZipFormatError(f"{where} has a NUL byte in its name {raw[:80]!r} (zip readers cut it there or not)")
+    if any(b < 0x20 or b > 0x7E for b in raw):
+        raise ZipFormatError(f"{where} has a name with a control or non-ASCII byte: {raw[:80]!r}")
+    name = raw.decode("ascii")
+    if "/" not in name.strip("/") and "\\" not in name:
+        raise ZipFormatError(f"{where}: {name[:80]!r} is not inside the archive's folder")
+    raise ZipFormatError(f"{where} has a non-canonical name {name[:80]!r} (backslash, absolute, empty, . or ..)")
+
+
+def _extra_fields(extra: bytes, allowed: tuple[int, ...], where: str) -> dict[int, bytes]:
+    fields: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(extra):
+        if pos + 4 > len(extra):
+            raise ZipFormatError(f"{where}: its extra field is malformed")
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        if pos + 4 + length > len(extra):
+            raise ZipFormatError(f"{where}: its extra field runs past its end")
+        if tag not in allowed:
+            raise ZipFormatError(f"{where}: an extra field of type {tag:#06x}, which torch does not write")
+        if tag in fields:
+            raise ZipFormatError(f"{where}: two extra fields of type {tag:#06x} (readers take one or the other)")
+        fields[tag] = extra[pos + 4 : pos + 4 + length]
+        pos += 4 + length
+    return fields
+
+
+def _zip64(values: list[int], field: bytes | None, where: str, *, exact: bool) -> list[int]:
+    """Replace each 0xFFFFFFFF of ``values`` by the next 8 bytes of the zip64 field, in order."""
+    wanted = sum(v == MAX32 for v in values)
+    if field is None:
+        if wanted:
+            raise ZipFormatError(f"{where}: a size or offset is 0xFFFFFFFF but no zip64 field gives it")
+        return values
+    if (exact and len(field) != 8 * wanted) or len(field) < 8 * wanted or len(field) % 8:
+        raise ZipFormatError(f"{where}: its zip64 field does not match the fields it replaces")
+    out, pos = [], 0
+    for v in values:
+        if v == MAX32:
+            (v,) = struct.unpack_from("<Q", field, pos)
+            pos += 8
+        out.append(v)
+    return out
+
+
+class _Reader:
+    def __init__(self, fd: int, length: int) -> None:
+        self.fd, self.length = fd, length
+        self.prefix: str | None = None
+
+    def pread(self, n: int, offset: int, what: str) -> bytes:
+        data = os.pread(self.fd, n, offset) if n else b""
+        if len(data) != n:
+            raise ZipFormatError(f"{what} runs past the end of the file; it is truncated")
+        return data
+
+    # -- the end records and a central directory ---------------------------------------------------
+
+    def end_records(self, eocd: int, where: str, comment_len: int = 0) -> tuple[int, int, int, int]:
+        """(entries, directory size, directory offset, where the directory must end) from the end
+        record at ``eocd`` (followed by a comment of ``comment_len`` bytes) and the zip64 records before it."""
+        sig, disk, cd_disk, n_disk, n, cd_size, cd_offset, comment = _EOCD.unpack(self.pread(22, eocd, where))
+        if sig != 0x06054B50:
+            raise ZipFormatError(f"{where} is missing")
+        if comment != comment_len:
+            raise ZipFormatError(f"{where} has a comment that does not end the file (a reader may find another "
+                                 "end record)")
+        if disk or cd_disk or n_disk != n:
+            raise ZipFormatError(f"{where} spans several disks")
+        end = eocd
+        if eocd >= 20 and self.pread(4, eocd - 20, where) == SIG_LOCATOR64:
+            if eocd < 20 + 56:
+                raise ZipFormatError(f"{where}: a zip64 locator with no room for its end record")
+            _sig, loc_disk, rel, disks = _LOCATOR64.unpack(self.pread(20, eocd - 20, where))
+            if loc_disk != 0 or disks != 1:
+                raise ZipFormatError(f"{where}: its zip64 locator spans several disks")
+            if rel != eocd - 20 - 56:
+                raise ZipFormatError(f"{where}: its zip64 end record is not right before its locator "
+                                     "(miniz follows the locator, zipfile does not)")
+            (sig64, size64, _made, needed, disk64, cd_disk64, n_disk64, n64, cd_size64,
+             cd_offset64) = _EOCD64.unpack(self.pread(56, rel, where))
+            if sig64 != 0x06064B50 or size64 != 44 or needed > _MAX_VERSION_NEEDED:
+                raise ZipFormatError(f"{where}: its zip64 end record is malformed")
+            if disk64 or cd_disk64 or n_disk64 != n64:
+                raise ZipFormatError(f"{where}: its zip64 end record spans several disks")
+            if (n not in (n64, MAX16) or cd_size not in (cd_size64, MAX32)
+                    or cd_offset not in (cd_offset64, MAX32)):
+                raise ZipFormatError(f"{where}: its entry count, directory size or offset differs from its "
+                                     "zip64 end record's")
+            n, cd_size, cd_offset, end = n64, cd_size64, cd_offset64, rel
+        elif n == MAX16 or MAX32 in (cd_size, cd_offset):
+            raise ZipFormatError(f"{where}: zip64 markers without zip64 end records")
+        if n == 0:
+            raise ZipFormatError(f"{where}: the archive holds no records")
+        if cd_offset + cd_size != end:
+            raise ZipFormatError(
+                f"{where}: the central directory is not where the end record says (it would end at "
+                f"{cd_offset + cd_size}, the end records begin at {end}); zip readers disagree on such files")
+        if cd_size < 46 * n:
+            raise ZipFormatError(f"{where}: {n} entries cannot fit a {cd_size}-byte central directory")
+        if cd_size > MAX_DIRECTORY:
+            raise ZipFormatError(f"{where}: a central directory of {cd_size:,} bytes is more than ckptmigrate "
+                                 f"reads ({MAX_DIRECTORY:,}; a million records take ~80 MB)")
+        return n, cd_size, cd_offset, end
+
+    def directory(self, cd: bytes, count: int, where: str) -> list[_Central]:
+        """Exactly ``count`` entries filling ``cd``: an entry past the count is read by zipfile only."""
+        out: list[_Central] = []
+        pos = 0
+        for _ in range(count):
+            if pos + 46 > len(cd):
+                raise ZipFormatError(f"{where}: the central directory is shorter than its {count} entries")
+            (sig, _made, needed, flags, method, _time, _date, crc, csize, usize, nlen, xlen, clen, disk,
+             _iattr, eattr, offset) = _CENTRAL.unpack_from(cd, pos)
+            if sig != 0x02014B50:
+                raise ZipFormatError(f"{where}: entry {len(out)} of the central directory is malformed")
+            end = pos + 46 + nlen + xlen + clen
+            if end > len(cd):
+                raise ZipFormatError(f"{where}: entry {len(out)} runs past the central directory")
+            raw = cd[pos + 46 : pos + 46 + nlen]
+            name = _check_name(raw, f"{where}: a record")
+            what = f"record {name!r}"
+            if needed > _MAX_VERSION_NEEDED or flags & ~_FLAGS_ALLOWED:
+                raise ZipFormatError(f"{what} needs zip features torch does not write (flags {flags:#06x})")
+            if method != 0:
+                raise ZipFormatError(f"{what} is compressed (method {method}); torch writes stored records")
+            if clen or disk or eattr & _DOS_DIRECTORY:
+                raise ZipFormatError(f"{what} has a comment, another disk or the directory attribute")
+            fields = _extra_fields(cd[pos + 46 + nlen : pos + 46 + nlen + xlen], (_TAG_ZIP64,), what)
+            usize, csize, offset = _zip64([usize, csize, offset], fields.get(_TAG_ZIP64), what, exact=True)
+            if usize != csize:
+                raise ZipFormatError(f"{what} has inconsistent sizes")
+            out.append(_Central(raw, name, flags, crc, usize, offset))
+            pos = end
+        if pos != len(cd):
+            raise ZipFormatError(f"{where}: the central directory holds {len(cd) - pos} bytes past its {count} "
+                                 "counted entries (zipfile reads them, miniz does not)")
+        return out
+
+    def check_names(self, centrals: list[_Central], where: str) -> None:
+        """One top-level folder (torch takes the first entry's; it refuses other folders) and no two
+        names equal ignoring ASCII case (miniz's lookup finds either)."""
+        self.prefix = self.prefix or centrals[0].name.split("/")[0]
+        seen: dict[str, int] = {}
+        for i, c in enumerate(centrals):
+            if c.name.split("/")[0] != self.prefix:
+                raise ZipFormatError(f"{where}: record {c.name!r} is outside the archive folder {self.prefix!r}")
+            first = seen.setdefault(c.name.lower(), i)
+            if first != i:
+                other = centrals[first].name
+                if other == c.name:
+                    raise ZipFormatError(f"{where}: record {c.name!r} appears twice")
+                raise ZipFormatError(f"{where}: records {other!r} and {c.name!r} have the same name ignoring "
+                                     "case (miniz finds either)")
+
+    # -- the walk from offset 0 ------------------------------------------------------------------------
+
+    def walk(self, live: dict[int, _Central], cd_offset: int) -> None:
+        self.live = live
+        self.records: dict[int, tuple[str, int]] = {}
+        self.data_offsets: dict[int, int] = {}
+        pos = 0
+        while pos < cd_offset:
+            block = os.pread(self.fd, min(_BLOCK, cd_offset - pos), pos)
+            sig = block[:4]
+            if sig == SIG_LOCAL:
+                pos = self.record(pos, block, cd_offset)
+            elif sig == SIG_CENTRAL:
+                pos = self.superseded_directory(pos, cd_offset)
+            elif sig[:1] == b"\x00":
+                pos = self.padding(pos, cd_offset)
+            else:
+                raise ZipFormatError(f"{cd_offset - pos} bytes at offset {pos} are no zip structure (bytes the "
+                                     "archive does not explain: something was inserted or overwritten)")
+        if pos != cd_offset:
+            raise ZipFormatError(f"a record at offset {pos} runs into the central directory")
+        hidden = [c.name for off, c in live.items() if off not in self.records]
+        if hidden:
+            raise ZipFormatError(f"record {hidden[0]!r} has its local header inside another record's bytes")
+
+    def record(self, pos: int, block: bytes, limit: int) -> int:
+        if len(block) < 30:
+            raise ZipFormatError(f"a local header at offset {pos} runs into the central directory")
+        (_sig, needed, flags, method, _time, _date, crc, csize, usize, nlen, xlen) = _LOCAL.unpack_from(block)
+        raw_extra = block[30 : 30 + nlen + xlen]
+        if len(raw_extra) != nlen + xlen:
+            raw_extra = self.pread(nlen + xlen, pos + 30, "a local header")
+        central = self.live.get(pos)
+        where = f"record {central.name!r}" if central else f"a superseded record at offset {pos}"
+        if central is not None and raw_extra[:nlen] == central.raw_name:
+            name = central.name
+        else:
+            name = _check_name(raw_extra[:nlen], where)
+        if name.split("/")[0] != self.prefix:
+            raise ZipFormatError(f"{where}: {name!r} is outside the archive folder {self.prefix!r}")
+        if needed > _MAX_VERSION_NEEDED or flags & ~_FLAGS_ALLOWED or method != 0:
+            raise ZipFormatError(f"{where}: its local header asks for compression or zip features torch does not write")
+        fields = _extra_fields(raw_extra[nlen:], (_TAG_ZIP64, _TAG_PADDING), where)
+        described = bool(flags & _FLAG_DESCRIPTOR)
+        deferred = described and (crc, csize, usize) == (0, 0, 0)
+        if not deferred:
+            usize, csize = _zip64([usize, csize], fields.get(_TAG_ZIP64), where, exact=False)
+            if usize != csize:
+                raise ZipFormatError(f"{where}: its local header has inconsistent sizes")
+        data = pos + 30 + nlen + xlen
+        if central is not None:
+            if raw_extra[:nlen] != central.raw_name:
+                raise ZipFormatError(f"{where}: its local header names {name!r}")
+            if not deferred and (crc, usize) != (central.crc, central.size):
+                raise ZipFormatError(f"{where}: the central directory says {central.size} bytes (CRC "
+                                     f"{central.crc:08x}), its local header {usize} bytes (CRC {crc:08x})")
+            size: int = central.size
+        elif deferred:
+            size = self.descriptor_size(pos, data, limit, where)
+        else:
+            size = usize
+        end = data + size
+        if end > limit:
+            raise ZipFormatError(f"{where} claims {size} bytes past the central directory or the end of the file")
+        self.records[pos] = (name, size)
+        self.data_offsets[pos] = data
+        if not described:
+            return end
+        long = pos >= MAX32 or size >= MAX32
+        dd = _DESCRIPTOR64 if long else _DESCRIPTOR32
+        tail = os.pread(self.fd, dd.size, end)
+        if tail[:4] == SIG_DESCRIPTOR and len(tail) == dd.size:
+            _s, dcrc, dcsize, dusize = dd.unpack(tail)
+            if (dcsize, dusize) != (size, size) or (central is not None and dcrc != central.crc):
+                raise ZipFormatError(f"{where}: its data descriptor says {dusize} bytes (CRC {dcrc:08x}), the "
+                                     f"record {size} bytes")
+            return end + dd.size
+        if tail[:4] in (SIG_LOCAL, SIG_CENTRAL, SIG_EOCD64, SIG_EOCD) or tail[:1] == b"\x00" or end == limit:
+            return end  # the descriptor was overwritten by what ckptmigrate appended right after the data
+        raise ZipFormatError(f"{where}: no data descriptor or next record follows its {size} bytes of data")
+
+    def descriptor_size(self, pos: int, data: int, limit: int, where: str) -> int:
+        """The size of a superseded record whose header leaves it to its data descriptor: the first
+        descriptor after the data that gives the distance to it (what a streaming reader finds)."""
+        long = pos >= MAX32
+        start = data
+        while start < limit:
+            chunk = os.pread(self.fd, min(_SCAN, limit - start) + 3, start)
+            at = chunk.find(SIG_DESCRIPTOR)
+            while at >= 0:
+                dd_at = start + at
+                dd = _DESCRIPTOR64 if long or dd_at - data >= MAX32 else _DESCRIPTOR32
+                body = os.pread(self.fd, dd.size, dd_at)
+                if len(body) == dd.size:
+                    _s, _crc, csize, usize = dd.unpack(body)
+                    if csize == usize == dd_at - data:
+                        return dd_at - data
+                at = chunk.find(SIG_DESCRIPTOR, at + 1)
+            start += _SCAN
+        raise ZipFormatError(f"{where} has no data descriptor: bytes the archive does not explain")
+
+    def padding(self, pos: int, limit: int) -> int:
+        run = self.pread(min(PAGE, limit - pos), pos, "padding")
+        zeros = len(run) - len(run.lstrip(b"\x00"))
+        after = pos + zeros
+        if zeros < PAGE and (after == limit or self.pread(4, after, "padding") == SIG_CENTRAL):
+            return after
+        raise ZipFormatError(f"zero bytes at offset {pos} are not the padding before a central directory "
+                             "(bytes the archive does not explain)")
+
+    def superseded_directory(self, pos: int, limit: int) -> int:
+        """A central directory an in-place append left behind, up to and including its end records."""
+        end = pos
+        count = 0
+        while self.pread(4, end, "a superseded central directory") == SIG_CENTRAL:
+            nlen, xlen, clen = struct.unpack("<HHH", self.pread(6, end + 28, "a superseded central directory"))
+            end += 46 + nlen + xlen + clen
+            count += 1
+            if end > limit:
+                raise ZipFormatError(f"a superseded central directory at offset {pos} runs into the live one")
+        zip64 = self.pread(4, end, "a superseded end record") == SIG_EOCD64
+        eocd = end + (56 + 20 if zip64 else 0)
+        where = f"the superseded end record at offset {eocd}"
+        if eocd + 22 > limit:
+            raise ZipFormatError(f"{where} runs into the live central directory")
+        n, cd_size, cd_offset, cd_end = self.end_records(eocd, where)
+        if (n, cd_size, cd_offset, cd_end) != (count, end - pos, pos, end):
+            raise ZipFormatError(f"{where} does not describe the directory before it")
+        centrals = self.directory(self.pread(end - pos, pos, where), count, where)
+        self.check_names(centrals, where)
+        for c in centrals:
+            if self.records.get(c.header_offset) != (c.name, c.size):
+                raise ZipFormatError(f"{where} lists {c.name!r} where no such record precedes it")
+        return eocd + 22
+
+
+def read_archive(fd: int, length: int) -> Entries:
+    """The records of the torch zip archive in the first ``length`` bytes of ``fd``, refusing any
+    archive that miniz (torch) and another zip reader could read differently (see the module)."""
+    try:
+        return _read_archive(fd, length)
+    except ZipFormatError as exc:
+        raise ZipFormatError(f"{exc}; re-save it with torch.save (or restore a copy)") from None
+
+
+def _read_archive(fd: int, length: int) -> Entries:
+    reader = _Reader(fd, length)
+    if length < 30 + 46 + 22:
+        raise ZipFormatError("the file is too short to be a zip archive")
+    if reader.pread(4, 0, "the first local header") != SIG_LOCAL:
+        raise ZipFormatError("the file does not start with a zip local header (torch reads only those)")
+    eocd, comment = length - 22, 0
+    if reader.pread(4, eocd, "the end record") != SIG_EOCD:
+        # a comment may follow the end record if no end record signature is in it: every reader then
+        # takes the same one (miniz and zipfile both take the last signature before the end)
+        start = max(0, length - MAX16 - 22)
+        last = os.pread(fd, length - start, start)[:-18].rfind(SIG_EOCD)  # 22 bytes after it, as miniz asks
+        if last < 0:
+            raise ZipFormatError("the archive has no end-of-central-directory record: it is truncated")
+        eocd, comment = start + last, length - start - last - 22
+        if struct.unpack("<H", reader.pread(2, eocd + 20, "the end record"))[0] != comment:
+            raise ZipFormatError(
+                f"{comment} bytes follow the archive's end record, and zip readers may pick different end "
+                "records; if an in-place write was interrupted, "
+                f"`truncate -s {eocd + 22}` gives back the archive it appended to")
+    n, cd_size, cd_offset, _end = reader.end_records(eocd, "the end record", comment)
+    centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
+    reader.check_names(centrals, "the archive")
+    live: dict[int, _Central] = {}
+    for c in centrals:
+        if live.setdefault(c.header_offset, c) is not c:
+            raise ZipFormatError(f"records {live[c.header_offset].name!r} and {c.name!r} share a local header")
+    reader.walk(live, cd_offset)
+    entries = Entries()
+    for c in centrals:
+        entries[c.name] = ZipEntry(c.name, c.header_offset, reader.data_offsets[c.header_offset], c.size, c.crc)
+    _check_torch_records(fd, entries, reader.prefix or "")
+    return entries
+
+
+def read_record(fd: int, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
+    data = os.pread(fd, entry.size, entry.data_offset)
+    if len(data) != entry.size:
+        raise ZipFormatError(f"record {entry.name!r} is truncated")
+    if check_crc and zlib.crc32(data) != entry.crc:
+        raise ZipFormatError(f"record {entry.name!r} fails its CRC check")
+    return data
+
+
+def _check_torch_records(fd: int, entries: Entries, prefix: str) -> None:
+    """What torch reads before the payload, read (CRC checked) and judged as torch judges it, so that
+    an archive accepted here is one torch loads: the version, byte order and storage alignment."""
+    if f"{prefix}/constants.pkl" in entries:
+        raise ZipFormatError("a TorchScript archive (constants.pkl): torch.load hands it to torch.jit.load")
+    version = entries.get(f"{prefix}/.data/version") or entries.get(f"{prefix}/version")
+    if version is None:
+        raise ZipFormatError("the archive has no version record, which torch requires")
+    match = _LEADING_INTEGER.match(read_record(fd, version)[:64])
+    if match is None or int(match.group(1)) not in TORCH_VERSIONS:
+        raise ZipFormatError(f"record {version.name!r} holds no archive version torch reads "
+                             f"({TORCH_VERSIONS.start}..{TORCH_VERSIONS.stop - 1})")
+    order = entries.get(f"{prefix}/byteorder")
+    if order is not None and read_record(fd, order) != b"little":
+        raise ZipFormatError("the byteorder record is not 'little': torch would byte-swap (or refuse) every "
+                             "tensor; ckptmigrate reads little-endian files only")
+    for name in (".format_version", ".data/serialization_id"):
+        entry = entries.get(f"{prefix}/{name}")
+        if entry is not None:
+            read_record(fd, entry)
+    alignment = entries.get(f"{prefix}/.storage_alignment")
+    if alignment is not None:
+        try:
+            int(read_record(fd, alignment)[:64])
+        except ValueError:
+            raise ZipFormatError("the .storage_alignment record is not a number, which torch requires") from None
