@@ -135,7 +135,10 @@ def test_the_next_run_cuts_the_dead_tail_and_completes(
     assert getattr(proc, "returncode") == 0, getattr(proc, "stderr")  # noqa: B009
     again = path.read_bytes()
     assert again[: len(before)] == before
-    assert len(again) == len(after)  # the dead tail was cut before the new one was appended
+    # the dead tail was cut before the new one was appended: one tail's records, one tail's size (the
+    # envelope's timestamp can compress a byte longer or shorter)
+    assert again[len(before):].count(b"PK\x03\x04") == after[len(before):].count(b"PK\x03\x04")
+    assert abs(len(again) - len(after)) < 64
     keys, _ = loaded_keys(path)
     assert keys[0] == "experts.0.w0"
     with zipfile.ZipFile(path) as zf:

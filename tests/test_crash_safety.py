@@ -290,7 +290,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pristine]:
     torch.save(big_era1_state_dict(), unstamped)
     stamped = directory / "era1-stamped.pt"  # at 0001 with a digest; the in-place stamp left orphaned bytes
     shutil.copyfile(unstamped, stamped)
-    api.stamp(stamped, revision="0001", lineage="example", digest=True)
+    api.stamp(stamped, revision="0001", lineage="example", digest=True, migrations=EXAMPLE)
 
     def upgraded(env: dict[str, Any] | None, path: Path) -> bool:
         ups = [h["revision"] for h in (env or {}).get("history", []) if h.get("action") == "upgrade"]
@@ -300,13 +300,13 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pristine]:
         downs = [h["revision"] for h in (env or {}).get("history", []) if h.get("action") == "downgrade"]
         return env is not None and env["revision"] == "0001" and downs == UPGRADED[::-1]
 
-    many = directory / "many.pt"
-    torch.save(many_tensors_and_a_zip(), many)
-    api.stamp(many, revision="r0", lineage="moe")
     unwrap = directory / "unwrap" / "versions"
     unwrap.mkdir(parents=True)
     (unwrap / "r0_base.py").write_text(BASE)
     (unwrap / "r1_unwrap.py").write_text(UNWRAP)
+    many = directory / "many.pt"
+    torch.save(many_tensors_and_a_zip(), many)
+    api.stamp(many, revision="r0", lineage="moe", migrations=unwrap.parent)
 
     def unwrapped(env: dict[str, Any] | None, path: Path) -> bool:
         return env is not None and env["revision"] == "r1"
