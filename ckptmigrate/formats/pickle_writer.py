@@ -174,16 +174,19 @@ class _Writer(_PurePickler):
 
     def _reduce_tensor(self, obj: Any, requires_grad: bool | None = None) -> Any:
         key, storage = self._storage_of(obj)
+        metadata: dict[str, bool] = {}
         if isinstance(obj, TensorRef):
             offset, shape, stride, requires_grad = (
                 obj.storage_offset, obj.shape, obj.stride,
                 obj.requires_grad if requires_grad is None else requires_grad,
             )
+            metadata = obj.metadata
         elif not isinstance(obj, Deferred):
             # a torch tensor: storage_of gave its whole storage, so it keeps its own view of it
             shape, stride = shape_of(obj), tuple(int(s) for s in obj.stride())
             offset, requires_grad = int(obj.storage_offset()), False
-        else:
+            metadata = {k: True for k, on in (("conj", obj.is_conj()), ("neg", obj.is_neg())) if on}
+        else:  # computed: the writer streams its values with the bits resolved
             from ckptmigrate.tensors.refs import contiguous_stride
 
             shape = shape_of(obj)
@@ -191,10 +194,11 @@ class _Writer(_PurePickler):
         dtype = dtype_of(obj)
         hooks = collections.OrderedDict()  # type: ignore[var-annotated]
         persistent = _PersistentStorage(_storage_pid(dtype, key, storage))
+        tail = (metadata,) if metadata else ()  # as torch writes it: only when a bit is set
         if dtype in STORAGE_FOR_DTYPE:
-            args: tuple[Any, ...] = (persistent, offset, shape, stride, requires_grad, hooks)
+            args: tuple[Any, ...] = (persistent, offset, shape, stride, requires_grad, hooks, *tail)
             return (standin("torch._utils", "_rebuild_tensor_v2"), args)
-        args = (persistent, offset, shape, stride, requires_grad, hooks, standin("torch", dtype))
+        args = (persistent, offset, shape, stride, requires_grad, hooks, standin("torch", dtype), *tail)
         return (standin("torch._utils", "_rebuild_tensor_v3"), args)
 
 

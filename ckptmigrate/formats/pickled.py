@@ -111,24 +111,38 @@ def _is_dtype(obj: Any) -> bool:
     )
 
 
-def _rebuild_tensor(
-    storage: Storage, storage_offset: int, size: Any, stride: Any, *rest: Any
+def _rebuild_tensor(storage: Storage, storage_offset: Any, size: Any, stride: Any) -> TensorRef:
+    """``torch._utils._rebuild_tensor``: the oldest form, before requires_grad was pickled."""
+    return _tensor_ref(storage, storage_offset, size, stride, False, None, None, None)
+
+
+def _rebuild_tensor_v2(
+    storage: Storage, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, backward_hooks: Any,
+    metadata: Any = None,
 ) -> TensorRef:
-    return _tensor_ref(storage, storage_offset, size, stride, rest[0] if rest else False, None)
+    return _tensor_ref(storage, storage_offset, size, stride, requires_grad, backward_hooks, None, metadata)
 
 
 def _rebuild_tensor_v3(
-    storage: Storage, storage_offset: int, size: Any, stride: Any, requires_grad: Any,
-    backward_hooks: Any, dtype: Any, *rest: Any,
+    storage: Storage, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
+    backward_hooks: Any, dtype: Any, metadata: Any = None,
 ) -> TensorRef:
     if not _is_dtype(dtype):
         raise PickleFormatError("_rebuild_tensor_v3 without a dtype")
-    return _tensor_ref(storage, storage_offset, size, stride, requires_grad, dtype.qualname)
+    return _tensor_ref(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype.qualname,
+                       metadata)
+
+
+#: The tensor bits ``torch._utils.set_tensor_metadata`` sets (``torch._C._set_tensor_metadata``).
+TENSOR_METADATA = ("neg", "conj")
 
 
 def _tensor_ref(
-    storage: Storage, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, dtype: str | None
+    storage: Storage, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, backward_hooks: Any,
+    dtype: str | None, metadata: Any,
 ) -> TensorRef:
+    """The reference for one rebuild call, refusing every argument torch would act on that we
+    could not carry: what a file says is either represented exactly or not read at all."""
     if not isinstance(storage, Storage):
         raise PickleFormatError("a tensor refers to something that is not a storage")
     try:
@@ -137,7 +151,14 @@ def _tensor_ref(
         offset = int(storage_offset)
     except (TypeError, ValueError):
         raise PickleFormatError("a tensor has a malformed shape, stride or offset") from None
-    ref = TensorRef(storage, offset, shape, strides, dtype or storage.dtype, bool(requires_grad))
+    if type(requires_grad) is not bool:
+        raise PickleFormatError(f"a tensor's requires_grad is {requires_grad!r:.40}, not a bool")
+    if backward_hooks is not None and not (isinstance(backward_hooks, dict) and not backward_hooks):
+        raise PickleFormatError("a tensor carries pickled backward hooks (code torch would attach to it); "
+                                "they cannot be represented, so the file is not read")
+    bits = _tensor_bits(metadata)
+    ref = TensorRef(storage, offset, shape, strides, dtype or storage.dtype, requires_grad, neg=bits["neg"],
+                    conj=bits["conj"])
     _check_tensor(ref)
     return ref
 
@@ -149,6 +170,21 @@ def _naturals(items: tuple[Any, ...]) -> bool:
     """Every item an int (not a bool or a subclass) and none negative; checked in C, as this runs
     twice for every tensor of a file."""
     return not items or (set(map(type, items)) == _INT and min(items) >= 0)
+
+
+def _tensor_bits(metadata: Any) -> dict[str, bool]:
+    """The neg/conj bits of a rebuild call's ``metadata``; anything else in it is refused."""
+    bits = dict.fromkeys(TENSOR_METADATA, False)
+    if metadata is None or (isinstance(metadata, dict) and not metadata):
+        return bits
+    if type(metadata) is not dict:
+        raise PickleFormatError(f"a tensor's metadata is a {type(metadata).__name__}, not a dict")
+    for key, value in metadata.items():
+        if key not in bits or type(value) is not bool:
+            raise PickleFormatError(f"a tensor's metadata holds {key!r:.40}: {value!r:.40}, which ckptmigrate "
+                                    f"cannot represent (known: {', '.join(TENSOR_METADATA)} as booleans)")
+        bits[key] = value
+    return bits
 
 
 def _check_tensor(ref: TensorRef) -> None:
@@ -163,8 +199,11 @@ def _check_tensor(ref: TensorRef) -> None:
         raise PickleFormatError(f"a tensor has an invalid storage offset {ref.storage_offset!r:.80}")
     if not (isinstance(ref.dtype, str) and ref.dtype in ITEMSIZE):
         raise PickleFormatError(f"a tensor has an unknown dtype {ref.dtype!r:.80}")
-    if not (isinstance(ref.requires_grad, bool) and isinstance(ref.extra, dict)):
+    if not (isinstance(ref.requires_grad, bool) and isinstance(ref.extra, dict)
+            and type(ref.neg) is bool and type(ref.conj) is bool):
         raise PickleFormatError("the pickle altered a tensor after creating it")
+    if ref.conj and not ref.dtype.startswith("complex"):
+        raise PickleFormatError(f"a {ref.dtype} tensor has the conj bit, which only complex tensors can have")
     itemsize = ITEMSIZE[ref.dtype]
     if storage.nbytes % itemsize:
         raise PickleFormatError(
@@ -179,19 +218,22 @@ def _check_tensor(ref: TensorRef) -> None:
             raise PickleFormatError(f"a tensor of shape {list(shape)} reaches past its storage {storage.key!r}")
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any = True, *rest: Any) -> TensorRef:
+def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> TensorRef:
     if not isinstance(data, TensorRef):
         raise PickleFormatError("a parameter wraps something that is not a tensor")
-    data.requires_grad = bool(requires_grad)
+    if type(requires_grad) is not bool:
+        raise PickleFormatError(f"a parameter's requires_grad is {requires_grad!r:.40}, not a bool")
+    if backward_hooks is not None and not (isinstance(backward_hooks, dict) and not backward_hooks):
+        raise PickleFormatError("a parameter carries pickled backward hooks (code torch would attach to it); "
+                                "they cannot be represented, so the file is not read")
+    data.requires_grad = requires_grad
     data.extra["parameter"] = True
     return data
 
 
-def _rebuild_parameter_with_state(
-    data: Any, requires_grad: Any, backward_hooks: Any, state: Any, *rest: Any
-) -> TensorRef:
+def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any, state: Any) -> TensorRef:
     """A parameter with Python attributes (``param.tensor_parallel = True``): kept for the writer."""
-    ref = _rebuild_parameter(data, requires_grad)
+    ref = _rebuild_parameter(data, requires_grad, backward_hooks)
     ref.extra["parameter_state"] = state
     return ref
 
@@ -216,7 +258,7 @@ class TorchRebuild:
 _TENSOR_BUILDERS: dict[str, TorchRebuild] = {
     name: TorchRebuild(fn, "torch._utils", name) for name, fn in (
         ("_rebuild_tensor", _rebuild_tensor),
-        ("_rebuild_tensor_v2", _rebuild_tensor),
+        ("_rebuild_tensor_v2", _rebuild_tensor_v2),
         ("_rebuild_tensor_v3", _rebuild_tensor_v3),
         ("_rebuild_parameter", _rebuild_parameter),
         ("_rebuild_parameter_with_state", _rebuild_parameter_with_state),

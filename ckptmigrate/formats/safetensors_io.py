@@ -141,7 +141,7 @@ def read_envelope(source: Source) -> dict[str, Any] | None:
 def _chunks(obj: Any) -> Iterator[memoryview]:
     import torch
 
-    tensor = to_torch(obj).contiguous()
+    tensor = to_torch(obj).resolve_conj().resolve_neg().contiguous()
     view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     for start in range(0, len(view), _CHUNK):
         yield view[start : start + _CHUNK]

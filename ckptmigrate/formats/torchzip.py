@@ -70,6 +70,7 @@ def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, Storage]
         payload_bytes = read_record(fh, entries[f"{prefix}/data.pkl"])
     except ZipFormatError as exc:
         raise TorchZipError(str(exc)) from None
+    _check_byteorder(fh, entries, prefix)
     storages: dict[str, Storage] = {}
     try:
         payload = load(payload_bytes, storages)
@@ -92,6 +93,25 @@ def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, Storage]
         except (ZipFormatError, ValueError) as exc:
             raise TorchZipError(f"the ckptmigrate envelope record is unreadable ({exc})") from None
     return payload, envelope, storages, prefix, entries
+
+
+def _check_byteorder(fh: BinaryIO, entries: dict[str, ZipEntry], prefix: str) -> None:
+    """torch byte-swaps every storage of a file whose ``byteorder`` record says ``big`` (and refuses
+    any other word); ckptmigrate reads and writes little-endian bytes only, so it refuses the rest."""
+    wanted = f"{prefix}/byteorder".lower()  # miniz may look names up ignoring case
+    for name, entry in entries.items():
+        if name.lower() != wanted:
+            continue
+        try:
+            order = read_record(fh, entry)
+        except ZipFormatError as exc:
+            raise TorchZipError(str(exc)) from None
+        if order == b"little":
+            continue
+        raise TorchZipError(
+            f"the byteorder record says {order[:16].decode('ascii', 'replace')!r}: torch would byte-swap (or "
+            "refuse) every tensor, and ckptmigrate handles little-endian files only; re-save it with torch.save"
+        )
 
 
 def read_envelope(source: Source) -> dict[str, Any] | None:
@@ -185,7 +205,7 @@ class _StoragePlan:
 def _tensor_chunks(obj: Any) -> Iterator[memoryview]:
     import torch
 
-    tensor = to_torch(obj).contiguous()
+    tensor = to_torch(obj).resolve_conj().resolve_neg().contiguous()
     if tuple(tensor.shape) != shape_of(obj):
         raise ValueError(f"tensor shape {tuple(tensor.shape)} differs from planned {shape_of(obj)}")
     view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]

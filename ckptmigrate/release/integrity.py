@@ -110,7 +110,10 @@ class _Reader:
 def _tensor_digest(reader: _Reader, key: str, ref: Any) -> str:
     if not isinstance(ref, TensorRef):
         raise BadInput(f"tensor {key!r} is not in a file (computed or in memory); write the checkpoint first")
-    header = canonical_json({"key": key, "dtype": ref.dtype, "shape": list(ref.shape), "stride": list(ref.stride)})
+    fields: dict[str, Any] = {"key": key, "dtype": ref.dtype, "shape": list(ref.shape), "stride": list(ref.stride)}
+    if ref.metadata:  # torch returns the values negated/conjugated: part of the tensor, not its bytes
+        fields["metadata"] = ref.metadata
+    header = canonical_json(fields)
     h = _hasher(reader.alg)
     h.update(b"ckptmigrate-tensor-v1\0" + header + b"\0" + reader.tensor_bytes_digest(ref))
     return str(h.hexdigest())
@@ -125,7 +128,7 @@ def _canon(obj: Any, reader: _Reader, names: Mapping[int, str], depth: int = 0) 
         return _canon(value, reader, names, depth + 1)
 
     if isinstance(obj, TensorRef):
-        meta = [obj.requires_grad, again(obj.extra)]
+        meta = [obj.requires_grad, again(obj.extra), *([obj.metadata] if obj.metadata else [])]
         if id(obj) in names:  # its bytes are in the per-tensor digest of that key
             return ["state_dict", names[id(obj)], *meta]
         return ["tensor", obj.dtype, list(obj.shape), list(obj.stride), *meta,
@@ -142,7 +145,11 @@ def _canon(obj: Any, reader: _Reader, names: Mapping[int, str], depth: int = 0) 
         return [type(obj).__name__, obj.hex()]
     if isinstance(obj, dict):
         items = [[again(k), again(v)] for k, v in obj.items()]
-        return ["dict", type(obj).__name__, items, again(getattr(obj, "_metadata", None))]
+        attributes = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+        canon = ["dict", type(obj).__name__, items, again(attributes.pop("_metadata", None))]
+        if attributes:  # a pickle may BUILD any attribute onto an OrderedDict; torch keeps them all
+            canon.append(again(attributes))
+        return canon
     if isinstance(obj, (list, tuple)):
         return [type(obj).__name__, [again(v) for v in obj]]
     if isinstance(obj, (set, frozenset)):
