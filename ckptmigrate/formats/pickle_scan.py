@@ -19,6 +19,12 @@ class PickleFormatError(ValueError):
 #: stand-in object two levels, its arguments and state one more): deeper pickles are refused when
 #: read, not half-way through a rewrite. A pickled model nests about four levels per submodule.
 MAX_DEPTH = 100
+#: How many more visits than it has slots a walk of the payload may make because objects are shared
+#: (``a = [x] * 10; b = [a] * 10; ...`` is small but visits 10**n leaves). The scan applies it to
+#: tuples before the unpickler runs: hashing a tuple (a dict key, a set member) visits every element
+#: of every tuple inside it, shared or not, and is not cached, so 90 levels of ``t = (t, t)`` in
+#: 642 bytes would hash 2**90 times.
+MAX_SHARED_VISITS = 1_000_000
 
 
 # How the scan below steps over each opcode: (what it does to the stack, how its argument is
@@ -66,6 +72,8 @@ def scan(data: Any, pos: int = 0) -> None:
     * tuples nested deeper than MAX_DEPTH: hashing a tuple (a dict key, a set member) recurses in
       C without a depth check, about 60 bytes of stack a level, so 150,000 nested 1-tuples
       overflow an 8 MiB stack and crash the interpreter;
+    * tuples that share tuples so often that hashing one visits more than MAX_SHARED_VISITS
+      elements beyond the pickle's own size (tuple hashes are not cached);
     * a memo index far past the entries stored so far: the unpickler grows its memo array to twice
       the index, so ``LONG_BINPUT 2**31`` asks for 32 GiB, and zeroes it;
     * an argument longer than the bytes left: the unpickler allocates it before finding them missing.
@@ -73,13 +81,15 @@ def scan(data: Any, pos: int = 0) -> None:
     Only each stack slot's tuple depth is followed; a pickle this cannot follow is malformed, and
     the unpickler refuses it no later than where the scan stopped.
     """
-    stack: list[int] = []
+    # per stack slot and memo entry: (tuple depth, elements a hash of it visits); 0 / 1 for non-tuples
+    stack: list[tuple[int, int]] = []
     marks: list[int] = []
-    memo: dict[int, int] = {}
-    deepest = 0
+    memo: dict[int, tuple[int, int]] = {}
+    worst = (0, 1)  # what an unknown slot may hold: the deepest and largest tuple seen
     end = len(data)
     table = _OPCODES
     ops = 0
+    plain = (0, 1)
     try:
         while pos < end:
             op = data[pos]
@@ -168,21 +178,21 @@ def scan(data: Any, pos: int = 0) -> None:
             if pos > end:
                 return
             if action == _PUSH:
-                stack.append(0)
+                stack.append(plain)
             elif action == _PUT:
                 index = int(data[arg : pos - 1]) if kind == _LINES else int.from_bytes(data[arg:pos], "little")
                 if not 0 <= index <= ops:
                     raise PickleFormatError(f"the pickle stores memo entry {index:,} after {ops:,} opcodes")
-                memo[index] = stack[-1] if stack else deepest
+                memo[index] = stack[-1] if stack else worst
             elif action == _GET:
                 index = int(data[arg : pos - 1]) if kind == _LINES else int.from_bytes(data[arg:pos], "little")
-                stack.append(memo.get(index, deepest))
+                stack.append(memo.get(index, worst))
             elif action == _PLAIN:
                 if marked:
                     del stack[marks.pop() if marks else 0 :]
                 if pops:
                     del stack[-pops:]
-                stack += [0] * pushes
+                stack += [plain] * pushes
             elif action == _TUPLE:
                 if marked:
                     start = marks.pop() if marks else 0
@@ -191,24 +201,29 @@ def scan(data: Any, pos: int = 0) -> None:
                 else:
                     items = stack[-pops:]
                     del stack[-pops:]
-                depth = 1 + max(items, default=0)
+                depth = 1 + max((d for d, _ in items), default=0)
                 if depth > MAX_DEPTH:
                     raise PickleFormatError(f"the pickle nests tuples more than {MAX_DEPTH} deep")
-                deepest = max(deepest, depth)
-                stack.append(depth)
+                size = 1 + sum(n for _, n in items)
+                if size > MAX_SHARED_VISITS + ops:
+                    raise PickleFormatError(
+                        f"the pickle shares tuples so often that hashing one would visit over {size:,} elements"
+                    )
+                worst = (max(worst[0], depth), max(worst[1], size))
+                stack.append((depth, size))
             elif action == _MARK:
                 marks.append(len(stack))
             elif action == _MEMOIZE:
-                memo[len(memo)] = stack[-1] if stack else deepest
+                memo[len(memo)] = stack[-1] if stack else worst
             elif action == _POP:
                 if marks and marks[-1] == len(stack):
                     marks.pop()
                 elif stack:
                     stack.pop()
             elif action == _EMPTY_TUPLE:
-                stack.append(1)
+                stack.append((1, 1))
             elif action == _DUP:
-                stack.append(stack[-1] if stack else 0)
+                stack.append(stack[-1] if stack else plain)
             elif action == _STOP:
                 return
     except PickleFormatError:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, ClassVar
 
 from ckptmigrate.errors import one_line
-from ckptmigrate.formats.pickle_scan import MAX_DEPTH, PickleFormatError, scan
+from ckptmigrate.formats.pickle_scan import MAX_DEPTH, MAX_SHARED_VISITS, PickleFormatError, scan
 from ckptmigrate.tensors.refs import (
     ITEMSIZE,
     LEGACY_STORAGE,
@@ -27,10 +27,8 @@ from ckptmigrate.tensors.refs import (
     TensorRef,
 )
 
-#: How many more visits than it has slots a walk of the payload may make because objects are shared
-#: (``a = [x] * 10; b = [a] * 10; ...`` is small but visits 10**n leaves).
-MAX_SHARED_VISITS = 1_000_000
-#: How many distinct globals one pickle may name: each becomes a stand-in class, kept for the process.
+#: How many distinct globals one pickle may name: each becomes a stand-in class (about 1 KiB), kept
+#: as long as the payload that holds it.
 MAX_GLOBALS = 10_000
 
 
@@ -73,19 +71,23 @@ class StandIn:
         return f"<{self.module}.{self.qualname} (not imported)>"
 
 
+#: The stand-ins the writer names (torch's rebuild functions, dtypes, storage types: a fixed set).
+#: A file's own globals get stand-ins of their own, freed with its payload: a process that reads
+#: many files holds only the stand-ins of the payloads it still holds.
 _STANDINS: dict[tuple[str, str], type[StandIn]] = {}
 
 
-def standin(module: str, name: str) -> type[StandIn]:
-    """The stand-in type for ``module.name`` (one per name, so pickle memoises it)."""
+def standin(module: str, name: str, cache: dict[tuple[str, str], type[StandIn]] | None = None) -> type[StandIn]:
+    """The stand-in type for ``module.name``, one per name in ``cache`` (so pickle memoises it)."""
+    cache = _STANDINS if cache is None else cache
     key = (module, name)
-    if key not in _STANDINS:
+    if key not in cache:
         cls: Any = type(name.rpartition(".")[2] or name, (StandIn,), {})
         cls.module = module
         cls.qualname = name
         cls.__new__ = _standin_new
-        _STANDINS[key] = cls
-    return _STANDINS[key]
+        cache[key] = cls
+    return cache[key]
 
 
 def _standin_new(cls: type[StandIn], *args: Any) -> StandIn:
@@ -297,6 +299,7 @@ class SafeUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="utf-8")
         self.storages: dict[str, Storage] = {} if storages is None else storages
         self.globals_named: set[tuple[str, str]] = set()
+        self.standins: dict[tuple[str, str], type[StandIn]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         self.globals_named.add((module, name))
@@ -308,7 +311,7 @@ class SafeUnpickler(pickle.Unpickler):
             return _TENSOR_BUILDERS[name]
         if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
             return _REBUILD_FROM_TYPE
-        return standin(module, name)
+        return standin(module, name, self.standins)
 
     def persistent_load(self, pid: Any) -> Storage:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
