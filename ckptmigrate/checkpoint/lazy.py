@@ -19,6 +19,7 @@ from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, schema_
 from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate
 from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
 from ckptmigrate.formats import torchzip
+from ckptmigrate.formats.pickle_safety import PickleSafety, assess
 from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.tensors.refs import (
@@ -154,6 +155,10 @@ class Checkpoint(ArchitectureOps):
         """The revision recorded in the envelope, or None."""
         return None if self.envelope is None else self.envelope.revision
 
+    def pickle_safety(self) -> PickleSafety:
+        """Whether ``torch.load(weights_only=True)`` reads the file, and the globals that stop it."""
+        return assess(self.container.pickle_globals)
+
     def tensors(self) -> dict[str, Entry]:
         """The state dict's tensors as references (key → where its bytes are), no bytes read."""
         return {k: v for k, v in self.state_dict.entries.items() if is_entry(v)}
@@ -213,6 +218,7 @@ class Checkpoint(ArchitectureOps):
             "arch_hash": self.arch_hash(),
             "extras": sorted(map(str, self.extras)),
             "envelope": self.metadata,
+            "pickle": self.pickle_safety().to_dict() if self.format in ("torch-zip", "torch-legacy") else None,
         }
         if info["envelope"] is not None:
             info["envelope"] = {k: v for k, v in info["envelope"].items() if k != "schema"}

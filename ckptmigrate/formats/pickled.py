@@ -40,8 +40,11 @@ class StandIn:
 
     module: ClassVar[str] = ""
     qualname: ClassVar[str] = ""
+    #: Whether the pickle called (or instantiated) the global: torch.load would run it.
+    called: ClassVar[bool] = False
 
     def __init__(self, *args: Any) -> None:
+        type(self).called = True
         self.args = args
         self.newobj = False
         self.state: Any = None
@@ -91,6 +94,7 @@ def standin(module: str, name: str, cache: dict[tuple[str, str], type[StandIn]] 
 
 
 def _standin_new(cls: type[StandIn], *args: Any) -> StandIn:
+    cls.called = True
     obj = object.__new__(cls)
     StandIn.__init__(obj, *args)
     obj.newobj = True
@@ -335,8 +339,13 @@ class SafeUnpickler(pickle.Unpickler):
         return storage
 
 
-def load(data: bytes | BinaryIO, storages: dict[str, Storage] | None = None) -> Any:
+def load(
+    data: bytes | BinaryIO, storages: dict[str, Storage] | None = None, named: dict[str, bool] | None = None,
+) -> Any:
     """Unpickle a torch payload safely; raises PickleFormatError for anything malformed.
+
+    ``named`` receives every global the pickle names (``module.qualname``) and whether it calls it
+    (what :func:`ckptmigrate.formats.pickle_safety.assess` judges).
 
     Besides running no pickled code, the result is safe to walk: containers nest at most
     :data:`MAX_DEPTH` deep, hold no reference cycle and share little enough that a walk stays short,
@@ -352,8 +361,14 @@ def load(data: bytes | BinaryIO, storages: dict[str, Storage] | None = None) -> 
         else:  # a file: the pickle is followed by other data (the legacy format)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
                 scan(view, fh.tell())
-        payload = SafeUnpickler(fh, storages).load()
+        unpickler = SafeUnpickler(fh, storages)
+        payload = unpickler.load()
         _check_payload(payload, storages)
+        if named is not None:
+            for (module, name) in unpickler.globals_named:
+                cls = unpickler.standins.get((module, name))
+                key = f"{module}.{name}"
+                named[key] = named.get(key, False) or bool(cls is not None and cls.called)
         return payload
     except PickleFormatError as exc:
         if str(exc).isprintable():

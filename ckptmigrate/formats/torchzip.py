@@ -61,8 +61,11 @@ def archive_prefix(entries: dict[str, ZipEntry]) -> str:
     return prefixes.pop()
 
 
-def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, Storage], str, dict[str, ZipEntry]]:
-    """Return (payload, envelope, storages, archive prefix, records) without reading tensor bytes."""
+def read(
+    source: Source, named: dict[str, bool] | None = None,
+) -> tuple[Any, dict[str, Any] | None, dict[str, Storage], str, dict[str, ZipEntry]]:
+    """Return (payload, envelope, storages, archive prefix, records) without reading tensor bytes;
+    ``named`` receives the globals ``data.pkl`` names (see :func:`ckptmigrate.formats.pickled.load`)."""
     fh: BinaryIO = source._fh
     try:
         entries = read_entries(fh, source.size)
@@ -73,7 +76,7 @@ def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, Storage]
     _check_byteorder(fh, entries, prefix)
     storages: dict[str, Storage] = {}
     try:
-        payload = load(payload_bytes, storages)
+        payload = load(payload_bytes, storages, named)
     except PickleFormatError as exc:
         raise TorchZipError(f"data.pkl: {exc}") from None
     for key, storage in storages.items():
