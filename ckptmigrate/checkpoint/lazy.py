@@ -346,19 +346,27 @@ def _has_stand_ins(obj: Any, _depth: int = 0) -> bool:
     return False
 
 
-def _walk_tensors(obj: Any, _depth: int = 0) -> Iterator[Any]:
-    """Every tensor in a payload (state dict, optimizer state, extras)."""
+def _walk_tensors(obj: Any, _path: set[int] | None = None) -> Iterator[Any]:
+    """Every tensor in a payload (state dict, optimizer state, extras); cycles are followed once."""
     from ckptmigrate.formats.pickled import StandIn
 
-    if _depth > 200:
+    path = set() if _path is None else _path
+    if len(path) > 200:
         raise BadInput("the checkpoint payload is nested too deeply")
+    if id(obj) in path:
+        return
     if is_entry(obj):
         yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _walk_tensors(v, _depth + 1)
+        return
+    if isinstance(obj, dict):
+        children: Any = obj.values()
     elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _walk_tensors(v, _depth + 1)
+        children = obj
     elif isinstance(obj, StandIn):
-        yield from _walk_tensors([obj.args, obj.state, obj.listitems, obj.dictitems], _depth + 1)
+        children = [obj.args, obj.state, obj.listitems, obj.dictitems]
+    else:
+        return
+    path.add(id(obj))
+    for v in children:
+        yield from _walk_tensors(v, path)
+    path.discard(id(obj))

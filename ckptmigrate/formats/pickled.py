@@ -348,8 +348,9 @@ def load(
     (what :func:`ckptmigrate.formats.pickle_safety.assess` judges).
 
     Besides running no pickled code, the result is safe to walk: containers nest at most
-    :data:`MAX_DEPTH` deep, hold no reference cycle and share little enough that a walk stays short,
-    and every tensor lies inside its storage.
+    :data:`MAX_DEPTH` deep and share little enough that a walk stays short, and every tensor lies
+    inside its storage. Reference cycles (a dict that holds itself, an OmegaConf node's ``_parent``)
+    are kept, as torch keeps them: code that walks a payload tracks the objects on its path.
     """
     storages = {} if storages is None else storages
     fh = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
@@ -387,8 +388,9 @@ _ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None))
 
 def _check_payload(payload: Any, storages: dict[str, Storage]) -> None:
     """Walk the unpickled payload once, without recursion: refuse nesting deeper than MAX_DEPTH,
-    reference cycles, sharing that would make a walk of it explode, and tensors or storages the
-    pickle altered after they were built (BUILD can set any attribute of an object it holds)."""
+    sharing that would make a walk of it explode, and tensors or storages the pickle altered after
+    they were built (BUILD can set any attribute of an object it holds). A reference back to an
+    object on the current path (a cycle) counts as one visit, as a cycle-aware walk makes it."""
     for storage in storages.values():
         _check_storage(storage, storages)
     cap = 1 << 62
@@ -408,9 +410,10 @@ def _check_payload(payload: Any, storages: dict[str, Storage]) -> None:
                 frame[6] = min(cap, frame[6] + 1)
                 continue
             known = done.get(id(child))
+            if known is None and id(child) in on_path:
+                frame[6] = min(cap, frame[6] + 1)
+                continue
             if known is None:
-                if id(child) in on_path:
-                    raise PickleFormatError("the pickle holds an object that contains itself")
                 weight, grandchildren = _node(child, storages)
                 if frame[4] + weight > MAX_DEPTH:
                     raise PickleFormatError(f"the pickle nests containers more than {MAX_DEPTH} deep")

@@ -119,13 +119,27 @@ def _tensor_digest(reader: _Reader, key: str, ref: Any) -> str:
     return str(h.hexdigest())
 
 
-def _canon(obj: Any, reader: _Reader, names: Mapping[int, str], depth: int = 0) -> Any:
-    """A JSON form of the payload outside the state dict's tensors: what a digest of extras hashes."""
+def _canon(obj: Any, reader: _Reader, names: Mapping[int, str], path: dict[int, int] | None = None) -> Any:
+    """A JSON form of the payload outside the state dict's tensors: what a digest of extras hashes.
+
+    A reference back to an object on the current path (a cycle) is ``["cycle", n]``: the object
+    ``n`` levels up, so the same structure always gives the same form."""
+    path = {} if path is None else path
+    depth = len(path)
     if depth > 200:
         raise BadInput("the checkpoint payload is nested too deeply")
+    if id(obj) in path:
+        return ["cycle", depth - path[id(obj)]]
+    path[id(obj)] = depth
+    try:
+        return _canon_node(obj, reader, names, path)
+    finally:
+        del path[id(obj)]
 
+
+def _canon_node(obj: Any, reader: _Reader, names: Mapping[int, str], path: dict[int, int]) -> Any:
     def again(value: Any) -> Any:
-        return _canon(value, reader, names, depth + 1)
+        return _canon(value, reader, names, path)
 
     if isinstance(obj, TensorRef):
         meta = [obj.requires_grad, again(obj.extra), *([obj.metadata] if obj.metadata else [])]
