@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import ckptmigrate
 from ckptmigrate.checkpoint.lazy import Checkpoint
+from ckptmigrate.formats import torchzip
 from ckptmigrate.release import integrity, signing
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -122,3 +124,93 @@ def test_a_self_referencing_dict_reads_as_torch_weights_only_reads_it(tmp_path: 
     loop2["self"] = {"self": loop2}  # another shape of cycle: another digest
     torch.save({"w": torch.ones(2), "meta": loop2}, tmp_path / "n.pt")
     assert integrity.compute(Checkpoint.open(tmp_path / "n.pt"))["payload"] != before
+
+
+def exotic_state_dict() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {
+        "q": torch.quantize_per_tensor(torch.randn(4), 0.1, 2, torch.quint8),
+        "qc": torch.quantize_per_channel(torch.randn(2, 3), torch.tensor([0.1, 0.2]), torch.tensor([0, 1]), 0,
+                                         torch.qint8),
+        "coo": torch.randn(3, 3).relu().to_sparse(),
+        "csr": torch.randn(3, 4).relu().to_sparse_csr(),
+        "nested": torch.nested.nested_tensor([torch.ones(2), torch.arange(3.0)]),
+        "meta": torch.empty(2, 3, device="meta"),
+        "w": torch.arange(4.0),
+    }
+
+
+def test_quantized_sparse_nested_and_meta_tensors_are_tensors(tmp_path: Path, cli: Cli,
+                                                              key: tuple[Path, Path]) -> None:
+    path = tmp_path / "m.pt"
+    sd = exotic_state_dict()
+    torch.save(sd, path)
+    original = torch.load(path, weights_only=True)
+    info = json.loads(cli("inspect", path, "--json", "--keys").stdout)
+    assert info["tensors"] == len(sd)
+    assert {k: tuple(v["shape"]) for k, v in info["keys"].items() if k != "nested"} == {
+        k: tuple(v.shape) for k, v in sd.items() if k != "nested"}
+    assert info["keys"]["q"]["dtype"] == "quint8" and info["keys"]["meta"]["device"] == "meta"
+    assert cli("stamp", path, "--sign", key[0]).returncode == 0  # all on torch's allow-list
+    same(original, torch.load(path, weights_only=True))
+    assert integrity.verify(path, key[1]).ok
+    with Checkpoint.open(path) as ckpt:  # renames and drops carry them; a computed tensor beside them
+        ckpt.rename("q", "quantized")
+        ckpt.transpose("w", 0, 0)
+        ckpt.write(tmp_path / "out.pt", None)
+        materialized = dict(ckpt.materialize())
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    original["quantized"] = original.pop("q")
+    same(dict(sorted(original.items())), dict(sorted(out.items())))
+    same(dict(sorted(original.items())), dict(sorted(materialized.items())))
+
+
+def test_a_changed_part_of_a_quantized_or_sparse_tensor_fails_verify(tmp_path: Path, key: tuple[Path, Path]) -> None:
+    path = tmp_path / "m.pt"
+    sd = exotic_state_dict()
+    torch.save(sd, path)
+    ckptmigrate.stamp(path, sign=key[0])
+    pristine = path.read_bytes()
+    for name in ("q", "coo"):
+        sd2 = dict(sd)
+        sd2[name] = (torch.quantize_per_tensor(torch.randn(4), 0.2, 2, torch.quint8) if name == "q"
+                     else (sd["coo"] * 2).coalesce())
+        twin = tmp_path / name / "m.pt"
+        twin.parent.mkdir()
+        torch.save(sd2, twin)
+        path.write_bytes(pristine)
+        with zipfile.ZipFile(twin) as z:  # the other file's pickle and tensor records, swapped in
+            records = {n.split("/", 1)[1]: z.read(n) for n in z.namelist()
+                       if n.split("/", 1)[1] == "data.pkl" or n.split("/", 1)[1].startswith("data/")}
+        with open(path, "r+b") as fh:
+            torchzip.append_records(fh, records)
+        result = integrity.verify(path, key[1])
+        assert not result.ok and name in result.changed, (name, result.problems)
+
+
+def test_load_state_dict_of_a_quantized_and_a_sparse_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.ao.nn.quantized as nnq
+
+    monkeypatch.chdir(tmp_path)
+    source = nnq.Linear(4, 3)
+    source.set_weight_bias(torch.quantize_per_tensor(torch.randn(3, 4), 0.05, 0, torch.qint8), torch.randn(3))
+    torch.save(source.state_dict(), tmp_path / "q.pt")
+    target = nnq.Linear(4, 3)
+    report = ckptmigrate.load_state_dict(target, tmp_path / "q.pt")
+    assert report.ok
+    assert torch.equal(target.weight().int_repr(), source.weight().int_repr())
+    assert torch.equal(target.bias(), source.bias())
+
+    class WithSparse(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("adjacency", torch.zeros(3, 3).to_sparse())
+            self.lin = torch.nn.Linear(2, 2)
+
+    model = WithSparse()
+    model.adjacency = torch.eye(3).to_sparse()
+    torch.save(model.state_dict(), tmp_path / "s.pt")
+    fresh = WithSparse()
+    assert ckptmigrate.load_state_dict(fresh, tmp_path / "s.pt").ok
+    assert torch.equal(fresh.adjacency.to_dense(), torch.eye(3))
+    assert torch.equal(fresh.lin.weight, model.lin.weight)

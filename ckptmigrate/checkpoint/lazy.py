@@ -23,7 +23,9 @@ from ckptmigrate.formats.pickle_safety import PickleSafety, assess
 from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.tensors.refs import (
+    ComposedTensor,
     Entry,
+    Storage,
     TensorRef,
     device_of,
     dtype_of,
@@ -192,9 +194,14 @@ class Checkpoint(ArchitectureOps):
     def materialize(self) -> OrderedDict[str, torch.Tensor]:
         """The state dict as torch tensors: memory-mapped where unchanged (unless ``mmap`` is off),
         on the CPU unless ``map_location`` says otherwise."""
+        from ckptmigrate.formats.pickled import global_name
+        from ckptmigrate.formats.torch_builds import realize_value
+
         out = self.state_dict.copy()
         for k, v in out.items():
-            if is_entry(v):
+            if not is_entry(v):
+                out[k] = realize_value(v, global_name)
+            else:
                 if not self.mmap:
                     v = v.clone()
                 if self.map_location is not None:
@@ -234,10 +241,11 @@ class Checkpoint(ArchitectureOps):
         if fmt != "torch-zip" or self.format != "torch-zip":
             return False
         source = self.container.source
-        return all(
-            isinstance(v, TensorRef) and v.storage.source is source and v.storage.crc32 is not None
-            for v in _walk_tensors(self.payload())
-        )
+        for v in _walk_tensors(self.payload()):
+            storage = v.storage if isinstance(v, TensorRef) else v
+            if not (isinstance(storage, Storage) and storage.source is source and storage.crc32 is not None):
+                return False
+        return True
 
     def write(
         self, dest: str | os.PathLike[str], envelope: Envelope | None, *, fmt: str | None = None,
@@ -347,7 +355,8 @@ def _has_stand_ins(obj: Any, _depth: int = 0) -> bool:
 
 
 def _walk_tensors(obj: Any, _path: set[int] | None = None) -> Iterator[Any]:
-    """Every tensor in a payload (state dict, optimizer state, extras); cycles are followed once."""
+    """Every tensor in a payload (state dict, optimizer state, extras), and every storage a tensor
+    built from parts holds (a quantized tensor's), cycles followed once."""
     from ckptmigrate.formats.pickled import StandIn
 
     path = set() if _path is None else _path
@@ -355,11 +364,13 @@ def _walk_tensors(obj: Any, _path: set[int] | None = None) -> Iterator[Any]:
         raise BadInput("the checkpoint payload is nested too deeply")
     if id(obj) in path:
         return
-    if is_entry(obj):
+    if isinstance(obj, Storage) or (is_entry(obj) and not isinstance(obj, ComposedTensor)):
         yield obj
         return
-    if isinstance(obj, dict):
-        children: Any = obj.values()
+    if isinstance(obj, ComposedTensor):
+        children: Any = obj.args
+    elif isinstance(obj, dict):
+        children = obj.values()
     elif isinstance(obj, (list, tuple)):
         children = obj
     elif isinstance(obj, StandIn):

@@ -13,7 +13,16 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from ckptmigrate.formats.pickled import TorchRebuild, global_name, standin
-from ckptmigrate.tensors.refs import ITEMSIZE, STORAGE_FOR_DTYPE, Deferred, Storage, TensorRef, dtype_of, shape_of
+from ckptmigrate.tensors.refs import (
+    ITEMSIZE,
+    STORAGE_FOR_DTYPE,
+    ComposedTensor,
+    Deferred,
+    Storage,
+    TensorRef,
+    dtype_of,
+    shape_of,
+)
 
 _PurePickler: Any = getattr(pickle, "_Pickler")  # noqa: B009 - the pure-Python pickler lets save_global be overridden
 #: Types neither :meth:`_Writer.persistent_id` nor :meth:`_Writer.reducer_override` acts on: saved
@@ -153,6 +162,8 @@ class _Writer(_PurePickler):
             return obj.reduced
         if isinstance(obj, TensorRef):
             return self._reduce_ref(obj)
+        if isinstance(obj, ComposedTensor):  # the same call of torch's rebuild function, parts and all
+            return (standin("torch._utils", obj.builder), obj.args)
         if isinstance(obj, Deferred) or _is_torch_tensor(obj):
             return self._reduce_tensor(obj)
         return NotImplemented

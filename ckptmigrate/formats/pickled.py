@@ -19,10 +19,12 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, ClassVar
 
 from ckptmigrate.errors import one_line
+from ckptmigrate.formats import torch_builds
 from ckptmigrate.formats.pickle_scan import MAX_DEPTH, MAX_SHARED_VISITS, PickleFormatError, scan
 from ckptmigrate.tensors.refs import (
     ITEMSIZE,
     LEGACY_STORAGE,
+    ComposedTensor,
     Storage,
     TensorRef,
 )
@@ -270,6 +272,11 @@ _TENSOR_BUILDERS: dict[str, TorchRebuild] = {
         ("_rebuild_parameter_with_state", _rebuild_parameter_with_state),
     )
 }
+for _name in torch_builds.BUILDERS:  # quantized, sparse, nested, meta: tensors built from parts
+    _TENSOR_BUILDERS[_name] = TorchRebuild(
+        lambda *args, _builder=_name: torch_builds.describe(_builder, args, global_name, _tensor_ref),
+        "torch._utils", _name,
+    )
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
@@ -454,6 +461,8 @@ def _node(obj: Any, storages: dict[str, Storage]) -> tuple[int, list[Any] | None
         _check_storage(obj.storage, storages)
         _check_tensor(obj)
         return 1, [obj.extra] if obj.extra or not isinstance(obj.extra, dict) else None
+    if isinstance(obj, ComposedTensor):
+        return 1, [obj.args]
     if isinstance(obj, Storage):
         _check_storage(obj, storages)
     return 1, None

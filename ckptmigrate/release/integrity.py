@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ckptmigrate.errors import BadInput
 from ckptmigrate.formats.pickled import StandIn, global_name
 from ckptmigrate.release.signing import canonical_json, check_envelope_signature, load_public_key
-from ckptmigrate.tensors.refs import ITEMSIZE, Storage, TensorRef, is_entry
+from ckptmigrate.tensors.refs import ITEMSIZE, ComposedTensor, Storage, TensorRef, is_entry
 from ckptmigrate.util.progress import advance
 
 if TYPE_CHECKING:
@@ -108,6 +108,11 @@ class _Reader:
 
 
 def _tensor_digest(reader: _Reader, key: str, ref: Any) -> str:
+    if isinstance(ref, ComposedTensor):  # the rebuild call: its arguments, its parts' bytes
+        h = _hasher(reader.alg)
+        h.update(b"ckptmigrate-composed-v1\0" + canonical_json({"key": key, "builder": ref.builder}) + b"\0"
+                 + canonical_json(_canon(ref.args, reader, {})))
+        return str(h.hexdigest())
     if not isinstance(ref, TensorRef):
         raise BadInput(f"tensor {key!r} is not in a file (computed or in memory); write the checkpoint first")
     fields: dict[str, Any] = {"key": key, "dtype": ref.dtype, "shape": list(ref.shape), "stride": list(ref.stride)}
@@ -149,6 +154,10 @@ def _canon_node(obj: Any, reader: _Reader, names: Mapping[int, str], path: dict[
                 reader.tensor_bytes_digest(obj).hex()]
     if isinstance(obj, Storage):
         return ["storage", obj.dtype, obj.nbytes, reader.storage_digest(obj).hex()]
+    if isinstance(obj, ComposedTensor):
+        if id(obj) in names:
+            return ["state_dict", names[id(obj)]]
+        return ["composed", obj.builder, again(obj.args)]
     if is_entry(obj):
         raise BadInput("the payload holds a tensor that is not in a file; write the checkpoint first")
     if obj is None or isinstance(obj, (bool, int, str)):

@@ -172,11 +172,34 @@ class Deferred:
         return self.numel * ITEMSIZE[self.dtype]
 
 
-Entry = Union[TensorRef, Deferred, "torch.Tensor"]
+@dataclass(eq=False)
+class ComposedTensor:
+    """A tensor torch builds from parts with one of its allow-listed rebuild functions (quantized,
+    sparse, nested, meta): shape, dtype and device are known from the pickle; the parts (references,
+    storages) are read only when ``build`` materializes it, through torch's own function."""
+
+    builder: str  # the function in torch._utils
+    args: tuple[Any, ...]  # as pickled: references, storages, stand-ins for torch globals
+    kind: str  # quantized, sparse_coo, sparse_csr, ..., nested, meta
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    build: Callable[[], torch.Tensor]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+
+Entry = Union[TensorRef, Deferred, ComposedTensor, "torch.Tensor"]
 
 
 def is_entry(value: object) -> bool:
-    if isinstance(value, (TensorRef, Deferred)):
+    if isinstance(value, (TensorRef, Deferred, ComposedTensor)):
         return True
     return type(value).__module__.startswith("torch") and hasattr(value, "untyped_storage")
 
@@ -190,13 +213,13 @@ def shape_of(value: Entry) -> tuple[int, ...]:
 
 
 def dtype_of(value: Entry) -> str:
-    if isinstance(value, (TensorRef, Deferred)):
+    if isinstance(value, (TensorRef, Deferred, ComposedTensor)):
         return value.dtype
     return dtype_name(value.dtype)
 
 
 def device_of(value: Entry) -> str:
-    if isinstance(value, (TensorRef, Deferred)):
+    if isinstance(value, (TensorRef, Deferred, ComposedTensor)):
         return value.device
     return str(value.device)
 
@@ -222,6 +245,8 @@ def to_torch(value: Entry) -> torch.Tensor:
                 f"expected {value.dtype} {value.shape}"
             )
         return result
+    if isinstance(value, ComposedTensor):
+        return value.build()
     if not isinstance(value, TensorRef):
         return value.detach().cpu() if value.device.type != "cpu" else value.detach()
     dtype = torch_dtype(value.dtype)
