@@ -214,3 +214,16 @@ def test_load_state_dict_of_a_quantized_and_a_sparse_model(tmp_path: Path, monke
     assert ckptmigrate.load_state_dict(fresh, tmp_path / "s.pt").ok
     assert torch.equal(fresh.adjacency.to_dense(), torch.eye(3))
     assert torch.equal(fresh.lin.weight, model.lin.weight)
+
+
+def test_torchscript_and_export_archives_are_named_not_misread(tmp_path: Path, cli: Cli) -> None:
+    model = torch.nn.Linear(2, 2)
+    torch.jit.save(torch.jit.script(model), tmp_path / "scripted.pt")
+    torch.export.save(torch.export.export(model, (torch.randn(1, 2),)), tmp_path / "exported.pt2")
+    for name, what in (("scripted.pt", "TorchScript archive (torch.jit.save)"),
+                       ("exported.pt2", "torch.export archive")):
+        for command in ("inspect", "current", "stamp"):
+            proc = cli(command, tmp_path / name)
+            assert proc.returncode == 2, (name, command, proc.stderr)
+            assert what in proc.stderr and "not a checkpoint" in proc.stderr, proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1 and "compressed" not in proc.stderr
