@@ -227,3 +227,39 @@ def test_torchscript_and_export_archives_are_named_not_misread(tmp_path: Path, c
             assert proc.returncode == 2, (name, command, proc.stderr)
             assert what in proc.stderr and "not a checkpoint" in proc.stderr, proc.stderr
             assert len(proc.stderr.strip().splitlines()) == 1 and "compressed" not in proc.stderr
+
+
+DTENSOR = """
+import sys, tempfile, torch, torch.distributed as dist
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + tempfile.mktemp())
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+if sys.argv[1] == "save":
+    mesh = init_device_mesh("cpu", (1,))
+    torch.save({"w": distribute_tensor(torch.arange(6.0).reshape(2, 3), mesh, [Shard(0)]), "b": torch.ones(2)},
+               sys.argv[2])
+else:
+    got = torch.load(sys.argv[2], weights_only=False)
+    assert isinstance(got["w"], DTensor) and got["w"].placements == (Shard(0),)
+    assert torch.equal(got["w"].to_local(), torch.arange(6.0).reshape(2, 3)) and torch.equal(got["b"], torch.ones(2))
+dist.destroy_process_group()
+"""
+
+
+def test_a_dtensor_saved_by_one_cpu_process_is_a_tensor_carried_and_signed(tmp_path: Path, cli: Cli,
+                                                                           key: tuple[Path, Path]) -> None:
+    import sys
+
+    path = tmp_path / "fsdp2.pt"
+    subprocess.run([sys.executable, "-c", DTENSOR, "save", str(path)], check=True, timeout=300)
+    info = json.loads(cli("inspect", path, "--json", "--keys").stdout)
+    assert info["tensors"] == 2 and info["keys"]["w"]["shape"] == [2, 3] and info["keys"]["w"]["dtype"] == "float32"
+    assert cli("stamp", path, "--sign", key[0], "--allow-unsafe-pickle").returncode == 0
+    assert integrity.verify(path, key[1]).ok
+    subprocess.run([sys.executable, "-c", DTENSOR, "load", str(path)], check=True, timeout=300)
+    with Checkpoint.open(path) as ckpt:  # a rename carries it; a full rewrite writes it back
+        ckpt.rename("w", "weight")
+        ckpt.transpose("b", 0, 0)
+        ckpt.write(tmp_path / "out.pt", None)
+    with Checkpoint.open(tmp_path / "out.pt") as ckpt:
+        assert set(ckpt.tensors()) == {"weight", "b"} and ckpt.schema()["weight"]["shape"] == [2, 3]

@@ -163,7 +163,8 @@ class _Writer(_PurePickler):
         if isinstance(obj, TensorRef):
             return self._reduce_ref(obj)
         if isinstance(obj, ComposedTensor):  # the same call of torch's rebuild function, parts and all
-            return (standin("torch._utils", obj.builder), obj.args)
+            module, _, name = obj.builder.rpartition(".")
+            return (standin(module, name), obj.args)
         if isinstance(obj, Deferred) or _is_torch_tensor(obj):
             return self._reduce_tensor(obj)
         return NotImplemented

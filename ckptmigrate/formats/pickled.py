@@ -290,6 +290,8 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
         if isinstance(ref, TensorRef) and not ref.extra.get("parameter"):
             ref.extra["from_type"] = (new_type, state)
             return ref
+        if isinstance(ref, ComposedTensor):  # a subclass built from parts: a DTensor
+            return torch_builds.subclass(ref, (func, new_type, args, state), global_name)
     return standin("torch._tensor", "_rebuild_from_type_v2")(func, new_type, args, state)
 
 

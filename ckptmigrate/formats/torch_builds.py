@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     import torch
 
 #: The rebuild functions read as :class:`ComposedTensor` (``torch._utils.<name>``).
-BUILDERS = ("_rebuild_qtensor", "_rebuild_sparse_tensor", "_rebuild_nested_tensor", "_rebuild_meta_tensor_no_storage")
+BUILDERS = ("_rebuild_qtensor", "_rebuild_sparse_tensor", "_rebuild_nested_tensor", "_rebuild_meta_tensor_no_storage",
+            "_rebuild_wrapper_subclass")
+FROM_TYPE = "torch._tensor._rebuild_from_type_v2"
 QUANTIZED = ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")
 _QSCHEMES = ("torch.per_tensor_affine", "torch.per_channel_affine", "torch.per_channel_affine_float_qparams")
 _SPARSE = ("torch.sparse_coo", "torch.sparse_csr", "torch.sparse_csc", "torch.sparse_bsr", "torch.sparse_bsc")
@@ -42,7 +44,15 @@ def describe(builder: str, args: tuple[Any, ...], name_of: NameOf, view: View) -
         raise PickleFormatError(f"{builder} with malformed arguments ({exc})"[:300]) from None
     if dtype not in ITEMSIZE:
         raise PickleFormatError(f"{builder} of an unknown dtype {dtype!r:.40}")
-    return ComposedTensor(builder, args, kind, shape, dtype, device, lambda: realize(builder, args, name_of))
+    qualname = f"torch._utils.{builder}"
+    return ComposedTensor(qualname, args, kind, shape, dtype, device, lambda: realize(qualname, args, name_of))
+
+
+def subclass(inner: ComposedTensor, args: tuple[Any, ...], name_of: NameOf) -> ComposedTensor:
+    """``torch._tensor._rebuild_from_type_v2(func, new_type, func_args, state)`` around a tensor
+    built from parts: a tensor subclass (DTensor: a wrapper whose local shard is in ``state``)."""
+    return ComposedTensor(FROM_TYPE, args, inner.kind, inner.shape, inner.dtype, inner.device,
+                          lambda: realize(FROM_TYPE, args, name_of))
 
 
 def _qtensor(args: tuple[Any, ...], name_of: NameOf, view: View) -> tuple[str, tuple[int, ...], str, str]:
@@ -85,6 +95,18 @@ def _meta(args: tuple[Any, ...], name_of: NameOf, view: View) -> tuple[str, tupl
     return "meta", _ints(size, name_of), name.removeprefix("torch."), "meta"
 
 
+def _wrapper(args: tuple[Any, ...], name_of: NameOf, view: View) -> tuple[str, tuple[int, ...], str, str]:
+    cls, dtype, size, stride, offset, layout, device, requires_grad = args
+    dtype_name, cls_name = name_of(dtype) or "", name_of(cls)
+    if not dtype_name.startswith("torch.") or cls_name is None or not isinstance(cls, type):
+        raise ValueError("not a tensor subclass and dtype")
+    if name_of(device) != "torch.device" or isinstance(device, type) or not device.args:
+        raise ValueError("no device")
+    where = ":".join(str(a) for a in device.args)
+    _ints(stride, name_of)
+    return f"subclass {cls_name}", _ints(size, name_of), dtype_name.removeprefix("torch."), where
+
+
 def _ints(size: Any, name_of: NameOf) -> tuple[int, ...]:
     if name_of(size) == "torch.Size" and not isinstance(size, type):  # torch.Size((3, 3)) as pickled
         size = size.args[0] if size.args else ()
@@ -95,15 +117,17 @@ def _ints(size: Any, name_of: NameOf) -> tuple[int, ...]:
 
 
 _DESCRIBE = {"_rebuild_qtensor": _qtensor, "_rebuild_sparse_tensor": _sparse, "_rebuild_nested_tensor": _nested,
-             "_rebuild_meta_tensor_no_storage": _meta}
+             "_rebuild_meta_tensor_no_storage": _meta, "_rebuild_wrapper_subclass": _wrapper}
 
 
 def realize(builder: str, args: tuple[Any, ...], name_of: NameOf) -> torch.Tensor:
-    """``torch._utils.<builder>(*args)`` with the parts as torch objects (tensors memory-mapped)."""
+    """``builder(*args)`` with the parts as torch objects (tensors memory-mapped); ValueError for
+    what would take more than torch's allow-listed functions and globals (a DTensor's mesh)."""
     import torch._utils
 
-    tensor: torch.Tensor = getattr(torch._utils, builder)(*(_real(a, name_of) for a in args))
-    if builder == "_rebuild_sparse_tensor":
+    real = [_real(a, name_of) for a in args]
+    tensor: torch.Tensor = _resolve(builder)(*real)
+    if builder == "torch._utils._rebuild_sparse_tensor":
         torch._utils._validate_loaded_sparse_tensors()  # as torch.load does after unpickling
     return tensor
 
@@ -121,6 +145,8 @@ def realize_value(obj: Any, name_of: NameOf) -> Any:
 def _real(obj: Any, name_of: NameOf) -> Any:
     if isinstance(obj, (TensorRef, ComposedTensor)):
         return to_torch(obj)
+    if callable(obj) and getattr(obj, "module", None) == "torch._utils":  # a rebuild function as an argument
+        return _resolve(f"torch._utils.{obj.name}")
     if isinstance(obj, Storage):
         return _typed_storage(obj)
     if isinstance(obj, (list, tuple)):

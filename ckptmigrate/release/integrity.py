@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptmigrate.errors import BadInput
-from ckptmigrate.formats.pickled import StandIn, global_name
+from ckptmigrate.formats.pickled import StandIn, TorchRebuild, global_name
 from ckptmigrate.release.signing import canonical_json, check_envelope_signature, load_public_key
 from ckptmigrate.tensors.refs import ITEMSIZE, ComposedTensor, Storage, TensorRef, is_entry
 from ckptmigrate.util.progress import advance
@@ -182,6 +182,8 @@ def _canon_node(obj: Any, reader: _Reader, names: Mapping[int, str], path: dict[
                 again(obj.listitems), again(obj.dictitems)]
     if isinstance(obj, type) and issubclass(obj, StandIn):
         return ["global", global_name(obj)]
+    if isinstance(obj, TorchRebuild):  # one of torch's rebuild functions, passed as an argument
+        return ["global", f"{obj.module}.{obj.name}"]
     return ["other", f"{type(obj).__module__}.{type(obj).__qualname__}", repr(obj)]
 
 

@@ -178,7 +178,7 @@ class ComposedTensor:
     sparse, nested, meta): shape, dtype and device are known from the pickle; the parts (references,
     storages) are read only when ``build`` materializes it, through torch's own function."""
 
-    builder: str  # the function in torch._utils
+    builder: str  # the torch function's qualified name: torch._utils._rebuild_qtensor, ...
     args: tuple[Any, ...]  # as pickled: references, storages, stand-ins for torch globals
     kind: str  # quantized, sparse_coo, sparse_csr, ..., nested, meta
     shape: tuple[int, ...]
