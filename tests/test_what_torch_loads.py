@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ckptmigrate
 from ckptmigrate.checkpoint.lazy import Checkpoint
@@ -235,3 +237,41 @@ def test_every_dtype_torch_saves_is_read_written_and_loaded_back(tmp_path: Path)
     back = torch.load(tmp_path / "o.pt", weights_only=True)
     for name, t in saved.items():
         assert back[name].dtype == t.dtype and back[name].view(torch.uint8).equal(t.view(torch.uint8)), name
+
+
+def _variant(base: dict[str, torch.Tensor], bits: list[tuple[bool, bool, bool]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for (name, t), (neg, conj, grad) in zip(base.items(), bits, strict=True):
+        v = t.detach()
+        if conj and v.is_complex():
+            v = v.conj()
+        if neg:
+            v = torch._neg_view(v)
+        out[name] = v.requires_grad_(grad) if grad and v.is_floating_point() else v
+    return out
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bits=st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), min_size=3, max_size=3))
+def test_verify_passes_exactly_when_torch_loads_the_same(tmp_path: Path, key: tuple[Path, Path],
+                                                        bits: list[tuple[bool, bool, bool]]) -> None:
+    """Differential: a signed file's pickle swapped for one torch wrote with other neg/conj/
+    requires_grad bits verifies if and only if torch.load returns the same tensors."""
+    base = {"w": torch.arange(1.0, 5.0), "z": torch.arange(3.0).to(torch.complex64) * (1 + 1j),
+            "i": torch.arange(3)}
+    d = tmp_path / f"case{abs(hash(tuple(bits)))}"
+    d.mkdir()
+    path, twin = d / "m.pt", d / "twin" / "m.pt"
+    twin.parent.mkdir()
+    torch.save(base, path)
+    ckptmigrate.stamp(path, sign=key[0])
+    torch.save(_variant(base, bits), twin)
+    replace_record(path, "data.pkl", data_pkl(twin))
+    loaded = torch.load(path, weights_only=True)
+    unchanged = all(
+        (x.is_neg(), x.is_conj(), x.requires_grad) == (False, False, False)
+        and torch.equal(x.resolve_conj().resolve_neg(), base[k])
+        for k, x in loaded.items()
+    )
+    assert integrity.verify(path, key[1]).ok == unchanged, bits

@@ -20,6 +20,7 @@ from ckptmigrate.tensors.refs import (
     DTYPE_TO_SAFETENSORS,
     ITEMSIZE,
     SAFETENSORS_DTYPE,
+    ComposedTensor,
     Deferred,
     Source,
     Storage,
@@ -166,6 +167,8 @@ def write(
     offset = 0
     for name, obj in tensors.items():
         dtype = dtype_of(obj)
+        if isinstance(obj, ComposedTensor):
+            raise SafetensorsFormatError(f"tensor {name!r}: safetensors holds only dense tensors, not a {obj.kind} one")
         if dtype not in DTYPE_TO_SAFETENSORS:
             raise SafetensorsFormatError(f"tensor {name!r}: safetensors cannot hold dtype {dtype}")
         size = _nbytes(obj)
