@@ -263,3 +263,33 @@ def test_a_dtensor_saved_by_one_cpu_process_is_a_tensor_carried_and_signed(tmp_p
         ckpt.write(tmp_path / "out.pt", None)
     with Checkpoint.open(tmp_path / "out.pt") as ckpt:
         assert set(ckpt.tensors()) == {"weight", "b"} and ckpt.schema()["weight"]["shape"] == [2, 3]
+
+
+CYCLES_EVERYWHERE = """
+import sys
+from ckptmigrate.checkpoint.lazy import Checkpoint
+with Checkpoint.open(sys.argv[1]) as ckpt:
+    assert ckpt.config["name"] == "run", ckpt.config
+    sd = ckpt.materialize()
+    assert sd["loop"][0] is not None and float(sd["w"].sum()) == 2.0
+print("ok")
+"""
+
+
+def test_cycles_with_a_wide_fan_out_cost_one_visit_per_edge(tmp_path: Path) -> None:
+    """A dict whose ten values are itself, in the hyper-parameters and in the state dict: every
+    walker (config lookup, materialize, digest) stops where a cycle closes instead of expanding 10**20 paths."""
+    import sys
+
+    fan: dict[str, Any] = {}
+    for i in range(10):
+        fan[str(i)] = fan
+    loop: list[Any] = []
+    loop.append(loop)
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2), "loop": loop}, "hyper_parameters": {"name": "run", "fan": fan}},
+               path)
+    proc = subprocess.run([sys.executable, "-c", CYCLES_EVERYWHERE, str(path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert integrity.compute(Checkpoint.open(path))["payload"]

@@ -142,17 +142,20 @@ def realize_value(obj: Any, name_of: NameOf) -> Any:
         return obj
 
 
-def _real(obj: Any, name_of: NameOf) -> Any:
+def _real(obj: Any, name_of: NameOf, _path: frozenset[int] = frozenset()) -> Any:
+    if id(obj) in _path:
+        raise ValueError("a reference cycle is not torch data")
     if isinstance(obj, (TensorRef, ComposedTensor)):
         return to_torch(obj)
     if callable(obj) and getattr(obj, "module", None) == "torch._utils":  # a rebuild function as an argument
         return _resolve(f"torch._utils.{obj.name}")
     if isinstance(obj, Storage):
         return _typed_storage(obj)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_real(v, name_of) for v in obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _real(v, name_of)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, dict)):
+        path = _path | {id(obj)}
+        if isinstance(obj, dict):
+            return type(obj)((k, _real(v, name_of, path)) for k, v in obj.items())
+        return type(obj)(_real(v, name_of, path) for v in obj)
     name = name_of(obj)
     if name is None:
         return obj
