@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import ckptmigrate
 from ckptmigrate.checkpoint.lazy import Checkpoint
+from ckptmigrate.errors import BadInput
 from ckptmigrate.formats import torchzip
 from ckptmigrate.release import integrity, signing
 
@@ -263,6 +264,8 @@ def test_a_dtensor_saved_by_one_cpu_process_is_a_tensor_carried_and_signed(tmp_p
         ckpt.write(tmp_path / "out.pt", None)
     with Checkpoint.open(tmp_path / "out.pt") as ckpt:
         assert set(ckpt.tensors()) == {"weight", "b"} and ckpt.schema()["weight"]["shape"] == [2, 3]
+        with pytest.raises(BadInput, match="DTensor is not one of torch's allow-listed globals"):
+            ckpt.materialize()  # rebuilding it would run torch.distributed's classes: not without the user
 
 
 CYCLES_EVERYWHERE = """

@@ -14,6 +14,7 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ckptmigrate.errors import BadInput
 from ckptmigrate.formats.pickle_safety import WEIGHTS_ONLY_GLOBALS
 from ckptmigrate.formats.pickle_scan import PickleFormatError
 from ckptmigrate.tensors.refs import ITEMSIZE, ComposedTensor, Storage, TensorRef, to_torch
@@ -125,7 +126,13 @@ def realize(builder: str, args: tuple[Any, ...], name_of: NameOf) -> torch.Tenso
     what would take more than torch's allow-listed functions and globals (a DTensor's mesh)."""
     import torch._utils
 
-    real = [_real(a, name_of) for a in args]
+    try:
+        real = [_real(a, name_of) for a in args]
+    except ValueError as exc:
+        raise BadInput(
+            f"a tensor built by {builder} cannot be rebuilt from torch's allow-listed functions alone ({exc}); "
+            "torch.load(weights_only=False) rebuilds it, running that code, if you trust the file"
+        ) from None
     tensor: torch.Tensor = _resolve(builder)(*real)
     if builder == "torch._utils._rebuild_sparse_tensor":
         torch._utils._validate_loaded_sparse_tensors()  # as torch.load does after unpickling
