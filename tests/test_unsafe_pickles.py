@@ -143,3 +143,24 @@ def test_the_allow_list_is_the_installed_torchs() -> None:
     from torch._weights_only_unpickler import _get_allowed_globals
 
     assert set(_get_allowed_globals()) == WEIGHTS_ONLY_GLOBALS
+
+
+def test_a_release_of_a_directory_leaves_the_unsafe_file_out_unless_allowed(tmp_path: Path,
+                                                                            key: tuple[Path, Path]) -> None:
+    import sys
+
+    from conftest import ROOT
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    torch.save({"w": torch.ones(2)}, ckpts / "safe.pt")
+    torch.save({"w": torch.ones(2), "cb": RunsCode(tmp_path / "never")}, ckpts / "unsafe.pt")
+    script = [sys.executable, str(ROOT / "scripts" / "release_stamp.py"), str(ckpts), "--release", "1.0",
+              "--sign", str(key[0]), "--allow-dirty"]
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "unsafe.pt: FAILED" in proc.stderr and "--allow-unsafe-pickle" in proc.stderr
+    listed = json.loads((ckpts / "release-manifest.json").read_text())["files"]
+    assert [f["file"] for f in listed] == ["safe.pt"]
+    proc = subprocess.run([*script, "--allow-unsafe-pickle"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "never").exists()
