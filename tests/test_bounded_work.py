@@ -16,6 +16,8 @@ import weakref
 from pathlib import Path
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ckptmigrate.formats import pickled, torchzip
 from ckptmigrate.formats.pickle_scan import MAX_SHARED_VISITS
@@ -101,3 +103,35 @@ def test_a_batch_of_files_with_many_globals_each_verifies_in_bounded_memory(tmp_
     assert proc.returncode == 0, proc.stderr
     peak_mib = int(proc.stdout) / 1024
     assert peak_mib < 400, f"peak RSS {peak_mib:.0f} MiB for 40 files of {pickled.MAX_GLOBALS:,} globals each"
+
+
+@st.composite
+def tuple_dags(draw: st.DrawFn) -> tuple[bytes, int]:
+    """A pickle of random tuples, each holding a few ints and a few references (through the memo)
+    to recent ones, the last used as a dict key; and the number of elements hashing it visits,
+    counted here independently. Chains of sharing make some of them bombs."""
+    count = draw(st.integers(1, 90))
+    sizes: list[int] = []
+    out = [b"\x80\x02}"]
+    for i in range(count):
+        shared = draw(st.lists(st.integers(max(0, i - 3), i - 1), max_size=3)) if i else []
+        ints = draw(st.lists(st.integers(0, 255), max_size=2))
+        out.append(b"(" + b"".join(b"h" + bytes([j]) for j in shared) + b"".join(b"K" + bytes([v]) for v in ints))
+        out.append(b"tq" + bytes([i]) + b"0")  # TUPLE, BINPUT i, POP
+        sizes.append(1 + len(ints) + sum(sizes[j] for j in shared))
+    out.append(b"h" + bytes([count - 1]) + b"K\x01s.")
+    return b"".join(out), sizes[-1]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(case=tuple_dags())
+def test_no_accepted_pickle_hashes_more_than_the_bound(case: tuple[bytes, int]) -> None:
+    data, visits = case
+    try:
+        payload = pickled.load(data)
+    except PickleFormatError as exc:
+        assert "hashing" in str(exc) or "deep" in str(exc), exc
+        assert visits > MAX_SHARED_VISITS or "deep" in str(exc)
+    else:
+        assert visits <= MAX_SHARED_VISITS + len(data)
+        assert list(payload.values()) == [1]
