@@ -63,6 +63,9 @@ def _opcode_table() -> list[tuple[int, int, int, bool, int, int] | None]:
 
 
 _OPCODES = _opcode_table()
+_DEPTH_SHIFT = 96
+_SIZE_MASK = (1 << _DEPTH_SHIFT) - 1
+_PLAIN_SLOT = 1  # a stack slot that is not a tuple: one element to hash, no tuple depth
 
 
 def scan(data: Any, pos: int = 0) -> None:
@@ -81,15 +84,18 @@ def scan(data: Any, pos: int = 0) -> None:
     Only each stack slot's tuple depth is followed; a pickle this cannot follow is malformed, and
     the unpickler refuses it no later than where the scan stopped.
     """
-    # per stack slot and memo entry: (tuple depth, elements a hash of it visits); 0 / 1 for non-tuples
-    stack: list[tuple[int, int]] = []
+    # per stack slot and memo entry, packed in one int so that the hot path appends ints and a
+    # tuple's are two builtin calls: tuple depth << 96 | elements a hash of it visits (a pickle has
+    # under 2**48 opcodes of at most 2**48 each, so a sum of slots never carries into the depth);
+    # a non-tuple is 0 | 1
+    stack: list[int] = []
     marks: list[int] = []
-    memo: dict[int, tuple[int, int]] = {}
-    worst = (0, 1)  # what an unknown slot may hold: the deepest and largest tuple seen
+    memo: dict[int, int] = {}
+    worst = _PLAIN_SLOT  # what an unknown slot may hold: the deepest and the largest tuple seen
     end = len(data)
     table = _OPCODES
     ops = 0
-    plain = (0, 1)
+    plain = _PLAIN_SLOT
     try:
         while pos < end:
             op = data[pos]
@@ -201,16 +207,16 @@ def scan(data: Any, pos: int = 0) -> None:
                 else:
                     items = stack[-pops:]
                     del stack[-pops:]
-                depth = 1 + max((d for d, _ in items), default=0)
+                depth = 1 + (max(items, default=0) >> _DEPTH_SHIFT)
                 if depth > MAX_DEPTH:
                     raise PickleFormatError(f"the pickle nests tuples more than {MAX_DEPTH} deep")
-                size = 1 + sum(n for _, n in items)
+                size = 1 + (sum(items) & _SIZE_MASK)
                 if size > MAX_SHARED_VISITS + ops:
                     raise PickleFormatError(
                         f"the pickle shares tuples so often that hashing one would visit over {size:,} elements"
                     )
-                worst = (max(worst[0], depth), max(worst[1], size))
-                stack.append((depth, size))
+                worst = max(worst >> _DEPTH_SHIFT, depth) << _DEPTH_SHIFT | max(worst & _SIZE_MASK, size)
+                stack.append(depth << _DEPTH_SHIFT | size)
             elif action == _MARK:
                 marks.append(len(stack))
             elif action == _MEMOIZE:
@@ -221,7 +227,7 @@ def scan(data: Any, pos: int = 0) -> None:
                 elif stack:
                     stack.pop()
             elif action == _EMPTY_TUPLE:
-                stack.append((1, 1))
+                stack.append(1 << _DEPTH_SHIFT | 1)
             elif action == _DUP:
                 stack.append(stack[-1] if stack else plain)
             elif action == _STOP:
