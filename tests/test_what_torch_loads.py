@@ -134,6 +134,20 @@ def test_materialized_tensors_carry_the_bits(tmp_path: Path, monkeypatch: pytest
         assert_same_load(expected, dict(ckpt.materialize()))
 
 
+def test_materialized_parameters_and_requires_grad_are_as_torch_returns_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "m.pt"
+    model = torch.nn.Linear(2, 2)
+    torch.save({**model.state_dict(keep_vars=True), "grad": torch.ones(2).requires_grad_(),
+                "frozen": torch.nn.Parameter(torch.ones(2), requires_grad=False)}, path)
+    expected = torch.load(path, weights_only=True)
+    got = dict(ckptmigrate.load(path).materialize())
+    for k, v in expected.items():
+        assert type(got[k]) is type(v) and got[k].requires_grad == v.requires_grad and torch.equal(got[k], v), k
+
+
 def test_a_safetensors_copy_holds_the_values_torch_returns(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

@@ -193,7 +193,10 @@ class Checkpoint(ArchitectureOps):
 
     def materialize(self) -> OrderedDict[str, torch.Tensor]:
         """The state dict as torch tensors: memory-mapped where unchanged (unless ``mmap`` is off),
-        on the CPU unless ``map_location`` says otherwise."""
+        on the CPU unless ``map_location`` says otherwise; a parameter or a tensor that required grad
+        in the file is one here too, as ``torch.load`` returns it."""
+        import torch
+
         from ckptmigrate.formats.pickled import global_name
         from ckptmigrate.formats.torch_builds import realize_value
 
@@ -201,12 +204,17 @@ class Checkpoint(ArchitectureOps):
         for k, v in out.items():
             if not is_entry(v):
                 out[k] = realize_value(v, global_name)
-            else:
-                if not self.mmap:
-                    v = v.clone()
-                if self.map_location is not None:
-                    v = v.to(self.map_location)
-                out[k] = v
+                continue
+            if not self.mmap:
+                v = v.clone()
+            if self.map_location is not None:
+                v = v.to(self.map_location)
+            ref = self.state_dict.entries[k]
+            if isinstance(ref, TensorRef) and ref.extra.get("parameter"):
+                v = torch.nn.Parameter(v, requires_grad=ref.requires_grad)
+            elif isinstance(ref, TensorRef) and ref.requires_grad and (v.is_floating_point() or v.is_complex()):
+                v = v.requires_grad_()
+            out[k] = v
         return out
 
     def summary(self, *, keys: bool = False) -> dict[str, Any]:
