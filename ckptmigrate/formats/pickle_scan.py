@@ -68,6 +68,17 @@ _SIZE_MASK = (1 << _DEPTH_SHIFT) - 1
 _PLAIN_SLOT = 1  # a stack slot that is not a tuple: one element to hash, no tuple depth
 
 
+def _tuple_slot(depth: int, size: int, ops: int) -> int:
+    """The packed slot of a new tuple; refuses one nested too deeply or too costly to hash."""
+    if depth > MAX_DEPTH:
+        raise PickleFormatError(f"the pickle nests tuples more than {MAX_DEPTH} deep")
+    if size > MAX_SHARED_VISITS + ops:
+        raise PickleFormatError(
+            f"the pickle shares tuples so often that hashing one would visit over {size:,} elements"
+        )
+    return depth << _DEPTH_SHIFT | size
+
+
 def scan(data: Any, pos: int = 0) -> None:
     """Step through the opcodes from ``pos`` without running them, and refuse what would hurt the C
     unpickler before it acts on it:
@@ -75,13 +86,13 @@ def scan(data: Any, pos: int = 0) -> None:
     * tuples nested deeper than MAX_DEPTH: hashing a tuple (a dict key, a set member) recurses in
       C without a depth check, about 60 bytes of stack a level, so 150,000 nested 1-tuples
       overflow an 8 MiB stack and crash the interpreter;
-    * tuples that share tuples so often that hashing one visits more than MAX_SHARED_VISITS
-      elements beyond the pickle's own size (tuple hashes are not cached);
     * a memo index far past the entries stored so far: the unpickler grows its memo array to twice
       the index, so ``LONG_BINPUT 2**31`` asks for 32 GiB, and zeroes it;
+    * tuples that share tuples so often that hashing one visits more than MAX_SHARED_VISITS
+      elements beyond the pickle's own size (tuple hashes are not cached);
     * an argument longer than the bytes left: the unpickler allocates it before finding them missing.
 
-    Only each stack slot's tuple depth is followed; a pickle this cannot follow is malformed, and
+    Only each stack slot's tuple depth and hash size are followed; a pickle this cannot follow is malformed, and
     the unpickler refuses it no later than where the scan stopped.
     """
     # per stack slot and memo entry, packed in one int so that the hot path appends ints and a
@@ -92,10 +103,10 @@ def scan(data: Any, pos: int = 0) -> None:
     marks: list[int] = []
     memo: dict[int, int] = {}
     worst = _PLAIN_SLOT  # what an unknown slot may hold: the deepest and the largest tuple seen
+    plain = _PLAIN_SLOT
     end = len(data)
     table = _OPCODES
     ops = 0
-    plain = _PLAIN_SLOT
     try:
         while pos < end:
             op = data[pos]
@@ -105,7 +116,7 @@ def scan(data: Any, pos: int = 0) -> None:
                 index = int.from_bytes(data[pos + 1 : pos + 5], "little")
                 if index > ops:
                     raise PickleFormatError(f"the pickle stores memo entry {index:,} after {ops:,} opcodes")
-                memo[index] = stack[-1] if stack else deepest
+                memo[index] = stack[-1] if stack else worst
                 pos += 5
                 continue
             if op == 0x71 and pos + 2 <= end:  # BINPUT
@@ -113,12 +124,12 @@ def scan(data: Any, pos: int = 0) -> None:
                 index = data[pos + 1]
                 if index > ops:
                     raise PickleFormatError(f"the pickle stores memo entry {index:,} after {ops:,} opcodes")
-                memo[index] = stack[-1] if stack else deepest
+                memo[index] = stack[-1] if stack else worst
                 pos += 2
                 continue
             if op == 0x68 and pos + 2 <= end:  # BINGET
                 ops += 1
-                stack.append(memo.get(data[pos + 1], deepest))
+                stack.append(memo.get(data[pos + 1], worst))
                 pos += 2
                 continue
             if op == 0x58 and pos + 5 <= end:  # BINUNICODE
@@ -127,11 +138,11 @@ def scan(data: Any, pos: int = 0) -> None:
                 if pos > end:
                     length = pos - end  # how far past the end it runs
                     raise PickleFormatError(f"the pickle is truncated: an argument runs {length:,} bytes past it")
-                stack.append(0)
+                stack.append(plain)
                 continue
             if op == 0x4B and pos + 2 <= end:  # BININT1
                 ops += 1
-                stack.append(0)
+                stack.append(plain)
                 pos += 2
                 continue
             if op == 0x28:  # MARK
@@ -143,22 +154,23 @@ def scan(data: Any, pos: int = 0) -> None:
                 ops += 1
                 pos += 1
                 if op == 0x85:
-                    depth = 1 + (stack.pop() if stack else 0)
+                    item = stack.pop() if stack else plain
+                    depth, size = 1 + (item >> _DEPTH_SHIFT), 1 + (item & _SIZE_MASK)
                 else:
                     start = marks.pop() if marks else 0
-                    depth = 1 + max(stack[start:], default=0)
+                    items = stack[start:]
                     del stack[start:]
-                if depth > MAX_DEPTH:
-                    raise PickleFormatError(f"the pickle nests tuples more than {MAX_DEPTH} deep")
-                if depth > deepest:
-                    deepest = depth
-                stack.append(depth)
+                    depth = 1 + (max(items, default=0) >> _DEPTH_SHIFT)
+                    size = 1 + (sum(items) & _SIZE_MASK)
+                stack.append(_tuple_slot(depth, size, ops))
+                if depth > worst >> _DEPTH_SHIFT or size > worst & _SIZE_MASK:
+                    worst = max(worst >> _DEPTH_SHIFT, depth) << _DEPTH_SHIFT | max(worst & _SIZE_MASK, size)
                 continue
             if op == 0x52:  # REDUCE
                 ops += 1
                 pos += 1
                 del stack[-2:]
-                stack.append(0)
+                stack.append(plain)
                 continue
             entry = table[op]
             if entry is None:
@@ -208,15 +220,9 @@ def scan(data: Any, pos: int = 0) -> None:
                     items = stack[-pops:]
                     del stack[-pops:]
                 depth = 1 + (max(items, default=0) >> _DEPTH_SHIFT)
-                if depth > MAX_DEPTH:
-                    raise PickleFormatError(f"the pickle nests tuples more than {MAX_DEPTH} deep")
                 size = 1 + (sum(items) & _SIZE_MASK)
-                if size > MAX_SHARED_VISITS + ops:
-                    raise PickleFormatError(
-                        f"the pickle shares tuples so often that hashing one would visit over {size:,} elements"
-                    )
+                stack.append(_tuple_slot(depth, size, ops))
                 worst = max(worst >> _DEPTH_SHIFT, depth) << _DEPTH_SHIFT | max(worst & _SIZE_MASK, size)
-                stack.append(depth << _DEPTH_SHIFT | size)
             elif action == _MARK:
                 marks.append(len(stack))
             elif action == _MEMOIZE:
