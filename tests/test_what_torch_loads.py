@@ -69,14 +69,14 @@ def test_a_signed_file_that_gains_a_neg_bit_fails_verify(tmp_path: Path, key: tu
     path = tmp_path / "m.pt"
     torch.save({"w": weight}, path)
     assert cli("stamp", path, "--sign", key[0]).returncode == 0
-    assert cli("verify", path, "--key", key[1]).returncode == 0
+    assert cli("verify", path, "--public-key", key[1]).returncode == 0
     twin = tmp_path / "twin" / "m.pt"  # the same pickle with the neg bit, written by torch itself
     twin.parent.mkdir()
     torch.save({"w": torch._neg_view(weight)}, twin)
     replace_record(path, "data.pkl", data_pkl(twin))
     loaded = torch.load(path, weights_only=True)["w"]
     assert loaded.is_neg() and torch.equal(loaded.resolve_neg(), -weight)  # the attack works on torch
-    proc = cli("verify", path, "--key", key[1])
+    proc = cli("verify", path, "--public-key", key[1])
     assert proc.returncode == 1 and "w" in proc.stderr, proc.stderr
     result = integrity.verify(path, key[1])
     assert not result.ok and result.changed == ["w"]
@@ -169,7 +169,7 @@ def test_a_big_endian_byteorder_record_is_refused(tmp_path: Path, key: tuple[Pat
     assert cli("stamp", path, "--sign", key[0]).returncode == 0
     replace_record(path, "byteorder", b"big")
     assert not torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(4.0))  # torch swaps
-    for args in (("verify", path, "--key", key[1]), ("inspect", path), ("stamp", path)):
+    for args in (("verify", path, "--public-key", key[1]), ("inspect", path), ("stamp", path)):
         proc = cli(*args)
         assert proc.returncode == (1 if args[0] == "verify" else 2), (args, proc.stderr)
         assert "byteorder" in proc.stderr and "Traceback" not in proc.stderr, args
