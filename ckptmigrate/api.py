@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ckptmigrate.checkpoint.envelope import Envelope, now_utc
 from ckptmigrate.checkpoint.layout import locate
 from ckptmigrate.checkpoint.lazy import Checkpoint
-from ckptmigrate.errors import BadInput, CkptMigrateError, OutputExists, SchemaMismatch
+from ckptmigrate.errors import BadInput, CkptMigrateError, OutputExists, SchemaMismatch, UnsafePickleWarning
 from ckptmigrate.formats import safetensors_io, torchzip
 from ckptmigrate.release import stamping
 from ckptmigrate.storage.atomic import atomic_write
@@ -227,6 +227,14 @@ def load(
     )
     for note in notes:
         warnings.warn(f"{ckpt.path}: {note}", stacklevel=2)
+    safety = ckpt.pickle_safety()
+    if not safety.weights_only:
+        warnings.warn(
+            f"{ckpt.path}: its pickle names {', '.join(safety.unsafe[:5])}"
+            f"{f' (+{len(safety.unsafe) - 5} more)' if len(safety.unsafe) > 5 else ''}, outside torch's "
+            "weights_only allow-list: ckptmigrate keeps them inert, torch.load(weights_only=False) would run them",
+            UnsafePickleWarning, stacklevel=2,
+        )
     if trust_pickle:
         ckpt.trust_pickle()
     graph = _optional_graph(migrations)
@@ -273,9 +281,11 @@ def stamp(
     tags: Mapping[str, str] | None = None, repo: PathLike | None = None, key: str | None = None,
     lineage: str | None = None, revision: str | None = None, migrations: Any = None,
     release: str | None = None, sign: Any = None, digest: bool = False, allow_dirty: bool = False,
+    allow_unsafe_pickle: bool = False,
 ) -> Path:
     """Write the envelope into ``path`` (or ``output``) without changing any tensor; see
-    :func:`ckptmigrate.release.stamping.stamp`.
+    :func:`ckptmigrate.release.stamping.stamp` (``allow_unsafe_pickle``: sign or release a file whose
+    pickle names globals outside torch's ``weights_only`` allow-list).
 
     ``revision`` (an id or unique prefix) must be a revision of the chain (``migrations``, default
     pyproject.toml's); its lineage is recorded with it. A file whose schema is exactly another
@@ -289,7 +299,8 @@ def stamp(
         revision, lineage = rev.id, rev.lineage
         _refuse_other_revisions_schema(Path(path), revision, key, graph)
     return stamping.stamp(path, output=out, tags=tags, repo=repo, key=key, lineage=lineage, revision=revision,
-                          release=release, sign=sign, digest=digest, allow_dirty=allow_dirty)
+                          release=release, sign=sign, digest=digest, allow_dirty=allow_dirty,
+                          allow_unsafe_pickle=allow_unsafe_pickle)
 
 
 def _refuse_other_revisions_schema(path: Path, revision: str, key: str | None, graph: RevisionGraph) -> None:

@@ -125,6 +125,11 @@ class CkptMigrateWarning(UserWarning):
     """Something worth knowing that does not stop the work (an option that had nothing to do)."""
 
 
+class UnsafePickleWarning(UserWarning):
+    """A file's pickle names globals outside torch's ``weights_only`` allow-list: kept inert by
+    ckptmigrate, but ``torch.load(weights_only=False)`` of the file would import and run them."""
+
+
 def one_line(text: object) -> str:
     """``text`` on one line: what a broken file holds (a quoted name, a line break) escaped."""
     text = str(text)

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, default=None, help="Where to write the manifest.")
     parser.add_argument("--tag", action="append", default=[], metavar="K=V", help="Extra tag (repeatable).")
     parser.add_argument("--allow-dirty", action="store_true", help="Accept uncommitted changes or no repository.")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="Sign files whose pickle names globals torch's weights_only refuses.")
     parser.add_argument("-j", "--jobs", type=int, default=None, help="Files stamped at once (default: CPUs).")
     args = parser.parse_args(argv)
     tags = {}
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         doc, failures = stamp_release(
             list(engine.expand_paths([args.directory])), args.release, manifest=manifest, sign=args.sign,
             repo=args.repo, tags=tags, allow_dirty=args.allow_dirty, jobs=args.jobs,
+            allow_unsafe_pickle=args.allow_unsafe_pickle,
         )
     except CkptMigrateError as exc:
         print(f"release_stamp: error: {exc}", file=sys.stderr)

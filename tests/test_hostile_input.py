@@ -338,7 +338,6 @@ BROKEN_PICKLES: dict[str, bytes] = {
     "dict-keyed-by-tuples-nested-200000-deep": (  # hashing the key recursed in C: a segfault
         PROTO2 + b"}(" + text("w") + tensor() + b"K\x01" + b"\x85" * 200_000 + b"K\x02u."),
     "set-of-tuples-nested-200000-deep": state_dict_with(b"\x8f(K\x01" + b"\x85" * 200_000 + b"\x90"),
-    "list-that-contains-itself": state_dict_with(b"]q\x01h\x01a"),
     "objects-shared-10**30-times": laughs() + b"}(" + text("w") + tensor() + text("hook") + b"h\x1du.",
     "tensor-shape-changed-by-BUILD-after-it-was-checked": (
         PROTO2 + b"}(" + text("w") + tensor() + b"}" + text("shape") + integer(10**9) + b"\x85sbu."),

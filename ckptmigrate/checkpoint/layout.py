@@ -35,9 +35,9 @@ def _module_state(obj: Any) -> dict[str, Any] | None:
     return None
 
 
-def _module_state_dict(obj: Any, prefix: str, out: OrderedDict[str, Any]) -> None:
+def _module_state_dict(obj: Any, prefix: str, out: OrderedDict[str, Any], _path: frozenset[int] = frozenset()) -> None:
     state = _module_state(obj)
-    if state is None:
+    if state is None or id(obj) in _path:  # a module among its own submodules (a cycle) adds nothing
         return
     skip = state.get("_non_persistent_buffers_set") or set()
     skip = set(skip.args[0]) if isinstance(skip, StandIn) and skip.args else set(skip)
@@ -49,7 +49,7 @@ def _module_state_dict(obj: Any, prefix: str, out: OrderedDict[str, Any]) -> Non
             out[prefix + name] = value
     for name, child in (state.get("_modules") or {}).items():
         if child is not None:
-            _module_state_dict(child, f"{prefix}{name}.", out)
+            _module_state_dict(child, f"{prefix}{name}.", out, _path | {id(obj)})
 
 
 @dataclass(frozen=True)

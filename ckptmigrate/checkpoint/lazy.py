@@ -19,10 +19,13 @@ from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, schema_
 from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate
 from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
 from ckptmigrate.formats import torchzip
+from ckptmigrate.formats.pickle_safety import PickleSafety, assess
 from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.tensors.refs import (
+    ComposedTensor,
     Entry,
+    Storage,
     TensorRef,
     device_of,
     dtype_of,
@@ -154,6 +157,10 @@ class Checkpoint(ArchitectureOps):
         """The revision recorded in the envelope, or None."""
         return None if self.envelope is None else self.envelope.revision
 
+    def pickle_safety(self) -> PickleSafety:
+        """Whether ``torch.load(weights_only=True)`` reads the file, and the globals that stop it."""
+        return assess(self.container.pickle_globals)
+
     def tensors(self) -> dict[str, Entry]:
         """The state dict's tensors as references (key → where its bytes are), no bytes read."""
         return {k: v for k, v in self.state_dict.entries.items() if is_entry(v)}
@@ -186,15 +193,28 @@ class Checkpoint(ArchitectureOps):
 
     def materialize(self) -> OrderedDict[str, torch.Tensor]:
         """The state dict as torch tensors: memory-mapped where unchanged (unless ``mmap`` is off),
-        on the CPU unless ``map_location`` says otherwise."""
+        on the CPU unless ``map_location`` says otherwise; a parameter or a tensor that required grad
+        in the file is one here too, as ``torch.load`` returns it."""
+        import torch
+
+        from ckptmigrate.formats.pickled import global_name
+        from ckptmigrate.formats.torch_builds import realize_value
+
         out = self.state_dict.copy()
         for k, v in out.items():
-            if is_entry(v):
-                if not self.mmap:
-                    v = v.clone()
-                if self.map_location is not None:
-                    v = v.to(self.map_location)
-                out[k] = v
+            if not is_entry(v):
+                out[k] = realize_value(v, global_name)
+                continue
+            if not self.mmap:
+                v = v.clone()
+            if self.map_location is not None:
+                v = v.to(self.map_location)
+            ref = self.state_dict.entries[k]
+            if isinstance(ref, TensorRef) and ref.extra.get("parameter"):
+                v = torch.nn.Parameter(v, requires_grad=ref.requires_grad)
+            elif isinstance(ref, TensorRef) and ref.requires_grad and (v.is_floating_point() or v.is_complex()):
+                v = v.requires_grad_()
+            out[k] = v
         return out
 
     def summary(self, *, keys: bool = False) -> dict[str, Any]:
@@ -213,6 +233,7 @@ class Checkpoint(ArchitectureOps):
             "arch_hash": self.arch_hash(),
             "extras": sorted(map(str, self.extras)),
             "envelope": self.metadata,
+            "pickle": self.pickle_safety().to_dict() if self.format in ("torch-zip", "torch-legacy") else None,
         }
         if info["envelope"] is not None:
             info["envelope"] = {k: v for k, v in info["envelope"].items() if k != "schema"}
@@ -228,10 +249,11 @@ class Checkpoint(ArchitectureOps):
         if fmt != "torch-zip" or self.format != "torch-zip":
             return False
         source = self.container.source
-        return all(
-            isinstance(v, TensorRef) and v.storage.source is source and v.storage.crc32 is not None
-            for v in _walk_tensors(self.payload())
-        )
+        for v in _walk_tensors(self.payload()):
+            storage = v.storage if isinstance(v, TensorRef) else v
+            if not (isinstance(storage, Storage) and storage.source is source and storage.crc32 is not None):
+                return False
+        return True
 
     def write(
         self, dest: str | os.PathLike[str], envelope: Envelope | None, *, fmt: str | None = None,
@@ -340,19 +362,30 @@ def _has_stand_ins(obj: Any, _depth: int = 0) -> bool:
     return False
 
 
-def _walk_tensors(obj: Any, _depth: int = 0) -> Iterator[Any]:
-    """Every tensor in a payload (state dict, optimizer state, extras)."""
+def _walk_tensors(obj: Any, _path: set[int] | None = None) -> Iterator[Any]:
+    """Every tensor in a payload (state dict, optimizer state, extras), and every storage a tensor
+    built from parts holds (a quantized tensor's), cycles followed once."""
     from ckptmigrate.formats.pickled import StandIn
 
-    if _depth > 200:
+    path = set() if _path is None else _path
+    if len(path) > 200:
         raise BadInput("the checkpoint payload is nested too deeply")
-    if is_entry(obj):
+    if id(obj) in path:
+        return
+    if isinstance(obj, Storage) or (is_entry(obj) and not isinstance(obj, ComposedTensor)):
         yield obj
+        return
+    if isinstance(obj, ComposedTensor):
+        children: Any = obj.args
     elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _walk_tensors(v, _depth + 1)
+        children = obj.values()
     elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _walk_tensors(v, _depth + 1)
+        children = obj
     elif isinstance(obj, StandIn):
-        yield from _walk_tensors([obj.args, obj.state, obj.listitems, obj.dictitems], _depth + 1)
+        children = [obj.args, obj.state, obj.listitems, obj.dictitems]
+    else:
+        return
+    path.add(id(obj))
+    for v in children:
+        yield from _walk_tensors(v, path)
+    path.discard(id(obj))

@@ -16,17 +16,19 @@ from typing import Any
 MAX_CONFIG_JSON = 1 << 20
 
 
-def plain(value: Any, depth: int = 0) -> Any:
-    """``value`` if it is plain JSON-like data (dicts and lists of numbers, strings, ...), else None."""
-    if depth > 20:
+def plain(value: Any, depth: int = 0, _path: frozenset[int] = frozenset()) -> Any:
+    """``value`` if it is plain JSON-like data (dicts and lists of numbers, strings, ...), else None.
+    A reference cycle (a pickle may hold one) is not plain data: it becomes None where it closes."""
+    if depth > 20 or id(value) in _path:
         return None
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    path = _path | {id(value)}
     if isinstance(value, Mapping):
-        out = {k: plain(v, depth + 1) for k, v in value.items() if isinstance(k, str)}
+        out = {k: plain(v, depth + 1, path) for k, v in value.items() if isinstance(k, str)}
         return {k: v for k, v in out.items() if v is not None or value.get(k) is None}
     if isinstance(value, (list, tuple)):
-        return [plain(v, depth + 1) for v in value]
+        return [plain(v, depth + 1, path) for v in value]
     return None
 
 

@@ -33,6 +33,14 @@ def _print_summary(info: dict[str, Any]) -> None:
     click.echo(f"  dtypes      {dtypes or '-'}")
     click.echo(f"  devices     {', '.join(info['devices']) or '-'}")
     click.echo(f"  arch hash   {info['arch_hash']}")
+    pickle = info.get("pickle") or {}
+    if pickle.get("unsafe_globals"):
+        called = set(pickle.get("called") or [])
+        names = ", ".join(f"{n} (called)" if n in called else n for n in pickle["unsafe_globals"])
+        click.echo(f"  pickle      UNSAFE: torch.load(weights_only=False) would import or run {names}")
+        click.echo("              weights_only=True refuses it (blocked by those); they stay inert here")
+    elif pickle:
+        click.echo("  pickle      safe: loads with torch.load(weights_only=True)")
     if env is None:
         click.echo("  envelope    unstamped")
     else:
@@ -99,11 +107,14 @@ def inspect(paths: tuple[str, ...], as_json: bool, keys: bool, key: str | None) 
               help="Sign the envelope with this Ed25519 private key (see `ckptmigrate keygen`).")
 @click.option("--digest", is_flag=True, help="Record the content digest (reads every tensor byte).")
 @click.option("--allow-dirty", is_flag=True, help="With --release: accept uncommitted changes, or no repository.")
+@click.option("--allow-unsafe-pickle", is_flag=True,
+              help="With --release/--sign: vouch for a file whose pickle names globals torch's weights_only refuses.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Files stamped at once (default: the number of CPUs).")
 def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, output: Path | None, overwrite: bool,
           key: str | None, revision: str | None, migrations: str | None, as_json: bool,
-          release: str | None, sign: Path | None, digest: bool, allow_dirty: bool, jobs: int | None) -> None:
+          release: str | None, sign: Path | None, digest: bool, allow_dirty: bool, allow_unsafe_pickle: bool,
+          jobs: int | None) -> None:
     """Write the envelope into checkpoints (files, directories, globs) without changing any tensor."""
     from ckptmigrate import api
     from ckptmigrate.release import signing
@@ -130,7 +141,8 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
             with naming(path), file_bar("stamp", path, show=watching and len(files) == 1):
                 return path, api.stamp(path, output=output, overwrite=overwrite, tags=tag_map, repo=repo, key=key,
                                        revision=revision, migrations=graph, release=release,
-                                       sign=private_key, digest=digest, allow_dirty=True), None
+                                       sign=private_key, digest=digest, allow_dirty=True,
+                                       allow_unsafe_pickle=allow_unsafe_pickle), None
         except CkptMigrateError as exc:
             if len(files) == 1:
                 raise

@@ -37,6 +37,8 @@ class Container:
     prefix: str = "archive"
     records: dict[str, ZipEntry] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    #: Every global the file's pickles name, and whether they call it (``pickle_safety.assess``).
+    pickle_globals: dict[str, bool] = field(default_factory=dict)
 
     def close(self) -> None:
         if self.source is not None:
@@ -87,14 +89,15 @@ def read(path: str | os.PathLike[str]) -> Container:
     """Open a checkpoint and read everything but tensor bytes; BadInput names the file and the problem."""
     path = Path(path)
     source = _open_source(path)
+    named: dict[str, bool] = {}
     try:
         fmt = _detect(path, source)
         if fmt == "torch-zip":
-            payload, envelope, storages, prefix, records = torchzip.read(source)
-            return Container(fmt, path, source, payload, envelope, storages, prefix, records)
+            payload, envelope, storages, prefix, records = torchzip.read(source, named)
+            return Container(fmt, path, source, payload, envelope, storages, prefix, records, pickle_globals=named)
         if fmt == "torch-legacy":
-            payload, storages = legacy.read(source)
-            return Container(fmt, path, source, payload, None, storages)
+            payload, storages = legacy.read(source, named)
+            return Container(fmt, path, source, payload, None, storages, pickle_globals=named)
         tensors, envelope, metadata, storages = safetensors_io.read(source)
         return Container(fmt, path, source, tensors, envelope, storages, metadata=metadata)
     except (torchzip.TorchZipError, legacy.LegacyFormatError, safetensors_io.SafetensorsFormatError) as exc:

@@ -19,21 +19,21 @@ class LegacyFormatError(ValueError):
     pass
 
 
-def read(source: Source) -> tuple[Any, dict[str, Storage]]:
+def read(source: Source, named: dict[str, bool] | None = None) -> tuple[Any, dict[str, Storage]]:
     fh = source._fh
     fh.seek(0)
     try:
-        magic = load(fh)
+        magic = load(fh, None, named)
         if magic != MAGIC_NUMBER:
             raise LegacyFormatError("a pickle, but not one written by torch.save")
-        if load(fh) != PROTOCOL_VERSION:
+        if load(fh, None, named) != PROTOCOL_VERSION:
             raise LegacyFormatError("written by torch.save with an unknown legacy protocol")
-        sys_info = load(fh)
+        sys_info = load(fh, None, named)
         if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
             raise LegacyFormatError("saved on a big-endian machine, which is not supported")
         storages: dict[str, Storage] = {}
-        payload = load(fh, storages)
-        keys = load(fh)
+        payload = load(fh, storages, named)
+        keys = load(fh, None, named)
     except PickleFormatError as exc:
         raise LegacyFormatError(str(exc)) from None
     if not isinstance(keys, list) or set(map(str, keys)) != set(storages):

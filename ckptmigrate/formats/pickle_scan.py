@@ -19,6 +19,12 @@ class PickleFormatError(ValueError):
 #: stand-in object two levels, its arguments and state one more): deeper pickles are refused when
 #: read, not half-way through a rewrite. A pickled model nests about four levels per submodule.
 MAX_DEPTH = 100
+#: How many more visits than it has slots a walk of the payload may make because objects are shared
+#: (``a = [x] * 10; b = [a] * 10; ...`` is small but visits 10**n leaves). The scan applies it to
+#: tuples before the unpickler runs: hashing a tuple (a dict key, a set member) visits every element
+#: of every tuple inside it, shared or not, and is not cached, so 90 levels of ``t = (t, t)`` in
+#: 642 bytes would hash 2**90 times.
+MAX_SHARED_VISITS = 1_000_000
 
 
 # How the scan below steps over each opcode: (what it does to the stack, how its argument is
@@ -57,6 +63,20 @@ def _opcode_table() -> list[tuple[int, int, int, bool, int, int] | None]:
 
 
 _OPCODES = _opcode_table()
+_DEPTH_SHIFT = 96
+_SIZE_MASK = (1 << _DEPTH_SHIFT) - 1
+_PLAIN_SLOT = 1  # a stack slot that is not a tuple: one element to hash, no tuple depth
+
+
+def _tuple_slot(depth: int, size: int, ops: int) -> int:
+    """The packed slot of a new tuple; refuses one nested too deeply or too costly to hash."""
+    if depth > MAX_DEPTH:
+        raise PickleFormatError(f"the pickle nests tuples more than {MAX_DEPTH} deep")
+    if size > MAX_SHARED_VISITS + ops:
+        raise PickleFormatError(
+            f"the pickle shares tuples so often that hashing one would visit over {size:,} elements"
+        )
+    return depth << _DEPTH_SHIFT | size
 
 
 def scan(data: Any, pos: int = 0) -> None:
@@ -68,15 +88,22 @@ def scan(data: Any, pos: int = 0) -> None:
       overflow an 8 MiB stack and crash the interpreter;
     * a memo index far past the entries stored so far: the unpickler grows its memo array to twice
       the index, so ``LONG_BINPUT 2**31`` asks for 32 GiB, and zeroes it;
+    * tuples that share tuples so often that hashing one visits more than MAX_SHARED_VISITS
+      elements beyond the pickle's own size (tuple hashes are not cached);
     * an argument longer than the bytes left: the unpickler allocates it before finding them missing.
 
-    Only each stack slot's tuple depth is followed; a pickle this cannot follow is malformed, and
+    Only each stack slot's tuple depth and hash size are followed; a pickle this cannot follow is malformed, and
     the unpickler refuses it no later than where the scan stopped.
     """
+    # per stack slot and memo entry, packed in one int so that the hot path appends ints and a
+    # tuple's are two builtin calls: tuple depth << 96 | elements a hash of it visits (a pickle has
+    # under 2**48 opcodes of at most 2**48 each, so a sum of slots never carries into the depth);
+    # a non-tuple is 0 | 1
     stack: list[int] = []
     marks: list[int] = []
     memo: dict[int, int] = {}
-    deepest = 0
+    worst = _PLAIN_SLOT  # what an unknown slot may hold: the deepest and the largest tuple seen
+    plain = _PLAIN_SLOT
     end = len(data)
     table = _OPCODES
     ops = 0
@@ -89,7 +116,7 @@ def scan(data: Any, pos: int = 0) -> None:
                 index = int.from_bytes(data[pos + 1 : pos + 5], "little")
                 if index > ops:
                     raise PickleFormatError(f"the pickle stores memo entry {index:,} after {ops:,} opcodes")
-                memo[index] = stack[-1] if stack else deepest
+                memo[index] = stack[-1] if stack else worst
                 pos += 5
                 continue
             if op == 0x71 and pos + 2 <= end:  # BINPUT
@@ -97,12 +124,12 @@ def scan(data: Any, pos: int = 0) -> None:
                 index = data[pos + 1]
                 if index > ops:
                     raise PickleFormatError(f"the pickle stores memo entry {index:,} after {ops:,} opcodes")
-                memo[index] = stack[-1] if stack else deepest
+                memo[index] = stack[-1] if stack else worst
                 pos += 2
                 continue
             if op == 0x68 and pos + 2 <= end:  # BINGET
                 ops += 1
-                stack.append(memo.get(data[pos + 1], deepest))
+                stack.append(memo.get(data[pos + 1], worst))
                 pos += 2
                 continue
             if op == 0x58 and pos + 5 <= end:  # BINUNICODE
@@ -111,11 +138,11 @@ def scan(data: Any, pos: int = 0) -> None:
                 if pos > end:
                     length = pos - end  # how far past the end it runs
                     raise PickleFormatError(f"the pickle is truncated: an argument runs {length:,} bytes past it")
-                stack.append(0)
+                stack.append(plain)
                 continue
             if op == 0x4B and pos + 2 <= end:  # BININT1
                 ops += 1
-                stack.append(0)
+                stack.append(plain)
                 pos += 2
                 continue
             if op == 0x28:  # MARK
@@ -127,22 +154,23 @@ def scan(data: Any, pos: int = 0) -> None:
                 ops += 1
                 pos += 1
                 if op == 0x85:
-                    depth = 1 + (stack.pop() if stack else 0)
+                    item = stack.pop() if stack else plain
+                    depth, size = 1 + (item >> _DEPTH_SHIFT), 1 + (item & _SIZE_MASK)
                 else:
                     start = marks.pop() if marks else 0
-                    depth = 1 + max(stack[start:], default=0)
+                    items = stack[start:]
                     del stack[start:]
-                if depth > MAX_DEPTH:
-                    raise PickleFormatError(f"the pickle nests tuples more than {MAX_DEPTH} deep")
-                if depth > deepest:
-                    deepest = depth
-                stack.append(depth)
+                    depth = 1 + (max(items, default=0) >> _DEPTH_SHIFT)
+                    size = 1 + (sum(items) & _SIZE_MASK)
+                stack.append(_tuple_slot(depth, size, ops))
+                if depth > worst >> _DEPTH_SHIFT or size > worst & _SIZE_MASK:
+                    worst = max(worst >> _DEPTH_SHIFT, depth) << _DEPTH_SHIFT | max(worst & _SIZE_MASK, size)
                 continue
             if op == 0x52:  # REDUCE
                 ops += 1
                 pos += 1
                 del stack[-2:]
-                stack.append(0)
+                stack.append(plain)
                 continue
             entry = table[op]
             if entry is None:
@@ -168,21 +196,21 @@ def scan(data: Any, pos: int = 0) -> None:
             if pos > end:
                 return
             if action == _PUSH:
-                stack.append(0)
+                stack.append(plain)
             elif action == _PUT:
                 index = int(data[arg : pos - 1]) if kind == _LINES else int.from_bytes(data[arg:pos], "little")
                 if not 0 <= index <= ops:
                     raise PickleFormatError(f"the pickle stores memo entry {index:,} after {ops:,} opcodes")
-                memo[index] = stack[-1] if stack else deepest
+                memo[index] = stack[-1] if stack else worst
             elif action == _GET:
                 index = int(data[arg : pos - 1]) if kind == _LINES else int.from_bytes(data[arg:pos], "little")
-                stack.append(memo.get(index, deepest))
+                stack.append(memo.get(index, worst))
             elif action == _PLAIN:
                 if marked:
                     del stack[marks.pop() if marks else 0 :]
                 if pops:
                     del stack[-pops:]
-                stack += [0] * pushes
+                stack += [plain] * pushes
             elif action == _TUPLE:
                 if marked:
                     start = marks.pop() if marks else 0
@@ -191,24 +219,23 @@ def scan(data: Any, pos: int = 0) -> None:
                 else:
                     items = stack[-pops:]
                     del stack[-pops:]
-                depth = 1 + max(items, default=0)
-                if depth > MAX_DEPTH:
-                    raise PickleFormatError(f"the pickle nests tuples more than {MAX_DEPTH} deep")
-                deepest = max(deepest, depth)
-                stack.append(depth)
+                depth = 1 + (max(items, default=0) >> _DEPTH_SHIFT)
+                size = 1 + (sum(items) & _SIZE_MASK)
+                stack.append(_tuple_slot(depth, size, ops))
+                worst = max(worst >> _DEPTH_SHIFT, depth) << _DEPTH_SHIFT | max(worst & _SIZE_MASK, size)
             elif action == _MARK:
                 marks.append(len(stack))
             elif action == _MEMOIZE:
-                memo[len(memo)] = stack[-1] if stack else deepest
+                memo[len(memo)] = stack[-1] if stack else worst
             elif action == _POP:
                 if marks and marks[-1] == len(stack):
                     marks.pop()
                 elif stack:
                     stack.pop()
             elif action == _EMPTY_TUPLE:
-                stack.append(1)
+                stack.append(1 << _DEPTH_SHIFT | 1)
             elif action == _DUP:
-                stack.append(stack[-1] if stack else 0)
+                stack.append(stack[-1] if stack else plain)
             elif action == _STOP:
                 return
     except PickleFormatError:

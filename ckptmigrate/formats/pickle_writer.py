@@ -13,7 +13,16 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from ckptmigrate.formats.pickled import TorchRebuild, global_name, standin
-from ckptmigrate.tensors.refs import ITEMSIZE, STORAGE_FOR_DTYPE, Deferred, Storage, TensorRef, dtype_of, shape_of
+from ckptmigrate.tensors.refs import (
+    ITEMSIZE,
+    STORAGE_FOR_DTYPE,
+    ComposedTensor,
+    Deferred,
+    Storage,
+    TensorRef,
+    dtype_of,
+    shape_of,
+)
 
 _PurePickler: Any = getattr(pickle, "_Pickler")  # noqa: B009 - the pure-Python pickler lets save_global be overridden
 #: Types neither :meth:`_Writer.persistent_id` nor :meth:`_Writer.reducer_override` acts on: saved
@@ -153,6 +162,9 @@ class _Writer(_PurePickler):
             return obj.reduced
         if isinstance(obj, TensorRef):
             return self._reduce_ref(obj)
+        if isinstance(obj, ComposedTensor):  # the same call of torch's rebuild function, parts and all
+            module, _, name = obj.builder.rpartition(".")
+            return (standin(module, name), obj.args)
         if isinstance(obj, Deferred) or _is_torch_tensor(obj):
             return self._reduce_tensor(obj)
         return NotImplemented
@@ -174,16 +186,19 @@ class _Writer(_PurePickler):
 
     def _reduce_tensor(self, obj: Any, requires_grad: bool | None = None) -> Any:
         key, storage = self._storage_of(obj)
+        metadata: dict[str, bool] = {}
         if isinstance(obj, TensorRef):
             offset, shape, stride, requires_grad = (
                 obj.storage_offset, obj.shape, obj.stride,
                 obj.requires_grad if requires_grad is None else requires_grad,
             )
+            metadata = obj.metadata
         elif not isinstance(obj, Deferred):
             # a torch tensor: storage_of gave its whole storage, so it keeps its own view of it
             shape, stride = shape_of(obj), tuple(int(s) for s in obj.stride())
             offset, requires_grad = int(obj.storage_offset()), False
-        else:
+            metadata = {k: True for k, on in (("conj", obj.is_conj()), ("neg", obj.is_neg())) if on}
+        else:  # computed: the writer streams its values with the bits resolved
             from ckptmigrate.tensors.refs import contiguous_stride
 
             shape = shape_of(obj)
@@ -191,10 +206,11 @@ class _Writer(_PurePickler):
         dtype = dtype_of(obj)
         hooks = collections.OrderedDict()  # type: ignore[var-annotated]
         persistent = _PersistentStorage(_storage_pid(dtype, key, storage))
+        tail = (metadata,) if metadata else ()  # as torch writes it: only when a bit is set
         if dtype in STORAGE_FOR_DTYPE:
-            args: tuple[Any, ...] = (persistent, offset, shape, stride, requires_grad, hooks)
+            args: tuple[Any, ...] = (persistent, offset, shape, stride, requires_grad, hooks, *tail)
             return (standin("torch._utils", "_rebuild_tensor_v2"), args)
-        args = (persistent, offset, shape, stride, requires_grad, hooks, standin("torch", dtype))
+        args = (persistent, offset, shape, stride, requires_grad, hooks, standin("torch", dtype), *tail)
         return (standin("torch._utils", "_rebuild_tensor_v3"), args)
 
 

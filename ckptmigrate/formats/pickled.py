@@ -19,18 +19,18 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, ClassVar
 
 from ckptmigrate.errors import one_line
-from ckptmigrate.formats.pickle_scan import MAX_DEPTH, PickleFormatError, scan
+from ckptmigrate.formats import torch_builds
+from ckptmigrate.formats.pickle_scan import MAX_DEPTH, MAX_SHARED_VISITS, PickleFormatError, scan
 from ckptmigrate.tensors.refs import (
     ITEMSIZE,
     LEGACY_STORAGE,
+    ComposedTensor,
     Storage,
     TensorRef,
 )
 
-#: How many more visits than it has slots a walk of the payload may make because objects are shared
-#: (``a = [x] * 10; b = [a] * 10; ...`` is small but visits 10**n leaves).
-MAX_SHARED_VISITS = 1_000_000
-#: How many distinct globals one pickle may name: each becomes a stand-in class, kept for the process.
+#: How many distinct globals one pickle may name: each becomes a stand-in class (about 1 KiB), kept
+#: as long as the payload that holds it.
 MAX_GLOBALS = 10_000
 
 
@@ -42,8 +42,11 @@ class StandIn:
 
     module: ClassVar[str] = ""
     qualname: ClassVar[str] = ""
+    #: Whether the pickle called (or instantiated) the global: torch.load would run it.
+    called: ClassVar[bool] = False
 
     def __init__(self, *args: Any) -> None:
+        type(self).called = True
         self.args = args
         self.newobj = False
         self.state: Any = None
@@ -73,22 +76,27 @@ class StandIn:
         return f"<{self.module}.{self.qualname} (not imported)>"
 
 
+#: The stand-ins the writer names (torch's rebuild functions, dtypes, storage types: a fixed set).
+#: A file's own globals get stand-ins of their own, freed with its payload: a process that reads
+#: many files holds only the stand-ins of the payloads it still holds.
 _STANDINS: dict[tuple[str, str], type[StandIn]] = {}
 
 
-def standin(module: str, name: str) -> type[StandIn]:
-    """The stand-in type for ``module.name`` (one per name, so pickle memoises it)."""
+def standin(module: str, name: str, cache: dict[tuple[str, str], type[StandIn]] | None = None) -> type[StandIn]:
+    """The stand-in type for ``module.name``, one per name in ``cache`` (so pickle memoises it)."""
+    cache = _STANDINS if cache is None else cache
     key = (module, name)
-    if key not in _STANDINS:
+    if key not in cache:
         cls: Any = type(name.rpartition(".")[2] or name, (StandIn,), {})
         cls.module = module
         cls.qualname = name
         cls.__new__ = _standin_new
-        _STANDINS[key] = cls
-    return _STANDINS[key]
+        cache[key] = cls
+    return cache[key]
 
 
 def _standin_new(cls: type[StandIn], *args: Any) -> StandIn:
+    cls.called = True
     obj = object.__new__(cls)
     StandIn.__init__(obj, *args)
     obj.newobj = True
@@ -111,24 +119,38 @@ def _is_dtype(obj: Any) -> bool:
     )
 
 
-def _rebuild_tensor(
-    storage: Storage, storage_offset: int, size: Any, stride: Any, *rest: Any
+def _rebuild_tensor(storage: Storage, storage_offset: Any, size: Any, stride: Any) -> TensorRef:
+    """``torch._utils._rebuild_tensor``: the oldest form, before requires_grad was pickled."""
+    return _tensor_ref(storage, storage_offset, size, stride, False, None, None, None)
+
+
+def _rebuild_tensor_v2(
+    storage: Storage, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, backward_hooks: Any,
+    metadata: Any = None,
 ) -> TensorRef:
-    return _tensor_ref(storage, storage_offset, size, stride, rest[0] if rest else False, None)
+    return _tensor_ref(storage, storage_offset, size, stride, requires_grad, backward_hooks, None, metadata)
 
 
 def _rebuild_tensor_v3(
-    storage: Storage, storage_offset: int, size: Any, stride: Any, requires_grad: Any,
-    backward_hooks: Any, dtype: Any, *rest: Any,
+    storage: Storage, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
+    backward_hooks: Any, dtype: Any, metadata: Any = None,
 ) -> TensorRef:
     if not _is_dtype(dtype):
         raise PickleFormatError("_rebuild_tensor_v3 without a dtype")
-    return _tensor_ref(storage, storage_offset, size, stride, requires_grad, dtype.qualname)
+    return _tensor_ref(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype.qualname,
+                       metadata)
+
+
+#: The tensor bits ``torch._utils.set_tensor_metadata`` sets (``torch._C._set_tensor_metadata``).
+TENSOR_METADATA = ("neg", "conj")
 
 
 def _tensor_ref(
-    storage: Storage, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, dtype: str | None
+    storage: Storage, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, backward_hooks: Any,
+    dtype: str | None, metadata: Any,
 ) -> TensorRef:
+    """The reference for one rebuild call, refusing every argument torch would act on that we
+    could not carry: what a file says is either represented exactly or not read at all."""
     if not isinstance(storage, Storage):
         raise PickleFormatError("a tensor refers to something that is not a storage")
     try:
@@ -137,7 +159,14 @@ def _tensor_ref(
         offset = int(storage_offset)
     except (TypeError, ValueError):
         raise PickleFormatError("a tensor has a malformed shape, stride or offset") from None
-    ref = TensorRef(storage, offset, shape, strides, dtype or storage.dtype, bool(requires_grad))
+    if type(requires_grad) is not bool:
+        raise PickleFormatError(f"a tensor's requires_grad is {requires_grad!r:.40}, not a bool")
+    if backward_hooks is not None and not (isinstance(backward_hooks, dict) and not backward_hooks):
+        raise PickleFormatError("a tensor carries pickled backward hooks (code torch would attach to it); "
+                                "they cannot be represented, so the file is not read")
+    bits = _tensor_bits(metadata)
+    ref = TensorRef(storage, offset, shape, strides, dtype or storage.dtype, requires_grad, neg=bits["neg"],
+                    conj=bits["conj"])
     _check_tensor(ref)
     return ref
 
@@ -149,6 +178,21 @@ def _naturals(items: tuple[Any, ...]) -> bool:
     """Every item an int (not a bool or a subclass) and none negative; checked in C, as this runs
     twice for every tensor of a file."""
     return not items or (set(map(type, items)) == _INT and min(items) >= 0)
+
+
+def _tensor_bits(metadata: Any) -> dict[str, bool]:
+    """The neg/conj bits of a rebuild call's ``metadata``; anything else in it is refused."""
+    bits = dict.fromkeys(TENSOR_METADATA, False)
+    if metadata is None or (isinstance(metadata, dict) and not metadata):
+        return bits
+    if type(metadata) is not dict:
+        raise PickleFormatError(f"a tensor's metadata is a {type(metadata).__name__}, not a dict")
+    for key, value in metadata.items():
+        if key not in bits or type(value) is not bool:
+            raise PickleFormatError(f"a tensor's metadata holds {key!r:.40}: {value!r:.40}, which ckptmigrate "
+                                    f"cannot represent (known: {', '.join(TENSOR_METADATA)} as booleans)")
+        bits[key] = value
+    return bits
 
 
 def _check_tensor(ref: TensorRef) -> None:
@@ -163,8 +207,11 @@ def _check_tensor(ref: TensorRef) -> None:
         raise PickleFormatError(f"a tensor has an invalid storage offset {ref.storage_offset!r:.80}")
     if not (isinstance(ref.dtype, str) and ref.dtype in ITEMSIZE):
         raise PickleFormatError(f"a tensor has an unknown dtype {ref.dtype!r:.80}")
-    if not (isinstance(ref.requires_grad, bool) and isinstance(ref.extra, dict)):
+    if not (isinstance(ref.requires_grad, bool) and isinstance(ref.extra, dict)
+            and type(ref.neg) is bool and type(ref.conj) is bool):
         raise PickleFormatError("the pickle altered a tensor after creating it")
+    if ref.conj and not ref.dtype.startswith("complex"):
+        raise PickleFormatError(f"a {ref.dtype} tensor has the conj bit, which only complex tensors can have")
     itemsize = ITEMSIZE[ref.dtype]
     if storage.nbytes % itemsize:
         raise PickleFormatError(
@@ -179,19 +226,22 @@ def _check_tensor(ref: TensorRef) -> None:
             raise PickleFormatError(f"a tensor of shape {list(shape)} reaches past its storage {storage.key!r}")
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any = True, *rest: Any) -> TensorRef:
+def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> TensorRef:
     if not isinstance(data, TensorRef):
         raise PickleFormatError("a parameter wraps something that is not a tensor")
-    data.requires_grad = bool(requires_grad)
+    if type(requires_grad) is not bool:
+        raise PickleFormatError(f"a parameter's requires_grad is {requires_grad!r:.40}, not a bool")
+    if backward_hooks is not None and not (isinstance(backward_hooks, dict) and not backward_hooks):
+        raise PickleFormatError("a parameter carries pickled backward hooks (code torch would attach to it); "
+                                "they cannot be represented, so the file is not read")
+    data.requires_grad = requires_grad
     data.extra["parameter"] = True
     return data
 
 
-def _rebuild_parameter_with_state(
-    data: Any, requires_grad: Any, backward_hooks: Any, state: Any, *rest: Any
-) -> TensorRef:
+def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any, state: Any) -> TensorRef:
     """A parameter with Python attributes (``param.tensor_parallel = True``): kept for the writer."""
-    ref = _rebuild_parameter(data, requires_grad)
+    ref = _rebuild_parameter(data, requires_grad, backward_hooks)
     ref.extra["parameter_state"] = state
     return ref
 
@@ -216,12 +266,17 @@ class TorchRebuild:
 _TENSOR_BUILDERS: dict[str, TorchRebuild] = {
     name: TorchRebuild(fn, "torch._utils", name) for name, fn in (
         ("_rebuild_tensor", _rebuild_tensor),
-        ("_rebuild_tensor_v2", _rebuild_tensor),
+        ("_rebuild_tensor_v2", _rebuild_tensor_v2),
         ("_rebuild_tensor_v3", _rebuild_tensor_v3),
         ("_rebuild_parameter", _rebuild_parameter),
         ("_rebuild_parameter_with_state", _rebuild_parameter_with_state),
     )
 }
+for _name in torch_builds.BUILDERS:  # quantized, sparse, nested, meta: tensors built from parts
+    _TENSOR_BUILDERS[_name] = TorchRebuild(
+        lambda *args, _builder=_name: torch_builds.describe(_builder, args, global_name, _tensor_ref),
+        "torch._utils", _name,
+    )
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
@@ -235,6 +290,8 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
         if isinstance(ref, TensorRef) and not ref.extra.get("parameter"):
             ref.extra["from_type"] = (new_type, state)
             return ref
+        if isinstance(ref, ComposedTensor):  # a subclass built from parts: a DTensor
+            return torch_builds.subclass(ref, (func, new_type, args, state), global_name)
     return standin("torch._tensor", "_rebuild_from_type_v2")(func, new_type, args, state)
 
 
@@ -255,6 +312,7 @@ class SafeUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="utf-8")
         self.storages: dict[str, Storage] = {} if storages is None else storages
         self.globals_named: set[tuple[str, str]] = set()
+        self.standins: dict[tuple[str, str], type[StandIn]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         self.globals_named.add((module, name))
@@ -266,7 +324,7 @@ class SafeUnpickler(pickle.Unpickler):
             return _TENSOR_BUILDERS[name]
         if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
             return _REBUILD_FROM_TYPE
-        return standin(module, name)
+        return standin(module, name, self.standins)
 
     def persistent_load(self, pid: Any) -> Storage:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
@@ -290,12 +348,18 @@ class SafeUnpickler(pickle.Unpickler):
         return storage
 
 
-def load(data: bytes | BinaryIO, storages: dict[str, Storage] | None = None) -> Any:
+def load(
+    data: bytes | BinaryIO, storages: dict[str, Storage] | None = None, named: dict[str, bool] | None = None,
+) -> Any:
     """Unpickle a torch payload safely; raises PickleFormatError for anything malformed.
 
+    ``named`` receives every global the pickle names (``module.qualname``) and whether it calls it
+    (what :func:`ckptmigrate.formats.pickle_safety.assess` judges).
+
     Besides running no pickled code, the result is safe to walk: containers nest at most
-    :data:`MAX_DEPTH` deep, hold no reference cycle and share little enough that a walk stays short,
-    and every tensor lies inside its storage.
+    :data:`MAX_DEPTH` deep and share little enough that a walk stays short, and every tensor lies
+    inside its storage. Reference cycles (a dict that holds itself, an OmegaConf node's ``_parent``)
+    are kept, as torch keeps them: code that walks a payload tracks the objects on its path.
     """
     storages = {} if storages is None else storages
     fh = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
@@ -307,8 +371,14 @@ def load(data: bytes | BinaryIO, storages: dict[str, Storage] | None = None) -> 
         else:  # a file: the pickle is followed by other data (the legacy format)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
                 scan(view, fh.tell())
-        payload = SafeUnpickler(fh, storages).load()
+        unpickler = SafeUnpickler(fh, storages)
+        payload = unpickler.load()
         _check_payload(payload, storages)
+        if named is not None:
+            for (module, name) in unpickler.globals_named:
+                cls = unpickler.standins.get((module, name))
+                key = f"{module}.{name}"
+                named[key] = named.get(key, False) or bool(cls is not None and cls.called)
         return payload
     except PickleFormatError as exc:
         if str(exc).isprintable():
@@ -327,8 +397,9 @@ _ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None))
 
 def _check_payload(payload: Any, storages: dict[str, Storage]) -> None:
     """Walk the unpickled payload once, without recursion: refuse nesting deeper than MAX_DEPTH,
-    reference cycles, sharing that would make a walk of it explode, and tensors or storages the
-    pickle altered after they were built (BUILD can set any attribute of an object it holds)."""
+    sharing that would make a walk of it explode, and tensors or storages the pickle altered after
+    they were built (BUILD can set any attribute of an object it holds). A reference back to an
+    object on the current path (a cycle) counts as one visit, as a cycle-aware walk makes it."""
     for storage in storages.values():
         _check_storage(storage, storages)
     cap = 1 << 62
@@ -348,9 +419,10 @@ def _check_payload(payload: Any, storages: dict[str, Storage]) -> None:
                 frame[6] = min(cap, frame[6] + 1)
                 continue
             known = done.get(id(child))
+            if known is None and id(child) in on_path:
+                frame[6] = min(cap, frame[6] + 1)
+                continue
             if known is None:
-                if id(child) in on_path:
-                    raise PickleFormatError("the pickle holds an object that contains itself")
                 weight, grandchildren = _node(child, storages)
                 if frame[4] + weight > MAX_DEPTH:
                     raise PickleFormatError(f"the pickle nests containers more than {MAX_DEPTH} deep")
@@ -391,6 +463,8 @@ def _node(obj: Any, storages: dict[str, Storage]) -> tuple[int, list[Any] | None
         _check_storage(obj.storage, storages)
         _check_tensor(obj)
         return 1, [obj.extra] if obj.extra or not isinstance(obj.extra, dict) else None
+    if isinstance(obj, ComposedTensor):
+        return 1, [obj.args]
     if isinstance(obj, Storage):
         _check_storage(obj, storages)
     return 1, None

@@ -20,6 +20,7 @@ from ckptmigrate.tensors.refs import (
     DTYPE_TO_SAFETENSORS,
     ITEMSIZE,
     SAFETENSORS_DTYPE,
+    ComposedTensor,
     Deferred,
     Source,
     Storage,
@@ -141,7 +142,7 @@ def read_envelope(source: Source) -> dict[str, Any] | None:
 def _chunks(obj: Any) -> Iterator[memoryview]:
     import torch
 
-    tensor = to_torch(obj).contiguous()
+    tensor = to_torch(obj).resolve_conj().resolve_neg().contiguous()
     view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     for start in range(0, len(view), _CHUNK):
         yield view[start : start + _CHUNK]
@@ -166,6 +167,8 @@ def write(
     offset = 0
     for name, obj in tensors.items():
         dtype = dtype_of(obj)
+        if isinstance(obj, ComposedTensor):
+            raise SafetensorsFormatError(f"tensor {name!r}: safetensors holds only dense tensors, not a {obj.kind} one")
         if dtype not in DTYPE_TO_SAFETENSORS:
             raise SafetensorsFormatError(f"tensor {name!r}: safetensors cannot hold dtype {dtype}")
         size = _nbytes(obj)

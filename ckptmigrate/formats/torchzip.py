@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
 from ckptmigrate.formats.pickle_writer import dump
@@ -53,6 +53,19 @@ class TorchZipError(ValueError):
     pass
 
 
+def foreign_archive(names: Iterable[str]) -> str | None:
+    """What a zip archive that torch writes but that is no checkpoint is, from its record names:
+    ``torch.load`` itself hands a TorchScript archive (``constants.pkl``) to ``torch.jit.load``."""
+    tails = {name.partition("/")[2].lower() for name in names}
+    if "constants.pkl" in tails or any(t.startswith("code/__torch__/") for t in tails):
+        return ("a TorchScript archive (torch.jit.save), not a checkpoint: its modules are compiled code, which "
+                "ckptmigrate cannot migrate; migrate the state dict (torch.save(model.state_dict())) instead")
+    if "archive_format" in tails or "models/model.json" in tails:
+        return ("a torch.export archive (.pt2, torch.export.save), not a checkpoint: ckptmigrate cannot migrate "
+                "it; migrate the state dict (torch.save(model.state_dict())) and export again")
+    return None
+
+
 def archive_prefix(entries: dict[str, ZipEntry]) -> str:
     prefixes = {name[: -len("/data.pkl")] for name in entries if name.endswith("/data.pkl")}
     prefixes = {p for p in prefixes if "/" not in p}
@@ -61,18 +74,25 @@ def archive_prefix(entries: dict[str, ZipEntry]) -> str:
     return prefixes.pop()
 
 
-def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, Storage], str, dict[str, ZipEntry]]:
-    """Return (payload, envelope, storages, archive prefix, records) without reading tensor bytes."""
+def read(
+    source: Source, named: dict[str, bool] | None = None,
+) -> tuple[Any, dict[str, Any] | None, dict[str, Storage], str, dict[str, ZipEntry]]:
+    """Return (payload, envelope, storages, archive prefix, records) without reading tensor bytes;
+    ``named`` receives the globals ``data.pkl`` names (see :func:`ckptmigrate.formats.pickled.load`)."""
     fh: BinaryIO = source._fh
     try:
         entries = read_entries(fh, source.size)
+        foreign = foreign_archive(entries)
+        if foreign is not None:
+            raise TorchZipError(foreign)
         prefix = archive_prefix(entries)
         payload_bytes = read_record(fh, entries[f"{prefix}/data.pkl"])
     except ZipFormatError as exc:
-        raise TorchZipError(str(exc)) from None
+        raise TorchZipError(foreign_archive(_lenient_names(fh)) or str(exc)) from None
+    _check_byteorder(fh, entries, prefix)
     storages: dict[str, Storage] = {}
     try:
-        payload = load(payload_bytes, storages)
+        payload = load(payload_bytes, storages, named)
     except PickleFormatError as exc:
         raise TorchZipError(f"data.pkl: {exc}") from None
     for key, storage in storages.items():
@@ -94,14 +114,51 @@ def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, Storage]
     return payload, envelope, storages, prefix, entries
 
 
+def _check_byteorder(fh: BinaryIO, entries: dict[str, ZipEntry], prefix: str) -> None:
+    """torch byte-swaps every storage of a file whose ``byteorder`` record says ``big`` (and refuses
+    any other word); ckptmigrate reads and writes little-endian bytes only, so it refuses the rest."""
+    wanted = f"{prefix}/byteorder".lower()  # miniz may look names up ignoring case
+    for name, entry in entries.items():
+        if name.lower() != wanted:
+            continue
+        try:
+            order = read_record(fh, entry)
+        except ZipFormatError as exc:
+            raise TorchZipError(str(exc)) from None
+        if order == b"little":
+            continue
+        raise TorchZipError(
+            f"the byteorder record says {order[:16].decode('ascii', 'replace')!r}: torch would byte-swap (or "
+            "refuse) every tensor, and ckptmigrate handles little-endian files only; re-save it with torch.save"
+        )
+
+
+def _lenient_names(fh: BinaryIO) -> list[str]:
+    """The record names Python's zipfile sees, for naming a foreign archive that the strict reader
+    refused (TorchScript compresses its code records); empty when it sees none."""
+    import zipfile
+
+    try:
+        fh.seek(0)
+        with zipfile.ZipFile(fh) as archive:
+            return archive.namelist()
+    except Exception:  # noqa: BLE001 - only a better message is at stake
+        return []
+
+
 def read_envelope(source: Source) -> dict[str, Any] | None:
     fh: BinaryIO = source._fh
     try:
         entries = read_entries(fh, source.size)
+        foreign = foreign_archive(entries)
+        if foreign is not None:
+            raise TorchZipError(foreign)
         prefix = archive_prefix(entries)
         entry = entries.get(f"{prefix}/{ENVELOPE_RECORD}")
         return None if entry is None else parse_envelope(read_record(fh, entry))
-    except (ZipFormatError, ValueError) as exc:
+    except ZipFormatError as exc:
+        raise TorchZipError(foreign_archive(_lenient_names(fh)) or str(exc)) from None
+    except ValueError as exc:
         raise TorchZipError(str(exc)) from None
 
 
@@ -185,7 +242,7 @@ class _StoragePlan:
 def _tensor_chunks(obj: Any) -> Iterator[memoryview]:
     import torch
 
-    tensor = to_torch(obj).contiguous()
+    tensor = to_torch(obj).resolve_conj().resolve_neg().contiguous()
     if tuple(tensor.shape) != shape_of(obj):
         raise ValueError(f"tensor shape {tuple(tensor.shape)} differs from planned {shape_of(obj)}")
     view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]

@@ -98,9 +98,13 @@ def likely_causes(
 
 def _tied(model: nn.Module) -> dict[str, str]:
     """Parameter names that share storage with an earlier one (``lm_head.weight`` → ``wte.weight``)."""
+    import torch
+
     first: dict[int, str] = {}
     tied = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or tensor.is_quantized:
+            continue  # a quantized module's packed params, a dtype: nothing to tie
         ptr = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
         if ptr in first and ptr != 0:
             tied[name] = first[ptr]
@@ -120,13 +124,14 @@ def diagnose(model: nn.Module, source: Mapping[str, Any], *, include: Patterns =
     report.missing = [k for k in wanted if k not in source]
     report.unexpected = [k for k in given if k not in expected]
     for k in wanted:
-        if k in source and tuple(source[k].shape) != tuple(expected[k].shape):
+        if k in source and hasattr(source[k], "shape") and hasattr(expected[k], "shape") and (
+                tuple(source[k].shape) != tuple(expected[k].shape)):
             report.mismatched.append((k, list(source[k].shape), list(expected[k].shape)))
     tied = _tied(model)
     report.missing = [k for k in report.missing if not (k in tied and tied[k] in source)]
     report.causes = likely_causes(
         report, {k: tuple(v.shape) for k, v in source.items() if hasattr(v, "shape")},
-        {k: tuple(v.shape) for k, v in expected.items()}, tied,
+        {k: tuple(v.shape) for k, v in expected.items() if hasattr(v, "shape")}, tied,
     )
     return report
 

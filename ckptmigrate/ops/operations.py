@@ -244,8 +244,7 @@ class Operations:
             old = shape_of(src)
             new = _resolve_shape("reshape", k, old, shape)
             if isinstance(src, TensorRef) and src.stride == contiguous_stride(old):
-                self._replace(k, TensorRef(src.storage, src.storage_offset, new, contiguous_stride(new),
-                                           src.dtype, src.requires_grad))
+                self._replace(k, src.view(src.storage_offset, new, contiguous_stride(new)))
                 self.optimizers.transform([k], [k], old, partial(_reshape_all, shape=new))
             else:
                 self._transform("reshape", k, new, partial(_reshape, shape=new))
@@ -509,7 +508,7 @@ def _slice_view(src: Entry, dim: int, start: int, size: int) -> TensorRef | None
         return None
     shape = (*src.shape[:dim], size, *src.shape[dim + 1:])
     offset = src.storage_offset + start * math.prod(src.shape[dim + 1:])
-    return TensorRef(src.storage, offset, shape, contiguous_stride(shape), src.dtype, src.requires_grad)
+    return src.view(offset, shape, contiguous_stride(shape))
 
 
 def _joined_view(parts: Sequence[Entry], dim: int) -> TensorRef | None:
@@ -520,13 +519,13 @@ def _joined_view(parts: Sequence[Entry], dim: int) -> TensorRef | None:
     offset = first.storage_offset
     for part in parts:
         if (not isinstance(part, TensorRef) or part.storage is not first.storage or part.dtype != first.dtype
-                or not _runs_along(part, dim) or part.storage_offset != offset or part.numel == 0):
+                or part.metadata != first.metadata or not _runs_along(part, dim)
+                or part.storage_offset != offset or part.numel == 0):
             return None
         offset += part.numel
     shape = list(first.shape)
     shape[dim] = sum(p.shape[dim] for p in parts)
-    return TensorRef(first.storage, first.storage_offset, tuple(shape), contiguous_stride(tuple(shape)),
-                     first.dtype, first.requires_grad)
+    return first.view(first.storage_offset, tuple(shape), contiguous_stride(tuple(shape)))
 
 
 def _narrow(src: Entry, dim: int, start: int, size: int) -> torch.Tensor:

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptmigrate.errors import BadInput
-from ckptmigrate.formats.pickled import StandIn, global_name
+from ckptmigrate.formats.pickled import StandIn, TorchRebuild, global_name
 from ckptmigrate.release.signing import canonical_json, check_envelope_signature, load_public_key
-from ckptmigrate.tensors.refs import ITEMSIZE, Storage, TensorRef, is_entry
+from ckptmigrate.tensors.refs import ITEMSIZE, ComposedTensor, Storage, TensorRef, is_entry
 from ckptmigrate.util.progress import advance
 
 if TYPE_CHECKING:
@@ -108,30 +108,56 @@ class _Reader:
 
 
 def _tensor_digest(reader: _Reader, key: str, ref: Any) -> str:
+    if isinstance(ref, ComposedTensor):  # the rebuild call: its arguments, its parts' bytes
+        h = _hasher(reader.alg)
+        h.update(b"ckptmigrate-composed-v1\0" + canonical_json({"key": key, "builder": ref.builder}) + b"\0"
+                 + canonical_json(_canon(ref.args, reader, {})))
+        return str(h.hexdigest())
     if not isinstance(ref, TensorRef):
         raise BadInput(f"tensor {key!r} is not in a file (computed or in memory); write the checkpoint first")
-    header = canonical_json({"key": key, "dtype": ref.dtype, "shape": list(ref.shape), "stride": list(ref.stride)})
+    fields: dict[str, Any] = {"key": key, "dtype": ref.dtype, "shape": list(ref.shape), "stride": list(ref.stride)}
+    if ref.metadata:  # torch returns the values negated/conjugated: part of the tensor, not its bytes
+        fields["metadata"] = ref.metadata
+    header = canonical_json(fields)
     h = _hasher(reader.alg)
     h.update(b"ckptmigrate-tensor-v1\0" + header + b"\0" + reader.tensor_bytes_digest(ref))
     return str(h.hexdigest())
 
 
-def _canon(obj: Any, reader: _Reader, names: Mapping[int, str], depth: int = 0) -> Any:
-    """A JSON form of the payload outside the state dict's tensors: what a digest of extras hashes."""
+def _canon(obj: Any, reader: _Reader, names: Mapping[int, str], path: dict[int, int] | None = None) -> Any:
+    """A JSON form of the payload outside the state dict's tensors: what a digest of extras hashes.
+
+    A reference back to an object on the current path (a cycle) is ``["cycle", n]``: the object
+    ``n`` levels up, so the same structure always gives the same form."""
+    path = {} if path is None else path
+    depth = len(path)
     if depth > 200:
         raise BadInput("the checkpoint payload is nested too deeply")
+    if id(obj) in path:
+        return ["cycle", depth - path[id(obj)]]
+    path[id(obj)] = depth
+    try:
+        return _canon_node(obj, reader, names, path)
+    finally:
+        del path[id(obj)]
 
+
+def _canon_node(obj: Any, reader: _Reader, names: Mapping[int, str], path: dict[int, int]) -> Any:
     def again(value: Any) -> Any:
-        return _canon(value, reader, names, depth + 1)
+        return _canon(value, reader, names, path)
 
     if isinstance(obj, TensorRef):
-        meta = [obj.requires_grad, again(obj.extra)]
+        meta = [obj.requires_grad, again(obj.extra), *([obj.metadata] if obj.metadata else [])]
         if id(obj) in names:  # its bytes are in the per-tensor digest of that key
             return ["state_dict", names[id(obj)], *meta]
         return ["tensor", obj.dtype, list(obj.shape), list(obj.stride), *meta,
                 reader.tensor_bytes_digest(obj).hex()]
     if isinstance(obj, Storage):
         return ["storage", obj.dtype, obj.nbytes, reader.storage_digest(obj).hex()]
+    if isinstance(obj, ComposedTensor):
+        if id(obj) in names:
+            return ["state_dict", names[id(obj)]]
+        return ["composed", obj.builder, again(obj.args)]
     if is_entry(obj):
         raise BadInput("the payload holds a tensor that is not in a file; write the checkpoint first")
     if obj is None or isinstance(obj, (bool, int, str)):
@@ -142,7 +168,11 @@ def _canon(obj: Any, reader: _Reader, names: Mapping[int, str], depth: int = 0) 
         return [type(obj).__name__, obj.hex()]
     if isinstance(obj, dict):
         items = [[again(k), again(v)] for k, v in obj.items()]
-        return ["dict", type(obj).__name__, items, again(getattr(obj, "_metadata", None))]
+        attributes = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+        canon = ["dict", type(obj).__name__, items, again(attributes.pop("_metadata", None))]
+        if attributes:  # a pickle may BUILD any attribute onto an OrderedDict; torch keeps them all
+            canon.append(again(attributes))
+        return canon
     if isinstance(obj, (list, tuple)):
         return [type(obj).__name__, [again(v) for v in obj]]
     if isinstance(obj, (set, frozenset)):
@@ -152,6 +182,8 @@ def _canon(obj: Any, reader: _Reader, names: Mapping[int, str], depth: int = 0) 
                 again(obj.listitems), again(obj.dictitems)]
     if isinstance(obj, type) and issubclass(obj, StandIn):
         return ["global", global_name(obj)]
+    if isinstance(obj, TorchRebuild):  # one of torch's rebuild functions, passed as an argument
+        return ["global", f"{obj.module}.{obj.name}"]
     return ["other", f"{type(obj).__module__}.{type(obj).__qualname__}", repr(obj)]
 
 

@@ -55,7 +55,7 @@ def manifest_entry(path: Path, root: Path) -> dict[str, Any]:
 def stamp_release(
     files: Iterable[Path], version: str, *, manifest: Path, sign: str | os.PathLike[str] | None,
     repo: str | os.PathLike[str] | None = None, tags: Mapping[str, str] | None = None,
-    allow_dirty: bool = False, jobs: int | None = None,
+    allow_dirty: bool = False, jobs: int | None = None, allow_unsafe_pickle: bool = False,
 ) -> tuple[dict[str, Any], dict[Path, str]]:
     """Stamp (and sign) every file for ``version`` and write the manifest; return it and the
     files that failed with why. A failed file is left as it was and kept out of the manifest."""
@@ -71,7 +71,8 @@ def stamp_release(
 
     def one(path: Path) -> dict[str, Any] | None:
         try:
-            stamp(path, release=version, sign=key, repo=repo, tags=tags, allow_dirty=True)
+            stamp(path, release=version, sign=key, repo=repo, tags=tags, allow_dirty=True,
+                  allow_unsafe_pickle=allow_unsafe_pickle)
         except CkptMigrateError as exc:
             failures[path] = str(exc)
             return None

@@ -14,6 +14,11 @@ from ckptmigrate.errors import BadInput
 from ckptmigrate.storage.locking import file_lock
 
 
+def _listed(names: tuple[str, ...], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
 def require_clean(repo: str | os.PathLike[str] | None) -> dict[str, Any]:
     """The git state of ``repo`` (default: the working directory's), which must be a committed,
     clean working tree: a release names the exact code that goes with its checkpoints."""
@@ -38,6 +43,7 @@ def stamp(
     tags: Mapping[str, str] | None = None, repo: str | os.PathLike[str] | None = None,
     key: str | None = None, lineage: str | None = None, revision: str | None = None,
     release: str | None = None, sign: Any = None, digest: bool = False, allow_dirty: bool = False,
+    allow_unsafe_pickle: bool = False,
 ) -> Path:
     """Write the envelope into ``path`` (or ``output``) without changing any tensor.
 
@@ -49,6 +55,10 @@ def stamp(
     and refuses a dirty working tree unless ``allow_dirty``; ``sign`` (an Ed25519 private key or
     its PEM file) signs the envelope. Either, or ``digest``, records the content digest — the only
     case that reads tensor bytes. An earlier digest and signature go into the new history entry.
+
+    A release or a signature vouches for a file, so neither is given to a file whose pickle names
+    globals outside torch's ``weights_only`` allow-list (it runs code on ``torch.load(weights_only=False)``)
+    unless ``allow_unsafe_pickle``.
     """
     from ckptmigrate.release import integrity, signing
 
@@ -56,6 +66,13 @@ def stamp(
         require_clean(repo)
     private_key = signing.load_private_key(sign) if isinstance(sign, (str, os.PathLike)) else sign
     with file_lock(output if output is not None else path), Checkpoint.open(path, key=key) as ckpt:
+        safety = ckpt.pickle_safety()
+        if (release is not None or private_key is not None) and not safety.weights_only and not allow_unsafe_pickle:
+            raise BadInput(
+                f"{ckpt.path}: its pickle names {_listed(safety.unsafe)}, outside torch's weights_only allow-list "
+                "(torch.load(weights_only=False) would run them); refusing to "
+                f"{'sign' if private_key is not None else 'release'} it — pass --allow-unsafe-pickle to vouch for it"
+            )
         all_tags = {**(tags or {}), **({"release": release} if release is not None else {})}
         env = Envelope.build(
             ckpt.state_dict.entries, layout=ckpt.output_layout().name, repo=repo,

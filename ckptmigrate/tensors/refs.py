@@ -27,6 +27,7 @@ ITEMSIZE: dict[str, int] = {
     "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
     "float8_e8m0fnu": 1, "qint8": 1, "quint8": 1, "qint32": 4,
     "quint4x2": 1, "quint2x4": 1,
+    "float4_e2m1fn_x2": 1, "bits8": 1, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
 }
 
 #: The typed storage classes torch pickles for dtypes that have one.
@@ -89,6 +90,9 @@ class Storage:
     def numel(self) -> int:
         return self.nbytes // ITEMSIZE[self.dtype]
 
+    def __setstate__(self, state: Any) -> None:
+        raise TypeError("a pickle may not modify a storage after creating it")
+
 
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     stride = []
@@ -110,6 +114,10 @@ class TensorRef:
     dtype: str
     requires_grad: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: torch's lazy negation and conjugation bits (``_rebuild_tensor_v2``'s ``metadata``): torch
+    #: returns the stored values negated / conjugated, so they are part of what the tensor *is*.
+    neg: bool = False
+    conj: bool = False
 
     @property
     def numel(self) -> int:
@@ -123,10 +131,25 @@ class TensorRef:
     def device(self) -> str:
         return self.storage.location
 
+    @property
+    def metadata(self) -> dict[str, bool]:
+        """The ``metadata`` torch pickles for this tensor (empty when no bit is set)."""
+        return {k: True for k, on in (("conj", self.conj), ("neg", self.neg)) if on}
+
+    def __setstate__(self, state: Any) -> None:
+        # pickle's BUILD would set attributes; torch's Tensor.__setstate__ does something else
+        raise TypeError("a pickle may not modify a tensor after creating it")
+
+    def view(self, storage_offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> TensorRef:
+        """Another view of the same bytes, with the same dtype, bits and requires_grad."""
+        return TensorRef(self.storage, storage_offset, shape, stride, self.dtype, self.requires_grad,
+                         neg=self.neg, conj=self.conj)
+
     def file_range(self) -> tuple[int, int] | None:
         """(offset, length) of the tensor's bytes in its file when they are one contiguous run
-        (they can then be copied by the kernel as they are), else None."""
-        if self.stride != contiguous_stride(self.shape) or self.storage.offset is None:
+        (they can then be copied by the kernel as they are), else None — also when torch would
+        negate or conjugate them."""
+        if self.stride != contiguous_stride(self.shape) or self.storage.offset is None or self.neg or self.conj:
             return None
         return self.storage.offset + self.storage_offset * ITEMSIZE[self.dtype], self.nbytes
 
@@ -149,11 +172,34 @@ class Deferred:
         return self.numel * ITEMSIZE[self.dtype]
 
 
-Entry = Union[TensorRef, Deferred, "torch.Tensor"]
+@dataclass(eq=False)
+class ComposedTensor:
+    """A tensor torch builds from parts with one of its allow-listed rebuild functions (quantized,
+    sparse, nested, meta): shape, dtype and device are known from the pickle; the parts (references,
+    storages) are read only when ``build`` materializes it, through torch's own function."""
+
+    builder: str  # the torch function's qualified name: torch._utils._rebuild_qtensor, ...
+    args: tuple[Any, ...]  # as pickled: references, storages, stand-ins for torch globals
+    kind: str  # quantized, sparse_coo, sparse_csr, ..., nested, meta
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    build: Callable[[], torch.Tensor]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+
+Entry = Union[TensorRef, Deferred, ComposedTensor, "torch.Tensor"]
 
 
 def is_entry(value: object) -> bool:
-    if isinstance(value, (TensorRef, Deferred)):
+    if isinstance(value, (TensorRef, Deferred, ComposedTensor)):
         return True
     return type(value).__module__.startswith("torch") and hasattr(value, "untyped_storage")
 
@@ -167,13 +213,13 @@ def shape_of(value: Entry) -> tuple[int, ...]:
 
 
 def dtype_of(value: Entry) -> str:
-    if isinstance(value, (TensorRef, Deferred)):
+    if isinstance(value, (TensorRef, Deferred, ComposedTensor)):
         return value.dtype
     return dtype_name(value.dtype)
 
 
 def device_of(value: Entry) -> str:
-    if isinstance(value, (TensorRef, Deferred)):
+    if isinstance(value, (TensorRef, Deferred, ComposedTensor)):
         return value.device
     return str(value.device)
 
@@ -199,6 +245,8 @@ def to_torch(value: Entry) -> torch.Tensor:
                 f"expected {value.dtype} {value.shape}"
             )
         return result
+    if isinstance(value, ComposedTensor):
+        return value.build()
     if not isinstance(value, TensorRef):
         return value.detach().cpu() if value.device.type != "cpu" else value.detach()
     dtype = torch_dtype(value.dtype)
@@ -206,7 +254,10 @@ def to_torch(value: Entry) -> torch.Tensor:
     if storage.source is None or storage.offset is None:
         raise ValueError(f"storage {storage.key!r} is not attached to a file")
     if value.numel == 0 or storage.nbytes == 0:
-        return torch.empty(value.shape, dtype=dtype)
+        empty = torch.empty(value.shape, dtype=dtype)
+        if value.neg or value.conj:
+            torch._C._set_tensor_metadata(empty, value.metadata)  # type: ignore[attr-defined]
+        return empty
     itemsize = ITEMSIZE[value.dtype]
     if storage.offset % itemsize:
         raw = os.pread(storage.source.fileno(), storage.nbytes, storage.offset)
@@ -215,5 +266,7 @@ def to_torch(value: Entry) -> torch.Tensor:
         flat = torch.frombuffer(
             storage.source.map(), dtype=torch.uint8, count=storage.nbytes, offset=storage.offset
         )
-    typed = flat.view(dtype)
-    return typed.as_strided(value.shape, value.stride, value.storage_offset)
+    typed = flat.view(dtype).as_strided(value.shape, value.stride, value.storage_offset)
+    if value.neg or value.conj:
+        torch._C._set_tensor_metadata(typed, value.metadata)  # type: ignore[attr-defined]
+    return typed
