@@ -243,7 +243,7 @@ def test_a_copy_an_earlier_upgrade_left_behind_is_named_with_its_revision_and_ca
     payload = torch.load(path)
     payload["ema_state_dict"] = ema_sd
     torch.save(payload, path)
-    api.stamp(path, revision="0006", lineage="example")
+    api.stamp(path, revision="0006", migrations=EXAMPLE)
 
     proc = cli("upgrade", path.name, "--migrations", EXAMPLE)
     assert proc.returncode == 2

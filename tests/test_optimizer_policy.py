@@ -141,7 +141,7 @@ def test_the_policy_through_the_api(tmp_path: Path) -> None:
         engine.migrate_file(path, graph, from_rev="r0", output=tmp_path / "strict.pt")
     assert not (tmp_path / "strict.pt").exists()
 
-    api.stamp(path, revision="r0")  # in memory too: ckptmigrate.load follows the policy
+    api.stamp(path, revision="r0", migrations=graph)  # in memory too: ckptmigrate.load follows the policy
     with pytest.raises(ckptmigrate.errors.MigrationError, match="reset_new"):
         ckptmigrate.load(path, migrations=graph)
     with ckptmigrate.load(path, migrations=graph, optimizer="reset_new") as ckpt:
