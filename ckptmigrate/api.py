@@ -40,9 +40,13 @@ if TYPE_CHECKING:  # the migration machinery is imported when used: `inspect` st
 PathLike = str | os.PathLike[str]
 
 
-def inspect(path: str | os.PathLike[str], *, keys: bool = False, key: str | None = None) -> dict[str, Any]:
-    """Describe a checkpoint from its metadata alone (no tensor bytes read, torch not imported)."""
-    with Checkpoint.open(path, key=key) as ckpt:
+def inspect(
+    path: str | os.PathLike[str], *, keys: bool = False, key: str | None = None,
+    state_dicts: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Describe a checkpoint from its metadata alone (no tensor bytes read, torch not imported);
+    ``state_dicts`` lists where every copy of the weights is (the main one first)."""
+    with Checkpoint.open(path, key=key, state_dicts=state_dicts) as ckpt:
         return ckpt.summary(keys=keys)
 
 
@@ -202,15 +206,32 @@ def save(
 def load(
     path: str | os.PathLike[str], *, migrations: Any = None, to: str = "head",
     map_location: Any = None, mmap: bool = True, trust_pickle: bool = False, key: str | None = None,
-    from_rev: str | None = None,
+    from_rev: str | None = None, state_dicts: Sequence[str] | None = None, optimizer: str = "strict",
 ) -> Checkpoint:
     """Open a checkpoint and upgrade it in memory to ``to``; the file on disk is not changed.
 
     Tensors are memory-mapped (``mmap``) and loaded on the CPU (a CUDA-saved file needs no
     ``map_location``); ``trust_pickle=True`` runs the file's pickle code to rebuild the extras as
     real objects — only for files you trust. ``from_rev`` says which revision an unstamped file is at
-    when its schema matches none.
+    when its schema matches none. ``key``/``state_dicts`` locate the state dict and its copies (EMA,
+    best), which are upgraded alike; ``optimizer="reset_new"`` lets a migration add a parameter that
+    optimizer state must cover.
     """
+    from ckptmigrate.ops.optimizer import check_policy
+
+    policy = check_policy(optimizer)
+    ckpt = Checkpoint.open(path, key=key, state_dicts=state_dicts)
+    try:
+        return _upgrade_in_memory(ckpt, policy, map_location, mmap, trust_pickle, migrations, to, from_rev)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _upgrade_in_memory(
+    ckpt: Checkpoint, policy: str, map_location: Any, mmap: bool, trust_pickle: bool, migrations: Any, to: str,
+    from_rev: str | None,
+) -> Checkpoint:
     import warnings
 
     import torch
@@ -218,7 +239,7 @@ def load(
     from ckptmigrate.chain.engine import apply, new_envelope, plan_for
     from ckptmigrate.checkpoint.compat import version_notes
 
-    ckpt = Checkpoint.open(path, key=key)
+    ckpt.optimizers.policy = policy
     ckpt.map_location = map_location
     ckpt.mmap = mmap
     notes = version_notes(
@@ -242,6 +263,8 @@ def load(
         return ckpt
     plan = plan_for(ckpt, graph, to=to, from_rev=from_rev)
     ckpt.head_revision = graph.head(plan.lineage).id
+    if not plan.steps and ckpt.copy_problems:
+        warnings.warn(f"{ckpt.path}: {ckpt.copy_problems[0]}", stacklevel=3)
     if plan.steps:
         history = apply(ckpt, plan)
         ckpt.envelope = new_envelope(ckpt, plan, history, written=False)

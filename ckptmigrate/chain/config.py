@@ -19,6 +19,8 @@ class Config:
     fixture_model: str | None = None
     #: ``pkg.module:fn`` returning the inputs a fixture runs through the model.
     example_inputs: str | None = None
+    #: Every state dict a migration follows (locations, the main one included); None: searched.
+    state_dicts: tuple[str, ...] | None = None
 
     @property
     def pyproject(self) -> Path | None:
@@ -43,8 +45,14 @@ def load(start: Path | None = None) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInput(f"{pyproject}: not valid TOML ({exc})") from exc
     section = data.get("tool", {}).get("ckptmigrate", {})
+    state_dicts = section.get("state_dicts")
+    if state_dicts is not None and (
+        not isinstance(state_dicts, list) or not all(isinstance(x, str) for x in state_dicts)
+    ):
+        raise BadInput(f"{pyproject}: [tool.ckptmigrate] state_dicts must be a list of locations (strings)")
     return Config(pyproject.parent, section.get("migrations"), section.get("model"),
-                  section.get("fixture_model"), section.get("example_inputs"))
+                  section.get("fixture_model"), section.get("example_inputs"),
+                  tuple(state_dicts) if state_dicts is not None else None)
 
 
 def record_migrations(pyproject: Path, location: str) -> None:

@@ -9,7 +9,7 @@ walked back without a hand-written ``downgrade``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from ckptmigrate.checkpoint.envelope import Envelope, now_utc
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, MigrationError, SchemaMismatch
 from ckptmigrate.ops.operations import OpError
-from ckptmigrate.ops.optimizer import OptimizerAlignmentError
+from ckptmigrate.ops.optimizer import POLICIES, OptimizerAlignmentError, check_policy
 from ckptmigrate.storage.atomic import keep_copy
 from ckptmigrate.storage.locking import file_lock
 from ckptmigrate.util.paths import CHECKPOINT_SUFFIXES as CHECKPOINT_SUFFIXES
@@ -140,12 +140,64 @@ def plan_for(
     return Plan(direction, lineage, start, target, steps, source)
 
 
-def _run(ckpt: Checkpoint, rev: Revision, fn: Any, action: str) -> None:
-    ckpt.journal, ckpt.irreversible, ckpt.touched = [], [], []
+def _replayed(ckpt: Checkpoint) -> frozenset[str]:
+    """The ops a migration script calls that are replayed on every copy of the weights: every public
+    method of the op vocabulary (``ckptmigrate.ops``), so a new op is never left out."""
+    return frozenset(
+        name for cls in type(ckpt).__mro__ if cls.__module__.startswith("ckptmigrate.ops.")
+        for name, value in vars(cls).items() if callable(value) and not name.startswith("_")
+    )
+
+
+class _Recorder:
+    """The checkpoint as a migration script sees it, noting each op it calls (not the ops those
+    call in turn), so the same calls can be replayed on every copy of the weights."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        object.__setattr__(self, "_ckpt", ckpt)
+        object.__setattr__(self, "_ops", _replayed(ckpt))
+        object.__setattr__(self, "calls", [])
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance(ckpt, Checkpoint) still holds in a script
+        return type(self._ckpt)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._ckpt, name)
+        if name not in self._ops:
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, args, kwargs))
+            return value(*args, **kwargs)
+
+        return call
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._ckpt, name, value)
+
+
+def _own(value: Any) -> Any:
+    """A tensor an op was given (``ckpt.add(key, tensor)``) is cloned for each copy: copies that
+    shared its storage would be one tensor in the file, and an EMA updated in place would drag the
+    other along."""
+    return value.clone() if type(value).__module__.startswith("torch") and hasattr(value, "clone") else value
+
+
+def _reset(target: Any) -> None:
+    target.journal, target.irreversible, target.touched = [], [], []
+
+
+def _run(ckpt: Checkpoint, rev: Revision, fn: Any, action: str,
+         copy_journals: dict[str, Any] | None = None) -> None:
+    """Run ``fn`` on the checkpoint, then the same ops on each copy of the weights (or, walking back
+    by the record, each copy's own inverse journal from ``copy_journals``)."""
+    _reset(ckpt)
+    recorder = _Recorder(ckpt)
     where = f"{ckpt.path}: revision {rev.id} ({rev.path})"
     facts: dict[str, Any] = {"path": ckpt.path, "revision": rev.id, "script": rev.path, "action": action}
     try:
-        fn(ckpt)
+        fn(recorder)
     except OpError as exc:
         raise MigrationError(
             f"{where} {action} failed in {exc.op}" + (f" on {exc.key!r}" if exc.key else "") + f": {exc}",
@@ -157,16 +209,47 @@ def _run(ckpt: Checkpoint, rev: Revision, fn: Any, action: str) -> None:
         what = (f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit)
                 else f"raised {type(exc).__name__}: {exc}")
         raise MigrationError(f"{where} {action} {what}", **facts) from exc
+    schema = ckpt.schema()
+    for copy in ckpt.copies:
+        _reset(copy)
+        journal = (copy_journals or {}).get(copy.location)
+        try:
+            if isinstance(journal, list):
+                copy.apply_inverse(journal)
+            else:
+                for name, args, kwargs in recorder.calls:
+                    getattr(copy, name)(*map(_own, args), **{k: _own(v) for k, v in kwargs.items()})
+        except OpError as exc:
+            raise MigrationError(
+                f"{where} {action} failed on the copy of the weights at {copy.location!r} in {exc.op}"
+                + (f" on {exc.key!r}" if exc.key else "") + f": {exc}", op=exc.op, key=exc.key, **facts,
+            ) from exc
+        except Exception as exc:  # noqa: BLE001 - a replayed map() runs the user's function
+            raise MigrationError(
+                f"{where} {action} raised {type(exc).__name__} on the copy of the weights at "
+                f"{copy.location!r}: {exc}", **facts,
+            ) from exc
+        if copy.schema() != schema:
+            raise MigrationError(
+                f"{where} {action} left the copy of the weights at {copy.location!r} different from the state "
+                "dict: it changed ckpt.state_dict directly, which cannot be repeated on each copy; use the ops "
+                "(ckpt.add, ckpt.drop, ckpt.map, ...), or declare the state dicts with --state-dict", **facts,
+            )
 
 
-def _recorded_inverse(ckpt: Checkpoint, rev: Revision) -> list[Any] | None:
+def _upgrade_entry(ckpt: Checkpoint, rev: Revision) -> dict[str, Any] | None:
     if ckpt.envelope is None:
         return None
     for entry in reversed(ckpt.envelope.history):
         if entry.get("revision") == rev.id and entry.get("action") == "upgrade":
-            inverse = entry.get("inverse")
-            return inverse if isinstance(inverse, list) else None
+            return entry
     return None
+
+
+def _recorded_inverse(ckpt: Checkpoint, rev: Revision) -> list[Any] | None:
+    entry = _upgrade_entry(ckpt, rev)
+    inverse = entry.get("inverse") if entry is not None else None
+    return inverse if isinstance(inverse, list) else None
 
 
 def _target_order(plan: Plan, order: Sequence[str] | None) -> list[str] | None:
@@ -180,9 +263,8 @@ def _target_order(plan: Plan, order: Sequence[str] | None) -> list[str] | None:
     return None
 
 
-def _reorder(ckpt: Checkpoint, order: list[str]) -> None:
-    """Put the state dict in the model's key order (what optimizer indices are counted in)."""
-    entries = ckpt.state_dict.entries
+def _reorder(entries: MutableMapping[str, Any], order: list[str]) -> None:
+    """Put a state dict in the model's key order (what optimizer indices are counted in)."""
     rank = {k: i for i, k in enumerate(order)}
     items = sorted(entries.items(), key=lambda kv: rank.get(kv[0], len(rank)))
     entries.clear()
@@ -198,17 +280,28 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
     the result is put in that order, which is also the order optimizer state is renumbered in.
     ``trace`` receives, per revision, each op and the keys it touched (what ``--dry-run`` shows).
     """
+    if plan.steps:
+        ckpt.refuse_copies_left_behind()
     entries: list[dict[str, Any]] = []
     current = plan.start
+    legacy_ids = ckpt.optimizers.legacy_ids() if plan.direction == "upgrade" else None
+    restore_ids = None
     for rev in plan.steps:
         if plan.direction == "upgrade":
             _run(ckpt, rev, rev.upgrade, "upgrade")
-            entry = {"action": "upgrade", "revision": rev.id, "from": current, "at": now_utc(),
+            entry: dict[str, Any] = {"action": "upgrade", "revision": rev.id, "from": current, "at": now_utc(),
                      "message": rev.message, "script": rev.path.name,
                      "ops": [{"op": op, "keys": len(keys)} for op, keys in ckpt.touched],
                      "inverse": None if ckpt.irreversible else ckpt.journal}
+            if ckpt.copies:
+                entry["copies"] = {c.location: None if c.irreversible else c.journal for c in ckpt.copies}
+            if legacy_ids is not None and not entries:
+                entry["optimizer_ids"] = legacy_ids
+            if ckpt.optimizers.policy != "strict":
+                entry["optimizer_policy"] = ckpt.optimizers.policy
             current = rev.id
         else:
+            recorded = _upgrade_entry(ckpt, rev) or {}
             if rev.downgrade is not None:
                 _run(ckpt, rev, rev.downgrade, "downgrade")
             else:
@@ -221,7 +314,16 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
                         "checkpoint's history holds no invertible record of its upgrade; write a downgrade()",
                         path=ckpt.path, revision=rev.id, script=rev.path, action="downgrade",
                     )
-                _run(ckpt, rev, lambda c, inv=inverse: c.apply_inverse(inv), "downgrade")
+                journals = recorded.get("copies") if isinstance(recorded.get("copies"), dict) else None
+                policy = ckpt.optimizers.policy
+                if recorded.get("optimizer_policy") in POLICIES:  # undoing what that policy allowed
+                    ckpt.optimizers.policy = recorded["optimizer_policy"]
+                try:
+                    _run(ckpt, rev, lambda c, inv=inverse: c.apply_inverse(inv), "downgrade", journals)
+                finally:
+                    ckpt.optimizers.policy = policy
+            if "optimizer_ids" in recorded:
+                restore_ids = recorded["optimizer_ids"]
             entry = {"action": "downgrade", "revision": rev.id, "to": rev.down, "at": now_utc(),
                      "script": rev.path.name,
                      "ops": [{"op": op, "keys": len(keys)} for op, keys in ckpt.touched]}
@@ -233,11 +335,20 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
         ckpt.applied.append(rev.id)
     final_order = _target_order(plan, order)
     if final_order is not None:
-        _reorder(ckpt, final_order)
+        _reorder(ckpt.state_dict.entries, final_order)
+        for copy in ckpt.copies:
+            _reorder(copy.state_dict.entries, final_order)
+    for copy in ckpt.copies:
+        copy.commit()
     try:
         ckpt.optimizers.finalize(list(ckpt.state_dict.entries))
     except OptimizerAlignmentError as exc:
         raise MigrationError(f"{ckpt.path}: {exc}", path=ckpt.path) from exc
+    if restore_ids is not None:
+        ckpt.optimizers.restore_ids(restore_ids)
+    params = ckpt.optimizers.parameter_keys()
+    if entries and params is not None and any(len(p) != len(ckpt.state_dict.entries) for p in params):
+        entries[-1]["optimizer_params"] = params
     return entries
 
 
@@ -266,6 +377,7 @@ def new_envelope(
                          previous=ckpt.envelope, repo=repo, describe_code=written)
     env.lineage = plan.lineage
     env.revision = plan.target
+    env.state_dicts = ckpt.recorded_locations()
     # Release provenance: a digest or signature vouches for the bytes before this migration, so
     # Envelope.build does not carry it over; it is kept in this step's first history entry and the
     # result stays unsigned until stamped again.
@@ -296,25 +408,49 @@ def make_backup(path: Path) -> tuple[Path, bool]:
     return dest, keep_copy(path, dest)
 
 
+def _refuse_left_behind(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | None) -> None:
+    """Refuse a file with a copy of the weights that does not fit, saying which revision it is at
+    when its keys are one's (an earlier upgrade that left it behind)."""
+    if not ckpt.copy_problems and not ckpt.other_tensor_dicts:
+        return
+    try:
+        snapshots = [(rev.id, rev.schema()) for rev in graph.chain(lineage)]
+    except BadInput:  # several lineages and none chosen: no snapshots to name a revision by
+        snapshots = []
+    for misfit in [*ckpt.copy_problems, *ckpt.other_tensor_dicts]:
+        for rev_id, schema in snapshots:
+            if schema is not None and schema == misfit.schema:
+                raise BadInput(
+                    f"{ckpt.path}: {misfit.location!r} is a copy of the weights at revision {rev_id} (its keys "
+                    f"are {rev_id}'s), not where the state dict is: an earlier upgrade left it behind; bring "
+                    f"it up alone with --key {misfit.location} --state-dict {misfit.location} --from {rev_id}"
+                )
+    ckpt.refuse_copies_left_behind()
+
+
 def migrate_file(
     path: Path, graph: RevisionGraph, *, to: str = "head", output: Path | None = None,
     dry_run: bool = False, backup: bool = True, from_rev: str | None = None,
     lineage: str | None = None, key: str | None = None, direction: str | None = None,
-    trust_pickle: bool = False,
+    trust_pickle: bool = False, state_dicts: Sequence[str] | None = None, optimizer: str = "strict",
 ) -> Outcome:
     """Upgrade or downgrade one file; ``direction`` refuses the other way (``upgrade --to`` an older rev);
-    ``trust_pickle`` gives the migrations the extras as real objects (the file's pickle code runs).
+    ``trust_pickle`` gives the migrations the extras as real objects (the file's pickle code runs);
+    ``key`` and ``state_dicts`` locate the state dict and its copies (default: recorded or found);
+    ``optimizer`` is the policy for parameters that appear or vanish (see ``ops.optimizer``).
 
     The destination is locked for the whole read-migrate-write, so concurrent runs serialise.
     """
     lock = contextlib.nullcontext() if dry_run else file_lock(output or path)
-    with lock, Checkpoint.open(path, key=key) as ckpt:
+    with lock, Checkpoint.open(path, key=key, state_dicts=state_dicts) as ckpt:
+        ckpt.optimizers.policy = check_policy(optimizer)
         plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
         if direction is not None and plan.steps and plan.direction != direction:
             raise BadInput(
                 f"{path}: {direction} to {to} would {plan.direction} ({plan.describe()}); "
                 f"use `ckptmigrate {plan.direction}`"
             )
+        _refuse_left_behind(ckpt, graph, plan.lineage)  # also at head: the file would claim what is not so
         if trust_pickle and plan.steps:
             ckpt.trust_pickle()
         outcome = Outcome(path, output, plan)
@@ -325,6 +461,7 @@ def migrate_file(
                 outcome.written = True
             return outcome
         history = apply(ckpt, plan, trace=outcome.ops)
+        ckpt.refuse_changed_module()
         if dry_run:
             return outcome
         env = new_envelope(ckpt, plan, history)

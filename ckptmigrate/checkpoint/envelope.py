@@ -171,6 +171,8 @@ class Envelope:
     #: Content digest and Ed25519 signature (ckptmigrate.release.integrity); absent in older envelopes.
     digest: dict[str, Any] | None = None
     signature: dict[str, Any] | None = None
+    #: Every state dict a migration follows, the main one first (absent: only the main one).
+    state_dicts: list[str] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -201,11 +203,15 @@ class Envelope:
     def to_dict(self) -> dict[str, Any]:
         """A deep copy as plain data. The schema holds a dict per tensor: ``marshal`` copies it in C
         (``asdict`` walks it in Python, ~50 µs per hundred keys); anything marshal does not take
-        (a value of another type) goes the ``asdict`` way."""
+        (a value of another type) goes the ``asdict`` way. A file with one state dict keeps the
+        envelope it always had (no ``state_dicts``)."""
         try:
-            return marshal.loads(marshal.dumps({f.name: getattr(self, f.name) for f in fields(self)}))
+            out = marshal.loads(marshal.dumps({f.name: getattr(self, f.name) for f in fields(self)}))
         except ValueError:
-            return asdict(self)
+            out = asdict(self)
+        if not out["state_dicts"]:
+            del out["state_dicts"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, origin: str = "checkpoint") -> Envelope:

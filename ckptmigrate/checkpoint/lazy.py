@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptmigrate import formats
+from ckptmigrate.checkpoint import copies as copies_
 from ckptmigrate.checkpoint import model_config
 from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, schema_of
-from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate
+from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate, module_class, set_at
 from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
 from ckptmigrate.formats import torchzip
 from ckptmigrate.formats.pickle_safety import PickleSafety, assess
 from ckptmigrate.ops.architecture import ArchitectureOps
+from ckptmigrate.ops.optimizer import OptimizerTrack
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.tensors.refs import (
     ComposedTensor,
@@ -41,7 +43,9 @@ if TYPE_CHECKING:
 class Checkpoint(ArchitectureOps):
     """A checkpoint file: ``state_dict``, ``extras``, ``metadata`` (the envelope) and ``applied``."""
 
-    def __init__(self, container: formats.Container, layout: Layout) -> None:
+    def __init__(
+        self, container: formats.Container, layout: Layout, state_dicts: Sequence[str] | None = None,
+    ) -> None:
         self.container = container
         self.path = container.path
         self.format = container.format
@@ -61,32 +65,77 @@ class Checkpoint(ArchitectureOps):
         self.map_location: Any = None
         self.mmap = True
         self._config: dict[str, Any] | None = None
+        if state_dicts is None and self.envelope is not None and self.envelope.state_dicts:
+            state_dicts = self.envelope.state_dicts  # what an earlier run found, unless declared anew
+        try:
+            self.copies, self.copy_problems, self.other_tensor_dicts = copies_.find(
+                container.payload, layout, self.state_dict.entries, state_dicts
+            )
+        except LayoutError as exc:
+            raise BadInput(f"{self.path}: {exc}", path=self.path) from exc
+        for copy in self.copies:
+            copy.owner = self
         super().__init__()
+        if self.optimizers.problem:
+            self._track_optimizers()
+
+    def _track_optimizers(self) -> None:
+        """Align optimizer state with the parameters, using the keys an earlier migration recorded
+        when buffers cannot be told from parameters."""
+        history = self.envelope.history if self.envelope is not None else []
+        known = next((e["optimizer_params"] for e in reversed(history)
+                      if isinstance(e, dict) and isinstance(e.get("optimizer_params"), list)), None)
+        policy = self.optimizers.policy
+        self.optimizers = OptimizerTrack.find(self.extras, list(self.state_dict.entries), known)
+        self.optimizers.policy = policy
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, key: str | None = None) -> Checkpoint:
-        """Open a checkpoint file lazily (no tensor bytes read); ``key`` names where the state dict is."""
+    def open(
+        cls, path: str | os.PathLike[str], *, key: str | None = None, state_dicts: Sequence[str] | None = None,
+    ) -> Checkpoint:
+        """Open lazily (no tensor bytes read). ``key`` is the state dict's location (default: the one
+        the envelope recorded, else detected); ``state_dicts`` declares every copy of it (default: searched)."""
         try:
             container = formats.read(path)
         except CkptMigrateError as exc:
             exc.path = exc.path or os.fspath(path)  # the file is the fact a caller acts on
             raise
+        recorded = container.envelope.get("layout") if isinstance(container.envelope, Mapping) else None
         try:
-            layout = locate(container.payload, key)
+            layout = locate(container.payload, key, recorded=recorded if isinstance(recorded, str) else None)
+            return cls(container, layout, state_dicts)
         except LayoutError as exc:
             container.close()
             raise BadInput(f"{container.path}: {exc}", path=container.path) from exc
-        return cls(container, layout)
+        except BaseException:
+            container.close()
+            raise
 
     @classmethod
-    def from_payload(cls, payload: Any, *, name: str = "<memory>", key: str | None = None) -> Checkpoint:
+    def from_payload(
+        cls, payload: Any, *, name: str = "<memory>", key: str | None = None,
+        state_dicts: Sequence[str] | None = None,
+    ) -> Checkpoint:
         """A checkpoint over an in-memory payload (a state dict of torch tensors, a checkpoint dict)."""
         container = formats.Container("memory", Path(name), None, payload, None, {})
         try:
             layout = locate(payload, key)
         except LayoutError as exc:
             raise BadInput(f"{name}: {exc}") from exc
-        return cls(container, layout)
+        return cls(container, layout, state_dicts)
+
+    def refuse_copies_left_behind(self) -> None:
+        """A migration must not leave a dict that looks like a copy of the weights at the old revision."""
+        if self.copy_problems:
+            raise BadInput(f"{self.path}: {self.copy_problems[0]}", path=self.path)
+
+    def locations(self) -> list[str]:
+        """Where every copy of the weights sits, the state dict first ("" for a bare state dict)."""
+        return [self.layout.key or "", *(c.location for c in self.copies)]
+
+    def recorded_locations(self) -> list[str]:
+        """What the envelope records: the locations when there are copies (none: searched again)."""
+        return self.locations() if self.copies else []
 
     def close(self) -> None:
         """Release the file (its memory maps stay valid while tensors from it are alive)."""
@@ -121,8 +170,11 @@ class Checkpoint(ArchitectureOps):
             raise BadInput(f"{self.path}: running its pickle code failed: {type(exc).__name__}: {exc}",
                            path=self.path) from exc
         if self.layout.kind == "key":
-            self.extras = {k: v for k, v in real.items() if k != self.layout.key}
-            real = real[self.layout.key]
+            self.extras = self.layout.extras(real)
+            real = self.layout.state_dict(real)
+            for copy in self.copies:  # the copies stay the lazy dicts the ops edit
+                set_at(self.extras, copy.where, copy.source)
+            self._track_optimizers()  # the optimizer state the migration edits is the one written
         entries = self.state_dict.entries
         for k, v in list(entries.items()):
             if not is_entry(v) and isinstance(real, Mapping) and k in real:
@@ -182,13 +234,27 @@ class Checkpoint(ArchitectureOps):
         )
 
     def output_layout(self) -> Layout:
-        """The layout :meth:`write` produces: a changed pickled module is written as a bare state dict."""
-        return self.layout if self.layout.kind != "module" or self.module_intact() else Layout("bare")
+        """The layout :meth:`write` produces (a pickled module is only ever written back intact)."""
+        return self.layout
+
+    def refuse_changed_module(self) -> None:
+        """A whole pickled ``nn.Module`` whose weights a migration changed cannot be written: its
+        structure is its class's code, which no migration changes, and writing a plain state dict
+        instead would change what ``torch.load`` returns for the file."""
+        if self.layout.kind == "module" and not self.module_intact():
+            raise BadInput(
+                f"{self.path}: holds a whole pickled nn.Module ({module_class(self.container.payload)}), whose "
+                "structure comes from its class's code, which a migration cannot change; nothing was written. "
+                "Save its state_dict() and migrate that, or upgrade it in memory with ckptmigrate.load()"
+            )
 
     def payload(self) -> Any:
         """The whole object ``torch.load`` would return, with the current state dict and extras in it."""
-        if self.module_intact():
+        if self.layout.kind == "module":
+            self.refuse_changed_module()
             return self.container.payload
+        for copy in self.copies:
+            copy.commit()
         return self.layout.rebuild(self.container.payload, self.state_dict.entries, self.extras)
 
     def materialize(self) -> OrderedDict[str, torch.Tensor]:
@@ -217,6 +283,16 @@ class Checkpoint(ArchitectureOps):
             out[k] = v
         return out
 
+    def materialize_copies(self) -> None:
+        """Every copy of the weights as torch tensors, in place in the payload: for an in-memory
+        checkpoint handed back to a framework (Lightning's ``on_load_checkpoint``)."""
+        for copy in self.copies:
+            entries = copy.state_dict.entries
+            for k in list(entries):
+                if is_entry(entries[k]):
+                    entries[k] = copy.state_dict[k]
+            copy.commit()
+
     def summary(self, *, keys: bool = False) -> dict[str, Any]:
         """What ``inspect`` shows: container, layout, envelope, counts, bytes, dtypes, devices."""
         tensors = self.tensors()
@@ -232,6 +308,8 @@ class Checkpoint(ArchitectureOps):
             "devices": sorted({device_of(v) for v in tensors.values()}),
             "arch_hash": self.arch_hash(),
             "extras": sorted(map(str, self.extras)),
+            "state_dicts": self.locations(),
+            "state_dict_problems": [str(p) for p in self.copy_problems],
             "envelope": self.metadata,
             "pickle": self.pickle_safety().to_dict() if self.format in ("torch-zip", "torch-legacy") else None,
         }

@@ -28,6 +28,10 @@ def _print_summary(info: dict[str, Any]) -> None:
     click.echo(f"  container   {info['container']}")
     extras = f"  (extras: {', '.join(info['extras'])})" if info["extras"] else ""
     click.echo(f"  layout      {info['layout']}{extras}")
+    if len(info.get("state_dicts", [])) > 1:
+        click.echo(f"  copies      {', '.join(info['state_dicts'][1:])}  (migrated with the state dict)")
+    for problem in info.get("state_dict_problems", []):
+        click.echo(f"  warning     {problem}")
     click.echo(f"  tensors     {info['tensors']}  ({info['parameters']:,} elements, {_fmt_bytes(info['bytes'])})")
     dtypes = ", ".join(f"{d} ×{n}" for d, n in sorted(info["dtypes"].items()))
     click.echo(f"  dtypes      {dtypes or '-'}")
@@ -78,11 +82,14 @@ _OUTPUT = [
 @JSON
 @click.option("--keys", is_flag=True, help="List every key with its shape and dtype.")
 @_KEY
-def inspect(paths: tuple[str, ...], as_json: bool, keys: bool, key: str | None) -> None:
+@click.option("--state-dict", "state_dicts", multiple=True, metavar="LOCATION",
+              help="A state dict to describe, copies included; repeatable (default: searched).")
+def inspect(paths: tuple[str, ...], as_json: bool, keys: bool, key: str | None, state_dicts: tuple[str, ...]) -> None:
     """Describe checkpoints (files, directories, globs) from their metadata; reads no tensor bytes."""
     from ckptmigrate import api
 
-    infos = [api.inspect(p, keys=keys, key=key) for p in api.checkpoint_files(paths)]
+    declared = list(state_dicts) or None
+    infos = [api.inspect(p, keys=keys, key=key, state_dicts=declared) for p in api.checkpoint_files(paths)]
     if as_json:
         emit_json(infos[0] if _single(paths) else infos)
         return

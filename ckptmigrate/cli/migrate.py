@@ -15,11 +15,13 @@ from ckptmigrate.util.progress import file_bar
 
 def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | None, overwrite: bool, dry_run: bool,
              no_backup: bool, from_rev: str | None, lineage: str | None, migrations: str | None,
-             key: str | None, as_json: bool, trust_pickle: bool) -> None:
+             key: str | None, as_json: bool, trust_pickle: bool, state_dicts: tuple[str, ...],
+             optimizer: str) -> None:
     from ckptmigrate import api
-    from ckptmigrate.chain import engine
+    from ckptmigrate.chain import config, engine
 
     graph = api.revision_graph(migrations)
+    declared = list(state_dicts) if state_dicts else config.load().state_dicts
     files = api.checkpoint_files(paths)
     if output is not None and len(files) != 1:
         raise BadInput("-o/--output takes exactly one input file")
@@ -33,7 +35,8 @@ def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | Non
                 with naming(path), file_bar(direction, path, show=watching and len(files) == 1):
                     outcome = run(path, to=to, output=output, overwrite=overwrite, dry_run=dry_run,
                                   backup=not no_backup, from_rev=from_rev, lineage=lineage, key=key,
-                                  trust_pickle=trust_pickle, migrations=graph)
+                                  trust_pickle=trust_pickle, migrations=graph, state_dicts=declared,
+                                  optimizer=optimizer)
             except CkptMigrateError as exc:
                 if len(files) == 1:
                     raise
@@ -97,6 +100,10 @@ _COMMON = [
     click.option("--lineage", default=None, help="Lineage, when the directory holds several."),
     click.option("--key", default=None, metavar="LOCATION",
                  help="Where the state dict sits in the payload (default: found, or the envelope's)."),
+    click.option("--state-dict", "state_dicts", multiple=True, metavar="LOCATION",
+                 help="A state dict to migrate, copies (EMA, best) included; repeatable (default: searched)."),
+    click.option("--optimizer", type=click.Choice(["strict", "reset_new"]), default="strict", show_default=True,
+                 help="Optimizer state when a migration adds a parameter: refuse, or start it fresh."),
     JSON,
     click.option("--trust-pickle", is_flag=True,
                  help="Run the file's pickle code so migrations see its extras as real objects. Trusted files only."),
@@ -115,12 +122,13 @@ def _with_common(fn: Any) -> Any:
 @_with_common
 def upgrade(paths: tuple[str, ...], to: str, output: Path | None, overwrite: bool, in_place: bool, dry_run: bool,
             no_backup: bool, from_rev: str | None, lineage: str | None, key: str | None,
-            as_json: bool, trust_pickle: bool, migrations: str | None) -> None:
+            state_dicts: tuple[str, ...], optimizer: str, as_json: bool, trust_pickle: bool,
+            migrations: str | None) -> None:
     """Upgrade checkpoints (files, directories, globs) to a revision, in place by default."""
     if in_place and output is not None:
         raise BadInput("--in-place and -o/--output exclude each other")
     _migrate("upgrade", paths, to, output, overwrite, dry_run, no_backup, from_rev, lineage, migrations, key, as_json,
-             trust_pickle)
+             trust_pickle, state_dicts, optimizer)
 
 
 @click.command()
@@ -128,9 +136,10 @@ def upgrade(paths: tuple[str, ...], to: str, output: Path | None, overwrite: boo
 @_with_common
 def downgrade(paths: tuple[str, ...], to: str, output: Path | None, overwrite: bool, in_place: bool, dry_run: bool,
               no_backup: bool, from_rev: str | None, lineage: str | None, key: str | None,
-              as_json: bool, trust_pickle: bool, migrations: str | None) -> None:
+              state_dicts: tuple[str, ...], optimizer: str, as_json: bool, trust_pickle: bool,
+              migrations: str | None) -> None:
     """Walk checkpoints back down the chain to an older revision."""
     if in_place and output is not None:
         raise BadInput("--in-place and -o/--output exclude each other")
     _migrate("downgrade", paths, to, output, overwrite, dry_run, no_backup, from_rev, lineage, migrations, key, as_json,
-             trust_pickle)
+             trust_pickle, state_dicts, optimizer)

@@ -50,6 +50,7 @@ def upgrade_checkpoint(
     if module is not None and strict and set(upgraded) != set(module.state_dict()):
         raise mismatch(name, diagnose(module, upgraded))
     checkpoint["state_dict"] = upgraded
+    ckpt.materialize_copies()  # an EMA callback's copy, upgraded with the weights
     for key, value in ckpt.extras.items():
         checkpoint[key] = value
     return list(ckpt.applied)

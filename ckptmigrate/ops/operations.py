@@ -124,8 +124,13 @@ class Operations:
 
     # -- names -----------------------------------------------------------------------------
 
-    def rename_map(self, mapping: Mapping[str, str], *, _op: str = "rename") -> None:
-        """Rename keys by an explicit ``{old: new}`` map, in one step, keeping their order."""
+    def rename_map(self, mapping: Mapping[str, str], *, _op: str = "rename",
+                   metadata: Mapping[str, Any] | None = None) -> None:
+        """Rename keys by an explicit ``{old: new}`` map, in one step, keeping their order.
+
+        The state dict's ``_metadata`` (each module's version) follows: a module whose tensors all
+        moved to another prefix moves with them (``metadata`` replays a recorded move exactly).
+        """
         entries = self._entries
         missing = [k for k in mapping if k not in entries]
         if missing:
@@ -136,13 +141,17 @@ class Operations:
             if new in seen:
                 raise OpError(_op, old, f"{_op}: {old!r} -> {new!r} collides with another key named {new!r}")
             seen.add(new)
+        meta_inverse = self._move_metadata(list(entries), mapping, metadata)
         values = list(entries.items())
         entries.clear()
         for (_old, value), new in zip(values, new_keys, strict=True):
             entries[new] = value
         self.optimizers.rename(mapping)
         changed = {o: n for o, n in mapping.items() if o != n}
-        self._record(_op, changed, ["rename_map", {"mapping": {n: o for o, n in changed.items()}}])
+        inverse: dict[str, Any] = {"mapping": {n: o for o, n in changed.items()}}
+        if meta_inverse is not None:
+            inverse["metadata"] = meta_inverse
+        self._record(_op, changed, ["rename_map", inverse])
 
     def rename(self, old: str, new: str, *, missing_ok: bool = False) -> None:
         """Rename one key."""
@@ -170,13 +179,7 @@ class Operations:
                 return
             raise self._closest("rename_regex", pattern,
                                 "matches no key (searched in each key, as re.sub does; anchor it with ^)")
-        self.rename_map(mapping, _op="rename_regex")
-
-        def module(name: str) -> str:  # a module's name is a prefix of its keys: rename it as one
-            new, n = regex.subn(repl, name + ".")
-            return new.removesuffix(".") if n else name
-
-        self._rename_metadata(module)
+        self.rename_map(mapping, _op="rename_regex")  # _metadata follows the keys there, walked back exactly
 
     def rename_prefix(self, old: str, new: str, *, missing_ok: bool = False, _op: str = "rename_prefix") -> None:
         """Replace the prefix ``old`` with ``new`` on every key that starts with it."""
@@ -186,19 +189,47 @@ class Operations:
                 return
             raise self._closest(_op, old)
         self.rename_map(mapping, _op=_op)
-        self._rename_metadata(lambda m: (new + (m + ".")[len(old):]).rstrip(".") if (m + ".").startswith(old) else m)
 
     def unwrap(self, prefix: str = "module.", *, missing_ok: bool = False) -> None:
         """Strip a wrapper's prefix (DataParallel/DDP ``module.``, torch.compile ``_orig_mod.``, ...)."""
         self.rename_prefix(prefix, "", missing_ok=missing_ok, _op="unwrap")
 
-    def _rename_metadata(self, fn: Callable[[str], str]) -> None:
+    def _move_metadata(self, keys: list[str], mapping: Mapping[str, str],
+                       recorded: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """Move ``_metadata`` entries with the keys; return the exact inverse (None: nothing moved).
+
+        An entry another moves onto (DataParallel's root when ``module`` becomes the root) is kept
+        in the inverse with its position, so walking back restores the dict as it was.
+        """
         meta = getattr(self._entries, "_metadata", None)
-        if isinstance(meta, dict):
-            renamed = OrderedDict()
-            for k, v in meta.items():
-                renamed[fn(k)] = v
-            self._entries._metadata = renamed  # type: ignore[attr-defined]
+        if not isinstance(meta, dict):
+            return None
+        moves: dict[str, str]
+        if recorded is not None:
+            moves = {str(k): str(v) for k, v in (recorded.get("moves") or {}).items()}
+            restore: list[Any] = list(recorded.get("restore") or [])
+        else:
+            moves, restore = _metadata_moves(list(meta), keys, mapping), []
+        if not moves and not restore:
+            return None
+        items = list(meta.items())
+        moved_to: set[str] = {moves[k] for k, _ in items if k in moves}
+        out: OrderedDict[str, Any] = OrderedDict()
+        lost: list[list[Any]] = []
+        for i, (k, v) in enumerate(items):
+            nk = moves[k] if k in moves else str(k)
+            if (k not in moves and nk in moved_to) or nk in out:
+                lost.append([i, k, v])
+                continue
+            out[nk] = v
+        if restore:
+            rebuilt = list(out.items())
+            for i, k, v in sorted(restore, key=lambda r: r[0]):
+                rebuilt.insert(i, (k, v))
+            out = OrderedDict(rebuilt)
+        self._entries._metadata = out  # type: ignore[attr-defined]
+        back = {nk: k for k, nk in moves.items() if k in meta and nk in out and nk != k}
+        return {"moves": back, "restore": lost}
 
     # -- adding and removing ---------------------------------------------------------------
 
@@ -211,15 +242,20 @@ class Operations:
         if keys:
             self._record("drop", keys, None)
 
-    def add(self, key: str, tensor_or_factory: Any) -> None:
-        """Add a tensor (or the result of calling a factory) under a new key."""
+    def add(self, key: str, tensor_or_factory: Any, *, parameter: bool | None = None) -> None:
+        """Add a tensor (or the result of calling a factory) under a new key.
+
+        ``parameter`` says whether it is a parameter the optimizer state must cover (default: a
+        tensor that requires grad, or one named ``weight``/``bias``); a buffer never is.
+        """
         if key in self._entries:
             raise OpError("add", key, f"add: {key!r} already exists")
         value = tensor_or_factory() if callable(tensor_or_factory) else tensor_or_factory
         if not is_entry(value):
             raise OpError("add", key, f"add: {key!r} must be a tensor, got {type(value).__name__}")
         self._entries[key] = value
-        self.optimizers.add([key])
+        if parameter if parameter is not None else _looks_like_parameter(key, value):
+            self.optimizers.add([key])
         self._record("add", [key], ["drop", {"pattern": re.escape(key)}])
 
     # -- shapes and dtypes -----------------------------------------------------------------
@@ -318,10 +354,12 @@ class Operations:
     # -- split and merge -------------------------------------------------------------------
 
     def split(self, key: str, new_keys: Sequence[str], dim: int = 0, sizes: Sequence[int] | None = None,
-              *, missing_ok: bool = False) -> None:
+              *, missing_ok: bool = False, at: Sequence[int] | None = None) -> None:
         """Split a tensor along ``dim`` into several keys (a fused ``qkv`` into ``q``, ``k``, ``v``).
 
         With a pattern, ``new_keys`` are templates: ``split(r"l\\.(\\d+)\\.qkv", [r"l.\\1.q", ...])``.
+        ``at`` puts the parts at these positions of the state dict instead of where the key was (the
+        walk back of a ``merge`` passes the positions its keys had, so the order comes back too).
         """
         for k, m in self._match("split", key, missing_ok):
             src = self._tensor("split", k)
@@ -350,8 +388,13 @@ class Operations:
                     partial(_narrow, src, dim, start, size),
                 )))
                 start += size
+            ordered = items[:position] + new_items + items[position + 1:]
+            if at is not None and len(at) == len(new_items):
+                ordered = items[:position] + items[position + 1:]
+                for index, item in sorted(zip(at, new_items, strict=True), key=lambda p: p[0]):
+                    ordered.insert(index, item)
             self._entries.clear()
-            for key_, value in items[:position] + new_items + items[position + 1:]:
+            for key_, value in ordered:
                 self._entries[key_] = value
             self.optimizers.transform(
                 [k], targets, shape, partial(_split_all, sizes=parts, dim=dim)
@@ -390,7 +433,9 @@ class Operations:
             sizes = [s[dim] for s in shapes]
             out_shape = list(base)
             out_shape[dim] = sum(sizes)
-            position = list(self._entries).index(sources[0])
+            order = list(self._entries)
+            position = order.index(sources[0])
+            places = [order.index(k) for k in sources]
             items = [(k, v) for k, v in self._entries.items() if k not in sources]
             if target in dict(items):
                 raise OpError("merge", target, f"merge: {target!r} already exists")
@@ -403,7 +448,8 @@ class Operations:
                 sources, [target], tuple(shapes[0]), lambda ts: [_cat_t(ts, dim)], shapes=shapes
             )
             self._record("merge", [*sources, target],
-                         ["split", {"key": re.escape(target), "new_keys": sources, "dim": dim, "sizes": sizes}])
+                         ["split", {"key": re.escape(target), "new_keys": sources, "dim": dim, "sizes": sizes,
+                                    "at": places}])
 
     # -- walking back ----------------------------------------------------------------------
 
@@ -415,6 +461,52 @@ class Operations:
             if name not in self.inverse_ops:  # the journal comes from the file: call nothing else
                 raise OpError(str(name), None, f"{name!r} is not an op an inverse can name")
             getattr(self, name)(**kwargs)
+
+
+def _metadata_moves(modules: list[str], keys: list[str], mapping: Mapping[str, str]) -> dict[str, str]:
+    """``{old module: new module}`` for every module in ``_metadata`` whose tensors all moved
+    to one new prefix, keeping their names below it (``module.layer`` → ``layer``, ``module`` → root)."""
+    known = set(modules)
+    under: dict[str, list[str]] = {}
+    for k in keys:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i])
+            if prefix in known:
+                under.setdefault(prefix, []).append(k)
+    moves = {}
+    for module, members in under.items():
+        targets = set()
+        for k in members:
+            new, rest = mapping.get(k, k), k[len(module) + 1:]
+            if new == rest:
+                targets.add("")
+            elif new.endswith("." + rest):
+                targets.add(new[: -len(rest) - 1])
+            else:
+                break
+        else:
+            if len(targets) == 1 and (target := targets.pop()) != module:
+                moves[module] = target
+    for module in modules:  # a module without tensors of its own (GELU, Dropout) moves with its parent
+        if module in under or not module:
+            continue
+        parts = module.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            parent = ".".join(parts[:i])
+            if parent in moves:
+                rest = ".".join(parts[i:])
+                moves[module] = f"{moves[parent]}.{rest}" if moves[parent] else rest
+                break
+            if parent in under:
+                break
+    return moves
+
+
+def _looks_like_parameter(key: str, value: Entry) -> bool:
+    if getattr(value, "requires_grad", False):
+        return True
+    return key.rpartition(".")[2] in ("weight", "bias") and dtype_of(value).startswith(("float", "bfloat", "complex"))
 
 
 def _resolve_shape(op: str, key: str, old: tuple[int, ...], shape: Sequence[int]) -> tuple[int, ...]:

@@ -11,11 +11,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ckptmigrate.errors import BadInput
 from ckptmigrate.tensors.refs import is_entry, shape_of, to_torch
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt", "optimizer_state")
 LIGHTNING_KEY = "optimizer_states"
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+#: What happens to optimizer state when a migration adds a parameter: "strict" refuses, "reset_new"
+#: gives it fresh state (none: torch initialises it on the first step) in its module's group. A
+#: dropped parameter's state goes under either.
+POLICIES = ("strict", "reset_new")
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise BadInput(f"optimizer policy {policy!r} is not one of {', '.join(POLICIES)}")
+    return policy
 
 
 def _is_optimizer(value: Any) -> bool:
@@ -37,6 +48,7 @@ class _Tracked:
         self.state: dict[str, dict[str, Any]] = {}
         self.group: dict[str, int] = {}
         self.order: list[str] = []
+        self.ids = [pid for group in opt["param_groups"] for pid in group["params"]]
         index = 0
         for g, group in enumerate(opt["param_groups"]):
             names = group.get("param_names")
@@ -52,9 +64,23 @@ class _Tracked:
     def count(self) -> int:
         return sum(len(g["params"]) for g in self.opt["param_groups"])
 
+    @property
+    def legacy(self) -> bool:
+        """Parameters keyed by ``id(param)`` (old training code), not by position."""
+        return self.ids != list(range(len(self.ids)))
+
+    def restore_ids(self, ids: Sequence[Any]) -> None:
+        """Key the parameters by the ids the original file used, in order."""
+        if len(ids) != self.count:
+            return
+        for group in self.opt["param_groups"]:
+            group["params"] = [ids[i] for i in group["params"]]
+        self.opt["state"] = {ids[i]: s for i, s in self.opt["state"].items()}
+
     def finalize(self, keys: Sequence[str]) -> None:
         position = {k: i for i, k in enumerate(_module_order(keys))}
         tracked = sorted(self.group, key=lambda k: position.get(k, len(position)))
+        self.final: list[str] = []
         state: dict[int, Any] = {}
         index = 0
         for g, group in enumerate(self.opt["param_groups"]):
@@ -62,6 +88,7 @@ class _Tracked:
             group["params"] = list(range(index, index + len(members)))
             if "param_names" in group:
                 group["param_names"] = members
+            self.final += members
             for i, k in zip(group["params"], members, strict=True):
                 if k in self.state:
                     state[i] = self.state[k]
@@ -75,9 +102,14 @@ class OptimizerTrack:
     def __init__(self, tracked: list[_Tracked], problem: str | None = None) -> None:
         self.tracked = tracked
         self.problem = problem
+        self.policy = "strict"
 
     @classmethod
-    def find(cls, extras: Mapping[str, Any], keys: list[str]) -> OptimizerTrack:
+    def find(
+        cls, extras: Mapping[str, Any], keys: list[str], known: Sequence[Sequence[str]] | None = None,
+    ) -> OptimizerTrack:
+        """``known`` is each optimizer's parameter keys as an earlier migration recorded them (for
+        state dicts whose buffers cannot be told from parameters by name)."""
         opts = [v for k, v in extras.items() if k in OPTIMIZER_KEYS and _is_optimizer(v)]
         lightning = extras.get(LIGHTNING_KEY)
         if isinstance(lightning, list):
@@ -85,10 +117,13 @@ class OptimizerTrack:
         if not opts:
             return cls([])
         tracked = []
-        for opt in opts:
+        for i, opt in enumerate(opts):
             count = sum(len(g.get("params", [])) for g in opt["param_groups"])
             named = all("param_names" in g for g in opt["param_groups"])
             params = keys if named else _parameter_keys(_module_order(keys), count)
+            if params is None and known is not None and i < len(known):
+                recorded = list(known[i])
+                params = recorded if len(recorded) == count and set(recorded) <= set(keys) else None
             if params is None:
                 return cls([], (
                     f"the optimizer state covers {count} parameters but the state dict has "
@@ -108,6 +143,8 @@ class OptimizerTrack:
             t.state = {mapping.get(k, k): s for k, s in t.state.items()}
 
     def drop(self, keys: Sequence[str]) -> None:
+        """Dropped parameters leave their group and lose their state, under either policy: the
+        optimizer then covers exactly the parameters that are left."""
         self._check()
         for t in self.tracked:
             for k in keys:
@@ -115,8 +152,40 @@ class OptimizerTrack:
                 t.state.pop(k, None)
 
     def add(self, keys: Sequence[str]) -> None:
-        """New keys get no optimizer state; they join the first group (a buffer is ignored later)."""
+        """New parameters join the group of their module's other parameters (else the first group)
+        with no state, which torch initialises on the first step (``reset_new``)."""
         self._check()
+        if not self.tracked or not keys:
+            return
+        if self.policy == "strict":
+            raise OptimizerAlignmentError(
+                f"add: {keys[0]!r} is a new parameter and the optimizer state has none for it. Pass "
+                "optimizer=\"reset_new\" (--optimizer reset_new) to start it with fresh state, or "
+                "parameter=False to ckpt.add for a buffer"
+            )
+        for t in self.tracked:
+            for k in keys:
+                module = k.rpartition(".")[0]
+                sibling = next((g for o, g in t.group.items() if o.rpartition(".")[0] == module), 0)
+                t.group[k] = sibling
+
+    def parameter_keys(self) -> list[list[str]] | None:
+        """Each optimizer's parameter keys in index order, when the state dict also holds tensors
+        the optimizer does not cover (buffers): the record a later migration needs to align them."""
+        if not self.tracked or all(len(getattr(t, "final", [])) == len(t.group) == 0 for t in self.tracked):
+            return None
+        return [list(getattr(t, "final", t.order)) for t in self.tracked]
+
+    def legacy_ids(self) -> list[list[Any] | None] | None:
+        """Each optimizer's original parameter ids when any was keyed by ``id(param)``, else None."""
+        if not any(t.legacy for t in self.tracked):
+            return None
+        return [list(t.ids) if t.legacy else None for t in self.tracked]
+
+    def restore_ids(self, ids: Sequence[Any]) -> None:
+        for t, own in zip(self.tracked, ids, strict=False):
+            if isinstance(own, list):
+                t.restore_ids(own)
 
     def transform(
         self, src: Sequence[str], dst: Sequence[str], src_shape: tuple[int, ...],

@@ -78,6 +78,7 @@ def stamp(
             ckpt.state_dict.entries, layout=ckpt.output_layout().name, repo=repo,
             tags=all_tags, previous=ckpt.envelope,
         )
+        env.state_dicts = ckpt.recorded_locations()
         if lineage is not None:
             env.lineage = lineage
         if revision is not None:
