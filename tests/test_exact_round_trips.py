@@ -21,8 +21,7 @@ from tests.conftest import REAL_FIXTURES, ROOT
 from tests.payload_equality import assert_same_payload
 
 EXAMPLE = str(ROOT / "migrations")
-#: The shared real files sit beside the main checkout; a worktree elsewhere finds them at /work/shared.
-REAL = REAL_FIXTURES if REAL_FIXTURES.exists() else Path("/work/shared/fixtures/real")
+REAL = REAL_FIXTURES
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 

@@ -326,7 +326,7 @@ def test_upgrade_then_downgrade_restores_the_original_bit_for_bit(original: Stat
         assert formats.read_envelope(down)[1]["revision"] == (None if down_to == "base" else "r0")
 
 
-REAL = REAL_FIXTURES if REAL_FIXTURES.exists() else Path("/work/shared/fixtures/real")
+REAL = REAL_FIXTURES
 
 
 @settings(max_examples=max(EXAMPLES // 3, 5), deadline=None, database=None, phases=PHASES,
