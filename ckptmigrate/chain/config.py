@@ -1,4 +1,5 @@
-"""``[tool.ckptmigrate]`` in the nearest ``pyproject.toml``: where the migrations and the model are."""
+"""``[tool.ckptmigrate]`` in the nearest ``pyproject.toml`` of the user's own project: where the
+migrations and the model are (what "own" means: :mod:`ckptmigrate.chain.trust`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckptmigrate.chain import trust
 from ckptmigrate.errors import BadInput
 
 
@@ -19,6 +21,16 @@ class Config:
     fixture_model: str | None = None
     #: ``pkg.module:fn`` returning the inputs a fixture runs through the model.
     example_inputs: str | None = None
+    #: why the scripts and model it names may not be imported without being named explicitly
+    problem: str | None = None
+
+    def require_trusted(self, what: str = "migration scripts") -> None:
+        if self.problem is not None:
+            raise trust.UntrustedScripts(
+                f"{self.problem}; ckptmigrate imports no {what} through it — pass "
+                + ("--migrations DIR (migrations= in Python)" if what == "migration scripts" else "--model")
+                + " if you trust them"
+            )
 
     @property
     def pyproject(self) -> Path | None:
@@ -26,10 +38,11 @@ class Config:
 
 
 def find_pyproject(start: Path | None = None) -> Path | None:
-    here = (start or Path.cwd()).resolve()
-    for directory in (here, *here.parents):
+    """The nearest ``pyproject.toml`` within the project boundary (:func:`trust.project_dirs`);
+    another user's in a shared directory is not looked at."""
+    for directory in trust.project_dirs(start or Path.cwd()):
         candidate = directory / "pyproject.toml"
-        if candidate.is_file():
+        if candidate.is_file() and not trust.foreign(candidate):
             return candidate
     return None
 
@@ -44,7 +57,7 @@ def load(start: Path | None = None) -> Config:
         raise BadInput(f"{pyproject}: not valid TOML ({exc})") from exc
     section = data.get("tool", {}).get("ckptmigrate", {})
     return Config(pyproject.parent, section.get("migrations"), section.get("model"),
-                  section.get("fixture_model"), section.get("example_inputs"))
+                  section.get("fixture_model"), section.get("example_inputs"), trust.pyproject_problem(pyproject))
 
 
 def record_migrations(pyproject: Path, location: str) -> None:
