@@ -26,8 +26,9 @@ KEY_FILE_LIMIT = 64 * 1024  # a PEM Ed25519 key is ~120 bytes
 
 
 def canonical_json(data: Any) -> bytes:
-    """The bytes signed and hashed: sorted keys, no spaces, UTF-8; tuples and lists alike."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The bytes signed and hashed: sorted keys, no spaces, UTF-8 (a lone surrogate a pickled string
+    may hold encoded as such, not an error); tuples and lists alike."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 # --- keys and signatures --------------------------------------------------------------------------
