@@ -55,7 +55,14 @@ def load(start: Path | None = None) -> Config:
         data: dict[str, Any] = tomllib.loads(pyproject.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInput(f"{pyproject}: not valid TOML ({exc})") from exc
-    section = data.get("tool", {}).get("ckptmigrate", {})
+    tool = data.get("tool", {})
+    section = tool.get("ckptmigrate", {}) if isinstance(tool, dict) else {}
+    if not isinstance(section, dict):
+        raise BadInput(f"{pyproject}: [tool.ckptmigrate] is not a table")
+    for name in ("migrations", "model", "fixture_model", "example_inputs"):
+        value = section.get(name)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise BadInput(f"{pyproject}: [tool.ckptmigrate] {name} must be a non-empty string, not {value!r}"[:300])
     return Config(pyproject.parent, section.get("migrations"), section.get("model"),
                   section.get("fixture_model"), section.get("example_inputs"), trust.pyproject_problem(pyproject))
 
