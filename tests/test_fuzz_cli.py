@@ -248,7 +248,7 @@ def test_any_manifest_or_key_file_through_verify(
         else:
             doc[field] = value
         manifest.write_text(json.dumps(doc))
-    ckptmigrate("verify", "--manifest", manifest, "--key", public, cwd=here)
+    ckptmigrate("verify", "--manifest", manifest, "--public-key", public, cwd=here)
 
 
 ARGUMENT = st.one_of(st.text(max_size=20), st.binary(max_size=12).filter(lambda b: b"\0" not in b))

@@ -128,7 +128,7 @@ def test_output_into_a_link_another_user_planted_is_refused(shared: Path, tmp_pa
     out.symlink_to(victim)
     os.lchown(out, OTHER, OTHER)
 
-    line = one_line_error(run("stamp", path, "-o", out, "--tag", "k=v", cwd=tmp_path))
+    line = one_line_error(run("stamp", path, "-o", out, "--overwrite", "--tag", "k=v", cwd=tmp_path))
 
     assert str(out) in line and "symbolic link" in line
     assert victim.read_bytes() == b"my other file" and out.is_symlink()
@@ -141,7 +141,7 @@ def test_output_into_a_link_of_my_own_in_a_shared_directory_replaces_its_target(
     shutil.copyfile(path, target)
     (shared / "latest.pt").symlink_to(target)
 
-    proc = run("stamp", path, "-o", shared / "latest.pt", "--tag", "k=v", cwd=tmp_path)
+    proc = run("stamp", path, "-o", shared / "latest.pt", "--overwrite", "--tag", "k=v", cwd=tmp_path)
 
     assert proc.returncode == 0, proc.stderr
     assert (shared / "latest.pt").is_symlink() and tags_of(target)["k"] == "v"

@@ -25,12 +25,16 @@ class Config:
     problem: str | None = None
 
     def require_trusted(self, what: str = "migration scripts") -> None:
+        """Raise :class:`~ckptmigrate.chain.trust.UntrustedScripts` when the pyproject.toml is not the user's."""
         if self.problem is not None:
-            raise trust.UntrustedScripts(
-                f"{self.problem}; ckptmigrate imports no {what} through it — pass "
-                + ("--migrations DIR (migrations= in Python)" if what == "migration scripts" else "--model")
-                + " if you trust them"
+            scripts = what == "migration scripts"
+            error = trust.UntrustedScripts(
+                f"{self.problem}; ckptmigrate imports no {what} through it — name "
+                + ("the script directory (migrations=)" if scripts else "the model") + " if you trust it",
+                path=self.pyproject,
             )
+            error.cli_hint = "pass --migrations DIR" if scripts else "pass --model PKG.MODULE:FACTORY"
+            raise error
 
     @property
     def pyproject(self) -> Path | None:

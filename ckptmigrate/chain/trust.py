@@ -11,7 +11,7 @@ is only believed inside the user's own project:
   unless the directory is sticky (others cannot replace it there);
 - the ``pyproject.toml`` found, the migrations directory it names, its ``versions/`` and every script
   must belong to the user (or root) and be writable by no one else; otherwise nothing is imported
-  and the error says to name the directory with ``--migrations`` / ``migrations=``, which is
+  and the error says to name the directory (``--migrations`` / ``migrations=``), which is
   imported as given.
 """
 
@@ -92,7 +92,9 @@ def check_scripts(root: Path, versions: Path, scripts: Iterable[Path], pyproject
     for path in (root, versions, *scripts):
         reason = problem(path)
         if reason is not None:
-            raise UntrustedScripts(
-                f"{path} {reason}; ckptmigrate imports no migration scripts from there{where} — "
-                f"pass --migrations {root} (migrations= in Python) if you trust it"
+            error = UntrustedScripts(
+                f"{path} {reason}; ckptmigrate imports no migration scripts from there{where} — name "
+                f"the script directory (migrations={str(root)!r}) if you trust it", path=path,
             )
+            error.cli_hint = f"pass --migrations {root}"
+            raise error

@@ -52,17 +52,18 @@ def _open_existing(target: Path) -> int | None:
             if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
                 raise UnsafePath(
                     f"{target}: something other than a lock file sits at the lock file's name "
-                    f"({exc.strerror}); remove it"
+                    f"({exc.strerror}); remove it", path=target,
                 ) from None
             raise
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise UnsafePath(f"{target}: something other than a lock file sits at the lock file's name; remove it")
+            raise UnsafePath(f"{target}: something other than a lock file sits at the lock file's name; remove it",
+                             path=target)
         return fd
     owner = os.lstat(target).st_uid
     raise UnsafePath(
         f"{target}: the lock file belongs to uid {owner} and cannot be opened; "
-        "ask its owner to remove it, or work on a copy of the checkpoint elsewhere"
+        "ask its owner to remove it, or work on a copy of the checkpoint elsewhere", path=target,
     )
 
 

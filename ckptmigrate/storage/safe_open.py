@@ -59,10 +59,10 @@ def follow_user_link(path: str | os.PathLike[str]) -> Path:
             return current
         reason = _link_is_safe(current)
         if reason is not None:
-            raise UnsafePath(f"{path}: {reason}")
+            raise UnsafePath(f"{path}: {reason}", path=path)
         target = Path(os.readlink(current))
         current = target if target.is_absolute() else current.parent / target
-    raise UnsafePath(f"{path}: too many levels of symbolic links")
+    raise UnsafePath(f"{path}: too many levels of symbolic links", path=path)
 
 
 def create_new(path: str | os.PathLike[str], mode: int = 0o600, flags: int = os.O_RDWR) -> int:
@@ -96,12 +96,12 @@ def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, *, what
         fd = os.open(path, flags | NONBLOCK | CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # a FIFO without a writer, opened for writing
-            raise UnsafePath(f"{path}: the {what} is not a regular file") from None
+            raise UnsafePath(f"{path}: the {what} is not a regular file", path=path) from None
         raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise UnsafePath(f"{path}: the {what} is not a regular file")
+        raise UnsafePath(f"{path}: the {what} is not a regular file", path=path)
     if NONBLOCK:
         import fcntl
 
@@ -115,5 +115,5 @@ def read_small(path: str | os.PathLike[str], limit: int, *, what: str = "file") 
     with os.fdopen(fd, "rb") as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
-        raise UnsafePath(f"{path}: the {what} is larger than {limit} bytes; this is not a {what}")
+        raise UnsafePath(f"{path}: the {what} is larger than {limit} bytes; this is not a {what}", path=path)
     return data
