@@ -165,8 +165,9 @@ def test_a_fifo_or_dev_zero_as_key_signing_key_or_manifest_is_one_line(tmp_path:
     api.stamp(path, digest=True)
 
     for bad in not_files:  # a hang fails on run()'s timeout, a MemoryError on the traceback check
-        for args, what in ((("verify", path, "--public-key", bad), "key file"), (("stamp", path, "--sign", bad), "key file"),
-                           (("verify", "--manifest", bad), "manifest")):
+        cases = ((("verify", path, "--public-key", bad), "key file"), (("stamp", path, "--sign", bad), "key file"),
+                 (("verify", "--manifest", bad), "manifest"))
+        for args, what in cases:
             line = one_line(run(*args, cwd=tmp_path))
             assert str(bad) in line and f"{what} is not a regular file" in line
 
