@@ -35,6 +35,8 @@ def fixture_model(spec: str | Callable[[], Any] | None = None) -> Callable[[], A
     name = spec or cfg.fixture_model or cfg.model
     if not name:
         raise BadInput("no fixture model: set [tool.ckptmigrate] fixture_model (or model), or pass one")
+    if not spec:
+        cfg.require_trusted("model code")
     return lambda: schemas.build_model(name, device="cpu")
 
 
@@ -42,9 +44,12 @@ def example_inputs(spec: str | Callable[[], Any] | None = None) -> Callable[[], 
     """The inputs for fixtures: ``spec``, else ``[tool.ckptmigrate] example_inputs``."""
     if callable(spec):
         return spec
-    name = spec or config.load().example_inputs
+    cfg = config.load()
+    name = spec or cfg.example_inputs
     if not name:
         raise BadInput("no example inputs: set [tool.ckptmigrate] example_inputs = \"pkg.module:fn\", or pass one")
+    if not spec:
+        cfg.require_trusted("model code")
     fn = schemas.import_object(name, "example inputs")
     if not callable(fn):
         raise BadInput(f"example inputs {name!r}: not callable")

@@ -1,4 +1,5 @@
-"""``[tool.ckptmigrate]`` in the nearest ``pyproject.toml``: where the migrations and the model are."""
+"""``[tool.ckptmigrate]`` in the nearest ``pyproject.toml`` of the user's own project: where the
+migrations and the model are (what "own" means: :mod:`ckptmigrate.chain.trust`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckptmigrate.chain import trust
 from ckptmigrate.errors import BadInput
 
 
@@ -21,6 +23,20 @@ class Config:
     example_inputs: str | None = None
     #: Every state dict a migration follows (locations, the main one included); None: searched.
     state_dicts: tuple[str, ...] | None = None
+    #: why the scripts and model it names may not be imported without being named explicitly
+    problem: str | None = None
+
+    def require_trusted(self, what: str = "migration scripts") -> None:
+        """Raise :class:`~ckptmigrate.chain.trust.UntrustedScripts` when the pyproject.toml is not the user's."""
+        if self.problem is not None:
+            scripts = what == "migration scripts"
+            error = trust.UntrustedScripts(
+                f"{self.problem}; ckptmigrate imports no {what} through it — name "
+                + ("the script directory (migrations=)" if scripts else "the model") + " if you trust it",
+                path=self.pyproject,
+            )
+            error.cli_hint = "pass --migrations DIR" if scripts else "pass --model PKG.MODULE:FACTORY"
+            raise error
 
     @property
     def pyproject(self) -> Path | None:
@@ -28,10 +44,11 @@ class Config:
 
 
 def find_pyproject(start: Path | None = None) -> Path | None:
-    here = (start or Path.cwd()).resolve()
-    for directory in (here, *here.parents):
+    """The nearest ``pyproject.toml`` within the project boundary (:func:`trust.project_dirs`);
+    another user's in a shared directory is not looked at."""
+    for directory in trust.project_dirs(start or Path.cwd()):
         candidate = directory / "pyproject.toml"
-        if candidate.is_file():
+        if candidate.is_file() and not trust.foreign(candidate):
             return candidate
     return None
 
@@ -44,7 +61,14 @@ def load(start: Path | None = None) -> Config:
         data: dict[str, Any] = tomllib.loads(pyproject.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInput(f"{pyproject}: not valid TOML ({exc})") from exc
-    section = data.get("tool", {}).get("ckptmigrate", {})
+    tool = data.get("tool", {})
+    section = tool.get("ckptmigrate", {}) if isinstance(tool, dict) else {}
+    if not isinstance(section, dict):
+        raise BadInput(f"{pyproject}: [tool.ckptmigrate] is not a table")
+    for name in ("migrations", "model", "fixture_model", "example_inputs"):
+        value = section.get(name)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise BadInput(f"{pyproject}: [tool.ckptmigrate] {name} must be a non-empty string, not {value!r}"[:300])
     state_dicts = section.get("state_dicts")
     if state_dicts is not None and (
         not isinstance(state_dicts, list) or not all(isinstance(x, str) for x in state_dicts)
@@ -52,7 +76,8 @@ def load(start: Path | None = None) -> Config:
         raise BadInput(f"{pyproject}: [tool.ckptmigrate] state_dicts must be a list of locations (strings)")
     return Config(pyproject.parent, section.get("migrations"), section.get("model"),
                   section.get("fixture_model"), section.get("example_inputs"),
-                  tuple(state_dicts) if state_dicts is not None else None)
+                  state_dicts=tuple(state_dicts) if state_dicts is not None else None,
+                  problem=trust.pyproject_problem(pyproject))
 
 
 def record_migrations(pyproject: Path, location: str) -> None:

@@ -9,6 +9,7 @@ walked back without a hand-written ``downgrade``.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from ckptmigrate.ops.operations import OpError
 from ckptmigrate.ops.optimizer import POLICIES, OptimizerAlignmentError, check_policy
 from ckptmigrate.storage.atomic import keep_copy
 from ckptmigrate.storage.locking import file_lock
+from ckptmigrate.storage.safe_open import follow_user_link
 from ckptmigrate.util.paths import CHECKPOINT_SUFFIXES as CHECKPOINT_SUFFIXES
 from ckptmigrate.util.paths import expand_paths as expand_paths
 
@@ -390,22 +392,30 @@ def new_envelope(
     return env
 
 
-def backup_path(path: Path) -> Path:
-    """``x.pth.bak``, or ``x.pth.bak.1``, ``.2``, ... — an existing backup is never overwritten."""
-    candidate = path.with_name(path.name + ".bak")
-    n = 0
-    while candidate.exists():
+def backup_path(path: Path, start: int = 0) -> Path:
+    """``x.pth.bak``, or ``x.pth.bak.1``, ``.2``, ... — the first name where nothing is, not even a
+    dangling symbolic link: an existing backup is never overwritten, a planted link never followed."""
+    n = start
+    while True:
+        candidate = path.with_name(path.name + ".bak" + (f".{n}" if n else ""))
+        if not os.path.lexists(candidate):
+            return candidate
         n += 1
-        candidate = path.with_name(f"{path.name}.bak.{n}")
-    return candidate
 
 
 def make_backup(path: Path) -> tuple[Path, bool]:
     """Keep the original at ``PATH.bak[.N]`` without copying it where possible (see
     :func:`~ckptmigrate.storage.atomic.keep_copy`); True when the backup is a file of its own, so that
-    ``path`` may still be appended to in place."""
-    dest = backup_path(path)
-    return dest, keep_copy(path, dest)
+    ``path`` may still be appended to in place. The backup is created as a new name only: a name
+    taken between the look and the creation (another process, a planted link) moves on to the next."""
+    source = follow_user_link(path)
+    n = 0
+    while True:
+        dest = backup_path(path, n)
+        try:
+            return dest, keep_copy(source, dest)
+        except FileExistsError:
+            n = int(dest.name.rsplit(".", 1)[1]) + 1 if not dest.name.endswith(".bak") else 1
 
 
 def _refuse_left_behind(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | None) -> None:

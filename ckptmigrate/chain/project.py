@@ -28,7 +28,10 @@ def script_directory(migrations: str | os.PathLike[str] | None = None, *, cwd: P
                          "with init() and record it in pyproject.toml")
         error.cli_hint = "pass --migrations DIR_OR_MODULE, or run `ckptmigrate init`"
         raise error
-    return ScriptDirectory.from_spec(cfg.migrations, cfg.root)
+    cfg.require_trusted()
+    directory = ScriptDirectory.from_spec(cfg.migrations, cfg.root)
+    directory.discovered_from = cfg.pyproject
+    return directory
 
 
 def revision_graph(migrations: Migrations = None) -> RevisionGraph:

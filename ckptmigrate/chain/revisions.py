@@ -233,6 +233,8 @@ class ScriptDirectory:
     """Where the migration scripts live: a directory, or the package an importable module names."""
 
     root: Path
+    #: the pyproject.toml that named this directory; its scripts are imported only if the user's own
+    discovered_from: Path | None = None
 
     @property
     def versions(self) -> Path:
@@ -261,6 +263,10 @@ class ScriptDirectory:
             error.cli_hint = "create one with `ckptmigrate init`"
             raise error
         scripts = sorted(p for p in self.versions.glob("*.py") if not p.name.startswith("_"))
+        if self.discovered_from is not None:
+            from ckptmigrate.chain.trust import check_scripts
+
+            check_scripts(self.root, self.versions, scripts, self.discovered_from)
         return RevisionGraph([_revision_from(p) for p in scripts])
 
     def template(self) -> str:

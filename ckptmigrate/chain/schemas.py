@@ -22,7 +22,7 @@ def import_object(spec: str, what: str = "model") -> Any:
     if not sep or not module_name or not attr:
         raise BadInput(f"{what} {spec!r}: expected pkg.module:factory")
     cfg = config.load()
-    if cfg.root is not None and str(cfg.root) not in sys.path:
+    if cfg.root is not None and cfg.problem is None and str(cfg.root) not in sys.path:
         sys.path.insert(0, str(cfg.root))
     try:
         module = importlib.import_module(module_name)
@@ -54,12 +54,15 @@ def build_model(spec: str, *, device: str = "meta") -> Any:
 
 
 def model_spec(explicit: str | None) -> str:
-    spec = explicit or config.load().model
-    if not spec:
+    if explicit:
+        return explicit
+    cfg = config.load()
+    if not cfg.model:
         error = BadInput("no model configured: name one as pkg.module:factory, or set [tool.ckptmigrate] model")
         error.cli_hint = "pass --model pkg.module:factory"
         raise error
-    return spec
+    cfg.require_trusted("model code")
+    return cfg.model
 
 
 def model_schema(spec: str) -> Schema:

@@ -26,13 +26,31 @@ FORMAT_VERSION = 1
 Schema = dict[str, dict[str, Any]]
 
 
-def schema_of(state_dict: Mapping[str, Any]) -> Schema:
-    """key → {"shape": [...], "dtype": "float32"} for every tensor, in the state dict's order."""
-    return {
-        key: {"shape": list(shape_of(value)), "dtype": dtype_of(value)}
-        for key, value in state_dict.items()
-        if is_entry(value)
-    }
+def key_text(key: Any) -> str:
+    """A state-dict key as text for the schema, the envelope and the terminal: a string as it is,
+    any other key (``torch.save({0: t})``, a tuple) as its ``repr``; a lone surrogate escaped."""
+    text = key if isinstance(key, str) else repr(key)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def schema_of(state_dict: Mapping[Any, Any]) -> Schema:
+    """key → {"shape": [...], "dtype": "float32"} for every tensor, in the state dict's order (keys
+    as :func:`key_text`; two keys with one text are refused: the schema could not tell them apart)."""
+    schema: Schema = {}
+    for key, value in state_dict.items():
+        if not is_entry(value):
+            continue
+        text = key_text(key)
+        if text in schema:
+            from ckptmigrate.errors import BadInput
+
+            raise BadInput(f"the state dict has two keys that read {text!r}; rename one of them")
+        schema[text] = {"shape": list(shape_of(value)), "dtype": dtype_of(value)}
+    return schema
 
 
 def architecture_hash(schema: Mapping[str, Mapping[str, Any]]) -> str:
@@ -101,27 +119,48 @@ def git_info(repo: str | os.PathLike[str] | None = None) -> dict[str, Any] | Non
         return None
     with r:
         try:
-            commit: str | None = r.head.commit.hexsha
-        except ValueError:
-            commit = None
+            r.git.rev_parse("--git-dir")  # git itself may refuse the repository (safe.directory)
+            return _describe(r)
+        except Exception as exc:  # noqa: BLE001 - a refusing or dying git must never fail a write
+            return {"commit": None, "branch": None, "dirty": None, "remote": None, "root": r.working_tree_dir,
+                    "note": f"git could not describe the repository ({_first_line(exc)}); no commit recorded"}
+
+
+def _first_line(exc: Exception) -> str:
+    """What git said (``fatal: detected dubious ownership ...``), or the error's name."""
+    text = str(getattr(exc, "stderr", "") or exc).replace("stderr:", "")
+    for line in text.splitlines():
+        line = line.strip().strip("'").strip()
+        if line:
+            return line[:200]
+    return type(exc).__name__
+
+
+def _describe(r: Any) -> dict[str, Any]:
+    import git
+
+    try:
+        commit: str | None = r.head.commit.hexsha
+    except ValueError:
+        commit = None
+    try:
+        branch: str | None = r.active_branch.name
+    except TypeError:
+        branch = None
+    try:
+        dirty = r.is_dirty(untracked_files=False)
+    except git.exc.GitError:
+        dirty = None
+    remote = None
+    if r.remotes:
+        names = [rm.name for rm in r.remotes]
+        chosen = r.remote("origin") if "origin" in names else r.remotes[0]
         try:
-            branch: str | None = r.active_branch.name
-        except TypeError:
-            branch = None
-        try:
-            dirty = r.is_dirty(untracked_files=False)
+            remote = _without_credentials(next(iter(chosen.urls), None))
         except git.exc.GitError:
-            dirty = None
-        remote = None
-        if r.remotes:
-            names = [rm.name for rm in r.remotes]
-            chosen = r.remote("origin") if "origin" in names else r.remotes[0]
-            try:
-                remote = _without_credentials(next(iter(chosen.urls), None))
-            except git.exc.GitError:
-                remote = None
-        return {"commit": commit, "branch": branch, "dirty": dirty, "remote": remote,
-                "root": r.working_tree_dir}
+            remote = None
+    return {"commit": commit, "branch": branch, "dirty": dirty, "remote": remote,
+            "root": r.working_tree_dir}
 
 
 def platform_name() -> str:
@@ -215,21 +254,26 @@ class Envelope:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, origin: str = "checkpoint") -> Envelope:
-        """Parse a stored envelope; newer format versions are refused rather than misread."""
+        """Parse a stored envelope; newer format versions are refused rather than misread, and a field
+        of the wrong type (:mod:`~ckptmigrate.checkpoint.envelope_schema`) is one line naming it."""
         if not isinstance(data, Mapping):
             raise ValueError(f"{origin}: the envelope is not a JSON object")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"{origin}: the envelope's format_version is not an integer ({version!r})")
+        if version > FORMAT_VERSION:
             raise ValueError(
                 f"{origin}: envelope format_version {version!r} is newer than this ckptmigrate "
                 f"understands ({FORMAT_VERSION}); upgrade ckptmigrate"
             )
+        from ckptmigrate.checkpoint.envelope_schema import validate
+
+        try:
+            validate(data)
+        except ValueError as exc:
+            raise ValueError(f"{origin}: {exc}") from None
         known = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        missing = {"schema", "arch_hash", "layout", "devices"} - kwargs.keys()
-        if missing:
-            raise ValueError(f"{origin}: the envelope lacks {', '.join(sorted(missing))}")
-        return cls(**kwargs)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def superseded(previous: Any) -> dict[str, Any] | None:

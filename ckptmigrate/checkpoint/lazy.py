@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ckptmigrate import formats
 from ckptmigrate.checkpoint import copies as copies_
 from ckptmigrate.checkpoint import model_config
-from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, schema_of
+from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, key_text, schema_of
 from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate, module_class, set_at
 from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
 from ckptmigrate.formats import torchzip
@@ -219,7 +219,10 @@ class Checkpoint(ArchitectureOps):
 
     def schema(self) -> dict[str, dict[str, Any]]:
         """key → {"shape", "dtype"} of every tensor in the state dict, in order."""
-        return schema_of(self.state_dict.entries)
+        try:
+            return schema_of(self.state_dict.entries)
+        except BadInput as exc:
+            raise BadInput(f"{self.path}: {exc}") from None
 
     def arch_hash(self) -> str:
         """The architecture hash of :meth:`schema` (docs/format.md)."""
@@ -317,7 +320,7 @@ class Checkpoint(ArchitectureOps):
             info["envelope"] = {k: v for k, v in info["envelope"].items() if k != "schema"}
         if keys:
             info["keys"] = {
-                k: {"shape": list(shape_of(v)), "dtype": dtype_of(v), "device": device_of(v)}
+                key_text(k): {"shape": list(shape_of(v)), "dtype": dtype_of(v), "device": device_of(v)}
                 for k, v in tensors.items()
             }
         return info

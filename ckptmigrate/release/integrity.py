@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ckptmigrate.checkpoint.envelope import key_text
 from ckptmigrate.errors import BadInput
 from ckptmigrate.formats.pickled import StandIn, TorchRebuild, global_name
 from ckptmigrate.release.signing import canonical_json, check_envelope_signature, load_public_key
@@ -191,10 +192,11 @@ def compute(ckpt: Checkpoint, *, alg: str = DEFAULT_ALG) -> dict[str, Any]:
     """The digest record of an opened checkpoint: per-tensor, payload, and overall."""
     reader = _Reader(alg)
     tensors = ckpt.tensors()
-    per_tensor = {key: _tensor_digest(reader, key, ref) for key, ref in tensors.items()}
+    # keyed by key_text, as the schema is: a non-string key (``{0: t}``) digests and reads back as "0"
+    per_tensor = {key_text(key): _tensor_digest(reader, key_text(key), ref) for key, ref in tensors.items()}
     names: dict[int, str] = {}
     for key, ref in tensors.items():
-        names.setdefault(id(ref), key)
+        names.setdefault(id(ref), key_text(key))
     payload = [_canon(ckpt.payload(), reader, names), sorted(ckpt.container.metadata.items())]
     h = _hasher(alg)
     h.update(canonical_json(payload))

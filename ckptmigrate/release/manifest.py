@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ckptmigrate.checkpoint.envelope import git_info, now_utc
 from ckptmigrate.errors import BadInput, CkptMigrateError
 from ckptmigrate.release.stamping import require_clean, stamp
+from ckptmigrate.storage.atomic import atomic_write
+from ckptmigrate.storage.safe_open import read_small
 
 if TYPE_CHECKING:
     from ckptmigrate.release.integrity import VerifyResult
 
 MANIFEST_FORMAT = "ckptmigrate-release-manifest"
+MANIFEST_LIMIT = 64 * 1024 * 1024  # ~300 bytes a file: room for 200,000 files
 MANIFEST_VERSION = 1
 T = TypeVar("T")
 R = TypeVar("R")
@@ -86,18 +89,17 @@ def stamp_release(
     }
     if key is not None:
         doc["signature"] = signing.sign_manifest(doc, key)
-    tmp = manifest.with_name(f".{manifest.name}.part")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, manifest)
+    with atomic_write(manifest) as fh:
+        fh.write((json.dumps(doc, indent=2) + "\n").encode())
     return doc, failures
 
 
 def load_manifest(path: Path) -> dict[str, Any]:
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(read_small(path, MANIFEST_LIMIT, what="manifest"))
     except FileNotFoundError:
         raise BadInput(f"{path}: no such manifest") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BadInput(f"{path}: not a readable JSON manifest ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), list):
         raise BadInput(f"{path}: not a ckptmigrate release manifest")

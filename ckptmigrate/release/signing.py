@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptmigrate.errors import BadInput
+from ckptmigrate.storage.safe_open import create_new, read_small
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -21,11 +22,13 @@ if TYPE_CHECKING:
 SIGNATURE_ALG = "ed25519"
 _ENVELOPE_CONTEXT = b"ckptmigrate-envelope-signature-v1\n"
 _MANIFEST_CONTEXT = b"ckptmigrate-manifest-signature-v1\n"
+KEY_FILE_LIMIT = 64 * 1024  # a PEM Ed25519 key is ~120 bytes
 
 
 def canonical_json(data: Any) -> bytes:
-    """The bytes signed and hashed: sorted keys, no spaces, UTF-8; tuples and lists alike."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The bytes signed and hashed: sorted keys, no spaces, UTF-8 (a lone surrogate a pickled string
+    may hold encoded as such, not an error); tuples and lists alike."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 # --- keys and signatures --------------------------------------------------------------------------
@@ -55,10 +58,13 @@ def keygen(private_path: str | os.PathLike[str], public_path: str | os.PathLike[
                                     serialization.NoEncryption())
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private_pem)
-    public_path.write_bytes(public_pem)
+    for path, pem, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
+        try:
+            fd = create_new(path, mode, os.O_WRONLY)
+        except FileExistsError:
+            raise BadInput(f"{path}: already exists; not overwriting a key") from None
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
     return fingerprint(key.public_key())
 
 
@@ -93,8 +99,9 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
 
 
 def _read_key_file(path: str | os.PathLike[str]) -> bytes:
+    """A key file is a small regular file: a FIFO or ``/dev/zero`` is refused, not read forever."""
     try:
-        return Path(path).read_bytes()
+        return read_small(path, KEY_FILE_LIMIT, what="key file")
     except FileNotFoundError:
         raise BadInput(f"{path}: no such key file") from None
     except OSError as exc:

@@ -29,6 +29,12 @@ def require_clean(repo: str | os.PathLike[str] | None) -> dict[str, Any]:
                          "or allow_dirty to stamp without one)")
         error.cli_hint = "pass --repo DIR, or --allow-dirty"
         raise error
+    if info.get("note"):
+        error = BadInput(f"{info.get('root') or where}: {info['note']}; a release records the commit (mark the "
+                         "repository safe with `git config --global --add safe.directory DIR`, or allow_dirty "
+                         "to stamp without one)")
+        error.cli_hint = "pass --allow-dirty to stamp without a commit"
+        raise error
     if info.get("commit") is None:
         raise BadInput(f"{info.get('root') or where}: the repository has no commit yet")
     if info.get("dirty") is not False:
@@ -36,6 +42,20 @@ def require_clean(repo: str | os.PathLike[str] | None) -> dict[str, Any]:
         error.cli_hint = "pass --allow-dirty to stamp anyway"
         raise error
     return info
+
+
+def _require_text(values: Mapping[str, list[str | None]]) -> None:
+    """What goes into the envelope must be text every reader can print: an argument the terminal
+    passed as undecodable bytes (a lone surrogate once decoded) is refused here, not at read-back."""
+    for option, items in values.items():
+        for value in items:
+            if value is None:
+                continue
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = value.encode("utf-8", "backslashreplace").decode()
+                raise BadInput(f"{option} {shown!r}: not UTF-8 text") from None
 
 
 def stamp(
@@ -62,10 +82,13 @@ def stamp(
     """
     from ckptmigrate.release import integrity, signing
 
+    _require_text({"--tag": [t for kv in (tags or {}).items() for t in kv], "--lineage": [lineage],
+                   "--revision": [revision], "--release": [release]})
     if release is not None and not allow_dirty:
         require_clean(repo)
     private_key = signing.load_private_key(sign) if isinstance(sign, (str, os.PathLike)) else sign
     with file_lock(output if output is not None else path), Checkpoint.open(path, key=key) as ckpt:
+        ckpt.schema()  # two keys with one text (``{0: a, "0": b}``) are refused here, naming the file
         safety = ckpt.pickle_safety()
         if (release is not None or private_key is not None) and not safety.weights_only and not allow_unsafe_pickle:
             raise BadInput(

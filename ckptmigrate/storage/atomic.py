@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ckptmigrate.errors import CkptMigrateError
+from ckptmigrate.storage.safe_open import create_new, follow_user_link, publish
 
 TEMP_PREFIX = ".ckptmigrate-tmp-"
 _SUFFIX = ".part"
@@ -41,10 +42,9 @@ def fsync_dir(directory: Path) -> None:
 
 
 def _resolved(dest: str | os.PathLike[str]) -> Path:
-    dest = Path(dest)
-    if dest.is_symlink():  # replace the file the link points to (``latest.pt -> epoch10.pt``)
-        dest = Path(os.path.realpath(dest))
-    return dest
+    """Replace the file a link the user named points to (``latest.pt -> epoch10.pt``), never one
+    planted by another user (:func:`~ckptmigrate.storage.safe_open.follow_user_link`)."""
+    return follow_user_link(dest)
 
 
 def _temp_stem(dest: Path) -> str:
@@ -72,18 +72,17 @@ def remove_stale_temps(dest: str | os.PathLike[str]) -> list[Path]:
     removed = []
     for name in names:
         if pattern.fullmatch(name):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone already, or another user's in a sticky directory
                 os.unlink(directory / name)
                 removed.append(directory / name)
     return removed
 
 
 def _create_temp(directory: Path, stem: str) -> tuple[int, Path]:
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
     while True:
         tmp = directory / f"{stem}{secrets.token_hex(4)}{_SUFFIX}"
         try:
-            return os.open(tmp, flags, 0o600), tmp
+            return create_new(tmp), tmp
         except FileExistsError:
             continue
 
@@ -134,8 +133,9 @@ def keep_copy(src: Path, dest: Path) -> bool:
     First a copy-on-write clone (XFS, btrfs: no bytes move, and ``dest`` is a file of its own), else
     a hard link (no bytes move, but ``dest`` *is* ``src``'s inode: ``src`` may then only be replaced,
     never changed in place), else a copy. Returns True when ``dest`` is independent of ``src``.
-    ``dest`` appears complete or not at all; a clone's temporary file is one of ``src``'s, so
-    :func:`remove_stale_temps` finds it after a crash.
+    ``dest`` appears complete or not at all, and only as a new name: FileExistsError when anything
+    is already there, a dangling symbolic link included (it is never written through). A clone's or
+    copy's temporary file is one of ``src``'s, so :func:`remove_stale_temps` finds it after a crash.
     """
     directory = dest.parent if str(dest.parent) else Path(".")
     if sys.platform == "linux":
@@ -151,17 +151,34 @@ def keep_copy(src: Path, dest: Path) -> bool:
             tmp.unlink(missing_ok=True)
         else:
             os.close(fd)
-            shutil.copystat(src, tmp)
-            os.replace(tmp, dest)
-            fsync_dir(directory)
+            _finish(src, tmp, dest)
             return True
     try:
-        os.link(src, dest)
+        os.link(src, dest)  # link(2) never follows ``dest``: EEXIST for a planted link
         return False
+    except FileExistsError:
+        raise
     except OSError:
         from ckptmigrate.storage.rawio import copy_range
 
-        with atomic_write(dest) as fh, open(src, "rb") as original:
-            copy_range(original.fileno(), fh.fileno(), 0, os.fstat(original.fileno()).st_size, 0)
-        shutil.copystat(src, dest)
+        fd, tmp = _create_temp(directory, _temp_stem(src))
+        try:
+            with os.fdopen(fd, "r+b") as fh, open(src, "rb") as original:
+                copy_range(original.fileno(), fh.fileno(), 0, os.fstat(original.fileno()).st_size, 0)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _finish(src, tmp, dest)
         return True
+
+
+def _finish(src: Path, tmp: Path, dest: Path) -> None:
+    try:
+        shutil.copystat(src, tmp)
+        publish(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent if str(dest.parent) else Path("."))
