@@ -103,6 +103,8 @@ def _detect(path: Path, source: Source) -> Format:
 def read(path: str | os.PathLike[str]) -> Container:
     """Open a checkpoint and read everything but tensor bytes; BadInput names the file and the problem."""
     path = Path(path)
+    if path.is_dir():
+        path = multifile.checkpoint_path(path)
     if multifile.kind(path) is not None:
         return Container(**multifile.read(path))
     source = _open_source(path)
@@ -133,6 +135,8 @@ def _describe(fmt: str) -> str:
 def read_envelope(path: str | os.PathLike[str]) -> tuple[Format, dict[str, Any] | None]:
     """Only the envelope: the zip directory and one record, or the safetensors header."""
     path = Path(path)
+    if path.is_dir():
+        path = multifile.checkpoint_path(path)
     if multifile.kind(path) is not None:
         return multifile.read_envelope(path)
     source = _open_source(path)

@@ -21,6 +21,9 @@ from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.rawio import copy_range, write_all
 from ckptmigrate.storage.shardset import ShardSet
 
+#: The one weights file of a model directory saved unsharded (transformers, huggingface_hub).
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
 
 def _head(path: Path) -> bytes:
     try:
@@ -95,6 +98,10 @@ def checkpoint_path(path: str | os.PathLike[str]) -> Path:
         return commit_file(path)
     if k == "dcp":
         return path if path.is_dir() else path.parent
+    if path.is_dir():  # a model directory saved unsharded, as transformers names its one file
+        single = [path / n for n in SINGLE_FILES if (path / n).is_file()]
+        if len(single) == 1:
+            return single[0]
     return path
 
 
