@@ -444,7 +444,10 @@ def migrate_file(
     """
     path = formats.checkpoint_path(path)
     lock = contextlib.nullcontext() if dry_run else file_lock(output or path)
-    with lock, Checkpoint.open(path, key=key, state_dicts=state_dicts) as ckpt:
+    # a multi-file checkpoint a killed run left mid-switch is finished or undone under the lock
+    with lock, Checkpoint.open(
+        path if dry_run or output else formats.recovered(path), key=key, state_dicts=state_dicts
+    ) as ckpt:
         ckpt.optimizers.policy = check_policy(optimizer)
         plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
         if direction is not None and plan.steps and plan.direction != direction:

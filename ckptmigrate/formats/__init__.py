@@ -75,6 +75,8 @@ def _open_source(path: Path) -> Source:
 
 checkpoint_path = multifile.checkpoint_path
 commit_file = multifile.commit_file
+recover = multifile.recover
+recovered = multifile.recovered
 
 
 def sniff(head: bytes, size: int) -> Format | None:

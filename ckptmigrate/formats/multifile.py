@@ -105,6 +105,22 @@ def checkpoint_path(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def recover(path: str | os.PathLike[str]) -> list[str]:
+    """Finish or undo a switch a killed writer left in this checkpoint's directory (call holding its
+    lock); the files removed. A single-file checkpoint has nothing to recover here."""
+    path = Path(path)
+    if kind(path) is None:
+        return []
+    commit = commit_file(path)
+    return ShardSet(commit.parent, commit.name).recover()
+
+
+def recovered(path: Path) -> Path:
+    """``path``, once :func:`recover` has run on it (for ``with file_lock(p), open(recovered(p))``)."""
+    recover(path)
+    return path
+
+
 def read(path: Path) -> dict[str, Any]:
     """The fields of a :class:`~ckptmigrate.formats.Container` for the checkpoint ``path`` names."""
     k = kind(path)

@@ -67,7 +67,10 @@ def stamp(
         require_clean(repo)
     private_key = signing.load_private_key(sign) if isinstance(sign, (str, os.PathLike)) else sign
     path = formats.checkpoint_path(path)
-    with file_lock(output if output is not None else path), Checkpoint.open(path, key=key) as ckpt:
+    # a multi-file checkpoint a killed run left mid-switch is finished or undone under its own lock
+    with file_lock(output if output is not None else path), Checkpoint.open(
+        path if output is not None else formats.recovered(path), key=key
+    ) as ckpt:
         safety = ckpt.pickle_safety()
         if (release is not None or private_key is not None) and not safety.weights_only and not allow_unsafe_pickle:
             raise BadInput(

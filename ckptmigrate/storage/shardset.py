@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ckptmigrate.storage.atomic import WriteFailed, atomic_write, fsync_dir, remove_stale_temps
+from ckptmigrate.storage.atomic import TEMP_PREFIX, WriteFailed, atomic_write, fsync_dir, remove_stale_temps
 
 
 def digest_file(path: Path) -> str | None:
@@ -49,7 +49,12 @@ class ShardSet:
     def recover(self) -> list[str]:
         """Finish or undo the switch a killed writer left (call holding the checkpoint's lock);
         return the files removed."""
-        removed = [p.name for p in remove_stale_temps(self.commit_path)]
+        removed = [p.name for p in [*remove_stale_temps(self.commit_path), *remove_stale_temps(self.journal)]]
+        for name in os.listdir(self.directory):  # envelope files written beside a DCP .metadata
+            if name.startswith(f"{TEMP_PREFIX}.ckptmigrate-") and name.endswith(".part"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.directory / name)
+                    removed.append(name)
         try:
             state = json.loads(self.journal.read_text())
         except FileNotFoundError:
