@@ -366,3 +366,37 @@ def test_verify_a_dcp_tensor_sharded_across_ranks(tmp_path: Path, cli: Any) -> N
     out = cli("verify", directory)
     assert out.returncode == 1
     assert "changed: enc.weight" in out.stderr and "shards changed: __1_0.distcp\n" in out.stderr
+
+
+def test_upgrade_out_of_place_writes_a_new_directory_and_leaves_the_source(tmp_path: Path, cli: Any) -> None:
+    sd = model_state()
+    hf = write_hf(tmp_path / "hf", sd)
+    dc = write_dcp(tmp_path / "dcp", dict(sd))
+    mig = migrations(tmp_path, 'ckpt.rename("head.weight", "classifier.weight")')
+    want = dict(sd)
+    want["classifier.weight"] = want.pop("head.weight")
+    for src, read in ((hf, hf_tensors), (dc, lambda d: dcp_load(d, want))):
+        before = hashes(src)
+        out = tmp_path / f"{src.name}-new"
+        cli("upgrade", src, "--migrations", mig, "--from", "base", "-o", out, check=True)
+        assert hashes(src) == before
+        same(read(out), want)
+        assert formats.read_envelope(out)[1]["revision"] == "0001"  # type: ignore[index]
+
+
+def test_diff_and_check_see_a_directory_as_one_checkpoint(tmp_path: Path, cli: Any) -> None:
+    from ckptmigrate.example import current_model
+
+    model = current_model()
+    write_hf(tmp_path / "hf", {k: v.clone() for k, v in model.state_dict().items()})
+    write_dcp(tmp_path / "dcp", {k: v.clone() for k, v in model.state_dict().items()})
+    root = Path(__file__).resolve().parent.parent
+    for directory in (tmp_path / "hf", tmp_path / "dcp"):
+        out = cli("diff", directory, cwd=root)
+        assert out.returncode == 0 and "same schema" in out.stdout, out.stderr
+    shrunk = {k: v.clone() for k, v in model.state_dict().items()}
+    dropped = sorted(shrunk)[0]
+    del shrunk[dropped]
+    write_hf(tmp_path / "hf-short", shrunk)
+    out = cli("diff", tmp_path / "hf-short", "--json", cwd=root)
+    assert dropped in out.stdout
