@@ -21,7 +21,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from ckptmigrate.formats import safetensors_io, torchzip
-from ckptmigrate.tensors.refs import Deferred, Source, Storage, TensorRef, is_entry
+from ckptmigrate.tensors.refs import (
+    DTYPE_TO_SAFETENSORS,
+    Deferred,
+    Source,
+    Storage,
+    TensorRef,
+    contiguous_stride,
+    is_entry,
+)
 
 ENVELOPE_KEY = "ckptmigrate"
 #: What transformers writes, and what a directory is searched for.
@@ -235,9 +243,13 @@ def shard_names(index_name: str, shard_format: str, count: int, tag: str | None)
     return [f"{stem}{middle}-{i:05d}-of-{count:05d}{suffix}" for i in range(1, count + 1)]
 
 
+#: Header room left in every safetensors shard ckptmigrate writes (see :func:`header_edits`).
+SLACK = 1024
+
+
 def write_shard(fh: BinaryIO, shard_format: str, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
     if shard_format == "safetensors":
-        safetensors_io.write(fh, tensors, None, metadata)
+        safetensors_io.write(fh, tensors, None, metadata, slack=SLACK)
     else:
         torchzip.write(fh, tensors, None)
 
@@ -260,3 +272,69 @@ def index_bytes(
 def shard_sizes(payload: dict[str, Any], plan: list[list[str]]) -> Iterator[int]:
     for keys in plan:
         yield sum(_nbytes(payload[k]) for k in keys)
+
+
+def header_edits(
+    layout: Sharded, payload: dict[str, Any], plan: list[list[str]],
+) -> tuple[dict[str, bytes], dict[str, str]] | None:
+    """New headers for safetensors shards whose tensors all stay where they are (renames, a reshape
+    of a stored tensor): shard name -> the bytes after the length prefix, padded with spaces to
+    exactly the old header's length; and the new weight map. None when a shard would change
+    otherwise or a header does not fit its room (then the shard is rewritten)."""
+    if layout.shard_format != "safetensors" or len(plan) != len(layout.shards):
+        return None
+    edits: dict[str, bytes] = {}
+    weight_map: dict[str, str] = {}
+    for keys in plan:
+        first = payload[keys[0]]
+        if not isinstance(first, TensorRef) or first.storage.source is None:
+            return None
+        shard = os.path.basename(first.storage.source.path)
+        path = layout.directory / shard
+        refs = [payload[k] for k in keys]
+        if shard not in layout.shards or not all(_whole_stored(r, path) for r in refs):
+            return None
+        weight_map.update((k, shard) for k in keys)
+        storages = {id(r.storage) for r in refs}
+        wanted = {k for k, s in layout.shard_of.items() if s == shard}
+        if len(storages) != len(refs) or len(refs) != len(wanted):
+            return None
+        with open(path, "rb") as fh:
+            old_len = int.from_bytes(fh.read(8), "little")
+            old = fh.read(old_len)
+        data_start = 8 + old_len
+        try:
+            old_header = json.loads(old)
+        except ValueError:
+            return None
+        for key, ref in zip(keys, refs, strict=True):
+            was = old_header.get(key) if key in layout.shard_of else None
+            if key in layout.shard_of and (not isinstance(was, dict) or layout.shard_of[key] != shard
+                                           or was.get("data_offsets", [None])[0] != ref.storage.offset - data_start):
+                # a name that meant another tensor before (a swap): a reader of the old index with the
+                # new header would get the wrong bytes under it, so such a shard is rewritten instead
+                return None
+        header: dict[str, Any] = {}
+        meta = layout.shard_metadata.get(shard) or {}
+        if meta:
+            header["__metadata__"] = meta
+        for key, ref in zip(keys, refs, strict=True):
+            begin = ref.storage.offset - data_start
+            header[key] = {"dtype": DTYPE_TO_SAFETENSORS[ref.dtype], "shape": list(ref.shape),
+                           "data_offsets": [begin, begin + ref.nbytes]}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        if len(encoded) > old_len:
+            return None
+        encoded += b" " * (old_len - len(encoded))
+        if encoded != old:
+            edits[shard] = encoded
+    return edits, {k: weight_map[k] for k in payload}
+
+
+def _whole_stored(ref: Any, path: Path) -> bool:
+    """A tensor that is exactly one stored safetensors tensor of the shard at ``path``."""
+    return (
+        isinstance(ref, TensorRef) and ref.storage.source is not None and Path(ref.storage.source.path) == path
+        and ref.storage_offset == 0 and ref.nbytes == ref.storage.nbytes and ref.dtype in DTYPE_TO_SAFETENSORS
+        and ref.stride == contiguous_stride(ref.shape) and ref.storage.offset is not None
+    )

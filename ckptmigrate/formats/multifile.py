@@ -19,7 +19,7 @@ from ckptmigrate.errors import BadInput, one_line
 from ckptmigrate.formats import dcp, hf_sharded
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.rawio import copy_range, write_all
-from ckptmigrate.storage.shardset import ShardSet
+from ckptmigrate.storage.shardset import HeaderRewrite, ShardSet
 
 #: The one weights file of a model directory saved unsharded (transformers, huggingface_hub).
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -112,6 +112,7 @@ def recover(path: str | os.PathLike[str]) -> list[str]:
     if kind(path) is None:
         return []
     commit = commit_file(path)
+    HeaderRewrite(commit.parent, commit.name).recover()
     return ShardSet(commit.parent, commit.name).recover()
 
 
@@ -196,13 +197,23 @@ def _write_sharded(
     except (hf_sharded.ShardedFormatError, OSError):
         old = set()
     plan = hf_sharded.plan_shards(payload, parts)
-    if index.parent.resolve() == parts.directory.resolve() and _shards_unchanged(parts, payload, plan):
+    same_place = index.parent.resolve() == parts.directory.resolve()
+    if same_place and _shards_unchanged(parts, payload, plan):
         # every shard holds exactly what it held: only the index changes (stamp, envelope edits)
         same_map = {k: parts.shard_of[k] for k in payload}
         size = sum(hf_sharded.shard_sizes(payload, plan))
         shardset.begin(set(), [])
         shardset.commit(hf_sharded.index_bytes(parts, same_map, size, envelope), check)
         return
+    if same_place and not keep_old:  # renames: each shard's header rewritten in place, if it fits
+        found = hf_sharded.header_edits(parts, payload, plan)
+        if found is not None:
+            edits, renamed_map = found
+            size = sum(hf_sharded.shard_sizes(payload, plan))
+            HeaderRewrite(directory, index.name).run(
+                {name: (8, header) for name, header in edits.items()},
+                hf_sharded.index_bytes(parts, renamed_map, size, envelope), check)
+            return
     names = hf_sharded.shard_names(index.name, parts.shard_format, len(plan), None)
     tagged = any((directory / n).exists() for n in names)
     if tagged:

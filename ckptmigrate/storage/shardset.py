@@ -1,5 +1,7 @@
 """Switching a multi-file checkpoint (shards + one index or metadata file) atomically, as one.
 
+(:class:`HeaderRewrite` is the metadata-only variant: shard headers rewritten in place, journalled.)
+
 A reader finds every shard through one *commit file* (a sharded model's index, a DCP directory's
 ``.metadata``), so the checkpoint is whatever that file names. A rewrite therefore:
 
@@ -17,15 +19,17 @@ other side's files are removed.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ckptmigrate.storage.atomic import TEMP_PREFIX, WriteFailed, atomic_write, fsync_dir, remove_stale_temps
+from ckptmigrate.storage.rawio import write_all
 
 
 def digest_file(path: Path) -> str | None:
@@ -135,3 +139,73 @@ class ShardSet:
                 os.unlink(self.directory / name)
         fsync_dir(self.directory)
         self.journal.unlink(missing_ok=True)
+
+
+class HeaderRewrite:
+    """Metadata-only switch of shards whose headers are rewritten in place (each one's bytes, of the
+    same length, at a fixed offset), with the commit file switched after them.
+
+    The old bytes of every region are journalled (``.<commit>.ckptmigrate-headers``, fsynced) before
+    the first is overwritten; each shard is fsynced after its write; then the commit file is
+    replaced by one rename. The next writer replays the journal: if the commit file is the new one,
+    the switch is complete; otherwise every region gets its old bytes back. Between a crash and that
+    run, a plain reader may find the old commit file with some shards' new headers (or a header torn
+    by the crash): it refuses the checkpoint rather than reading wrong tensors, and nothing is lost.
+    """
+
+    def __init__(self, directory: Path, commit: str) -> None:
+        self.directory = directory
+        self.commit_path = directory / commit
+        self.journal = directory / f".{commit}.ckptmigrate-headers"
+
+    def run(self, edits: dict[str, tuple[int, bytes]], data: bytes, check: Callable[[Path], None] | None) -> None:
+        old: dict[str, list[Any]] = {}
+        for name, (offset, new) in edits.items():
+            with open(self.directory / name, "rb") as fh:
+                old[name] = [offset, base64.b64encode(os.pread(fh.fileno(), len(new), offset)).decode()]
+        body = {"commit": self.commit_path.name, "digest": hashlib.sha256(data).hexdigest(), "old": old}
+        with atomic_write(self.journal) as fh:
+            fh.write(json.dumps(body).encode())
+        fsync_dir(self.directory)
+        try:
+            for name, (offset, new) in edits.items():
+                _overwrite(self.directory / name, offset, new)
+            with atomic_write(self.commit_path, check=check) as fh:
+                fh.write(data)
+        except BaseException:
+            if digest_file(self.commit_path) != body["digest"]:
+                self._restore(old)
+            self.journal.unlink(missing_ok=True)
+            raise
+        self.journal.unlink(missing_ok=True)
+        fsync_dir(self.directory)
+
+    def recover(self) -> bool:
+        """Complete or undo what a killed run left; True if there was a journal."""
+        remove_stale_temps(self.journal)
+        try:
+            body = json.loads(self.journal.read_text())
+        except FileNotFoundError:
+            return False
+        except ValueError:  # torn while it was written: no region was touched yet
+            self.journal.unlink(missing_ok=True)
+            return True
+        if digest_file(self.commit_path) != body.get("digest"):
+            self._restore(body.get("old", {}))
+        self.journal.unlink(missing_ok=True)
+        fsync_dir(self.directory)
+        return True
+
+    def _restore(self, old: dict[str, list[Any]]) -> None:
+        for name, (offset, encoded) in old.items():
+            with contextlib.suppress(FileNotFoundError):
+                _overwrite(self.directory / name, int(offset), base64.b64decode(encoded))
+
+
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        write_all(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
