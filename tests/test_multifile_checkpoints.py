@@ -400,3 +400,65 @@ def test_diff_and_check_see_a_directory_as_one_checkpoint(tmp_path: Path, cli: A
     write_hf(tmp_path / "hf-short", shrunk)
     out = cli("diff", tmp_path / "hf-short", "--json", cwd=root)
     assert dropped in out.stdout
+
+
+# --- sharded safetensors: headers rewritten in place --------------------------------------------------
+
+
+def data_sections(directory: Path) -> dict[str, tuple[int, str]]:
+    """(inode, sha256 of the bytes after the header) of every shard."""
+    out = {}
+    for p in sorted(directory.glob("model-*.safetensors")):
+        raw = p.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        out[p.name] = (p.stat().st_ino, hashlib.sha256(raw[8 + n:]).hexdigest())
+    return out
+
+
+def test_rename_in_place_rewrites_only_shard_headers(tmp_path: Path, cli: Any) -> None:
+    sd = model_state("module.")
+    directory = write_hf(tmp_path / "hf", sd)
+    before = data_sections(directory)
+    mig = migrations(tmp_path, "ckpt.unwrap()")
+    cli("upgrade", directory, "--migrations", mig, "--from", "base", "--no-backup", check=True)
+    assert data_sections(directory) == before  # same files, same data bytes: only headers changed
+    same(hf_tensors(directory), {k.removeprefix("module."): v for k, v in sd.items()})
+    assert sorted(os.listdir(directory)) == sorted([*before, "model.safetensors.index.json"])
+
+
+def test_a_header_that_does_not_fit_is_rewritten_with_slack_then_fits(tmp_path: Path, cli: Any) -> None:
+    sd = model_state()
+    directory = write_hf(tmp_path / "hf", sd)
+    before = data_sections(directory)
+    long = "encoder.stack_of_transformer_layers_with_a_much_longer_name."
+    mig = migrations(tmp_path, f'ckpt.rename_prefix("layers.", "{long}")')
+    cli("upgrade", directory, "--migrations", mig, "--from", "base", "--no-backup", check=True)
+    after = data_sections(directory)
+    assert sorted(after) == sorted(before)  # transformers' names again
+    assert all(after[n][0] != before[n][0] for n in after)  # new files: the headers did not fit
+    want = {k.replace("layers.", long): v for k, v in sd.items()}
+    same(hf_tensors(directory), want)
+    for shard in after:  # written with room to grow, data on a page boundary
+        (n,) = struct.unpack("<Q", (directory / shard).read_bytes()[:8])
+        assert (8 + n) % 4096 == 0
+    (mig / "versions" / "0002_more.py").write_text(
+        'revision = "0002"\ndown_revision = "0001"\n\n\ndef upgrade(ckpt):\n'
+        f'    ckpt.rename_prefix("{long}", "{long}even_longer_than_before.")\n')
+    cli("upgrade", directory, "--migrations", mig, "--no-backup", check=True)
+    assert data_sections(directory) == after  # the slack took it: in place
+    same(hf_tensors(directory), {k.replace(long, f"{long}even_longer_than_before."): v for k, v in want.items()})
+
+
+def test_a_swap_of_names_is_not_written_in_place(tmp_path: Path, cli: Any) -> None:
+    sd = model_state()
+    directory = write_hf(tmp_path / "hf", sd)
+    before = data_sections(directory)
+    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    a, b = [k for k, v in index.items() if v == index["layers.0.weight"]][:2]
+    mig = migrations(tmp_path, f'ckpt.rename("{a}", "tmp")\nckpt.rename("{b}", "{a}")\nckpt.rename("tmp", "{b}")')
+    cli("upgrade", directory, "--migrations", mig, "--from", "base", "--no-backup", check=True)
+    after = data_sections(directory)
+    assert after[index[a]][0] != before[index[a]][0]
+    want = dict(sd)
+    want[a], want[b] = sd[b], sd[a]
+    same(hf_tensors(directory), want)

@@ -51,6 +51,8 @@ class Sharded:
     shards: list[str]
     shard_format: str
     shard_metadata: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: key -> the tensor read under that key (what "unchanged" is checked against)
+    original: dict[str, Any] = field(default_factory=dict)
 
     @property
     def directory(self) -> Path:
@@ -160,7 +162,8 @@ def read(index_path: Path, sniff: Any) -> tuple[Any, dict[str, Any] | None, dict
         raise ShardedFormatError(f"shard {found[stray[0]][0]} holds {stray[0]!r}, which the index does not name")
     payload = OrderedDict((k, found[k][1]) for k in weight_map)
     envelope = index.get("metadata", {}).get(ENVELOPE_KEY)
-    layout = Sharded(index_path, index, dict(weight_map), shards, shard_format or "safetensors", shard_metadata)
+    layout = Sharded(index_path, index, dict(weight_map), shards, shard_format or "safetensors", shard_metadata,
+                     dict(payload))
     return payload, envelope, storages, sources, layout
 
 
