@@ -125,9 +125,10 @@ def trigger(strategy: str, calibrated: dict[str, float], rng: random.Random) -> 
     if strategy == "any":
         at = rng.uniform(0.0, calibrated["end"] * 0.9)
         return lambda ph, now: now >= at
-    if strategy == "journal+":
-        after = rng.uniform(0.0, (calibrated.get("switched", calibrated["end"]) - calibrated["journal"]) * 0.9)
-        return lambda ph, now: "journal" in ph and now >= ph["journal"] + after
+    if strategy == "journal+":  # an in-place header rewrite's journal may live too briefly to be seen
+        base = calibrated.get("journal", calibrated.get("commit-temp", 0.0))
+        after = rng.uniform(0.0, max(calibrated["switched"] - base, 0.0) * 0.9)
+        return lambda ph, now: now >= ph.get("journal", base) + after
     return lambda ph, now: strategy in ph
 
 
@@ -204,7 +205,7 @@ def test_sigkill_during_a_multifile_upgrade_leaves_old_or_new(sources: dict[str,
     calibrated = run(args, fresh(), None)
     assert equal(read(work), result)
     assert leftovers(work) == []
-    assert "journal" in calibrated and "switched" in calibrated, calibrated
+    assert "switched" in calibrated, calibrated
 
     rng = random.Random(f"{SEED}-{series}")
     for strategy, trials in PLAN:
