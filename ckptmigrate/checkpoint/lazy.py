@@ -337,6 +337,7 @@ class Checkpoint(ArchitectureOps):
     def write(
         self, dest: str | os.PathLike[str], envelope: Envelope | None, *, fmt: str | None = None,
         append_in_place: bool = True, compact: bool = False, keep_old: bool = False,
+        max_shard_bytes: int | None = None,
     ) -> Path:
         """Write atomically to ``dest`` (which may be this file): the source survives any failure.
 
@@ -351,12 +352,12 @@ class Checkpoint(ArchitectureOps):
         fmt = fmt or (self.format if multi or self.format == "safetensors" else "torch-zip")
         payload = self.payload()
         env = None if envelope is None else envelope.to_dict()
-        if fmt == "safetensors" and (self.extras or not isinstance(payload, MutableMapping)):
+        if fmt in ("safetensors", "hf-sharded") and (self.extras or not isinstance(payload, MutableMapping)):
             raise BadInput(
                 f"{dest}: safetensors holds only tensors; the extras "
                 f"{sorted(map(str, self.extras))} would be lost — write a torch file instead"
             )
-        if fmt == "safetensors":
+        if fmt in ("safetensors", "hf-sharded"):
             non_tensor = [k for k, v in payload.items() if not is_entry(v)]
             if non_tensor:
                 raise BadInput(f"{dest}: safetensors cannot hold the non-tensor entries {non_tensor[:5]}")
@@ -371,8 +372,9 @@ class Checkpoint(ArchitectureOps):
                 if env is not None and again.container.envelope != env:
                     raise BadInput(f"{dest}: the written envelope does not read back; nothing was replaced")
 
-        if multi or fmt in formats.MULTI_FORMATS:
-            return multifile.write(self.container.parts, fmt, dest, payload, env, check, keep_old=keep_old)
+        if fmt in formats.MULTI_FORMATS:
+            return multifile.write(self.container.parts, fmt, dest, payload, env, check, keep_old=keep_old,
+                                   max_shard_bytes=max_shard_bytes)
         metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
         same_file = dest.exists() and dest.resolve() == self.path.resolve()
         pickled = torchzip.Pickled(payload) if metadata_only else None

@@ -411,17 +411,17 @@ def _holds_standin(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def split_payload(layout: Dcp, payload: Any) -> tuple[list[Any], list[Any]]:
+def split_payload(layout: Dcp | None, payload: Any) -> tuple[list[Any], list[Any]]:
     """The flattened payload as (values still where they were read, values to write)."""
     kept: list[Any] = []
     fresh: list[Any] = []
     for fqn, path, value in flatten(payload):
-        (kept if id(value) in layout.origin else fresh).append((fqn, path, value))
+        (kept if layout is not None and id(value) in layout.origin else fresh).append((fqn, path, value))
     return kept, fresh
 
 
 def build_metadata(
-    layout: Dcp, kept: list[tuple[str, tuple[Any, ...], Any]],
+    layout: Dcp | None, kept: list[tuple[str, tuple[Any, ...], Any]],
     written: list[tuple[str, tuple[Any, ...], Any, str, int, int]],
 ) -> bytes:
     """The new ``.metadata``: kept values point at their old bytes under their (new) names; written
@@ -431,6 +431,7 @@ def build_metadata(
     storage: dict[Any, Any] = {}
     template_props = None
     for fqn, path, value in kept:
+        assert layout is not None
         old_fqn, entries, smd = layout.origin[id(value)]
         sdm[fqn] = smd
         planner[fqn] = path
@@ -453,7 +454,7 @@ def build_metadata(
             sdm[fqn] = _obj(_MD, "BytesStorageMetadata", None)
         storage[_obj(_MD, "MetadataIndex", st)] = _obj(_FS, "_StorageInfo", {
             "relative_path": rel, "offset": offset, "length": length})
-    state = dict(layout.metadata.state)
+    state = dict(layout.metadata.state) if layout is not None else {"storage_meta": None, "version": "1.0.0"}
     state.update(state_dict_metadata=sdm, planner_data=planner, storage_data=storage)
     md = _obj(_MD, "Metadata", state)
 
@@ -463,9 +464,17 @@ def build_metadata(
     return dump(md, no_storage)
 
 
+def _default_properties() -> tuple[Any, ...]:
+    """TensorProperties' pickled state after the dtype, as DCP writes it for a dense CPU tensor:
+    strided layout, no grad, contiguous memory format (encoded 0), not pinned."""
+    layout = standin("torch.serialization", "_get_layout")("torch.strided")
+    memory_format = standin(_MD, "_MEM_FORMAT_ENCODING")(0)
+    return (layout, False, memory_format, False)
+
+
 def _tensor_md(shape: tuple[int, ...], dtype: str, template_props: Any) -> StandIn:
-    if template_props is None or not isinstance(template_props.state, tuple):
-        raise DcpFormatError("writing a new tensor needs an existing tensor's properties to copy")
-    props = _obj(_MD, "TensorProperties", (standin("torch", dtype), *template_props.state[1:]))
+    rest = template_props.state[1:] if template_props is not None and isinstance(template_props.state, tuple) \
+        else _default_properties()
+    props = _obj(_MD, "TensorProperties", (standin("torch", dtype), *rest))
     chunk = _obj(_MD, "ChunkStorageMetadata", {"offsets": _torch_size((0,) * len(shape)), "sizes": _torch_size(shape)})
     return _obj(_MD, "TensorStorageMetadata", {"properties": props, "size": _torch_size(shape), "chunks": [chunk]})

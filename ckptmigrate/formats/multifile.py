@@ -168,25 +168,29 @@ def read_envelope(path: Path) -> tuple[Any, dict[str, Any] | None]:
 
 def write(
     parts: Any, fmt: str, dest: Path, payload: Any, envelope: dict[str, Any] | None,
-    check: Any, *, keep_old: bool = False,
+    check: Any, *, keep_old: bool = False, max_shard_bytes: int | None = None,
 ) -> Path:
-    """Write ``payload`` as the multi-file checkpoint ``dest`` in one switch; return its name."""
+    """Write ``payload`` as the multi-file checkpoint ``dest`` in one switch; return its name.
+
+    From another container (``parts`` not of ``fmt``'s kind: ``convert``), a sharded model gets
+    shards of at most ``max_shard_bytes`` (default 5 GB), a DCP directory one ``.distcp`` file."""
     if fmt == "hf-sharded":
-        if not isinstance(parts, hf_sharded.Sharded):
-            raise BadInput(f"{dest}: writing a sharded checkpoint from another format (convert) is not done yet")
         named = not dest.is_dir() and dest.name.endswith(hf_sharded.INDEX_SUFFIX)
+        if not isinstance(parts, hf_sharded.Sharded):
+            index = dest if named else dest / "model.safetensors.index.json"
+            parts = hf_sharded.Sharded(index, {}, {}, [], "safetensors")
+            max_shard_bytes = max_shard_bytes or 5_000_000_000
         index = dest if named else dest / parts.index_path.name
-        _write_sharded(parts, index, payload, envelope, check, keep_old)
+        _write_sharded(parts, index, payload, envelope, check, keep_old, max_shard_bytes)
         return index
-    if not isinstance(parts, dcp.Dcp):
-        raise BadInput(f"{dest}: writing a DCP checkpoint from another format (convert) is not done yet")
     directory = dest.parent if dest.name == dcp.METADATA else dest
-    _write_dcp(parts, directory, payload, envelope, check, keep_old)
+    _write_dcp(parts if isinstance(parts, dcp.Dcp) else None, directory, payload, envelope, check, keep_old)
     return directory
 
 
 def _write_sharded(
     parts: hf_sharded.Sharded, index: Path, payload: Any, envelope: dict[str, Any] | None, check: Any, keep_old: bool,
+    max_shard_bytes: int | None = None,
 ) -> None:
     directory = index.parent
     directory.mkdir(parents=True, exist_ok=True)
@@ -196,8 +200,8 @@ def _write_sharded(
         old = set(hf_sharded.read_index(index)["weight_map"].values()) if index.exists() else set()
     except (hf_sharded.ShardedFormatError, OSError):
         old = set()
-    plan = hf_sharded.plan_shards(payload, parts)
-    same_place = index.parent.resolve() == parts.directory.resolve()
+    plan = hf_sharded.plan_shards(payload, parts, max_shard_bytes)
+    same_place = parts.shards != [] and index.parent.resolve() == parts.directory.resolve()
     if same_place and _shards_unchanged(parts, payload, plan):
         # every shard holds exactly what it held: only the index changes (stamp, envelope edits)
         same_map = {k: parts.shard_of[k] for k in payload}
@@ -276,24 +280,25 @@ def _canonical_names(
 
 
 def _write_dcp(
-    parts: dcp.Dcp, directory: Path, payload: Any, envelope: dict[str, Any] | None, check: Any, keep_old: bool,
+    parts: dcp.Dcp | None, directory: Path, payload: Any, envelope: dict[str, Any] | None, check: Any, keep_old: bool,
 ) -> None:
-    same = directory.exists() and directory.resolve() == parts.directory.resolve()
+    same = parts is not None and directory.exists() and directory.resolve() == parts.directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     shardset = ShardSet(directory, dcp.METADATA)
     shardset.recover()
     kept, fresh = dcp.split_payload(parts, payload)
-    carried = sorted({info.state["relative_path"] for _f, _p, v in kept for _i, info in parts.origin[id(v)][1]})
-    new_file = f"__ckm{secrets.token_hex(4)}_0.distcp" if fresh else None
+    carried = sorted({info.state["relative_path"] for _f, _p, v in kept for _i, info in parts.origin[id(v)][1]}) \
+        if parts is not None else []
+    new_file = (f"__ckm{secrets.token_hex(4)}_0.distcp" if parts is not None else "__0_0.distcp") if fresh else None
     old: set[str] = set()
-    if same:
+    if same and parts is not None:
         old = parts.files()
     elif (directory / dcp.METADATA).exists():
         raise BadInput(f"{directory}: already holds a DCP checkpoint; give a new directory")
     new = ([] if same else carried) + ([new_file] if new_file else [])
     shardset.begin(old - set(carried), new, keep_old=keep_old)  # a kept .distcp file is never removed
     try:
-        if not same:  # out of place: the files whose bytes are kept are copied by the kernel
+        if not same and parts is not None:  # out of place: the files whose bytes are kept are copied by the kernel
             for rel in carried:
                 with open(parts.directory / rel, "rb") as src, shardset.create(rel) as fh:
                     copy_range(src.fileno(), fh.fileno(), 0, os.fstat(src.fileno()).st_size, 0)
@@ -306,11 +311,11 @@ def _write_dcp(
                     write_all(fh.fileno(), data, pos)
                     written.append((fqn, path, value, new_file, pos, len(data)))
                     pos += len(data)
-        unchanged = not fresh and len(kept) == len(parts.metadata.state["state_dict_metadata"]) and all(
-            parts.origin[id(v)][0] == fqn for fqn, _p, v in kept)
-        md = parts.raw if unchanged else dcp.build_metadata(parts, kept, written)
+        unchanged = parts is not None and not fresh and len(kept) == len(
+            parts.metadata.state["state_dict_metadata"]) and all(parts.origin[id(v)][0] == fqn for fqn, _p, v in kept)
+        md = parts.raw if unchanged and parts is not None else dcp.build_metadata(parts, kept, written)
         env_name = dcp.envelope_name(md)
-        if same and md == parts.raw:  # only the envelope changes: one file, replaced atomically
+        if same and parts is not None and md == parts.raw:  # only the envelope changes: one file, replaced atomically
             shardset.abort()
             _write_envelope(directory / env_name, envelope)
             return
