@@ -298,7 +298,9 @@ def convert(
     (with a ``convert`` history entry); ``state_dict_only`` leaves the extras (safetensors holds no
     extras). ``max_shard_size`` (bytes) bounds the shards of an ``hf-sharded`` result (default 5 GB)."""
     from ckptmigrate import formats
+    from ckptmigrate.util.memory import release_large_blocks
 
+    release_large_blocks()
     if to not in CONVERT_TARGETS:
         raise BadInput(f"--to {to}: not one of {', '.join(CONVERT_TARGETS)}")
     fmt = CONVERT_TARGETS[to]
