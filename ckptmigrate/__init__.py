@@ -21,7 +21,7 @@ from ckptmigrate.version import __version__ as __version__
 
 __all__ = [
     "BadInput", "CheckFailed", "Checkpoint", "CkptMigrateError", "CkptMigrateWarning", "LoadReport",
-    "MigrationError", "OpError", "OutputExists", "RevisionError", "SchemaMismatch", "attach", "inspect", "load",
+    "MigrationError", "OpError", "OutputExists", "RevisionError", "SchemaMismatch", "attach", "dcp", "inspect", "load",
     "load_state_dict", "save", "stamp",
 ]
 
@@ -50,6 +50,10 @@ def __getattr__(name: str) -> Any:
         from ckptmigrate.ops.operations import OpError
 
         return OpError
+    if name == "dcp":  # ckptmigrate.dcp.load: resume distributed training across a migration
+        from ckptmigrate.integrations import dcp
+
+        return dcp
     if name == "Checkpoint":
         from ckptmigrate.checkpoint.lazy import Checkpoint
 

@@ -26,7 +26,7 @@ from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.locking import file_lock
 
 __all__ = [
-    "autogenerate_revision", "check", "checkpoint_files", "compact", "current", "diff",
+    "autogenerate_revision", "check", "checkpoint_files", "compact", "convert", "current", "diff",
     "downgrade", "heads", "history", "init", "inspect", "load", "new_revision", "record_schema",
     "keygen", "revision_graph", "save", "script_directory", "stamp", "upgrade", "verify", "verify_manifest",
 ]
@@ -282,6 +282,49 @@ def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | No
         before = os.stat(path).st_size
         ckpt.write(dest, ckpt.envelope, compact=True)
     return before, os.stat(dest).st_size
+
+
+#: ``convert --to`` names and the containers they write.
+CONVERT_TARGETS = {"torch": "torch-zip", "safetensors": "safetensors", "hf-sharded": "hf-sharded", "dcp": "dcp"}
+
+
+def convert(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str, max_shard_size: int | None = None,
+    state_dict_only: bool = False,
+) -> Path:
+    """Write ``src`` (any container, one file or several) as ``dst`` in the ``to`` container by byte-range
+    copies: tensors whose bytes are a contiguous run are copied by the kernel, a DCP tensor sharded across
+    ranks is assembled one at a time, so memory stays near the largest tensor. The envelope is carried
+    (with a ``convert`` history entry); ``state_dict_only`` leaves the extras (safetensors holds no
+    extras). ``max_shard_size`` (bytes) bounds the shards of an ``hf-sharded`` result (default 5 GB)."""
+    from ckptmigrate import formats
+    from ckptmigrate.util.memory import release_large_blocks
+
+    release_large_blocks()
+    if to not in CONVERT_TARGETS:
+        raise BadInput(f"--to {to}: not one of {', '.join(CONVERT_TARGETS)}")
+    fmt = CONVERT_TARGETS[to]
+    dst = Path(dst)
+    src = formats.checkpoint_path(src)
+    if dst.exists() and dst.resolve() == Path(src).resolve():
+        raise BadInput(f"{dst}: converting a checkpoint onto itself; give another destination")
+    with file_lock(dst), Checkpoint.open(src) as ckpt:
+        target = ckpt
+        if state_dict_only:  # tensors only, nested dicts flattened to dotted keys as DCP names them
+            from ckptmigrate.formats.dcp import flatten
+            from ckptmigrate.tensors.refs import is_entry
+
+            flat = {fqn: v for fqn, _path, v in flatten(dict(ckpt.state_dict.entries)) if is_entry(v)}
+            target = Checkpoint.from_payload(flat, name=str(src))
+        elif fmt in ("safetensors", "hf-sharded") and ckpt.layout.kind != "bare":
+            raise BadInput(
+                f"{src}: {to} holds only a flat dict of tensors, and this checkpoint's state dict sits under "
+                f"{ckpt.layout.name} with {sorted(map(str, ckpt.extras))[:5]} beside it; pass --state-dict-only"
+            )
+        env = Envelope.build(target.state_dict.entries, layout=target.output_layout().name, previous=ckpt.envelope)
+        env.history.append({"action": "convert", "at": now_utc(), "revision": env.revision,
+                            "from_container": ckpt.format, "to_container": fmt})
+        return target.write(dst, env, fmt=fmt, max_shard_bytes=max_shard_size)
 
 
 def current(path: PathLike) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckptmigrate import formats
 from ckptmigrate.chain.revisions import Revision, RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope, now_utc
 from ckptmigrate.checkpoint.lazy import Checkpoint
@@ -451,8 +452,12 @@ def migrate_file(
 
     The destination is locked for the whole read-migrate-write, so concurrent runs serialise.
     """
+    path = formats.checkpoint_path(path)
     lock = contextlib.nullcontext() if dry_run else file_lock(output or path)
-    with lock, Checkpoint.open(path, key=key, state_dicts=state_dicts) as ckpt:
+    # a multi-file checkpoint a killed run left mid-switch is finished or undone under the lock
+    with lock, Checkpoint.open(
+        path if dry_run or output else formats.recovered(path), key=key, state_dicts=state_dicts
+    ) as ckpt:
         ckpt.optimizers.policy = check_policy(optimizer)
         plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
         if direction is not None and plan.steps and plan.direction != direction:
@@ -477,11 +482,14 @@ def migrate_file(
         env = new_envelope(ckpt, plan, history)
         dest = output or path
         independent = True
+        multi = ckpt.format in formats.MULTI_FORMATS
         if output is None and backup:
-            outcome.backup, independent = make_backup(path)
+            # a multi-file checkpoint's backup is its index (or .metadata), and its old shards are kept
+            outcome.backup, independent = make_backup(formats.commit_file(path) if multi else path)
         try:
             # a backup that is a hard link shares the original's inode: never append to it
-            ckpt.write(dest, env, fmt=_output_format(ckpt, dest), append_in_place=independent)
+            ckpt.write(dest, env, fmt=_output_format(ckpt, dest), append_in_place=independent,
+                       keep_old=multi and outcome.backup is not None)
         except BaseException:
             if outcome.backup is not None:
                 outcome.backup.unlink(missing_ok=True)
@@ -492,6 +500,8 @@ def migrate_file(
 
 
 def _output_format(ckpt: Checkpoint, dest: Path) -> str:
+    if ckpt.format in formats.MULTI_FORMATS:
+        return ckpt.format
     if dest.suffix == ".safetensors":
         return "safetensors"
     if ckpt.format == "safetensors" and dest.suffix in ("", ".safetensors"):

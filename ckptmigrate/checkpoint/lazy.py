@@ -19,7 +19,7 @@ from ckptmigrate.checkpoint import model_config
 from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, key_text, schema_of
 from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate, module_class, set_at
 from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
-from ckptmigrate.formats import torchzip
+from ckptmigrate.formats import multifile, torchzip
 from ckptmigrate.formats.pickle_safety import PickleSafety, assess
 from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.ops.optimizer import OptimizerTrack
@@ -313,6 +313,7 @@ class Checkpoint(ArchitectureOps):
             "extras": sorted(map(str, self.extras)),
             "state_dicts": self.locations(),
             "state_dict_problems": [str(p) for p in self.copy_problems],
+            "files": _files(self.container),
             "envelope": self.metadata,
             "pickle": self.pickle_safety().to_dict() if self.format in ("torch-zip", "torch-legacy") else None,
         }
@@ -338,24 +339,28 @@ class Checkpoint(ArchitectureOps):
 
     def write(
         self, dest: str | os.PathLike[str], envelope: Envelope | None, *, fmt: str | None = None,
-        append_in_place: bool = True, compact: bool = False,
+        append_in_place: bool = True, compact: bool = False, keep_old: bool = False,
+        max_shard_bytes: int | None = None,
     ) -> Path:
         """Write atomically to ``dest`` (which may be this file): the source survives any failure.
 
         Rewriting this very zip file when only metadata changed appends to it in place
         (``append_in_place``); otherwise a temporary sibling is written and renamed over ``dest``.
         ``compact`` writes only the live records, dropping bytes earlier appends orphaned.
+        A multi-file checkpoint is written as one switch of its files (``keep_old`` keeps the old
+        shards, which a backup of its index names).
         """
         dest = Path(dest)
-        fmt = fmt or ("safetensors" if self.format == "safetensors" else "torch-zip")
+        multi = self.format in formats.MULTI_FORMATS
+        fmt = fmt or (self.format if multi or self.format == "safetensors" else "torch-zip")
         payload = self.payload()
         env = None if envelope is None else envelope.to_dict()
-        if fmt == "safetensors" and (self.extras or not isinstance(payload, MutableMapping)):
+        if fmt in ("safetensors", "hf-sharded") and (self.extras or not isinstance(payload, MutableMapping)):
             raise BadInput(
                 f"{dest}: safetensors holds only tensors; the extras "
                 f"{sorted(map(str, self.extras))} would be lost — write a torch file instead"
             )
-        if fmt == "safetensors":
+        if fmt in ("safetensors", "hf-sharded"):
             non_tensor = [k for k, v in payload.items() if not is_entry(v)]
             if non_tensor:
                 raise BadInput(f"{dest}: safetensors cannot hold the non-tensor entries {non_tensor[:5]}")
@@ -370,6 +375,9 @@ class Checkpoint(ArchitectureOps):
                 if env is not None and again.container.envelope != env:
                     raise BadInput(f"{dest}: the written envelope does not read back; nothing was replaced")
 
+        if fmt in formats.MULTI_FORMATS:
+            return multifile.write(self.container.parts, fmt, dest, payload, env, check, keep_old=keep_old,
+                                   max_shard_bytes=max_shard_bytes)
         metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
         same_file = dest.exists() and dest.resolve() == self.path.resolve()
         pickled = torchzip.Pickled(payload) if metadata_only else None
@@ -401,6 +409,14 @@ class Checkpoint(ArchitectureOps):
             os.truncate(self.path, size)
             raise
         return True
+
+
+def _files(container: formats.Container) -> list[str]:
+    """The files of a multi-file checkpoint (shards, ``.distcp``), else the one file."""
+    parts = container.parts
+    if parts is None:
+        return [container.path.name]
+    return sorted(parts.files())
 
 
 def _numel(v: Any) -> int:

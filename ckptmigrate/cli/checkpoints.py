@@ -10,6 +10,7 @@ import click
 
 from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json, error_dict, error_line, files_bar, naming, parse_tags
 from ckptmigrate.errors import BadInput, CkptMigrateError
+from ckptmigrate.util.paths import multi_file_checkpoint
 from ckptmigrate.util.progress import file_bar
 
 
@@ -65,8 +66,9 @@ def _print_summary(info: dict[str, Any]) -> None:
 
 
 def _single(paths: tuple[str, ...]) -> bool:
-    """One file named as such: one object in JSON, a bare answer; several, a directory or a pattern: a list."""
-    return len(paths) == 1 and Path(paths[0]).is_file()
+    """One file (or one multi-file checkpoint's directory) named as such: one object in JSON, a bare
+    answer; several, a directory of checkpoints or a pattern: a list."""
+    return len(paths) == 1 and (Path(paths[0]).is_file() or multi_file_checkpoint(Path(paths[0])))
 
 
 _KEY = click.option("--key", default=None, metavar="LOCATION",

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import click
 
-from ckptmigrate.cli import chain, checkpoints, fixture, migrate, release, schema
+from ckptmigrate.cli import chain, checkpoints, convert, fixture, migrate, release, schema
 from ckptmigrate.cli.common import debug_mode, error_dict, error_line, json_mode
 from ckptmigrate.errors import CkptMigrateError
 
@@ -119,7 +119,7 @@ def _everywhere(command: click.Command) -> None:
 
 
 for _command in (
-    checkpoints.inspect, checkpoints.current, checkpoints.stamp, checkpoints.compact,
+    checkpoints.inspect, checkpoints.current, checkpoints.stamp, checkpoints.compact, convert.convert,
     chain.init, chain.revision, chain.heads, chain.history,
     migrate.upgrade, migrate.downgrade,
     schema.check, schema.diff, schema.schema, release.keygen, release.verify,

@@ -1,5 +1,9 @@
 """Containers: which format a file is in (from its bytes, not its name) and how to read and write it.
 
+A checkpoint may also be a set of files named by one of them (a sharded model's index, a DCP
+directory's ``.metadata``) or by their directory: :mod:`.multifile` reads and writes those, with
+tensors as references into each shard, so everything above sees one container.
+
 :func:`read` gives a :class:`Container` — the payload with tensors as references, the envelope and
 the storages — having read only the zip directory and ``data.pkl``, or the safetensors header.
 Nothing here imports torch; writing a tensor that must be computed does, lazily.
@@ -15,12 +19,14 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from ckptmigrate.errors import BadInput, one_line
-from ckptmigrate.formats import legacy, safetensors_io, torchzip
+from ckptmigrate.formats import legacy, multifile, safetensors_io, torchzip
 from ckptmigrate.formats.zipio import ZipEntry
 from ckptmigrate.tensors.refs import Source, Storage
 
-Format = Literal["torch-zip", "torch-legacy", "safetensors"]
-FORMATS: tuple[str, ...] = ("torch-zip", "torch-legacy", "safetensors")
+Format = Literal["torch-zip", "torch-legacy", "safetensors", "hf-sharded", "dcp"]
+FORMATS: tuple[str, ...] = ("torch-zip", "torch-legacy", "safetensors", "hf-sharded", "dcp")
+#: Checkpoints made of several files, switched as one (storage/shardset).
+MULTI_FORMATS: tuple[str, ...] = ("hf-sharded", "dcp")
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
@@ -39,10 +45,15 @@ class Container:
     metadata: dict[str, str] = field(default_factory=dict)
     #: Every global the file's pickles name, and whether they call it (``pickle_safety.assess``).
     pickle_globals: dict[str, bool] = field(default_factory=dict)
+    #: A multi-file checkpoint: every shard's open file, and how the files fit (hf_sharded.Sharded, dcp.Dcp).
+    sources: list[Source] = field(default_factory=list)
+    parts: Any = None
 
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
+        for source in self.sources:
+            source.close()
 
 
 def _open_source(path: Path) -> Source:
@@ -60,6 +71,12 @@ def _open_source(path: Path) -> Source:
         return Source(path)
     except OSError as exc:
         raise BadInput(f"{path}: cannot read ({exc.strerror})") from None
+
+
+checkpoint_path = multifile.checkpoint_path
+commit_file = multifile.commit_file
+recover = multifile.recover
+recovered = multifile.recovered
 
 
 def sniff(head: bytes, size: int) -> Format | None:
@@ -88,6 +105,10 @@ def _detect(path: Path, source: Source) -> Format:
 def read(path: str | os.PathLike[str]) -> Container:
     """Open a checkpoint and read everything but tensor bytes; BadInput names the file and the problem."""
     path = Path(path)
+    if path.is_dir():
+        path = multifile.checkpoint_path(path)
+    if multifile.kind(path) is not None:
+        return Container(**multifile.read(path))
     source = _open_source(path)
     named: dict[str, bool] = {}
     try:
@@ -116,6 +137,10 @@ def _describe(fmt: str) -> str:
 def read_envelope(path: str | os.PathLike[str]) -> tuple[Format, dict[str, Any] | None]:
     """Only the envelope: the zip directory and one record, or the safetensors header."""
     path = Path(path)
+    if path.is_dir():
+        path = multifile.checkpoint_path(path)
+    if multifile.kind(path) is not None:
+        return multifile.read_envelope(path)
     source = _open_source(path)
     try:
         fmt = _detect(path, source)

@@ -155,9 +155,14 @@ def _nbytes(obj: Any) -> int:
 
 
 def write(
-    fh: BinaryIO, tensors: dict[str, Any], envelope: dict[str, Any] | None, metadata: dict[str, str]
+    fh: BinaryIO, tensors: dict[str, Any], envelope: dict[str, Any] | None, metadata: dict[str, str],
+    *, slack: int = 0,
 ) -> None:
-    """Stream tensors to a safetensors file; contiguous tensors in a file are copied by the kernel."""
+    """Stream tensors to a safetensors file; contiguous tensors in a file are copied by the kernel.
+
+    ``slack`` leaves at least that many spaces (or a quarter of the header, if more) after the
+    header JSON, with the data starting on a 4 KiB boundary, so that a later rename can rewrite
+    the header in place (the format allows trailing spaces)."""
     header: dict[str, Any] = {}
     meta = dict(metadata)
     if envelope is not None:
@@ -178,6 +183,9 @@ def write(
         }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
+    if slack:
+        room = len(encoded) + max(slack, len(encoded) // 4)
+        encoded += b" " * (-(8 + room) % 4096 + room - len(encoded))
     encoded += b" " * ((-len(encoded)) % 8)
     fh.write(struct.pack("<Q", len(encoded)) + encoded)
     fh.flush()

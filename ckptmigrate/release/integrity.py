@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptmigrate.checkpoint.envelope import key_text
 from ckptmigrate.errors import BadInput
+from ckptmigrate.formats.dcp import Chunked
 from ckptmigrate.formats.pickled import StandIn, TorchRebuild, global_name
 from ckptmigrate.release.signing import canonical_json, check_envelope_signature, load_public_key
 from ckptmigrate.tensors.refs import ITEMSIZE, ComposedTensor, Storage, TensorRef, is_entry
@@ -114,6 +115,14 @@ def _tensor_digest(reader: _Reader, key: str, ref: Any) -> str:
         h.update(b"ckptmigrate-composed-v1\0" + canonical_json({"key": key, "builder": ref.builder}) + b"\0"
                  + canonical_json(_canon(ref.args, reader, {})))
         return str(h.hexdigest())
+    if isinstance(ref, Chunked):  # a DCP tensor saved in one chunk per rank: each chunk's bytes, in order
+        header = canonical_json({"key": key, "dtype": ref.dtype, "shape": list(ref.shape), "chunks": [
+            list(offsets) for offsets, _part in ref.chunks]})
+        h = _hasher(reader.alg)
+        h.update(b"ckptmigrate-chunked-tensor-v1\0" + header)
+        for _offsets, part in ref.chunks:
+            h.update(b"\0" + reader.tensor_bytes_digest(part))
+        return str(h.hexdigest())
     if not isinstance(ref, TensorRef):
         raise BadInput(f"tensor {key!r} is not in a file (computed or in memory); write the checkpoint first")
     fields: dict[str, Any] = {"key": key, "dtype": ref.dtype, "shape": list(ref.shape), "stride": list(ref.stride)}
@@ -153,6 +162,8 @@ def _canon_node(obj: Any, reader: _Reader, names: Mapping[int, str], path: dict[
             return ["state_dict", names[id(obj)], *meta]
         return ["tensor", obj.dtype, list(obj.shape), list(obj.stride), *meta,
                 reader.tensor_bytes_digest(obj).hex()]
+    if isinstance(obj, Chunked) and id(obj) in names:
+        return ["state_dict", names[id(obj)]]
     if isinstance(obj, Storage):
         return ["storage", obj.dtype, obj.nbytes, reader.storage_digest(obj).hex()]
     if isinstance(obj, ComposedTensor):
@@ -204,8 +215,11 @@ def compute(ckpt: Checkpoint, *, alg: str = DEFAULT_ALG) -> dict[str, Any]:
     h = _hasher(alg)
     h.update(b"ckptmigrate-digest-v1\n" + canonical_json({"payload": payload_digest,
                                                           "tensors": sorted(per_tensor.items())}))
-    return {"alg": alg, "version": DIGEST_VERSION, "overall": f"{alg}:{h.hexdigest()}",
-            "payload": payload_digest, "tensors": per_tensor}
+    record = {"alg": alg, "version": DIGEST_VERSION, "overall": f"{alg}:{h.hexdigest()}",
+              "payload": payload_digest, "tensors": per_tensor}
+    if ckpt.container.parts is not None:
+        record["files"] = _file_digests(reader, tensors)
+    return record
 
 
 # --- verification ---------------------------------------------------------------------------------
@@ -274,6 +288,11 @@ def verify(
             else:
                 fresh = compute(ckpt, alg=str(alg))
                 _compare(result, recorded, fresh)
+                old_files, new_files = recorded.get("files"), fresh.get("files")
+                if isinstance(old_files, Mapping) and new_files is not None:
+                    shards = sorted(f for f in {*old_files, *new_files} if old_files.get(f) != new_files.get(f))
+                    if shards:
+                        result.problems.append(f"shards changed: {_names(shards)}")
         arch = ckpt.arch_hash()
         if raw.get("arch_hash") != arch:
             result.problems.append(f"the envelope's arch_hash {raw.get('arch_hash')} is not the file's ({arch})")
@@ -283,6 +302,23 @@ def verify(
         result.problems.append(sig.problem)
     result.ok = not result.problems
     return result
+
+
+def _file_digests(reader: _Reader, tensors: Mapping[str, Any]) -> dict[str, str]:
+    """One digest per shard file of a multi-file checkpoint: the bytes of every tensor (or chunk) in it."""
+    per_file: dict[str, list[Any]] = {}
+    for key, ref in tensors.items():
+        chunks = ref.chunks if isinstance(ref, Chunked) else [((), ref)]
+        for offsets, part in chunks:
+            if isinstance(part, TensorRef) and part.storage.source is not None:
+                name = os.path.basename(part.storage.source.path)
+                per_file.setdefault(name, []).append([key, list(offsets), reader.tensor_bytes_digest(part).hex()])
+    out = {}
+    for name, entries in sorted(per_file.items()):
+        h = _hasher(reader.alg)
+        h.update(b"ckptmigrate-shard-v1\0" + canonical_json(sorted(entries)))
+        out[name] = str(h.hexdigest())
+    return out
 
 
 def _compare(result: VerifyResult, recorded: Mapping[str, Any], fresh: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ckptmigrate import formats
 from ckptmigrate.checkpoint.envelope import Envelope, git_info, now_utc, superseded
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput
@@ -87,7 +88,11 @@ def stamp(
     if release is not None and not allow_dirty:
         require_clean(repo)
     private_key = signing.load_private_key(sign) if isinstance(sign, (str, os.PathLike)) else sign
-    with file_lock(output if output is not None else path), Checkpoint.open(path, key=key) as ckpt:
+    path = formats.checkpoint_path(path)
+    # a multi-file checkpoint a killed run left mid-switch is finished or undone under its own lock
+    with file_lock(output if output is not None else path), Checkpoint.open(
+        path if output is not None else formats.recovered(path), key=key
+    ) as ckpt:
         ckpt.schema()  # two keys with one text (``{0: a, "0": b}``) are refused here, naming the file
         safety = ckpt.pickle_safety()
         if (release is not None or private_key is not None) and not safety.weights_only and not allow_unsafe_pickle:

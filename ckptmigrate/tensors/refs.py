@@ -259,13 +259,9 @@ def to_torch(value: Entry) -> torch.Tensor:
             torch._C._set_tensor_metadata(empty, value.metadata)  # type: ignore[attr-defined]
         return empty
     itemsize = ITEMSIZE[value.dtype]
-    if storage.offset % itemsize:
-        raw = os.pread(storage.source.fileno(), storage.nbytes, storage.offset)
-        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    else:
-        flat = torch.frombuffer(
-            storage.source.map(), dtype=torch.uint8, count=storage.nbytes, offset=storage.offset
-        )
+    flat = torch.frombuffer(storage.source.map(), dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
+    if storage.offset % itemsize:  # misaligned (a DCP chunk's archive starts anywhere): one aligned copy
+        flat = flat.clone()
     typed = flat.view(dtype).as_strided(value.shape, value.stride, value.storage_offset)
     if value.neg or value.conj:
         torch._C._set_tensor_metadata(typed, value.metadata)  # type: ignore[attr-defined]

@@ -18,10 +18,7 @@ def expand_paths(specs: Iterable[str | Path]) -> Iterator[Path]:
         text = str(spec)
         path = Path(text)
         if path.is_dir():
-            yield from sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES and ".bak" not in p.name
-            )
+            yield from _checkpoints_under(path)
         elif any(ch in text for ch in "*?[") and not path.exists():
             matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
             if not matches:
@@ -29,3 +26,26 @@ def expand_paths(specs: Iterable[str | Path]) -> Iterator[Path]:
             yield from matches
         else:
             yield path
+
+
+def multi_file_checkpoint(directory: Path) -> bool:
+    """A directory that is one checkpoint of several files: a DCP ``.metadata``, or a sharded model's
+    ``*.index.json`` (formats/multifile reads them and says what is wrong with one)."""
+    try:
+        names = {p.name for p in directory.iterdir()}
+    except OSError:
+        return False
+    return ".metadata" in names or any(n.endswith(".index.json") and not n.startswith(".") for n in names)
+
+
+def _checkpoints_under(directory: Path) -> Iterator[Path]:
+    """Checkpoints in a directory tree; a sharded model or DCP directory is one checkpoint (the
+    directory), never its shards one by one."""
+    if multi_file_checkpoint(directory):
+        yield directory
+        return
+    for p in sorted(directory.iterdir()):
+        if p.is_dir():
+            yield from _checkpoints_under(p)
+        elif p.is_file() and p.suffix in CHECKPOINT_SUFFIXES and ".bak" not in p.name:
+            yield p
