@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from ckptmigrate import formats
 from ckptmigrate.chain import engine
-from ckptmigrate.chain.revisions import ScriptDirectory
+from ckptmigrate.chain.scripts import ScriptDirectory
 
 DTYPES = ["float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"]
 #: Casts that keep every value (a narrowing cast is irreversible and has no place in this chain).

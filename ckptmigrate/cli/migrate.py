@@ -19,7 +19,7 @@ def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | Non
     from ckptmigrate import api
     from ckptmigrate.chain import engine
 
-    graph = api.revision_graph(migrations)
+    graph = api.chain_source(migrations)
     files = api.checkpoint_files(paths)
     if output is not None and len(files) != 1:
         raise BadInput("-o/--output takes exactly one input file")
