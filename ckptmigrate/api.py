@@ -117,9 +117,12 @@ def record_schema(revision: str, source: Any = None, *, model: str | None = None
 
 def chain_source(migrations: Any = None) -> ChainSource:
     """Where each checkpoint's chain comes from: ``migrations`` or the configured directory when
-    there is one, else the installed chain the checkpoint's envelope names (``ckptmigrate.chains``)."""
+    there is one, else the installed chain the checkpoint's envelope names (``ckptmigrate.chains``);
+    a ChainSource is returned as it is."""
     from ckptmigrate.chain import project, registry
 
+    if isinstance(migrations, registry.ChainSource):
+        return migrations
     if not project.configured(migrations):
         return registry.ChainSource()
     return registry.ChainSource(project.revision_graph(migrations))
