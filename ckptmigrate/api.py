@@ -26,7 +26,8 @@ from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.locking import file_lock
 
 __all__ = [
-    "autogenerate_revision", "check", "checkpoint_files", "compact", "convert", "current", "diff",
+    "autogenerate_revision", "chain_source", "chain_status", "check", "checkpoint_files", "compact", "convert",
+    "current", "diff",
     "downgrade", "heads", "history", "init", "inspect", "load", "new_revision", "record_schema",
     "keygen", "revision_graph", "save", "script_directory", "stamp", "upgrade", "verify", "verify_manifest",
 ]
@@ -34,7 +35,9 @@ __all__ = [
 if TYPE_CHECKING:  # the migration machinery is imported when used: `inspect` starts faster without it
     from ckptmigrate.autogenerate.compare import Check, Comparison
     from ckptmigrate.chain.engine import Outcome
-    from ckptmigrate.chain.revisions import RevisionGraph, ScriptDirectory
+    from ckptmigrate.chain.registry import ChainSource
+    from ckptmigrate.chain.revisions import RevisionGraph
+    from ckptmigrate.chain.scripts import ScriptDirectory
     from ckptmigrate.release.integrity import VerifyResult
 
 PathLike = str | os.PathLike[str]
@@ -117,10 +120,27 @@ def record_schema(revision: str, source: Any = None, *, model: str | None = None
     return project.record_schema(revision, source, model=model, migrations=migrations)
 
 
-def _optional_graph(migrations: Any) -> RevisionGraph | None:
-    from ckptmigrate.chain import project
+def chain_source(migrations: Any = None) -> ChainSource:
+    """Where each checkpoint's chain comes from: ``migrations`` or the configured directory when
+    there is one, else the installed chain the checkpoint's envelope names (``ckptmigrate.chains``);
+    a ChainSource is returned as it is."""
+    from ckptmigrate.chain import project, registry
 
-    return project.revision_graph(migrations) if project.configured(migrations) else None
+    if isinstance(migrations, registry.ChainSource):
+        return migrations
+    if not project.configured(migrations):
+        return registry.ChainSource()
+    return registry.ChainSource(project.revision_graph(migrations))
+
+
+def _optional_graph(migrations: Any, ckpt: Checkpoint | None = None) -> RevisionGraph | None:
+    """The chain for ``ckpt`` (or, without one, the configured chain); None when there is none. With
+    nothing configured, the installed chain that knows ``ckpt`` (see :mod:`ckptmigrate.chain.registry`)."""
+    from ckptmigrate.chain import project, registry
+
+    if not project.configured(migrations):
+        return None if ckpt is None else registry.ChainSource().find(ckpt.envelope)
+    return project.revision_graph(migrations)
 
 
 def checkpoint_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
@@ -173,6 +193,10 @@ def save(
         raise BadInput(f"save: expected a module or a dict, got {type(obj).__name__}")
     fmt = format or ("safetensors" if path.suffix == ".safetensors" else "torch-zip")
     graph = _optional_graph(migrations)
+    if graph is None and lineage is not None:
+        from ckptmigrate.chain import registry
+
+        graph = registry.ChainSource().for_lineage(lineage)  # a chain an installed package ships
     revision = None
     if graph is not None and len(graph):
         head = graph.head(lineage)
@@ -258,10 +282,18 @@ def _upgrade_in_memory(
         )
     if trust_pickle:
         ckpt.trust_pickle()
-    graph = _optional_graph(migrations)
+    from ckptmigrate.chain.project import configured
+    from ckptmigrate.errors import SchemaMismatch
+
+    graph = _optional_graph(migrations, ckpt)
     if graph is None or not len(graph):
         return ckpt
-    plan = plan_for(ckpt, graph, to=to, from_rev=from_rev)
+    try:
+        plan = plan_for(ckpt, graph, to=to, from_rev=from_rev)
+    except SchemaMismatch:
+        if not configured(migrations):
+            return ckpt  # a file no installed chain recognises is another model's: loaded as it is
+        raise
     ckpt.head_revision = graph.head(plan.lineage).id
     if not plan.steps and ckpt.copy_problems:
         warnings.warn(f"{ckpt.path}: {ckpt.copy_problems[0]}", stacklevel=3)
@@ -327,9 +359,10 @@ def convert(
         return target.write(dst, env, fmt=fmt, max_shard_bytes=max_shard_size)
 
 
-def current(path: PathLike) -> dict[str, Any]:
-    """The revision a checkpoint is at, from its envelope alone: ``path``, ``revision`` (None when
-    unstamped or at base), ``lineage``, ``stamped``."""
+def current(path: PathLike, *, verbose: bool = False, migrations: Any = None) -> dict[str, Any]:
+    """The revision a checkpoint is at, from its envelope: ``path``, ``revision`` (None when
+    unstamped or at base), ``lineage``, ``stamped``; for a stamped file also :func:`chain_status`
+    (``newer``, ``warnings``, and with ``verbose`` ``applied``)."""
     from ckptmigrate import formats
 
     try:
@@ -338,8 +371,46 @@ def current(path: PathLike) -> dict[str, Any]:
         exc.path = exc.path or os.fspath(path)
         raise
     env = env or None
-    return {"path": os.fspath(path), "revision": env.get("revision") if env else None,
-            "lineage": env.get("lineage") if env else None, "stamped": env is not None}
+    row: dict[str, Any] = {"path": os.fspath(path), "revision": env.get("revision") if env else None,
+                           "lineage": env.get("lineage") if env else None, "stamped": env is not None}
+    if env is not None:
+        row.update(chain_status(path, env, migrations=migrations, verbose=verbose))
+    return row
+
+
+def chain_status(path: PathLike, env: Mapping[str, Any], *, migrations: Any = None,
+                 verbose: bool = False) -> dict[str, Any]:
+    """Where a stamped file stands against its chain: ``newer`` (the file is at a revision the chain
+    does not know: ``known``, ``ahead``, ``written_by``), ``warnings`` (that, or applied scripts
+    edited since they ran on it), and with ``verbose`` ``applied`` (each recorded step with the
+    script's sha256 and the versions that ran it). Reads the scripts' ids without importing them,
+    unless the file is newer or ``verbose`` asks for the script hashes."""
+    from ckptmigrate.chain import project, provenance
+
+    path = Path(path)
+    try:
+        envelope = Envelope.from_dict(dict(env), origin=str(path))
+    except (TypeError, ValueError):
+        return {}  # an envelope this version cannot read has nothing to compare
+    try:
+        directory = project.script_directory(migrations) if project.configured(migrations) else None
+    except CkptMigrateError:
+        return {}  # no chain to compare with: the commands that need one say why
+    newer = provenance.newer_than_chain(path, envelope, directory)
+    out: dict[str, Any] = {"newer": None, "warnings": [str(newer)] if newer is not None else []}
+    if newer is not None:
+        out["newer"] = {"known": newer.known, "ahead": newer.ahead, "written_by": newer.written_by,
+                        "hint": newer.cli_hint}
+    if verbose:
+        out["applied"] = [{k: e.get(k) for k in ("action", "revision", "at", "script", "script_sha256",
+                                                   "ckptmigrate_version", "chain")}
+                          for e in envelope.history if e.get("action") in ("upgrade", "downgrade")]
+        if newer is None and envelope.revision is not None:
+            try:
+                out["warnings"] += provenance.edited_warnings(path, envelope, chain_source(migrations))
+            except CkptMigrateError as exc:
+                out["warnings"].append(f"{path}: cannot compare the scripts that ran on it: {exc}")
+    return out
 
 
 def stamp(
@@ -395,7 +466,7 @@ def _migrate(direction: str, path: PathLike, *, to: str, output: PathLike | None
     from ckptmigrate.chain.engine import migrate_file
 
     out = _check_output(path, output, overwrite)
-    return migrate_file(Path(path), revision_graph(migrations), to=to, output=out, direction=direction, **options)
+    return migrate_file(Path(path), chain_source(migrations), to=to, output=out, direction=direction, **options)
 
 
 def upgrade(

@@ -136,3 +136,47 @@ def one_line(text: object) -> str:
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+class MultipleHeads(RevisionError):
+    """A lineage has several heads where one was needed: ``heads`` names them (merge them), ``lineage``
+    the lineage."""
+
+    def __init__(self, message: str, heads: list[str], lineage: str | None, *,
+                 path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message, path=path, heads=heads)
+        self.lineage = lineage
+        self.cli_hint = f"merge them: ckptmigrate merge -m MESSAGE {' '.join(heads)} (or name one with --to REV)"
+
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "lineage": self.lineage}
+
+
+class MergeConflict(MigrationError):
+    """Two revisions on different branches change the same key: ``revisions`` names both, ``key`` the key."""
+
+    def __init__(self, message: str, revisions: tuple[str, str], key: str, *,
+                 path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message, path=path, revision=revisions[1], key=key)
+        self.revisions = revisions
+
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "revisions": list(self.revisions)}
+
+
+class NewerThanChain(RevisionError):
+    """A checkpoint is at a revision the installed chain does not know (written by a newer release).
+
+    ``revision`` is the file's, ``known`` the newest revision of its history this chain knows (None:
+    none), ``ahead`` the recorded revisions past it, ``written_by`` the versions that applied them.
+    """
+
+    def __init__(self, message: str, revision: str, known: str | None, ahead: list[str],
+                 written_by: list[str], *, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message, path=path, revision=revision)
+        self.known = known
+        self.ahead = ahead
+        self.written_by = written_by
+
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "known": self.known, "ahead": self.ahead, "written_by": self.written_by}

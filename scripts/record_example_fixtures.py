@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckptmigrate.chain import fixtures
-from ckptmigrate.chain.revisions import ScriptDirectory
+from ckptmigrate.chain.scripts import ScriptDirectory
 from ckptmigrate.example import ERAS, example_inputs, model_at
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from ckptmigrate.autogenerate.plan import diff_schemas, generate
 from ckptmigrate.autogenerate.render import Step, render
-from ckptmigrate.chain.revisions import ScriptDirectory
+from ckptmigrate.chain.scripts import ScriptDirectory
 from ckptmigrate.checkpoint.envelope import schema_of
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.example import model_at

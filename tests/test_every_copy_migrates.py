@@ -260,7 +260,7 @@ def test_a_copy_an_earlier_upgrade_left_behind_is_named_with_its_revision_and_ca
 def test_an_op_that_keeps_every_shape_is_repeated_on_the_copies_too(tmp_path: Path) -> None:
     """A RoPE permutation changes values, not keys or shapes: a copy it skipped would look fine."""
     from ckptmigrate.chain import engine
-    from ckptmigrate.chain.revisions import ScriptDirectory
+    from ckptmigrate.chain.scripts import ScriptDirectory
 
     versions = tmp_path / "chain" / "versions"
     versions.mkdir(parents=True)
@@ -286,7 +286,7 @@ def test_an_op_that_keeps_every_shape_is_repeated_on_the_copies_too(tmp_path: Pa
 def test_a_tensor_a_migration_adds_is_each_copys_own(tmp_path: Path) -> None:
     """An EMA updated in place must not drag the state dict along: no storage is shared between copies."""
     from ckptmigrate.chain import engine
-    from ckptmigrate.chain.revisions import ScriptDirectory
+    from ckptmigrate.chain.scripts import ScriptDirectory
 
     versions = tmp_path / "chain" / "versions"
     versions.mkdir(parents=True)

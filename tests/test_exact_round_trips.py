@@ -15,7 +15,7 @@ import torch
 
 import ckptmigrate
 from ckptmigrate.chain import engine
-from ckptmigrate.chain.revisions import ScriptDirectory
+from ckptmigrate.chain.scripts import ScriptDirectory
 from ckptmigrate.example import IN_FEATURES, current_model, model_at
 from tests.conftest import REAL_FIXTURES, ROOT
 from tests.payload_equality import assert_same_payload

@@ -25,7 +25,7 @@ from transformers.core_model_loading import PermuteForRope  # noqa: E402
 
 from ckptmigrate.chain.engine import apply, plan_for  # noqa: E402
 from ckptmigrate.chain.fixtures import paths  # noqa: E402
-from ckptmigrate.chain.revisions import ScriptDirectory  # noqa: E402
+from ckptmigrate.chain.scripts import ScriptDirectory  # noqa: E402
 from ckptmigrate.checkpoint.lazy import Checkpoint  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent

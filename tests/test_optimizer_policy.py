@@ -16,7 +16,7 @@ from torch import nn
 import ckptmigrate
 from ckptmigrate import api
 from ckptmigrate.chain import engine
-from ckptmigrate.chain.revisions import ScriptDirectory
+from ckptmigrate.chain.scripts import ScriptDirectory
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptmigrate.chain import engine
-from ckptmigrate.chain.revisions import ScriptDirectory
+from ckptmigrate.chain.scripts import ScriptDirectory
 
 DIM, STEPS = 8, 3
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ckptmigrate.chain.fixtures import paths
-from ckptmigrate.chain.revisions import ScriptDirectory
+from ckptmigrate.chain.scripts import ScriptDirectory
 from ckptmigrate.testing import ChainBroken, check_chain
 
 ROOT = Path(__file__).resolve().parent.parent

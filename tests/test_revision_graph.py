@@ -3,9 +3,10 @@
 ``ckptmigrate init`` creates the directory and records it in pyproject.toml, ``ckptmigrate revision``
 writes each new script on top of the head (per lineage when one directory serves several model
 families), ``heads`` and ``history`` show the graph, and the directory can also be named as an
-importable package. A broken graph (unknown parent, cycle, duplicate id, two heads, a script that
-does not import or has no ``upgrade``) is refused with one line naming the files, exit code 2 and
-no traceback. Upgrades and downgrades take relative targets: ``+1``, ``-1``, ``base``, ``head``.
+importable package. A broken graph (unknown parent or dependency, cycle, duplicate id or branch
+label, a merge across lineages, a script that does not import or has no ``upgrade``) is refused
+with one line naming the files, exit code 2 and no traceback. Upgrades and downgrades take
+relative targets: ``+1``, ``-1``, ``base``, ``head``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ckptmigrate import formats
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def script(rev: str, down: str | None, *, body: str = "    pass\n", lineage: str | None = None,
+def script(rev: str, down: str | tuple[str, ...] | None, *, body: str = "    pass\n", lineage: str | None = None,
            doc: str | None = None, head: str = "") -> str:
     """The text of a migration script."""
     lines = [f'"""{doc if doc is not None else f"Revision {rev}."}"""', head,
@@ -150,13 +151,24 @@ BROKEN: dict[str, tuple[dict[str, str], list[str]]] = {
         {"one.py": script("same", None), "two.py": script("same", None)},
         ["revision 'same' is defined twice", "one.py", "two.py"],
     ),
-    "two heads": (
-        {"a.py": script("a", None), "b.py": script("b", "a"), "c.py": script("c", "a")},
-        ["the default lineage has 2 heads", "b (b.py)", "c (c.py)", "give each chain its own lineage"],
+    "merge across lineages": (
+        {"a.py": script("a", None, lineage="vision"), "b.py": script("b", None, lineage="audio"),
+         "m.py": script("m", ("a", "b"))},
+        ["m.py: a merge joins revisions of one lineage", "a ('vision')", "b ('audio')", "use depends_on"],
     ),
-    "two bases": (
-        {"a.py": script("a", None, lineage="vision"), "b.py": script("b", None, lineage="vision")},
-        ["lineage 'vision' has 2 heads", "a (a.py)", "b (b.py)"],
+    "branch label used twice": (
+        {"a.py": script("a", None, head="branch_labels = ('enc',)"),
+         "b.py": script("b", "a", head="branch_labels = 'enc'")},
+        ["b.py: branch label 'enc' is already used by a (a.py)"],
+    ),
+    "unknown dependency": (
+        {"a.py": script("a", None), "b.py": script("b", "a", head="depends_on = 'nowhere'")},
+        ["b.py: depends_on 'nowhere' is neither a revision nor a branch label"],
+    ),
+    "dependency cycle": (
+        {"a.py": script("a", None), "x.py": script("x", "a", head="depends_on = 'y'"),
+         "y.py": script("y", "a", head="depends_on = 'x'")},
+        ["revisions form a cycle", "x.py", "y.py"],
     ),
     "lineage differs from parent": (
         {"a.py": script("a", None, lineage="vision"), "b.py": script("b", "a", lineage="audio")},

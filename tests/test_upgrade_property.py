@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from ckptmigrate import formats
 from ckptmigrate.chain import engine
-from ckptmigrate.chain.revisions import ScriptDirectory
+from ckptmigrate.chain.scripts import ScriptDirectory
 from tests.conftest import REAL_FIXTURES
 from tests.payload_equality import assert_same_payload
 

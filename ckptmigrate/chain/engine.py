@@ -9,6 +9,7 @@ walked back without a hand-written ``downgrade``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -16,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from ckptmigrate import formats
+from ckptmigrate.chain.future import future_steps
+from ckptmigrate.chain.merging import MergeCheck
+from ckptmigrate.chain.registry import ChainSource
 from ckptmigrate.chain.revisions import Revision, RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope, now_utc
 from ckptmigrate.checkpoint.lazy import Checkpoint
-from ckptmigrate.errors import BadInput, MigrationError, SchemaMismatch
+from ckptmigrate.errors import BadInput, MigrationError, NewerThanChain, RevisionError, SchemaMismatch
 from ckptmigrate.ops.operations import OpError
 from ckptmigrate.ops.optimizer import POLICIES, OptimizerAlignmentError, check_policy
 from ckptmigrate.storage.atomic import keep_copy
@@ -37,13 +41,18 @@ class Plan:
     target: str | None
     steps: list[Revision]
     start_source: str = "envelope"
+    #: the graph the steps come from (merge checks need it); None for a plan built by hand
+    graph: RevisionGraph | None = None
 
     def describe(self) -> str:
         if not self.steps:
             return f"already at {self.target or 'base'}"
-        arrow = " -> ".join([self.start or "base", *[
-            (s.id if self.direction == "upgrade" else (s.down or "base")) for s in self.steps
-        ]])
+        if self.direction == "upgrade":
+            arrow = " -> ".join([self.start or "base", *(s.id for s in self.steps)])
+        elif all(len(s.downs) <= 1 for s in self.steps):
+            arrow = " -> ".join([self.start or "base", *((s.downs or ("base",))[0] for s in self.steps)])
+        else:  # through a merge the file is at no single revision in between
+            arrow = f"{self.start or 'base'} -> {self.target or 'base'} (undoing {', '.join(s.id for s in self.steps)})"
         return f"{self.direction} {arrow}"
 
 
@@ -120,13 +129,19 @@ def plan_for(
     lineage: str | None = None,
 ) -> Plan:
     source = "envelope"
+    future: list[Revision] = []
     if from_rev is not None:
         start = None if from_rev == "base" else graph.get(from_rev).id
         lineage = graph.lineage_of(start) if start else lineage
         source = "--from"
     elif ckpt.envelope is not None and ckpt.envelope.revision is not None:
-        start = graph.get(ckpt.envelope.revision).id
-        lineage = graph.lineage_of(start)
+        if not graph.knows(ckpt.envelope.revision) and ckpt.envelope.revision not in graph.labels:
+            future, start, newer = future_steps(ckpt.path, ckpt.envelope, graph)
+            lineage = graph.lineage_of(start) if start else ckpt.envelope.lineage
+            source = "the file's own history"
+        else:
+            start = graph.get(ckpt.envelope.revision).id
+            lineage = graph.lineage_of(start)
     elif ckpt.envelope is not None and _downgraded_to_base(ckpt.envelope):
         start = None
         lineage = lineage if lineage is not None else ckpt.envelope.lineage
@@ -138,9 +153,41 @@ def plan_for(
         source = "schema"
     if lineage is None and None not in graph.heads() and len(graph.heads()) == 1:
         lineage = next(iter(graph.heads()))
+    if future:
+        return _plan_from_the_future(ckpt, graph, future, newer, start, to, lineage)
     target = graph.resolve(to, start, lineage)
-    direction, steps = graph.path(start, target, lineage)
-    return Plan(direction, lineage, start, target, steps, source)
+    direction, steps = graph.walk(start, target)
+    floor = next((s for s in steps if s.final), None) if direction == "upgrade" else None
+    if floor is not None:
+        raise RevisionError(
+            f"{ckpt.path}: at {start or 'base'}, below this chain's floor {floor} (final = True); "
+            f"{floor.last_release or 'a release from before the floor'} is the last release that can upgrade it "
+            f"to {floor.id}")
+    return Plan(direction, lineage, start, target, steps, source, graph)
+
+
+def _plan_from_the_future(ckpt: Checkpoint, graph: RevisionGraph, future: list[Revision], newer: NewerThanChain,
+                          known: str | None, to: str, lineage: str | None) -> Plan:
+    """Downgrade a file from the future: undo its unknown revisions by the inverses its history
+    recorded, then walk the known chain."""
+    if to == "head" or to.startswith("+"):
+        raise newer
+    target = graph.resolve(to, known, lineage) if not to.startswith("-") else None
+    if to.startswith("-"):
+        raise BadInput(f"{ckpt.path}: relative targets count revisions this chain knows; the file is at "
+                       f"{newer.revision}, which it does not: give --to REV")
+    direction, steps = graph.walk(known, target)
+    if direction == "upgrade" and steps:
+        raise newer
+    for rev in future:
+        if _recorded_inverse(ckpt, rev) is None:
+            raise NewerThanChain(
+                f"{ckpt.path}: cannot walk back from {newer.revision}: revision {rev.id} of the file's "
+                "history recorded no invertible journal (it dropped, truncated or mapped tensors); only the "
+                f"release that wrote it can downgrade it ({', '.join(newer.written_by)})",
+                str(newer.revision), known, newer.ahead, newer.written_by, path=ckpt.path)
+    start = ckpt.envelope.revision if ckpt.envelope is not None else None
+    return Plan("downgrade", lineage, start, target, [*future, *steps], "the file's own history", graph)
 
 
 def _replayed(ckpt: Checkpoint) -> frozenset[str]:
@@ -250,9 +297,21 @@ def _upgrade_entry(ckpt: Checkpoint, rev: Revision) -> dict[str, Any] | None:
 
 
 def _recorded_inverse(ckpt: Checkpoint, rev: Revision) -> list[Any] | None:
-    entry = _upgrade_entry(ckpt, rev)
-    inverse = entry.get("inverse") if entry is not None else None
-    return inverse if isinstance(inverse, list) else None
+    """The inverse journal the file's history recorded for ``rev`` — for a squashed revision applied
+    before the squash, the journals of the revisions it replaced, one after the other."""
+    if ckpt.envelope is None:
+        return None
+    last: dict[str, Any] = {}
+    for entry in ckpt.envelope.history:
+        if entry.get("action") == "upgrade":
+            last[str(entry.get("revision"))] = entry.get("inverse")
+    if rev.id in last or not rev.aliases:
+        inverse = last.get(rev.id)
+        return inverse if isinstance(inverse, list) else None
+    journals = [last.get(alias) for alias in rev.aliases]
+    if not all(isinstance(j, list) for j in journals):
+        return None
+    return [step for journal in journals for step in journal or []]
 
 
 def _target_order(plan: Plan, order: Sequence[str] | None) -> list[str] | None:
@@ -289,13 +348,18 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
     current = plan.start
     legacy_ids = ckpt.optimizers.legacy_ids() if plan.direction == "upgrade" else None
     restore_ids = None
+    merging = MergeCheck(ckpt, plan.graph if plan.direction == "upgrade" else None, plan.start)
     for rev in plan.steps:
         if plan.direction == "upgrade":
-            _run(ckpt, rev, rev.upgrade, "upgrade")
+            assert rev.upgrade is not None
+            before = dict(ckpt.state_dict.entries)
+            merging.run(rev, functools.partial(_run, rev=rev, fn=rev.upgrade, action="upgrade"))
+            changed = merging.changed(rev, before)
             entry: dict[str, Any] = {"action": "upgrade", "revision": rev.id, "from": current, "at": now_utc(),
                      "message": rev.message, "script": rev.path.name,
                      "ops": [{"op": op, "keys": len(keys)} for op, keys in ckpt.touched],
-                     "inverse": None if ckpt.irreversible else ckpt.journal}
+                     "inverse": None if ckpt.irreversible else ckpt.journal,
+                     "changed": sorted(changed), **provenance(rev)}
             if ckpt.copies:
                 entry["copies"] = {c.location: None if c.irreversible else c.journal for c in ckpt.copies}
             if legacy_ids is not None and not entries:
@@ -327,10 +391,11 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
                     ckpt.optimizers.policy = policy
             if "optimizer_ids" in recorded:
                 restore_ids = recorded["optimizer_ids"]
-            entry = {"action": "downgrade", "revision": rev.id, "to": rev.down, "at": now_utc(),
+            down: Any = rev.downs[0] if len(rev.downs) == 1 else (list(rev.downs) or None)
+            entry = {"action": "downgrade", "revision": rev.id, "to": down, "at": now_utc(),
                      "script": rev.path.name,
-                     "ops": [{"op": op, "keys": len(keys)} for op, keys in ckpt.touched]}
-            current = rev.down
+                     "ops": [{"op": op, "keys": len(keys)} for op, keys in ckpt.touched], **provenance(rev)}
+            current = down if isinstance(down, str) or down is None else rev.id
         entries.append(entry)
         if trace is not None:
             trace.append({"revision": rev.id, "ops": [{"op": op, "keys": len(keys), "touched": list(keys)}
@@ -370,6 +435,17 @@ def _does_nothing(fn: Any) -> bool:
         return False
     return all(isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))
                for stmt in func.body)
+
+
+def provenance(rev: Revision) -> dict[str, Any]:
+    """What a history entry records about the code that ran: the script's sha256, ckptmigrate's
+    version and, for an installed chain, its distribution and version."""
+    from ckptmigrate.checkpoint.envelope import ckptmigrate_version
+
+    out: dict[str, Any] = {"script_sha256": rev.sha256(), "ckptmigrate_version": ckptmigrate_version()}
+    if rev.source:
+        out["chain"] = rev.source
+    return out
 
 
 def new_envelope(
@@ -440,7 +516,7 @@ def _refuse_left_behind(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | N
 
 
 def migrate_file(
-    path: Path, graph: RevisionGraph, *, to: str = "head", output: Path | None = None,
+    path: Path, chains: RevisionGraph | ChainSource, *, to: str = "head", output: Path | None = None,
     dry_run: bool = False, backup: bool = True, from_rev: str | None = None,
     lineage: str | None = None, key: str | None = None, direction: str | None = None,
     trust_pickle: bool = False, state_dicts: Sequence[str] | None = None, optimizer: str = "strict",
@@ -451,6 +527,7 @@ def migrate_file(
     ``optimizer`` is the policy for parameters that appear or vanish (see ``ops.optimizer``).
 
     The destination is locked for the whole read-migrate-write, so concurrent runs serialise.
+    ``chains`` is the graph, or where to find the one for this file (the installed chain its envelope names).
     """
     path = formats.checkpoint_path(path)
     lock = contextlib.nullcontext() if dry_run else file_lock(output or path)
@@ -459,6 +536,7 @@ def migrate_file(
         path if dry_run or output else formats.recovered(path), key=key, state_dicts=state_dicts
     ) as ckpt:
         ckpt.optimizers.policy = check_policy(optimizer)
+        graph = chains if isinstance(chains, RevisionGraph) else chains.for_envelope(ckpt.envelope)
         plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
         if direction is not None and plan.steps and plan.direction != direction:
             raise BadInput(

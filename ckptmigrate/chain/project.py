@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptmigrate.chain import config
-from ckptmigrate.chain.revisions import DEFAULT_TEMPLATE, TEMPLATE, RevisionGraph, ScriptDirectory
+from ckptmigrate.chain.revisions import RevisionGraph
+from ckptmigrate.chain.scripts import DEFAULT_TEMPLATE, TEMPLATE, ScriptDirectory
 from ckptmigrate.checkpoint.envelope import now_utc, schema_of
 from ckptmigrate.errors import BadInput, CkptMigrateWarning
 
@@ -35,9 +36,14 @@ def script_directory(migrations: str | os.PathLike[str] | None = None, *, cwd: P
 
 
 def revision_graph(migrations: Migrations = None) -> RevisionGraph:
-    """The validated revision graph of ``migrations`` (or of pyproject.toml's)."""
+    """The validated revision graph of ``migrations`` (or of pyproject.toml's); with neither, every
+    installed chain's (the entry-point group ``ckptmigrate.chains``)."""
+    from ckptmigrate.chain import registry
+
     if isinstance(migrations, RevisionGraph):
         return migrations
+    if not configured(migrations) and registry.installed():
+        return registry.combined()
     return script_directory(migrations).load()
 
 
@@ -78,23 +84,28 @@ def init(directory: str | os.PathLike[str] = "migrations", *, cwd: Path | None =
 
 
 def heads(migrations: Migrations = None) -> list[dict[str, Any]]:
-    """The head of each lineage: ``lineage``, ``head``, ``message``, ``file``."""
+    """The heads of each lineage: ``lineage``, ``head``, ``message``, ``file``, ``branch_labels`` and
+    ``heads_in_lineage`` (more than one: merge them)."""
     graph = revision_graph(migrations)
-    return [{"lineage": lin, "head": rev.id, "message": rev.message, "file": str(rev.path)}
-            for lin, rev in graph.heads().items()]
+    return [{"lineage": lin, "head": rev.id, "message": rev.message, "file": str(rev.path),
+             "branch_labels": sorted(rev.labels), "heads_in_lineage": len(revs)}
+            for lin, revs in graph.heads().items() for rev in revs]
 
 
 def history(migrations: Migrations = None) -> list[dict[str, Any]]:
-    """Every revision, newest first per lineage, with its parent, file, and whether it has a written
-    ``downgrade()`` and a schema snapshot."""
+    """Every revision, newest first per lineage, with its parents (a merge has several), file, branch
+    labels, dependencies, script hash, and whether it has a written ``downgrade()`` and a schema snapshot."""
     graph = revision_graph(migrations)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for lin in graph.lineages():
         for rev in reversed(graph.chain(lin)):
-            rows.append({"revision": rev.id, "down_revision": rev.down, "lineage": lin,
-                         "message": rev.message, "file": str(rev.path),
+            down = rev.downs[0] if len(rev.downs) == 1 else (list(rev.downs) or None)
+            rows.append({"revision": rev.id, "down_revision": down, "down_revisions": list(rev.downs),
+                         "lineage": lin, "message": rev.message, "file": str(rev.path),
+                         "branch_labels": list(rev.branch_labels), "depends_on": list(rev.dependencies),
+                         "head": not rev.children, "merge": rev.is_merge,
                          "has_downgrade": rev.downgrade is not None,
-                         "schema": rev.schema_path.exists()})
+                         "schema": rev.schema_path.exists(), "sha256": rev.sha256()})
     return rows
 
 

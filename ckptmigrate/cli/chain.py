@@ -14,7 +14,7 @@ from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json
 def init(directory: Path) -> None:
     """Create a script directory and record it in pyproject.toml."""
     from ckptmigrate import api
-    from ckptmigrate.chain.revisions import TEMPLATE
+    from ckptmigrate.chain.scripts import TEMPLATE
 
     _root, pyproject = api.init(directory)
     click.echo(f"created {directory}/versions and {directory}/{TEMPLATE}; recorded in {pyproject}")
@@ -63,33 +63,54 @@ def _record_fixture(script: Path, migrations: str | None, model: str | None) -> 
 @MIGRATIONS
 @JSON
 def heads(migrations: str | None, as_json: bool) -> None:
-    """The head revision of each lineage."""
+    """The head revisions of each lineage; several in one lineage are a state: merge them."""
     from ckptmigrate import api
+    from ckptmigrate.chain.revisions import merge_hint
 
     rows = api.heads(migrations)
     if as_json:
         emit_json(rows)
         return
-    for row in rows:
+    for n, row in enumerate(rows):
         lineage = f", lineage {row['lineage']}" if row["lineage"] else ""
-        click.echo(f"{row['head']} (head{lineage}) {row['message']}")
+        branch = f", branch {', '.join(row['branch_labels'])}" if row["branch_labels"] else ""
+        click.echo(f"{row['head']} (head{lineage}{branch}) {row['message']}")
+        last_of_lineage = n + 1 == len(rows) or rows[n + 1]["lineage"] != row["lineage"]
+        if last_of_lineage and row["heads_in_lineage"] > 1:
+            label = f"lineage {row['lineage']}" if row["lineage"] else "the default lineage"
+            ids = [r["head"] for r in rows if r["lineage"] == row["lineage"]]
+            click.echo(f"{label} has {len(ids)} heads; {merge_hint(ids)}")
 
 
 @click.command()
 @MIGRATIONS
 @click.option("--verbose", "-v", is_flag=True, help="Show files and parents.")
 @JSON
-def history(migrations: str | None, verbose: bool, as_json: bool) -> None:
+@click.option("--graph/--no-graph", "draw", default=None,
+              help="Draw the branches and merges (the default on a terminal).")
+@click.option("--dot", "as_dot", is_flag=True, help="Print the graph for Graphviz (`| dot -Tsvg`).")
+def history(migrations: str | None, verbose: bool, as_json: bool, draw: bool | None, as_dot: bool) -> None:
     """Every revision, newest first, per lineage."""
-    from ckptmigrate import api
+    import sys
 
+    from ckptmigrate import api
+    from ckptmigrate.chain import drawing
+
+    if as_dot:
+        click.echo(drawing.dot(api.revision_graph(migrations)), nl=False)
+        return
     rows = api.history(migrations)
     if as_json:
         emit_json(rows)
         return
+    if draw if draw is not None else sys.stdout.isatty():
+        for line in drawing.ascii_lines(api.revision_graph(migrations)):
+            click.echo(line)
+        return
     for row in rows:
         lineage = f" ({row['lineage']})" if row["lineage"] else ""
-        click.echo(f"{row['down_revision'] or '<base>'} -> {row['revision']}{lineage}  {row['message']}")
+        downs = ", ".join(row["down_revisions"]) or "<base>"
+        click.echo(f"{downs} -> {row['revision']}{lineage}  {row['message']}")
         if verbose:
             click.echo(f"    file: {row['file']}")
             click.echo(f"    downgrade: {'written' if row['has_downgrade'] else 'from recorded inverses'}"

@@ -92,11 +92,19 @@ def inspect(paths: tuple[str, ...], as_json: bool, keys: bool, key: str | None, 
 
     declared = list(state_dicts) or None
     infos = [api.inspect(p, keys=keys, key=key, state_dicts=declared) for p in api.checkpoint_files(paths)]
+    for info in infos:
+        if info["envelope"] is not None and info["envelope"].get("revision"):
+            from ckptmigrate import formats
+
+            info.update(api.chain_status(info["path"], formats.read_envelope(Path(info["path"]))[1] or {}))
     if as_json:
         emit_json(infos[0] if _single(paths) else infos)
         return
     for info in infos:
         _print_summary(info)
+        hint = (info.get("newer") or {}).get("hint")
+        for n, warning in enumerate(info.get("warnings", [])):
+            click.echo(f"ckptmigrate: warning: {warning}" + (f"; {hint}" if hint and n == 0 else ""), err=True)
 
 
 @click.command()
@@ -181,17 +189,30 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
 @click.command()
 @click.argument("paths", nargs=-1, required=True)
 @JSON
-def current(paths: tuple[str, ...], as_json: bool) -> None:
-    """The revision each checkpoint (files, directories, globs) is at, or `unstamped` (reads only the envelope)."""
+@click.option("--verbose", "-v", is_flag=True,
+              help="Also what the file has applied, and warn of scripts edited since they ran on it.")
+@MIGRATIONS
+def current(paths: tuple[str, ...], as_json: bool, verbose: bool, migrations: str | None) -> None:
+    """The revision each checkpoint (files, directories, globs) is at, or `unstamped`; warns when a
+    file is newer than the chain (reads the envelope, and the scripts' ids without importing them)."""
     from ckptmigrate import api
 
-    rows = [api.current(p) for p in api.checkpoint_files(paths)]
+    rows = [api.current(p, verbose=verbose, migrations=migrations) for p in api.checkpoint_files(paths)]
     if as_json:
         emit_json(rows[0] if _single(paths) else rows)
         return
     for row in rows:
         state = row["revision"] or ("stamped, no revision" if row["stamped"] else "unstamped")
         click.echo(state if _single(paths) else f"{row['path']}: {state}")
+        for entry in row.get("applied", []):
+            by = ", ".join(x for x in (entry.get("chain"), entry.get("ckptmigrate_version") and
+                                       f"ckptmigrate {entry['ckptmigrate_version']}") if x)
+            sha = (entry.get("script_sha256") or "")[:12]
+            click.echo(f"  {entry['action']} {entry['revision']} at {entry['at']}" + (f" by {by}" if by else "")
+                       + (f", script sha256 {sha}" if sha else ""))
+        hint = (row.get("newer") or {}).get("hint")
+        for n, warning in enumerate(row.get("warnings", [])):
+            click.echo(f"ckptmigrate: warning: {warning}" + (f"; {hint}" if hint and n == 0 else ""), err=True)
 
 
 @click.command()

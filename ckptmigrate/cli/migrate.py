@@ -20,7 +20,7 @@ def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | Non
     from ckptmigrate import api
     from ckptmigrate.chain import config, engine
 
-    graph = api.revision_graph(migrations)
+    graph = api.chain_source(migrations)
     declared = list(state_dicts) if state_dicts else config.load().state_dicts
     files = api.checkpoint_files(paths)
     if output is not None and len(files) != 1:

@@ -15,14 +15,22 @@ _MODEL = click.option("--model", default=None, metavar="PKG.MODULE:FACTORY",
 
 
 @click.command()
+@click.argument("paths", nargs=-1)
 @_MODEL
 @MIGRATIONS
 @click.option("--lineage", default=None, help="Lineage whose head to check.")
 @JSON
-def check(model: str | None, migrations: str | None, lineage: str | None, as_json: bool) -> None:
-    """Exit 0 when the head revision's schema equals the current model's, 1 with the difference."""
+def check(paths: tuple[str, ...], model: str | None, migrations: str | None, lineage: str | None,
+          as_json: bool) -> None:
+    """Exit 0 when the head revision's schema equals the current model's, 1 with the difference.
+
+    With checkpoint PATHS, also warn of scripts edited since they ran on those files (exit code unchanged).
+    """
     from ckptmigrate import api
 
+    for path in api.checkpoint_files(paths) if paths else []:
+        for warning in api.current(path, verbose=True, migrations=migrations).get("warnings", []):
+            click.echo(f"ckptmigrate: warning: {warning}", err=True)
     result = api.check(model=model, migrations=migrations, lineage=lineage)
     if as_json:
         emit_json(result.to_dict())

@@ -29,15 +29,15 @@ def upgrade_state_dict(
     A state dict that matches no revision raises :class:`~ckptmigrate.errors.SchemaMismatch`, naming
     the nearest revision and the difference.
     """
-    from ckptmigrate.api import revision_graph
+    from ckptmigrate.api import chain_source
     from ckptmigrate.chain.engine import apply, plan_for
     from ckptmigrate.checkpoint.lazy import Checkpoint
 
-    graph = revision_graph(migrations)
     ckpt = Checkpoint.from_payload(OrderedDict(state_dict), name=name)
     meta = getattr(state_dict, "_metadata", None)
     if meta is not None:
         ckpt.state_dict.entries._metadata = meta  # type: ignore[attr-defined]
+    graph = chain_source(migrations).for_envelope(ckpt.envelope)  # configured, else the installed chains
     plan = plan_for(ckpt, graph)
     if not plan.steps:
         return state_dict

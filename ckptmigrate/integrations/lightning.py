@@ -26,7 +26,7 @@ def upgrade_checkpoint(
     its upgrade, raises :class:`~ckptmigrate.errors.SchemaMismatch` with the same diagnosis as
     :func:`ckptmigrate.load_state_dict` (unless the module loads with ``strict_loading = False``).
     """
-    from ckptmigrate.api import revision_graph
+    from ckptmigrate.api import chain_source
     from ckptmigrate.chain.engine import apply, plan_for
     from ckptmigrate.checkpoint.lazy import Checkpoint
     from ckptmigrate.integrations.loading import diagnose, mismatch
@@ -35,8 +35,8 @@ def upgrade_checkpoint(
     strict = module is None or getattr(module, "strict_loading", True) is not False
     if module is not None and set(checkpoint.get("state_dict") or {}) == set(module.state_dict()):
         return []
-    graph = revision_graph(migrations)
     ckpt = Checkpoint.from_payload(checkpoint, name=name, key="state_dict")
+    graph = chain_source(migrations).for_envelope(ckpt.envelope)  # configured, else the installed chains
     try:
         plan = plan_for(ckpt, graph)
     except SchemaMismatch:

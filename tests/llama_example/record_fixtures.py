@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckptmigrate.chain import fixtures
-from ckptmigrate.chain.revisions import ScriptDirectory
+from ckptmigrate.chain.scripts import ScriptDirectory
 
 from .models import example_inputs, hf_model, meta_model
 
