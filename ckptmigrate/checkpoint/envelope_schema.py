@@ -62,10 +62,16 @@ def _history(v: Any) -> bool:
     return isinstance(v, list) and all(_history_entry(e) for e in v)
 
 
+def _revision_or_parents(v: Any) -> bool:
+    """A history entry's ``from``/``to``: a revision, none (base), or a merge's parents."""
+    return _opt_str(v) or (isinstance(v, list) and all(isinstance(p, str) for p in v))
+
+
 def _history_entry(e: Any) -> bool:
     return (
         isinstance(e, dict)
-        and all(_opt_str(e.get(k)) for k in ("action", "revision", "from", "to", "at", "message", "script"))
+        and all(_opt_str(e.get(k)) for k in ("action", "revision", "at", "message", "script"))
+        and all(_revision_or_parents(e.get(k)) for k in ("from", "to"))
         and (e.get("inverse") is None or isinstance(e.get("inverse"), list))
         and (e.get("tags") is None or _str_map(e.get("tags")))
         and (e.get("ops") is None or isinstance(e.get("ops"), list))
@@ -92,7 +98,8 @@ FIELDS: dict[str, tuple[Check, str]] = {
     "git": (_git, "null or an object of commit/branch/remote/root strings and a dirty flag"),
     "lineage": (_opt_str, "a string or null"),
     "revision": (_opt_str, "a string or null"),
-    "history": (_history, "a list of history entries (objects with string action/revision/from/to)"),
+    "history": (_history, "a list of history entries (objects with string action and revision, "
+                           "from/to a revision or a merge's parents)"),
     "tags": (_str_map, "an object of strings"),
     "created_at": (_str, "a string"),
     "ckptmigrate_version": (_str, "a string"),
