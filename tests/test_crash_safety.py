@@ -484,7 +484,9 @@ def test_sigkill_leaves_the_original_or_the_result(pristine: Pristine, command: 
         f"{time.monotonic() - began:.0f} s"
     )
     print(pristine.summary[-1])
-    assert outcomes["original"] >= 1 and outcomes["result"] >= 1, outcomes
+    # the kills straddle the commit on a slow machine; on a fast one every kill may land before it, and
+    # the result is then what the completed re-runs were checked to leave
+    assert outcomes["original"] >= 1 and (outcomes["result"] >= 1 or completions >= 1), (outcomes, completions)
 
 
 def test_the_watcher_follows_the_write_not_the_backups_copy_on_write_probe(tmp_path: Path) -> None:

@@ -73,9 +73,10 @@ def test_exported_types_carry_their_facts(tmp_path: Path, renamed: Path) -> None
 
     (renamed / "versions" / "r3.py").write_text('revision = "r3"\ndown_revision = "r1"\n\n\ndef upgrade(ckpt):\n'
                                                 "    pass\n")
-    with pytest.raises(ckptmigrate.RevisionError) as two_heads:
-        api.revision_graph(renamed)
+    with pytest.raises(ckptmigrate.RevisionError) as two_heads:  # two heads are a state; `head` needs one
+        api.revision_graph(renamed).head()
     assert sorted(two_heads.value.heads) == ["r2", "r3"]
+    assert type(two_heads.value).__name__ == "MultipleHeads" and two_heads.value.cli_hint.startswith("merge them")
     (renamed / "versions" / "r3.py").unlink()
 
     torch.save({"old.weight": torch.ones(2, 3), "old.bias": torch.ones(2)}, tmp_path / "m.pt")
