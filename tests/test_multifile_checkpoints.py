@@ -13,8 +13,6 @@ import hashlib
 import json
 import os
 import struct
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -27,6 +25,7 @@ from safetensors.torch import load_file
 
 import ckptmigrate
 from ckptmigrate import formats
+from tests.dcp_writers import write_dcp_two_ranks
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
@@ -55,40 +54,6 @@ def write_dcp(directory: Path, sd: dict[str, Any]) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group, assuming a single process"
         dcp.save(sd, checkpoint_id=directory)
-    return directory
-
-
-TWO_RANKS = """
-import os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
-from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
-
-def run(rank, out, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    mesh = init_device_mesh("cpu", (2,))
-    gen = torch.Generator().manual_seed(3)
-    full = torch.randn(8, 6, generator=gen)
-    state = {"model": {"enc.weight": distribute_tensor(full, mesh, [Shard(0)]),
-                       "enc.bias": torch.arange(6, dtype=torch.float32)},
-             "step": 41}
-    dcp.save(state, checkpoint_id=out)
-    dist.destroy_process_group()
-
-if __name__ == "__main__":
-    mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=2)
-"""
-
-
-def write_dcp_two_ranks(directory: Path, tmp_path: Path) -> Path:
-    import socket
-
-    script = tmp_path / "two_ranks.py"
-    script.write_text(TWO_RANKS)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    subprocess.run([sys.executable, str(script), str(directory), port], check=True, capture_output=True, timeout=300)
     return directory
 
 

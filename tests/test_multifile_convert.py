@@ -9,8 +9,6 @@ the envelope with a ``convert`` history entry. Every result is read back by the 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,42 +19,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from ckptmigrate import formats
+from tests.dcp_writers import two_rank_tensors, write_dcp_two_ranks
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
-TWO_RANKS = """
-import os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
-from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
-
-def run(rank, out, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    mesh = init_device_mesh("cpu", (2,))
-    gen = torch.Generator().manual_seed(3)
-    full = torch.randn(8, 6, generator=gen)
-    state = {"model": {"enc.weight": distribute_tensor(full, mesh, [Shard(0)]),
-                       "enc.bias": torch.arange(6, dtype=torch.float32)},
-             "step": 41}
-    dcp.save(state, checkpoint_id=out)
-    dist.destroy_process_group()
-
-if __name__ == "__main__":
-    mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=2)
-"""
-
-
 def two_ranks(directory: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
-    import socket
-
-    script = tmp_path / "two_ranks.py"
-    script.write_text(TWO_RANKS)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    subprocess.run([sys.executable, str(script), str(directory), port], check=True, capture_output=True, timeout=300)
-    gen = torch.Generator().manual_seed(3)
-    return {"enc.weight": torch.randn(8, 6, generator=gen), "enc.bias": torch.arange(6, dtype=torch.float32)}
+    write_dcp_two_ranks(directory, tmp_path)
+    return two_rank_tensors()
 
 
 def state() -> dict[str, torch.Tensor]:

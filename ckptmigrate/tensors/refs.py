@@ -103,8 +103,23 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
+class _Sized:
+    """Element and byte counts from ``shape`` and ``dtype``, for every kind of tensor entry."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+
 @dataclass(eq=False)
-class TensorRef:
+class TensorRef(_Sized):
     """A tensor in a file: everything about it except its values."""
 
     storage: Storage
@@ -118,14 +133,6 @@ class TensorRef:
     #: returns the stored values negated / conjugated, so they are part of what the tensor *is*.
     neg: bool = False
     conj: bool = False
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
 
     @property
     def device(self) -> str:
@@ -155,7 +162,7 @@ class TensorRef:
 
 
 @dataclass(eq=False)
-class Deferred:
+class Deferred(_Sized):
     """A tensor an op will compute; shape and dtype are known before the values are."""
 
     shape: tuple[int, ...]
@@ -163,17 +170,9 @@ class Deferred:
     compute: Callable[[], torch.Tensor]
     device: str = "cpu"
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
-
 
 @dataclass(eq=False)
-class ComposedTensor:
+class ComposedTensor(_Sized):
     """A tensor torch builds from parts with one of its allow-listed rebuild functions (quantized,
     sparse, nested, meta): shape, dtype and device are known from the pickle; the parts (references,
     storages) are read only when ``build`` materializes it, through torch's own function."""
@@ -185,14 +184,6 @@ class ComposedTensor:
     dtype: str
     device: str
     build: Callable[[], torch.Tensor]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
 
 
 Entry = Union[TensorRef, Deferred, ComposedTensor, "torch.Tensor"]
