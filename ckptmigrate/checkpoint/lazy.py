@@ -20,7 +20,7 @@ from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, key_tex
 from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate, module_class, set_at
 from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
 from ckptmigrate.formats import multifile, torchzip
-from ckptmigrate.formats.pickle_safety import PickleSafety, assess
+from ckptmigrate.formats.pickle_safety import WEIGHTS_ONLY_GLOBALS, PickleSafety, assess, python3_name
 from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.ops.optimizer import OptimizerTrack
 from ckptmigrate.storage.atomic import atomic_write
@@ -208,6 +208,18 @@ class Checkpoint(ArchitectureOps):
     def revision(self) -> str | None:
         """The revision recorded in the envelope, or None."""
         return None if self.envelope is None else self.envelope.revision
+
+    def _pickle_roots(self) -> list[Any] | None:
+        """What the file's pickle will hold when written: a pickled module is its payload."""
+        if self.layout.kind == "module":
+            return [self.container.payload]
+        return [self.extras, self.state_dict.entries]
+
+    def _pickle_changed(self, named: dict[str, bool]) -> None:
+        """After ``rename_global``/``sanitize``: the verdict is on the globals the payload names now
+        (torch's own, which the writer names for tensors, are kept)."""
+        kept = {n: c for n, c in self.container.pickle_globals.items() if python3_name(n) in WEIGHTS_ONLY_GLOBALS}
+        self.container.pickle_globals = {**kept, **named}
 
     def pickle_safety(self) -> PickleSafety:
         """Whether ``torch.load(weights_only=True)`` reads the file, and the globals that stop it."""
