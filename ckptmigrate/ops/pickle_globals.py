@@ -21,6 +21,7 @@ from ckptmigrate.formats.pickled import StandIn
 from ckptmigrate.ops.sanitize import Sanitizer
 from ckptmigrate.tensors.refs import ComposedTensor, TensorRef
 
+
 class _Refused(ValueError):
     """A pickle-level op's arguments do not fit the file (raised as the vocabulary's OpError)."""
 

@@ -64,9 +64,12 @@ def instance_of(obj: StandIn) -> str | None:
 
 
 def _bytes_of(data: Any) -> bytes:
-    """``bytes`` as a protocol-2 pickle stores them: ``_codecs.encode(text, "latin1")``."""
+    """``bytes`` as a protocol-2 pickle stores them: ``_codecs.encode(text, "latin1")``, and empty
+    ones as ``bytes()``."""
     if isinstance(data, bytes):
         return data
+    if isinstance(data, StandIn) and global_name(data) in ("builtins.bytes", "__builtin__.bytes") and not data.args:
+        return b""
     if (isinstance(data, StandIn) and global_name(data) == "_codecs.encode" and len(data.args) == 2
             and isinstance(data.args[0], str) and data.args[1] in ("latin1", "latin-1")):
         return data.args[0].encode("latin-1")
