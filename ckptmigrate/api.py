@@ -323,7 +323,7 @@ def sanitize(
 ) -> dict[str, Any]:
     """Rewrite a torch file so that ``torch.load(weights_only=True)`` reads it: ``argparse.Namespace``,
     numpy values, paths and OmegaConf configs in the non-tensor payload become plain data and tensors
-    (:meth:`~ckptmigrate.checkpoint.lazy.Checkpoint.sanitize`; nothing the pickle names is imported or
+    (``ckpt.sanitize()``, :mod:`ckptmigrate.ops.sanitize`; nothing the pickle names is imported or
     called). In place (keeping ``PATH.bak`` unless ``backup=False``) or into ``output``; ``dry_run``
     converts in memory and writes nothing. Not reversible: the envelope records a ``sanitize``
     history entry; a digest or signature is superseded, as by ``upgrade`` (stamp again to sign).
