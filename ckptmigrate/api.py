@@ -330,7 +330,8 @@ def sanitize(
 
     Returns ``path``, ``output``, ``written``, ``backup``, ``converted`` (``[{"global", "to",
     "count"}]``), and the verdict on the result: ``weights_only``, ``unsafe_globals`` (what still
-    blocks it, left as it was), ``called``; ``superseded`` when a digest or signature was dropped.
+    blocks it, left as it was), ``called``; ``superseded`` when a digest or signature was dropped. A
+    safetensors or multi-file checkpoint holds no pickle: ``weights_only`` is None, with a ``note``.
     """
     from ckptmigrate import formats
     from ckptmigrate.chain.engine import make_backup
@@ -344,9 +345,13 @@ def sanitize(
     with lock, Checkpoint.open(source, key=key) as ckpt:
         row: dict[str, Any] = {"path": os.fspath(path), "output": None, "written": False, "backup": None,
                                "converted": [], "superseded": False}
-        if ckpt.format not in ("torch-zip", "torch-legacy"):
-            raise BadInput(f"{source}: a {ckpt.format} checkpoint holds no pickle: torch.load(weights_only=True) "
-                           "has nothing to refuse, and there is nothing to sanitize", path=source)
+        if ckpt.format not in ("torch-zip", "torch-legacy"):  # nothing pickled: nothing to convert
+            row.update(weights_only=None, unsafe_globals=[], called=[],
+                       note=f"a {ckpt.format} checkpoint holds no pickle: nothing to sanitize")
+            if out is not None and not dry_run:
+                ckpt.write(out, ckpt.envelope, fmt=ckpt.format)
+                row.update(output=str(out), written=True)
+            return row
         if ckpt.layout.kind == "module":
             raise BadInput(
                 f"{source}: holds a whole pickled nn.Module ({module_class(ckpt.container.payload)}), which "

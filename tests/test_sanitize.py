@@ -230,8 +230,12 @@ def test_what_sanitize_refuses(tmp_path: Path, cli: Cli) -> None:
     from safetensors.torch import save_file
 
     save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
-    with pytest.raises(BadInput, match="holds no pickle"):
-        api.sanitize(tmp_path / "w.safetensors")
+    before = (tmp_path / "w.safetensors").read_bytes()
+    row = api.sanitize(tmp_path / "w.safetensors")  # nothing pickled, nothing to do: not an error in a batch
+    assert row["note"] == "a safetensors checkpoint holds no pickle: nothing to sanitize" and not row["written"]
+    assert (tmp_path / "w.safetensors").read_bytes() == before
+    with pytest.raises(BadInput, match="nothing-here: no such file"):
+        api.sanitize(tmp_path / "nothing-here")
 
 
 def test_a_migration_that_sanitizes_is_irreversible(tmp_path: Path, cli: Cli) -> None:

@@ -14,6 +14,10 @@ from ckptmigrate.errors import BadInput, CkptMigrateError
 
 def _print_row(row: dict[str, Any], dry_run: bool) -> None:
     path = row["path"]
+    if row.get("note"):
+        copied = f", copied to {row['output']}" if row["written"] else ""
+        click.echo(f"{path}: {row['note']}{copied}")
+        return
     if not row["converted"]:
         copied = f", copied to {row['output']}" if row["written"] else ""
         click.echo(f"{path}: nothing to convert, left untouched{copied}")
@@ -69,7 +73,7 @@ def sanitize(paths: tuple[str, ...], output: Path | None, overwrite: bool, dry_r
                 rows.append({"path": str(path), "error": error_dict(exc)})
                 failed += 1
                 continue
-            blocked += not row["weights_only"]
+            blocked += row["weights_only"] is False
             rows.append(row)
             if not as_json:
                 _print_row(row, dry_run)

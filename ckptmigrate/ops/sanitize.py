@@ -266,11 +266,10 @@ class Sanitizer:
         self._memo[key] = obj  # a container that holds itself meets itself, as it is
         if isinstance(obj, dict):
             items = [(self.convert(k), self.convert(v)) for k, v in obj.items()]
-            if len({_hashable(k) for k, _ in items}) == len(items):
-                if any(k is not k0 for (k, _), k0 in zip(items, obj, strict=True)):
-                    obj.clear()
+            if any(k is not k0 for (k, _), k0 in zip(items, obj, strict=True)) and _distinct_keys(items):
+                obj.clear()
                 obj.update(items)
-            else:  # converted keys would collide: keep the keys, convert the values
+            else:  # keys unchanged, or converted keys that would collide or not hash: values only
                 for (_, v), k0 in zip(items, list(obj), strict=True):
                     obj[k0] = v
         elif isinstance(obj, list):
@@ -309,9 +308,9 @@ class Sanitizer:
         return out
 
 
-def _hashable(key: Any) -> Any:
+def _distinct_keys(items: list[tuple[Any, Any]]) -> bool:
+    """Converted keys that can still key a dict: hashable, and no two equal."""
     try:
-        hash(key)
+        return len({k for k, _ in items}) == len(items)
     except TypeError:
-        return id(key)
-    return key
+        return False
