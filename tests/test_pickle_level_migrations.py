@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -76,17 +77,29 @@ def chain(root: Path, body: str) -> Path:
     return root / "mig"
 
 
-@pytest.fixture
-def saved(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """module.pt (torch.save(model)) and extras.pt (a state dict beside a Config instance and the
-    class itself), saved where only ``oldpkg`` exists; and a directory where only ``newpkg`` does."""
-    old, new = package(tmp_path / "old", "oldpkg"), package(tmp_path / "new", "newpkg")
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """module.pt (torch.save(model)) and extras.pt (a state dict and its EMA copy beside a Config
+    instance and the class itself), saved where only ``oldpkg`` exists (``old/``); ``new/`` holds only
+    ``newpkg``. Written once; each test gets its own copy."""
+    root = tmp_path_factory.mktemp("saved")
+    package(root / "old", "oldpkg")
+    package(root / "new", "newpkg")
     python(
         "import torch\nfrom oldpkg.models import Net, Config\ntorch.manual_seed(0)\n"
-        f"torch.save(Net(), {str(tmp_path / 'module.pt')!r})\n"
-        f"torch.save({{'model': Net().state_dict(), 'config': Config(4), 'kind': Config, 'epoch': 3}}, "
-        f"{str(tmp_path / 'extras.pt')!r})\n", old)
-    return old, new, tmp_path
+        f"torch.save(Net(), {str(root / 'module.pt')!r})\n"
+        "net = Net()\n"
+        f"torch.save({{'model': net.state_dict(), 'config': Config(4), 'kind': Config, 'epoch': 3, "
+        f"'model_ema': {{k: v.clone() for k, v in net.state_dict().items()}}}}, "
+        f"{str(root / 'extras.pt')!r})\n", root / "old")
+    return root
+
+
+@pytest.fixture
+def saved(written: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(old/, new/, the directory of the checkpoints): a fresh copy of :func:`written`."""
+    shutil.copytree(written, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "old", tmp_path / "new", tmp_path
 
 
 def test_a_moved_package_upgrades_loads_from_the_new_one_and_comes_back(saved: tuple[Path, Path, Path],
@@ -102,6 +115,7 @@ def test_a_moved_package_upgrades_loads_from_the_new_one_and_comes_back(saved: t
         assert any(g.startswith("newpkg.") for g in globals_now)
     history = api.inspect(root / "extras.pt")["envelope"]["history"]
     assert history[-1]["inverse"] == [["rename_global", {"old": "newpkg.", "new": "oldpkg."}]]
+    assert history[-1]["copies"] == {"model_ema": []}  # the EMA copy is part of the file: nothing of its own
 
     out = python(
         "import torch\n"
@@ -157,6 +171,8 @@ def test_a_name_the_file_does_not_have_is_an_error_naming_what_it_has(saved: tup
             ckpt.rename_global("oldpkg.models", "newpkg.models")  # a module, not a class
         with pytest.raises(ValueError, match="not a global's name"):
             ckpt.rename_global("oldpkg.models.Config", "newpkg\nos.system")
+        with pytest.raises(ValueError, match="one of torch's own globals"):
+            ckpt.rename_global("oldpkg.models.Config", "torch.float32")
 
 
 def test_a_rename_onto_an_existing_global_records_no_inverse(saved: tuple[Path, Path, Path]) -> None:

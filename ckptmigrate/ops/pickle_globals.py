@@ -139,6 +139,8 @@ class PickleOps:
             raise self._op_error("rename_global", old, str(exc)) from None
 
     def _rename_global(self, old: str, new: str) -> None:
+        if not (isinstance(old, str) and isinstance(new, str)):  # a journal read back from a file
+            raise _Refused(f"rename_global: the names must be strings, not {old!r:.40} and {new!r:.40}")
         roots = self._pickle_roots()
         if roots is None:
             return
@@ -167,6 +169,10 @@ class PickleOps:
             inverse_args = {"old": f"{new_module}:{new_qualname}", "new": f"{old_module}:{old_qualname}"}
         if not renames:
             raise self._no_global(old, classes, prefix)
+        torchs = sorted({f"{m}.{q}" for _, m, q in renames if python3_name(f"{m}.{q}") in WEIGHTS_ONLY_GLOBALS})
+        if torchs:
+            raise _Refused(f"rename_global: {old!r} -> {new!r} would name {', '.join(torchs[:3])}, one of torch's "
+                           "own globals")
         renamed = {id(cls) for cls, _, _ in renames}
         targets = {(m, q) for _, m, q in renames}
         merged = [c for c in classes if id(c) not in renamed and (
