@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ckptmigrate import api
+from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput
 from ckptmigrate.release import signing
 
@@ -105,7 +106,7 @@ def test_a_lightning_checkpoint_with_a_namespace_loads_with_weights_only_after_s
     original = torch.load(ckpt, weights_only=False)
     with pytest.raises(Exception, match="argparse.Namespace|Unsupported global"):
         torch.load(ckpt, weights_only=True)
-    before = json.loads(cli("inspect", ckpt, "--json", check=True).stdout)["pickle"]
+    before = api.inspect(ckpt)["pickle"]
     assert not before["weights_only"] and "argparse.Namespace" in before["unsafe_globals"]
     original_bytes = ckpt.read_bytes()
 
@@ -114,7 +115,7 @@ def test_a_lightning_checkpoint_with_a_namespace_loads_with_weights_only_after_s
     assert "argparse.Namespace -> dict" in run.stdout and "pathlib.PosixPath -> str" in run.stdout
     assert "loads with torch.load(weights_only=True)" in run.stdout
     assert (tmp_path / "last.ckpt.bak").read_bytes() == original_bytes  # the original, kept
-    after = json.loads(cli("inspect", ckpt, "--json", check=True).stdout)
+    after = api.inspect(ckpt)
     assert after["pickle"] == {"weights_only": True, "unsafe_globals": [], "called": []}
     entry = after["envelope"]["history"][-1]
     assert entry["action"] == "sanitize" and entry["converted"]["argparse.Namespace -> dict"] == 1
@@ -184,7 +185,7 @@ def test_what_cannot_be_converted_is_named_and_nothing_runs(tmp_path: Path, cli:
     assert "2 files: 2 written, 2 still refused by weights_only, 0 failed" in run.stdout
     assert not marker.exists()  # read, converted and written, and nothing ran
     for name, blocker in (("mixed.pt", "mylib.Settings"), ("hostile.pt", "posix.system")):
-        info = json.loads(cli("inspect", tmp_path / name, "--json", check=True).stdout)["pickle"]
+        info = api.inspect(tmp_path / name)["pickle"]
         assert info["unsafe_globals"] == [blocker] and info["called"] == [blocker]  # the Namespace went
     refused = subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(hostile)!r}, weights_only=True)"],
                              capture_output=True, text=True, timeout=300)
@@ -253,3 +254,15 @@ def test_a_migration_that_sanitizes_is_irreversible(tmp_path: Path, cli: Cli) ->
     assert entry["inverse"] is None and entry["ops"] == [{"op": "sanitize", "keys": 2}]
     down = cli("downgrade", path, "--to", "0001", "--migrations", "mig")
     assert down.returncode == 2 and "write a downgrade()" in down.stderr
+
+
+def test_files_numpy_1_wrote_are_converted_too(tmp_path: Path) -> None:
+    """numpy < 2 pickled its scalars and arrays as ``numpy.core.multiarray.*`` (numpy 2: ``numpy._core``)."""
+    path = tmp_path / "np1.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "best": np.float64(0.25), "mean": np.arange(3, dtype=np.int16)}, path)
+    with Checkpoint.open(path) as ckpt:
+        ckpt.rename_global("numpy._core.multiarray.", "numpy.core.multiarray.")  # what numpy 1.x wrote
+        assert "numpy.core.multiarray.scalar" in ckpt.pickle_safety().unsafe
+        report = ckpt.sanitize()
+        assert report.safety.weights_only and sum(report.converted.values()) == 2
+        assert ckpt.extras["best"] == 0.25 and ckpt.extras["mean"].shape == (3,)
