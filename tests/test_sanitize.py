@@ -108,6 +108,7 @@ def test_a_lightning_checkpoint_with_a_namespace_loads_with_weights_only_after_s
         torch.load(ckpt, weights_only=True)
     before = api.inspect(ckpt)["pickle"]
     assert not before["weights_only"] and "argparse.Namespace" in before["unsafe_globals"]
+    assert "`ckptmigrate sanitize` turns argparse, numpy" in cli("inspect", ckpt, check=True).stdout  # the way out
     original_bytes = ckpt.read_bytes()
 
     run = cli("sanitize", ckpt)
