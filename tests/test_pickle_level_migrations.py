@@ -11,6 +11,7 @@ back what ``torch.load`` returned for the original.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckptmigrate import api
 from ckptmigrate.checkpoint.lazy import Checkpoint
@@ -182,3 +184,21 @@ def test_a_rename_onto_an_existing_global_records_no_inverse(saved: tuple[Path, 
     assert api.inspect(root / "module.pt")["envelope"]["history"][-1]["inverse"] is None
     with pytest.raises(MigrationError, match="write a downgrade"):
         api.downgrade(root / "module.pt", to="0001", migrations=mig)
+
+
+def test_objects_python_already_built_are_left_alone_or_refused(saved: tuple[Path, Path, Path], cli: Cli) -> None:
+    """A payload already in memory (Lightning's on_load_checkpoint, load_state_dict) holds real objects:
+    the chain runs and these ops leave them as they are. --trust-pickle rebuilds a file's objects
+    before the migration, so renaming the pickle's names is refused there, in one line."""
+    old, _new, root = saved
+    payload = {"model": {"w": torch.ones(2)}, "settings": argparse.Namespace(lr=0.1)}
+    ckpt = Checkpoint.from_payload(payload, key="model")
+    ckpt.rename_global("oldpkg.", "newpkg.")
+    assert not ckpt.sanitize().converted and isinstance(ckpt.extras["settings"], argparse.Namespace)
+
+    mig = chain(root, 'ckpt.rename_global("oldpkg.", "newpkg.")')
+    before = (root / "extras.pt").read_bytes()
+    run = cli("upgrade", "extras.pt", "--from", "0001", "--migrations", mig, "--trust-pickle",
+              env={"PYTHONPATH": str(old)})
+    assert run.returncode == 2 and "run it without --trust-pickle" in run.stderr and "Traceback" not in run.stderr
+    assert (root / "extras.pt").read_bytes() == before

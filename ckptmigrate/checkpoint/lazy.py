@@ -65,6 +65,7 @@ class Checkpoint(ArchitectureOps):
         self.map_location: Any = None
         self.mmap = True
         self._config: dict[str, Any] | None = None
+        self._trusted = False  # trust_pickle ran: the extras are real objects
         if state_dicts is None and self.envelope is not None and self.envelope.state_dicts:
             state_dicts = self.envelope.state_dicts  # what an earlier run found, unless declared anew
         try:
@@ -164,6 +165,7 @@ class Checkpoint(ArchitectureOps):
             return note
         import torch
 
+        self._trusted = True
         try:
             real = torch.load(self.path, map_location="cpu", weights_only=False, mmap=self.format == "torch-zip")
         except Exception as exc:  # noqa: BLE001 - whatever the file's own code raises
@@ -214,6 +216,11 @@ class Checkpoint(ArchitectureOps):
         if self.layout.kind == "module":
             return [self.container.payload]
         return [self.extras, self.state_dict.entries]
+
+    def _pickle_objects(self) -> str:
+        if self.format == "memory":
+            return "real"
+        return "trusted" if self._trusted else "inert"
 
     def _pickle_changed(self, named: dict[str, bool]) -> None:
         """After ``rename_global``/``sanitize``: the verdict is on the globals the payload names now

@@ -126,6 +126,22 @@ class PickleOps:
     def _pickle_changed(self, named: dict[str, bool]) -> None:
         """The globals the payload names now (a checkpoint keeps its verdict up to date)."""
 
+    def _pickle_objects(self) -> str:
+        """What the payload's objects are: ``inert`` (stand-ins, as the restricted unpickler read the
+        file), ``real`` (a payload already in memory: Lightning's ``on_load_checkpoint``, a state dict
+        handed to ``load_state_dict``; its objects are what their classes made them, and these ops
+        leave them alone) or ``trusted`` (``trust_pickle`` rebuilt them from the file, which these ops
+        refuse: the file would be written with the classes' real names)."""
+        return "inert"
+
+    def _real_objects(self, op: str) -> bool:
+        """True when ``op`` has nothing to do on real objects; refused after ``trust_pickle``."""
+        kind = self._pickle_objects()
+        if kind == "trusted":
+            raise _Refused(f"{op} works on the file's pickle as read, not on the objects trust_pickle rebuilt "
+                           "(their classes name themselves when written); run it without --trust-pickle")
+        return kind == "real"
+
     def rename_global(self, old: str, new: str) -> None:
         """A class (or function) the file's pickle names moved: ``rename_global("old.mod.Cls",
         "new.mod.Cls")``; ``module:Outer.Inner`` names a nested class; ``"old.pkg."`` → ``"new.pkg."``
@@ -143,6 +159,9 @@ class PickleOps:
             raise _Refused(f"rename_global: the names must be strings, not {old!r:.40} and {new!r:.40}")
         roots = self._pickle_roots()
         if roots is None:
+            return
+        if self._real_objects("rename_global"):
+            self._record("rename_global", [], ["rename_global", {"old": new, "new": old}])
             return
         classes = [c for c in stand_ins(roots) if not _torchs_own(c)]
         prefix = old.endswith(".")
@@ -213,6 +232,11 @@ class PickleOps:
         roots = self._pickle_roots()
         if roots is None:
             return SanitizeReport()
+        try:
+            if self._real_objects("sanitize"):
+                return SanitizeReport()
+        except _Refused as exc:
+            raise self._op_error("sanitize", None, str(exc)) from None
         sanitizer = Sanitizer()
         for holder in (self.extras, getattr(getattr(self, "state_dict", None), "entries", {})):
             for k, v in list(holder.items()):
