@@ -267,3 +267,13 @@ def test_files_numpy_1_wrote_are_converted_too(tmp_path: Path) -> None:
         report = ckpt.sanitize()
         assert report.safety.weights_only and sum(report.converted.values()) == 2
         assert ckpt.extras["best"] == 0.25 and ckpt.extras["mean"].shape == (3,)
+
+
+def test_lightnings_attribute_dict_becomes_a_dict(tmp_path: Path) -> None:
+    """Older Lightning saved ``hparams`` as its ``AttributeDict`` (a dict subclass)."""
+    parsing = pytest.importorskip("pytorch_lightning.utilities.parsing")
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "hyper_parameters": parsing.AttributeDict(lr=0.1, dims=[4])}, path)
+    row = api.sanitize(path)
+    assert row["weights_only"] and row["converted"][0]["to"] == "dict" and row["backup"] == f"{path}.bak"
+    assert torch.load(path, weights_only=True)["hyper_parameters"] == {"lr": 0.1, "dims": [4]}
