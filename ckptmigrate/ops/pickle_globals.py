@@ -194,8 +194,9 @@ class PickleOps:
                            "own globals")
         renamed = {id(cls) for cls, _, _ in renames}
         targets = {(m, q) for _, m, q in renames}
-        merged = [c for c in classes if id(c) not in renamed and (
-            (c.module, c.qualname) in targets or (prefix and (c.module + ".").startswith(new)))]
+        merged = len(renames) > 1 and not prefix  # a.b:C and a:b.C made one: no way to tell them apart
+        merged = merged or any(id(c) not in renamed and (
+            (c.module, c.qualname) in targets or (prefix and (c.module + ".").startswith(new))) for c in classes)
         touched = []
         for cls, module, qualname in renames:
             touched.append(f"{cls.module}.{cls.qualname} -> {module}.{qualname}")
