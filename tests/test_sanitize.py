@@ -12,6 +12,7 @@ compared with what those libraries' own conversions (``vars``, ``.item()``, ``to
 from __future__ import annotations
 
 import argparse
+import copyreg
 import json
 import os
 import pathlib
@@ -79,7 +80,7 @@ def lightning_checkpoint(path: Path) -> None:
     """A real Lightning checkpoint whose module saved a Namespace and a path as hyper-parameters."""
     pl = pytest.importorskip("pytorch_lightning")
 
-    class Model(pl.LightningModule):  # type: ignore[misc, name-defined]
+    class Model(pl.LightningModule):  # type: ignore[name-defined]
         def __init__(self, args: argparse.Namespace, data_dir: pathlib.Path) -> None:
             super().__init__()
             self.save_hyperparameters()
@@ -277,3 +278,39 @@ def test_lightnings_attribute_dict_becomes_a_dict(tmp_path: Path) -> None:
     row = api.sanitize(path)
     assert row["weights_only"] and row["converted"][0]["to"] == "dict" and row["backup"] == f"{path}.bak"
     assert torch.load(path, weights_only=True)["hyper_parameters"] == {"lr": 0.1, "dims": [4]}
+
+
+class Reduces:
+    """Pickles as whatever ``reduced`` says: a look-alike of a class's pickle with other contents."""
+
+    def __init__(self, *reduced: Any) -> None:
+        self.reduced = reduced
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self.reduced
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # what the pickler checks a __newobj__ class against
+        first = self.reduced[1][0] if len(self.reduced) > 1 and self.reduced[1] else None
+        return first if isinstance(first, type) and self.reduced[0].__name__ == "__newobj__" else Reduces
+
+
+def test_look_alikes_are_left_as_they_are_not_guessed(tmp_path: Path) -> None:
+    newobj = copyreg.__dict__["__newobj__"]
+    scalar: Any = np.float64(0).__reduce__()[0]  # numpy 1 or 2's own names for them
+    reconstruct: Any = np.zeros(1).__reduce__()[0]
+    odd = {
+        "path_of_ints": Reduces(pathlib.PurePosixPath, (1, 2)),
+        "namespace_of_a_list": Reduces(newobj, (argparse.Namespace,), ["not", "a", "dict"]),
+        "scalar_of_3_bytes": Reduces(scalar, (np.dtype("f8"), b"abc")),
+        "array_too_short": Reduces(reconstruct, (np.ndarray, (0,), b"b"), (1, (4,), np.dtype("f4"), False, b"\0" * 8)),
+        "config_of_a_number": Reduces(newobj, (DictConfig,), {"_content": 7}),
+        "fine": argparse.Namespace(ok=True),
+    }
+    path = tmp_path / "odd.pt"
+    torch.save({"model": {"w": torch.ones(1)}, **odd}, path)
+    row = api.sanitize(path, dry_run=True)
+    assert row["converted"] == [{"global": "argparse.Namespace", "to": "dict", "count": 1}]
+    numpy_names = {f"{f.__module__}.{f.__name__}" for f in (scalar, reconstruct)}
+    assert set(row["unsafe_globals"]) >= {"pathlib.PurePosixPath", "argparse.Namespace", "numpy.dtype",
+                                          "omegaconf.dictconfig.DictConfig", *numpy_names}
