@@ -215,9 +215,10 @@ class Checkpoint(ArchitectureOps):
         """What the file's pickle will hold when written: a pickled module is its payload."""
         if self.layout.kind == "module":
             return [self.container.payload]
-        return [self.extras, self.state_dict.entries]
+        return super()._pickle_roots()
 
     def _pickle_objects(self) -> str:
+        """A payload handed over in memory holds real objects; so do the extras after trust_pickle."""
         if self.format == "memory":
             return "real"
         return "trusted" if self._trusted else "inert"
