@@ -137,7 +137,7 @@ def test_each_type_is_converted_as_its_library_would(tmp_path: Path, cli: Cli) -
                    "scalar": np.array(3.5), "empty": np.zeros((0, 4), dtype=np.int16)},
         "paths": (pathlib.PurePosixPath("rel/x"), pathlib.PureWindowsPath("C:/data/y"), pathlib.Path("/abs")),
         "cfg": cfg, "list_cfg": OmegaConf.create([1, {"a": "${cfg.lr}"}]),
-        "shared": None, "epoch": 3,
+        "shared": None, "epoch": 3, "empty": b"",  # torch.save's own b"" does not load with weights_only
     }
     extras["shared"] = extras["args"]  # one object twice stays one object
     src = tmp_path / "all.pt"
@@ -150,6 +150,7 @@ def test_each_type_is_converted_as_its_library_would(tmp_path: Path, cli: Cli) -
     counts = {c["global"]: c["count"] for c in row["converted"]}
     assert counts["argparse.Namespace"] == 2 and counts["numpy scalar"] == 9 and counts["numpy.ndarray"] == 8
     assert counts["omegaconf.dictconfig.DictConfig"] == 4 and counts["omegaconf.listconfig.ListConfig"] == 2
+    assert counts["builtins.bytes"] == 1
     assert {c["to"] for c in row["converted"] if c["global"] == "numpy.ndarray"} == {"tensor (dtype kept)"}
     loads_weights_only_as(out, plain(original), tmp_path)
     again = torch.load(out, weights_only=True)

@@ -15,6 +15,8 @@ Conversions (the ``to`` a report names):
 - ``pathlib`` paths (pure or concrete, POSIX or Windows) → their string
 - OmegaConf ``DictConfig``/``ListConfig`` → dict/list of the values *as written*: interpolations
   (``${lr}``) and missing values (``???``) stay the strings they are, nothing is resolved
+- empty ``bytes`` (pickled as a call of ``bytes``, which even a file ``torch.save`` wrote cannot load
+  with ``weights_only``) → the ``_codecs.encode`` call torch's loader allows
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-from ckptmigrate.formats.pickled import StandIn, global_name
+from ckptmigrate.formats.pickled import StandIn, global_name, standin
 from ckptmigrate.tensors.refs import ComposedTensor, Deferred, Storage, TensorRef
 
 #: numpy dtype codes (``kind`` + item size) → (struct format of one item, ckptmigrate dtype).
@@ -98,7 +100,7 @@ def _scalar(obj: StandIn, convert: Callable[[Any], Any]) -> Any:
     kind, size = code[:1], code[1:]
     if kind in ("U", "S") and size.isdigit():
         if kind == "S":
-            return raw.rstrip(b"\0")
+            return _loadable_bytes(raw.rstrip(b"\0"))
         return raw.decode("utf-32-be" if order == ">" else "utf-32-le", "surrogatepass").rstrip("\0")
     if code not in NUMPY_DTYPES:
         raise _Unconvertible
@@ -147,6 +149,22 @@ def _tensor(raw: bytes, dtype: str, itemsize: int, shape: tuple[int, ...], swap:
     if fortran and len(shape) > 1:
         return values.reshape(tuple(reversed(shape))).permute(*reversed(range(len(shape)))).contiguous()
     return values.reshape(shape).clone()
+
+
+def _loadable_bytes(raw: bytes) -> Any:
+    """``raw`` as torch's ``weights_only`` loader reads it: protocol 2 pickles empty bytes as a call of
+    ``bytes``, which that loader refuses (a file ``torch.save`` wrote with ``b""`` in it does not load);
+    ``_codecs.encode("", "latin1")``, which it allows, is the same value."""
+    if raw:
+        return raw
+    return standin("_codecs", "encode")("", "latin1")
+
+
+def _empty_bytes(obj: StandIn, convert: Callable[[Any], Any]) -> Any:
+    """``bytes()``: empty bytes, as torch's loader reads them."""
+    if obj.args or obj.state is not None:
+        raise _Unconvertible
+    return _loadable_bytes(b"")
 
 
 def _path(obj: StandIn, convert: Callable[[Any], Any]) -> str:
@@ -235,6 +253,8 @@ def _converter(obj: StandIn) -> tuple[str, str, Converter] | None:
         return cls, "list", _list_config
     if obj.newobj:
         return None
+    if called in ("builtins.bytes", "__builtin__.bytes"):
+        return "builtins.bytes", "_codecs.encode (empty bytes)", _empty_bytes
     if called in PATH_CLASSES:
         return called, "str", _path
     if called.startswith(_NUMPY) and called.endswith(".scalar"):
