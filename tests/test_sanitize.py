@@ -12,12 +12,14 @@ compared with what those libraries' own conversions (``vars``, ``.item()``, ``to
 from __future__ import annotations
 
 import argparse
+import collections
 import copyreg
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,10 @@ TESTS = Path(__file__).resolve().parent
 
 def plain(obj: Any) -> Any:
     """The oracle: what the libraries themselves turn each value into."""
-    if isinstance(obj, argparse.Namespace):
+    if isinstance(obj, (argparse.Namespace, types.SimpleNamespace)):
         return {k: plain(v) for k, v in vars(obj).items()}
+    if isinstance(obj, collections.defaultdict):
+        return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (DictConfig, ListConfig)):
         return plain(OmegaConf.to_container(obj, resolve=False))
     if isinstance(obj, np.ndarray):
@@ -138,6 +142,7 @@ def test_each_type_is_converted_as_its_library_would(tmp_path: Path, cli: Cli) -
         "paths": (pathlib.PurePosixPath("rel/x"), pathlib.PureWindowsPath("C:/data/y"), pathlib.Path("/abs")),
         "cfg": cfg, "list_cfg": OmegaConf.create([1, {"a": "${cfg.lr}"}]),
         "shared": None, "epoch": 3, "empty": b"",  # torch.save's own b"" does not load with weights_only
+        "simple": types.SimpleNamespace(k=np.int32(5)), "counts": collections.defaultdict(list, {"a": [1]}),
     }
     extras["shared"] = extras["args"]  # one object twice stays one object
     src = tmp_path / "all.pt"
@@ -148,9 +153,9 @@ def test_each_type_is_converted_as_its_library_would(tmp_path: Path, cli: Cli) -
     row = api.sanitize(src, output=out)
     assert row["weights_only"] and row["written"] and row["output"] == str(out) and row["backup"] is None
     counts = {c["global"]: c["count"] for c in row["converted"]}
-    assert counts["argparse.Namespace"] == 2 and counts["numpy scalar"] == 9 and counts["numpy.ndarray"] == 8
+    assert counts["argparse.Namespace"] == 2 and counts["numpy scalar"] == 10 and counts["numpy.ndarray"] == 8
     assert counts["omegaconf.dictconfig.DictConfig"] == 4 and counts["omegaconf.listconfig.ListConfig"] == 2
-    assert counts["builtins.bytes"] == 1
+    assert counts["builtins.bytes"] == 1 and counts["types.SimpleNamespace"] == counts["collections.defaultdict"] == 1
     assert {c["to"] for c in row["converted"] if c["global"] == "numpy.ndarray"} == {"tensor (dtype kept)"}
     loads_weights_only_as(out, plain(original), tmp_path)
     again = torch.load(out, weights_only=True)

@@ -8,7 +8,8 @@ the pickle names is called. Anything without a known equivalent is left exactly 
 
 Conversions (the ``to`` a report names):
 
-- ``argparse.Namespace`` and Lightning's ``AttributeDict`` → dict
+- ``argparse.Namespace``, ``types.SimpleNamespace``, Lightning's ``AttributeDict`` and
+  ``collections.defaultdict`` (its items; the factory is code) → dict
 - numpy scalars → Python scalars (``bool``, ``int``, ``float``, ``complex``, ``str``, ``bytes``)
 - numpy arrays of numbers or booleans → tensors of the same dtype (byte order and Fortran order
   resolved); object, string and datetime arrays are left
@@ -183,6 +184,20 @@ def _namespace(obj: StandIn, convert: Callable[[Any], Any]) -> dict[Any, Any]:
     return {convert(k): convert(v) for k, v in state.items()}
 
 
+def _simple_namespace(obj: StandIn, convert: Callable[[Any], Any]) -> dict[Any, Any]:
+    """``types.SimpleNamespace(**state)``: its attributes, as a dict."""
+    if obj.args:
+        raise _Unconvertible
+    return _namespace(obj, convert)
+
+
+def _default_dict(obj: StandIn, convert: Callable[[Any], Any]) -> dict[Any, Any]:
+    """``collections.defaultdict(factory)`` and its items: the items (the factory is code)."""
+    if len(obj.args) > 1 or obj.state is not None or obj.listitems:
+        raise _Unconvertible
+    return {convert(k): convert(v) for k, v in obj.dictitems.items()}
+
+
 def _attribute_dict(obj: StandIn, convert: Callable[[Any], Any]) -> dict[Any, Any]:
     """A dict subclass that only adds attribute access: its items."""
     if obj.state not in (None, {}) or obj.listitems:
@@ -253,6 +268,10 @@ def _converter(obj: StandIn) -> tuple[str, str, Converter] | None:
         return cls, "list", _list_config
     if obj.newobj:
         return None
+    if called == "types.SimpleNamespace":
+        return called, "dict", _simple_namespace
+    if called == "collections.defaultdict":
+        return called, "dict", _default_dict
     if called in ("builtins.bytes", "__builtin__.bytes"):
         return "builtins.bytes", "_codecs.encode (empty bytes)", _empty_bytes
     if called in PATH_CLASSES:
