@@ -320,3 +320,22 @@ def test_look_alikes_are_left_as_they_are_not_guessed(tmp_path: Path) -> None:
     numpy_names = {f"{f.__module__}.{f.__name__}" for f in (scalar, reconstruct)}
     assert set(row["unsafe_globals"]) >= {"pathlib.PurePosixPath", "argparse.Namespace", "numpy.dtype",
                                           "omegaconf.dictconfig.DictConfig", *numpy_names}
+
+
+def test_an_rng_state_file_still_restores_the_same_streams(tmp_path: Path) -> None:
+    """Hugging Face's Trainer saves ``rng_state.pth``: Python's, numpy's (an array) and torch's RNG states."""
+    import random
+
+    path = tmp_path / "rng_state.pth"
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()},
+               path)
+    expected = np.random.rand(3), random.random(), torch.rand(2)
+    row = api.sanitize(path)
+    assert row["weights_only"] and row["converted"] == [{"global": "numpy.ndarray", "to": "tensor (dtype kept)",
+                                                         "count": 1}]
+    state = torch.load(path, weights_only=True)
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    torch.random.set_rng_state(state["cpu"])
+    assert np.array_equal(np.random.rand(3), expected[0]) and random.random() == expected[1]
+    assert torch.equal(torch.rand(2), expected[2])
