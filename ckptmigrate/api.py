@@ -1,7 +1,7 @@
 """The Python API: every command is a plain function here, and the CLI only parses and prints.
 
 Checkpoints: :func:`save`, :func:`load`, :func:`inspect`, :func:`current`, :func:`stamp`,
-:func:`upgrade`, :func:`downgrade`, :func:`compact`, :func:`verify`, :func:`verify_manifest`,
+:func:`upgrade`, :func:`downgrade`, :func:`compact`, :func:`sanitize`, :func:`verify`, :func:`verify_manifest`,
 :func:`checkpoint_files`. The project: :func:`init`, :func:`new_revision`, :func:`heads`,
 :func:`history`, :func:`record_schema`, :func:`check`, :func:`diff` (from
 :mod:`ckptmigrate.chain.project` and :mod:`ckptmigrate.autogenerate.compare`). Validation lives
@@ -10,6 +10,7 @@ here, not in the CLI; errors are the types of :mod:`ckptmigrate.errors`, with th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,7 @@ __all__ = [
     "autogenerate_revision", "chain_source", "chain_status", "check", "checkpoint_files", "compact", "convert",
     "current", "diff",
     "downgrade", "heads", "history", "init", "inspect", "load", "new_revision", "record_schema",
-    "keygen", "revision_graph", "save", "script_directory", "stamp", "upgrade", "verify", "verify_manifest",
+    "keygen", "revision_graph", "sanitize", "save", "script_directory", "stamp", "upgrade", "verify", "verify_manifest",
 ]
 
 if TYPE_CHECKING:  # the migration machinery is imported when used: `inspect` starts faster without it
@@ -314,6 +315,83 @@ def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | No
         before = os.stat(path).st_size
         ckpt.write(dest, ckpt.envelope, compact=True)
     return before, os.stat(dest).st_size
+
+
+def sanitize(
+    path: PathLike, *, output: PathLike | None = None, overwrite: bool = False, dry_run: bool = False,
+    backup: bool = True, key: str | None = None,
+) -> dict[str, Any]:
+    """Rewrite a torch file so that ``torch.load(weights_only=True)`` reads it: ``argparse.Namespace``,
+    numpy values, paths and OmegaConf configs in the non-tensor payload become plain data and tensors
+    (``ckpt.sanitize()``, :mod:`ckptmigrate.ops.sanitize`; nothing the pickle names is imported or
+    called). In place (keeping ``PATH.bak`` unless ``backup=False``) or into ``output``; ``dry_run``
+    converts in memory and writes nothing. Not reversible: the envelope records a ``sanitize``
+    history entry; a digest or signature is superseded, as by ``upgrade`` (stamp again to sign).
+
+    Returns ``path``, ``output``, ``written``, ``backup``, ``converted`` (``[{"global", "to",
+    "count"}]``), and the verdict on the result: ``weights_only``, ``unsafe_globals`` (what still
+    blocks it, left as it was), ``called``; ``superseded`` when a digest or signature was dropped. A
+    safetensors or multi-file checkpoint holds no pickle: ``weights_only`` is None, with a ``note``.
+    """
+    from ckptmigrate import formats
+    from ckptmigrate.chain.engine import make_backup
+    from ckptmigrate.checkpoint.envelope import superseded
+    from ckptmigrate.checkpoint.layout import module_class
+
+    out = _check_output(path, output, overwrite)
+    source = formats.checkpoint_path(path)
+    dest = out or source
+    lock = contextlib.nullcontext() if dry_run else file_lock(dest)
+    with lock, Checkpoint.open(source, key=key) as ckpt:
+        row: dict[str, Any] = {"path": os.fspath(path), "output": None, "written": False, "backup": None,
+                               "converted": [], "superseded": False}
+        if ckpt.format not in ("torch-zip", "torch-legacy"):  # nothing pickled: nothing to convert
+            row.update(weights_only=None, unsafe_globals=[], called=[],
+                       note=f"a {ckpt.format} checkpoint holds no pickle: nothing to sanitize")
+            if out is not None and not dry_run:
+                ckpt.write(out, ckpt.envelope, fmt=ckpt.format)
+                row.update(output=str(out), written=True)
+            return row
+        if ckpt.layout.kind == "module":
+            raise BadInput(
+                f"{source}: holds a whole pickled nn.Module ({module_class(ckpt.container.payload)}), which "
+                "torch.load(weights_only=True) refuses whatever its attributes hold; nothing was written. "
+                "Save its state_dict() and sanitize that", path=source)
+        report = ckpt.sanitize()
+        row.update(report.to_dict())
+        if dry_run:
+            return row
+        if not report.converted:
+            if out is not None and out.resolve() != source.resolve():
+                ckpt.write(out, ckpt.envelope)  # -o always leaves a file there, as upgrade -o does
+                row.update(output=str(out), written=True)
+            return row
+        env = Envelope.build(ckpt.state_dict.entries, layout=ckpt.output_layout().name, previous=ckpt.envelope)
+        env.state_dicts = ckpt.recorded_locations()
+        entry: dict[str, Any] = {
+            "action": "sanitize", "at": now_utc(), "revision": env.revision,
+            "converted": {f"{c['global']} -> {c['to']}": c["count"] for c in row["converted"]},
+            "blocking": list(report.blocking), "ckptmigrate_version": env.ckptmigrate_version,
+        }
+        old = superseded(ckpt.envelope)
+        if old is not None:
+            entry["superseded"] = old
+            row["superseded"] = True
+        env.history.append(entry)
+        independent = True
+        if out is None and backup:
+            kept, independent = make_backup(source)
+            row["backup"] = str(kept)
+        try:
+            ckpt.write(dest, env, append_in_place=independent)
+        except BaseException:
+            if row["backup"] is not None:
+                Path(row["backup"]).unlink(missing_ok=True)
+            raise
+        row.update(output=str(dest), written=True)
+    with Checkpoint.open(dest, key=key) as again:  # the verdict on the file as written
+        row.update(again.pickle_safety().to_dict())
+    return row
 
 
 #: ``convert --to`` names and the containers they write.

@@ -16,6 +16,7 @@ import ckptmigrate
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.ops.operations import Operations
+from ckptmigrate.ops.pickle_globals import PickleOps
 
 
 def public_objects() -> Iterator[tuple[str, Any]]:
@@ -28,11 +29,12 @@ def public_objects() -> Iterator[tuple[str, Any]]:
         yield f"ckptmigrate.api.{name}", getattr(api, name)
     for name in ("check_chain", "record_fixture", "ChainBroken"):
         yield f"ckptmigrate.testing.{name}", getattr(testing, name)
-    for cls, prefix in ((Operations, "ckpt"), (ArchitectureOps, "ckpt"), (Checkpoint, "Checkpoint")):
+    ops = (Operations, ArchitectureOps, PickleOps)
+    for cls, prefix in (*((op, "ckpt") for op in ops), (Checkpoint, "Checkpoint")):
         for name, member in sorted(vars(cls).items()):
             if name.startswith("_") or not (inspect.isfunction(member) or isinstance(member, (property, classmethod))):
                 continue
-            if cls is Checkpoint and (name in vars(Operations) or name in vars(ArchitectureOps)):
+            if cls is Checkpoint and any(name in vars(op) for op in ops):
                 continue
             yield f"{prefix}.{name}", member
 

@@ -66,7 +66,7 @@ def test_sys_exit_inside_upgrade_fails_that_file_and_the_batch_exits_2(tmp_path:
 
 @pytest.mark.parametrize("command", [
     ["inspect"], ["current"], ["stamp"], ["upgrade", "--migrations", EXAMPLE],
-    ["downgrade", "--to", "base", "--migrations", EXAMPLE], ["verify"],
+    ["downgrade", "--to", "base", "--migrations", EXAMPLE], ["verify"], ["sanitize"],
 ])
 def test_an_empty_directory_is_no_checkpoint_files_found_for_every_command(
     tmp_path: Path, cli: Cli, command: list[str]
@@ -77,7 +77,7 @@ def test_an_empty_directory_is_no_checkpoint_files_found_for_every_command(
     assert proc.returncode == 2 and proc.stdout == ""
     assert error_lines(proc) == [f"ckptmigrate: error: empty: no checkpoint files found (looked for "
                                  f"{', '.join(CHECKPOINT_SUFFIXES)})"]
-    if command[0] in ("inspect", "current", "upgrade", "downgrade", "verify"):
+    if command[0] in ("inspect", "current", "upgrade", "downgrade", "verify", "sanitize"):
         as_json = cli(command[0], "empty", *command[1:], "--json")
         assert as_json.returncode == 2 and "Traceback" not in as_json.stderr
         error = json.loads(as_json.stdout)["error"]
@@ -114,7 +114,7 @@ def test_stamp_revision_refuses_a_file_whose_schema_is_another_revisions(tmp_pat
 
 
 @pytest.mark.parametrize("command", [
-    ["upgrade", "--from", "c1", "--migrations", "chain"], ["stamp"], ["compact"],
+    ["upgrade", "--from", "c1", "--migrations", "chain"], ["stamp"], ["compact"], ["sanitize"],
 ])
 def test_dash_o_never_overwrites_an_existing_file_unless_asked(tmp_path: Path, cli: Cli, command: list[str]) -> None:
     chain(tmp_path, {"c1": (None, "pass"), "c2": ("c1", "ckpt.rename('a', 'b')")})
@@ -130,7 +130,7 @@ def test_dash_o_never_overwrites_an_existing_file_unless_asked(tmp_path: Path, c
 
 
 @pytest.mark.parametrize("command", [
-    ["upgrade", "--from", "c1", "--migrations", "chain"], ["stamp"], ["compact"],
+    ["upgrade", "--from", "c1", "--migrations", "chain"], ["stamp"], ["compact"], ["sanitize"],
 ])
 def test_a_missing_output_directory_is_named_as_such(tmp_path: Path, cli: Cli, command: list[str]) -> None:
     chain(tmp_path, {"c1": (None, "pass"), "c2": ("c1", "ckpt.rename('a', 'b')")})

@@ -66,6 +66,10 @@ class StateDictCopy(ArchitectureOps):
     def config(self) -> dict[str, Any]:
         return getattr(self.owner, "config", None) or {}
 
+    def _pickle_roots(self) -> list[Any] | None:
+        """None: a copy is part of its file, whose own ``rename_global``/``sanitize`` covered it."""
+        return None
+
     def schema(self) -> dict[str, dict[str, Any]]:
         """The copy's keys, shapes and dtypes (after the prefix), to compare with the state dict's."""
         return schema_of(self.state_dict.entries)

@@ -20,7 +20,7 @@ from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, key_tex
 from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate, module_class, set_at
 from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
 from ckptmigrate.formats import multifile, torchzip
-from ckptmigrate.formats.pickle_safety import PickleSafety, assess
+from ckptmigrate.formats.pickle_safety import WEIGHTS_ONLY_GLOBALS, PickleSafety, assess, python3_name
 from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.ops.optimizer import OptimizerTrack
 from ckptmigrate.storage.atomic import atomic_write
@@ -65,6 +65,7 @@ class Checkpoint(ArchitectureOps):
         self.map_location: Any = None
         self.mmap = True
         self._config: dict[str, Any] | None = None
+        self._trusted = False  # trust_pickle ran: the extras are real objects
         if state_dicts is None and self.envelope is not None and self.envelope.state_dicts:
             state_dicts = self.envelope.state_dicts  # what an earlier run found, unless declared anew
         try:
@@ -164,6 +165,7 @@ class Checkpoint(ArchitectureOps):
             return note
         import torch
 
+        self._trusted = True
         try:
             real = torch.load(self.path, map_location="cpu", weights_only=False, mmap=self.format == "torch-zip")
         except Exception as exc:  # noqa: BLE001 - whatever the file's own code raises
@@ -208,6 +210,24 @@ class Checkpoint(ArchitectureOps):
     def revision(self) -> str | None:
         """The revision recorded in the envelope, or None."""
         return None if self.envelope is None else self.envelope.revision
+
+    def _pickle_roots(self) -> list[Any] | None:
+        """What the file's pickle will hold when written: a pickled module is its payload."""
+        if self.layout.kind == "module":
+            return [self.container.payload]
+        return super()._pickle_roots()
+
+    def _pickle_objects(self) -> str:
+        """A payload handed over in memory holds real objects; so do the extras after trust_pickle."""
+        if self.format == "memory":
+            return "real"
+        return "trusted" if self._trusted else "inert"
+
+    def _pickle_changed(self, named: dict[str, bool]) -> None:
+        """After ``rename_global``/``sanitize``: the verdict is on the globals the payload names now
+        (torch's own, which the writer names for tensors, are kept)."""
+        kept = {n: c for n, c in self.container.pickle_globals.items() if python3_name(n) in WEIGHTS_ONLY_GLOBALS}
+        self.container.pickle_globals = {**kept, **named}
 
     def pickle_safety(self) -> PickleSafety:
         """Whether ``torch.load(weights_only=True)`` reads the file, and the globals that stop it."""

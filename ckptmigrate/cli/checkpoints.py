@@ -23,6 +23,10 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
+#: Modules whose pickled values ``sanitize`` converts (:mod:`ckptmigrate.ops.sanitize`).
+_SANITIZABLE = ("argparse.", "numpy.", "pathlib.", "omegaconf.")
+
+
 def _print_summary(info: dict[str, Any]) -> None:
     env = info["envelope"]
     click.echo(f"{info['path']}")
@@ -44,6 +48,9 @@ def _print_summary(info: dict[str, Any]) -> None:
         names = ", ".join(f"{n} (called)" if n in called else n for n in pickle["unsafe_globals"])
         click.echo(f"  pickle      UNSAFE: torch.load(weights_only=False) would import or run {names}")
         click.echo("              weights_only=True refuses it (blocked by those); they stay inert here")
+        if any(n.startswith(_SANITIZABLE) for n in pickle["unsafe_globals"]):
+            click.echo("              `ckptmigrate sanitize` turns argparse, numpy, pathlib and OmegaConf values "
+                       "into plain data")
     elif pickle:
         click.echo("  pickle      safe: loads with torch.load(weights_only=True)")
     if env is None:

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import click
 
-from ckptmigrate.cli import chain, checkpoints, convert, fixture, graph, migrate, release, schema
+from ckptmigrate.cli import chain, checkpoints, convert, fixture, graph, migrate, release, sanitize, schema
 from ckptmigrate.cli.common import debug_mode, error_dict, error_line, json_mode
 from ckptmigrate.errors import CkptMigrateError
 
@@ -121,7 +121,7 @@ def _everywhere(command: click.Command) -> None:
 for _command in (
     checkpoints.inspect, checkpoints.current, checkpoints.stamp, checkpoints.compact, convert.convert,
     chain.init, chain.revision, chain.heads, chain.history, graph.merge, graph.chains, graph.squash,
-    migrate.upgrade, migrate.downgrade,
+    migrate.upgrade, migrate.downgrade, sanitize.sanitize,
     schema.check, schema.diff, schema.schema, release.keygen, release.verify,
     fixture.test, fixture.fixture,
 ):

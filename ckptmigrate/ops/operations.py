@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ckptmigrate.errors import BadInput
 from ckptmigrate.ops.optimizer import OptimizerTrack
+from ckptmigrate.ops.pickle_globals import PickleOps
 from ckptmigrate.tensors.refs import (
     ITEMSIZE,
     Deferred,
@@ -45,7 +46,8 @@ Inverse = list[Any]
 #: Mantissa bits of the IEEE float types whose NaNs :func:`_cast` carries across.
 MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}
 #: The ops an inverse journal may name (it is read back from the file's envelope).
-INVERSE_OPS = frozenset({"rename_map", "drop", "reshape", "transpose", "permute", "cast", "truncate", "split", "merge"})
+INVERSE_OPS = frozenset({"rename_map", "drop", "reshape", "transpose", "permute", "cast", "truncate", "split", "merge",
+                         "rename_global"})
 
 
 class OpError(BadInput, ValueError):
@@ -64,7 +66,7 @@ def _fullmatch(pattern: str, key: str) -> re.Match[str] | None:
     return re.fullmatch(pattern, key)
 
 
-class Operations:
+class Operations(PickleOps):
     """Mixin for :class:`~ckptmigrate.checkpoint.lazy.Checkpoint`: the ops and their inverse journal."""
 
     #: The op names an inverse journal may call (subclasses that add ops extend it).
@@ -112,6 +114,9 @@ class Operations:
         if not found and not missing_ok:
             raise self._closest(op, pattern, "matches no key (a pattern must match the whole key, as re.fullmatch)")
         return found
+
+    def _op_error(self, op: str, key: str | None, message: str) -> OpError:
+        return OpError(op, key, message)
 
     def _tensor(self, op: str, key: str) -> Entry:
         value = self._entries[key]
