@@ -14,6 +14,10 @@ from ckptmigrate.fleet import executors, tasks
 from ckptmigrate.fleet.journal import Journal, path_key
 
 
+#: Options that name a file, made absolute for a worker whose working directory is not ours.
+PATH_OPTIONS = ("output", "repo", "sign", "public_key")
+
+
 def portable_migrations(migrations: str | None) -> str | None:
     """The chain as a worker elsewhere can load it: an absolute directory or a module name, the
     configured one (checked as trusted here, in the driver) when none is given."""
@@ -58,8 +62,12 @@ def run(command: str, paths: Sequence[str | os.PathLike[str]], options: dict[str
         progress: Callable[[tasks.TaskResult], None] | None = None) -> Iterator[tasks.TaskResult]:
     """``command`` over ``paths`` (options as :func:`ckptmigrate.fleet.tasks.run` takes them); yields
     each file's result in the order of ``paths``. A skipped file's result is its journal record
-    (``result`` ``skipped``). ``progress`` is called as each result arrives, in any order."""
+    (``result`` ``skipped``). ``progress`` is called as each result arrives, in any order. Off
+    this machine's processes, paths are sent (and reported) absolute."""
     names = [os.fspath(p) for p in paths]
+    if executor != "local":  # a Ray worker runs in a directory of its own, on a machine of its own
+        names = [path_key(name) for name in names]
+        options = {k: path_key(v) if k in PATH_OPTIONS and isinstance(v, str) else v for k, v in options.items()}
     log = Journal(journal) if journal is not None else None
     try:
         ready: dict[int, tasks.TaskResult] = {}
