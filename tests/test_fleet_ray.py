@@ -11,6 +11,7 @@ skips what is done; stamping and verifying a fleet run on the cluster too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -72,10 +73,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             raise AssertionError("ray start exited:\n" + "".join(seen))
         yield Cluster(gcs, client)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=60)
 
 

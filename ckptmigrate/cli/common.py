@@ -95,9 +95,9 @@ class files_bar:
 
 
 _FLEET = [
-    click.option("--executor", default="local", show_default=True, metavar="local|ray|ray://HOST:PORT",
-                 help="Where each file's task runs: local processes, Ray (`ray`: RAY_ADDRESS, a running local "
-                      "cluster or a new one), or a Ray cluster by its client address."),
+    click.option("--executor", default="local", show_default=True, metavar="EXECUTOR",
+                 help="Where each file's task runs: `local` processes, `ray` (RAY_ADDRESS, a running local "
+                      "cluster or a new one), or `ray://HOST:PORT` (a Ray cluster through Ray Client)."),
     click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
                  help="Files at once (default: the number of CPUs; on Ray, the cluster's CPUs)."),
     click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,

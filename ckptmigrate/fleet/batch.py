@@ -13,7 +13,6 @@ from ckptmigrate.errors import CkptMigrateError, one_line
 from ckptmigrate.fleet import executors, tasks
 from ckptmigrate.fleet.journal import Journal, path_key
 
-
 #: Options that name a file, made absolute for a worker whose working directory is not ours.
 PATH_OPTIONS = ("output", "repo", "sign", "public_key")
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ class Journal:
 
     def record(self, **fields: Any) -> None:
         """Append one result line and fsync it before returning."""
-        line = {**fields, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        line = {**fields, "time": datetime.now(UTC).isoformat(timespec="milliseconds")}
         if line.get("result") in ("written", "unchanged", "stamped", "ok"):
             line["stat"] = _stat(str(line["path"]))
         data = (json.dumps(line, default=str, sort_keys=False) + "\n").encode()
