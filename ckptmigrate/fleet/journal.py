@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptmigrate.errors import BadInput, one_line
+from ckptmigrate.fleet.tasks import DONE
 
 
 def path_key(path: str) -> str:
@@ -47,7 +48,7 @@ class Journal:
         self.done: dict[tuple[str, str, str], dict[str, Any]] = {}
         for record in self._read():
             key = (path_key(str(record.get("path"))), str(record.get("command")), str(record.get("target")))
-            if record.get("result") in ("written", "unchanged", "stamped", "ok"):
+            if record.get("result") in DONE:
                 self.done[key] = record
             else:
                 self.done.pop(key, None)
@@ -79,7 +80,7 @@ class Journal:
     def record(self, **fields: Any) -> None:
         """Append one result line and fsync it before returning."""
         line = {**fields, "time": datetime.now(UTC).isoformat(timespec="milliseconds")}
-        if line.get("result") in ("written", "unchanged", "stamped", "ok"):
+        if line.get("result") in DONE:
             line["stat"] = _stat(str(line["path"]))
         data = (json.dumps(line, default=str, sort_keys=False) + "\n").encode()
         os.write(self._fd, data)

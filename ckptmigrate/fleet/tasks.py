@@ -21,7 +21,7 @@ from typing import Any
 
 from ckptmigrate.errors import CkptMigrateError, one_line
 
-#: What a task's ``result`` may be; the first three are a success.
+#: The results that mean a file is done (the others: ``failed``; a journal's ``skipped``).
 DONE = ("written", "unchanged", "stamped", "ok")
 
 
@@ -42,10 +42,6 @@ class TaskResult:
     detail: Any = None
     #: The error itself, kept only in the process that ran the task (it is not pickled).
     exception: CkptMigrateError | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.result in DONE
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "exception": None}
