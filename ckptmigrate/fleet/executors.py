@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptmigrate.errors import BadInput
+from ckptmigrate.errors import BadInput, one_line
 
 Task = Callable[[str, int], Any]
 
@@ -157,8 +157,12 @@ class Ray(Executor):
         self._ray = ray
         self._owned = not ray.is_initialized()
         if self._owned:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR,
-                     include_dashboard=False if address is None else None)
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR,
+                         include_dashboard=False if address is None else None)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = address or os.environ.get("RAY_ADDRESS") or "ray.init()"
+                raise BadInput(f"{where}: cannot join the Ray cluster ({one_line(exc)})") from None
         self.slots = jobs or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._remote: dict[Any, Any] = {}
         self._running: list[Any] = []
