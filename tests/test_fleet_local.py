@@ -107,3 +107,24 @@ def test_the_ray_executor_without_ray_installed_is_one_line_naming_the_extra(tmp
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "ckptmigrate: error: --executor ray needs Ray: pip install 'ckptmigrate[ray]'"
+
+
+def test_a_verify_re_run_skips_files_unchanged_since_and_checks_one_edited_since(tmp_path: Path, cli: Cli) -> None:
+    fleet = sorted(make_fleet(tmp_path / "runs", 3))
+    cli("stamp", "runs", "--digest", "-j", "2", check=True)
+    first = cli("verify", "runs", "-j", "2", "--journal", "v.jsonl")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[-1] == "3 files: 3 ok, 0 failed"
+
+    victim = fleet[2]
+    data = bytearray(victim.read_bytes())
+    offset = data.find(torch.arange(6.0).add(2).numpy().tobytes())  # run002's tensor `a`
+    data[offset] ^= 0xFF
+    victim.write_bytes(bytes(data))  # same size, same revision: only its mtime tells the journal
+
+    again = cli("verify", "runs", "-j", "2", "--journal", "v.jsonl", "--json")
+    assert again.returncode == 1
+    report = json.loads(again.stdout)
+    assert [(Path(f["path"]).name, f["ok"], f.get("skipped", False)) for f in report["files"]] == [
+        (fleet[0].name, True, True), (fleet[1].name, True, True), (victim.name, False, False)]
+    assert journal_lines(tmp_path / "v.jsonl")[-1]["result"] == "failed"

@@ -183,7 +183,7 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
             if not as_json:
                 click.echo(f"stamped {dest}")
     if as_json:
-        emit_json(rows[0]["envelope"] if len(files) == 1 else rows)
+        emit_json(rows[0].get("envelope", rows[0]) if len(files) == 1 else rows)
     elif len(files) > 1:
         click.echo(f"{len(files)} files: {stamped} stamped, " + (f"{skipped} skipped (journal), " if skipped else "")
                    + f"{failed} failed")

@@ -86,11 +86,11 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
     watching = sys.stdout.isatty() and not as_json
     options = {"public_key": str(pubkey.resolve()) if pubkey is not None else None, "key": state_key}
     results: list[Any] = []
-    skipped = 0
+    skipped: set[str] = set()
     with file_bar("verify", files[0] if files else ".", show=watching and len(files) == 1 and manifest is None):
         for outcome in fleet_run("verify", files, options, fleet=fleet, show=watching):
             if outcome.result == "skipped":
-                skipped += 1
+                skipped.add(outcome.path)
                 if not as_json:
                     click.echo(f"{outcome.path}: OK in the journal, unchanged since, skipped")
                 result = integrity.VerifyResult(Path(outcome.path), ok=True)
@@ -112,7 +112,9 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
     manifest_ok = manifest_info is None or manifest_info["ok"]
     if as_json:
         click.echo(json.dumps({"ok": not failed and manifest_ok, "checked": len(results), "failed": len(failed),
-                               "manifest": manifest_info, "files": [r.to_dict() for r in results]}, indent=2))
+                               "manifest": manifest_info,
+                               "files": [{**r.to_dict(), **({"skipped": True} if str(r.path) in skipped else {})}
+                                         for r in results]}, indent=2))
     else:
         if manifest_info is not None:
             level = "FAILED" if strict else "WARNING"
@@ -125,7 +127,7 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
             click.echo(f"manifest {manifest}: release {manifest_info['release']}, {manifest_info['files']} files"
                        f"{extra}{who}: {state}", err=not manifest_ok)
         if len(results) > 1 or manifest_info is not None:
-            click.echo(f"{len(results)} files: {len(results) - len(failed)} ok, "
-                       + (f"{skipped} skipped (journal), " if skipped else "") + f"{len(failed)} failed")
+            click.echo(f"{len(results)} files: {len(results) - len(failed) - len(skipped)} ok, "
+                       + (f"{len(skipped)} skipped (journal), " if skipped else "") + f"{len(failed)} failed")
     if failed or not manifest_ok:
         sys.exit(1)

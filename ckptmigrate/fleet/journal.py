@@ -10,7 +10,8 @@ agrees: a line is a claim, not a proof. Before skipping, the driver reads the fi
 zip directory and the envelope record, or the safetensors header; no tensor bytes) and skips only
 when its revision is the one the line recorded, the chain's heads are the ones the line was
 written under (a new head makes ``--to head`` mean another revision), and, for ``verify``, the
-file's size and modification time are the ones recorded. Relative targets (``+N``, ``-N``) name a
+file's size and modification time are the ones recorded (a multi-file checkpoint's directory has
+none worth trusting: it is verified again). Relative targets (``+N``, ``-N``) name a
 different revision on every run and are never skipped.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,11 +35,12 @@ def path_key(path: str) -> str:
 
 
 def _stat(path: str) -> list[int] | None:
+    """Size and mtime of a regular file; None otherwise (a directory's mtime misses an edited shard)."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):
         return None
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None
 
 
 class Journal:
@@ -93,7 +96,7 @@ class Journal:
         record = self.done.get((path_key(path), command, target))
         if record is None or record.get("chain") != chain:
             return None
-        if command == "verify" and record.get("stat") != _stat(path):
+        if command == "verify" and (record.get("stat") is None or record.get("stat") != _stat(path)):
             return None
         from ckptmigrate import formats
         from ckptmigrate.errors import CkptMigrateError
