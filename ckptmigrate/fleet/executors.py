@@ -164,13 +164,11 @@ class Ray(Executor):
                 where = address or os.environ.get("RAY_ADDRESS") or "ray.init()"
                 raise BadInput(f"{where}: cannot join the Ray cluster ({one_line(exc)})") from None
         self.slots = jobs or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self._remote: dict[Any, Any] = {}
+        self._remote = ray.remote(max_retries=0, num_cpus=1)(_call)
         self._running: list[Any] = []
 
     def start(self, task: Task, path: str, attempt: int) -> Any:
-        if task not in self._remote:
-            self._remote[task] = self._ray.remote(max_retries=0, num_cpus=1)(_call)
-        ref = self._remote[task].remote(task, path, attempt)
+        ref = self._remote.remote(task, path, attempt)
         self._running.append(ref)
         return ref
 
