@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,26 @@ MIGRATIONS = click.option(
     "--migrations", "migrations", default=None, metavar="DIR_OR_MODULE",
     help="Script directory or importable package (default: [tool.ckptmigrate] in pyproject.toml).",
 )
+
+
+class files_bar:
+    """A bar of files over ``items`` on stderr when ``show`` (a batch on a terminal)."""
+
+    def __init__(self, items: Iterable[Any], show: bool, desc: str, total: int | None = None) -> None:
+        self.items, self.show, self.desc, self.total = items, show, desc, total
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if not self.show:
+            return self.items
+        from tqdm import tqdm
+
+        self.bar = tqdm(self.items, desc=self.desc, unit="file", total=self.total, file=sys.stderr)
+        return self.bar
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 _FLEET = [
