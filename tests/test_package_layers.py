@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("release",),
     ("api", "testing"),
     ("integrations",),
+    ("fleet",),
     ("cli",),
     ("__init__", "__main__"),
 ]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json, error_dict, error_line, files_bar, naming, parse_tags
-from ckptmigrate.errors import BadInput, CkptMigrateError
+from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json, fleet_options, fleet_run, naming, parse_tags
+from ckptmigrate.errors import BadInput
 from ckptmigrate.util.paths import multi_file_checkpoint
 from ckptmigrate.util.progress import file_bar
 
@@ -133,62 +134,59 @@ def inspect(paths: tuple[str, ...], as_json: bool, keys: bool, key: str | None, 
 @click.option("--allow-dirty", is_flag=True, help="With --release: accept uncommitted changes, or no repository.")
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help="With --release/--sign: vouch for a file whose pickle names globals torch's weights_only refuses.")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
-              help="Files stamped at once (default: the number of CPUs).")
+@fleet_options
 def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, output: Path | None, overwrite: bool,
           key: str | None, revision: str | None, migrations: str | None, as_json: bool,
           release: str | None, sign: Path | None, digest: bool, allow_dirty: bool, allow_unsafe_pickle: bool,
-          jobs: int | None) -> None:
+          **fleet: Any) -> None:
     """Write the envelope into checkpoints (files, directories, globs) without changing any tensor."""
     from ckptmigrate import api
+    from ckptmigrate.fleet import batch
     from ckptmigrate.release import signing
-    from ckptmigrate.release.manifest import parallel
 
     files = api.checkpoint_files(paths)
     if output is not None and len(files) != 1:
         raise BadInput("-o/--output takes exactly one input file")
-    graph = None
     if revision is not None:  # once, before any file: an unknown revision is one error, not one per file
-        graph = api.revision_graph(migrations)
-        revision = graph.get(revision).id
+        revision = api.revision_graph(migrations).get(revision).id
     if release is not None and not allow_dirty:
         from ckptmigrate.release.stamping import require_clean
 
         require_clean(repo)  # once, before any file: stamping tracked files dirties the tree as it goes
-    private_key = signing.load_private_key(sign) if sign is not None else None
-    tag_map = parse_tags(tags)
+    if sign is not None:
+        signing.load_private_key(sign)  # once, before any file: a bad key is one error
+    options = {"output": str(output) if output is not None else None, "overwrite": overwrite,
+               "tags": parse_tags(tags), "repo": os.path.abspath(repo or os.getcwd()), "key": key,
+               "revision": revision, "migrations": batch.portable_migrations(migrations) if revision else None,
+               "release": release, "sign": str(sign.resolve()) if sign is not None else None, "digest": digest,
+               "allow_dirty": True, "allow_unsafe_pickle": allow_unsafe_pickle}
     watching = sys.stdout.isatty() and not as_json
-
-    def one(path: Path) -> tuple[Path, Path | None, CkptMigrateError | None]:
-        """Stamp one file: (path, where it was written, or the error that stopped it)."""
-        try:
-            with naming(path), file_bar("stamp", path, show=watching and len(files) == 1):
-                return path, api.stamp(path, output=output, overwrite=overwrite, tags=tag_map, repo=repo, key=key,
-                                       revision=revision, migrations=graph, release=release,
-                                       sign=private_key, digest=digest, allow_dirty=True,
-                                       allow_unsafe_pickle=allow_unsafe_pickle), None
-        except CkptMigrateError as exc:
-            if len(files) == 1:
-                raise
-            return path, None, exc
-
-    written, rows, failed = [], [], 0
-    with files_bar(parallel(one, files, jobs), watching and len(files) > 1, "stamp", len(files)) as results:
-        for path, dest, error in results:
-            if error is not None or dest is None:
-                click.echo(f"{path}: FAILED: {error_line(error) if error else 'not written'}", err=True)
-                rows.append({"path": str(path), "error": error_dict(error) if error else None})
+    rows: list[dict[str, Any]] = []
+    stamped = failed = skipped = 0
+    with file_bar("stamp", files[0], show=watching and len(files) == 1):
+        for result in fleet_run("stamp", files, options, fleet=fleet, show=watching, target=revision or ""):
+            if result.error is not None:
+                click.echo(f"{result.path}: FAILED: {result.error['message']}", err=True)
+                rows.append({"path": result.path, "error": result.error})
                 failed += 1
                 continue
-            written.append(dest)
-            rows.append({"path": str(path), "output": str(dest), "envelope": api.inspect(dest)["envelope"]
+            if result.result == "skipped":
+                skipped += 1
+                rows.append({"path": result.path, "skipped": True, "revision": result.after})
+                if not as_json:
+                    click.echo(f"{result.path}: stamped (journal), skipped")
+                continue
+            dest = result.detail["output"]
+            stamped += 1
+            rows.append({"path": result.path, "output": dest, "envelope": api.inspect(dest)["envelope"]
                          if as_json else None})
             if not as_json:
                 click.echo(f"stamped {dest}")
     if as_json:
-        emit_json(rows[0]["envelope"] if len(files) == 1 else rows)
+        emit_json(rows[0].get("envelope", rows[0]) if len(files) == 1 else rows)
     elif len(files) > 1:
-        click.echo(f"{len(files)} files: {len(written)} stamped, {failed} failed")
+        click.echo(f"{len(files)} files: {stamped} stamped, " + (f"{skipped} skipped (journal), " if skipped else "")
+                   + f"{failed} failed")
     if failed:
         sys.exit(2)
 

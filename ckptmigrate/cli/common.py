@@ -1,5 +1,5 @@
 """What the command modules share: error wording (one line, or a JSON object with ``--json``), tags,
-JSON output, common options."""
+JSON output, common options, the batch options and how a batch runs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -91,3 +92,63 @@ class files_bar:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+_FLEET = [
+    click.option("--executor", default="local", show_default=True, metavar="EXECUTOR",
+                 help="Where each file's task runs: `local` processes, `ray` (RAY_ADDRESS, a running local "
+                      "cluster or a new one), or `ray://HOST:PORT` (a Ray cluster through Ray Client)."),
+    click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+                 help="Files at once (default: the number of CPUs; on Ray, the cluster's CPUs)."),
+    click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+                 help="Re-runs of a file whose worker died; a file's own error is never retried."),
+    click.option("--journal", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+                 help="JSONL journal of results, one fsynced line per file; a re-run skips the files it records "
+                      "done once the file's envelope agrees."),
+]
+
+
+def fleet_options(fn: Any) -> Any:
+    """``--executor``, ``-j``, ``--retries`` and ``--journal``, the same on every batch command."""
+    for decorator in reversed(_FLEET):
+        fn = decorator(fn)
+    return fn
+
+
+def fleet_run(command: str, files: Sequence[Path], options: dict[str, Any], *, fleet: dict[str, Any], show: bool,
+              target: str = "", chain: str | None = None) -> Iterator[Any]:
+    """The files' results in order (see :func:`ckptmigrate.fleet.batch.run`), a bar of files on stderr
+    when ``show`` and there are several; one file's error is raised as the single-file command's."""
+    from ckptmigrate.fleet import batch
+
+    bar = None
+    if show and len(files) > 1:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), desc=command, unit="file", file=sys.stderr)
+    try:
+        for result in batch.run(command, files, options, target=target, chain=chain,
+                                progress=(lambda _r: bar.update(1)) if bar is not None else None,
+                                **fleet):
+            if result.error is not None and len(files) == 1 and command != "verify":
+                raise result.exception or _RemoteError.of(result.error)
+            yield result
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+class _RemoteError(CkptMigrateError):
+    """A file's error that happened in another process or machine, rebuilt from its data."""
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> _RemoteError:
+        exc = cls(str(data.get("message")), path=data.get("path"))
+        exc.exit_code = int(data.get("exit_code") or 2)
+        exc.data = dict(data)
+        return exc
+
+    data: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.data)

@@ -8,73 +8,84 @@ from typing import Any
 
 import click
 
-from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json, error_dict, error_line, files_bar, naming
-from ckptmigrate.errors import BadInput, CkptMigrateError
+from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json, fleet_options, fleet_run
+from ckptmigrate.errors import BadInput
 from ckptmigrate.util.progress import file_bar
 
 
 def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | None, overwrite: bool, dry_run: bool,
              no_backup: bool, from_rev: str | None, lineage: str | None, migrations: str | None,
              key: str | None, as_json: bool, trust_pickle: bool, state_dicts: tuple[str, ...],
-             optimizer: str) -> None:
+             optimizer: str, fleet: dict[str, Any]) -> None:
     from ckptmigrate import api
-    from ckptmigrate.chain import config, engine
+    from ckptmigrate.chain import config
+    from ckptmigrate.fleet import batch
 
-    graph = api.chain_source(migrations)
+    source = api.chain_source(migrations)  # once, in the driver: a broken chain is one error, not one per file
     declared = list(state_dicts) if state_dicts else config.load().state_dicts
     files = api.checkpoint_files(paths)
     if output is not None and len(files) != 1:
         raise BadInput("-o/--output takes exactly one input file")
-    run = api.upgrade if direction == "upgrade" else api.downgrade
-    results, rows = [], []
+    options = {"to": to, "output": str(output) if output is not None else None, "overwrite": overwrite,
+               "dry_run": dry_run, "backup": not no_backup, "from_rev": from_rev, "lineage": lineage, "key": key,
+               "trust_pickle": trust_pickle, "migrations": batch.portable_migrations(migrations),
+               "state_dicts": declared, "optimizer": optimizer}
     watching = sys.stdout.isatty() and not as_json
-    with files_bar(files, watching and len(files) > 1, direction) as items:
-        for path in items:
-            error: CkptMigrateError | None = None
-            try:
-                with naming(path), file_bar(direction, path, show=watching and len(files) == 1):
-                    outcome = run(path, to=to, output=output, overwrite=overwrite, dry_run=dry_run,
-                                  backup=not no_backup, from_rev=from_rev, lineage=lineage, key=key,
-                                  trust_pickle=trust_pickle, migrations=graph, state_dicts=declared,
-                                  optimizer=optimizer)
-            except CkptMigrateError as exc:
-                if len(files) == 1:
-                    raise
-                error = exc
-                outcome = engine.Outcome(path, None, None, error=error_line(exc))
-            results.append(outcome)
-            rows.append({**outcome.to_dict(), "error": error_dict(error) if error is not None else None})
+    rows, written, failed = [], 0, 0
+    with file_bar(direction, files[0], show=watching and len(files) == 1):
+        for result in fleet_run(direction, files, options, fleet=fleet, show=watching, target=to,
+                                chain=None if dry_run else batch.chain_key(source)):
+            row = _row(result)
+            rows.append(row)
+            written += result.result == "written"
+            failed += result.error is not None
             if not as_json:
-                _print_outcome(outcome, dry_run)
-    failed = [r for r in results if r.error]
+                _print_result(result, dry_run)
     if as_json:
         emit_json(rows if len(rows) > 1 else rows[0])
-    elif len(results) > 1:
-        done = sum(1 for r in results if r.written)
-        click.echo(f"{len(results)} files: {done} written, "
-                   f"{len(results) - done - len(failed)} unchanged, {len(failed)} failed")
+    elif len(rows) > 1:
+        skipped = sum(1 for r in rows if r.get("skipped"))
+        unchanged = len(rows) - written - failed - skipped
+        click.echo(f"{len(rows)} files: {written} written, {unchanged} unchanged, "
+                   + (f"{skipped} skipped (journal), " if skipped else "") + f"{failed} failed")
     if failed:
         sys.exit(2)
+
+
+def _row(result: Any) -> dict[str, Any]:
+    """The file's ``--json`` row: the engine's outcome, or what the journal or the failure says."""
+    if result.result == "skipped":
+        return {"path": result.path, "output": None, "direction": result.command, "from": result.before,
+                "to": result.after, "revisions": [],
+                "written": False, "backup": None, "error": None, "ops": [], "skipped": True}
+    if result.detail is not None:
+        return {**result.detail["row"], "error": None}
+    return {"path": result.path, "output": None, "direction": None, "from": None, "to": None,
+            "revisions": [], "written": False, "backup": None, "error": result.error, "ops": []}
 
 
 def _count(n: int, what: str) -> str:
     return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
-def _print_outcome(outcome: Any, dry_run: bool) -> None:
+def _print_result(result: Any, dry_run: bool) -> None:
     from ckptmigrate.util.keygroups import group_keys
 
-    if outcome.error:
-        click.echo(f"{outcome.path}: FAILED: {outcome.error}", err=True)
+    if result.error is not None:
+        click.echo(f"{result.path}: FAILED: {result.error['message']}", err=True)
         return
-    plan = outcome.plan
-    if not plan.steps:
-        copied = f", copied to {outcome.output}" if outcome.written else ""
-        click.echo(f"{outcome.path}: {plan.describe()}, left untouched{copied}")
+    if result.result == "skipped":
+        click.echo(f"{result.path}: at {result.after}, done in the journal, skipped")
+        return
+    detail = result.detail
+    row = detail["row"]
+    if not detail["steps"]:
+        copied = f", copied to {row['output']}" if row["written"] else ""
+        click.echo(f"{row['path']}: {detail['describe']}, left untouched{copied}")
         return
     if dry_run:
-        click.echo(f"{outcome.path}: would {plan.describe()} (start from {plan.start_source})")
-        for step in outcome.ops:
+        click.echo(f"{row['path']}: would {detail['describe']} (start from {detail['start_source']})")
+        for step in row["ops"]:
             if not step["ops"]:
                 click.echo(f"    {step['revision']}: no ops")
                 continue
@@ -84,12 +95,12 @@ def _print_outcome(outcome: Any, dry_run: bool) -> None:
                 for group in group_keys(op["touched"]):
                     click.echo(f"        {group}")
         return
-    backup = f" (backup: {outcome.backup})" if outcome.backup else ""
-    written = f", written to {outcome.output}" if outcome.output is not None and outcome.output != outcome.path else ""
-    click.echo(f"{outcome.path}: {plan.describe()}{written}{backup}")
+    backup = f" (backup: {row['backup']})" if row["backup"] else ""
+    written = f", written to {row['output']}" if row["output"] is not None and row["output"] != row["path"] else ""
+    click.echo(f"{row['path']}: {detail['describe']}{written}{backup}")
 
 
-_COMMON = [
+_COMMON: list[Any] = [
     click.argument("paths", nargs=-1, required=True),
     click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of in place."),
     click.option("--overwrite", is_flag=True, help="With -o: replace an existing file."),
@@ -105,6 +116,7 @@ _COMMON = [
     click.option("--optimizer", type=click.Choice(["strict", "reset_new"]), default="strict", show_default=True,
                  help="Optimizer state when a migration adds a parameter: refuse, or start it fresh."),
     JSON,
+    fleet_options,
     click.option("--trust-pickle", is_flag=True,
                  help="Run the file's pickle code so migrations see its extras as real objects. Trusted files only."),
     MIGRATIONS,
@@ -123,12 +135,12 @@ def _with_common(fn: Any) -> Any:
 def upgrade(paths: tuple[str, ...], to: str, output: Path | None, overwrite: bool, in_place: bool, dry_run: bool,
             no_backup: bool, from_rev: str | None, lineage: str | None, key: str | None,
             state_dicts: tuple[str, ...], optimizer: str, as_json: bool, trust_pickle: bool,
-            migrations: str | None) -> None:
+            migrations: str | None, **fleet: Any) -> None:
     """Upgrade checkpoints (files, directories, globs) to a revision, in place by default."""
     if in_place and output is not None:
         raise BadInput("--in-place and -o/--output exclude each other")
     _migrate("upgrade", paths, to, output, overwrite, dry_run, no_backup, from_rev, lineage, migrations, key, as_json,
-             trust_pickle, state_dicts, optimizer)
+             trust_pickle, state_dicts, optimizer, fleet)
 
 
 @click.command()
@@ -137,9 +149,9 @@ def upgrade(paths: tuple[str, ...], to: str, output: Path | None, overwrite: boo
 def downgrade(paths: tuple[str, ...], to: str, output: Path | None, overwrite: bool, in_place: bool, dry_run: bool,
               no_backup: bool, from_rev: str | None, lineage: str | None, key: str | None,
               state_dicts: tuple[str, ...], optimizer: str, as_json: bool, trust_pickle: bool,
-              migrations: str | None) -> None:
+              migrations: str | None, **fleet: Any) -> None:
     """Walk checkpoints back down the chain to an older revision."""
     if in_place and output is not None:
         raise BadInput("--in-place and -o/--output exclude each other")
     _migrate("downgrade", paths, to, output, overwrite, dry_run, no_backup, from_rev, lineage, migrations, key, as_json,
-             trust_pickle, state_dicts, optimizer)
+             trust_pickle, state_dicts, optimizer, fleet)

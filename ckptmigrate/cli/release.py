@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ckptmigrate.cli.common import JSON
-from ckptmigrate.errors import BadInput, CkptMigrateError
+from ckptmigrate.cli.common import JSON, fleet_options, fleet_run
+from ckptmigrate.errors import BadInput
 from ckptmigrate.util.progress import file_bar
 
 
@@ -32,16 +31,6 @@ def keygen(private: Path, public: Path) -> None:
 
     fp = api.keygen(private, public)
     click.echo(f"wrote {private} (private, mode 600) and {public}; fingerprint {fp}")
-
-
-def _bar(items: Iterator[Any], total: int, show: bool) -> Iterator[Any]:
-    if not show:
-        yield from items
-        return
-    from tqdm import tqdm
-
-    with tqdm(items, total=total, desc="verify", unit="file", file=sys.stderr) as bar:
-        yield from bar
 
 
 def _line(r: Any) -> str:
@@ -69,18 +58,16 @@ def _public_key_given_as_key(value: str | None) -> bool:
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
               help="Release manifest: check every file it lists (relative to the manifest).")
 @JSON
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
-              help="Files verified at once (default: the number of CPUs).")
 @click.option("--key", "state_key", default=None, metavar="LOCATION",
               help="Where the state dict sits in the payload, as on every command (the public key is --public-key).")
 @click.option("--strict", is_flag=True,
               help="With --manifest: fail when the manifest's directory holds checkpoint files it does not list.")
+@fleet_options
 def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, as_json: bool,
-           jobs: int | None, state_key: str | None, strict: bool) -> None:
+           state_key: str | None, strict: bool, **fleet: Any) -> None:
     """Recompute digests and check signatures of stamped checkpoints (files, directories, globs)."""
     from ckptmigrate import api
     from ckptmigrate.release import integrity, signing
-    from ckptmigrate.release import manifest as release
 
     if _public_key_given_as_key(state_key):
         raise BadInput(f"{state_key}: a key file given as --key, which names where the state dict sits on every "
@@ -89,30 +76,34 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
         raise BadInput("verify needs PATH... or --manifest")
     if strict and manifest is None:
         raise BadInput("--strict checks the directory of a --manifest; give --manifest")
-    public_key = signing.load_public_key(pubkey) if pubkey is not None else None
+    if pubkey is not None:
+        signing.load_public_key(pubkey)  # once, before any file: a bad key is one error
     files = api.checkpoint_files(paths) if paths else []
     for path in files:
         if not path.exists():
             raise BadInput(f"{path}: no such file", path=path)
 
-    watching = sys.stdout.isatty() and not as_json and len(files) == 1 and manifest is None
-
-    def one(path: Path) -> integrity.VerifyResult:
-        try:
-            with file_bar("verify", path, show=watching):
-                return api.verify(path, public_key, key=state_key)
-        except CkptMigrateError as exc:  # one unreadable file never stops the rest
-            return integrity.VerifyResult(path, problems=[str(exc)])
-
-    show = sys.stdout.isatty() and len(files) > 1 and not as_json
-    results = []
-    for result in _bar(release.parallel(one, files, jobs), len(files), show):
-        results.append(result)
-        if not as_json:
-            click.echo(_line(result), err=not result.ok)
+    watching = sys.stdout.isatty() and not as_json
+    options = {"public_key": str(pubkey.resolve()) if pubkey is not None else None, "key": state_key}
+    results: list[Any] = []
+    skipped: set[str] = set()
+    with file_bar("verify", files[0] if files else ".", show=watching and len(files) == 1 and manifest is None):
+        for outcome in fleet_run("verify", files, options, fleet=fleet, show=watching):
+            if outcome.result == "skipped":
+                skipped.add(outcome.path)
+                if not as_json:
+                    click.echo(f"{outcome.path}: OK in the journal, unchanged since, skipped")
+                result = integrity.VerifyResult(Path(outcome.path), ok=True)
+            else:
+                result = outcome.detail if outcome.detail is not None else integrity.VerifyResult(
+                    Path(outcome.path), problems=[(outcome.error or {}).get("message", "failed")])
+                if not as_json:
+                    click.echo(_line(result), err=not result.ok)
+            results.append(result)
     manifest_info: dict[str, Any] | None = None
     if manifest is not None:
-        manifest_info, listed = api.verify_manifest(manifest, public_key, jobs=jobs, strict=strict)
+        manifest_info, listed = api.verify_manifest(manifest, None if pubkey is None else signing.load_public_key(
+            pubkey), jobs=fleet["jobs"], strict=strict)
         for result in listed:
             results.append(result)
             if not as_json:
@@ -121,7 +112,9 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
     manifest_ok = manifest_info is None or manifest_info["ok"]
     if as_json:
         click.echo(json.dumps({"ok": not failed and manifest_ok, "checked": len(results), "failed": len(failed),
-                               "manifest": manifest_info, "files": [r.to_dict() for r in results]}, indent=2))
+                               "manifest": manifest_info,
+                               "files": [{**r.to_dict(), **({"skipped": True} if str(r.path) in skipped else {})}
+                                         for r in results]}, indent=2))
     else:
         if manifest_info is not None:
             level = "FAILED" if strict else "WARNING"
@@ -134,6 +127,7 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
             click.echo(f"manifest {manifest}: release {manifest_info['release']}, {manifest_info['files']} files"
                        f"{extra}{who}: {state}", err=not manifest_ok)
         if len(results) > 1 or manifest_info is not None:
-            click.echo(f"{len(results)} files: {len(results) - len(failed)} ok, {len(failed)} failed")
+            click.echo(f"{len(results)} files: {len(results) - len(failed) - len(skipped)} ok, "
+                       + (f"{len(skipped)} skipped (journal), " if skipped else "") + f"{len(failed)} failed")
     if failed or not manifest_ok:
         sys.exit(1)
