@@ -8,15 +8,14 @@ saying why. Works on schemas alone (key → shape, dtype), so a model built on `
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from ckptmigrate.autogenerate.keys import Sig, digits, regex, sig, similarity, undigit
 from ckptmigrate.autogenerate.render import Code, Step, string_literal, tensor_code
 from ckptmigrate.checkpoint.envelope import Schema
 from ckptmigrate.ops.operations import WRAPPER_PREFIXES
@@ -25,7 +24,6 @@ from ckptmigrate.util.keygroups import group_keys
 if TYPE_CHECKING:
     import torch
 
-Sig = tuple[tuple[int, ...], str]
 _QKV = {"q": 0, "query": 0, "wq": 0, "k": 1, "key": 1, "wk": 1, "v": 2, "value": 2, "wv": 2}
 
 
@@ -56,11 +54,11 @@ class SchemaDiff:
         for label, entries in (("removed", self.removed), ("added", self.added)):
             by_sig: dict[Sig, list[str]] = {}
             for key, e in entries.items():
-                by_sig.setdefault(_sig(e), []).append(key)
+                by_sig.setdefault(sig(e), []).append(key)
             out += [f"{label:<9} {line}  {_fmt(sig)}" for sig, keys in by_sig.items() for line in group_keys(keys)]
         pairs: dict[tuple[Sig, Sig], list[str]] = {}
         for key, (o, n) in self.reshaped.items():
-            pairs.setdefault((_sig(o), _sig(n)), []).append(key)
+            pairs.setdefault((sig(o), sig(n)), []).append(key)
         out += [f"reshaped  {line}  {_fmt(o)} -> {_fmt(n)}" for (o, n), ks in pairs.items() for line in group_keys(ks)]
         return out
 
@@ -74,7 +72,7 @@ def diff_schemas(old: Schema, new: Schema) -> SchemaDiff:
     return SchemaDiff(
         added={k: dict(v) for k, v in new.items() if k not in old and k not in targets},
         removed={k: dict(v) for k, v in old.items() if k not in new and k not in plan.renamed},
-        reshaped={k: (dict(old[k]), dict(new[k])) for k in old if k in new and _sig(old[k]) != _sig(new[k])},
+        reshaped={k: (dict(old[k]), dict(new[k])) for k in old if k in new and sig(old[k]) != sig(new[k])},
         renamed=dict(plan.renamed),
     )
 
@@ -121,7 +119,7 @@ class _Rule:
 
     @property
     def similarity(self) -> float:
-        return _similarity(*self.shown)
+        return similarity(*self.shown)
 
     def apply(self, key: str) -> str | None:
         if not key.startswith(self.lead):
@@ -130,7 +128,7 @@ class _Rule:
             return self.new + key[len(self.old):]
         if self.op == "rename":
             return self.new if key == self.old else None
-        m = _regex(self.old).fullmatch(key)
+        m = regex(self.old).fullmatch(key)
         return m.expand(self.new) if m else None
 
 
@@ -152,8 +150,8 @@ class _Plan:
     """``state``: the old schema as the steps written so far leave it; each stage adds steps and moves it on."""
 
     def __init__(self, old: Schema, new: Schema) -> None:
-        self.state: dict[str, Sig] = {k: _sig(v) for k, v in old.items()}
-        self.new: dict[str, Sig] = {k: _sig(v) for k, v in new.items()}
+        self.state: dict[str, Sig] = {k: sig(v) for k, v in old.items()}
+        self.new: dict[str, Sig] = {k: sig(v) for k, v in new.items()}
         self.origin = {k: k for k in self.state}
         self.renamed: dict[str, str] = {}  # original key → new key, same tensor
         self.steps: list[Step] = []
@@ -192,15 +190,15 @@ class _Plan:
         added: dict[Sig, dict[tuple[str, ...], list[str]]] = {}
         for a in self.new:
             if a not in self.state and a not in reserved:
-                added.setdefault(self.new[a], {}).setdefault(_digits(a), []).append(a)
+                added.setdefault(self.new[a], {}).setdefault(digits(a), []).append(a)
         pairs: dict[tuple[str, str], tuple[str, str]] = {}
         for k in self.state:
             if k in self.new or k in reserved:
                 continue
-            dk = _digits(k)
+            dk = digits(k)
             for dt, keys in added.get(self.state[k], {}).items():
                 if dt == dk:  # the same rule for every layer: one pair per shape of the names is enough
-                    pairs.update({(_undigit(k), _undigit(a)): (k, a) for a in keys})
+                    pairs.update({(undigit(k), undigit(a)): (k, a) for a in keys})
                 elif _subsequence(dt, dk) or _subsequence(dk, dt):  # a Sequential index came or went
                     pairs.update({(k, a): (k, a) for a in keys})
         rules = {r for k, a in pairs.values() if (r := _rule_for(k, a)) is not None}
@@ -262,19 +260,19 @@ class _Plan:
             by_digits: dict[tuple[str, ...], list[tuple[int, list[str]]]] = {}
             for hole, keys in _siblings(pieces):
                 keys.sort(key=lambda k, h=hole: (_qkv_rank(k.split(".")[h]), order[k]))  # type: ignore[misc]
-                by_digits.setdefault(_digits(keys[0]), []).append((hole, keys))
+                by_digits.setdefault(digits(keys[0]), []).append((hole, keys))
             for w in wholes:
                 ws, best = w.split("."), None
-                for hole, keys in by_digits.get(_digits(w), []):
+                for hole, keys in by_digits.get(digits(w), []):
                     ps = keys[0].split(".")
                     strict = len(ws) == len(ps) and ws[:hole] + ws[hole + 1:] == ps[:hole] + ps[hole + 1:]
-                    if not strict and not (_digits(w) and (ws[-1].endswith(ps[-1]) or ps[-1].endswith(ws[-1]))):
+                    if not strict and not (digits(w) and (ws[-1].endswith(ps[-1]) or ps[-1].endswith(ws[-1]))):
                         continue
                     for run in _runs(keys):
                         dim = _cat_dim([psig[p] for p in run], wsig[w])
                         if dim is None or used.intersection(run):
                             continue
-                        score = (strict, len(run) == len(keys), len(run), _similarity(w, run[0]))
+                        score = (strict, len(run) == len(keys), len(run), similarity(w, run[0]))
                         if best is None or score > best[0]:
                             sizes = tuple(psig[p][0][dim] for p in run)
                             best = (score, _Fusion(kind, w, tuple(run), dim, sizes, not strict))
@@ -316,7 +314,7 @@ class _Plan:
     def _covers(self, pattern: str, templates: Sequence[str], fs: list[_Fusion]) -> bool:
         """The pattern matches exactly the driving keys of ``fs`` and expands to exactly their counterparts."""
         want = {(f.fused if f.kind == "split" else f.parts[0]): f for f in fs}
-        got = {k: m for k in self.state if (m := _regex(pattern).fullmatch(k))}
+        got = {k: m for k in self.state if (m := regex(pattern).fullmatch(k))}
         if got.keys() != want.keys():
             return False
         return all([m.expand(t) for t in templates] == ([*f.parts] if f.kind == "split" else [f.fused])
@@ -364,7 +362,7 @@ class _Plan:
         for k in [k for k in self.new if k not in self.state]:
             code, note = _init(k, self.new[k], values.get(k), self.new)
             note = f"{self.add_notes.get(k, 'new key')}: {note}"
-            twins = sorted({_undigit(d) for d, sig in self.dropped.items() if sig == self.new[k]})
+            twins = sorted({undigit(d) for d, sig in self.dropped.items() if sig == self.new[k]})
             if twins:
                 note += f"; if it is the dropped {' or '.join(twins[:2])} renamed, use ckpt.rename instead"
             segs = k.split(".")
@@ -387,31 +385,12 @@ class _Plan:
 # -- helpers --------------------------------------------------------------------------------------------------
 
 
-def _sig(entry: Mapping[str, Any]) -> Sig:
-    return tuple(int(d) for d in entry["shape"]), str(entry["dtype"]).removeprefix("torch.")
-
-
 def _entry(e: Mapping[str, Any]) -> dict[str, Any]:
     return {"shape": [int(d) for d in e["shape"]], "dtype": str(e["dtype"])}
 
 
 def _fmt(sig: Sig) -> str:
     return f"{list(sig[0])} {sig[1]}"
-
-
-def _digits(key: str) -> tuple[str, ...]:
-    return tuple(s for s in key.split(".") if s.isdigit())
-
-
-@lru_cache(maxsize=4096)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
-
-
-@lru_cache(maxsize=4096)
-def _similarity(a: str, b: str) -> float:
-    a, b = re.sub(r"\d+", "", a), re.sub(r"\d+", "", b)
-    return difflib.SequenceMatcher(None, a, b).ratio() if a or b else 1.0
 
 
 def _common_prefixes(keys: Iterable[str]) -> list[str]:
@@ -448,10 +427,6 @@ def _backref(n: int) -> str:
     return f"\\{n}" if n < 10 else f"\\g<{n}>"
 
 
-def _undigit(key: str) -> str:
-    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1#", key)
-
-
 def _rule_for(old: str, new: str) -> _Rule | None:
     """The rename that moves ``old`` to ``new``: the differing prefix when the tails agree, else the whole key."""
     os_, ns = old.split("."), new.split(".")
@@ -459,7 +434,7 @@ def _rule_for(old: str, new: str) -> _Rule | None:
     while c < min(len(os_), len(ns)) and os_[-1 - c] == ns[-1 - c]:
         c += 1
     if c == 0:
-        if os_[:-1] != ns[:-1] and _similarity(old, new) < 0.6:
+        if os_[:-1] != ns[:-1] and similarity(old, new) < 0.6:
             return None
         pattern, (tpl,), n, lead = _generalise(os_, [ns])
         return _Rule("rename_regex", pattern, tpl, lead, n) if n else _Rule("rename", old, new, old, 0)
@@ -530,7 +505,7 @@ def _patterns(keys: list[str], universe: Iterable[str]) -> list[str]:
     universe = list(universe)
     out: list[str] = []
     for pattern, ks in groups.items():
-        exact = len(ks) > 1 and {k for k in universe if _regex(pattern).fullmatch(k)} == set(ks)
+        exact = len(ks) > 1 and {k for k in universe if regex(pattern).fullmatch(k)} == set(ks)
         out += [pattern] if exact else ks
     return out
 
