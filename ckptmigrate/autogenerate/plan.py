@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ckptmigrate.autogenerate import stacks
 from ckptmigrate.autogenerate.keys import Sig, digits, regex, sig, similarity, undigit
 from ckptmigrate.autogenerate.render import Code, Step, string_literal, tensor_code
 from ckptmigrate.checkpoint.envelope import Schema
@@ -67,7 +68,7 @@ def diff_schemas(old: Schema, new: Schema) -> SchemaDiff:
     """Added, removed and reshaped keys, and the probable renames (equal tensors under related names)."""
     plan = _Plan(old, new)
     plan.prefix()
-    plan.renames({k for f in plan.fusions() for k in f.keys})
+    plan.renames(plan.reserved())
     targets = set(plan.renamed.values())
     return SchemaDiff(
         added={k: dict(v) for k, v in new.items() if k not in old and k not in targets},
@@ -80,14 +81,15 @@ def diff_schemas(old: Schema, new: Schema) -> SchemaDiff:
 def generate(old: Schema, new: Schema, *, new_values: Mapping[str, torch.Tensor] | None = None) -> list[Step]:
     """The ops that take a checkpoint with schema ``old`` to ``new``, most certain first.
 
-    Order: a prefix on every key, renamed modules (one op across layers), splits and merges,
-    casts/reshapes/transposes, drops, adds (valued from ``new_values``, the fresh model, when they fit
-    in a line of code).
+    Order: a prefix on every key, renamed modules (one op across layers), splits and merges, stacks
+    and unstacks, casts/reshapes/transposes/resizes/interpolations, drops, adds (valued from
+    ``new_values``, the fresh model, when they fit in a line of code).
     """
     plan = _Plan(old, new)
     plan.prefix()
-    plan.renames({k for f in plan.fusions() for k in f.keys})
+    plan.renames(plan.reserved())
     plan.fuse()
+    plan.stack()
     plan.changes()
     plan.drops()
     plan.adds(new_values or {})
@@ -248,6 +250,11 @@ class _Plan:
                 misses += k not in reserved  # lands nowhere, or where only a drop and add can follow
         return (mapping, hits) if misses < len(hits) else None
 
+    def reserved(self) -> set[str]:
+        """Keys a split, merge, stack or unstack explains: renames leave them alone."""
+        return {k for f in self.fusions() for k in f.keys} | {k for s in stacks.find(self.state, self.new, set())
+                                                              for k in s.keys}
+
     def fusions(self) -> list[_Fusion]:
         """Fused tensors that became sibling keys (split) or siblings that became one (merge), sizes adding up."""
         removed = [k for k in self.state if k not in self.new]
@@ -305,11 +312,21 @@ class _Plan:
                     args = (f.fused, list(f.parts)) if kind == "split" else (list(f.parts), f.fused)
                     self.steps.append(Step(kind, args, extra if kind == "split" else extra[:1], review))
             for f in fs:
-                items = list(self.state.items())
-                at = [k for k, _ in items].index(f.parts[0] if kind == "merge" else f.fused)
-                new = [(k, self.new[k]) for k in ([f.fused] if kind == "merge" else f.parts)]
-                self.state = dict([i for i in items[:at] if i[0] not in f.keys] + new
-                                  + [i for i in items[at:] if i[0] not in f.keys])
+                self._swap([*f.parts] if kind == "merge" else [f.fused], [f.fused] if kind == "merge" else [*f.parts])
+
+    def stack(self) -> None:
+        """Per-expert keys stacked into one tensor, or one unstacked into per-expert keys."""
+        found = stacks.find(self.state, self.new, set())
+        self.steps += stacks.steps(found, self.state)
+        for s in found:
+            self._swap([*s.parts] if s.kind == "stack" else [s.fused], [s.fused] if s.kind == "stack" else [*s.parts])
+
+    def _swap(self, gone: Sequence[str], came: Sequence[str]) -> None:
+        """``gone`` leave the state, ``came`` (as the new schema has them) take the first one's place."""
+        items = list(self.state.items())
+        at = [k for k, _ in items].index(gone[0])
+        self.state = dict([i for i in items[:at] if i[0] not in gone] + [(k, self.new[k]) for k in came]
+                          + [i for i in items[at:] if i[0] not in gone])
 
     def _covers(self, pattern: str, templates: Sequence[str], fs: list[_Fusion]) -> bool:
         """The pattern matches exactly the driving keys of ``fs`` and expands to exactly their counterparts."""
@@ -321,28 +338,36 @@ class _Plan:
                    for k, m in got.items() if (f := want[k]))
 
     def changes(self) -> None:
-        """Same key, new dtype or shape: cast, transpose or reshape when the elements stay, else drop and add."""
+        """Same key, new dtype or shape: cast, transpose or reshape when the elements stay; a resampled
+        position embedding or a resized vocabulary when the names and shapes suggest one; else drop and add."""
         ops: dict[tuple[Any, ...], list[str]] = {}
         for k in [k for k in self.state if k in self.new and self.state[k] != self.new[k]]:
             (old, odt), (new, ndt) = self.state[k], self.new[k]
             if math.prod(old) != math.prod(new):
-                ops.setdefault(("drop", (), _resize_note(old, new)), []).append(k)
-                self.add_notes[k] = f"{list(new)} replaces the dropped {list(old)}"
+                grown = _interpolation(k, old, new) or _resize(old, new)
+                if grown is None:
+                    ops.setdefault(("drop", (), (), _resize_note(old, new), True), []).append(k)
+                    self.add_notes[k] = f"{list(new)} replaces the dropped {list(old)}"
+                    continue
+                if odt != ndt:
+                    ops.setdefault(("cast", (ndt,), (), None, False), []).append(k)
+                ops.setdefault(grown, []).append(k)
                 continue
             if odt != ndt:
-                ops.setdefault(("cast", (ndt,), None), []).append(k)
+                ops.setdefault(("cast", (ndt,), (), None, False), []).append(k)
             if old == new:
                 continue
             if len(old) == 2 and old == new[::-1]:
-                ops.setdefault(("transpose", (0, 1), f"{list(old)} -> {list(new)}: guessed a transpose (a Conv1D-style "
-                                "[in, out] weight becoming [out, in]); if it is a reshape, use ckpt.reshape; square "
-                                "weights of the same layer cannot show it and may need it too"), []).append(k)
+                ops.setdefault(("transpose", (0, 1), (), f"{list(old)} -> {list(new)}: guessed a transpose (a "
+                                "Conv1D-style [in, out] weight becoming [out, in]); if it is a reshape, use "
+                                "ckpt.reshape; square weights of the same layer cannot show it and may need it too",
+                                False), []).append(k)
             else:
                 plain = [d for d in old if d != 1] == [d for d in new if d != 1]
                 note = None if plain else f"{list(old)} -> {list(new)}: same element count, assumed a row-major reshape"
-                ops.setdefault(("reshape", (new,), note), []).append(k)
-        for (op, args, review), keys in sorted(ops.items(), key=lambda item: item[0][0] != "cast"):
-            self._emit(op, keys, args, review)
+                ops.setdefault(("reshape", (new,), (), note, False), []).append(k)
+        for (op, args, kwargs, review, lossy), keys in sorted(ops.items(), key=lambda item: item[0][0] != "cast"):
+            self._emit(op, keys, args, review, kwargs, irreversible=lossy and op != "drop")
             for k in keys:
                 if op == "drop":
                     del self.state[k]
@@ -354,8 +379,10 @@ class _Plan:
         self._emit("drop", list(self.dropped), (), "dropped: the new model has no such key")
         self.state = {k: v for k, v in self.state.items() if k in self.new}
 
-    def _emit(self, op: str, keys: list[str], args: tuple[Any, ...], review: str | None) -> None:
-        self.steps += [Step(op, (p, *args), review=review) for p in _patterns(keys, self.state)]
+    def _emit(self, op: str, keys: list[str], args: tuple[Any, ...], review: str | None,
+              kwargs: tuple[tuple[str, Any], ...] = (), *, irreversible: bool = False) -> None:
+        self.steps += [Step(op, (p, *args), kwargs, review, irreversible=irreversible)
+                       for p in _patterns(keys, self.state)]
 
     def adds(self, values: Mapping[str, Any]) -> None:
         groups: dict[tuple[str, str, str], list[tuple[str, int | None]]] = {}
@@ -508,6 +535,47 @@ def _patterns(keys: list[str], universe: Iterable[str]) -> list[str]:
         exact = len(ks) > 1 and {k for k in universe if regex(pattern).fullmatch(k)} == set(ks)
         out += [pattern] if exact else ks
     return out
+
+
+#: Names of position and patch embeddings, which a new image size resamples rather than replaces.
+_EMBEDDING_GRID = re.compile(r"pos(ition)?_?emb|patch_?emb", re.IGNORECASE)
+
+
+def _interpolation(key: str, old: tuple[int, ...], new: tuple[int, ...]) -> tuple[Any, ...] | None:
+    """``interpolate`` for a position embedding on a new square grid (prefix tokens kept), or a patch
+    embedding's kernel at a new size, when the key's name says it is one; always a guess to review."""
+    if not _EMBEDDING_GRID.search(key) or len(old) != len(new):
+        return None
+    if len(old) == 4 and old[:2] == new[:2]:
+        note = (f"{list(old)} -> {list(new)}: by its name, an embedding whose {old[2]}x{old[3]} grid is resampled "
+                f"to {new[2]}x{new[3]} (bicubic; for a patch kernel, FlexiViT's pseudo-inverse resize keeps the "
+                "function better)")
+        return "interpolate", ((new[2], new[3]),), (), note + _LOSSY, True
+    if len(old) not in (2, 3) or old[:-2] != new[:-2] or old[-1] != new[-1]:
+        return None
+    for prefix in range(min(old[-2], new[-2], 9)):
+        a, b = math.isqrt(old[-2] - prefix), math.isqrt(new[-2] - prefix)
+        if a * a == old[-2] - prefix and b * b == new[-2] - prefix:
+            tokens = f" after {prefix} prefix token{'s' if prefix > 1 else ''} (a class token?)" if prefix else ""
+            note = (f"{list(old)} -> {list(new)}: by its name, a position embedding: its {a}x{a} grid{tokens} is "
+                    f"resampled to {b}x{b} (bicubic, as timm and transformers do); check the prefix tokens and mode")
+            return "interpolate", ((b, b),), (("prefix_tokens", prefix),) if prefix else (), note + _LOSSY, True
+    return None
+
+
+def _resize(old: tuple[int, ...], new: tuple[int, ...]) -> tuple[Any, ...] | None:
+    """``resize`` when only the leading dim changed (a vocabulary, a class count); its init is a guess."""
+    if not old or len(old) != len(new) or old[1:] != new[1:]:
+        return None
+    if new[0] > old[0]:
+        note = (f"{list(old)} -> {list(new)}: the leading dim grew (a vocabulary?): the {old[0]} rows stay, the new "
+                "ones start at their mean; init='zeros' or 'normal' may suit better")
+        return "resize", (new,), (("init", "mean"),), note, False
+    note = f"{list(old)} -> {list(new)}: the leading dim shrank (a vocabulary?): the rows from {new[0]} on are dropped"
+    return "resize", (new,), (), note + _LOSSY, True
+
+
+_LOSSY = "; the old values cannot be recovered, so walking back past this revision needs a downgrade()"
 
 
 def _resize_note(old: tuple[int, ...], new: tuple[int, ...]) -> str:
