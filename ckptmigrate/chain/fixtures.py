@@ -173,6 +173,13 @@ def recorded(graph: RevisionGraph, lineage: str | None = None) -> list[Revision]
     return [rev for rev in graph.chain(lineage) if all(p.is_file() for p in paths(rev))]
 
 
+def unrecorded(graph: RevisionGraph, lineage: str | None = None) -> list[Revision]:
+    """The revisions of ``lineage``'s chain without a fixture: a fault in one of them is blamed on a
+    range of revisions, not on it alone."""
+    have = {rev.id for rev in recorded(graph, lineage)}
+    return [rev for rev in graph.chain(lineage) if rev.id not in have]
+
+
 def check(graph: RevisionGraph, model: Factory, *, lineage: str | None = None) -> list[FixtureResult]:
     """Upgrade every recorded fixture to head and compare outputs; walk each back down and compare tensors."""
     chain = graph.chain(lineage)
