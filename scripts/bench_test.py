@@ -165,8 +165,8 @@ def main() -> None:
         for name, (args, cwd, chain) in cases.items():
             figures[name] = {**timed(args, cwd, env, opts.repeat), **sizes(chain)}
             f = figures[name]
-            kb = [round(b / 1024, 1) for b in f["checkpoint_bytes"]]
-            io = [round(b / 1024, 1) for b in f["io_bytes"]]
+            kb = [round(b / 1000, 1) for b in f["checkpoint_bytes"]]
+            io = [round(b / 1000, 1) for b in f["io_bytes"]]
             print(f"{name}: {f['checks']} checks, wall {f['wall_s']:.2f} s, CPU {f['cpu_s']:.2f} s "
                   f"(in check {f['in_check_s']:.2f} s); fixtures {kb[0]}-{kb[1]} KB + inputs/outputs "
                   f"{io[0]}-{io[1]} KB, {f['fixtures']} of them")
