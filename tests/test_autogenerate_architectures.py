@@ -297,3 +297,42 @@ def test_a_shrunk_vocabulary_asks_for_a_downgrade_because_rows_are_lost() -> Non
     script = render("shrink", "0002", "0001", None, steps)
     assert calls(script) == ['ckpt.resize("embed.weight", [100, 8])', 'ckpt.resize("head.bias", [100])']
     assert all("dropped" in note for note in reviews(script)) and "define\n# downgrade(ckpt)" in script
+
+
+def run_in_memory(old: dict[str, torch.Tensor], new: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor]]:
+    """Generate the script from ``old``'s schema to ``new``, run its upgrade() on ``old``: (script, result)."""
+    from ckptmigrate.autogenerate.plan import generate
+    from ckptmigrate.autogenerate.render import render
+    from ckptmigrate.checkpoint.envelope import schema_of
+    from ckptmigrate.checkpoint.lazy import Checkpoint
+
+    script = render("in memory", "0002", "0001", None, generate(schema_of(old), new))
+    namespace: dict[str, Any] = {}
+    exec(compile(script, "0002.py", "exec"), namespace)
+    ckpt = Checkpoint.from_payload(dict(old))
+    namespace["upgrade"](ckpt)
+    return script, ckpt.materialize()
+
+
+def test_two_fused_projections_under_new_names_pair_by_name_and_say_it_is_a_guess() -> None:
+    torch.manual_seed(0)
+    old = {f"moe.experts.{i}.{p}.weight": torch.randn(8, 6) for p in ("gate", "up") for i in range(4)}
+    new = {"moe.gate_w": {"shape": [4, 8, 6], "dtype": "float32"}, "moe.up_w": {"shape": [4, 8, 6], "dtype": "float32"}}
+    script, result = run_in_memory(old, new)
+    assert [c.split(",")[-1] for c in calls(script)] == [' "moe.gate_w")', ' "moe.up_w")']
+    notes = reviews(script)
+    assert len(notes) == 2 and "not by name" in notes[0] and "moe.up_w" in notes[0]  # the rival is named
+    for p in ("gate", "up"):
+        assert torch.equal(result[f"moe.{p}_w"], torch.stack([old[f"moe.experts.{i}.{p}.weight"] for i in range(4)]))
+
+
+def test_a_stack_along_another_dim_is_exact_and_an_ambiguous_dim_is_flagged() -> None:
+    torch.manual_seed(0)
+    old = {f"experts.{i}.w": torch.randn(8, 6) for i in range(3)}
+    script, result = run_in_memory(old, {"experts.w": {"shape": [8, 3, 6], "dtype": "float32"}})
+    assert calls(script) == [r'ckpt.stack(r"experts\.(\d+)\.w", "experts.w", dim=1)'] and not reviews(script)
+    assert torch.equal(result["experts.w"], torch.stack([old[f"experts.{i}.w"] for i in range(3)], dim=1))
+    cubes = {f"experts.{i}.w": torch.randn(3, 3) for i in range(3)}
+    script, _ = run_in_memory(cubes, {"experts.w": {"shape": [3, 3, 3], "dtype": "float32"}})
+    (note,) = reviews(script)
+    assert "dims [0, 1, 2]" in note and "dim 0" in note
