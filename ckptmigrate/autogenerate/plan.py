@@ -311,22 +311,26 @@ class _Plan:
                 for f in fs:
                     args = (f.fused, list(f.parts)) if kind == "split" else (list(f.parts), f.fused)
                     self.steps.append(Step(kind, args, extra if kind == "split" else extra[:1], review))
-            for f in fs:
-                self._swap([*f.parts] if kind == "merge" else [f.fused], [f.fused] if kind == "merge" else [*f.parts])
+            self._swap([([*f.parts], [f.fused]) if kind == "merge" else ([f.fused], [*f.parts]) for f in fs])
 
     def stack(self) -> None:
         """Per-expert keys stacked into one tensor, or one unstacked into per-expert keys."""
         found = stacks.find(self.state, self.new, set())
         self.steps += stacks.steps(found, self.state)
-        for s in found:
-            self._swap([*s.parts] if s.kind == "stack" else [s.fused], [s.fused] if s.kind == "stack" else [*s.parts])
+        self._swap([([*s.parts], [s.fused]) if s.kind == "stack" else ([s.fused], [*s.parts]) for s in found])
 
-    def _swap(self, gone: Sequence[str], came: Sequence[str]) -> None:
-        """``gone`` leave the state, ``came`` (as the new schema has them) take the first one's place."""
-        items = list(self.state.items())
-        at = [k for k, _ in items].index(gone[0])
-        self.state = dict([i for i in items[:at] if i[0] not in gone] + [(k, self.new[k]) for k in came]
-                          + [i for i in items[at:] if i[0] not in gone])
+    def _swap(self, moves: Sequence[tuple[Sequence[str], Sequence[str]]]) -> None:
+        """For each (gone, came): the keys ``gone`` leave the state, and ``came`` (as the new schema has
+        them) take the place of ``gone[0]``."""
+        gone = {k for g, _ in moves for k in g}
+        came = {g[0]: c for g, c in moves}
+        state: dict[str, Sig] = {}
+        for k, v in self.state.items():
+            if k in came:
+                state.update((n, self.new[n]) for n in came[k])
+            if k not in gone:
+                state[k] = v
+        self.state = state
 
     def _covers(self, pattern: str, templates: Sequence[str], fs: list[_Fusion]) -> bool:
         """The pattern matches exactly the driving keys of ``fs`` and expands to exactly their counterparts."""

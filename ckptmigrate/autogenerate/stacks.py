@@ -72,14 +72,17 @@ def _indexed(keys: Sequence[str], sigs: Mapping[str, Sig]) -> list[tuple[int, li
 
 def _pair(kind: str, runs: list[tuple[int, list[str]]], wholes: Sequence[str], psig: Mapping[str, Sig],
           wsig: Mapping[str, Sig]) -> list[Stack]:
+    by_digits: dict[tuple[str, ...], list[str]] = {}
+    for w in wholes:
+        by_digits.setdefault(digits(w), []).append(w)
     candidates = []
     for hole, parts in runs:
         shape, dtype = psig[parts[0]]
         stem = parts[0].split(".")
         del stem[hole]
-        for w in wholes:
+        for w in by_digits.get(tuple(s for s in stem if s.isdigit()), []):
             wshape, wdtype = wsig[w]
-            if wdtype != dtype or len(wshape) != len(shape) + 1 or digits(w) != tuple(s for s in stem if s.isdigit()):
+            if wdtype != dtype or len(wshape) != len(shape) + 1:
                 continue
             dims = [d for d in range(len(wshape)) if wshape[d] == len(parts) and wshape[:d] + wshape[d + 1:] == shape]
             if dims:
@@ -148,14 +151,17 @@ def _pattern(segs: list[str]) -> str:
 
 def _covers(pattern: str, target: str, members: list[Stack], state: Mapping[str, Sig]) -> bool:
     """The pattern matches exactly the keys these stacks read, and the target names what each writes."""
-    read = {k: s for s in members for k in (s.parts if s.kind == "stack" else (s.fused,))}
-    got = {k: m for k in state if (m := regex(pattern).fullmatch(k))}
-    if got.keys() != read.keys():
+    read = {k for s in members for k in (s.parts if s.kind == "stack" else (s.fused,))}
+    if {k for k in state if regex(pattern).fullmatch(k)} != read:
         return False
-    if members[0].kind == "stack":
-        return all(m.expand(target) == read[k].fused for k, m in got.items())
-    return all([m.expand(target).replace("{i}", str(i)) for i in range(len(read[k].parts))] == list(read[k].parts)
-               for k, m in got.items())
+    for s in members:  # the parts of one stack differ only in the index, which the target does not use
+        m = regex(pattern).fullmatch(s.parts[0] if s.kind == "stack" else s.fused)
+        assert m is not None
+        if s.kind == "stack" and m.expand(target) != s.fused:
+            return False
+        if s.kind == "unstack" and [m.expand(target).replace("{i}", str(i)) for i in range(len(s.parts))] != [*s.parts]:
+            return False
+    return True
 
 
 def _one(s: Stack, state: Mapping[str, Sig]) -> tuple[object, ...]:
