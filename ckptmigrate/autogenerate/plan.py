@@ -541,8 +541,9 @@ def _patterns(keys: list[str], universe: Iterable[str]) -> list[str]:
     return out
 
 
-#: Names of position and patch embeddings, which a new image size resamples rather than replaces.
-_EMBEDDING_GRID = re.compile(r"pos(ition)?_?emb|patch_?emb", re.IGNORECASE)
+#: Names of position and patch embeddings (and Swin's relative position bias tables), which a new
+#: image or window size resamples rather than replaces.
+_EMBEDDING_GRID = re.compile(r"pos(ition)?_?emb|patch_?emb|relative_position_bias_table", re.IGNORECASE)
 
 
 def _interpolation(key: str, old: tuple[int, ...], new: tuple[int, ...]) -> tuple[Any, ...] | None:
@@ -560,7 +561,8 @@ def _interpolation(key: str, old: tuple[int, ...], new: tuple[int, ...]) -> tupl
     for prefix in range(min(old[-2], new[-2], 9)):
         a, b = math.isqrt(old[-2] - prefix), math.isqrt(new[-2] - prefix)
         if a * a == old[-2] - prefix and b * b == new[-2] - prefix:
-            tokens = f" after {prefix} prefix token{'s' if prefix > 1 else ''} (a class token?)" if prefix else ""
+            tokens = f" after {prefix} prefix token{'s' if prefix > 1 else ''} (class, distillation, register)" \
+                if prefix else ""
             note = (f"{list(old)} -> {list(new)}: by its name, a position embedding: its {a}x{a} grid{tokens} is "
                     f"resampled to {b}x{b} (bicubic, as timm and transformers do); check the prefix tokens and mode")
             return "interpolate", ((b, b),), (("prefix_tokens", prefix),) if prefix else (), note + _LOSSY, True
