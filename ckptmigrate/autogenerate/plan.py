@@ -344,18 +344,18 @@ class _Plan:
     def changes(self) -> None:
         """Same key, new dtype or shape: cast, transpose or reshape when the elements stay; a resampled
         position embedding or a resized vocabulary when the names and shapes suggest one; else drop and add."""
-        ops: dict[tuple[Any, ...], list[str]] = {}
+        ops: dict[tuple[Any, ...], list[str]] = {}  # (op, args, kwargs, review, loses values) -> keys
         for k in [k for k in self.state if k in self.new and self.state[k] != self.new[k]]:
             (old, odt), (new, ndt) = self.state[k], self.new[k]
             if math.prod(old) != math.prod(new):
-                grown = _interpolation(k, old, new) or _resize(old, new)
-                if grown is None:
+                refit = _interpolation(k, old, new) or _resize(old, new)
+                if refit is None:
                     ops.setdefault(("drop", (), (), _resize_note(old, new), True), []).append(k)
                     self.add_notes[k] = f"{list(new)} replaces the dropped {list(old)}"
                     continue
                 if odt != ndt:
                     ops.setdefault(("cast", (ndt,), (), None, False), []).append(k)
-                ops.setdefault(grown, []).append(k)
+                ops.setdefault(refit, []).append(k)
                 continue
             if odt != ndt:
                 ops.setdefault(("cast", (ndt,), (), None, False), []).append(k)
@@ -371,7 +371,7 @@ class _Plan:
                 note = None if plain else f"{list(old)} -> {list(new)}: same element count, assumed a row-major reshape"
                 ops.setdefault(("reshape", (new,), (), note, False), []).append(k)
         for (op, args, kwargs, review, lossy), keys in sorted(ops.items(), key=lambda item: item[0][0] != "cast"):
-            self._emit(op, keys, args, review, kwargs, irreversible=lossy and op != "drop")
+            self._emit(op, keys, args, review, kwargs, irreversible=lossy)
             for k in keys:
                 if op == "drop":
                     del self.state[k]

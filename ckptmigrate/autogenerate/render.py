@@ -22,7 +22,7 @@ class Code(str):
 @dataclass(frozen=True)
 class Step:
     """One op call on ``ckpt``; ``review`` says why it is a guess; ``loop`` repeats an add per layer index;
-    ``irreversible`` marks a call whose op is undone in general but not with these arguments (a shrinking resize)."""
+    ``irreversible`` marks a call that loses values even where its op is undone in general (a shrinking resize)."""
 
     op: str
     args: tuple[Any, ...]

@@ -230,7 +230,7 @@ def _open(fixture: Path, config: _Config) -> Checkpoint:
     """The fixture, with the fixture model's configuration as ``ckpt.config`` (a fixture file has none)."""
     ckpt = Checkpoint.open(fixture)
     if not ckpt.config:
-        ckpt.config = config.get()
+        ckpt.config = dict(config.get())  # a migration may edit its copy
     return ckpt
 
 
