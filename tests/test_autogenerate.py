@@ -448,6 +448,8 @@ SCENARIOS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
                                                      l__N__experts__1__fc__weight=e(6, 4),
                                                      l__N__experts__2__fc__weight=e(6, 4)),
                                            per_layer(2, l__N__moe_fc=e(3, 6, 4)), ["stack"]),
+    "experts stacked and cast to bfloat16": ({f"moe.experts.{i}.w": e(6, 4) for i in range(3)},
+                                             {"moe.experts.w": e(3, 6, 4, dtype="bfloat16")}, ["stack", "cast"]),
     "experts split out of a [n, in, out] tensor": ({"moe.w_in": e(4, 8, 6), "moe.router": e(4, 8)},
                                                    {"moe.router": e(4, 8), **{f"moe.experts.{i}.w_in": e(8, 6)
                                                                               for i in range(4)}}, ["unstack"]),

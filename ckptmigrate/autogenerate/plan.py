@@ -317,7 +317,9 @@ class _Plan:
         """Per-expert keys stacked into one tensor, or one unstacked into per-expert keys."""
         found = stacks.find(self.state, self.new, set())
         self.steps += stacks.steps(found, self.state)
+        dtypes = {k: self.state[s.parts[0] if s.kind == "stack" else s.fused][1] for s in found for k in s.keys}
         self._swap([([*s.parts], [s.fused]) if s.kind == "stack" else ([s.fused], [*s.parts]) for s in found])
+        self.state.update({k: (self.state[k][0], dt) for k, dt in dtypes.items() if k in self.state})  # cast next
 
     def _swap(self, moves: Sequence[tuple[Sequence[str], Sequence[str]]]) -> None:
         """For each (gone, came): the keys ``gone`` leave the state, and ``came`` (as the new schema has

@@ -4,7 +4,8 @@ tensor. Proposed as ``ckpt.stack`` (per-index → fused) or ``ckpt.unstack`` (fu
 
 A pairing is certain when the fused key is the per-index key with its index (and a trailing
 ``weight``) left out: ``experts.3.w1.weight`` ↔ ``experts.w1``. Any other pairing rests on shapes and
-layer indices alone and carries a ``# REVIEW:`` note saying so.
+layer indices alone and carries a ``# REVIEW:`` note saying so. A dtype that changed too is left
+to the cast that follows.
 """
 
 from __future__ import annotations
@@ -81,17 +82,18 @@ def _pair(kind: str, runs: list[tuple[int, list[str]]], wholes: Sequence[str], p
         stem = parts[0].split(".")
         del stem[hole]
         for w in by_digits.get(tuple(s for s in stem if s.isdigit()), []):
-            wshape, wdtype = wsig[w]
-            if wdtype != dtype or len(wshape) != len(shape) + 1:
+            wshape = wsig[w][0]
+            if len(wshape) != len(shape) + 1:
                 continue
             dims = [d for d in range(len(wshape)) if wshape[d] == len(parts) and wshape[:d] + wshape[d + 1:] == shape]
             if dims:
                 named = w.split(".") == stem or (stem[-1] == "weight" and w.split(".") == stem[:-1])
-                candidates.append(((named, similarity(w, ".".join(stem)), hole), w, hole, parts, dims))
+                score = (named, wsig[w][1] == dtype, similarity(w, ".".join(stem)), hole)
+                candidates.append((score, w, hole, parts, dims))
     candidates.sort(key=lambda c: c[0], reverse=True)
     used: set[str] = set()
     out = []
-    for (named, _, _), w, hole, parts, dims in candidates:
+    for (named, *_), w, hole, parts, dims in candidates:
         if w in used or used.intersection(parts):
             continue
         used.update([w, *parts])
