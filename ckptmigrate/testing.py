@@ -78,11 +78,21 @@ def report(results: list[FixtureResult]) -> str:
 
 
 def check_chain(*, migrations: str | os.PathLike[str] | None = None, model: str | Callable[[], Any] | None = None,
-                lineage: str | None = None) -> list[FixtureResult]:
-    """Run every recorded fixture through the chain; raise :class:`ChainBroken` if any fails."""
+                lineage: str | None = None, every_revision: bool = False) -> list[FixtureResult]:
+    """Run every recorded fixture through the chain; raise :class:`ChainBroken` if any fails, or, with
+    ``every_revision``, if a revision of the chain has no fixture."""
     graph = api.revision_graph(migrations)
     results = fixtures.check(graph, fixture_model(model), lineage=lineage)
     failed = report(results)
+    missing = fixtures.unrecorded(graph, lineage) if every_revision else []
+    if missing:
+        failed = "\n".join(filter(None, [failed, missing_line(missing)]))
     if failed:
         raise ChainBroken(failed, results)
     return results
+
+
+def missing_line(revisions: list[Any]) -> str:
+    """The revisions without a fixture, as one line."""
+    return (f"no fixture for {', '.join(rev.id for rev in revisions)}: record one with "
+            f"`ckptmigrate fixture record REV` while the model is at that revision")

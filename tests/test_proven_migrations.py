@@ -128,3 +128,19 @@ def test_the_pytest_plugin_proves_the_chain_in_a_project_suite(tmp_path: Path, c
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout
+
+
+def test_a_revision_without_a_fixture_is_named_and_fails_ci_when_every_revision_must_have_one(
+        chain: Path, cli: Cli) -> None:
+    for p in (chain / "versions").glob("0003_*.fixture*"):
+        p.unlink()
+    lenient = cli("test", "--migrations", chain, "--model", MODEL, "--json")
+    assert lenient.returncode == 0, lenient.stderr
+    report = json.loads(lenient.stdout)
+    assert report["ok"] and report["unrecorded"] == ["0003"]
+    assert "0003" not in {r["revision"] for r in report["results"]}
+    strict = cli("test", "--migrations", chain, "--model", MODEL, "--every-revision")
+    assert strict.returncode == 1
+    assert "no fixture for 0003" in strict.stderr and "fixture record" in strict.stderr
+    with pytest.raises(ChainBroken, match="no fixture for 0003"):
+        check_chain(migrations=chain, model=MODEL, every_revision=True)

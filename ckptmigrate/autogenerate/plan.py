@@ -8,15 +8,15 @@ saying why. Works on schemas alone (key → shape, dtype), so a model built on `
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from ckptmigrate.autogenerate import stacks
+from ckptmigrate.autogenerate.keys import Sig, digits, regex, sig, similarity, undigit
 from ckptmigrate.autogenerate.render import Code, Step, string_literal, tensor_code
 from ckptmigrate.checkpoint.envelope import Schema
 from ckptmigrate.ops.operations import WRAPPER_PREFIXES
@@ -25,7 +25,6 @@ from ckptmigrate.util.keygroups import group_keys
 if TYPE_CHECKING:
     import torch
 
-Sig = tuple[tuple[int, ...], str]
 _QKV = {"q": 0, "query": 0, "wq": 0, "k": 1, "key": 1, "wk": 1, "v": 2, "value": 2, "wv": 2}
 
 
@@ -56,11 +55,11 @@ class SchemaDiff:
         for label, entries in (("removed", self.removed), ("added", self.added)):
             by_sig: dict[Sig, list[str]] = {}
             for key, e in entries.items():
-                by_sig.setdefault(_sig(e), []).append(key)
+                by_sig.setdefault(sig(e), []).append(key)
             out += [f"{label:<9} {line}  {_fmt(sig)}" for sig, keys in by_sig.items() for line in group_keys(keys)]
         pairs: dict[tuple[Sig, Sig], list[str]] = {}
         for key, (o, n) in self.reshaped.items():
-            pairs.setdefault((_sig(o), _sig(n)), []).append(key)
+            pairs.setdefault((sig(o), sig(n)), []).append(key)
         out += [f"reshaped  {line}  {_fmt(o)} -> {_fmt(n)}" for (o, n), ks in pairs.items() for line in group_keys(ks)]
         return out
 
@@ -69,12 +68,12 @@ def diff_schemas(old: Schema, new: Schema) -> SchemaDiff:
     """Added, removed and reshaped keys, and the probable renames (equal tensors under related names)."""
     plan = _Plan(old, new)
     plan.prefix()
-    plan.renames({k for f in plan.fusions() for k in f.keys})
+    plan.renames(plan.reserved())
     targets = set(plan.renamed.values())
     return SchemaDiff(
         added={k: dict(v) for k, v in new.items() if k not in old and k not in targets},
         removed={k: dict(v) for k, v in old.items() if k not in new and k not in plan.renamed},
-        reshaped={k: (dict(old[k]), dict(new[k])) for k in old if k in new and _sig(old[k]) != _sig(new[k])},
+        reshaped={k: (dict(old[k]), dict(new[k])) for k in old if k in new and sig(old[k]) != sig(new[k])},
         renamed=dict(plan.renamed),
     )
 
@@ -82,14 +81,15 @@ def diff_schemas(old: Schema, new: Schema) -> SchemaDiff:
 def generate(old: Schema, new: Schema, *, new_values: Mapping[str, torch.Tensor] | None = None) -> list[Step]:
     """The ops that take a checkpoint with schema ``old`` to ``new``, most certain first.
 
-    Order: a prefix on every key, renamed modules (one op across layers), splits and merges,
-    casts/reshapes/transposes, drops, adds (valued from ``new_values``, the fresh model, when they fit
-    in a line of code).
+    Order: a prefix on every key, renamed modules (one op across layers), splits and merges, stacks
+    and unstacks, casts/reshapes/transposes/resizes/interpolations, drops, adds (valued from
+    ``new_values``, the fresh model, when they fit in a line of code).
     """
     plan = _Plan(old, new)
     plan.prefix()
-    plan.renames({k for f in plan.fusions() for k in f.keys})
+    plan.renames(plan.reserved())
     plan.fuse()
+    plan.stack()
     plan.changes()
     plan.drops()
     plan.adds(new_values or {})
@@ -121,7 +121,7 @@ class _Rule:
 
     @property
     def similarity(self) -> float:
-        return _similarity(*self.shown)
+        return similarity(*self.shown)
 
     def apply(self, key: str) -> str | None:
         if not key.startswith(self.lead):
@@ -130,7 +130,7 @@ class _Rule:
             return self.new + key[len(self.old):]
         if self.op == "rename":
             return self.new if key == self.old else None
-        m = _regex(self.old).fullmatch(key)
+        m = regex(self.old).fullmatch(key)
         return m.expand(self.new) if m else None
 
 
@@ -152,8 +152,8 @@ class _Plan:
     """``state``: the old schema as the steps written so far leave it; each stage adds steps and moves it on."""
 
     def __init__(self, old: Schema, new: Schema) -> None:
-        self.state: dict[str, Sig] = {k: _sig(v) for k, v in old.items()}
-        self.new: dict[str, Sig] = {k: _sig(v) for k, v in new.items()}
+        self.state: dict[str, Sig] = {k: sig(v) for k, v in old.items()}
+        self.new: dict[str, Sig] = {k: sig(v) for k, v in new.items()}
         self.origin = {k: k for k in self.state}
         self.renamed: dict[str, str] = {}  # original key → new key, same tensor
         self.steps: list[Step] = []
@@ -192,15 +192,15 @@ class _Plan:
         added: dict[Sig, dict[tuple[str, ...], list[str]]] = {}
         for a in self.new:
             if a not in self.state and a not in reserved:
-                added.setdefault(self.new[a], {}).setdefault(_digits(a), []).append(a)
+                added.setdefault(self.new[a], {}).setdefault(digits(a), []).append(a)
         pairs: dict[tuple[str, str], tuple[str, str]] = {}
         for k in self.state:
             if k in self.new or k in reserved:
                 continue
-            dk = _digits(k)
+            dk = digits(k)
             for dt, keys in added.get(self.state[k], {}).items():
                 if dt == dk:  # the same rule for every layer: one pair per shape of the names is enough
-                    pairs.update({(_undigit(k), _undigit(a)): (k, a) for a in keys})
+                    pairs.update({(undigit(k), undigit(a)): (k, a) for a in keys})
                 elif _subsequence(dt, dk) or _subsequence(dk, dt):  # a Sequential index came or went
                     pairs.update({(k, a): (k, a) for a in keys})
         rules = {r for k, a in pairs.values() if (r := _rule_for(k, a)) is not None}
@@ -250,6 +250,11 @@ class _Plan:
                 misses += k not in reserved  # lands nowhere, or where only a drop and add can follow
         return (mapping, hits) if misses < len(hits) else None
 
+    def reserved(self) -> set[str]:
+        """Keys a split, merge, stack or unstack explains: renames leave them alone."""
+        return {k for f in self.fusions() for k in f.keys} | {k for s in stacks.find(self.state, self.new, set())
+                                                              for k in s.keys}
+
     def fusions(self) -> list[_Fusion]:
         """Fused tensors that became sibling keys (split) or siblings that became one (merge), sizes adding up."""
         removed = [k for k in self.state if k not in self.new]
@@ -262,19 +267,19 @@ class _Plan:
             by_digits: dict[tuple[str, ...], list[tuple[int, list[str]]]] = {}
             for hole, keys in _siblings(pieces):
                 keys.sort(key=lambda k, h=hole: (_qkv_rank(k.split(".")[h]), order[k]))  # type: ignore[misc]
-                by_digits.setdefault(_digits(keys[0]), []).append((hole, keys))
+                by_digits.setdefault(digits(keys[0]), []).append((hole, keys))
             for w in wholes:
                 ws, best = w.split("."), None
-                for hole, keys in by_digits.get(_digits(w), []):
+                for hole, keys in by_digits.get(digits(w), []):
                     ps = keys[0].split(".")
                     strict = len(ws) == len(ps) and ws[:hole] + ws[hole + 1:] == ps[:hole] + ps[hole + 1:]
-                    if not strict and not (_digits(w) and (ws[-1].endswith(ps[-1]) or ps[-1].endswith(ws[-1]))):
+                    if not strict and not (digits(w) and (ws[-1].endswith(ps[-1]) or ps[-1].endswith(ws[-1]))):
                         continue
                     for run in _runs(keys):
                         dim = _cat_dim([psig[p] for p in run], wsig[w])
                         if dim is None or used.intersection(run):
                             continue
-                        score = (strict, len(run) == len(keys), len(run), _similarity(w, run[0]))
+                        score = (strict, len(run) == len(keys), len(run), similarity(w, run[0]))
                         if best is None or score > best[0]:
                             sizes = tuple(psig[p][0][dim] for p in run)
                             best = (score, _Fusion(kind, w, tuple(run), dim, sizes, not strict))
@@ -306,45 +311,69 @@ class _Plan:
                 for f in fs:
                     args = (f.fused, list(f.parts)) if kind == "split" else (list(f.parts), f.fused)
                     self.steps.append(Step(kind, args, extra if kind == "split" else extra[:1], review))
-            for f in fs:
-                items = list(self.state.items())
-                at = [k for k, _ in items].index(f.parts[0] if kind == "merge" else f.fused)
-                new = [(k, self.new[k]) for k in ([f.fused] if kind == "merge" else f.parts)]
-                self.state = dict([i for i in items[:at] if i[0] not in f.keys] + new
-                                  + [i for i in items[at:] if i[0] not in f.keys])
+            self._swap([([*f.parts], [f.fused]) if kind == "merge" else ([f.fused], [*f.parts]) for f in fs])
+
+    def stack(self) -> None:
+        """Per-expert keys stacked into one tensor, or one unstacked into per-expert keys."""
+        found = stacks.find(self.state, self.new, set())
+        self.steps += stacks.steps(found, self.state)
+        dtypes = {k: self.state[s.parts[0] if s.kind == "stack" else s.fused][1] for s in found for k in s.keys}
+        self._swap([([*s.parts], [s.fused]) if s.kind == "stack" else ([s.fused], [*s.parts]) for s in found])
+        self.state.update({k: (self.state[k][0], dt) for k, dt in dtypes.items() if k in self.state})  # cast next
+
+    def _swap(self, moves: Sequence[tuple[Sequence[str], Sequence[str]]]) -> None:
+        """For each (gone, came): the keys ``gone`` leave the state, and ``came`` (as the new schema has
+        them) take the place of ``gone[0]``."""
+        gone = {k for g, _ in moves for k in g}
+        came = {g[0]: c for g, c in moves}
+        state: dict[str, Sig] = {}
+        for k, v in self.state.items():
+            if k in came:
+                state.update((n, self.new[n]) for n in came[k])
+            if k not in gone:
+                state[k] = v
+        self.state = state
 
     def _covers(self, pattern: str, templates: Sequence[str], fs: list[_Fusion]) -> bool:
         """The pattern matches exactly the driving keys of ``fs`` and expands to exactly their counterparts."""
         want = {(f.fused if f.kind == "split" else f.parts[0]): f for f in fs}
-        got = {k: m for k in self.state if (m := _regex(pattern).fullmatch(k))}
+        got = {k: m for k in self.state if (m := regex(pattern).fullmatch(k))}
         if got.keys() != want.keys():
             return False
         return all([m.expand(t) for t in templates] == ([*f.parts] if f.kind == "split" else [f.fused])
                    for k, m in got.items() if (f := want[k]))
 
     def changes(self) -> None:
-        """Same key, new dtype or shape: cast, transpose or reshape when the elements stay, else drop and add."""
-        ops: dict[tuple[Any, ...], list[str]] = {}
+        """Same key, new dtype or shape: cast, transpose or reshape when the elements stay; a resampled
+        position embedding or a resized vocabulary when the names and shapes suggest one; else drop and add."""
+        ops: dict[tuple[Any, ...], list[str]] = {}  # (op, args, kwargs, review, loses values) -> keys
         for k in [k for k in self.state if k in self.new and self.state[k] != self.new[k]]:
             (old, odt), (new, ndt) = self.state[k], self.new[k]
             if math.prod(old) != math.prod(new):
-                ops.setdefault(("drop", (), _resize_note(old, new)), []).append(k)
-                self.add_notes[k] = f"{list(new)} replaces the dropped {list(old)}"
+                refit = _interpolation(k, old, new) or _resize(old, new)
+                if refit is None:
+                    ops.setdefault(("drop", (), (), _resize_note(old, new), True), []).append(k)
+                    self.add_notes[k] = f"{list(new)} replaces the dropped {list(old)}"
+                    continue
+                if odt != ndt:
+                    ops.setdefault(("cast", (ndt,), (), None, False), []).append(k)
+                ops.setdefault(refit, []).append(k)
                 continue
             if odt != ndt:
-                ops.setdefault(("cast", (ndt,), None), []).append(k)
+                ops.setdefault(("cast", (ndt,), (), None, False), []).append(k)
             if old == new:
                 continue
             if len(old) == 2 and old == new[::-1]:
-                ops.setdefault(("transpose", (0, 1), f"{list(old)} -> {list(new)}: guessed a transpose (a Conv1D-style "
-                                "[in, out] weight becoming [out, in]); if it is a reshape, use ckpt.reshape; square "
-                                "weights of the same layer cannot show it and may need it too"), []).append(k)
+                ops.setdefault(("transpose", (0, 1), (), f"{list(old)} -> {list(new)}: guessed a transpose (a "
+                                "Conv1D-style [in, out] weight becoming [out, in]); if it is a reshape, use "
+                                "ckpt.reshape; square weights of the same layer cannot show it and may need it too",
+                                False), []).append(k)
             else:
                 plain = [d for d in old if d != 1] == [d for d in new if d != 1]
                 note = None if plain else f"{list(old)} -> {list(new)}: same element count, assumed a row-major reshape"
-                ops.setdefault(("reshape", (new,), note), []).append(k)
-        for (op, args, review), keys in sorted(ops.items(), key=lambda item: item[0][0] != "cast"):
-            self._emit(op, keys, args, review)
+                ops.setdefault(("reshape", (new,), (), note, False), []).append(k)
+        for (op, args, kwargs, review, lossy), keys in sorted(ops.items(), key=lambda item: item[0][0] != "cast"):
+            self._emit(op, keys, args, review, kwargs, irreversible=lossy)
             for k in keys:
                 if op == "drop":
                     del self.state[k]
@@ -356,15 +385,17 @@ class _Plan:
         self._emit("drop", list(self.dropped), (), "dropped: the new model has no such key")
         self.state = {k: v for k, v in self.state.items() if k in self.new}
 
-    def _emit(self, op: str, keys: list[str], args: tuple[Any, ...], review: str | None) -> None:
-        self.steps += [Step(op, (p, *args), review=review) for p in _patterns(keys, self.state)]
+    def _emit(self, op: str, keys: list[str], args: tuple[Any, ...], review: str | None,
+              kwargs: tuple[tuple[str, Any], ...] = (), *, irreversible: bool = False) -> None:
+        self.steps += [Step(op, (p, *args), kwargs, review, irreversible=irreversible)
+                       for p in _patterns(keys, self.state)]
 
     def adds(self, values: Mapping[str, Any]) -> None:
         groups: dict[tuple[str, str, str], list[tuple[str, int | None]]] = {}
         for k in [k for k in self.new if k not in self.state]:
             code, note = _init(k, self.new[k], values.get(k), self.new)
             note = f"{self.add_notes.get(k, 'new key')}: {note}"
-            twins = sorted({_undigit(d) for d, sig in self.dropped.items() if sig == self.new[k]})
+            twins = sorted({undigit(d) for d, sig in self.dropped.items() if sig == self.new[k]})
             if twins:
                 note += f"; if it is the dropped {' or '.join(twins[:2])} renamed, use ckpt.rename instead"
             segs = k.split(".")
@@ -387,31 +418,12 @@ class _Plan:
 # -- helpers --------------------------------------------------------------------------------------------------
 
 
-def _sig(entry: Mapping[str, Any]) -> Sig:
-    return tuple(int(d) for d in entry["shape"]), str(entry["dtype"]).removeprefix("torch.")
-
-
 def _entry(e: Mapping[str, Any]) -> dict[str, Any]:
     return {"shape": [int(d) for d in e["shape"]], "dtype": str(e["dtype"])}
 
 
 def _fmt(sig: Sig) -> str:
     return f"{list(sig[0])} {sig[1]}"
-
-
-def _digits(key: str) -> tuple[str, ...]:
-    return tuple(s for s in key.split(".") if s.isdigit())
-
-
-@lru_cache(maxsize=4096)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
-
-
-@lru_cache(maxsize=4096)
-def _similarity(a: str, b: str) -> float:
-    a, b = re.sub(r"\d+", "", a), re.sub(r"\d+", "", b)
-    return difflib.SequenceMatcher(None, a, b).ratio() if a or b else 1.0
 
 
 def _common_prefixes(keys: Iterable[str]) -> list[str]:
@@ -448,10 +460,6 @@ def _backref(n: int) -> str:
     return f"\\{n}" if n < 10 else f"\\g<{n}>"
 
 
-def _undigit(key: str) -> str:
-    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1#", key)
-
-
 def _rule_for(old: str, new: str) -> _Rule | None:
     """The rename that moves ``old`` to ``new``: the differing prefix when the tails agree, else the whole key."""
     os_, ns = old.split("."), new.split(".")
@@ -459,7 +467,7 @@ def _rule_for(old: str, new: str) -> _Rule | None:
     while c < min(len(os_), len(ns)) and os_[-1 - c] == ns[-1 - c]:
         c += 1
     if c == 0:
-        if os_[:-1] != ns[:-1] and _similarity(old, new) < 0.6:
+        if os_[:-1] != ns[:-1] and similarity(old, new) < 0.6:
             return None
         pattern, (tpl,), n, lead = _generalise(os_, [ns])
         return _Rule("rename_regex", pattern, tpl, lead, n) if n else _Rule("rename", old, new, old, 0)
@@ -530,9 +538,52 @@ def _patterns(keys: list[str], universe: Iterable[str]) -> list[str]:
     universe = list(universe)
     out: list[str] = []
     for pattern, ks in groups.items():
-        exact = len(ks) > 1 and {k for k in universe if _regex(pattern).fullmatch(k)} == set(ks)
+        exact = len(ks) > 1 and {k for k in universe if regex(pattern).fullmatch(k)} == set(ks)
         out += [pattern] if exact else ks
     return out
+
+
+#: Names of position and patch embeddings (and Swin's relative position bias tables), which a new
+#: image or window size resamples rather than replaces.
+_EMBEDDING_GRID = re.compile(r"pos(ition)?_?emb|patch_?emb|relative_position_bias_table", re.IGNORECASE)
+
+
+def _interpolation(key: str, old: tuple[int, ...], new: tuple[int, ...]) -> tuple[Any, ...] | None:
+    """``interpolate`` for a position embedding on a new square grid (prefix tokens kept), or a patch
+    embedding's kernel at a new size, when the key's name says it is one; always a guess to review."""
+    if not _EMBEDDING_GRID.search(key) or len(old) != len(new):
+        return None
+    if len(old) == 4 and old[:2] == new[:2]:
+        note = (f"{list(old)} -> {list(new)}: by its name, an embedding whose {old[2]}x{old[3]} grid is resampled "
+                f"to {new[2]}x{new[3]} (bicubic; for a patch kernel, FlexiViT's pseudo-inverse resize keeps the "
+                "function better)")
+        return "interpolate", ((new[2], new[3]),), (), note + _LOSSY, True
+    if len(old) not in (2, 3) or old[:-2] != new[:-2] or old[-1] != new[-1]:
+        return None
+    for prefix in range(min(old[-2], new[-2], 9)):
+        a, b = math.isqrt(old[-2] - prefix), math.isqrt(new[-2] - prefix)
+        if a * a == old[-2] - prefix and b * b == new[-2] - prefix:
+            tokens = f" after {prefix} prefix token{'s' if prefix > 1 else ''} (class, distillation, register)" \
+                if prefix else ""
+            note = (f"{list(old)} -> {list(new)}: by its name, a position embedding: its {a}x{a} grid{tokens} is "
+                    f"resampled to {b}x{b} (bicubic, as timm and transformers do); check the prefix tokens and mode")
+            return "interpolate", ((b, b),), (("prefix_tokens", prefix),) if prefix else (), note + _LOSSY, True
+    return None
+
+
+def _resize(old: tuple[int, ...], new: tuple[int, ...]) -> tuple[Any, ...] | None:
+    """``resize`` when only the leading dim changed (a vocabulary, a class count); its init is a guess."""
+    if not old or len(old) != len(new) or old[1:] != new[1:]:
+        return None
+    if new[0] > old[0]:
+        note = (f"{list(old)} -> {list(new)}: the leading dim grew (a vocabulary?): the {old[0]} rows stay, the new "
+                "ones start at their mean; init='zeros' or 'normal' may suit better")
+        return "resize", (new,), (("init", "mean"),), note, False
+    note = f"{list(old)} -> {list(new)}: the leading dim shrank (a vocabulary?): the rows from {new[0]} on are dropped"
+    return "resize", (new,), (), note + _LOSSY, True
+
+
+_LOSSY = "; the old values cannot be recovered, so walking back past this revision needs a downgrade()"
 
 
 def _resize_note(old: tuple[int, ...], new: tuple[int, ...]) -> str:

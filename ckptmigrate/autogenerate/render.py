@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Ops whose effect the checkpoint's history cannot undo: a script using them needs a downgrade().
-_IRREVERSIBLE = ("drop", "truncate", "map")
+_IRREVERSIBLE = ("drop", "truncate", "map", "interpolate")
 
 
 class Code(str):
@@ -21,13 +21,15 @@ class Code(str):
 
 @dataclass(frozen=True)
 class Step:
-    """One op call on ``ckpt``; ``review`` says why it is a guess; ``loop`` repeats an add per layer index."""
+    """One op call on ``ckpt``; ``review`` says why it is a guess; ``loop`` repeats an add per layer index;
+    ``irreversible`` marks a call that loses values even where its op is undone in general (a shrinking resize)."""
 
     op: str
     args: tuple[Any, ...]
     kwargs: tuple[tuple[str, Any], ...] = ()
     review: str | None = None
     loop: tuple[int, ...] | None = None
+    irreversible: bool = False
 
     @property
     def script_args(self) -> tuple[Any, ...]:
@@ -69,8 +71,8 @@ def render(message: str, revision: str, down_revision: str | None, lineage: str 
             f"lineage = {_lit(lineage)}", "", "", "def upgrade(ckpt):",
             f'    """Bring a checkpoint at {down_revision or "<base>"} to {revision}."""']
     out += ["    " + line for step in steps for line in step.code_lines()]
-    if any(s.op in _IRREVERSIBLE for s in steps):
-        out += ["", "", "# upgrade() drops tensors, which ckptmigrate cannot bring back by itself: define",
+    if any(s.op in _IRREVERSIBLE or s.irreversible for s in steps):
+        out += ["", "", "# upgrade() drops tensors or values, which ckptmigrate cannot bring back by itself: define",
                 "# downgrade(ckpt) to walk back past this revision (the other ops are undone from what they recorded)."]
     return "\n".join(out) + "\n"
 

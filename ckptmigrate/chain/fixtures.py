@@ -12,7 +12,8 @@ down to each revision and back up. A failure names the revision whose migration 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,8 @@ def record(
         raise BadInput(f"revision {rev.id}: the fixture model's state dict is not this revision's schema "
                        f"({rev.schema_path.name}); record a fixture with the model as it is at {rev.id}")
     example = _seeded(inputs, seed + 1)
-    outputs = _run(net, example)
+    with _one_thread():  # as check() runs it, so an unchanged model gives the same bits
+        outputs = _run(net, example)
     if not outputs:
         raise BadInput(f"revision {rev.id}: the model returned no tensors for the example inputs")
     env = Envelope.build(state_dict, layout="bare", describe_code=False)
@@ -172,6 +174,13 @@ def recorded(graph: RevisionGraph, lineage: str | None = None) -> list[Revision]
     return [rev for rev in graph.chain(lineage) if all(p.is_file() for p in paths(rev))]
 
 
+def unrecorded(graph: RevisionGraph, lineage: str | None = None) -> list[Revision]:
+    """The revisions of ``lineage``'s chain without a fixture: a fault in one of them is blamed on a
+    range of revisions, not on it alone."""
+    have = {rev.id for rev in recorded(graph, lineage)}
+    return [rev for rev in graph.chain(lineage) if rev.id not in have]
+
+
 def check(graph: RevisionGraph, model: Factory, *, lineage: str | None = None) -> list[FixtureResult]:
     """Upgrade every recorded fixture to head and compare outputs; walk each back down and compare tensors."""
     chain = graph.chain(lineage)
@@ -182,24 +191,54 @@ def check(graph: RevisionGraph, model: Factory, *, lineage: str | None = None) -
     if not fixtures:
         raise BadInput("no recorded fixtures: set [tool.ckptmigrate] example_inputs (and fixture_model) and run "
                        "`ckptmigrate fixture record`")
-    results = [_upgrade_result(graph, rev, model, lineage) for rev in fixtures]
-    _blame(results, [r.id for r in chain])
-    results += [_roundtrip_result(graph, rev, model, lineage) for rev in fixtures if rev is not head]
+    config = _Config(model)
+    with _one_thread():
+        results = [_upgrade_result(graph, rev, model, config, lineage) for rev in fixtures]
+        _blame(results, [r.id for r in chain])
+        results += [_roundtrip_result(graph, rev, config, lineage) for rev in fixtures if rev is not head]
     return results
 
 
-def _open(fixture: Path, model: Factory) -> Checkpoint:
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the fixture models on one intra-op thread: they are small by design, and on a shared CI
+    runner torch's thread pool made each tiny forward pass ~100x slower (scripts/bench_test.py)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Config:
+    """The fixture model's configuration (``ckpt.config``), read from one model built on first use."""
+
+    def __init__(self, model: Factory) -> None:
+        self.model = model
+        self.value: dict[str, Any] | None = None
+
+    def get(self) -> dict[str, Any]:
+        if self.value is None:
+            self.value = model_config.of_model(_seeded(self.model, SEED))
+        return self.value
+
+
+def _open(fixture: Path, config: _Config) -> Checkpoint:
     """The fixture, with the fixture model's configuration as ``ckpt.config`` (a fixture file has none)."""
     ckpt = Checkpoint.open(fixture)
     if not ckpt.config:
-        ckpt.config = model_config.of_model(_seeded(model, SEED))
+        ckpt.config = dict(config.get())  # a migration may edit its copy
     return ckpt
 
 
-def _upgrade_result(graph: RevisionGraph, rev: Revision, model: Factory, lineage: str | None) -> FixtureResult:
+def _upgrade_result(graph: RevisionGraph, rev: Revision, model: Factory, config: _Config,
+                    lineage: str | None) -> FixtureResult:
     fixture, io_path = paths(rev)
     io = _load_io(io_path)
-    with _open(fixture, model) as ckpt:
+    with _open(fixture, config) as ckpt:
         try:
             plan = plan_for(ckpt, graph, to="head", lineage=lineage)
             apply(ckpt, plan)
@@ -210,13 +249,13 @@ def _upgrade_result(graph: RevisionGraph, rev: Revision, model: Factory, lineage
     return FixtureResult(rev.id, "upgrade", steps, problem is None, deviations, problem)
 
 
-def _roundtrip_result(graph: RevisionGraph, rev: Revision, model: Factory, lineage: str | None) -> FixtureResult:
+def _roundtrip_result(graph: RevisionGraph, rev: Revision, config: _Config, lineage: str | None) -> FixtureResult:
     """``rev``'s fixture up to head and back down, from the inverses recorded on the way up: the
     tensors must come back bit for bit."""
     import torch
 
     fixture, _io = paths(rev)
-    with Checkpoint.open(fixture) as original, _open(fixture, model) as ckpt:
+    with Checkpoint.open(fixture) as original, _open(fixture, config) as ckpt:
         want = original.materialize()
         try:
             up = plan_for(ckpt, graph, to="head", lineage=lineage)

@@ -17,19 +17,23 @@ _MODEL = click.option("--model", default=None, metavar="PKG.MODULE:FACTORY",
 @MIGRATIONS
 @_MODEL
 @click.option("--lineage", default=None, help="Lineage whose chain to test.")
+@click.option("--every-revision", is_flag=True, help="Also fail (exit 1) when a revision has no recorded fixture.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def test(migrations: str | None, model: str | None, lineage: str | None, as_json: bool) -> None:
+def test(migrations: str | None, model: str | None, lineage: str | None, every_revision: bool, as_json: bool) -> None:
     """Upgrade every recorded fixture to head, run it in today's model and compare its outputs (exit 1
     naming the revision that broke the function); walk invertible chains back and compare tensors."""
     from ckptmigrate import api, testing
     from ckptmigrate.chain import fixtures
 
     start = time.perf_counter()
-    results = fixtures.check(api.revision_graph(migrations), testing.fixture_model(model), lineage=lineage)
+    graph = api.revision_graph(migrations)
+    results = fixtures.check(graph, testing.fixture_model(model), lineage=lineage)
     elapsed = time.perf_counter() - start
+    missing = fixtures.unrecorded(graph, lineage)
     failed = [r for r in results if not r.ok]
     if as_json:
-        emit_json({"ok": not failed, "seconds": round(elapsed, 3), "results": [r.to_dict() for r in results]})
+        emit_json({"ok": not failed and not (every_revision and missing), "seconds": round(elapsed, 3),
+                   "unrecorded": [rev.id for rev in missing], "results": [r.to_dict() for r in results]})
     else:
         for r in results:
             what = "upgrade to head" if r.kind == "upgrade" else "to head and back"
@@ -40,7 +44,9 @@ def test(migrations: str | None, model: str | None, lineage: str | None, as_json
         click.echo(f"{len(results)} checks, {len(failed)} failed, {elapsed:.2f} s")
         if failed:
             click.echo(testing.report(results), err=True)
-    if failed:
+        if missing:
+            click.echo(testing.missing_line(missing), err=every_revision)
+    if failed or (every_revision and missing):
         sys.exit(1)
 
 
