@@ -147,3 +147,23 @@ def test_a_whole_pickled_module_is_refused_not_flattened(tmp_path: Path, cli: Cl
     # and stamping, which changes no weight, keeps the module a module
     cli("stamp", "whole.pt", check=True)
     assert type(torch.load(path, weights_only=False)).__name__ == "ExampleNet"
+
+
+def test_stacked_experts_walk_back_to_their_places(tmp_path: Path) -> None:
+    """Per-expert weights saved between other keys (a router, a norm) are stacked into one tensor;
+    the walk back puts each expert where it was, not in a run where the first one stood."""
+    torch.manual_seed(0)
+    sd: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for layer in range(2):
+        sd[f"layers.{layer}.experts.0.w1.weight"] = torch.randn(3, 4)
+        sd[f"layers.{layer}.router.weight"] = torch.randn(2, 4)
+        sd[f"layers.{layer}.experts.1.w1.weight"] = torch.randn(3, 4)
+        sd[f"layers.{layer}.norm.weight"] = torch.randn(4)
+    src = tmp_path / "moe.pt"
+    torch.save(sd, src)
+    original = torch.load(src)
+    stack = r'ckpt.stack(r"layers\.(\d+)\.experts\.(\d+)\.w1\.weight", r"layers.\1.experts.w1")'
+    chain = write_chain(tmp_path, [stack])
+    upgraded, restored = round_trip(tmp_path, src, chain)
+    assert upgraded["layers.1.experts.w1"].shape == (2, 3, 4)
+    assert_same_payload(restored, original)

@@ -73,15 +73,22 @@ class ArchitectureOps(Operations):
                                                    f"got {sorted({tuple(s) for s in shapes})}")
             out_shape = list(shapes[0])
             out_shape.insert(dim if dim >= 0 else len(out_shape) + dim + 1, len(sources))
+            order = list(self._entries)
+            places = [order.index(k) for k in sources]
             self._place(sources, [(target, Deferred(tuple(out_shape), dtype_of(tensors[0]),
                                                     partial(_stack_entries, tensors, dim)))])
             self.optimizers.transform(sources, [target], shapes[0], partial(_stack, dim=dim), shapes=shapes)
             self._record("stack", [*sources, target],
-                         ["unstack", {"key": re.escape(target), "new_keys": sources, "dim": dim}])
+                         ["unstack", {"key": re.escape(target), "new_keys": sources, "dim": dim, "at": places}])
 
-    def unstack(self, key: str, new_keys: str | Sequence[str], dim: int = 0, *, missing_ok: bool = False) -> None:
+    def unstack(self, key: str, new_keys: str | Sequence[str], dim: int = 0, *, missing_ok: bool = False,
+                at: Sequence[int] | None = None) -> None:
         """Split a fused expert tensor into one key per index: ``new_keys`` is a list, or a template
-        with ``{i}`` (``layers.\\1.experts.{i}.w1.weight``)."""
+        with ``{i}`` (``layers.\\1.experts.{i}.w1.weight``).
+
+        ``at`` puts the parts at these positions of the state dict instead of where the key was (the
+        walk back of a ``stack`` passes the positions its keys had, so the order comes back too).
+        """
         for k, m in self._match("unstack", key, missing_ok):
             src = self._tensor("unstack", k)
             shape = shape_of(src)
@@ -101,8 +108,12 @@ class ArchitectureOps(Operations):
             if clash:
                 raise OpError("unstack", k, f"unstack: {clash[0]!r} already exists")
             part_shape = tuple(s for i, s in enumerate(shape) if i != dim % len(shape))
-            self._place([k], [(t, Deferred(part_shape, dtype_of(src), partial(_select, src, dim, i)))
-                              for i, t in enumerate(targets)])
+            parts = [(t, Deferred(part_shape, dtype_of(src), partial(_select, src, dim, i)))
+                     for i, t in enumerate(targets)]
+            if at is not None and len(at) == len(parts):
+                self._place_at(k, parts, at)
+            else:
+                self._place([k], parts)
             self.optimizers.transform([k], targets, shape, partial(_unstack, dim=dim))
             self._record("unstack", [k, *targets], ["stack", {"pattern": targets, "new_key": k, "dim": dim}])
 
@@ -221,6 +232,15 @@ class ArchitectureOps(Operations):
         at = sum(1 for k, _ in items[:position] if k not in sources)
         self._entries.clear()
         for k, v in kept[:at] + list(new_items) + kept[at:]:
+            self._entries[k] = v
+
+    def _place_at(self, source: str, new_items: Sequence[tuple[str, Any]], at: Sequence[int]) -> None:
+        """Replace ``source`` by ``new_items``, each at the position ``at`` gives it."""
+        ordered = [(k, v) for k, v in self._entries.items() if k != source]
+        for index, item in sorted(zip(at, new_items, strict=True), key=lambda p: p[0]):
+            ordered.insert(index, item)
+        self._entries.clear()
+        for k, v in ordered:
             self._entries[k] = v
 
     def _fresh_state(self, key: str, old: tuple[int, ...], new: tuple[int, ...]) -> None:
