@@ -397,7 +397,7 @@ class Checkpoint(ArchitectureOps):
 
         if fmt in formats.MULTI_FORMATS:
             return multifile.write(self.container.parts, fmt, dest, payload, env, check, keep_old=keep_old,
-                                   max_shard_bytes=max_shard_bytes)
+                                   max_shard_bytes=max_shard_bytes, compact=compact)
         metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
         same_file = dest.exists() and dest.resolve() == self.path.resolve()
         pickled = torchzip.Pickled(payload) if metadata_only else None

@@ -488,6 +488,16 @@ def _holds_standin(value: Any, depth: int = 0) -> bool:
     return False
 
 
+def live_ranges(layout: Dcp, kept: list[tuple[str, tuple[Any, ...], Any]]) -> dict[str, list[tuple[int, int]]]:
+    """For each ``.distcp`` file, the (offset, length) of every chunk a kept value still reads, in order."""
+    out: dict[str, set[tuple[int, int]]] = {}
+    for _fqn, _path, value in kept:
+        for _index, info in layout.origin[id(value)][1]:
+            st = info.state
+            out.setdefault(st["relative_path"], set()).add((st["offset"], st["length"]))
+    return {rel: sorted(ranges) for rel, ranges in out.items()}
+
+
 def split_payload(layout: Dcp | None, payload: Any) -> tuple[list[Any], list[Any]]:
     """The flattened payload as (values still where they were read, values to write)."""
     kept: list[Any] = []
@@ -500,9 +510,11 @@ def split_payload(layout: Dcp | None, payload: Any) -> tuple[list[Any], list[Any
 def build_metadata(
     layout: Dcp | None, kept: list[tuple[str, tuple[Any, ...], Any]],
     written: list[tuple[str, tuple[Any, ...], Any, str, int, int]],
+    moved: dict[tuple[str, int], tuple[str, int]] | None = None,
 ) -> bytes:
-    """The new ``.metadata``: kept values point at their old bytes under their (new) names; written
-    ones at the new file. Everything else in the old Metadata (storage_meta, version) is kept."""
+    """The new ``.metadata``: kept values point at their old bytes under their (new) names (or where
+    ``moved`` says those bytes went: (file, offset) -> (file, offset)); written ones at the new file.
+    Everything else in the old Metadata (storage_meta, version) is kept."""
     sdm: dict[str, Any] = {}
     planner: dict[str, Any] = {}
     storage: dict[Any, Any] = {}
@@ -517,6 +529,9 @@ def build_metadata(
         for index, info in entries:
             index_state = dict(index.state)
             index_state["fqn"] = fqn
+            there = (moved or {}).get((info.state["relative_path"], info.state["offset"]))
+            if there is not None:
+                info = _obj(_FS, "_StorageInfo", {**info.state, "relative_path": there[0], "offset": there[1]})
             storage[_obj(_MD, "MetadataIndex", index_state)] = info
     for fqn, path, value, rel, offset, length in written:
         planner[fqn] = path
