@@ -402,6 +402,27 @@ def _read_value(
     return tensor
 
 
+def trusted(layout: Dcp, payload: Any) -> Any:
+    """``payload`` with every non-tensor value loaded by torch from its bytes, as ``dcp.load`` does:
+    its pickle code runs (trusted checkpoints only). Tensors stay references."""
+    import torch
+
+    def walk(node: Any) -> Any:
+        origin = layout.origin.get(id(node))
+        if origin is not None and global_name(origin[2]) == f"{_MD}.BytesStorageMetadata":
+            st = origin[1][0][1].state
+            with open(layout.directory / st["relative_path"], "rb") as fh:
+                raw = os.pread(fh.fileno(), st["length"], st["offset"])
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+        if isinstance(node, dict) and origin is None:
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list) and origin is None:
+            return [walk(v) for v in node]
+        return node
+
+    return walk(payload)
+
+
 def unflatten(flat: list[tuple[tuple[Any, ...], Any]]) -> dict[str, Any]:
     """The nested state dict DCP flattened (``planner_data`` holds each key's path)."""
     root: dict[Any, Any] = {}
