@@ -319,6 +319,8 @@ def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | No
     dest = _check_output(path, output, overwrite) or Path(path)
     with file_lock(dest), Checkpoint.open(path if output else formats.recovered(path)) as ckpt:
         before = _disk_bytes(ckpt)
+        if output is None and ckpt.format == "hf-sharded":
+            return before, before  # a shard whose tensors change is rewritten whole: no dead bytes
         written = ckpt.write(dest, ckpt.envelope, compact=True)
     if ckpt.format not in formats.MULTI_FORMATS:
         return before, os.stat(written).st_size

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -92,3 +93,17 @@ def test_compact_into_a_new_directory_leaves_the_source_alone(tmp_path: Path, cl
     got = loaded(tmp_path / "small", kept)
     for key, want in kept.items():
         assert torch.equal(got[key], want), key
+
+
+def test_a_sharded_model_has_nothing_to_reclaim_and_is_left_alone(tmp_path: Path, cli: Any) -> None:
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    directory = tmp_path / "hub"
+    directory.mkdir()
+    huggingface_hub.save_torch_state_dict(write_dcp(tmp_path / "unused"), directory, max_shard_size=20_000)
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in directory.iterdir()}
+    total = sum(len(b) for _i, _m, b in before.values())
+
+    out = cli("compact", directory, check=True)
+
+    assert f"{total:,} -> {total:,} bytes" in out.stdout
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in directory.iterdir()} == before
