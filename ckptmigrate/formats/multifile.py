@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import struct
 from pathlib import Path
@@ -293,9 +294,16 @@ def _write_dcp(
     live = dcp.live_ranges(parts, kept) if parts is not None else {}
     carried = sorted(live)
     tag = secrets.token_hex(4)
-    # compact: a file holding chunks no value reads any more (dropped, replaced) keeps only the live ones
-    packed = {rel: f"__ckm{tag}_{i + 1}.distcp" if same else rel
-              for i, rel in enumerate(r for r in carried if compact and _has_dead_bytes(parts, r, live[r]))}
+    # compact: a file holding chunks no value reads any more (dropped, replaced) keeps only the live
+    # ones, in a new file whose name carries the old one (given back after the switch)
+    packed = {rel: f"__ckm{tag}-{rel}" if same else rel
+              for rel in carried if compact and _has_dead_bytes(parts, rel, live[rel])}
+    # a compaction killed between its two switches left files under such names: give them back
+    unnamed: dict[str, str] = {}
+    for rel in carried:
+        old_name = _untagged(rel) if compact and same and rel not in packed else None
+        if old_name is not None and not (directory / old_name).exists():
+            unnamed[rel] = old_name
     new_file = (f"__ckm{tag}_0.distcp" if parts is not None else "__0_0.distcp") if fresh else None
     old: set[str] = set()
     if same and parts is not None:
@@ -316,6 +324,13 @@ def _write_dcp(
                     write_all(fh.fileno(), data, pos)
                     written.append((fqn, path, value, new_file, pos, len(data)))
                     pos += len(data)
+        if not packed and not fresh and unnamed and parts is not None:
+            shardset.abort()
+            back = {(rel, off): (old_name, off) for rel, old_name in unnamed.items() for off, _n in live[rel]}
+            _dcp_names_back(directory, {old_name: rel for rel, old_name in unnamed.items()},
+                            dcp.build_metadata(parts, kept, [], back), set(parts.files()) - set(carried),
+                            envelope, check)
+            return
         unchanged = parts is not None and not fresh and not packed and len(kept) == len(
             parts.metadata.state["state_dict_metadata"]) and all(parts.origin[id(v)][0] == fqn for fqn, _p, v in kept)
         md = parts.raw if unchanged and parts is not None else dcp.build_metadata(parts, kept, written, moved)
@@ -334,7 +349,13 @@ def _write_dcp(
     if same and packed and not keep_old:
         back = {(packed[rel], pos): (rel, pos) for (rel, _off), (_new, pos) in moved.items()}
         _dcp_names_back(directory, packed, dcp.build_metadata(parts, kept, written, {
-            k: back[v] for k, v in moved.items()}), env_name, envelope, check)
+            k: back[v] for k, v in moved.items()}), {env_name}, envelope, check)
+
+
+def _untagged(name: str) -> str | None:
+    """The old name a compacted ``.distcp`` file carries in its own (``__ckm<tag>-<old>``), if any."""
+    match = re.fullmatch(r"__ckm[0-9a-f]{8}-(.+\.distcp)", name)
+    return match.group(1) if match else None
 
 
 def _has_dead_bytes(parts: dcp.Dcp | None, rel: str, ranges: list[tuple[int, int]]) -> bool:
@@ -370,12 +391,14 @@ def _copy_chunks(
 
 
 def _dcp_names_back(
-    directory: Path, packed: dict[str, str], md: bytes, env_name: str, envelope: dict[str, Any] | None, check: Any,
+    directory: Path, packed: dict[str, str], md: bytes, stale: set[str], envelope: dict[str, Any] | None,
+    check: Any,
 ) -> None:
-    """Give compacted ``.distcp`` files their old names again (the shard digests of the envelope name
-    them): a second switch whose new files are hard links, no byte copied."""
+    """Give compacted ``.distcp`` files (old name -> current name) their old names again (the shard
+    digests of the envelope name them): a switch whose new files are hard links, no byte copied;
+    ``stale`` (the envelope file of the current ``.metadata``) goes with the current names."""
     shardset = ShardSet(directory, dcp.METADATA)
-    shardset.begin({*packed.values(), env_name}, list(packed))
+    shardset.begin({*packed.values(), *stale}, list(packed))
     try:
         for rel, tagged in packed.items():
             os.link(directory / tagged, directory / rel)
