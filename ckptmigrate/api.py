@@ -306,15 +306,36 @@ def _upgrade_in_memory(
 
 def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None,
             overwrite: bool = False) -> tuple[int, int]:
-    """Rewrite a torch zip file with only its live records (in-place appends leave orphaned bytes).
+    """Rewrite a torch zip file with only its live records (in-place appends leave orphaned bytes),
+    or a DCP directory's ``.distcp`` files with only the chunks its ``.metadata`` still names
+    (a migration that drops or changes a tensor leaves its old chunks behind).
 
-    Returns the sizes before and after. The envelope is kept as it is; tensors are copied by the kernel.
+    Returns the sizes before and after (of all its files). The envelope is kept as it is; tensors
+    are copied by the kernel.
     """
+    from ckptmigrate import formats
+
+    path = formats.checkpoint_path(path)
     dest = _check_output(path, output, overwrite) or Path(path)
-    with file_lock(dest), Checkpoint.open(path) as ckpt:
-        before = os.stat(path).st_size
-        ckpt.write(dest, ckpt.envelope, compact=True)
-    return before, os.stat(dest).st_size
+    with file_lock(dest), Checkpoint.open(path if output else formats.recovered(path)) as ckpt:
+        before = _disk_bytes(ckpt)
+        if output is None and ckpt.format == "hf-sharded":
+            return before, before  # a shard whose tensors change is rewritten whole: no dead bytes
+        written = ckpt.write(dest, ckpt.envelope, compact=True)
+    if ckpt.format not in formats.MULTI_FORMATS:
+        return before, os.stat(written).st_size
+    with Checkpoint.open(written) as again:
+        return before, _disk_bytes(again)
+
+
+def _disk_bytes(ckpt: Checkpoint) -> int:
+    """The bytes of a checkpoint's files: the file, or the commit file, shards and envelope file."""
+    from ckptmigrate import formats
+
+    if ckpt.format not in formats.MULTI_FORMATS:
+        return os.stat(ckpt.path).st_size
+    commit = formats.commit_file(ckpt.path)
+    return sum(os.stat(commit.parent / name).st_size for name in {commit.name, *ckpt.container.parts.files()})
 
 
 def sanitize(

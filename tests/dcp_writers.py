@@ -14,30 +14,32 @@ import os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint a
 import torch.multiprocessing as mp
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
-def run(rank, out, port):
+def run(rank, out, port, dim):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
     gen = torch.Generator().manual_seed(3)
     full = torch.randn(8, 6, generator=gen)
-    state = {"model": {"enc.weight": distribute_tensor(full, mesh, [Shard(0)]),
+    state = {"model": {"enc.weight": distribute_tensor(full, mesh, [Shard(int(dim))]),
                        "enc.bias": torch.arange(6, dtype=torch.float32)},
              "step": 41}
     dcp.save(state, checkpoint_id=out)
     dist.destroy_process_group()
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+    mp.spawn(run, args=(sys.argv[1], sys.argv[2], sys.argv[3]), nprocs=2)
 """
 
 
-def write_dcp_two_ranks(directory: Path, tmp_path: Path) -> Path:
+def write_dcp_two_ranks(directory: Path, tmp_path: Path, dim: int = 0) -> Path:
+    """``enc.weight`` sharded along ``dim`` over the two ranks (0: rows, as FSDP2 shards)."""
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    subprocess.run([sys.executable, str(script), str(directory), port], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, str(script), str(directory), port, str(dim)], check=True, capture_output=True,
+                   timeout=300)
     return directory
 
 

@@ -142,8 +142,10 @@ def test_broken_multifile_checkpoint_is_one_line_exit_2_nothing_written(
     (mig / "0001_a.py").write_text('revision = "0001"\ndown_revision = None\n\n\ndef upgrade(ckpt):\n'
                                    '    ckpt.rename("layers.0.weight", "first.weight")\n')
     before = snapshot(directory)
+    around = sorted(p.name for p in tmp_path.iterdir())
     for args in (["inspect", directory], ["stamp", directory],
-                 ["upgrade", directory, "--migrations", tmp_path / "mig", "--from", "base"]):
+                 ["upgrade", directory, "--migrations", tmp_path / "mig", "--from", "base"],
+                 ["convert", directory, tmp_path / "out.safetensors", "--to", "safetensors"]):
         out = cli(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         lines = out.stderr.strip().splitlines()
@@ -151,3 +153,4 @@ def test_broken_multifile_checkpoint_is_one_line_exit_2_nothing_written(
         assert problem in lines[0], lines[0]
         assert str(directory) in lines[0]
         assert snapshot(directory) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == around  # no output, lock or temporary file

@@ -23,8 +23,8 @@ from tests.dcp_writers import two_rank_tensors, write_dcp_two_ranks
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
-def two_ranks(directory: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
-    write_dcp_two_ranks(directory, tmp_path)
+def two_ranks(directory: Path, tmp_path: Path, dim: int = 0) -> dict[str, torch.Tensor]:
+    write_dcp_two_ranks(directory, tmp_path, dim)
     return two_rank_tensors()
 
 
@@ -75,6 +75,18 @@ def test_two_rank_dcp_to_one_safetensors_file(tmp_path: Path, cli: Any) -> None:
     full = torch.load(tmp_path / "full.pt", weights_only=True)
     assert full["step"] == 41
     same(full["model"], want)
+
+
+def test_a_tensor_sharded_along_columns_is_assembled(tmp_path: Path, cli: Any) -> None:
+    """Chunks that are not blocks of whole rows are not one byte run: the tensor is assembled."""
+    src = tmp_path / "step-41"
+    want = two_ranks(src, tmp_path, dim=1)
+    chunks = formats.read(src).parts.metadata.state["state_dict_metadata"]["model.enc.weight"].state["chunks"]
+    assert [c.state["offsets"].args[0] for c in chunks] == [(0, 0), (0, 3)]  # split along dim 1
+    cli("convert", src, tmp_path / "model.safetensors", "--to", "safetensors", "--state-dict-only", check=True)
+    same(load_file(tmp_path / "model.safetensors"), want)
+    cli("convert", src, tmp_path / "full.pt", "--to", "torch", check=True)
+    same(torch.load(tmp_path / "full.pt", weights_only=True)["model"], want)
 
 
 def test_single_file_to_hf_shards_and_back(tmp_path: Path, cli: Any) -> None:

@@ -520,11 +520,13 @@ def migrate_file(
     dry_run: bool = False, backup: bool = True, from_rev: str | None = None,
     lineage: str | None = None, key: str | None = None, direction: str | None = None,
     trust_pickle: bool = False, state_dicts: Sequence[str] | None = None, optimizer: str = "strict",
+    max_shard_size: int | None = None,
 ) -> Outcome:
     """Upgrade or downgrade one file; ``direction`` refuses the other way (``upgrade --to`` an older rev);
     ``trust_pickle`` gives the migrations the extras as real objects (the file's pickle code runs);
     ``key`` and ``state_dicts`` locate the state dict and its copies (default: recorded or found);
-    ``optimizer`` is the policy for parameters that appear or vanish (see ``ops.optimizer``).
+    ``optimizer`` is the policy for parameters that appear or vanish (see ``ops.optimizer``);
+    ``max_shard_size`` (bytes) re-plans a sharded model's shards as it is written.
 
     The destination is locked for the whole read-migrate-write, so concurrent runs serialise.
     ``chains`` is the graph, or where to find the one for this file (the installed chain its envelope names).
@@ -536,6 +538,9 @@ def migrate_file(
         path if dry_run or output else formats.recovered(path), key=key, state_dicts=state_dicts
     ) as ckpt:
         ckpt.optimizers.policy = check_policy(optimizer)
+        if max_shard_size is not None and ckpt.format != "hf-sharded":
+            raise BadInput(f"{path}: --max-shard-size re-plans the shards of a sharded model (an index and its "
+                           f"shards), not of a {ckpt.format} checkpoint")
         graph = chains if isinstance(chains, RevisionGraph) else chains.for_envelope(ckpt.envelope)
         plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
         if direction is not None and plan.steps and plan.direction != direction:
@@ -550,7 +555,7 @@ def migrate_file(
         if not plan.steps:
             if output is not None and not dry_run and output.resolve() != path.resolve():
                 # `-o` always leaves a file there (in the container its name asks for): pipelines rely on it
-                ckpt.write(output, ckpt.envelope, fmt=_output_format(ckpt, output))
+                ckpt.write(output, ckpt.envelope, fmt=_output_format(ckpt, output), max_shard_bytes=max_shard_size)
                 outcome.written = True
             return outcome
         history = apply(ckpt, plan, trace=outcome.ops)
@@ -567,7 +572,7 @@ def migrate_file(
         try:
             # a backup that is a hard link shares the original's inode: never append to it
             ckpt.write(dest, env, fmt=_output_format(ckpt, dest), append_in_place=independent,
-                       keep_old=multi and outcome.backup is not None)
+                       keep_old=multi and outcome.backup is not None, max_shard_bytes=max_shard_size)
         except BaseException:
             if outcome.backup is not None:
                 outcome.backup.unlink(missing_ok=True)

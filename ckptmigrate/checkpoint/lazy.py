@@ -19,7 +19,7 @@ from ckptmigrate.checkpoint import model_config
 from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, key_text, schema_of
 from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate, module_class, set_at
 from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
-from ckptmigrate.formats import multifile, torchzip
+from ckptmigrate.formats import dcp, multifile, torchzip
 from ckptmigrate.formats.pickle_safety import WEIGHTS_ONLY_GLOBALS, PickleSafety, assess, python3_name
 from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.ops.optimizer import OptimizerTrack
@@ -153,7 +153,9 @@ class Checkpoint(ArchitectureOps):
         import warnings
 
         reason = None
-        if self.format not in ("torch-zip", "torch-legacy"):
+        if self.format == "hf-sharded":
+            reason = "the shards of a sharded model hold only tensors"
+        elif self.format not in ("torch-zip", "torch-legacy", "dcp"):
             reason = f"a {self.format} file holds no pickle"
         elif self.layout.kind == "module":
             reason = "a whole pickled module is taken apart without running its code, trusted or not"
@@ -167,7 +169,10 @@ class Checkpoint(ArchitectureOps):
 
         self._trusted = True
         try:
-            real = torch.load(self.path, map_location="cpu", weights_only=False, mmap=self.format == "torch-zip")
+            if self.format == "dcp":  # each non-tensor value is a torch.save archive of its own
+                real = dcp.trusted(self.container.parts, self.container.payload)
+            else:
+                real = torch.load(self.path, map_location="cpu", weights_only=False, mmap=self.format == "torch-zip")
         except Exception as exc:  # noqa: BLE001 - whatever the file's own code raises
             raise BadInput(f"{self.path}: running its pickle code failed: {type(exc).__name__}: {exc}",
                            path=self.path) from exc
@@ -397,7 +402,7 @@ class Checkpoint(ArchitectureOps):
 
         if fmt in formats.MULTI_FORMATS:
             return multifile.write(self.container.parts, fmt, dest, payload, env, check, keep_old=keep_old,
-                                   max_shard_bytes=max_shard_bytes)
+                                   max_shard_bytes=max_shard_bytes, compact=compact)
         metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
         same_file = dest.exists() and dest.resolve() == self.path.resolve()
         pickled = torchzip.Pickled(payload) if metadata_only else None

@@ -225,7 +225,8 @@ def current(paths: tuple[str, ...], as_json: bool, verbose: bool, migrations: st
 @_OUTPUT[0]
 @_OUTPUT[1]
 def compact(path: Path, output: Path | None, overwrite: bool) -> None:
-    """Reclaim the bytes that in-place stamps and renames left behind in a torch zip file."""
+    """Reclaim the bytes that in-place stamps and renames left in a torch zip file, or that
+    migrations left in a DCP directory's .distcp files (chunks no tensor reads any more)."""
     from ckptmigrate import api
 
     with naming(path), file_bar("compact", path, show=sys.stdout.isatty()):

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json, fleet_options, fleet_run
+from ckptmigrate.cli.convert import parse_size
 from ckptmigrate.errors import BadInput
 from ckptmigrate.util.progress import file_bar
 
@@ -16,7 +17,7 @@ from ckptmigrate.util.progress import file_bar
 def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | None, overwrite: bool, dry_run: bool,
              no_backup: bool, from_rev: str | None, lineage: str | None, migrations: str | None,
              key: str | None, as_json: bool, trust_pickle: bool, state_dicts: tuple[str, ...],
-             optimizer: str, fleet: dict[str, Any]) -> None:
+             optimizer: str, max_shard_size: str | None, fleet: dict[str, Any]) -> None:
     from ckptmigrate import api
     from ckptmigrate.chain import config
     from ckptmigrate.fleet import batch
@@ -29,7 +30,8 @@ def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | Non
     options = {"to": to, "output": str(output) if output is not None else None, "overwrite": overwrite,
                "dry_run": dry_run, "backup": not no_backup, "from_rev": from_rev, "lineage": lineage, "key": key,
                "trust_pickle": trust_pickle, "migrations": batch.portable_migrations(migrations),
-               "state_dicts": declared, "optimizer": optimizer}
+               "state_dicts": declared, "optimizer": optimizer,
+               "max_shard_size": parse_size(max_shard_size) if max_shard_size is not None else None}
     watching = sys.stdout.isatty() and not as_json
     rows, written, failed = [], 0, 0
     with file_bar(direction, files[0], show=watching and len(files) == 1):
@@ -115,6 +117,8 @@ _COMMON: list[Any] = [
                  help="A state dict to migrate, copies (EMA, best) included; repeatable (default: searched)."),
     click.option("--optimizer", type=click.Choice(["strict", "reset_new"]), default="strict", show_default=True,
                  help="Optimizer state when a migration adds a parameter: refuse, or start it fresh."),
+    click.option("--max-shard-size", default=None, metavar="SIZE",
+                 help="A sharded model: re-plan its shards to at most SIZE each (5GB, 500MiB)."),
     JSON,
     fleet_options,
     click.option("--trust-pickle", is_flag=True,
@@ -134,13 +138,13 @@ def _with_common(fn: Any) -> Any:
 @_with_common
 def upgrade(paths: tuple[str, ...], to: str, output: Path | None, overwrite: bool, in_place: bool, dry_run: bool,
             no_backup: bool, from_rev: str | None, lineage: str | None, key: str | None,
-            state_dicts: tuple[str, ...], optimizer: str, as_json: bool, trust_pickle: bool,
-            migrations: str | None, **fleet: Any) -> None:
+            state_dicts: tuple[str, ...], optimizer: str, max_shard_size: str | None, as_json: bool,
+            trust_pickle: bool, migrations: str | None, **fleet: Any) -> None:
     """Upgrade checkpoints (files, directories, globs) to a revision, in place by default."""
     if in_place and output is not None:
         raise BadInput("--in-place and -o/--output exclude each other")
     _migrate("upgrade", paths, to, output, overwrite, dry_run, no_backup, from_rev, lineage, migrations, key, as_json,
-             trust_pickle, state_dicts, optimizer, fleet)
+             trust_pickle, state_dicts, optimizer, max_shard_size, fleet)
 
 
 @click.command()
@@ -148,10 +152,10 @@ def upgrade(paths: tuple[str, ...], to: str, output: Path | None, overwrite: boo
 @_with_common
 def downgrade(paths: tuple[str, ...], to: str, output: Path | None, overwrite: bool, in_place: bool, dry_run: bool,
               no_backup: bool, from_rev: str | None, lineage: str | None, key: str | None,
-              state_dicts: tuple[str, ...], optimizer: str, as_json: bool, trust_pickle: bool,
-              migrations: str | None, **fleet: Any) -> None:
+              state_dicts: tuple[str, ...], optimizer: str, max_shard_size: str | None, as_json: bool,
+              trust_pickle: bool, migrations: str | None, **fleet: Any) -> None:
     """Walk checkpoints back down the chain to an older revision."""
     if in_place and output is not None:
         raise BadInput("--in-place and -o/--output exclude each other")
     _migrate("downgrade", paths, to, output, overwrite, dry_run, no_backup, from_rev, lineage, migrations, key, as_json,
-             trust_pickle, state_dicts, optimizer, fleet)
+             trust_pickle, state_dicts, optimizer, max_shard_size, fleet)

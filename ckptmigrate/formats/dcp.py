@@ -22,9 +22,8 @@ import json
 import math
 import os
 import struct
-import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +31,7 @@ from ckptmigrate.formats import pickled
 from ckptmigrate.formats.pickle_scan import PickleFormatError
 from ckptmigrate.formats.pickle_writer import dump
 from ckptmigrate.formats.pickled import StandIn, global_name, standin
-from ckptmigrate.tensors.refs import ITEMSIZE, Deferred, Source, Storage, TensorRef, to_torch
+from ckptmigrate.tensors.refs import ITEMSIZE, Deferred, Source, Storage, TensorRef, file_runs, to_torch
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +42,12 @@ _FS = "torch.distributed.checkpoint.filesystem"
 ENVELOPE_PREFIX = ".ckptmigrate-"
 MAX_METADATA = 256 << 20
 _LOCAL = struct.Struct("<4s5H3I2H")
+_CENTRAL = struct.Struct("<4s6H3I5H2I")
+_EOCD = struct.Struct("<4s4H2IH")
+_LOCATOR64 = struct.Struct("<4sIQI")
+_EOCD64 = struct.Struct("<4sQ2H2I4Q")
+#: How much of an embedded archive's head and tail is read at once (its small records and directory).
+_EDGE = 4096
 
 
 class DcpFormatError(ValueError):
@@ -62,6 +67,20 @@ class Chunked(Deferred):
     """A tensor saved in several chunks (one per rank that held a shard of it)."""
 
     chunks: list[tuple[tuple[int, ...], TensorRef]] = field(default_factory=list)
+
+    def file_runs(self) -> list[tuple[Source, int, int]] | None:
+        """The tensor's bytes as its chunks' bytes one after the other, when it is sharded along its
+        first dimension only (FSDP2's ``Shard(0)``: each chunk a block of whole rows, stored
+        contiguously); None otherwise (then it is assembled through torch)."""
+        runs: list[tuple[Source, int, int]] = []
+        row = 0
+        for offsets, ref in sorted(self.chunks, key=lambda c: (c[0], c[1].shape[:1])):
+            run = file_runs(ref)
+            if run is None or offsets[0] != row or any(offsets[1:]) or ref.shape[1:] != self.shape[1:]:
+                return None
+            runs.extend(r for r in run if r[2])
+            row += ref.shape[0]
+        return runs if row == self.shape[0] else None
 
 
 def _assemble(shape: tuple[int, ...], dtype: str, chunks: list[tuple[tuple[int, ...], TensorRef]]) -> Callable[[], Any]:
@@ -124,69 +143,126 @@ def _dtype(props: Any, fqn: str) -> str:
     raise DcpFormatError(f"tensor {fqn!r} has no dtype torch knows")
 
 
-class _Window(io.RawIOBase):
-    """A read-only view of ``length`` bytes of a file at ``base``: one embedded torch.save archive."""
+class _Archive:
+    """The records of one ``torch.save`` archive embedded in a file at ``base``, read in two
+    ``pread``s when it is as torch writes it (its head: ``data.pkl`` and the local headers before
+    the storages; its tail: the end records and the central directory)."""
 
-    def __init__(self, fd: int, base: int, length: int) -> None:
-        self.fd, self.base, self.length, self.pos = fd, base, length, 0
+    def __init__(self, fd: int, base: int, length: int, what: str) -> None:
+        self.fd, self.base, self.length, self.what = fd, base, length, what
+        self.head = self.pread(min(length, _EDGE), 0)
+        tail_at = max(0, length - _EDGE)
+        tail = self.head if tail_at == 0 else self.pread(length - tail_at, tail_at)
+        count, cd_size, cd_off = self._end(tail, tail_at)
+        directory = tail[cd_off - tail_at : cd_off - tail_at + cd_size] if cd_off >= tail_at \
+            else self.pread(cd_size, cd_off)
+        self.records: dict[str, tuple[int, int]] = {}
+        pos = 0
+        for _ in range(count):
+            if pos + _CENTRAL.size > len(directory) or directory[pos : pos + 4] != b"PK\x01\x02":
+                raise self.error("its central directory is malformed")
+            fields = _CENTRAL.unpack_from(directory, pos)
+            method, csize, usize, nlen, xlen, clen, offset = fields[4], *fields[8:13], fields[16]
+            raw_name = directory[pos + _CENTRAL.size : pos + _CENTRAL.size + nlen]
+            name = raw_name.decode("utf-8", "replace")
+            extra = directory[pos + _CENTRAL.size + nlen : pos + _CENTRAL.size + nlen + xlen]
+            usize, csize, offset = _zip64(extra, [usize, csize, offset])
+            pos += _CENTRAL.size + nlen + xlen + clen
+            if method != 0 or csize != usize:
+                raise DcpFormatError(f"{what}: record {name!r} is compressed")
+            if name in self.records:
+                raise DcpFormatError(f"{what}: record {name!r} is in it twice")
+            local = self.head[offset : offset + _LOCAL.size] if offset + _LOCAL.size <= len(self.head) \
+                else self.pread(_LOCAL.size, offset)
+            if local[:4] != b"PK\x03\x04":
+                raise DcpFormatError(f"{what}: record {name!r} has no local header")
+            start = offset + _LOCAL.size + sum(struct.unpack_from("<HH", local, 26))
+            if start + usize > length:
+                raise DcpFormatError(f"{what}: record {name!r} runs past its chunk")
+            self.records[name] = (start, usize)
 
-    def readable(self) -> bool:
-        return True
+    def error(self, problem: str) -> DcpFormatError:
+        return DcpFormatError(f"{self.what} is not a torch.save archive ({problem})")
 
-    def seekable(self) -> bool:
-        return True
+    def pread(self, n: int, at: int) -> bytes:
+        if at < 0 or n < 0 or at + n > self.length:
+            raise self.error("a structure lies outside it")
+        data = os.pread(self.fd, n, self.base + at)
+        if len(data) != n:
+            raise self.error("it is truncated")
+        return data
 
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = {0: 0, 1: self.pos, 2: self.length}[whence] + offset
-        return self.pos
+    def _end(self, tail: bytes, tail_at: int) -> tuple[int, int, int]:
+        """(entries, directory size, directory offset) from the end records, zip64 or not."""
+        if len(tail) < _EOCD.size:
+            raise self.error("too short")
+        sig, _disk, _cd_disk, _here, count, cd_size, cd_off, comment = _EOCD.unpack_from(tail, len(tail) - _EOCD.size)
+        if sig != b"PK\x05\x06" or comment:
+            raise self.error("no end record at its end")
+        if 0xFFFF in (count,) or 0xFFFFFFFF in (cd_size, cd_off):
+            at = len(tail) - _EOCD.size - _LOCATOR64.size
+            if at < 0 or tail[at : at + 4] != b"PK\x06\x07":
+                raise self.error("no zip64 locator")
+            eocd64 = _LOCATOR64.unpack_from(tail, at)[2]
+            block = tail[eocd64 - tail_at : eocd64 - tail_at + _EOCD64.size] if eocd64 >= tail_at \
+                else self.pread(_EOCD64.size, eocd64)
+            if len(block) != _EOCD64.size or block[:4] != b"PK\x06\x06":
+                raise self.error("no zip64 end record")
+            count, cd_size, cd_off = _EOCD64.unpack(block)[7:10]
+        if cd_off + cd_size > self.length:
+            raise self.error("its central directory lies outside it")
+        return count, cd_size, cd_off
 
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, buf: Any) -> int:
-        n = max(0, min(len(buf), self.length - self.pos))
-        data = os.pread(self.fd, n, self.base + self.pos)
-        buf[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
+    def read(self, name: str) -> bytes:
+        start, size = self.records[name]
+        return self.head[start : start + size] if start + size <= len(self.head) else self.pread(size, start)
 
 
-def read_embedded(source: Source, base: int, length: int, what: str) -> Any:
+def _zip64(extra: bytes, values: list[int]) -> list[int]:
+    """Sizes and offset from a zip64 extra field, for those whose 32-bit field is 0xFFFFFFFF."""
+    if 0xFFFFFFFF not in values:
+        return values
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, size = struct.unpack_from("<HH", extra, pos)
+        if tag == 1:
+            wide = iter(struct.unpack_from(f"<{size // 8}Q", extra, pos + 4))
+            return [next(wide, v) if v == 0xFFFFFFFF else v for v in values]
+        pos += 4 + size
+    return values
+
+
+#: A chunk's archive pickle -> the tensor it gave, already checked (chunks of one shape pickle alike).
+Templates = dict[bytes, TensorRef]
+
+
+def read_embedded(source: Source, base: int, length: int, what: str, templates: Templates | None = None) -> Any:
     """The object a ``torch.save`` archive embedded at ``base`` holds, tensors as references into ``source``."""
     if base < 0 or length < 0 or base + length > source.size:
         raise DcpFormatError(f"{what} lies outside {os.path.basename(source.path)}")
-    window = _Window(source.fileno(), base, length)
-    try:
-        infos = zipfile.ZipFile(window).infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
-        raise DcpFormatError(f"{what} is not a torch.save archive ({exc})") from None
-    records: dict[str, tuple[int, int]] = {}
-    for info in infos:
-        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-            raise DcpFormatError(f"{what}: record {info.filename!r} is compressed")
-        header = os.pread(source.fileno(), _LOCAL.size, base + info.header_offset)
-        if len(header) != _LOCAL.size or header[:4] != b"PK\x03\x04" or info.header_offset < 0:
-            raise DcpFormatError(f"{what}: record {info.filename!r} has no local header")
-        name_len, extra_len = struct.unpack_from("<HH", header, 26)
-        start = info.header_offset + _LOCAL.size + name_len + extra_len
-        if start + info.file_size > length:
-            raise DcpFormatError(f"{what}: record {info.filename!r} runs past its chunk")
-        records[info.filename] = (base + start, info.file_size)
-    pkl = [n for n in records if n.endswith("/data.pkl") and n.count("/") == 1]
+    archive = _Archive(source.fileno(), base, length, what)
+    pkl = [n for n in archive.records if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkl) != 1:
         raise DcpFormatError(f"{what} holds no torch.save payload")
     prefix = pkl[0][: -len("/data.pkl")]
-    start, size = records[pkl[0]]
+    raw = archive.read(pkl[0])
+    template = templates.get(raw) if templates is not None else None
     storages: dict[str, Storage] = {}
-    try:
-        obj = pickled.load(os.pread(source.fileno(), size, start), storages)
-    except PickleFormatError as exc:
-        raise DcpFormatError(f"{what}: {exc}") from None
+    if template is not None:  # the same pickle read before: the same tensor, on a storage of its own
+        obj: Any = replace(template, storage=replace(template.storage, source=None, offset=None), extra={})
+        storages[obj.storage.key] = obj.storage
+    else:
+        try:
+            obj = pickled.load(raw, storages)
+        except PickleFormatError as exc:
+            raise DcpFormatError(f"{what}: {exc}") from None
+        if templates is not None and isinstance(obj, TensorRef) and not obj.extra and len(storages) == 1:
+            templates[raw] = obj
     for key, storage in storages.items():
-        record = records.get(f"{prefix}/data/{key}")
+        record = archive.records.get(f"{prefix}/data/{key}")
         if record is None or record[1] < storage.nbytes:
             raise DcpFormatError(f"{what}: storage data/{key} is missing or short")
-        storage.source, storage.offset = source, record[0]
+        storage.source, storage.offset = source, base + record[0]
     return obj
 
 
@@ -243,11 +319,12 @@ def read(metadata_path: Path) -> tuple[Any, dict[str, Any] | None, dict[str, Sto
 
     planner = md.state.get("planner_data") if isinstance(md.state.get("planner_data"), dict) else {}
     flat: list[tuple[tuple[Any, ...], Any]] = []
+    templates: Templates = {}
     try:
         for fqn, smd in md.state["state_dict_metadata"].items():
             if not isinstance(fqn, str):
                 raise DcpFormatError("a key of the .metadata is not a string")
-            value = _read_value(fqn, smd, storage_data, source_of, layout, storages)
+            value = _read_value(fqn, smd, storage_data, source_of, layout, storages, templates)
             path = planner.get(fqn, (fqn,))
             if not isinstance(path, tuple) or not path or not all(isinstance(p, (str, int)) for p in path):
                 raise DcpFormatError(f"the planner path of {fqn!r} is malformed")
@@ -272,7 +349,7 @@ def read(metadata_path: Path) -> tuple[Any, dict[str, Any] | None, dict[str, Sto
 
 def _read_value(
     fqn: str, smd: Any, storage_data: dict[Any, tuple[StandIn, StandIn]], source_of: Callable[[str], Source],
-    layout: Dcp, storages: dict[str, Storage],
+    layout: Dcp, storages: dict[str, Storage], templates: Templates,
 ) -> Any:
     kind = global_name(smd)
     if kind == f"{_MD}.BytesStorageMetadata":
@@ -308,7 +385,7 @@ def _read_value(
         index, info = storage_data[(fqn, offsets)]
         used.append((index, info))
         ist = info.state
-        ref = read_embedded(source_of(ist["relative_path"]), ist["offset"], ist["length"], f"{fqn!r}")
+        ref = read_embedded(source_of(ist["relative_path"]), ist["offset"], ist["length"], f"{fqn!r}", templates)
         if not isinstance(ref, TensorRef) or ref.shape != sizes or ref.dtype != dtype:
             raise DcpFormatError(
                 f"the chunk of {fqn!r} at {list(offsets)} is not a {dtype} tensor of shape {list(sizes)}")
@@ -323,6 +400,27 @@ def _read_value(
     layout.origin[id(tensor)] = (fqn, used, smd)
     layout.keep.append(tensor)
     return tensor
+
+
+def trusted(layout: Dcp, payload: Any) -> Any:
+    """``payload`` with every non-tensor value loaded by torch from its bytes, as ``dcp.load`` does:
+    its pickle code runs (trusted checkpoints only). Tensors stay references."""
+    import torch
+
+    def walk(node: Any) -> Any:
+        origin = layout.origin.get(id(node))
+        if origin is not None and global_name(origin[2]) == f"{_MD}.BytesStorageMetadata":
+            st = origin[1][0][1].state
+            with open(layout.directory / st["relative_path"], "rb") as fh:
+                raw = os.pread(fh.fileno(), st["length"], st["offset"])
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+        if isinstance(node, dict) and origin is None:
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list) and origin is None:
+            return [walk(v) for v in node]
+        return node
+
+    return walk(payload)
 
 
 def unflatten(flat: list[tuple[tuple[Any, ...], Any]]) -> dict[str, Any]:
@@ -411,6 +509,16 @@ def _holds_standin(value: Any, depth: int = 0) -> bool:
     return False
 
 
+def live_ranges(layout: Dcp, kept: list[tuple[str, tuple[Any, ...], Any]]) -> dict[str, list[tuple[int, int]]]:
+    """For each ``.distcp`` file, the (offset, length) of every chunk a kept value still reads, in order."""
+    out: dict[str, set[tuple[int, int]]] = {}
+    for _fqn, _path, value in kept:
+        for _index, info in layout.origin[id(value)][1]:
+            st = info.state
+            out.setdefault(st["relative_path"], set()).add((st["offset"], st["length"]))
+    return {rel: sorted(ranges) for rel, ranges in out.items()}
+
+
 def split_payload(layout: Dcp | None, payload: Any) -> tuple[list[Any], list[Any]]:
     """The flattened payload as (values still where they were read, values to write)."""
     kept: list[Any] = []
@@ -423,9 +531,11 @@ def split_payload(layout: Dcp | None, payload: Any) -> tuple[list[Any], list[Any
 def build_metadata(
     layout: Dcp | None, kept: list[tuple[str, tuple[Any, ...], Any]],
     written: list[tuple[str, tuple[Any, ...], Any, str, int, int]],
+    moved: dict[tuple[str, int], tuple[str, int]] | None = None,
 ) -> bytes:
-    """The new ``.metadata``: kept values point at their old bytes under their (new) names; written
-    ones at the new file. Everything else in the old Metadata (storage_meta, version) is kept."""
+    """The new ``.metadata``: kept values point at their old bytes under their (new) names (or where
+    ``moved`` says those bytes went: (file, offset) -> (file, offset)); written ones at the new file.
+    Everything else in the old Metadata (storage_meta, version) is kept."""
     sdm: dict[str, Any] = {}
     planner: dict[str, Any] = {}
     storage: dict[Any, Any] = {}
@@ -440,6 +550,9 @@ def build_metadata(
         for index, info in entries:
             index_state = dict(index.state)
             index_state["fqn"] = fqn
+            there = (moved or {}).get((info.state["relative_path"], info.state["offset"]))
+            if there is not None:
+                info = _obj(_FS, "_StorageInfo", {**info.state, "relative_path": there[0], "offset": there[1]})
             storage[_obj(_MD, "MetadataIndex", index_state)] = info
     for fqn, path, value, rel, offset, length in written:
         planner[fqn] = path

@@ -17,6 +17,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -201,17 +202,16 @@ def stem_and_suffix(index_name: str, shard_format: str) -> tuple[str, str]:
 
 
 def plan_shards(payload: dict[str, Any], layout: Sharded | None, max_bytes: int | None = None) -> list[list[str]]:
-    """Keys grouped into shards: each tensor stays with the shard it came from; a new tensor (the
-    result of a split, a merge, an add) goes to the shard of the key before it."""
+    """Keys grouped into shards: each tensor stays with the shard it came from; a tensor an op
+    computes (a split, a merge, a transpose) goes to the shard of the tensor it is computed from, or
+    else of the key it replaces, or else of the key before it. ``max_bytes`` re-plans the shards
+    (filled in order, a new shard when the next tensor would pass it, as huggingface_hub does)."""
     groups: dict[str, list[str]] = OrderedDict((s, []) for s in (layout.shards if layout else []))
     previous = next(iter(groups), "")
     for key, value in payload.items():
-        shard = None
-        if isinstance(value, TensorRef) and value.storage.source is not None and layout is not None:
-            name = os.path.basename(value.storage.source.path)
-            src_dir = Path(value.storage.source.path).parent
-            if src_dir == layout.directory and name in groups:
-                shard = name
+        shard = _home(value, layout, groups) if layout is not None else None
+        if shard is None and layout is not None and layout.shard_of.get(key) in groups:
+            shard = layout.shard_of[key]
         shard = shard or previous
         groups.setdefault(shard, []).append(key)
         previous = shard
@@ -219,6 +219,30 @@ def plan_shards(payload: dict[str, Any], layout: Sharded | None, max_bytes: int 
     if max_bytes is not None:
         plan = _rebalance(payload, plan, max_bytes)
     return plan
+
+
+def _home(value: Any, layout: Sharded, groups: dict[str, list[str]], depth: int = 0) -> str | None:
+    """The shard of the layout whose bytes ``value`` is, or is computed from: an op's tensor is a
+    :class:`Deferred` whose ``compute`` is a ``functools.partial`` over the tensors it reads."""
+    if isinstance(value, TensorRef):
+        source = value.storage.source
+        if source is not None and Path(source.path).parent == layout.directory:
+            name = os.path.basename(source.path)
+            return name if name in groups else None
+        return None
+    if depth > 8:
+        return None
+    if isinstance(value, Deferred):
+        value = value.compute
+    if isinstance(value, partial):
+        value = value.args
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            if isinstance(item, (TensorRef, Deferred, partial, list, tuple)):
+                found = _home(item, layout, groups, depth + 1)
+                if found is not None:
+                    return found
+    return None
 
 
 def _rebalance(payload: dict[str, Any], plan: list[list[str]], max_bytes: int) -> list[list[str]]:

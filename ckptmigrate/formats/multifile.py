@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import struct
 from pathlib import Path
@@ -168,12 +169,14 @@ def read_envelope(path: Path) -> tuple[Any, dict[str, Any] | None]:
 
 def write(
     parts: Any, fmt: str, dest: Path, payload: Any, envelope: dict[str, Any] | None,
-    check: Any, *, keep_old: bool = False, max_shard_bytes: int | None = None,
+    check: Any, *, keep_old: bool = False, max_shard_bytes: int | None = None, compact: bool = False,
 ) -> Path:
     """Write ``payload`` as the multi-file checkpoint ``dest`` in one switch; return its name.
 
     From another container (``parts`` not of ``fmt``'s kind: ``convert``), a sharded model gets
-    shards of at most ``max_shard_bytes`` (default 5 GB), a DCP directory one ``.distcp`` file."""
+    shards of at most ``max_shard_bytes`` (default 5 GB), a DCP directory one ``.distcp`` file.
+    ``compact`` rewrites the ``.distcp`` files that hold chunks no value reads any more (a sharded
+    model's shards never do: each is rewritten whole when its tensors change)."""
     if fmt == "hf-sharded":
         named = not dest.is_dir() and dest.name.endswith(hf_sharded.INDEX_SUFFIX)
         if not isinstance(parts, hf_sharded.Sharded):
@@ -184,7 +187,7 @@ def write(
         _write_sharded(parts, index, payload, envelope, check, keep_old, max_shard_bytes)
         return index
     directory = dest.parent if dest.name == dcp.METADATA else dest
-    _write_dcp(parts if isinstance(parts, dcp.Dcp) else None, directory, payload, envelope, check, keep_old)
+    _write_dcp(parts if isinstance(parts, dcp.Dcp) else None, directory, payload, envelope, check, keep_old, compact)
     return directory
 
 
@@ -281,27 +284,37 @@ def _canonical_names(
 
 def _write_dcp(
     parts: dcp.Dcp | None, directory: Path, payload: Any, envelope: dict[str, Any] | None, check: Any, keep_old: bool,
+    compact: bool = False,
 ) -> None:
     same = parts is not None and directory.exists() and directory.resolve() == parts.directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     shardset = ShardSet(directory, dcp.METADATA)
     shardset.recover()
     kept, fresh = dcp.split_payload(parts, payload)
-    carried = sorted({info.state["relative_path"] for _f, _p, v in kept for _i, info in parts.origin[id(v)][1]}) \
-        if parts is not None else []
-    new_file = (f"__ckm{secrets.token_hex(4)}_0.distcp" if parts is not None else "__0_0.distcp") if fresh else None
+    live = dcp.live_ranges(parts, kept) if parts is not None else {}
+    carried = sorted(live)
+    tag = secrets.token_hex(4)
+    # compact: a file holding chunks no value reads any more (dropped, replaced) keeps only the live
+    # ones, in a new file whose name carries the old one (given back after the switch)
+    packed = {rel: f"__ckm{tag}-{rel}" if same else rel
+              for rel in carried if compact and _has_dead_bytes(parts, rel, live[rel])}
+    # a compaction killed between its two switches left files under such names: give them back
+    unnamed: dict[str, str] = {}
+    for rel in carried:
+        old_name = _untagged(rel) if compact and same and rel not in packed else None
+        if old_name is not None and not (directory / old_name).exists():
+            unnamed[rel] = old_name
+    new_file = (f"__ckm{tag}_0.distcp" if parts is not None else "__0_0.distcp") if fresh else None
     old: set[str] = set()
     if same and parts is not None:
         old = parts.files()
     elif (directory / dcp.METADATA).exists():
         raise BadInput(f"{directory}: already holds a DCP checkpoint; give a new directory")
-    new = ([] if same else carried) + ([new_file] if new_file else [])
-    shardset.begin(old - set(carried), new, keep_old=keep_old)  # a kept .distcp file is never removed
+    in_place = {r for r in carried if r not in packed}
+    new = ([] if same else sorted(in_place)) + list(packed.values()) + ([new_file] if new_file else [])
+    shardset.begin(old - in_place, new, keep_old=keep_old)  # a kept .distcp file is never removed
     try:
-        if not same and parts is not None:  # out of place: the files whose bytes are kept are copied by the kernel
-            for rel in carried:
-                with open(parts.directory / rel, "rb") as src, shardset.create(rel) as fh:
-                    copy_range(src.fileno(), fh.fileno(), 0, os.fstat(src.fileno()).st_size, 0)
+        moved = _copy_chunks(parts, shardset, carried, packed, live, copy_whole=not same)
         written = []
         if new_file is not None:
             with shardset.create(new_file) as fh:
@@ -311,9 +324,16 @@ def _write_dcp(
                     write_all(fh.fileno(), data, pos)
                     written.append((fqn, path, value, new_file, pos, len(data)))
                     pos += len(data)
-        unchanged = parts is not None and not fresh and len(kept) == len(
+        if not packed and not fresh and unnamed and parts is not None:
+            shardset.abort()
+            back = {(rel, off): (old_name, off) for rel, old_name in unnamed.items() for off, _n in live[rel]}
+            _dcp_names_back(directory, {old_name: rel for rel, old_name in unnamed.items()},
+                            dcp.build_metadata(parts, kept, [], back), set(parts.files()) - set(carried),
+                            envelope, check)
+            return
+        unchanged = parts is not None and not fresh and not packed and len(kept) == len(
             parts.metadata.state["state_dict_metadata"]) and all(parts.origin[id(v)][0] == fqn for fqn, _p, v in kept)
-        md = parts.raw if unchanged and parts is not None else dcp.build_metadata(parts, kept, written)
+        md = parts.raw if unchanged and parts is not None else dcp.build_metadata(parts, kept, written, moved)
         env_name = dcp.envelope_name(md)
         if same and parts is not None and md == parts.raw:  # only the envelope changes: one file, replaced atomically
             shardset.abort()
@@ -322,6 +342,69 @@ def _write_dcp(
         if envelope is not None:
             shardset.add(env_name)
             _write_envelope(directory / env_name, envelope, create=shardset)
+        shardset.commit(md, check)
+    except BaseException:
+        shardset.abort()
+        raise
+    if same and packed and not keep_old:
+        back = {(packed[rel], pos): (rel, pos) for (rel, _off), (_new, pos) in moved.items()}
+        _dcp_names_back(directory, packed, dcp.build_metadata(parts, kept, written, {
+            k: back[v] for k, v in moved.items()}), {env_name}, envelope, check)
+
+
+def _untagged(name: str) -> str | None:
+    """The old name a compacted ``.distcp`` file carries in its own (``__ckm<tag>-<old>``), if any."""
+    match = re.fullmatch(r"__ckm[0-9a-f]{8}-(.+\.distcp)", name)
+    return match.group(1) if match else None
+
+
+def _has_dead_bytes(parts: dcp.Dcp | None, rel: str, ranges: list[tuple[int, int]]) -> bool:
+    """True when the live chunks of ``rel`` are fewer bytes than the file (and do not overlap)."""
+    assert parts is not None
+    ends = [off + length for off, length in ranges]
+    if any(nxt < end for (nxt, _l), end in zip(ranges[1:], ends, strict=False)):
+        return False
+    return sum(length for _o, length in ranges) < os.stat(parts.directory / rel).st_size
+
+
+def _copy_chunks(
+    parts: dcp.Dcp | None, shardset: ShardSet, carried: list[str], packed: dict[str, str],
+    live: dict[str, list[tuple[int, int]]], *, copy_whole: bool,
+) -> dict[tuple[str, int], tuple[str, int]]:
+    """Copy the carried ``.distcp`` files by the kernel: a packed one chunk by chunk into its new
+    name (returning where each chunk went), the others whole when written elsewhere."""
+    moved: dict[tuple[str, int], tuple[str, int]] = {}
+    for rel in carried:
+        if rel not in packed and not copy_whole:
+            continue
+        assert parts is not None
+        with open(parts.directory / rel, "rb") as src, shardset.create(packed.get(rel, rel)) as fh:
+            if rel not in packed:
+                copy_range(src.fileno(), fh.fileno(), 0, os.fstat(src.fileno()).st_size, 0)
+                continue
+            pos = 0
+            for offset, length in live[rel]:
+                copy_range(src.fileno(), fh.fileno(), offset, length, pos)
+                moved[(rel, offset)] = (packed[rel], pos)
+                pos += length
+    return moved
+
+
+def _dcp_names_back(
+    directory: Path, packed: dict[str, str], md: bytes, stale: set[str], envelope: dict[str, Any] | None,
+    check: Any,
+) -> None:
+    """Give compacted ``.distcp`` files (old name -> current name) their old names again (the shard
+    digests of the envelope name them): a switch whose new files are hard links, no byte copied;
+    ``stale`` (the envelope file of the current ``.metadata``) goes with the current names."""
+    shardset = ShardSet(directory, dcp.METADATA)
+    shardset.begin({*packed.values(), *stale}, list(packed))
+    try:
+        for rel, tagged in packed.items():
+            os.link(directory / tagged, directory / rel)
+        if envelope is not None:
+            shardset.add(dcp.envelope_name(md))
+            _write_envelope(directory / dcp.envelope_name(md), envelope, create=shardset)
         shardset.commit(md, check)
     except BaseException:
         shardset.abort()

@@ -27,6 +27,7 @@ from ckptmigrate.tensors.refs import (
     TensorRef,
     contiguous_stride,
     dtype_of,
+    file_runs,
     shape_of,
     to_torch,
 )
@@ -193,10 +194,11 @@ def write(
     fd = fh.fileno()
     for obj in tensors.values():
         size = _nbytes(obj)
-        run = obj.file_range() if isinstance(obj, TensorRef) and obj.storage.source is not None else None
-        if run is not None:
-            copy_range(obj.storage.source.fileno(), fd, run[0], size, pos)
-            pos += size
+        runs = file_runs(obj)
+        if runs is not None:
+            for source, offset, length in runs:
+                copy_range(source.fileno(), fd, offset, length, pos)
+                pos += length
             continue
         for chunk in _chunks(obj):
             view = memoryview(chunk).cast("B")

@@ -33,6 +33,7 @@ from ckptmigrate.tensors.refs import (
     Storage,
     TensorRef,
     dtype_of,
+    file_runs,
     shape_of,
     to_torch,
 )
@@ -250,6 +251,13 @@ def _tensor_chunks(obj: Any) -> Iterator[memoryview]:
         yield view[start : start + _CHUNK]
 
 
+def _run_chunks(runs: list[tuple[Source, int, int]]) -> Iterator[memoryview]:
+    for source, offset, length in runs:
+        view = memoryview(source.map())
+        for start in range(offset, offset + length, _CHUNK):
+            yield view[start : min(offset + length, start + _CHUNK)]
+
+
 def _storage_chunks(storage: Storage) -> Iterator[memoryview]:
     assert storage.source is not None and storage.offset is not None
     view = memoryview(storage.source.map())
@@ -290,7 +298,8 @@ def write(
                 writer.add_stream(name, item.nbytes, _storage_chunks(item))
         else:
             nbytes = item.nbytes if isinstance(item, Deferred) else item.numel() * item.element_size()
-            writer.add_stream(name, nbytes, _tensor_chunks(item))
+            runs = file_runs(item)  # a tensor whose bytes already sit in files (a DCP tensor's chunks)
+            writer.add_stream(name, nbytes, _run_chunks(runs) if runs is not None else _tensor_chunks(item))
     for name, data in _fixed_records(prefix, serialization_id)[3:]:
         writer.add_bytes(name, data)
     if envelope is not None:

@@ -170,6 +170,10 @@ class Deferred(_Sized):
     compute: Callable[[], torch.Tensor]
     device: str = "cpu"
 
+    def file_runs(self) -> list[tuple[Source, int, int]] | None:
+        """Where the values already sit as they are, when they do (a subclass that knows says so)."""
+        return None
+
 
 @dataclass(eq=False)
 class ComposedTensor(_Sized):
@@ -187,6 +191,18 @@ class ComposedTensor(_Sized):
 
 
 Entry = Union[TensorRef, Deferred, ComposedTensor, "torch.Tensor"]
+
+
+def file_runs(value: object) -> list[tuple[Source, int, int]] | None:
+    """The bytes of a tensor entry as (file, offset, length) runs, in order, when they are stored
+    exactly as a contiguous tensor holds them (a writer then copies them by the kernel, without
+    reading them); None when they must be computed."""
+    if isinstance(value, TensorRef):
+        source, run = value.storage.source, value.file_range()
+        return None if source is None or run is None else [(source, *run)]
+    if isinstance(value, Deferred):
+        return value.file_runs()
+    return None
 
 
 def is_entry(value: object) -> bool:
