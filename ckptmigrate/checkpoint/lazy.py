@@ -403,22 +403,31 @@ class Checkpoint(ArchitectureOps):
         if fmt in formats.MULTI_FORMATS:
             return multifile.write(self.container.parts, fmt, dest, payload, env, check, keep_old=keep_old,
                                    max_shard_bytes=max_shard_bytes, compact=compact)
-        metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
-        same_file = dest.exists() and dest.resolve() == self.path.resolve()
-        pickled = torchzip.Pickled(payload) if metadata_only else None
-        if pickled is not None and append_in_place and same_file and self._append(pickled, env, check):
-            return dest
-        with atomic_write(dest, check=check) as fh:
-            if pickled is not None:
-                c = self.container
-                assert c.source is not None
-                torchzip.write_metadata_only(fh, c.source, c.records, c.prefix, pickled, env)
-            else:
+        if not (self.can_rewrite_metadata_only(fmt) and not compact):
+            with atomic_write(dest, check=check) as fh:
                 formats.write_container(fh, fmt, payload, env, template=self.container)  # type: ignore[arg-type]
+            return dest
+        c = self.container
+        assert c.source is not None
+        pickled = torchzip.Pickled(payload)
+        env_record = torchzip.envelope_record(env)
+
+        def check_metadata(written: Path) -> None:
+            """Read back as torch reads it: the records written are the bytes meant (no re-unpickling)."""
+            problem = torchzip.verify_metadata_only(written, c.records, c.prefix, pickled, env_record)
+            if problem is not None:
+                raise BadInput(f"{dest}: the written file does not read back as written ({problem}); "
+                               "nothing was replaced")
+
+        same_file = dest.exists() and dest.resolve() == self.path.resolve()
+        if append_in_place and same_file and self._append(pickled, env_record, check_metadata):
+            return dest
+        with atomic_write(dest, check=check_metadata) as fh:
+            torchzip.write_metadata_only(fh, c.source, c.records, c.prefix, pickled, env_record)
         return dest
 
 
-    def _append(self, payload: torchzip.Pickled, env: dict[str, Any] | None, check: Any) -> bool:
+    def _append(self, payload: torchzip.Pickled, env: bytes | None, check: Any) -> bool:
         """The in-place path: append to this file; if the append or its read-back fails, cut the file
         back to the archive it held (whose bytes are never touched)."""
         c = self.container
