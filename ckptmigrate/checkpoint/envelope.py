@@ -30,6 +30,8 @@ def key_text(key: Any) -> str:
     """A state-dict key as text for the schema, the envelope and the terminal: a string as it is,
     any other key (``torch.save({0: t})``, a tuple) as its ``repr``; a lone surrogate escaped."""
     text = key if isinstance(key, str) else repr(key)
+    if text.isascii():
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -56,9 +58,13 @@ def schema_of(state_dict: Mapping[Any, Any]) -> Schema:
 def architecture_hash(schema: Mapping[str, Mapping[str, Any]]) -> str:
     """A digest of the sorted (key, shape, dtype) triples: equal for equal definitions, anywhere."""
     h = hashlib.sha256()
-    for key in sorted(schema):
-        entry = schema[key]
-        h.update(f"{key}\t{','.join(map(str, entry['shape']))}\t{entry['dtype']}\n".encode())
+    keys = sorted(schema)
+    for start in range(0, len(keys), 4096):  # hashed in runs: one update call per few thousand keys
+        lines = []
+        for key in keys[start : start + 4096]:
+            entry = schema[key]
+            lines.append(f"{key}\t{','.join(map(str, entry['shape']))}\t{entry['dtype']}\n")
+        h.update("".join(lines).encode())
     return "sha256:" + h.hexdigest()
 
 

@@ -7,6 +7,7 @@ at a time; when every tensor is still where it was, only metadata is rewritten.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
@@ -25,6 +26,7 @@ from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.ops.optimizer import OptimizerTrack
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.tensors.refs import (
+    ITEMSIZE,
     ComposedTensor,
     Entry,
     Storage,
@@ -454,10 +456,7 @@ def _files(container: formats.Container) -> list[str]:
 
 
 def _numel(v: Any) -> int:
-    n = 1
-    for d in shape_of(v):
-        n *= d
-    return n
+    return math.prod(shape_of(v))
 
 
 def _data_bytes(tensors: Iterable[Any]) -> int:
@@ -475,8 +474,6 @@ def _data_bytes(tensors: Iterable[Any]) -> int:
 
 
 def _nbytes(v: Any) -> int:
-    from ckptmigrate.tensors.refs import ITEMSIZE
-
     return _numel(v) * ITEMSIZE.get(dtype_of(v), 0)
 
 

@@ -85,15 +85,18 @@ def _tuple_slot(depth: int, size: int, ops: int) -> int:
 # OrderedDict())`` with memo puts after the objects (optional: ckptmigrate's writer puts fewer) and
 # memo gets for what repeats. Each part is one opcode with its argument, as the scan steps over it;
 # the lengths of the two strings in it are checked after the match.
-_INT = rb"(?:K.|M..|J....)"
-_PUT = rb"(q.|r....)?"
-_GET = rb"(h.|j....)"
-_TUPLE_OF_INTS = rb"(\)|" + _INT + rb"\x85|" + _INT * 2 + rb"\x86|" + _INT * 3 + rb"\x87|\((?:" + _INT + rb")*t)"
+_RE_INT = rb"(?:K.|M..|J....)"
+_RE_PUT = rb"(q.|r....)?"
+_RE_GET = rb"(h.|j....)"
+_RE_TUPLE_OF_INTS = (
+    rb"(\)|" + _RE_INT + rb"\x85|" + _RE_INT * 2 + rb"\x86|" + _RE_INT * 3 + rb"\x87|\((?:" + _RE_INT + rb")*t)"
+)
 _TENSOR = re.compile(
-    _PUT + _GET + rb"\(\((?:" + _GET + rb"|X\x07\x00\x00\x00storage)" + _GET
-    + rb"X([\x01-\x7f])\x00\x00\x00([0-9]+)" + _PUT + rb"(?:" + _GET + rb"|X([\x01-\x7f])\x00\x00\x00([a-z0-9:]+))"
-    + _INT + rb"t" + _PUT + rb"Q" + _INT + _TUPLE_OF_INTS + _PUT + _TUPLE_OF_INTS + _PUT
-    + rb"[\x88\x89]" + _GET + rb"\)R" + _PUT + rb"t" + _PUT + rb"R" + _PUT,
+    _RE_PUT + _RE_GET + rb"\(\((?:" + _RE_GET + rb"|X\x07\x00\x00\x00storage)" + _RE_GET
+    + rb"X([\x01-\x7f])\x00\x00\x00([0-9]+)" + _RE_PUT
+    + rb"(?:" + _RE_GET + rb"|X([\x01-\x7f])\x00\x00\x00([a-z0-9:]+))"
+    + _RE_INT + rb"t" + _RE_PUT + rb"Q" + _RE_INT + _RE_TUPLE_OF_INTS + _RE_PUT + _RE_TUPLE_OF_INTS + _RE_PUT
+    + rb"[\x88\x89]" + _RE_GET + rb"\)R" + _RE_PUT + rb"t" + _RE_PUT + rb"R" + _RE_PUT,
     re.DOTALL,
 )
 _INT_WIDTH = {0x4B: 2, 0x4D: 3, 0x4A: 5}

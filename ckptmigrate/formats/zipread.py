@@ -179,6 +179,7 @@ class _Reader:
     def __init__(self, fd: int, length: int) -> None:
         self.fd, self.length = fd, length
         self.prefix: str | None = None
+        self._buf, self._at, self._ahead = b"", 0, 0  # the walk's window: bytes, their offset, read-ahead
 
     def pread(self, n: int, offset: int, what: str) -> bytes:
         data = os.pread(self.fd, n, offset) if n else b""
@@ -301,7 +302,7 @@ class _Reader:
         """``os.pread(fd, n, offset)`` for the walk, from the last window read when it holds them; a
         new window reads ahead only after a small record (so the next ones are likely in it)."""
         rel = offset - self._at
-        if 0 <= rel and rel + n <= len(self._buf):
+        if rel >= 0 and rel + n <= len(self._buf):
             return self._buf[rel : rel + n]
         self._buf, self._at = os.pread(self.fd, max(n, min(self._ahead, limit - offset)), offset), offset
         return self._buf[:n]
@@ -310,7 +311,6 @@ class _Reader:
         self.live = live
         self.records: dict[int, tuple[str, int]] = {}
         self.data_offsets: dict[int, int] = {}
-        self._buf, self._at, self._ahead = b"", 0, 0
         pos = 0
         while pos < cd_offset:
             block = self.window(min(_BLOCK, cd_offset - pos), pos, cd_offset)

@@ -206,7 +206,7 @@ def file_runs(value: object) -> list[tuple[Source, int, int]] | None:
 
 
 def is_entry(value: object) -> bool:
-    if isinstance(value, (TensorRef, Deferred, ComposedTensor)):
+    if type(value) is TensorRef or isinstance(value, (TensorRef, Deferred, ComposedTensor)):
         return True
     return type(value).__module__.startswith("torch") and hasattr(value, "untyped_storage")
 
@@ -216,16 +216,20 @@ def dtype_name(dtype: object) -> str:
 
 
 def shape_of(value: Entry) -> tuple[int, ...]:
+    if type(value) is TensorRef:  # a tuple of ints, checked when it was read or computed
+        return value.shape
     return tuple(int(d) for d in value.shape)
 
 
 def dtype_of(value: Entry) -> str:
-    if isinstance(value, (TensorRef, Deferred, ComposedTensor)):
+    if type(value) is TensorRef or isinstance(value, (TensorRef, Deferred, ComposedTensor)):
         return value.dtype
     return dtype_name(value.dtype)
 
 
 def device_of(value: Entry) -> str:
+    if type(value) is TensorRef:
+        return value.storage.location
     if isinstance(value, (TensorRef, Deferred, ComposedTensor)):
         return value.device
     return str(value.device)
