@@ -391,7 +391,8 @@ class Checkpoint(ArchitectureOps):
             non_tensor = [k for k, v in payload.items() if not is_entry(v)]
             if non_tensor:
                 raise BadInput(f"{dest}: safetensors cannot hold the non-tensor entries {non_tensor[:5]}")
-        expected = self.schema()
+        metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
+        expected = None if metadata_only else self.schema()
 
         def check(written: Path) -> None:
             """Re-open what was written: the index and envelope must be what we meant to write."""
@@ -405,7 +406,7 @@ class Checkpoint(ArchitectureOps):
         if fmt in formats.MULTI_FORMATS:
             return multifile.write(self.container.parts, fmt, dest, payload, env, check, keep_old=keep_old,
                                    max_shard_bytes=max_shard_bytes, compact=compact)
-        if not (self.can_rewrite_metadata_only(fmt) and not compact):
+        if not metadata_only:
             with atomic_write(dest, check=check) as fh:
                 formats.write_container(fh, fmt, payload, env, template=self.container)  # type: ignore[arg-type]
             return dest

@@ -74,7 +74,7 @@ class Source:
         self._fh.close()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Storage:
     """A run of bytes in a file shared by one or more tensors (tied weights share one storage)."""
 
@@ -106,6 +106,8 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 class _Sized:
     """Element and byte counts from ``shape`` and ``dtype``, for every kind of tensor entry."""
 
+    __slots__ = ()  # a file's tensors are many: TensorRef has slots, not a dict each (~100 bytes)
+
     shape: tuple[int, ...]
     dtype: str
 
@@ -118,7 +120,7 @@ class _Sized:
         return self.numel * ITEMSIZE[self.dtype]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class TensorRef(_Sized):
     """A tensor in a file: everything about it except its values."""
 
