@@ -381,7 +381,9 @@ class Checkpoint(ArchitectureOps):
         multi = self.format in formats.MULTI_FORMATS
         fmt = fmt or (self.format if multi or self.format == "safetensors" else "torch-zip")
         payload = self.payload()
-        env = None if envelope is None else envelope.to_dict()
+        metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
+        # a metadata-only write only encodes the envelope: no copy of it (and of its schema)
+        env = None if envelope is None else envelope.to_dict(copy=not metadata_only)
         if fmt in ("safetensors", "hf-sharded") and (self.extras or not isinstance(payload, MutableMapping)):
             raise BadInput(
                 f"{dest}: safetensors holds only tensors; the extras "
@@ -391,7 +393,6 @@ class Checkpoint(ArchitectureOps):
             non_tensor = [k for k, v in payload.items() if not is_entry(v)]
             if non_tensor:
                 raise BadInput(f"{dest}: safetensors cannot hold the non-tensor entries {non_tensor[:5]}")
-        metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
         expected = None if metadata_only else self.schema()
 
         def check(written: Path) -> None:

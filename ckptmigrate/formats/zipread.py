@@ -83,22 +83,30 @@ class Entries(dict[str, ZipEntry]):
 
     def __init__(self) -> None:
         super().__init__()
-        self._folded: dict[str, str] = {}
+        self._folded: dict[str, str] = {}  # lower-cased name: name, for names that are not lower case
 
     @classmethod
     def of(cls, entries: list[ZipEntry]) -> Entries:
         """The records ``entries``, in order (as many ``__setitem__`` calls, at once)."""
         out = cls()
         dict.update(out, ((e.name, e) for e in entries))
-        out._folded.update((e.name.lower(), e.name) for e in entries)
+        out._folded.update((folded, e.name) for e in entries if (folded := e.name.lower()) != e.name)
         return out
 
     def __setitem__(self, name: str, entry: ZipEntry) -> None:
-        self._folded[name.lower()] = name
+        folded = name.lower()
+        if folded != name:
+            self._folded[folded] = name
+        else:
+            self._folded.pop(folded, None)
         super().__setitem__(name, entry)
 
     def _name(self, name: str) -> str:
-        return self._folded.get(name.lower(), name)
+        folded = name.lower()
+        got = self._folded.get(folded)
+        if got is not None:
+            return got
+        return folded if super().__contains__(folded) else name
 
     def __getitem__(self, name: str) -> ZipEntry:
         return super().__getitem__(self._name(name))
@@ -309,8 +317,7 @@ class _Reader:
 
     def walk(self, live: dict[int, _Central], cd_offset: int) -> None:
         self.live = live
-        self.records: dict[int, tuple[str, int]] = {}
-        self.data_offsets: dict[int, int] = {}
+        self.records: dict[int, tuple[str, int, int]] = {}  # header offset: (name, size, data offset)
         pos = 0
         while pos < cd_offset:
             block = self.window(min(_BLOCK, cd_offset - pos), pos, cd_offset)
@@ -357,8 +364,7 @@ class _Reader:
             if len(tail) != _DESCRIPTOR32.size or _DESCRIPTOR32.unpack(tail) != (0x08074B50, central.crc, size, size):
                 return None
             end += _DESCRIPTOR32.size
-        self.records[pos] = (central.name, size)
-        self.data_offsets[pos] = data
+        self.records[pos] = (central.name, size, data)
         self._ahead = _WINDOW if size < _WINDOW // 16 else 0
         return end
 
@@ -409,8 +415,7 @@ class _Reader:
         end = data + size
         if end > limit:
             raise ZipFormatError(f"{where} claims {size} bytes past the central directory or the end of the file")
-        self.records[pos] = (name, size)
-        self.data_offsets[pos] = data
+        self.records[pos] = (name, size, data)
         self._ahead = _WINDOW if size < _WINDOW // 16 else 0
         if not described:
             return end
@@ -477,7 +482,7 @@ class _Reader:
         centrals = self.directory(self.pread(end - pos, pos, where), count, where)
         self.check_names(centrals, where)
         for c in centrals:
-            if self.records.get(c.header_offset) != (c.name, c.size):
+            if self.records.get(c.header_offset, ())[:2] != (c.name, c.size):
                 raise ZipFormatError(f"{where} lists {c.name!r} where no such record precedes it")
         return eocd + 22
 
@@ -519,8 +524,8 @@ def _read_archive(fd: int, length: int) -> Entries:
         if live.setdefault(c.header_offset, c) is not c:
             raise ZipFormatError(f"records {live[c.header_offset].name!r} and {c.name!r} share a local header")
     reader.walk(live, cd_offset)
-    data_offsets = reader.data_offsets
-    entries = Entries.of([ZipEntry(c.name, c.header_offset, data_offsets[c.header_offset], c.size, c.crc)
+    records = reader.records
+    entries = Entries.of([ZipEntry(c.name, c.header_offset, records[c.header_offset][2], c.size, c.crc)
                           for c in centrals])
     _check_torch_records(fd, entries, reader.prefix or "")
     return entries
