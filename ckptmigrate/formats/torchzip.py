@@ -456,10 +456,11 @@ def verify_metadata_only(
             return str(exc)
     by_offset: dict[int | None, ZipEntry] = {}
     data_dir = f"{prefix}/data/"
+    exact = dict.get  # the names written, as written: no lookup ignoring case needed
     for key, storage in payload.plan.records:
-        record = written.get(data_dir + key)
+        record = exact(written, data_dir + key)
         assert isinstance(storage, Storage)
-        old = entries.get(data_dir + key)
+        old = exact(entries, data_dir + key)
         if old is None or old.data_offset != storage.offset:  # its record was renamed: found by offset
             by_offset = by_offset or {e.data_offset: e for e in entries.values()}
             old = by_offset.get(storage.offset)

@@ -465,8 +465,14 @@ class _Reader:
         """A central directory an in-place append left behind, up to and including its end records."""
         end = pos
         count = 0
-        while self.pread(4, end, "a superseded central directory") == SIG_CENTRAL:
-            nlen, xlen, clen = struct.unpack("<HHH", self.pread(6, end + 28, "a superseded central directory"))
+        self._ahead = _WINDOW  # its entries are small: read them in windows, not two preads each
+        while True:
+            head = self.window(34, end, limit)
+            if len(head) < 4 or (head[:4] == SIG_CENTRAL and len(head) < 34):
+                raise ZipFormatError("a superseded central directory runs past the end of the file; it is truncated")
+            if head[:4] != SIG_CENTRAL:
+                break
+            nlen, xlen, clen = struct.unpack_from("<HHH", head, 28)
             end += 46 + nlen + xlen + clen
             count += 1
             if end > limit:
