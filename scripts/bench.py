@@ -468,6 +468,8 @@ class Sample:
     stdout: str = ""
     stderr: str = ""
     inner: dict[str, Any] | None = None
+    #: user + system CPU seconds of the process: what a busy machine changes least
+    cpu_seconds: float = 0.0
 
 
 CHILD_ENV: dict[str, str] = dict(os.environ)
@@ -487,7 +489,7 @@ def run_child(cmd: Sequence[str], cwd: Path) -> Sample:
                                 env=CHILD_ENV)
         sampler = Sampler(proc.pid)
         sampler.start()
-        _, status, _usage = os.wait4(proc.pid, 0)
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.done.set()
@@ -497,7 +499,7 @@ def run_child(cmd: Sequence[str], cwd: Path) -> Sample:
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
     return Sample(wall, wall, sampler.hwm_kib / 1024, sampler.anon_kib / 1024, sampler.samples, proc.returncode,
-                  stdout, stderr)
+                  stdout, stderr, cpu_seconds=usage.ru_utime + usage.ru_stime)
 
 
 def run_sequence(cmds: Sequence[Sequence[str]], cwd: Path) -> Sample:
@@ -507,7 +509,8 @@ def run_sequence(cmds: Sequence[Sequence[str]], cwd: Path) -> Sample:
     failed = next((p for p in parts if p.returncode != 0), parts[-1])
     return Sample(total, total, max(p.peak_rss_mib for p in parts), max(p.peak_anon_mib for p in parts),
                   sum(p.anon_samples for p in parts), failed.returncode,
-                  "".join(p.stdout for p in parts), "".join(p.stderr for p in parts))
+                  "".join(p.stdout for p in parts), "".join(p.stderr for p in parts),
+                  cpu_seconds=sum(p.cpu_seconds for p in parts))
 
 
 def ckptmigrate_source(cwd: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ at a time; when every tensor is still where it was, only metadata is rewritten.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
@@ -25,6 +26,7 @@ from ckptmigrate.ops.architecture import ArchitectureOps
 from ckptmigrate.ops.optimizer import OptimizerTrack
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.tensors.refs import (
+    ITEMSIZE,
     ComposedTensor,
     Entry,
     Storage,
@@ -379,7 +381,9 @@ class Checkpoint(ArchitectureOps):
         multi = self.format in formats.MULTI_FORMATS
         fmt = fmt or (self.format if multi or self.format == "safetensors" else "torch-zip")
         payload = self.payload()
-        env = None if envelope is None else envelope.to_dict()
+        metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
+        # a metadata-only write only encodes the envelope: no copy of it (and of its schema)
+        env = None if envelope is None else envelope.to_dict(copy=not metadata_only)
         if fmt in ("safetensors", "hf-sharded") and (self.extras or not isinstance(payload, MutableMapping)):
             raise BadInput(
                 f"{dest}: safetensors holds only tensors; the extras "
@@ -389,7 +393,7 @@ class Checkpoint(ArchitectureOps):
             non_tensor = [k for k, v in payload.items() if not is_entry(v)]
             if non_tensor:
                 raise BadInput(f"{dest}: safetensors cannot hold the non-tensor entries {non_tensor[:5]}")
-        expected = self.schema()
+        expected = None if metadata_only else self.schema()
 
         def check(written: Path) -> None:
             """Re-open what was written: the index and envelope must be what we meant to write."""
@@ -403,22 +407,31 @@ class Checkpoint(ArchitectureOps):
         if fmt in formats.MULTI_FORMATS:
             return multifile.write(self.container.parts, fmt, dest, payload, env, check, keep_old=keep_old,
                                    max_shard_bytes=max_shard_bytes, compact=compact)
-        metadata_only = self.can_rewrite_metadata_only(fmt) and not compact
-        same_file = dest.exists() and dest.resolve() == self.path.resolve()
-        pickled = torchzip.Pickled(payload) if metadata_only else None
-        if pickled is not None and append_in_place and same_file and self._append(pickled, env, check):
-            return dest
-        with atomic_write(dest, check=check) as fh:
-            if pickled is not None:
-                c = self.container
-                assert c.source is not None
-                torchzip.write_metadata_only(fh, c.source, c.records, c.prefix, pickled, env)
-            else:
+        if not metadata_only:
+            with atomic_write(dest, check=check) as fh:
                 formats.write_container(fh, fmt, payload, env, template=self.container)  # type: ignore[arg-type]
+            return dest
+        c = self.container
+        assert c.source is not None
+        pickled = torchzip.Pickled(payload)
+        env_record = torchzip.envelope_record(env)
+
+        def check_metadata(written: Path) -> None:
+            """Read back as torch reads it: the records written are the bytes meant (no re-unpickling)."""
+            problem = torchzip.verify_metadata_only(written, c.records, c.prefix, pickled, env_record)
+            if problem is not None:
+                raise BadInput(f"{dest}: the written file does not read back as written ({problem}); "
+                               "nothing was replaced")
+
+        same_file = dest.exists() and dest.resolve() == self.path.resolve()
+        if append_in_place and same_file and self._append(pickled, env_record, check_metadata):
+            return dest
+        with atomic_write(dest, check=check_metadata) as fh:
+            torchzip.write_metadata_only(fh, c.source, c.records, c.prefix, pickled, env_record)
         return dest
 
 
-    def _append(self, payload: torchzip.Pickled, env: dict[str, Any] | None, check: Any) -> bool:
+    def _append(self, payload: torchzip.Pickled, env: bytes | None, check: Any) -> bool:
         """The in-place path: append to this file; if the append or its read-back fails, cut the file
         back to the archive it held (whose bytes are never touched)."""
         c = self.container
@@ -445,10 +458,7 @@ def _files(container: formats.Container) -> list[str]:
 
 
 def _numel(v: Any) -> int:
-    n = 1
-    for d in shape_of(v):
-        n *= d
-    return n
+    return math.prod(shape_of(v))
 
 
 def _data_bytes(tensors: Iterable[Any]) -> int:
@@ -466,8 +476,6 @@ def _data_bytes(tensors: Iterable[Any]) -> int:
 
 
 def _nbytes(v: Any) -> int:
-    from ckptmigrate.tensors.refs import ITEMSIZE
-
     return _numel(v) * ITEMSIZE.get(dtype_of(v), 0)
 
 

@@ -8,6 +8,7 @@ anything, and a pickle it cannot follow is malformed anyway.
 from __future__ import annotations
 
 import pickletools
+import re
 from typing import Any
 
 
@@ -79,7 +80,82 @@ def _tuple_slot(depth: int, size: int, ops: int) -> int:
     return depth << _DEPTH_SHIFT | size
 
 
-def scan(data: Any, pos: int = 0) -> None:
+# One tensor of a state dict as torch (and ckptmigrate's writer) pickles it, after its key (a
+# BINUNICODE): ``_rebuild_tensor_v2((storage pid), offset, shape, stride, requires_grad,
+# OrderedDict())`` with memo puts after the objects (optional: ckptmigrate's writer puts fewer) and
+# memo gets for what repeats. Each part is one opcode with its argument, as the scan steps over it;
+# the lengths of the two strings in it are checked after the match.
+_RE_INT = rb"(?:K.|M..|J....)"
+_RE_PUT = rb"(q.|r....)?"
+_RE_GET = rb"(h.|j....)"
+_RE_TUPLE_OF_INTS = (
+    rb"(\)|" + _RE_INT + rb"\x85|" + _RE_INT * 2 + rb"\x86|" + _RE_INT * 3 + rb"\x87|\((?:" + _RE_INT + rb")*t)"
+)
+_TENSOR = re.compile(
+    _RE_PUT + _RE_GET + rb"\(\((?:" + _RE_GET + rb"|X\x07\x00\x00\x00storage)" + _RE_GET
+    + rb"X([\x01-\x7f])\x00\x00\x00([0-9]+)" + _RE_PUT
+    + rb"(?:" + _RE_GET + rb"|X([\x01-\x7f])\x00\x00\x00([a-z0-9:]+))"
+    + _RE_INT + rb"t" + _RE_PUT + rb"Q" + _RE_INT + _RE_TUPLE_OF_INTS + _RE_PUT + _RE_TUPLE_OF_INTS + _RE_PUT
+    + rb"[\x88\x89]" + _RE_GET + rb"\)R" + _RE_PUT + rb"t" + _RE_PUT + rb"R" + _RE_PUT,
+    re.DOTALL,
+)
+_INT_WIDTH = {0x4B: 2, 0x4D: 3, 0x4A: 5}
+#: Opcodes of a matched tensor besides its memo puts and the opcodes of its shape and stride.
+_TENSOR_OPS = 18
+_PID_SLOT = 1 << _DEPTH_SHIFT | 6  # ("storage", type, key, location, numel)
+
+
+def _tuple_of_ints(op: bytes) -> tuple[int, int]:
+    """(elements, opcodes) of a tuple of ints the tensor pattern matched."""
+    last = op[-1]
+    if 0x85 <= last <= 0x87:  # TUPLE1..3
+        return last - 0x84, last - 0x83
+    if op == b")":
+        return 0, 1
+    n, at = 0, 1
+    while at < len(op) - 1:
+        at += _INT_WIDTH[op[at]]
+        n += 1
+    return n, n + 2
+
+
+def _tensor(match: re.Match[bytes], memo: dict[int, int], ops: int) -> tuple[int, int] | None:
+    """What stepping over a tensor's opcodes one by one does, at once: (opcodes, size of its largest
+    tuple) with its memo puts stored, when every memo get in it fetches a plain value stored before it
+    and every put is within the opcodes read; None (nothing stored) otherwise."""
+    (key_put, fn, storage, storage_type, key_len, key, pid_key_put, location, location_len, location_text,
+     pid_put, shape, shape_put, stride, stride_put, hooks_type, hooks_put, args_put, tensor_put) = match.groups()
+    if len(key) != key_len[0] or (location_len is not None and len(location_text) != location_len[0]):
+        return None
+    index = int.from_bytes
+    gets = {index(fn[1:], "little"), index(storage_type[1:], "little"), index(hooks_type[1:], "little")}
+    if storage is not None:
+        gets.add(index(storage[1:], "little"))
+    if location is not None:
+        gets.add(index(location[1:], "little"))
+    get = memo.get
+    for i in gets:
+        if get(i) != _PLAIN_SLOT:
+            return None
+    dims, shape_ops = _tuple_of_ints(shape)
+    dims2, stride_ops = _tuple_of_ints(stride)
+    size = 7 + dims + dims2
+    puts: dict[int, int] = {}
+    count = 0
+    for op, slot in ((key_put, _PLAIN_SLOT), (pid_key_put, _PLAIN_SLOT), (pid_put, _PID_SLOT),
+                     (shape_put, 1 << _DEPTH_SHIFT | 1 + dims), (stride_put, 1 << _DEPTH_SHIFT | 1 + dims2),
+                     (hooks_put, _PLAIN_SLOT), (args_put, 2 << _DEPTH_SHIFT | size), (tensor_put, _PLAIN_SLOT)):
+        if op is not None:
+            puts[index(op[1:], "little")] = slot
+            count += 1
+    # an index put twice (their order would matter), one a get in it reads, or past the opcodes read
+    if len(puts) != count or max(puts, default=0) > ops + 2 or not gets.isdisjoint(puts):
+        return None
+    memo.update(puts)
+    return _TENSOR_OPS + count + shape_ops + stride_ops, size
+
+
+def scan(data: Any, pos: int = 0, *, whole_tensors: bool = True) -> None:
     """Step through the opcodes from ``pos`` without running them, and refuse what would hurt the C
     unpickler before it acts on it:
 
@@ -91,6 +167,9 @@ def scan(data: Any, pos: int = 0) -> None:
     * tuples that share tuples so often that hashing one visits more than MAX_SHARED_VISITS
       elements beyond the pickle's own size (tuple hashes are not cached);
     * an argument longer than the bytes left: the unpickler allocates it before finding them missing.
+
+    A tensor of a state dict pickled as torch pickles it is stepped over at once (``whole_tensors``;
+    the tests compare it with the opcode-by-opcode reading, which gives the same verdict).
 
     Only each stack slot's tuple depth and hash size are followed; a pickle this cannot follow is malformed, and
     the unpickler refuses it no later than where the scan stopped.
@@ -106,6 +185,7 @@ def scan(data: Any, pos: int = 0) -> None:
     plain = _PLAIN_SLOT
     end = len(data)
     table = _OPCODES
+    tensor = _TENSOR.match if whole_tensors else None
     ops = 0
     try:
         while pos < end:
@@ -133,8 +213,18 @@ def scan(data: Any, pos: int = 0) -> None:
                 pos += 2
                 continue
             if op == 0x58 and pos + 5 <= end:  # BINUNICODE
-                ops += 1
                 pos += 5 + int.from_bytes(data[pos + 1 : pos + 5], "little")
+                # a state dict's key: the tensor after it at once, when it is pickled as torch does
+                match = tensor(data, pos) if tensor is not None and pos < end else None
+                done = None if match is None else _tensor(match, memo, ops)
+                if done is not None:
+                    ops += done[0]
+                    stack += (plain, plain)
+                    if done[1] > worst & _SIZE_MASK or worst >> _DEPTH_SHIFT < 2:
+                        worst = max(worst >> _DEPTH_SHIFT, 2) << _DEPTH_SHIFT | max(worst & _SIZE_MASK, done[1])
+                    pos = match.end()  # type: ignore[union-attr]
+                    continue
+                ops += 1
                 if pos > end:
                     length = pos - end  # how far past the end it runs
                     raise PickleFormatError(f"the pickle is truncated: an argument runs {length:,} bytes past it")

@@ -43,6 +43,7 @@ class _Writer(_PurePickler):
         self._storage_of = storage_of
         self._dispatch = self.dispatch
         self._memo = self.memo
+        self._unlisted = 0  # memo indices given to objects nothing else refers to, not kept in the memo
         self.write = file.write  # protocol 2 has no frames: the framer would only pass writes on
 
     def _memo_ref(self, obj: Any) -> bytes | None:
@@ -52,9 +53,14 @@ class _Writer(_PurePickler):
 
     def _put(self, obj: Any) -> bytes:
         """Memoise ``obj`` as ``memoize`` does, returning the opcode instead of writing it."""
-        idx = len(self._memo)
+        idx = len(self._memo) + self._unlisted
         self._memo[id(obj)] = idx, obj
         return self.put(idx)
+
+    def memoize(self, obj: Any) -> None:
+        idx = len(self._memo) + self._unlisted
+        self.write(self.put(idx))
+        self._memo[id(obj)] = idx, obj
 
     def save(self, obj: Any, save_persistent_id: bool = True) -> None:
         t = type(obj)
@@ -74,12 +80,38 @@ class _Writer(_PurePickler):
             if got is not None:
                 self.write(got)
                 return
-            func, args = self._reduce_ref(obj)
-            self._save_tensor(obj, func, args)
+            if not self._save_plain_ref(obj):
+                func, args = self._reduce_ref(obj)
+                self._save_tensor(obj, func, args)
             return
         if isinstance(obj, TorchRebuild):  # a rebuild function kept inside a stand-in: torch's name for it
             obj = standin(obj.module, obj.name)
         super().save(obj, save_persistent_id)
+
+    def _save_plain_ref(self, ref: TensorRef) -> bool:
+        """What :meth:`_save_tensor` writes for a plain tensor (no bits, attributes or parameter, a
+        dtype with a typed storage) whose rebuild function, storage type and ``OrderedDict`` are
+        already in the memo, built at once; False (nothing written) for any other."""
+        if ref.extra or ref.neg or ref.conj:
+            return False
+        storage_type = _STORAGE_TYPE.get(ref.dtype)
+        memo = self._memo
+        fn, st, od = memo.get(id(_REBUILD_V2)), memo.get(id(storage_type)), memo.get(id(collections.OrderedDict))
+        if fn is None or st is None or od is None:
+            return False
+        shape, stride = _int_tuple(ref.shape), _int_tuple(ref.stride)
+        if shape is None or stride is None or type(ref.storage_offset) is not int:
+            return False
+        key, storage = self._storage_of(ref)
+        hooks = len(memo) + self._unlisted  # the hooks' OrderedDict: put, as torch does, never got
+        self._unlisted += 1
+        self.write(b"".join((
+            self.get(fn[0]), _MARK_MARK_STORAGE, self.get(st[0]), _str_op(key), _short_str(storage.location),
+            _int_op(storage.nbytes // ITEMSIZE[ref.dtype]), _TUPLE_BINPERSID, _int_op(ref.storage_offset),
+            shape, stride, pickle.NEWTRUE if ref.requires_grad else pickle.NEWFALSE, self.get(od[0]),
+            _EMPTY_REDUCE, self.put(hooks), _TUPLE_REDUCE, self._put(ref),
+        )))
+        return True
 
     def _save_tensor(self, obj: Any, func: Any, args: Any) -> None:
         """``save_reduce(func, args)`` for a tensor's rebuild call, with its usual arguments (ints,
@@ -214,6 +246,12 @@ class _Writer(_PurePickler):
         return (standin("torch._utils", "_rebuild_tensor_v3"), args)
 
 
+_REBUILD_V2 = standin("torch._utils", "_rebuild_tensor_v2")
+_STORAGE_TYPE = {dtype: standin("torch", name) for dtype, name in STORAGE_FOR_DTYPE.items()}
+_MARK_MARK_STORAGE = pickle.MARK + pickle.MARK + pickle.BINUNICODE + b"\x07\x00\x00\x00storage"
+_TUPLE_BINPERSID = pickle.TUPLE + pickle.BINPERSID
+_EMPTY_REDUCE = pickle.EMPTY_TUPLE + pickle.REDUCE
+_TUPLE_REDUCE = pickle.TUPLE + pickle.REDUCE
 _BININT = struct.Struct("<i")
 _SMALL_INTS = [pickle.BININT1 + bytes([i]) for i in range(256)]
 

@@ -153,20 +153,27 @@ def _tensor_ref(
     could not carry: what a file says is either represented exactly or not read at all."""
     if not isinstance(storage, Storage):
         raise PickleFormatError("a tensor refers to something that is not a storage")
-    try:
-        shape = tuple(int(d) for d in size)
-        strides = tuple(int(s) for s in stride)
-        offset = int(storage_offset)
-    except (TypeError, ValueError):
-        raise PickleFormatError("a tensor has a malformed shape, stride or offset") from None
+    if type(size) is tuple and type(stride) is tuple and type(storage_offset) is int and _naturals(size) \
+            and _naturals(stride):
+        shape, strides, offset = size, stride, storage_offset  # what int() of each would give
+    else:
+        try:
+            shape = tuple(int(d) for d in size)
+            strides = tuple(int(s) for s in stride)
+            offset = int(storage_offset)
+        except (TypeError, ValueError):
+            raise PickleFormatError("a tensor has a malformed shape, stride or offset") from None
     if type(requires_grad) is not bool:
         raise PickleFormatError(f"a tensor's requires_grad is {requires_grad!r:.40}, not a bool")
     if backward_hooks is not None and not (isinstance(backward_hooks, dict) and not backward_hooks):
         raise PickleFormatError("a tensor carries pickled backward hooks (code torch would attach to it); "
                                 "they cannot be represented, so the file is not read")
-    bits = _tensor_bits(metadata)
-    ref = TensorRef(storage, offset, shape, strides, dtype or storage.dtype, requires_grad, neg=bits["neg"],
-                    conj=bits["conj"])
+    if metadata is None:
+        ref = TensorRef(storage, offset, shape, strides, dtype or storage.dtype, requires_grad)
+    else:
+        bits = _tensor_bits(metadata)
+        ref = TensorRef(storage, offset, shape, strides, dtype or storage.dtype, requires_grad, neg=bits["neg"],
+                        conj=bits["conj"])
     _check_tensor(ref)
     return ref
 
@@ -397,8 +404,8 @@ _ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None))
 
 def _check_payload(payload: Any, storages: dict[str, Storage]) -> None:
     """Walk the unpickled payload once, without recursion: refuse nesting deeper than MAX_DEPTH,
-    sharing that would make a walk of it explode, and tensors or storages the pickle altered after
-    they were built (BUILD can set any attribute of an object it holds). A reference back to an
+    sharing that would make a walk of it explode, and storages that are not the ones the pickle's
+    persistent ids made. A reference back to an
     object on the current path (a cycle) counts as one visit, as a cycle-aware walk makes it."""
     for storage in storages.values():
         _check_storage(storage, storages)
@@ -460,8 +467,8 @@ def _node(obj: Any, storages: dict[str, Storage]) -> tuple[int, list[Any] | None
     if isinstance(obj, StandIn):
         return 2, [obj.args, obj.state, obj.listitems, obj.dictitems]
     if isinstance(obj, TensorRef):
-        _check_storage(obj.storage, storages)
-        _check_tensor(obj)
+        # checked when it was built (:func:`_tensor_ref`); a pickle cannot alter it after that (its
+        # ``__setstate__`` refuses BUILD), only the rebuild calls that wrap it, which check what they set
         return 1, [obj.extra] if obj.extra or not isinstance(obj.extra, dict) else None
     if isinstance(obj, ComposedTensor):
         return 1, [obj.args]

@@ -100,6 +100,7 @@ def read(source: Source) -> tuple[Any, dict[str, Any] | None, dict[str, str], di
             raise SafetensorsFormatError(f"tensor {name!r} has a malformed header entry") from None
         if not all(isinstance(d, int) and d >= 0 for d in shape):
             raise SafetensorsFormatError(f"tensor {name!r} has an invalid shape {list(shape)}")
+        shape = tuple(map(int, shape))  # a JSON true is an int too
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
             raise SafetensorsFormatError(
                 f"tensor {name!r} has offsets [{begin}, {end}] outside the {data_size}-byte data section"

@@ -48,6 +48,7 @@ MAX_ENVELOPE = 32 << 20
 MAX_ENVELOPE_VALUES = 2_000_000
 MAX_ENVELOPE_DEPTH = 64
 _CHUNK = 16 << 20
+_COMPARE = 1 << 20  # bytes read back at a time to compare with what was written
 
 
 class TorchZipError(ValueError):
@@ -195,6 +196,12 @@ class _StoragePlan:
         self._taken: set[str] = set()
         self._counter = 0
 
+    def done(self) -> None:
+        """Drop what assigning records needed, keeping :attr:`records` (a few MB per 100,000 tensors)."""
+        self._by_storage.clear()
+        self._by_torch_storage.clear()
+        self._taken.clear()
+
     def _fresh(self, wanted: str | None = None) -> str:
         if wanted is not None and wanted not in self._taken:
             key = wanted
@@ -338,6 +345,7 @@ class Pickled:
     def __init__(self, payload: Any) -> None:
         self.plan = _StoragePlan()
         self.data = dump(payload, self.plan)
+        self.plan.done()
 
 
 def live_end(source: Source) -> int:
@@ -345,9 +353,15 @@ def live_end(source: Source) -> int:
     return live_length(source.fileno(), source.size)
 
 
+def envelope_record(envelope: dict[str, Any] | bytes | None) -> bytes | None:
+    """The envelope record's bytes (:func:`envelope_bytes`), once: a caller that verifies the
+    written file passes them in already encoded."""
+    return envelope_bytes(envelope) if isinstance(envelope, dict) else envelope
+
+
 def write_metadata_only(
     fh: BinaryIO, source: Source, entries: dict[str, ZipEntry], prefix: str, payload: Any,
-    envelope: dict[str, Any] | None,
+    envelope: dict[str, Any] | bytes | None,
 ) -> None:
     """Rewrite a zip checkpoint whose tensors all live in ``source``: copy the records region as is,
     then append a new ``data.pkl``, the envelope and a central directory naming the live records."""
@@ -355,15 +369,14 @@ def write_metadata_only(
     region_end = max(e.data_offset + e.size for e in entries.values())
     copy_range(source.fileno(), fh.fileno(), 0, region_end, 0)
     fh.seek(region_end)
-    env = None if envelope is None else envelope_bytes(envelope)
     writer = ZipWriter(fh)
-    _append_directory(writer, source, entries, prefix, payload, env)
+    _append_directory(writer, source, entries, prefix, payload, envelope_record(envelope))
     writer.close()
 
 
 def append_in_place(
     path: str | os.PathLike[str], source: Source, entries: dict[str, ZipEntry], prefix: str, payload: Any,
-    envelope: dict[str, Any] | None,
+    envelope: dict[str, Any] | bytes | None,
 ) -> bool:
     """Append a new ``data.pkl``, envelope and central directory to the file itself, after its old
     end-of-directory record, however large (:meth:`ZipWriter.close_appended`: torch reads the old
@@ -383,8 +396,7 @@ def append_in_place(
             os.fsync(fd)
         fh.seek(live)
         writer = ZipWriter(fh, deferred=True)
-        _append_directory(writer, source, entries, prefix, payload,
-                          envelope_bytes(envelope) if envelope is not None else None)
+        _append_directory(writer, source, entries, prefix, payload, envelope_record(envelope))
         try:
             writer.close_appended(live)
         except ZipFormatError:
@@ -416,3 +428,58 @@ def _append_directory(
             writer.add_copy(name, source.fileno(), storage.offset, storage.nbytes, old.crc)
     if envelope is not None:
         writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", envelope)
+
+
+def verify_metadata_only(
+    path: str | os.PathLike[str], entries: dict[str, ZipEntry], prefix: str, payload: Pickled,
+    envelope: bytes | None,
+) -> str | None:
+    """Why the file at ``path`` does not read back as the metadata-only write of ``payload`` and
+    ``envelope`` over the records ``entries`` (of the source) made it, or None.
+
+    What torch loads is read as torch reads it — the strict parse of the archive, the live one
+    after any interrupted append — and compared with what was meant, without unpickling again:
+    ``data.pkl`` and the envelope record are the bytes written (CRC checked), and each storage
+    record the pickle names holds the source record's bytes (its size and CRC, and its offset when
+    reused in place). ``data.pkl`` was pickled from the payload in this process, so its bytes
+    being the bytes on disk is what makes the file load as the payload.
+    """
+    with open(path, "rb") as fh:
+        try:
+            written = read_entries(fh, os.fstat(fh.fileno()).st_size)
+            if not _holds(fh, written.get(f"{prefix}/data.pkl"), payload.data):
+                return "its data.pkl is not the one written"
+            env_entry = written.get(f"{prefix}/{ENVELOPE_RECORD}")
+            if (env_entry is None) != (envelope is None) or not _holds(fh, env_entry, envelope):
+                return "its envelope is not the one written"
+        except ZipFormatError as exc:
+            return str(exc)
+    by_offset: dict[int | None, ZipEntry] = {}
+    data_dir = f"{prefix}/data/"
+    exact = dict.get  # the names written, as written: no lookup ignoring case needed
+    for key, storage in payload.plan.records:
+        record = exact(written, data_dir + key)
+        assert isinstance(storage, Storage)
+        old = exact(entries, data_dir + key)
+        if old is None or old.data_offset != storage.offset:  # its record was renamed: found by offset
+            by_offset = by_offset or {e.data_offset: e for e in entries.values()}
+            old = by_offset.get(storage.offset)
+        if record is None or old is None or (record.size, record.crc) != (old.size, old.crc) or (
+            record.name == old.name and record.data_offset != old.data_offset
+        ):
+            return f"its storage record data/{key} is not the one written"
+    return None
+
+
+def _holds(fh: BinaryIO, entry: ZipEntry | None, data: bytes | None) -> bool:
+    """Whether the record ``entry`` holds ``data`` (and its CRC checks), read a chunk at a time."""
+    if entry is None or data is None:
+        return entry is None and data is None
+    if entry.size != len(data) or zlib.crc32(data) != entry.crc:
+        return False
+    view = memoryview(data)
+    for start in range(0, len(data), _COMPARE):
+        part = view[start : start + _COMPARE]
+        if os.pread(fh.fileno(), len(part), entry.data_offset + start) != part:
+            return False
+    return True

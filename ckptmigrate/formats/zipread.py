@@ -30,8 +30,7 @@ import os
 import re
 import struct
 import zlib
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
@@ -59,6 +58,9 @@ _SCAN = 1 << 20
 #: The largest central directory read (it is read whole): a bound on memory whatever the file claims.
 MAX_DIRECTORY = 256 << 20
 _BLOCK = 512  # a local header and its name and extra field, read at once
+#: Where records are small (a run of small tensors), the walk reads this many bytes at once and
+#: finds the next headers and data descriptors in them: one read for hundreds of records.
+_WINDOW = 64 << 10
 #: torch refuses an archive whose ``version`` record is outside this range (caffe2/serialize/versions.h).
 TORCH_VERSIONS = range(1, 0xA + 1)
 _LEADING_INTEGER = re.compile(rb"[ \t\n\v\f\r]*\+?([0-9]+)")
@@ -68,8 +70,7 @@ class ZipFormatError(ValueError):
     """The archive is not a readable stored-zip torch checkpoint, or could be read two ways."""
 
 
-@dataclass(frozen=True)
-class ZipEntry:
+class ZipEntry(NamedTuple):
     name: str
     header_offset: int
     data_offset: int
@@ -82,14 +83,30 @@ class Entries(dict[str, ZipEntry]):
 
     def __init__(self) -> None:
         super().__init__()
-        self._folded: dict[str, str] = {}
+        self._folded: dict[str, str] = {}  # lower-cased name: name, for names that are not lower case
+
+    @classmethod
+    def of(cls, entries: list[ZipEntry]) -> Entries:
+        """The records ``entries``, in order (as many ``__setitem__`` calls, at once)."""
+        out = cls()
+        dict.update(out, ((e.name, e) for e in entries))
+        out._folded.update((folded, e.name) for e in entries if (folded := e.name.lower()) != e.name)
+        return out
 
     def __setitem__(self, name: str, entry: ZipEntry) -> None:
-        self._folded[name.lower()] = name
+        folded = name.lower()
+        if folded != name:
+            self._folded[folded] = name
+        else:
+            self._folded.pop(folded, None)
         super().__setitem__(name, entry)
 
     def _name(self, name: str) -> str:
-        return self._folded.get(name.lower(), name)
+        folded = name.lower()
+        got = self._folded.get(folded)
+        if got is not None:
+            return got
+        return folded if super().__contains__(folded) else name
 
     def __getitem__(self, name: str) -> ZipEntry:
         return super().__getitem__(self._name(name))
@@ -101,8 +118,7 @@ class Entries(dict[str, ZipEntry]):
         return super().get(self._name(name), default)
 
 
-@dataclass
-class _Central:
+class _Central(NamedTuple):
     raw_name: bytes
     name: str
     flags: int
@@ -112,12 +128,12 @@ class _Central:
 
 
 #: A canonical name: printable ASCII parts without ``/`` or ``\\``, at least two, none ``.`` or ``..``.
-_CANONICAL = re.compile(rb"[ -.0-\[\]-~]+(?:/[ -.0-\[\]-~]+)+")
-_DOT_PART = re.compile(rb"(?:^|/)\.\.?(?:/|$)")
+_PART = rb"(?!\.\.?(?:/|\Z))[ -.0-\[\]-~]+"
+_CANONICAL = re.compile(_PART + rb"(?:/" + _PART + rb")+")
 
 
 def _check_name(raw: bytes, where: str) -> str:
-    if _CANONICAL.fullmatch(raw) and not _DOT_PART.search(raw):
+    if _CANONICAL.fullmatch(raw):
         return raw.decode("ascii")
     if not raw:
         raise ZipFormatError(f"{where} has an empty name")
@@ -171,6 +187,7 @@ class _Reader:
     def __init__(self, fd: int, length: int) -> None:
         self.fd, self.length = fd, length
         self.prefix: str | None = None
+        self._buf, self._at, self._ahead = b"", 0, 0  # the walk's window: bytes, their offset, read-ahead
 
     def pread(self, n: int, offset: int, what: str) -> bytes:
         data = os.pread(self.fd, n, offset) if n else b""
@@ -230,31 +247,37 @@ class _Reader:
     def directory(self, cd: bytes, count: int, where: str) -> list[_Central]:
         """Exactly ``count`` entries filling ``cd``: an entry past the count is read by zipfile only."""
         out: list[_Central] = []
+        append = out.append
+        unpack_from = _CENTRAL.unpack_from
+        fullmatch = _CANONICAL.fullmatch
+        cd_len = len(cd)
         pos = 0
         for _ in range(count):
-            if pos + 46 > len(cd):
+            if pos + 46 > cd_len:
                 raise ZipFormatError(f"{where}: the central directory is shorter than its {count} entries")
             (sig, _made, needed, flags, method, _time, _date, crc, csize, usize, nlen, xlen, clen, disk,
-             _iattr, eattr, offset) = _CENTRAL.unpack_from(cd, pos)
+             _iattr, eattr, offset) = unpack_from(cd, pos)
             if sig != 0x02014B50:
                 raise ZipFormatError(f"{where}: entry {len(out)} of the central directory is malformed")
-            end = pos + 46 + nlen + xlen + clen
-            if end > len(cd):
+            name_end = pos + 46 + nlen
+            end = name_end + xlen + clen
+            if end > cd_len:
                 raise ZipFormatError(f"{where}: entry {len(out)} runs past the central directory")
-            raw = cd[pos + 46 : pos + 46 + nlen]
-            name = _check_name(raw, f"{where}: a record")
-            what = f"record {name!r}"
+            raw = cd[pos + 46 : name_end]
+            name = raw.decode("ascii") if fullmatch(raw) else _check_name(raw, f"{where}: a record")
             if needed > _MAX_VERSION_NEEDED or flags & ~_FLAGS_ALLOWED:
-                raise ZipFormatError(f"{what} needs zip features torch does not write (flags {flags:#06x})")
+                raise ZipFormatError(f"record {name!r} needs zip features torch does not write (flags {flags:#06x})")
             if method != 0:
-                raise ZipFormatError(f"{what} is compressed (method {method}); torch writes stored records")
+                raise ZipFormatError(f"record {name!r} is compressed (method {method}); torch writes stored records")
             if clen or disk or eattr & _DOS_DIRECTORY:
-                raise ZipFormatError(f"{what} has a comment, another disk or the directory attribute")
-            fields = _extra_fields(cd[pos + 46 + nlen : pos + 46 + nlen + xlen], (_TAG_ZIP64,), what)
-            usize, csize, offset = _zip64([usize, csize, offset], fields.get(_TAG_ZIP64), what, exact=True)
+                raise ZipFormatError(f"record {name!r} has a comment, another disk or the directory attribute")
+            if xlen or usize == MAX32 or csize == MAX32 or offset == MAX32:
+                what = f"record {name!r}"
+                fields = _extra_fields(cd[name_end : name_end + xlen], (_TAG_ZIP64,), what)
+                usize, csize, offset = _zip64([usize, csize, offset], fields.get(_TAG_ZIP64), what, exact=True)
             if usize != csize:
-                raise ZipFormatError(f"{what} has inconsistent sizes")
-            out.append(_Central(raw, name, flags, crc, usize, offset))
+                raise ZipFormatError(f"record {name!r} has inconsistent sizes")
+            append(_Central(raw, name, flags, crc, usize, offset))
             pos = end
         if pos != len(cd):
             raise ZipFormatError(f"{where}: the central directory holds {len(cd) - pos} bytes past its {count} "
@@ -265,6 +288,10 @@ class _Reader:
         """One top-level folder (torch takes the first entry's; it refuses other folders) and no two
         names equal ignoring ASCII case (miniz's lookup finds either)."""
         self.prefix = self.prefix or centrals[0].name.split("/")[0]
+        folder = self.prefix + "/"  # names are canonical: they hold a "/"
+        names = [c.name for c in centrals]
+        if all(name.startswith(folder) for name in names) and len({n.lower() for n in names}) == len(names):
+            return
         seen: dict[str, int] = {}
         for i, c in enumerate(centrals):
             if c.name.split("/")[0] != self.prefix:
@@ -279,13 +306,21 @@ class _Reader:
 
     # -- the walk from offset 0 ------------------------------------------------------------------------
 
+    def window(self, n: int, offset: int, limit: int) -> bytes:
+        """``os.pread(fd, n, offset)`` for the walk, from the last window read when it holds them; a
+        new window reads ahead only after a small record (so the next ones are likely in it)."""
+        rel = offset - self._at
+        if rel >= 0 and rel + n <= len(self._buf):
+            return self._buf[rel : rel + n]
+        self._buf, self._at = os.pread(self.fd, max(n, min(self._ahead, limit - offset)), offset), offset
+        return self._buf[:n]
+
     def walk(self, live: dict[int, _Central], cd_offset: int) -> None:
         self.live = live
-        self.records: dict[int, tuple[str, int]] = {}
-        self.data_offsets: dict[int, int] = {}
+        self.records: dict[int, tuple[str, int, int]] = {}  # header offset: (name, size, data offset)
         pos = 0
         while pos < cd_offset:
-            block = os.pread(self.fd, min(_BLOCK, cd_offset - pos), pos)
+            block = self.window(min(_BLOCK, cd_offset - pos), pos, cd_offset)
             sig = block[:4]
             if sig == SIG_LOCAL:
                 pos = self.record(pos, block, cd_offset)
@@ -302,24 +337,63 @@ class _Reader:
         if hidden:
             raise ZipFormatError(f"record {hidden[0]!r} has its local header inside another record's bytes")
 
+    def listed_record(self, pos: int, block: bytes, central: _Central, limit: int) -> int | None:
+        """:meth:`record` for a record the directory lists, as torch writes it (its name, the padding
+        extra field, a data descriptor that agrees), in fewer steps; None for anything else, which
+        :meth:`record` then reads (and judges) the general way."""
+        if len(block) < 30:
+            return None
+        (_sig, needed, flags, method, _time, _date, crc, csize, usize, nlen, xlen) = _LOCAL.unpack_from(block)
+        name_end = 30 + nlen
+        if (needed > _MAX_VERSION_NEEDED or flags & ~_FLAGS_ALLOWED or method or len(block) < name_end + xlen
+                or block[30:name_end] != central.raw_name or block[name_end : name_end + 2] != b"FB"
+                or int.from_bytes(block[name_end + 2 : name_end + 4], "little") != xlen - 4):
+            return None
+        size = central.size
+        described = flags & _FLAG_DESCRIPTOR
+        if not (described and crc == csize == usize == 0) and not (
+            usize == csize == size and crc == central.crc and size != MAX32
+        ):
+            return None
+        data = pos + name_end + xlen
+        end = data + size
+        if end > limit or (described and (pos >= MAX32 or size >= MAX32)):
+            return None
+        if described:
+            tail = self.window(_DESCRIPTOR32.size, end, limit)
+            if len(tail) != _DESCRIPTOR32.size or _DESCRIPTOR32.unpack(tail) != (0x08074B50, central.crc, size, size):
+                return None
+            end += _DESCRIPTOR32.size
+        self.records[pos] = (central.name, size, data)
+        self._ahead = _WINDOW if size < _WINDOW // 16 else 0
+        return end
+
     def record(self, pos: int, block: bytes, limit: int) -> int:
+        central = self.live.get(pos)
+        if central is not None:
+            end = self.listed_record(pos, block, central, limit)
+            if end is not None:
+                return end
         if len(block) < 30:
             raise ZipFormatError(f"a local header at offset {pos} runs into the central directory")
         (_sig, needed, flags, method, _time, _date, crc, csize, usize, nlen, xlen) = _LOCAL.unpack_from(block)
         raw_extra = block[30 : 30 + nlen + xlen]
         if len(raw_extra) != nlen + xlen:
             raw_extra = self.pread(nlen + xlen, pos + 30, "a local header")
-        central = self.live.get(pos)
         where = f"record {central.name!r}" if central else f"a superseded record at offset {pos}"
         if central is not None and raw_extra[:nlen] == central.raw_name:
-            name = central.name
+            name = central.name  # checked with the directory, inside the archive folder
         else:
             name = _check_name(raw_extra[:nlen], where)
-        if name.split("/")[0] != self.prefix:
-            raise ZipFormatError(f"{where}: {name!r} is outside the archive folder {self.prefix!r}")
+            if name.split("/")[0] != self.prefix:
+                raise ZipFormatError(f"{where}: {name!r} is outside the archive folder {self.prefix!r}")
         if needed > _MAX_VERSION_NEEDED or flags & ~_FLAGS_ALLOWED or method != 0:
             raise ZipFormatError(f"{where}: its local header asks for compression or zip features torch does not write")
-        fields = _extra_fields(raw_extra[nlen:], (_TAG_ZIP64, _TAG_PADDING), where)
+        extra = raw_extra[nlen:]
+        if extra[:2] == b"FB" and int.from_bytes(extra[2:4], "little") == xlen - 4:
+            fields = {_TAG_PADDING: extra[4:]}  # torch's padding, the whole extra field
+        else:
+            fields = _extra_fields(extra, (_TAG_ZIP64, _TAG_PADDING), where)
         described = bool(flags & _FLAG_DESCRIPTOR)
         deferred = described and (crc, csize, usize) == (0, 0, 0)
         if not deferred:
@@ -341,13 +415,13 @@ class _Reader:
         end = data + size
         if end > limit:
             raise ZipFormatError(f"{where} claims {size} bytes past the central directory or the end of the file")
-        self.records[pos] = (name, size)
-        self.data_offsets[pos] = data
+        self.records[pos] = (name, size, data)
+        self._ahead = _WINDOW if size < _WINDOW // 16 else 0
         if not described:
             return end
         long = pos >= MAX32 or size >= MAX32
         dd = _DESCRIPTOR64 if long else _DESCRIPTOR32
-        tail = os.pread(self.fd, dd.size, end)
+        tail = self.window(dd.size, end, limit)
         if tail[:4] == SIG_DESCRIPTOR and len(tail) == dd.size:
             _s, dcrc, dcsize, dusize = dd.unpack(tail)
             if (dcsize, dusize) != (size, size) or (central is not None and dcrc != central.crc):
@@ -391,8 +465,14 @@ class _Reader:
         """A central directory an in-place append left behind, up to and including its end records."""
         end = pos
         count = 0
-        while self.pread(4, end, "a superseded central directory") == SIG_CENTRAL:
-            nlen, xlen, clen = struct.unpack("<HHH", self.pread(6, end + 28, "a superseded central directory"))
+        self._ahead = _WINDOW  # its entries are small: read them in windows, not two preads each
+        while True:
+            head = self.window(34, end, limit)
+            if len(head) < 4 or (head[:4] == SIG_CENTRAL and len(head) < 34):
+                raise ZipFormatError("a superseded central directory runs past the end of the file; it is truncated")
+            if head[:4] != SIG_CENTRAL:
+                break
+            nlen, xlen, clen = struct.unpack_from("<HHH", head, 28)
             end += 46 + nlen + xlen + clen
             count += 1
             if end > limit:
@@ -408,7 +488,7 @@ class _Reader:
         centrals = self.directory(self.pread(end - pos, pos, where), count, where)
         self.check_names(centrals, where)
         for c in centrals:
-            if self.records.get(c.header_offset) != (c.name, c.size):
+            if self.records.get(c.header_offset, ())[:2] != (c.name, c.size):
                 raise ZipFormatError(f"{where} lists {c.name!r} where no such record precedes it")
         return eocd + 22
 
@@ -450,9 +530,9 @@ def _read_archive(fd: int, length: int) -> Entries:
         if live.setdefault(c.header_offset, c) is not c:
             raise ZipFormatError(f"records {live[c.header_offset].name!r} and {c.name!r} share a local header")
     reader.walk(live, cd_offset)
-    entries = Entries()
-    for c in centrals:
-        entries[c.name] = ZipEntry(c.name, c.header_offset, reader.data_offsets[c.header_offset], c.size, c.crc)
+    records = reader.records
+    entries = Entries.of([ZipEntry(c.name, c.header_offset, records[c.header_offset][2], c.size, c.crc)
+                          for c in centrals])
     _check_torch_records(fd, entries, reader.prefix or "")
     return entries
 

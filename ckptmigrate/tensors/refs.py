@@ -74,7 +74,7 @@ class Source:
         self._fh.close()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Storage:
     """A run of bytes in a file shared by one or more tensors (tied weights share one storage)."""
 
@@ -106,6 +106,8 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 class _Sized:
     """Element and byte counts from ``shape`` and ``dtype``, for every kind of tensor entry."""
 
+    __slots__ = ()  # a file's tensors are many: TensorRef has slots, not a dict each (~100 bytes)
+
     shape: tuple[int, ...]
     dtype: str
 
@@ -118,7 +120,7 @@ class _Sized:
         return self.numel * ITEMSIZE[self.dtype]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class TensorRef(_Sized):
     """A tensor in a file: everything about it except its values."""
 
@@ -206,7 +208,7 @@ def file_runs(value: object) -> list[tuple[Source, int, int]] | None:
 
 
 def is_entry(value: object) -> bool:
-    if isinstance(value, (TensorRef, Deferred, ComposedTensor)):
+    if type(value) is TensorRef or isinstance(value, (TensorRef, Deferred, ComposedTensor)):
         return True
     return type(value).__module__.startswith("torch") and hasattr(value, "untyped_storage")
 
@@ -216,16 +218,20 @@ def dtype_name(dtype: object) -> str:
 
 
 def shape_of(value: Entry) -> tuple[int, ...]:
+    if type(value) is TensorRef:  # a tuple of ints, checked when it was read or computed
+        return value.shape
     return tuple(int(d) for d in value.shape)
 
 
 def dtype_of(value: Entry) -> str:
-    if isinstance(value, (TensorRef, Deferred, ComposedTensor)):
+    if type(value) is TensorRef or isinstance(value, (TensorRef, Deferred, ComposedTensor)):
         return value.dtype
     return dtype_name(value.dtype)
 
 
 def device_of(value: Entry) -> str:
+    if type(value) is TensorRef:
+        return value.storage.location
     if isinstance(value, (TensorRef, Deferred, ComposedTensor)):
         return value.device
     return str(value.device)
