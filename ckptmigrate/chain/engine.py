@@ -24,6 +24,7 @@ from ckptmigrate.chain.revisions import Revision, RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope, now_utc
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, MigrationError, NewerThanChain, RevisionError, SchemaMismatch
+from ckptmigrate.ops.context import MigrationContext
 from ckptmigrate.ops.operations import OpError
 from ckptmigrate.ops.optimizer import POLICIES, OptimizerAlignmentError, check_policy
 from ckptmigrate.storage.atomic import keep_copy
@@ -190,43 +191,6 @@ def _plan_from_the_future(ckpt: Checkpoint, graph: RevisionGraph, future: list[R
     return Plan("downgrade", lineage, start, target, [*future, *steps], "the file's own history", graph)
 
 
-def _replayed(ckpt: Checkpoint) -> frozenset[str]:
-    """The ops a migration script calls that are replayed on every copy of the weights: every public
-    method of the op vocabulary (``ckptmigrate.ops``), so a new op is never left out."""
-    return frozenset(
-        name for cls in type(ckpt).__mro__ if cls.__module__.startswith("ckptmigrate.ops.")
-        for name, value in vars(cls).items() if callable(value) and not name.startswith("_")
-    )
-
-
-class _Recorder:
-    """The checkpoint as a migration script sees it, noting each op it calls (not the ops those
-    call in turn), so the same calls can be replayed on every copy of the weights."""
-
-    def __init__(self, ckpt: Checkpoint) -> None:
-        object.__setattr__(self, "_ckpt", ckpt)
-        object.__setattr__(self, "_ops", _replayed(ckpt))
-        object.__setattr__(self, "calls", [])
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:  # isinstance(ckpt, Checkpoint) still holds in a script
-        return type(self._ckpt)
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._ckpt, name)
-        if name not in self._ops:
-            return value
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append((name, args, kwargs))
-            return value(*args, **kwargs)
-
-        return call
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._ckpt, name, value)
-
-
 def _own(value: Any) -> Any:
     """A tensor an op was given (``ckpt.add(key, tensor)``) is cloned for each copy: copies that
     shared its storage would be one tensor in the file, and an EMA updated in place would drag the
@@ -238,16 +202,20 @@ def _reset(target: Any) -> None:
     target.journal, target.irreversible, target.touched = [], [], []
 
 
-def _run(ckpt: Checkpoint, rev: Revision, fn: Any, action: str,
+def _run(ckpt: Checkpoint, rev: Revision, fn: Any, action: str, *, inverse: list[Any] | None = None,
          copy_journals: dict[str, Any] | None = None) -> None:
-    """Run ``fn`` on the checkpoint, then the same ops on each copy of the weights (or, walking back
-    by the record, each copy's own inverse journal from ``copy_journals``)."""
+    """Run ``fn`` (a script's upgrade or downgrade) on a :class:`MigrationContext` over the checkpoint,
+    or walk back by the recorded ``inverse``; then the same on each copy of the weights (walking
+    back, each copy's own inverse journal from ``copy_journals`` where there is one)."""
     _reset(ckpt)
-    recorder = _Recorder(ckpt)
+    context = MigrationContext(ckpt)
     where = f"{ckpt.path}: revision {rev.id} ({rev.path})"
     facts: dict[str, Any] = {"path": ckpt.path, "revision": rev.id, "script": rev.path, "action": action}
     try:
-        fn(recorder)
+        if inverse is not None:
+            ckpt.apply_inverse(inverse)
+        else:
+            fn(context)
     except OpError as exc:
         raise MigrationError(
             f"{where} {action} failed in {exc.op}" + (f" on {exc.key!r}" if exc.key else "") + f": {exc}",
@@ -264,11 +232,12 @@ def _run(ckpt: Checkpoint, rev: Revision, fn: Any, action: str,
         _reset(copy)
         journal = (copy_journals or {}).get(copy.location)
         try:
-            if isinstance(journal, list):
-                copy.apply_inverse(journal)
+            if inverse is not None:
+                copy.apply_inverse(journal if isinstance(journal, list) else inverse)
             else:
-                for name, args, kwargs in recorder.calls:
-                    getattr(copy, name)(*map(_own, args), **{k: _own(v) for k, v in kwargs.items()})
+                replay = MigrationContext(copy, record=False)
+                for name, args, kwargs in context.calls:
+                    getattr(replay, name)(*map(_own, args), **{k: _own(v) for k, v in kwargs.items()})
         except OpError as exc:
             raise MigrationError(
                 f"{where} {action} failed on the copy of the weights at {copy.location!r} in {exc.op}"
@@ -386,7 +355,7 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
                 if recorded.get("optimizer_policy") in POLICIES:  # undoing what that policy allowed
                     ckpt.optimizers.policy = recorded["optimizer_policy"]
                 try:
-                    _run(ckpt, rev, lambda c, inv=inverse: c.apply_inverse(inv), "downgrade", journals)
+                    _run(ckpt, rev, None, "downgrade", inverse=inverse, copy_journals=journals)
                 finally:
                     ckpt.optimizers.policy = policy
             if "optimizer_ids" in recorded:
