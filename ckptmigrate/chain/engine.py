@@ -30,6 +30,7 @@ from ckptmigrate.ops.optimizer import POLICIES, OptimizerAlignmentError, check_p
 from ckptmigrate.storage.atomic import keep_copy
 from ckptmigrate.storage.locking import file_lock
 from ckptmigrate.storage.safe_open import follow_user_link
+from ckptmigrate.util.keygroups import group_keys
 from ckptmigrate.util.paths import CHECKPOINT_SUFFIXES as CHECKPOINT_SUFFIXES
 from ckptmigrate.util.paths import expand_paths as expand_paths
 
@@ -318,12 +319,14 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
     legacy_ids = ckpt.optimizers.legacy_ids() if plan.direction == "upgrade" else None
     restore_ids = None
     merging = MergeCheck(ckpt, plan.graph if plan.direction == "upgrade" else None, plan.start)
+    applied = _applied(plan)
     for rev in plan.steps:
+        before = dict(ckpt.state_dict.entries)
         if plan.direction == "upgrade":
             assert rev.upgrade is not None
-            before = dict(ckpt.state_dict.entries)
             merging.run(rev, functools.partial(_run, rev=rev, fn=rev.upgrade, action="upgrade"))
             changed = merging.changed(rev, before)
+            _check_result(ckpt, plan.graph, rev, rev, "upgrade", before, applied)
             entry: dict[str, Any] = {"action": "upgrade", "revision": rev.id, "from": current, "at": now_utc(),
                      "message": rev.message, "script": rev.path.name,
                      "ops": [{"op": op, "keys": len(keys)} for op, keys in ckpt.touched],
@@ -360,6 +363,8 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
                     ckpt.optimizers.policy = policy
             if "optimizer_ids" in recorded:
                 restore_ids = recorded["optimizer_ids"]
+            below = plan.graph.revisions.get(rev.downs[0]) if plan.graph is not None and len(rev.downs) == 1 else None
+            _check_result(ckpt, plan.graph, rev, below, "downgrade", before, applied)
             down: Any = rev.downs[0] if len(rev.downs) == 1 else (list(rev.downs) or None)
             entry = {"action": "downgrade", "revision": rev.id, "to": down, "at": now_utc(),
                      "script": rev.path.name,
@@ -387,6 +392,71 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
     if entries and params is not None and any(len(p) != len(ckpt.state_dict.entries) for p in params):
         entries[-1]["optimizer_params"] = params
     return entries
+
+
+def _applied(plan: Plan) -> set[str] | None:
+    """The revisions the file has applied at the start of ``plan`` (None: not known from the graph)."""
+    graph = plan.graph
+    if graph is None or (plan.start is not None and plan.start not in graph.revisions):
+        return None
+    return set(graph.ancestors(plan.start))
+
+
+def _check_result(ckpt: Checkpoint, graph: RevisionGraph | None, rev: Revision, landed: Revision | None,
+                  action: str, before: dict[str, Any], applied: set[str] | None) -> None:
+    """Refuse a step whose result is not the schema recorded for the revision the file lands at
+    (``landed``): a script that did nothing, or not enough, must not be stamped as having done it.
+
+    Metadata only (keys, shapes, dtypes). Checked when the file then holds exactly ``landed`` and its
+    ancestors (not between the branches of a merge). A dtype is compared only for the keys the step
+    changed: a bfloat16 export of a float32 model migrates in its own precision.
+    """
+    if applied is None or graph is None:
+        return
+    if action == "upgrade":
+        applied.add(rev.id)
+    else:
+        applied.discard(rev.id)
+    snapshot = landed.schema() if landed is not None else None
+    if snapshot is None or landed is None or applied != graph.ancestors(landed.id):
+        return
+    got = ckpt.schema()
+    entries = ckpt.state_dict.entries
+    kept = {id(v) for v in before.values()}
+    changed = {k for k, v in entries.items() if id(v) not in kept}  # a renamed tensor is the same object
+    missing = [k for k in snapshot if k not in got]
+    unexpected = [k for k in got if k not in snapshot]
+    reshaped = [k for k in snapshot if k in got and (
+        list(got[k]["shape"]) != list(snapshot[k]["shape"])
+        or (k in changed and got[k]["dtype"] != snapshot[k]["dtype"]))]
+    if not (missing or unexpected or reshaped):
+        return
+    lines = _grouped([("missing", k, snapshot[k], None) for k in missing]
+                     + [("unexpected", k, got[k], None) for k in unexpected]
+                     + [("reshaped", k, snapshot[k], got[k]) for k in reshaped])
+    shown = lines[:MAX_LINES] + ([f"... and {len(lines) - MAX_LINES} more lines"] if len(lines) > MAX_LINES else [])
+    raise MigrationError(
+        f"{ckpt.path}: revision {rev.id} ({rev.path}) {action} left the state dict different from the schema "
+        f"recorded for {landed.id} ({landed.schema_path.name}); nothing was written. Make the script produce "
+        f"it, or record the schema again if the snapshot is what is wrong:\n" + "\n".join(f"  {ln}" for ln in shown),
+        path=ckpt.path, revision=rev.id, script=rev.path, action=action,
+        difference={"expected": landed.id, "missing": missing, "unexpected": unexpected, "reshaped": reshaped},
+    )
+
+
+#: How many grouped lines of a difference an error shows.
+MAX_LINES = 20
+
+
+def _grouped(rows: list[tuple[str, str, dict[str, Any], dict[str, Any] | None]]) -> list[str]:
+    """``missing     layers.{0..2}.weight  [4, 4] float32`` lines, as ``check`` prints a difference."""
+    def sig(entry: dict[str, Any]) -> str:
+        return f"{list(entry['shape'])} {entry['dtype']}"
+
+    by: dict[tuple[str, str], list[str]] = {}
+    for label, key, entry, new in rows:
+        by.setdefault((label, sig(entry) + (f" -> {sig(new)}" if new is not None else "")), []).append(key)
+    return [f"{label:<11} {line}  {what}" for (label, what), keys in by.items() for line in group_keys(keys)]
 
 
 def _does_nothing(fn: Any) -> bool:
