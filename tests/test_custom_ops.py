@@ -117,6 +117,24 @@ def test_without_the_ops_module_the_downgrade_is_refused_and_nothing_runs(tmp_pa
     assert path.read_bytes() == before
 
 
+def test_an_op_a_migration_script_registers_itself_walks_back_too(tmp_path: Path, cli: Cli) -> None:
+    """Every script of the chain is imported before anything runs, so an op defined in a script (or a
+    module it imports) is registered for the downgrade as well."""
+    root = tmp_path / "proj"
+    migrations = write_chain(root, 'ckpt.roll_rows("body.weight", shift=2)')
+    script = migrations / "versions" / "r2.py"
+    script.write_text(OPS_MODULE + "\n\n" + script.read_text())
+    path = root / "run.pt"
+    torch.save(weights(0), path)
+    original = torch.load(path)
+
+    cli("upgrade", path, "--from", "r1", "--migrations", migrations, check=True)
+    assert torch.equal(torch.load(path)["body.weight"], torch.roll(original["body.weight"], 2, 0))
+    cli("downgrade", path, "--to", "r1", "--migrations", migrations, check=True)
+
+    assert_same_payload(torch.load(path), original)
+
+
 def test_an_ops_module_that_takes_a_builtin_name_is_refused_naming_it(tmp_path: Path, cli: Cli) -> None:
     root = project(tmp_path)
     (root / "ckpt_ops.py").write_text(OPS_MODULE + "\n\n@ckptmigrate.op\ndef rename(ckpt, old: str):\n    pass\n")
