@@ -145,9 +145,9 @@ def register(fn: OpFunction, *, inverse: str | None = None, name: str | None = N
     params = list(custom.signature.parameters.values())
     if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
         raise OpError(name, None, f"op {name!r}: takes the checkpoint first: def {name}(ckpt, ...)")
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-        raise OpError(name, None, f"op {name!r}: the journal records arguments by name; *args and **kwargs "
-                                  "cannot be recorded")
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY) for p in params[1:]):
+        raise OpError(name, None, f"op {name!r}: the journal records arguments by name; *args, **kwargs and "
+                                  "positional-only arguments cannot be recorded")
     known = Operations.custom_ops.get(name)
     if isinstance(known, CustomOp) and known.origin != custom.origin:
         raise OpError(name, None, f"op {name!r} ({custom.origin}) is already registered by {known.origin}")
