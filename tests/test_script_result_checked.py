@@ -142,6 +142,26 @@ def test_a_downgrade_that_does_not_restore_the_revision_below_is_refused(tmp_pat
     assert api.current(path)["revision"] == "r3"
 
 
+def test_a_key_of_the_files_own_that_no_step_touches_is_carried_not_blamed_on_the_script(tmp_path: Path) -> None:
+    """The file has a buffer beside r1's keys (it fits no revision, so the user says where it starts):
+    a difference it brought along is its own; what the script left undone is still refused."""
+    migrations = chain(tmp_path, RENAME)
+    path = tmp_path / "run.pt"
+    torch.save({**AtR1().state_dict(), "extra_buffer": torch.zeros(1)}, path)
+
+    api.upgrade(path, from_rev="r1", migrations=migrations)
+
+    with api.load(path, migrations=migrations) as ckpt:
+        assert set(ckpt.schema()) - set(AtR3().state_dict()) == {"extra_buffer"}
+
+    lazy = chain(tmp_path / "lazy", "pass")
+    torch.save({**AtR1().state_dict(), "extra_buffer": torch.zeros(1)}, path)
+    with pytest.raises(MigrationError) as caught:
+        api.upgrade(path, from_rev="r1", migrations=lazy)
+    assert caught.value.difference is not None and "extra_buffer" not in caught.value.difference["unexpected"]
+    assert len(caught.value.difference["unexpected"]) == 6
+
+
 def test_a_half_precision_export_migrates_in_its_own_precision(tmp_path: Path) -> None:
     """The snapshots are float32 (the model's); a bf16 export of it differs in dtype only, on keys no
     step touched: that is the file's precision, not a script that forgot something."""

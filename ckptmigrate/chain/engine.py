@@ -30,7 +30,7 @@ from ckptmigrate.ops.optimizer import POLICIES, OptimizerAlignmentError, check_p
 from ckptmigrate.storage.atomic import keep_copy
 from ckptmigrate.storage.locking import file_lock
 from ckptmigrate.storage.safe_open import follow_user_link
-from ckptmigrate.tensors.refs import dtype_of, is_entry
+from ckptmigrate.tensors.refs import dtype_of, is_entry, shape_of
 from ckptmigrate.util.keygroups import group_keys
 from ckptmigrate.util.paths import CHECKPOINT_SUFFIXES as CHECKPOINT_SUFFIXES
 from ckptmigrate.util.paths import expand_paths as expand_paths
@@ -320,14 +320,14 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
     legacy_ids = ckpt.optimizers.legacy_ids() if plan.direction == "upgrade" else None
     restore_ids = None
     merging = MergeCheck(ckpt, plan.graph if plan.direction == "upgrade" else None, plan.start)
-    applied = _applied(plan)
+    snapshots = _SnapshotCheck(ckpt, plan)
     for rev in plan.steps:
         before = dict(ckpt.state_dict.entries)
         if plan.direction == "upgrade":
             assert rev.upgrade is not None
             merging.run(rev, functools.partial(_run, rev=rev, fn=rev.upgrade, action="upgrade"))
             changed = merging.changed(rev, before)
-            _check_result(ckpt, plan.graph, rev, rev, "upgrade", before, applied)
+            snapshots.step(rev, rev, "upgrade", before)
             entry: dict[str, Any] = {"action": "upgrade", "revision": rev.id, "from": current, "at": now_utc(),
                      "message": rev.message, "script": rev.path.name,
                      "ops": [{"op": op, "keys": len(keys)} for op, keys in ckpt.touched],
@@ -365,7 +365,7 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
             if "optimizer_ids" in recorded:
                 restore_ids = recorded["optimizer_ids"]
             below = plan.graph.revisions.get(rev.downs[0]) if plan.graph is not None and len(rev.downs) == 1 else None
-            _check_result(ckpt, plan.graph, rev, below, "downgrade", before, applied)
+            snapshots.step(rev, below, "downgrade", before)
             down: Any = rev.downs[0] if len(rev.downs) == 1 else (list(rev.downs) or None)
             entry = {"action": "downgrade", "revision": rev.id, "to": down, "at": now_utc(),
                      "script": rev.path.name,
@@ -403,48 +403,79 @@ def _applied(plan: Plan) -> set[str] | None:
     return set(graph.ancestors(plan.start))
 
 
-def _check_result(ckpt: Checkpoint, graph: RevisionGraph | None, rev: Revision, landed: Revision | None,
-                  action: str, before: dict[str, Any], applied: set[str] | None) -> None:
-    """Refuse a step whose result is not the schema recorded for the revision the file lands at
-    (``landed``): a script that did nothing, or not enough, must not be stamped as having done it.
+class _SnapshotCheck:
+    """Holds each step of a walk to the schema recorded for the revision the file lands at (the
+    revision itself upgrading, the one below downgrading): a script that did nothing, or not enough,
+    must not be stamped as having done it.
 
-    Metadata only (keys, shapes, dtypes). Checked when the file then holds exactly ``landed`` and its
-    ancestors (not between the branches of a merge). A dtype is compared only for the keys the step
-    changed: a bfloat16 export of a float32 model migrates in its own precision.
+    Metadata only (keys, shapes, dtypes). Checked when the file then holds exactly that revision and
+    its ancestors (not between the branches of a merge, not without a snapshot). What the file
+    already had of its own before the step — a key beside the previous revision's snapshot, one it
+    lacked, a shape — and the step left alone is the file's, not the script's; a dtype is compared
+    only where the step changed the tensor, so a bfloat16 export of a float32 model migrates in its
+    own precision.
     """
-    if applied is None or graph is None:
-        return
-    if action == "upgrade":
-        applied.add(rev.id)
-    else:
-        applied.discard(rev.id)
-    snapshot = landed.schema() if landed is not None else None
-    if snapshot is None or landed is None or applied != graph.ancestors(landed.id):
-        return
-    entries = ckpt.state_dict.entries
-    if _fits(entries, snapshot, before):
-        return
-    got = ckpt.schema()
-    kept = {id(v) for v in before.values()}
-    changed = {key_text(k) for k, v in entries.items() if id(v) not in kept}  # a renamed tensor is the same object
-    missing = [k for k in snapshot if k not in got]
-    unexpected = [k for k in got if k not in snapshot]
-    reshaped = [k for k in snapshot if k in got and (
-        list(got[k]["shape"]) != list(snapshot[k]["shape"])
-        or (k in changed and got[k]["dtype"] != snapshot[k]["dtype"]))]
-    if not (missing or unexpected or reshaped):
-        return
-    lines = _grouped([("missing", k, snapshot[k], None) for k in missing]
-                     + [("unexpected", k, got[k], None) for k in unexpected]
-                     + [("reshaped", k, snapshot[k], got[k]) for k in reshaped])
-    shown = lines[:MAX_LINES] + ([f"... and {len(lines) - MAX_LINES} more lines"] if len(lines) > MAX_LINES else [])
-    raise MigrationError(
-        f"{ckpt.path}: revision {rev.id} ({rev.path}) {action} left the state dict different from the schema "
-        f"recorded for {landed.id} ({landed.schema_path.name}); nothing was written. Make the script produce "
-        f"it, or record the schema again if the snapshot is what is wrong:\n" + "\n".join(f"  {ln}" for ln in shown),
-        path=ckpt.path, revision=rev.id, script=rev.path, action=action,
-        difference={"expected": landed.id, "missing": missing, "unexpected": unexpected, "reshaped": reshaped},
-    )
+
+    def __init__(self, ckpt: Checkpoint, plan: Plan) -> None:
+        self.ckpt, self.graph = ckpt, plan.graph
+        self.applied = _applied(plan)
+        start = self.graph.revisions.get(plan.start) if self.graph is not None and plan.start else None
+        self.previous = start.schema() if start is not None and self.applied is not None else None
+
+    def step(self, rev: Revision, landed: Revision | None, action: str, before: dict[Any, Any]) -> None:
+        if self.applied is None or self.graph is None:
+            return
+        if action == "upgrade":
+            self.applied.add(rev.id)
+        else:
+            self.applied.discard(rev.id)
+        exact = landed is not None and self.applied == self.graph.ancestors(landed.id)
+        snapshot = landed.schema() if landed is not None and exact else None
+        previous, self.previous = self.previous, snapshot
+        if snapshot is None or landed is None:
+            return
+        entries = self.ckpt.state_dict.entries
+        if _fits(entries, snapshot, before):
+            return
+        got = self.ckpt.schema()
+        now = {key_text(k): v for k, v in entries.items() if is_entry(v)}
+        was = {key_text(k): v for k, v in before.items() if is_entry(v)}
+        kept = {id(v) for v in was.values()}
+        changed = {k for k, v in now.items() if id(v) not in kept}  # a renamed tensor is the same object
+        own = _own_deviations(was, now, previous)
+        missing = [k for k in snapshot if k not in got and k not in own]
+        unexpected = [k for k in got if k not in snapshot and k not in own]
+        reshaped = [k for k in snapshot if k in got and k not in own and (
+            list(got[k]["shape"]) != list(snapshot[k]["shape"])
+            or (k in changed and got[k]["dtype"] != snapshot[k]["dtype"]))]
+        if not (missing or unexpected or reshaped):
+            return
+        lines = _grouped([("missing", k, snapshot[k], None) for k in missing]
+                         + [("unexpected", k, got[k], None) for k in unexpected]
+                         + [("reshaped", k, snapshot[k], got[k]) for k in reshaped])
+        shown = lines[:MAX_LINES] + ([f"... and {len(lines) - MAX_LINES} more lines"] if len(lines) > MAX_LINES else [])
+        raise MigrationError(
+            f"{self.ckpt.path}: revision {rev.id} ({rev.path}) {action} left the state dict different from the "
+            f"schema recorded for {landed.id} ({landed.schema_path.name}); nothing was written. Make the script "
+            "produce it, or record the schema again if the snapshot is what is wrong:\n"
+            + "\n".join(f"  {ln}" for ln in shown),
+            path=self.ckpt.path, revision=rev.id, script=rev.path, action=action,
+            difference={"expected": landed.id, "missing": missing, "unexpected": unexpected, "reshaped": reshaped},
+        )
+
+
+def _own_deviations(was: dict[str, Any], now: dict[str, Any], previous: dict[str, Any] | None) -> set[str]:
+    """Keys where the file differed from the snapshot of the revision it was at before the step
+    (``previous``; None: not known, so nothing is the file's own) and which the step left alone."""
+    if previous is None:
+        return set()
+    def untouched(k: str) -> bool:
+        return k in now and now[k] is was[k]
+
+    own = {k for k in previous if k not in was}
+    own |= {k for k in was if k not in previous and untouched(k)}
+    own |= {k for k in was if k in previous and untouched(k) and list(shape_of(was[k])) != list(previous[k]["shape"])}
+    return own
 
 
 def _fits(entries: MutableMapping[Any, Any], snapshot: dict[str, Any], before: dict[str, Any]) -> bool:
