@@ -21,8 +21,8 @@ from ckptmigrate.version import __version__ as __version__
 
 __all__ = [
     "BadInput", "CheckFailed", "Checkpoint", "CkptMigrateError", "CkptMigrateWarning", "LoadReport",
-    "MigrationError", "OpError", "OutputExists", "RevisionError", "SchemaMismatch", "attach", "dcp", "inspect", "load",
-    "load_state_dict", "save", "stamp",
+    "MigrationContext", "MigrationError", "OpError", "OutputExists", "RevisionError", "SchemaMismatch", "attach", "dcp",
+    "inspect", "load", "load_state_dict", "op", "save", "stamp",
 ]
 
 if TYPE_CHECKING:
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from ckptmigrate.checkpoint.lazy import Checkpoint
     from ckptmigrate.integrations.hooks import attach
     from ckptmigrate.integrations.loading import LoadReport, load_state_dict
+    from ckptmigrate.ops.context import MigrationContext
     from ckptmigrate.ops.operations import OpError
+    from ckptmigrate.ops.registry import op
 
 
 def __getattr__(name: str) -> Any:
@@ -50,6 +52,14 @@ def __getattr__(name: str) -> Any:
         from ckptmigrate.ops.operations import OpError
 
         return OpError
+    if name == "op":  # @ckptmigrate.op registers an op of a project's own (ckptmigrate.ops.registry)
+        from ckptmigrate.ops.registry import op
+
+        return op
+    if name == "MigrationContext":  # what a migration script's upgrade(ckpt) receives
+        from ckptmigrate.ops.context import MigrationContext
+
+        return MigrationContext
     if name == "dcp":  # ckptmigrate.dcp.load: resume distributed training across a migration
         from ckptmigrate.integrations import dcp
 

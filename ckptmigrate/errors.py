@@ -65,18 +65,22 @@ class CheckFailed(CkptMigrateError):
 
 class MigrationError(BadInput):
     """A migration script failed: ``revision``, its ``script`` file, the ``action`` (upgrade or
-    downgrade), the ``op`` and the ``key`` it failed on (None when the script itself raised)."""
+    downgrade), the ``op`` and the ``key`` it failed on (None when the script itself raised); for a
+    script whose result is not the schema its revision recorded, the ``difference`` (``missing``,
+    ``unexpected`` and ``reshaped`` keys)."""
 
     def __init__(self, message: str = "", *, path: str | os.PathLike[str] | None = None,
                  revision: str | None = None, script: str | os.PathLike[str] | None = None,
-                 action: str | None = None, op: str | None = None, key: str | None = None) -> None:
+                 action: str | None = None, op: str | None = None, key: str | None = None,
+                 difference: Mapping[str, Any] | None = None) -> None:
         super().__init__(message, path=path)
         self.revision, self.action, self.op, self.key = revision, action, op, key
         self.script = os.fspath(script) if script is not None else None
+        self.difference = dict(difference) if difference is not None else None
 
     def fields(self) -> dict[str, Any]:
         return {"revision": self.revision, "script": self.script, "action": self.action, "op": self.op,
-                "key": self.key}
+                "key": self.key, "difference": self.difference}
 
 
 class RevisionError(BadInput):

@@ -1,7 +1,8 @@
 """The Python API reference as Markdown, from the docstrings: ``python scripts/api_reference.py > docs/api.md``.
 
-The public API is what ``ckptmigrate`` exports (``__all__``), the ``Checkpoint`` a script or
-``ckptmigrate.load`` hands you, and the ops a migration script calls on it. A test fails when a
+The public API is what ``ckptmigrate`` exports (``__all__``), the ``Checkpoint``
+``ckptmigrate.load`` hands you, the ``MigrationContext`` a migration script receives, and the ops
+it calls on either. A test fails when a
 public name has no docstring or when the committed page differs from what the code says.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 import ckptmigrate
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.ops.architecture import ArchitectureOps
+from ckptmigrate.ops.context import MigrationContext
 from ckptmigrate.ops.operations import Operations
 from ckptmigrate.ops.pickle_globals import PickleOps
 
@@ -30,7 +32,7 @@ def public_objects() -> Iterator[tuple[str, Any]]:
     for name in ("check_chain", "record_fixture", "ChainBroken"):
         yield f"ckptmigrate.testing.{name}", getattr(testing, name)
     ops = (Operations, ArchitectureOps, PickleOps)
-    for cls, prefix in (*((op, "ckpt") for op in ops), (Checkpoint, "Checkpoint")):
+    for cls, prefix in (*((op, "ckpt") for op in ops), (MigrationContext, "ckpt"), (Checkpoint, "Checkpoint")):
         for name, member in sorted(vars(cls).items()):
             if name.startswith("_") or not (inspect.isfunction(member) or isinstance(member, (property, classmethod))):
                 continue

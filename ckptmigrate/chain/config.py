@@ -3,6 +3,7 @@ migrations and the model are (what "own" means: :mod:`ckptmigrate.chain.trust`).
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ class Config:
     example_inputs: str | None = None
     #: Every state dict a migration follows (locations, the main one included); None: searched.
     state_dicts: tuple[str, ...] | None = None
+    #: Modules that register the project's own ops (``@ckptmigrate.op``), imported with the chain.
+    ops: tuple[str, ...] = ()
     #: why the scripts and model it names may not be imported without being named explicitly
     problem: str | None = None
 
@@ -74,10 +77,15 @@ def load(start: Path | None = None) -> Config:
         not isinstance(state_dicts, list) or not all(isinstance(x, str) for x in state_dicts)
     ):
         raise BadInput(f"{pyproject}: [tool.ckptmigrate] state_dicts must be a list of locations (strings)")
+    ops = section.get("ops", [])
+    ops = [ops] if isinstance(ops, str) else ops
+    if not isinstance(ops, list) or not all(isinstance(m, str) and re.fullmatch(r"[A-Za-z_][\w.]*", m) for m in ops):
+        raise BadInput(f"{pyproject}: [tool.ckptmigrate] ops must be a module name or a list of them "
+                       "(\"mypkg.ckpt_ops\")")
     return Config(pyproject.parent, section.get("migrations"), section.get("model"),
                   section.get("fixture_model"), section.get("example_inputs"),
                   state_dicts=tuple(state_dicts) if state_dicts is not None else None,
-                  problem=trust.pyproject_problem(pyproject))
+                  ops=tuple(ops), problem=trust.pyproject_problem(pyproject))
 
 
 def record_migrations(pyproject: Path, location: str) -> None:

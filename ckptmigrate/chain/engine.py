@@ -21,14 +21,17 @@ from ckptmigrate.chain.future import future_steps
 from ckptmigrate.chain.merging import MergeCheck
 from ckptmigrate.chain.registry import ChainSource
 from ckptmigrate.chain.revisions import Revision, RevisionGraph
-from ckptmigrate.checkpoint.envelope import Envelope, now_utc
+from ckptmigrate.checkpoint.envelope import Envelope, key_text, now_utc
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, MigrationError, NewerThanChain, RevisionError, SchemaMismatch
+from ckptmigrate.ops.context import MigrationContext
 from ckptmigrate.ops.operations import OpError
 from ckptmigrate.ops.optimizer import POLICIES, OptimizerAlignmentError, check_policy
 from ckptmigrate.storage.atomic import keep_copy
 from ckptmigrate.storage.locking import file_lock
 from ckptmigrate.storage.safe_open import follow_user_link
+from ckptmigrate.tensors.refs import dtype_of, is_entry, shape_of
+from ckptmigrate.util.keygroups import group_keys
 from ckptmigrate.util.paths import CHECKPOINT_SUFFIXES as CHECKPOINT_SUFFIXES
 from ckptmigrate.util.paths import expand_paths as expand_paths
 
@@ -190,43 +193,6 @@ def _plan_from_the_future(ckpt: Checkpoint, graph: RevisionGraph, future: list[R
     return Plan("downgrade", lineage, start, target, [*future, *steps], "the file's own history", graph)
 
 
-def _replayed(ckpt: Checkpoint) -> frozenset[str]:
-    """The ops a migration script calls that are replayed on every copy of the weights: every public
-    method of the op vocabulary (``ckptmigrate.ops``), so a new op is never left out."""
-    return frozenset(
-        name for cls in type(ckpt).__mro__ if cls.__module__.startswith("ckptmigrate.ops.")
-        for name, value in vars(cls).items() if callable(value) and not name.startswith("_")
-    )
-
-
-class _Recorder:
-    """The checkpoint as a migration script sees it, noting each op it calls (not the ops those
-    call in turn), so the same calls can be replayed on every copy of the weights."""
-
-    def __init__(self, ckpt: Checkpoint) -> None:
-        object.__setattr__(self, "_ckpt", ckpt)
-        object.__setattr__(self, "_ops", _replayed(ckpt))
-        object.__setattr__(self, "calls", [])
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:  # isinstance(ckpt, Checkpoint) still holds in a script
-        return type(self._ckpt)
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._ckpt, name)
-        if name not in self._ops:
-            return value
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append((name, args, kwargs))
-            return value(*args, **kwargs)
-
-        return call
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._ckpt, name, value)
-
-
 def _own(value: Any) -> Any:
     """A tensor an op was given (``ckpt.add(key, tensor)``) is cloned for each copy: copies that
     shared its storage would be one tensor in the file, and an EMA updated in place would drag the
@@ -238,16 +204,20 @@ def _reset(target: Any) -> None:
     target.journal, target.irreversible, target.touched = [], [], []
 
 
-def _run(ckpt: Checkpoint, rev: Revision, fn: Any, action: str,
+def _run(ckpt: Checkpoint, rev: Revision, fn: Any, action: str, *, inverse: list[Any] | None = None,
          copy_journals: dict[str, Any] | None = None) -> None:
-    """Run ``fn`` on the checkpoint, then the same ops on each copy of the weights (or, walking back
-    by the record, each copy's own inverse journal from ``copy_journals``)."""
+    """Run ``fn`` (a script's upgrade or downgrade) on a :class:`MigrationContext` over the checkpoint,
+    or walk back by the recorded ``inverse``; then the same on each copy of the weights (walking
+    back, each copy's own inverse journal from ``copy_journals`` where there is one)."""
     _reset(ckpt)
-    recorder = _Recorder(ckpt)
+    context = MigrationContext(ckpt)
     where = f"{ckpt.path}: revision {rev.id} ({rev.path})"
     facts: dict[str, Any] = {"path": ckpt.path, "revision": rev.id, "script": rev.path, "action": action}
     try:
-        fn(recorder)
+        if inverse is not None:
+            ckpt.apply_inverse(inverse)
+        else:
+            fn(context)
     except OpError as exc:
         raise MigrationError(
             f"{where} {action} failed in {exc.op}" + (f" on {exc.key!r}" if exc.key else "") + f": {exc}",
@@ -259,16 +229,17 @@ def _run(ckpt: Checkpoint, rev: Revision, fn: Any, action: str,
         what = (f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit)
                 else f"raised {type(exc).__name__}: {exc}")
         raise MigrationError(f"{where} {action} {what}", **facts) from exc
-    schema = ckpt.schema()
+    schema = ckpt.schema() if ckpt.copies else {}
     for copy in ckpt.copies:
         _reset(copy)
         journal = (copy_journals or {}).get(copy.location)
         try:
-            if isinstance(journal, list):
-                copy.apply_inverse(journal)
+            if inverse is not None:
+                copy.apply_inverse(journal if isinstance(journal, list) else inverse)
             else:
-                for name, args, kwargs in recorder.calls:
-                    getattr(copy, name)(*map(_own, args), **{k: _own(v) for k, v in kwargs.items()})
+                replay = MigrationContext(copy, record=False)
+                for name, args, kwargs in context.calls:
+                    getattr(replay, name)(*map(_own, args), **{k: _own(v) for k, v in kwargs.items()})
         except OpError as exc:
             raise MigrationError(
                 f"{where} {action} failed on the copy of the weights at {copy.location!r} in {exc.op}"
@@ -349,12 +320,14 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
     legacy_ids = ckpt.optimizers.legacy_ids() if plan.direction == "upgrade" else None
     restore_ids = None
     merging = MergeCheck(ckpt, plan.graph if plan.direction == "upgrade" else None, plan.start)
+    snapshots = _SnapshotCheck(ckpt, plan)
     for rev in plan.steps:
+        before = dict(ckpt.state_dict.entries)
         if plan.direction == "upgrade":
             assert rev.upgrade is not None
-            before = dict(ckpt.state_dict.entries)
             merging.run(rev, functools.partial(_run, rev=rev, fn=rev.upgrade, action="upgrade"))
             changed = merging.changed(rev, before)
+            snapshots.step(rev, rev, "upgrade", before)
             entry: dict[str, Any] = {"action": "upgrade", "revision": rev.id, "from": current, "at": now_utc(),
                      "message": rev.message, "script": rev.path.name,
                      "ops": [{"op": op, "keys": len(keys)} for op, keys in ckpt.touched],
@@ -386,11 +359,13 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
                 if recorded.get("optimizer_policy") in POLICIES:  # undoing what that policy allowed
                     ckpt.optimizers.policy = recorded["optimizer_policy"]
                 try:
-                    _run(ckpt, rev, lambda c, inv=inverse: c.apply_inverse(inv), "downgrade", journals)
+                    _run(ckpt, rev, None, "downgrade", inverse=inverse, copy_journals=journals)
                 finally:
                     ckpt.optimizers.policy = policy
             if "optimizer_ids" in recorded:
                 restore_ids = recorded["optimizer_ids"]
+            below = plan.graph.revisions.get(rev.downs[0]) if plan.graph is not None and len(rev.downs) == 1 else None
+            snapshots.step(rev, below, "downgrade", before)
             down: Any = rev.downs[0] if len(rev.downs) == 1 else (list(rev.downs) or None)
             entry = {"action": "downgrade", "revision": rev.id, "to": down, "at": now_utc(),
                      "script": rev.path.name,
@@ -418,6 +393,122 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
     if entries and params is not None and any(len(p) != len(ckpt.state_dict.entries) for p in params):
         entries[-1]["optimizer_params"] = params
     return entries
+
+
+def _applied(plan: Plan) -> set[str] | None:
+    """The revisions the file has applied at the start of ``plan`` (None: not known from the graph)."""
+    graph = plan.graph
+    if graph is None or (plan.start is not None and plan.start not in graph.revisions):
+        return None
+    return set(graph.ancestors(plan.start))
+
+
+class _SnapshotCheck:
+    """Holds each step of a walk to the schema recorded for the revision the file lands at (the
+    revision itself upgrading, the one below downgrading): a script that did nothing, or not enough,
+    must not be stamped as having done it.
+
+    Metadata only (keys, shapes, dtypes). Checked when the file then holds exactly that revision and
+    its ancestors (not between the branches of a merge, not without a snapshot). What the file
+    already had of its own before the step — a key beside the previous revision's snapshot, one it
+    lacked, a shape — and the step left alone is the file's, not the script's; a dtype is compared
+    only where the step changed the tensor, so a bfloat16 export of a float32 model migrates in its
+    own precision.
+    """
+
+    def __init__(self, ckpt: Checkpoint, plan: Plan) -> None:
+        self.ckpt, self.graph = ckpt, plan.graph
+        self.applied = _applied(plan)
+        start = self.graph.revisions.get(plan.start) if self.graph is not None and plan.start else None
+        self.previous = start.schema() if start is not None and self.applied is not None else None
+
+    def step(self, rev: Revision, landed: Revision | None, action: str, before: dict[Any, Any]) -> None:
+        if self.applied is None or self.graph is None:
+            return
+        if action == "upgrade":
+            self.applied.add(rev.id)
+        else:
+            self.applied.discard(rev.id)
+        exact = landed is not None and self.applied == self.graph.ancestors(landed.id)
+        snapshot = landed.schema() if landed is not None and exact else None
+        previous, self.previous = self.previous, snapshot
+        if snapshot is None or landed is None:
+            return
+        entries = self.ckpt.state_dict.entries
+        if _fits(entries, snapshot, before):
+            return
+        got = self.ckpt.schema()
+        now = {key_text(k): v for k, v in entries.items() if is_entry(v)}
+        was = {key_text(k): v for k, v in before.items() if is_entry(v)}
+        kept = {id(v) for v in was.values()}
+        changed = {k for k, v in now.items() if id(v) not in kept}  # a renamed tensor is the same object
+        own = _own_deviations(was, now, previous)
+        missing = [k for k in snapshot if k not in got and k not in own]
+        unexpected = [k for k in got if k not in snapshot and k not in own]
+        reshaped = [k for k in snapshot if k in got and k not in own and (
+            list(got[k]["shape"]) != list(snapshot[k]["shape"])
+            or (k in changed and got[k]["dtype"] != snapshot[k]["dtype"]))]
+        if not (missing or unexpected or reshaped):
+            return
+        lines = _grouped([("missing", k, snapshot[k], None) for k in missing]
+                         + [("unexpected", k, got[k], None) for k in unexpected]
+                         + [("reshaped", k, snapshot[k], got[k]) for k in reshaped])
+        shown = lines[:MAX_LINES] + ([f"... and {len(lines) - MAX_LINES} more lines"] if len(lines) > MAX_LINES else [])
+        raise MigrationError(
+            f"{self.ckpt.path}: revision {rev.id} ({rev.path}) {action} left the state dict different from the "
+            f"schema recorded for {landed.id} ({landed.schema_path.name}); nothing was written. Make the script "
+            "produce it, or record the schema again if the snapshot is what is wrong:\n"
+            + "\n".join(f"  {ln}" for ln in shown),
+            path=self.ckpt.path, revision=rev.id, script=rev.path, action=action,
+            difference={"expected": landed.id, "missing": missing, "unexpected": unexpected, "reshaped": reshaped},
+        )
+
+
+def _own_deviations(was: dict[str, Any], now: dict[str, Any], previous: dict[str, Any] | None) -> set[str]:
+    """Keys where the file differed from the snapshot of the revision it was at before the step
+    (``previous``; None: not known, so nothing is the file's own) and which the step left alone."""
+    if previous is None:
+        return set()
+    def untouched(k: str) -> bool:
+        return k in now and now[k] is was[k]
+
+    own = {k for k in previous if k not in was}
+    own |= {k for k in was if k not in previous and untouched(k)}
+    own |= {k for k in was if k in previous and untouched(k) and list(shape_of(was[k])) != list(previous[k]["shape"])}
+    return own
+
+
+def _fits(entries: MutableMapping[Any, Any], snapshot: dict[str, Any], before: dict[str, Any]) -> bool:
+    """The quick form of the comparison (string keys, no schema built): True when every tensor is
+    the snapshot's, by key and shape, and by dtype where the step changed it. False sends the
+    caller to the exact comparison, which also words the difference."""
+    kept = {id(v) for v in before.values()}
+    seen = 0
+    for key, value in entries.items():
+        if not is_entry(value):
+            continue
+        want = snapshot.get(key) if isinstance(key, str) else None
+        if want is None or list(value.shape) != want["shape"]:
+            return False
+        if id(value) not in kept and dtype_of(value) != want["dtype"]:
+            return False
+        seen += 1
+    return seen == len(snapshot)
+
+
+#: How many grouped lines of a difference an error shows.
+MAX_LINES = 20
+
+
+def _grouped(rows: list[tuple[str, str, dict[str, Any], dict[str, Any] | None]]) -> list[str]:
+    """``missing     layers.{0..2}.weight  [4, 4] float32`` lines, as ``check`` prints a difference."""
+    def sig(entry: dict[str, Any]) -> str:
+        return f"{list(entry['shape'])} {entry['dtype']}"
+
+    by: dict[tuple[str, str], list[str]] = {}
+    for label, key, entry, new in rows:
+        by.setdefault((label, sig(entry) + (f" -> {sig(new)}" if new is not None else "")), []).append(key)
+    return [f"{label:<11} {line}  {what}" for (label, what), keys in by.items() for line in group_keys(keys)]
 
 
 def _does_nothing(fn: Any) -> bool:

@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ckptmigrate.chain import config
+from ckptmigrate.chain import config, trust
 from ckptmigrate.chain.revisions import RevisionGraph
 from ckptmigrate.chain.scripts import DEFAULT_TEMPLATE, TEMPLATE, ScriptDirectory
 from ckptmigrate.checkpoint.envelope import now_utc, schema_of
-from ckptmigrate.errors import BadInput, CkptMigrateWarning
+from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
 
 Migrations = str | os.PathLike[str] | RevisionGraph | None
 
@@ -42,9 +42,40 @@ def revision_graph(migrations: Migrations = None) -> RevisionGraph:
 
     if isinstance(migrations, RevisionGraph):
         return migrations
+    import_ops()
     if not configured(migrations) and registry.installed():
         return registry.combined()
     return script_directory(migrations).load()
+
+
+def import_ops(cwd: Path | None = None) -> list[str]:
+    """Import the modules ``[tool.ckptmigrate] ops`` names, which register the project's own ops
+    (``@ckptmigrate.op``) before any script runs or any journal is walked back; return their names.
+
+    They are code named by pyproject.toml, so they are imported only from the user's own project
+    (:mod:`ckptmigrate.chain.trust`), with the project root importable.
+    """
+    import importlib
+    import sys
+
+    cfg = config.load(cwd)
+    if not cfg.ops:
+        return []
+    if cfg.problem is not None:
+        raise trust.UntrustedScripts(f"{cfg.problem}; ckptmigrate imports no op modules ({', '.join(cfg.ops)}) "
+                                     "through it: import them yourself before migrating if you trust them",
+                                     path=cfg.pyproject)
+    if cfg.root is not None and str(cfg.root) not in sys.path:
+        sys.path.insert(0, str(cfg.root))
+    for name in cfg.ops:
+        try:
+            importlib.import_module(name)
+        except CkptMigrateError as exc:  # a registration refused (a name clash): say which module
+            raise BadInput(f"{cfg.pyproject}: [tool.ckptmigrate] ops {name!r}: {exc}", path=cfg.pyproject) from exc
+        except Exception as exc:  # noqa: BLE001 - the project's own module can raise anything
+            raise BadInput(f"{cfg.pyproject}: [tool.ckptmigrate] ops {name!r} cannot be imported: "
+                           f"{type(exc).__name__}: {exc}", path=cfg.pyproject) from exc
+    return list(cfg.ops)
 
 
 def configured(migrations: Migrations = None) -> bool:

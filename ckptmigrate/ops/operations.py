@@ -17,7 +17,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ckptmigrate.errors import BadInput
 from ckptmigrate.ops.optimizer import OptimizerTrack
@@ -62,6 +62,12 @@ class OpError(BadInput, ValueError):
         return {"op": self.op, "key": self.key}
 
 
+class RegisteredOp(Protocol):
+    """An op a project registered (:class:`~ckptmigrate.ops.registry.CustomOp`)."""
+
+    def run(self, target: Operations, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None: ...
+
+
 def _fullmatch(pattern: str, key: str) -> re.Match[str] | None:
     return re.fullmatch(pattern, key)
 
@@ -71,6 +77,9 @@ class Operations(PickleOps):
 
     #: The op names an inverse journal may call (subclasses that add ops extend it).
     inverse_ops: ClassVar[frozenset[str]] = INVERSE_OPS
+    #: The ops a project registered in this process (:mod:`ckptmigrate.ops.registry`), by name; a
+    #: journal may name them too.
+    custom_ops: ClassVar[dict[str, RegisteredOp]] = {}
 
     state_dict: LazyStateDict
     extras: dict[str, Any]
@@ -459,13 +468,28 @@ class Operations(PickleOps):
     # -- walking back ----------------------------------------------------------------------
 
     def apply_inverse(self, journal: Sequence[Inverse]) -> None:
-        """Undo a revision from the inverse journal its upgrade recorded."""
-        for name, kwargs in reversed(list(journal)):
+        """Undo a revision from the inverse journal its upgrade recorded.
+
+        The journal comes from the file, so every step is checked before any runs: it may name a
+        built-in op with an inverse or an op registered in this process, nothing else.
+        """
+        steps = list(reversed(list(journal)))
+        for name, kwargs in steps:
             if name == "irreversible":
                 raise OpError(kwargs["op"], None, f"{kwargs['op']} cannot be undone automatically")
-            if name not in self.inverse_ops:  # the journal comes from the file: call nothing else
+            if not isinstance(name, str) or not name.isidentifier() or not isinstance(kwargs, dict):
                 raise OpError(str(name), None, f"{name!r} is not an op an inverse can name")
-            getattr(self, name)(**kwargs)
+            if name not in self.inverse_ops and name not in self.custom_ops:
+                raise OpError(name, None, (
+                    f"{name!r} is not an op an inverse can name: neither a built-in op with an inverse nor one "
+                    "registered in this process (register it with @ckptmigrate.op in the module "
+                    "[tool.ckptmigrate] ops names, or one a migration script imports); nothing was run"))
+        for name, kwargs in steps:
+            custom = self.custom_ops.get(name) if name not in self.inverse_ops else None
+            if custom is not None:
+                custom.run(self, (), kwargs)
+            else:
+                getattr(self, name)(**kwargs)
 
 
 def _metadata_moves(modules: list[str], keys: list[str], mapping: Mapping[str, str]) -> dict[str, str]:
