@@ -162,6 +162,19 @@ def test_a_key_of_the_files_own_that_no_step_touches_is_carried_not_blamed_on_th
     assert len(caught.value.difference["unexpected"]) == 6
 
 
+def test_a_key_of_the_files_own_that_a_step_renames_along_is_still_the_files(tmp_path: Path) -> None:
+    """A pattern rename (here of every ``blocks.`` key) moves the file's own tensor too: it is the
+    same tensor under its new name, so it is carried, not blamed on the script."""
+    migrations = chain(tmp_path, RENAME)
+    path = tmp_path / "run.pt"
+    torch.save({**AtR1().state_dict(), "blocks.extra": torch.zeros(1)}, path)
+
+    api.upgrade(path, from_rev="r1", migrations=migrations)
+
+    with api.load(path, migrations=migrations) as ckpt:
+        assert set(ckpt.schema()) - set(AtR3().state_dict()) == {"layers.extra"}
+
+
 def test_a_half_precision_export_migrates_in_its_own_precision(tmp_path: Path) -> None:
     """The snapshots are float32 (the model's); a bf16 export of it differs in dtype only, on keys no
     step touched: that is the file's precision, not a script that forgot something."""

@@ -466,14 +466,16 @@ class _SnapshotCheck:
 
 def _own_deviations(was: dict[str, Any], now: dict[str, Any], previous: dict[str, Any] | None) -> set[str]:
     """Keys where the file differed from the snapshot of the revision it was at before the step
-    (``previous``; None: not known, so nothing is the file's own) and which the step left alone."""
+    (``previous``; None: not known, so nothing is the file's own) and which the step left alone or
+    only renamed (a renamed tensor is the same object under its new key)."""
     if previous is None:
         return set()
     def untouched(k: str) -> bool:
         return k in now and now[k] is was[k]
 
+    extra = {id(v) for k, v in was.items() if k not in previous}
     own = {k for k in previous if k not in was}
-    own |= {k for k in was if k not in previous and untouched(k)}
+    own |= {k for k, v in now.items() if id(v) in extra}
     own |= {k for k in was if k in previous and untouched(k) and list(shape_of(was[k])) != list(previous[k]["shape"])}
     return own
 
