@@ -350,7 +350,7 @@ class Pickled:
 
 def live_end(source: Source) -> int:
     """Where the archive ``source`` holds ends: its length, or less after an interrupted append."""
-    return live_length(source.fileno(), source.size)
+    return live_length(source, source.size)
 
 
 def envelope_record(envelope: dict[str, Any] | bytes | None) -> bytes | None:
