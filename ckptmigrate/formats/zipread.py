@@ -55,6 +55,9 @@ _DOS_DIRECTORY = 0x10
 _TAG_ZIP64 = 0x0001
 _TAG_PADDING = 0x4246  # "FB": torch's (and ckptmigrate's) alignment padding in local headers
 _SCAN = 1 << 20
+#: The first bytes scanned for a data descriptor (then twice as many, up to _SCAN): a superseded
+#: ``data.pkl`` is often small, and over a network every byte scanned is fetched.
+_FIRST_SCAN = 64 << 10
 #: The largest central directory read (it is read whole): a bound on memory whatever the file claims.
 MAX_DIRECTORY = 256 << 20
 _BLOCK = 512  # a local header and its name and extra field, read at once
@@ -462,9 +465,9 @@ class _Reader:
         """The size of a superseded record whose header leaves it to its data descriptor: the first
         descriptor after the data that gives the distance to it (what a streaming reader finds)."""
         long = pos >= MAX32
-        start = data
+        start, step = data, _FIRST_SCAN
         while start < limit:
-            chunk = pread(self.src, min(_SCAN, limit - start) + 3, start)
+            chunk = pread(self.src, min(step, limit - start) + 3, start)
             at = chunk.find(SIG_DESCRIPTOR)
             while at >= 0:
                 dd_at = start + at
@@ -475,7 +478,8 @@ class _Reader:
                     if csize == usize == dd_at - data:
                         return dd_at - data
                 at = chunk.find(SIG_DESCRIPTOR, at + 1)
-            start += _SCAN
+            start += step
+            step = min(2 * step, _SCAN)
         raise ZipFormatError(f"{where} has no data descriptor: bytes the archive does not explain")
 
     def padding(self, pos: int, limit: int) -> int:
