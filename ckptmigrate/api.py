@@ -25,6 +25,7 @@ from ckptmigrate.formats import safetensors_io, torchzip
 from ckptmigrate.release import stamping
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.locking import file_lock
+from ckptmigrate.util.urls import ObjectURL, as_location
 
 __all__ = [
     "autogenerate_revision", "chain_source", "chain_status", "check", "checkpoint_files", "compact", "convert",
@@ -50,6 +51,14 @@ def inspect(
 ) -> dict[str, Any]:
     """Describe a checkpoint from its metadata alone (no tensor bytes read, torch not imported);
     ``state_dicts`` lists where every copy of the weights is (the main one first)."""
+    if isinstance(as_location(path), ObjectURL):
+        from ckptmigrate.storage.ranges import TRANSFER
+
+        before = TRANSFER.to_dict()
+        with Checkpoint.open(path, key=key, state_dicts=state_dicts) as ckpt:
+            info = ckpt.summary(keys=keys)
+        info["transfer"] = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
+        return info
     with Checkpoint.open(path, key=key, state_dicts=state_dicts) as ckpt:
         return ckpt.summary(keys=keys)
 
@@ -465,7 +474,7 @@ def current(path: PathLike, *, verbose: bool = False, migrations: Any = None) ->
     from ckptmigrate import formats
 
     try:
-        _fmt, env = formats.read_envelope(Path(path))
+        _fmt, env = formats.read_envelope(as_location(path))
     except CkptMigrateError as exc:
         exc.path = exc.path or os.fspath(path)
         raise
@@ -486,7 +495,7 @@ def chain_status(path: PathLike, env: Mapping[str, Any], *, migrations: Any = No
     unless the file is newer or ``verbose`` asks for the script hashes."""
     from ckptmigrate.chain import project, provenance
 
-    path = Path(path)
+    path = as_location(path)
     try:
         envelope = Envelope.from_dict(dict(env), origin=str(path))
     except (TypeError, ValueError):
@@ -564,6 +573,14 @@ def _migrate(direction: str, path: PathLike, *, to: str, output: PathLike | None
              migrations: Any, **options: Any) -> Outcome:
     from ckptmigrate.chain.engine import migrate_file
 
+    location = as_location(path)
+    if isinstance(location, ObjectURL):
+        from ckptmigrate.chain.objects import migrate_object
+
+        if output is not None:
+            raise BadInput(f"{location}: -o/--output with an object URL is not supported; the object is "
+                           "rewritten in place (its backup is a server-side copy)", path=str(location))
+        return migrate_object(location, chain_source(migrations), direction=direction, to=to, **options)
     out = _check_output(path, output, overwrite)
     return migrate_file(Path(path), chain_source(migrations), to=to, output=out, direction=direction, **options)
 

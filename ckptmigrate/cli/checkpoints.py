@@ -13,6 +13,7 @@ from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json, fleet_options, f
 from ckptmigrate.errors import BadInput
 from ckptmigrate.util.paths import multi_file_checkpoint
 from ckptmigrate.util.progress import file_bar
+from ckptmigrate.util.urls import as_location, is_remote
 
 
 def _fmt_bytes(n: int) -> str:
@@ -76,6 +77,8 @@ def _print_summary(info: dict[str, Any]) -> None:
 def _single(paths: tuple[str, ...]) -> bool:
     """One file (or one multi-file checkpoint's directory) named as such: one object in JSON, a bare
     answer; several, a directory of checkpoints or a pattern: a list."""
+    if len(paths) == 1 and is_remote(paths[0]):
+        return not paths[0].endswith("/") and not any(ch in paths[0] for ch in "*?[")
     return len(paths) == 1 and (Path(paths[0]).is_file() or multi_file_checkpoint(Path(paths[0])))
 
 
@@ -104,7 +107,7 @@ def inspect(paths: tuple[str, ...], as_json: bool, keys: bool, key: str | None, 
         if info["envelope"] is not None and info["envelope"].get("revision"):
             from ckptmigrate import formats
 
-            info.update(api.chain_status(info["path"], formats.read_envelope(Path(info["path"]))[1] or {}))
+            info.update(api.chain_status(info["path"], formats.read_envelope(as_location(info["path"]))[1] or {}))
     if as_json:
         emit_json(infos[0] if _single(paths) else infos)
         return
