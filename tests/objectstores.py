@@ -69,12 +69,16 @@ class S3Server:
 
     def __init__(self) -> None:
         from moto.server import DomainDispatcherApplication, create_backend_app
-        from werkzeug.serving import make_server
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        class Quiet(WSGIRequestHandler):
+            def log(self, type: str, message: str, *args: Any) -> None:  # noqa: A002 - werkzeug's name
+                """The tests read ``served``, not a line per request."""
 
         self.served = Served()
         self.port = free_port()
         app = _Counting(DomainDispatcherApplication(create_backend_app), self.served)
-        self._server = make_server("127.0.0.1", self.port, app, threaded=True)
+        self._server = make_server("127.0.0.1", self.port, app, threaded=True, request_handler=Quiet)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {**DUMMY_CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}

@@ -13,7 +13,7 @@ from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json, fleet_options, f
 from ckptmigrate.errors import BadInput
 from ckptmigrate.util.paths import multi_file_checkpoint
 from ckptmigrate.util.progress import file_bar
-from ckptmigrate.util.urls import as_location, is_remote
+from ckptmigrate.util.urls import as_location, is_remote, names_many
 
 
 def _fmt_bytes(n: int) -> str:
@@ -77,9 +77,12 @@ def _print_summary(info: dict[str, Any]) -> None:
 def _single(paths: tuple[str, ...]) -> bool:
     """One file (or one multi-file checkpoint's directory) named as such: one object in JSON, a bare
     answer; several, a directory of checkpoints or a pattern: a list."""
-    if len(paths) == 1 and is_remote(paths[0]):
-        return not paths[0].endswith("/") and not any(ch in paths[0] for ch in "*?[")
-    return len(paths) == 1 and (Path(paths[0]).is_file() or multi_file_checkpoint(Path(paths[0])))
+    if len(paths) != 1:
+        return False
+    if is_remote(paths[0]):
+        return not names_many(paths[0])
+    path = as_location(paths[0])
+    return path.is_file() or multi_file_checkpoint(path)
 
 
 _KEY = click.option("--key", default=None, metavar="LOCATION",

@@ -11,6 +11,7 @@ bytes are fetched only when asked for (:meth:`RangeFile.stage`, a streamed copy 
 
 from __future__ import annotations
 
+import base64
 import bisect
 import io
 import tempfile
@@ -19,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ckptmigrate.errors import RemoteError
 from ckptmigrate.util.urls import ObjectURL, filesystem, translated
@@ -98,7 +100,13 @@ class HttpObject:
         self.etag = etag
 
     def _open(self, method: str, headers: dict[str, str] | None = None) -> Any:
-        request = urllib.request.Request(self.url.full, method=method, headers=headers or {})
+        parts = urlsplit(self.url.full)
+        headers = dict(headers or {})
+        if parts.username is not None:  # user:pass@ in the URL: HTTP basic authentication, as curl does
+            secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(secret).decode()
+        bare = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, parts.query, ""))
+        request = urllib.request.Request(bare, method=method, headers=headers)
         try:
             return urllib.request.urlopen(request, timeout=60)  # noqa: S310 - http(s) only, checked by scheme
         except urllib.error.HTTPError as exc:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ckptmigrate.errors import BadInput
-from ckptmigrate.util.urls import ObjectURL, as_location, filesystem, translated
+from ckptmigrate.util.urls import ObjectURL, as_location, filesystem, names_many, translated
 
 #: The suffixes a directory is searched for (a file named explicitly may have any).
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
@@ -19,7 +19,7 @@ def expand_paths(specs: Iterable[str | Path]) -> Iterator[Path]:
     for spec in specs:
         location = as_location(spec)
         if isinstance(location, ObjectURL):
-            yield from _objects(location, str(spec).endswith("/"))
+            yield from _objects(location, str(spec)) if names_many(str(spec)) else [location]
             continue
         text = str(location)
         path = Path(text)
@@ -57,11 +57,9 @@ def _checkpoints_under(directory: Path) -> Iterator[Path]:
             yield p
 
 
-def _objects(url: ObjectURL, prefix: bool) -> Iterator[Path]:
-    """An object URL as named, or the objects a pattern matches, or the checkpoints under a prefix."""
-    if not prefix and not any(ch in str(url) for ch in "*?["):
-        yield url
-        return
+def _objects(url: ObjectURL, spec: str) -> Iterator[Path]:
+    """The objects a pattern matches, or the checkpoints under a prefix (``spec`` ends in ``/``)."""
+    prefix = spec.endswith("/")
     fs, path = filesystem(url)
     with translated(url, "list"):
         if prefix:

@@ -81,11 +81,19 @@ def as_location(spec: str | os.PathLike[str]) -> Path | ObjectURL:
         return Path(urlsplit(text).path)
     shown = redact(text)
     url = ObjectURL(shown)
-    if str(url) != shown:
+    if str(url) != shown.rstrip("/"):
         raise BadInput(f"{shown}: not a URL ckptmigrate can name an object by (empty or '.' parts)", path=shown)
     if shown != text:
         _FULL[shown] = text
     return url
+
+
+def names_many(text: str) -> bool:
+    """A URL that is a pattern (``*``, ``?``, ``[``) or a prefix (ending in ``/``), not one object; an
+    ``http(s)://`` URL names one object (its ``?`` starts a query)."""
+    if scheme_of(text) in ("http", "https"):
+        return False
+    return text.endswith("/") or any(ch in text for ch in "*?[")
 
 
 def is_remote(spec: object) -> bool:
