@@ -107,18 +107,26 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
     root: Path
     served: Served
     honour_range: bool = True
+    forbidden: str | None = None
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         """Quiet: the tests read ``served``, not stderr."""
 
     def _target(self) -> Path | None:
-        path = self.root / self.path.split("?", 1)[0].lstrip("/")
+        rel = self.path.split("?", 1)[0].lstrip("/")
+        if self.forbidden is not None and rel.startswith(self.forbidden):
+            return None
+        path = self.root / rel
         return path if path.is_file() else None
+
+    def _refuse(self) -> None:
+        forbidden = self.forbidden is not None and self.path.lstrip("/").startswith(self.forbidden)
+        self.send_error(403 if forbidden else 404)
 
     def do_HEAD(self) -> None:  # noqa: N802 - the stdlib's name
         target = self._target()
         if target is None:
-            self.send_error(404)
+            self._refuse()
             return
         self.send_response(200)
         self.send_header("Content-Length", str(target.stat().st_size))
@@ -131,7 +139,7 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
             self.served.requests += 1
             self.served.log.append(f"GET {self.path} {self.headers.get('Range', '')}")
         if target is None:
-            self.send_error(404)
+            self._refuse()
             return
         size = target.stat().st_size
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
@@ -160,12 +168,13 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
 
 
 class HttpServer:
-    """Files under ``root`` over HTTP on 127.0.0.1; ``honour_range=False`` answers every GET whole."""
+    """Files under ``root`` over HTTP on 127.0.0.1; ``honour_range=False`` answers every GET whole;
+    paths under ``forbidden`` are answered 403."""
 
-    def __init__(self, root: Path, *, honour_range: bool = True) -> None:
+    def __init__(self, root: Path, *, honour_range: bool = True, forbidden: str | None = None) -> None:
         self.served = Served()
         handler = type("Handler", (_RangeHandler,), {"root": root, "served": self.served,
-                                                     "honour_range": honour_range})
+                                                     "honour_range": honour_range, "forbidden": forbidden})
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

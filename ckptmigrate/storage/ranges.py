@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from ckptmigrate.errors import RemoteError
+from ckptmigrate.errors import ObjectChanged, RemoteError
 from ckptmigrate.util.urls import ObjectURL, filesystem, translated
 
 #: The least a read fetches: the end of a zip is found, then its directory, in one request or two.
@@ -58,6 +58,8 @@ class Fetcher(Protocol):
 
     def ranges(self, spans: list[tuple[int, int]]) -> list[bytes]: ...
 
+    def etag_now(self) -> str | None: ...
+
 
 class FsspecObject:
     """An object through its fsspec filesystem (s3fs, gcsfs, adlfs, huggingface_hub)."""
@@ -75,6 +77,13 @@ class FsspecObject:
         etag = info.get("ETag") or info.get("etag")
         self.etag = str(etag) if etag else None
         self.version = info.get("VersionId")
+
+    def etag_now(self) -> str | None:
+        TRANSFER.requests += 1
+        with translated(self.url):
+            self.fs.invalidate_cache(self.path)
+            etag = self.fs.info(self.path).get("ETag")
+        return str(etag) if etag else None
 
     def ranges(self, spans: list[tuple[int, int]]) -> list[bytes]:
         with translated(self.url):
@@ -117,6 +126,11 @@ class HttpObject:
             detail = getattr(exc, "reason", exc)
             raise RemoteError(f"{self.url}: cannot read: {detail}", url=str(self.url)) from None
 
+    def etag_now(self) -> str | None:
+        TRANSFER.requests += 1
+        with self._open("HEAD") as response:
+            return response.headers.get("ETag")
+
     def ranges(self, spans: list[tuple[int, int]]) -> list[bytes]:
         out = []
         for start, end in spans:
@@ -131,6 +145,11 @@ class HttpObject:
 
 def open_object(url: ObjectURL) -> Fetcher:
     return HttpObject(url) if url.scheme in ("http", "https") else FsspecObject(url)
+
+
+def changed(url: ObjectURL, expected: str | None, found: str | None) -> ObjectChanged:
+    return ObjectChanged(f"{url}: the object changed since it was read (ETag {expected} -> {found}): another "
+                         "writer got there first; nothing was written", url=str(url), expected=expected, found=found)
 
 
 class RangeFile(io.RawIOBase):
@@ -166,11 +185,17 @@ class RangeFile(io.RawIOBase):
             TRANSFER.requests += 1
             TRANSFER.bytes_received += len(block)
             if len(block) != end - start:
-                raise RemoteError(f"{self.url}: asked for bytes {start}-{end - 1}, got {len(block)} bytes: the "
-                                  f"object is truncated or changed while being read", url=str(self.url))
+                self._short(f"asked for bytes {start}-{end - 1}, got {len(block)} bytes")
             if start not in self._blocks:
                 bisect.insort(self._starts, start)
             self._blocks[start] = block
+
+    def _short(self, what: str) -> None:
+        """A read came back short: the object changed since it was opened (another writer), or is truncated."""
+        found = self.fetcher.etag_now() if self.etag else None
+        if found != self.etag:
+            raise changed(self.url, self.etag, found)
+        raise RemoteError(f"{self.url}: {what}: the object is truncated", url=str(self.url))
 
     def pread(self, n: int, offset: int) -> bytes:
         n = max(0, min(n, self.size - offset))
@@ -217,8 +242,7 @@ class RangeFile(io.RawIOBase):
             TRANSFER.requests += 1
             TRANSFER.bytes_received += len(block)
             if len(block) != end - start:
-                raise RemoteError(f"{self.url}: the object is shorter than its {self.size} bytes (truncated, "
-                                  "or changed while being read)", url=str(self.url))
+                self._short(f"the object is shorter than its {self.size} bytes")
             yield block
 
     # -- a file for readers that read sequentially --------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ckptmigrate.errors import ObjectChanged, RemoteError
-from ckptmigrate.storage.ranges import TRANSFER, RangeFile
+from ckptmigrate.storage.ranges import TRANSFER, RangeFile, changed
 from ckptmigrate.util.urls import ObjectURL, filesystem, translated
 
 #: S3's part sizes: every part but the last at least 5 MiB, none over 5 GiB.
@@ -67,9 +67,7 @@ class S3Object:
         return str(head.get("ETag")) if head.get("ETag") else None
 
     def changed(self, found: str | None) -> ObjectChanged:
-        return ObjectChanged(f"{self.url}: the object changed since it was read (ETag {self.etag} -> {found}): "
-                             "another run wrote it first; nothing was written", url=str(self.url),
-                             expected=self.etag, found=found)
+        return changed(self.url, self.etag, found)
 
     def check_unchanged(self) -> None:
         found = self.head_etag()

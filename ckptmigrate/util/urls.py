@@ -134,7 +134,7 @@ def translated(url: ObjectURL | str, action: str = "read") -> Iterator[None]:
     except BadInput:
         raise
     except FileNotFoundError as exc:
-        detail = str(exc) if "bucket" in str(exc).lower() else "no such object"
+        detail = "the bucket does not exist" if "bucket does not exist" in str(exc).lower() else "no such object"
         raise RemoteError(f"{shown}: cannot {action}: {_clean(detail, shown)}", url=shown) from None
     except PermissionError:
         raise RemoteError(f"{shown}: cannot {action}: access denied (check the credentials' permissions)",
