@@ -25,7 +25,7 @@ from ckptmigrate.formats import safetensors_io, torchzip
 from ckptmigrate.release import stamping
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.locking import file_lock
-from ckptmigrate.util.urls import ObjectURL, as_location
+from ckptmigrate.util.urls import ObjectURL, as_location, refuse_remote
 
 __all__ = [
     "autogenerate_revision", "chain_source", "chain_status", "check", "checkpoint_files", "compact", "convert",
@@ -324,6 +324,7 @@ def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | No
     """
     from ckptmigrate import formats
 
+    refuse_remote("compact", path, output)
     path = formats.checkpoint_path(path)
     dest = _check_output(path, output, overwrite) or Path(path)
     with file_lock(dest), Checkpoint.open(path if output else formats.recovered(path)) as ckpt:
@@ -440,6 +441,7 @@ def convert(
     from ckptmigrate import formats
     from ckptmigrate.util.memory import release_large_blocks
 
+    refuse_remote("convert", src, dst)
     release_large_blocks()
     if to not in CONVERT_TARGETS:
         raise BadInput(f"--to {to}: not one of {', '.join(CONVERT_TARGETS)}")
@@ -537,6 +539,7 @@ def stamp(
     revision's snapshot is refused with the difference: stamping it would send the next upgrade
     down the wrong path.
     """
+    refuse_remote("stamp", path, output)
     out = _check_output(path, output, overwrite)
     if revision is not None:
         graph = revision_graph(migrations)
@@ -622,6 +625,7 @@ def verify(path: PathLike, public_key: Any = None, *, key: str | None = None) ->
     file, which must then have signed it); ``key`` is the state dict's location, as everywhere."""
     from ckptmigrate.release import integrity
 
+    refuse_remote("verify", path)
     return integrity.verify(path, public_key, state_key=key)
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from objectstores import HttpServer, S3Server, restore_env, set_env
+
+from tests.objectstores import HttpServer, S3Server, restore_env, set_env
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -110,6 +111,12 @@ def test_url_output_is_refused(cli: Cli, s3: S3Server, bucket: str, tmp_path: Pa
     s3.client().put_object(Bucket=bucket, Key="m.pt", Body=checkpoint(tmp_path / "m.pt"))
     one_line(cli("upgrade", f"s3://{bucket}/m.pt", "-o", str(tmp_path / "out.pt"), "--from", "c1"),
              "-o/--output with an object URL is not supported")
+
+
+def test_commands_that_need_a_local_file_say_so(cli: Cli, bucket: str) -> None:
+    url = f"s3://{bucket}/m.pt"
+    for args in (["stamp", url], ["verify", url], ["compact", url], ["convert", url, "out.pt", "--to", "torch"]):
+        one_line(cli(*args), f"{url}: `{args[0]}` takes local paths")
 
 
 def racing_chain(tmp_path: Path, bucket: str, key: str, action: str,

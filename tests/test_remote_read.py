@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 import torch
-from objectstores import HttpServer, S3Server, restore_env, set_env
 from safetensors.torch import save_file
+
+from tests.objectstores import HttpServer, S3Server, restore_env, set_env
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 TENSOR = 512 * 1024  # bytes per tensor: a read of tensor bytes would show at once

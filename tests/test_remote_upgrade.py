@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 import torch
-from objectstores import S3Server, restore_env, set_env
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
+
+from tests.objectstores import S3Server, restore_env, set_env
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -158,3 +159,18 @@ def test_dry_run_writes_nothing(cli: Cli, s3: S3Server, bucket: str, tmp_path: P
     assert get(s3, bucket, "m.pt") == old_bytes
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert keys == ["m.pt"]
+
+
+def test_in_a_versioned_bucket_the_backup_is_the_previous_version(cli: Cli, s3: S3Server, bucket: str,
+                                                                   tmp_path: Path) -> None:
+    s3.client().put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    old_bytes = put(s3, bucket, "m.pt", state(6, 256 * 1024), tmp_path)  # 6 MiB: assembled by parts
+    version = s3.client().head_object(Bucket=bucket, Key="m.pt")["VersionId"]
+    migrations = chain(tmp_path, "ckpt.rename('blocks.0.weight', 'stem.weight')")
+    proc = cli("upgrade", f"s3://{bucket}/m.pt", "--from", "c1", "--migrations", migrations, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["backup"] == f"s3://{bucket}/m.pt?versionId={version}"
+    kept = s3.client().get_object(Bucket=bucket, Key="m.pt", VersionId=version)["Body"].read()
+    assert kept == old_bytes
+    assert [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]] == ["m.pt"]
+    assert "stem.weight" in torch.load(io.BytesIO(get(s3, bucket, "m.pt")), weights_only=True)

@@ -6,7 +6,7 @@ old one's records, copied server-side, and a new tail (``data.pkl``, envelope, c
 read back before it is sent (storage/s3_compose). Any other migration is staged: the object is
 streamed into a temporary file, the local engine writes the result beside it, and that is
 uploaded. Either way the object is replaced in one step, only if it is still the one read (its
-ETag); the backup is a server-side copy ``KEY.bak``.
+ETag); the backup is the version read (a versioned bucket) or a server-side copy ``KEY.bak``.
 """
 
 from __future__ import annotations
@@ -61,13 +61,13 @@ def _write(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, outcome: engine
     env = envelope.to_dict()
     source = ckpt.container.source
     assert source is not None and isinstance(source.remote, RangeFile)
-    target = s3_compose.S3Object.of(url, source.remote.etag)
+    target = s3_compose.S3Object.of(url, source.remote.etag, source.remote.version)
     if ckpt.format not in ("torch-zip", "safetensors"):
         raise BadInput(f"{url}: a {ckpt.format} checkpoint in object storage is read-only here (torch zip and "
                        "safetensors objects are rewritten)")
     expected = ckpt.schema()
     if backup:
-        outcome.backup = s3_compose.backup_copy(target)
+        outcome.backup = s3_compose.backup(target)
     try:
         if ckpt.can_rewrite_metadata_only("torch-zip"):
             c = ckpt.container

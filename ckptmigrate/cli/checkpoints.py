@@ -9,7 +9,16 @@ from typing import Any
 
 import click
 
-from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json, fleet_options, fleet_run, naming, parse_tags
+from ckptmigrate.cli.common import (
+    JSON,
+    LOCATION,
+    MIGRATIONS,
+    emit_json,
+    fleet_options,
+    fleet_run,
+    naming,
+    parse_tags,
+)
 from ckptmigrate.errors import BadInput
 from ckptmigrate.util.paths import multi_file_checkpoint
 from ckptmigrate.util.progress import file_bar
@@ -227,7 +236,7 @@ def current(paths: tuple[str, ...], as_json: bool, verbose: bool, migrations: st
 
 
 @click.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=LOCATION)
 @_OUTPUT[0]
 @_OUTPUT[1]
 def compact(path: Path, output: Path | None, overwrite: bool) -> None:

@@ -163,6 +163,8 @@ class RangeFile(io.RawIOBase):
         self.fetcher = fetcher or open_object(url)
         self.size = self.fetcher.size
         self.etag = self.fetcher.etag
+        #: The version read, in a versioned bucket (None elsewhere).
+        self.version: str | None = getattr(self.fetcher, "version", None)
         self._starts: list[int] = []
         self._blocks: dict[int, bytes] = {}
         self._pos = 0

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from ckptmigrate.errors import ObjectChanged, RemoteError
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, changed
-from ckptmigrate.util.urls import ObjectURL, filesystem, translated
+from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translated
 
 #: S3's part sizes: every part but the last at least 5 MiB, none over 5 GiB.
 MIN_PART = 5 << 20
@@ -39,16 +39,17 @@ class S3Object:
     bucket: str
     key: str
     etag: str | None
+    version: str | None = None
 
     @classmethod
-    def of(cls, url: ObjectURL, etag: str | None) -> S3Object:
+    def of(cls, url: ObjectURL, etag: str | None, version: str | None = None) -> S3Object:
         if url.scheme not in WRITABLE:
             raise RemoteError(f"{url}: writing to {url.scheme}:// is not supported (only s3:// objects are "
                               "rewritten; other URLs are read-only: inspect, current, diff, check, --dry-run)",
                               url=str(url))
         fs, path = filesystem(url)
         bucket, _, key = path.partition("/")
-        return cls(url, fs, bucket, key, etag)
+        return cls(url, fs, bucket, key, etag, version)
 
     def call(self, op: str, **kwargs: Any) -> Any:
         TRANSFER.requests += 1
@@ -73,6 +74,16 @@ class S3Object:
         found = self.head_etag()
         if found != self.etag:
             raise self.changed(found)
+
+
+def backup(obj: S3Object) -> ObjectURL:
+    """Where the object as read stays: in a versioned bucket its version (which replacing the object
+    keeps, at no cost), else a server-side copy :func:`backup_copy`."""
+    if obj.version and obj.version != "null":
+        status = obj.call("get_bucket_versioning").get("Status")
+        if status == "Enabled":
+            return ObjectVersion.of(obj.url, obj.version)
+    return backup_copy(obj)
 
 
 def backup_copy(obj: S3Object) -> ObjectURL:
@@ -100,7 +111,9 @@ def backup_copy(obj: S3Object) -> ObjectURL:
 
 
 def remove(url: ObjectURL) -> None:
-    """Delete an object this run created (a backup whose write failed)."""
+    """Delete an object this run created (a backup whose write failed); a version is the object itself."""
+    if isinstance(url, ObjectVersion):
+        return
     fs, path = filesystem(url)
     with translated(url, "delete"):
         fs.rm_file(path)

@@ -69,6 +69,22 @@ class ObjectURL(PosixPath):
         return _FULL.get(str(self), str(self))
 
 
+class ObjectVersion(ObjectURL):
+    """One version of an object in a versioned bucket (a backup that costs no copy): shown with its
+    ``?versionId=`` (an id, not a secret)."""
+
+    version: str
+
+    def __str__(self) -> str:
+        return super().__str__() + f"?versionId={self.version}"
+
+    @classmethod
+    def of(cls, url: ObjectURL, version: str) -> ObjectVersion:
+        out = cls(ObjectURL.__str__(url))
+        out.version = version
+        return out
+
+
 def as_location(spec: str | os.PathLike[str]) -> Path | ObjectURL:
     """A PATH argument as a local path (``file://`` URLs too) or an :class:`ObjectURL`."""
     if isinstance(spec, (ObjectURL, Path)):
@@ -98,6 +114,15 @@ def names_many(text: str) -> bool:
 
 def is_remote(spec: object) -> bool:
     return isinstance(spec, ObjectURL) or (isinstance(spec, str) and scheme_of(spec) not in (None, "file"))
+
+
+def refuse_remote(command: str, *paths: str | os.PathLike[str] | None) -> None:
+    """Commands that write a file in place or hash its bytes take local paths: an object URL is refused."""
+    for path in paths:
+        location = as_location(path) if path is not None else None
+        if isinstance(location, ObjectURL):
+            raise BadInput(f"{location}: `{command}` takes local paths (objects in storage work with inspect, "
+                           "current, diff, check, upgrade and downgrade)", path=str(location))
 
 
 def filesystem(url: ObjectURL) -> tuple[Any, str]:
