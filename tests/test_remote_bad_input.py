@@ -13,6 +13,7 @@ upload stays open.
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -142,9 +143,12 @@ def test_the_loser_of_two_writers_writes_nothing(cli: Cli, s3: S3Server, bucket:
     body = f"open({str(tmp_path / 'theirs.pt')!r}, 'rb').read()"
     migrations = racing_chain(tmp_path, bucket, "m.pt",
                               f"s3.put_object(Bucket='{{bucket}}', Key='{{key}}', Body={body})")
-    err = one_line(cli("upgrade", f"s3://{bucket}/m.pt", "--from", "c1", "--migrations", migrations),
-                   f"s3://{bucket}/m.pt", "changed since it was read", "nothing was written")
-    assert "Traceback" not in err
+    proc = cli("upgrade", f"s3://{bucket}/m.pt", "--from", "c1", "--migrations", migrations, "--json")
+    one_line(proc, f"s3://{bucket}/m.pt", "changed since it was read", "nothing was written")
+    error = json.loads(proc.stdout)["error"]
+    head = s3.client().head_object(Bucket=bucket, Key="m.pt")
+    assert (error["type"], error["url"], error["found"]) == ("ObjectChanged", f"s3://{bucket}/m.pt", head["ETag"])
+    assert error["expected"] != error["found"]
     assert objects(s3, bucket) == {"m.pt": theirs}  # their object stands, no backup is left over
     assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert list(torch.load(io.BytesIO(theirs), weights_only=True)) == ["a", "b", "head.bias"]
