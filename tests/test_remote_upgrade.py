@@ -126,11 +126,15 @@ def test_a_small_object_is_rewritten_whole_in_one_put(cli: Cli, s3: S3Server, bu
 
 
 def test_a_migration_that_computes_tensors_is_staged(cli: Cli, s3: S3Server, bucket: str, tmp_path: Path) -> None:
-    original = state(3, 2 * 1024 * 1024)  # 3 tensors of 8 MiB: uploaded in parts
+    original = state(3, 1024 * 1024)  # 3 tensors of 4 MiB: uploaded in 5 MiB parts
     put(s3, bucket, "big.pt", original, tmp_path)
     migrations = chain(tmp_path, "ckpt.map('blocks.2.weight', lambda t: t * 2)")
-    proc = cli("upgrade", f"s3://{bucket}/big.pt", "--from", "c1", "--migrations", migrations, "--json")
+    s3.served.reset()
+    proc = cli("upgrade", f"s3://{bucket}/big.pt", "--from", "c1", "--migrations", migrations, "--json",
+               env={"CKPTMIGRATE_S3_PART_SIZE": str(5 << 20)})
     assert proc.returncode == 0, proc.stderr
+    parts = [line for line in s3.served.log if line.startswith("PUT") and "partNumber=" in line]
+    assert len(parts) == 3, s3.served.log
     new = torch.load(io.BytesIO(get(s3, bucket, "big.pt")), weights_only=True)
     assert torch.equal(new["blocks.2.weight"], original["blocks.2.weight"] * 2)
     assert torch.equal(new["blocks.0.weight"], original["blocks.0.weight"])

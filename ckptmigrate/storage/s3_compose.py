@@ -18,14 +18,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from ckptmigrate.errors import ObjectChanged, RemoteError
+from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, changed
 from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translated
 
 #: S3's part sizes: every part but the last at least 5 MiB, none over 5 GiB.
 MIN_PART = 5 << 20
 MAX_PART = 5 << 30
-#: Staged uploads: one conditional PutObject up to this size, else parts of this size.
+#: Staged uploads: one conditional PutObject up to this size, else parts of this size (as the AWS CLI's
+#: ``multipart_chunksize``; ``CKPTMIGRATE_S3_PART_SIZE`` in bytes, at least 5 MiB, overrides it).
 UPLOAD_PART = 64 << 20
 WRITABLE = ("s3", "s3a")
 
@@ -142,16 +143,26 @@ def upload(obj: S3Object, path: str | os.PathLike[str]) -> None:
     """Replace the object by a local file (a migration staged on disk): one conditional put up to
     :data:`UPLOAD_PART`, else a multipart upload of parts read from the file one at a time."""
     size = os.path.getsize(path)
+    part = part_size()
     with open(path, "rb") as fh:
-        if size <= UPLOAD_PART:
+        if size <= part:
             _put(obj, fh, size)
             return
-        _multipart(obj, _file_parts(fh, size))
+        _multipart(obj, _file_parts(fh, size, part))
 
 
-def _file_parts(fh: BinaryIO, size: int) -> Iterator[tuple[str, bytes]]:
-    for _start in range(0, size, UPLOAD_PART):
-        yield ("data", fh.read(UPLOAD_PART))
+def part_size() -> int:
+    text = os.environ.get("CKPTMIGRATE_S3_PART_SIZE")
+    if not text:
+        return UPLOAD_PART
+    if not text.isdigit() or int(text) < MIN_PART or int(text) > MAX_PART:
+        raise BadInput(f"CKPTMIGRATE_S3_PART_SIZE={text!r}: a part size in bytes from {MIN_PART} to {MAX_PART}")
+    return int(text)
+
+
+def _file_parts(fh: BinaryIO, size: int, part: int) -> Iterator[tuple[str, bytes]]:
+    for _start in range(0, size, part):
+        yield ("data", fh.read(part))
 
 
 def _put(obj: S3Object, body: Any, size: int) -> None:
