@@ -20,7 +20,7 @@ from ckptmigrate.chain.registry import ChainSource
 from ckptmigrate.chain.revisions import RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope
 from ckptmigrate.checkpoint.lazy import Checkpoint
-from ckptmigrate.errors import BadInput
+from ckptmigrate.errors import BadInput, CkptMigrateError, ObjectChanged
 from ckptmigrate.formats import torchzip
 from ckptmigrate.ops.optimizer import check_policy
 from ckptmigrate.storage import s3_compose
@@ -79,10 +79,23 @@ def _write(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, outcome: engine
                 staged = Path(tmp) / url.name
                 ckpt.write(staged, envelope, fmt=ckpt.format)
                 s3_compose.upload(target, staged)
-    except BaseException:
+    except BaseException as exc:
         if isinstance(outcome.backup, ObjectURL):
             s3_compose.remove(outcome.backup)
             outcome.backup = None
+        if isinstance(exc, CkptMigrateError) and not isinstance(exc, ObjectChanged):
+            _blame_a_change(target, exc)
         raise
     outcome.output = url
     outcome.written = True
+
+
+def _blame_a_change(target: s3_compose.S3Object, exc: CkptMigrateError) -> None:
+    """A write that failed on what it read (a record that does not parse, a read-back that differs)
+    may have read part of another writer's object: if the ETag moved, that is the error to report."""
+    try:
+        found = target.head_etag()
+    except CkptMigrateError:
+        return  # gone, or unreachable: the original error says more
+    if found != target.etag:
+        raise target.changed(found) from exc
