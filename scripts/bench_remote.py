@@ -7,8 +7,9 @@ Run it from the repository root with the project's virtualenv::
     .venv/bin/python scripts/bench_remote.py --json bench-remote.json
 
 What it measures, each case a child process timed by wall clock (interpreter start-up included),
-and the bytes each moved over the network as the *server* counted them (request and response
-bodies; a server-side copy moves none):
+its CPU time (the client's) and this process's CPU time meanwhile (the server's: moto runs in a
+thread here), and the bytes each moved over the network as the *server* counted them (request and
+response bodies; a server-side copy moves none):
 
 - ``inspect s3://...``: the zip directory, local headers and ``data.pkl`` only;
 - ``upgrade s3://...`` of a rename-only chain (``--no-backup``, and with the default backup, a
@@ -17,9 +18,11 @@ bodies; a server-side copy moves none):
 - a plain copy of the object: server-side ``copy_object``, and download + upload (what
   ``aws s3 cp`` to a local file and back does).
 
-Before each timed upgrade the object is restored by a server-side copy (untimed). moto keeps
-objects in memory or temporary files, so the absolute times are those of a local server: network
-latency and bandwidth to a real S3 region would make the bytes-moved columns matter more, not less.
+Before each timed upgrade the object is restored by a server-side copy (untimed). moto reads the
+whole object to answer each range request, so on moto the wall time of ``inspect`` and ``upgrade``
+grows with the object (see the server CPU column) although the bytes they move do not; on S3 a
+range request costs its range. Network latency and bandwidth to a real region would make the
+bytes-moved columns matter more, not less.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -80,14 +84,24 @@ def chain(directory: Path) -> Path:
     return versions.parent
 
 
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed(server: S3Server, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Wall time of the child, its CPU (the client's), and this process's CPU meanwhile (moto's: the
+    server is a thread here) — on moto a range request costs a read of the whole object."""
     server.served.reset()
+    children, own = _cpu(resource.RUSAGE_CHILDREN), _cpu(resource.RUSAGE_SELF)
     start = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
+    client_cpu, server_cpu = _cpu(resource.RUSAGE_CHILDREN) - children, _cpu(resource.RUSAGE_SELF) - own
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr}")
-    return {"seconds": seconds, "received_by_client": server.served.body_bytes_sent,
+    return {"seconds": seconds, "client_cpu": client_cpu, "server_cpu": server_cpu,
+            "received_by_client": server.served.body_bytes_sent,
             "sent_by_client": server.served.body_bytes_received, "requests": server.served.requests,
             "stdout": proc.stdout}
 
@@ -148,6 +162,8 @@ def main() -> None:
         rows = []
         for name, runs in cases.items():
             rows.append({"case": name, "median_s": statistics.median(r["seconds"] for r in runs),
+                         "client_cpu_s": statistics.median(r["client_cpu"] for r in runs),
+                         "server_cpu_s": statistics.median(r["server_cpu"] for r in runs),
                          "received_bytes": max(r["received_by_client"] for r in runs),
                          "sent_bytes": max(r["sent_by_client"] for r in runs),
                          "requests": max(r["requests"] for r in runs)})
@@ -155,11 +171,11 @@ def main() -> None:
     print(f"checkpoint: {size / 2**20:.0f} MiB torch zip, {tensors} tensors; moto S3 on 127.0.0.1; "
           f"{opts.repeat} repeat(s), median wall time")
     print()
-    print("| case | time (s) | received | sent | requests |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| case | wall (s) | client CPU (s) | server CPU (s) | received | sent | requests |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        print(f"| {row['case']} | {row['median_s']:.2f} | {_size(row['received_bytes'])} | "
-              f"{_size(row['sent_bytes'])} | {row['requests']} |")
+        print(f"| {row['case']} | {row['median_s']:.2f} | {row['client_cpu_s']:.2f} | {row['server_cpu_s']:.2f} | "
+              f"{_size(row['received_bytes'])} | {_size(row['sent_bytes'])} | {row['requests']} |")
     if opts.json:
         opts.json.write_text(json.dumps({"size_bytes": size, "tensors": tensors, "rows": rows}, indent=2))
 
