@@ -2,8 +2,9 @@
 
 Run it from the repository root with the project's virtualenv::
 
-    .venv/bin/python scripts/bench_remote.py                    # ~1 GiB checkpoint, 3 repeats, medians
-    .venv/bin/python scripts/bench_remote.py --size-mb 128      # smaller, faster
+    .venv/bin/python scripts/bench_remote.py                    # 1 GiB checkpoint of 16 MiB tensors, 3 repeats
+    .venv/bin/python scripts/bench_remote.py --size-mb 256      # smaller, faster
+    .venv/bin/python scripts/bench_remote.py --tensor-mb 256    # 1 GiB in 4 tensors: few range requests
     .venv/bin/python scripts/bench_remote.py --json bench-remote.json
 
 What it measures, each case a child process timed by wall clock (interpreter start-up included),
@@ -64,10 +65,9 @@ s3.upload_file(tmp, bucket, key + ".copy")
 """
 
 
-def build(path: Path, size_mb: int) -> int:
+def build(path: Path, size_mb: int, tensor_mb: int) -> int:
     import torch
 
-    tensor_mb = 16
     count = max(1, size_mb // tensor_mb)
     state = {f"blocks.{i}.weight": torch.full((tensor_mb << 18,), float(i)) for i in range(count)}
     torch.save(state, path)
@@ -110,6 +110,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tensor-mb", type=int, default=16,
+                        help="size of each tensor: what ckptmigrate reads grows with their number, not their size")
     parser.add_argument("--json", type=Path, default=None)
     opts = parser.parse_args()
 
@@ -121,7 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp_dir:
         tmp = Path(tmp_dir)
         local = tmp / "model.pt"
-        tensors = build(local, opts.size_mb)
+        tensors = build(local, opts.size_mb, opts.tensor_mb)
         size = local.stat().st_size
         client.upload_file(str(local), BUCKET, "orig.pt")
         local.unlink()

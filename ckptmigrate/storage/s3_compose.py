@@ -13,6 +13,7 @@ the multipart upload, so no parts are left behind (or billed).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -189,11 +190,32 @@ def _multipart(obj: S3Object, parts: Any) -> None:
                 TRANSFER.bytes_sent += len(data)
             done.append({"PartNumber": number, "ETag": etag})
         obj.check_unchanged()
-        obj.call("complete_multipart_upload", Key=obj.key, UploadId=upload_id, MultipartUpload={"Parts": done},
-                 **({"IfMatch": obj.etag} if obj.etag else {}))
     except BaseException:
         abort(obj, upload_id)
         raise
+    try:
+        obj.call("complete_multipart_upload", Key=obj.key, UploadId=upload_id, MultipartUpload={"Parts": done},
+                 **({"IfMatch": obj.etag} if obj.etag else {}))
+    except BaseException:
+        # the answer to a complete can be lost after S3 completed it (a timeout, then a retry that finds
+        # no such upload): the object then has the ETag of exactly these parts
+        if _found_etag(obj) == multipart_etag([part["ETag"] for part in done]):
+            return
+        abort(obj, upload_id)
+        raise
+
+
+def multipart_etag(part_etags: list[str]) -> str:
+    """The ETag S3 gives an object completed from parts with these ETags (MD5 of their MD5s, -count)."""
+    digest = hashlib.md5(b"".join(bytes.fromhex(e.strip('"')) for e in part_etags), usedforsecurity=False)
+    return f'"{digest.hexdigest()}-{len(part_etags)}"'
+
+
+def _found_etag(obj: S3Object) -> str | None:
+    try:
+        return obj.head_etag()
+    except RemoteError:
+        return None
 
 
 def abort(obj: S3Object, upload_id: str) -> None:
