@@ -22,7 +22,7 @@ from ckptmigrate.cli.common import (
 from ckptmigrate.errors import BadInput
 from ckptmigrate.util.paths import multi_file_checkpoint
 from ckptmigrate.util.progress import file_bar
-from ckptmigrate.util.urls import as_location, is_remote, names_many
+from ckptmigrate.util.urls import as_location, is_remote, names_many, refuse_remote
 
 
 def _fmt_bytes(n: int) -> str:
@@ -160,6 +160,7 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
     from ckptmigrate.release import signing
 
     files = api.checkpoint_files(paths)
+    refuse_remote("stamp", *files)
     if output is not None and len(files) != 1:
         raise BadInput("-o/--output takes exactly one input file")
     if revision is not None:  # once, before any file: an unknown revision is one error, not one per file
