@@ -32,10 +32,12 @@ def migrate_object(
     url: ObjectURL, chains: RevisionGraph | ChainSource, *, to: str = "head", dry_run: bool = False,
     backup: bool = True, from_rev: str | None = None, lineage: str | None = None, key: str | None = None,
     direction: str | None = None, trust_pickle: bool = False, state_dicts: Sequence[str] | None = None,
-    optimizer: str = "strict",
+    optimizer: str = "strict", max_shard_size: int | None = None,
 ) -> engine.Outcome:
     """As :func:`ckptmigrate.chain.engine.migrate_file`, for an object; the outcome's ``transfer``
     says what crossed the network (requests, bytes received and sent, bytes copied server-side)."""
+    if max_shard_size is not None:
+        raise BadInput(f"{url}: a shard size applies to multi-file checkpoints, which object storage does not hold")
     before = TRANSFER.to_dict()
     with Checkpoint.open(url, key=key, state_dicts=state_dicts) as ckpt:
         ckpt.optimizers.policy = check_policy(optimizer)
