@@ -13,7 +13,9 @@ from ckptmigrate.errors import (
     CkptMigrateError,
     CkptMigrateWarning,
     MigrationError,
+    ObjectChanged,
     OutputExists,
+    RemoteError,
     RevisionError,
     SchemaMismatch,
 )
@@ -21,8 +23,8 @@ from ckptmigrate.version import __version__ as __version__
 
 __all__ = [
     "BadInput", "CheckFailed", "Checkpoint", "CkptMigrateError", "CkptMigrateWarning", "LoadReport",
-    "MigrationContext", "MigrationError", "OpError", "OutputExists", "RevisionError", "SchemaMismatch", "attach", "dcp",
-    "inspect", "load", "load_state_dict", "op", "save", "stamp",
+    "MigrationContext", "MigrationError", "ObjectChanged", "OpError", "OutputExists", "RemoteError", "RevisionError",
+    "SchemaMismatch", "attach", "dcp", "inspect", "load", "load_state_dict", "op", "save", "stamp",
 ]
 
 if TYPE_CHECKING:

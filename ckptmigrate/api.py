@@ -25,6 +25,7 @@ from ckptmigrate.formats import safetensors_io, torchzip
 from ckptmigrate.release import stamping
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.locking import file_lock
+from ckptmigrate.util.urls import ObjectURL, as_location, refuse_remote
 
 __all__ = [
     "autogenerate_revision", "chain_source", "chain_status", "check", "checkpoint_files", "compact", "convert",
@@ -50,6 +51,14 @@ def inspect(
 ) -> dict[str, Any]:
     """Describe a checkpoint from its metadata alone (no tensor bytes read, torch not imported);
     ``state_dicts`` lists where every copy of the weights is (the main one first)."""
+    if isinstance(as_location(path), ObjectURL):
+        from ckptmigrate.storage.ranges import TRANSFER
+
+        before = TRANSFER.to_dict()
+        with Checkpoint.open(path, key=key, state_dicts=state_dicts) as ckpt:
+            info = ckpt.summary(keys=keys)
+        info["transfer"] = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
+        return info
     with Checkpoint.open(path, key=key, state_dicts=state_dicts) as ckpt:
         return ckpt.summary(keys=keys)
 
@@ -315,6 +324,7 @@ def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | No
     """
     from ckptmigrate import formats
 
+    refuse_remote("compact", path, output)
     path = formats.checkpoint_path(path)
     dest = _check_output(path, output, overwrite) or Path(path)
     with file_lock(dest), Checkpoint.open(path if output else formats.recovered(path)) as ckpt:
@@ -431,6 +441,7 @@ def convert(
     from ckptmigrate import formats
     from ckptmigrate.util.memory import release_large_blocks
 
+    refuse_remote("convert", src, dst)
     release_large_blocks()
     if to not in CONVERT_TARGETS:
         raise BadInput(f"--to {to}: not one of {', '.join(CONVERT_TARGETS)}")
@@ -465,7 +476,7 @@ def current(path: PathLike, *, verbose: bool = False, migrations: Any = None) ->
     from ckptmigrate import formats
 
     try:
-        _fmt, env = formats.read_envelope(Path(path))
+        _fmt, env = formats.read_envelope(as_location(path))
     except CkptMigrateError as exc:
         exc.path = exc.path or os.fspath(path)
         raise
@@ -486,7 +497,7 @@ def chain_status(path: PathLike, env: Mapping[str, Any], *, migrations: Any = No
     unless the file is newer or ``verbose`` asks for the script hashes."""
     from ckptmigrate.chain import project, provenance
 
-    path = Path(path)
+    path = as_location(path)
     try:
         envelope = Envelope.from_dict(dict(env), origin=str(path))
     except (TypeError, ValueError):
@@ -528,6 +539,7 @@ def stamp(
     revision's snapshot is refused with the difference: stamping it would send the next upgrade
     down the wrong path.
     """
+    refuse_remote("stamp", path, output)
     out = _check_output(path, output, overwrite)
     if revision is not None:
         graph = revision_graph(migrations)
@@ -564,6 +576,14 @@ def _migrate(direction: str, path: PathLike, *, to: str, output: PathLike | None
              migrations: Any, **options: Any) -> Outcome:
     from ckptmigrate.chain.engine import migrate_file
 
+    location = as_location(path)
+    if isinstance(location, ObjectURL):
+        from ckptmigrate.chain.objects import migrate_object
+
+        if output is not None:
+            raise BadInput(f"{location}: -o/--output with an object URL is not supported; the object is "
+                           "rewritten in place (its backup is a server-side copy)", path=str(location))
+        return migrate_object(location, chain_source(migrations), direction=direction, to=to, **options)
     out = _check_output(path, output, overwrite)
     return migrate_file(Path(path), chain_source(migrations), to=to, output=out, direction=direction, **options)
 
@@ -605,6 +625,7 @@ def verify(path: PathLike, public_key: Any = None, *, key: str | None = None) ->
     file, which must then have signed it); ``key`` is the state dict's location, as everywhere."""
     from ckptmigrate.release import integrity
 
+    refuse_remote("verify", path)
     return integrity.verify(path, public_key, state_key=key)
 
 

@@ -125,6 +125,30 @@ class OutputExists(BadInput):
     """``output`` exists and overwriting it was not asked for (``overwrite=True``, ``--overwrite``)."""
 
 
+class RemoteError(BadInput):
+    """An object in storage (``s3://``, ``https://``, ...) cannot be read or written as asked: ``url``
+    (never with credentials), and the ``extra`` to install when its backend is missing."""
+
+    def __init__(self, message: str = "", *, url: str, extra: str | None = None) -> None:
+        super().__init__(message, path=url)
+        self.url, self.extra = url, extra
+
+    def fields(self) -> dict[str, Any]:
+        return {"url": self.url, "extra": self.extra}
+
+
+class ObjectChanged(RemoteError):
+    """The object changed between the read that planned a write and the write (another runner won):
+    ``expected`` and ``found`` are its ETags; nothing was written."""
+
+    def __init__(self, message: str = "", *, url: str, expected: str | None, found: str | None) -> None:
+        super().__init__(message, url=url)
+        self.expected, self.found = expected, found
+
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "expected": self.expected, "found": self.found}
+
+
 class CkptMigrateWarning(UserWarning):
     """Something worth knowing that does not stop the work (an option that had nothing to do)."""
 

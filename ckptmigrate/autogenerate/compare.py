@@ -11,6 +11,7 @@ from typing import Any
 from ckptmigrate.autogenerate.plan import SchemaDiff, diff_schemas
 from ckptmigrate.chain import project, schemas
 from ckptmigrate.errors import BadInput, CkptMigrateError
+from ckptmigrate.util.urls import is_remote
 
 
 @dataclass
@@ -71,7 +72,7 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str] = "model", *, mode
         broken = exc
     resolved = []
     for source in (os.fspath(a), os.fspath(b)):
-        if broken is not None and source != "model" and not Path(source).exists():
+        if broken is not None and source != "model" and not is_remote(source) and not Path(source).exists():
             raise broken
         resolved.append(schemas.resolve(source, graph=graph, model=model))
     (label_a, schema_a), (label_b, schema_b) = resolved

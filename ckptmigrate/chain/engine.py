@@ -70,6 +70,8 @@ class Outcome:
     backup: Path | None = None
     error: str | None = None
     ops: list[dict[str, Any]] = field(default_factory=list)
+    #: For an object in storage: requests and bytes over the network (``storage.ranges.Transfer``).
+    transfer: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         plan = self.plan
@@ -80,6 +82,7 @@ class Outcome:
             "revisions": [s.id for s in plan.steps] if plan else [],
             "written": self.written, "backup": str(self.backup) if self.backup else None,
             "error": self.error, "ops": self.ops,
+            **({"transfer": self.transfer} if self.transfer is not None else {}),
         }
 
 
@@ -588,7 +591,7 @@ def make_backup(path: Path) -> tuple[Path, bool]:
             n = int(dest.name.rsplit(".", 1)[1]) + 1 if not dest.name.endswith(".bak") else 1
 
 
-def _refuse_left_behind(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | None) -> None:
+def refuse_left_behind(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | None) -> None:
     """Refuse a file with a copy of the weights that does not fit, saying which revision it is at
     when its keys are one's (an earlier upgrade that left it behind)."""
     if not ckpt.copy_problems and not ckpt.other_tensor_dicts:
@@ -641,7 +644,7 @@ def migrate_file(
                 f"{path}: {direction} to {to} would {plan.direction} ({plan.describe()}); "
                 f"use `ckptmigrate {plan.direction}`"
             )
-        _refuse_left_behind(ckpt, graph, plan.lineage)  # also at head: the file would claim what is not so
+        refuse_left_behind(ckpt, graph, plan.lineage)  # also at head: the file would claim what is not so
         if trust_pickle and plan.steps:
             ckpt.trust_pickle()
         outcome = Outcome(path, output, plan)

@@ -14,6 +14,7 @@ from typing import Any
 from ckptmigrate.chain import config
 from ckptmigrate.checkpoint.envelope import Schema, schema_of
 from ckptmigrate.errors import BadInput
+from ckptmigrate.util.urls import as_location, is_remote
 
 
 def import_object(spec: str, what: str = "model") -> Any:
@@ -70,15 +71,15 @@ def model_schema(spec: str) -> Schema:
 
 
 def resolve(source: str, *, graph: Any = None, model: str | None = None) -> tuple[str, Schema]:
-    """``model``, a revision id, or a checkpoint path → (label, schema)."""
+    """``model``, a revision id, or a checkpoint path or URL → (label, schema)."""
     from ckptmigrate.checkpoint.lazy import Checkpoint
 
     if source == "model":
         spec = model_spec(model)
         return f"model {spec}", model_schema(spec)
-    if Path(source).exists():
+    if is_remote(source) or Path(source).exists():
         with Checkpoint.open(source) as ckpt:
-            return str(source), ckpt.schema()
+            return str(as_location(source)) if is_remote(source) else str(source), ckpt.schema()
     if graph is not None:
         rev = graph.get(source)
         snapshot = rev.schema()

@@ -95,11 +95,13 @@ class Checkpoint(ArchitectureOps):
     @classmethod
     def open(
         cls, path: str | os.PathLike[str], *, key: str | None = None, state_dicts: Sequence[str] | None = None,
+        remote: Any = None,
     ) -> Checkpoint:
         """Open lazily (no tensor bytes read). ``key`` is the state dict's location (default: the one
-        the envelope recorded, else detected); ``state_dicts`` declares every copy of it (default: searched)."""
+        the envelope recorded, else detected); ``state_dicts`` declares every copy of it (default: searched);
+        ``remote`` is the object to read ``path`` from (see :func:`ckptmigrate.formats.read`)."""
         try:
-            container = formats.read(path)
+            container = formats.read(path, remote=remote)
         except CkptMigrateError as exc:
             exc.path = exc.path or os.fspath(path)  # the file is the fact a caller acts on
             raise
@@ -396,13 +398,7 @@ class Checkpoint(ArchitectureOps):
         expected = None if metadata_only else self.schema()
 
         def check(written: Path) -> None:
-            """Re-open what was written: the index and envelope must be what we meant to write."""
-            with Checkpoint.open(written, key=self.layout.key if self.layout.kind == "key" else None) as again:
-                if again.schema() != expected:
-                    raise BadInput(f"{dest}: the written file does not read back as written; nothing was replaced")
-                # the envelope as read (JSON), not ``again.metadata``: a copy of a schema per check
-                if env is not None and again.container.envelope != env:
-                    raise BadInput(f"{dest}: the written envelope does not read back; nothing was replaced")
+            self.check_reads_back(written, env, expected, shown=dest)
 
         if fmt in formats.MULTI_FORMATS:
             return multifile.write(self.container.parts, fmt, dest, payload, env, check, keep_old=keep_old,
@@ -430,6 +426,19 @@ class Checkpoint(ArchitectureOps):
             torchzip.write_metadata_only(fh, c.source, c.records, c.prefix, pickled, env_record)
         return dest
 
+
+    def check_reads_back(self, written: str | os.PathLike[str], env: dict[str, Any] | None,
+                         expected: dict[str, Any] | None, *, shown: object = None, remote: Any = None) -> None:
+        """Re-open what was written (``remote``: the object-to-be, before it is sent): the index and
+        envelope must be what we meant to write (``expected`` is :meth:`schema` before the write)."""
+        shown = shown if shown is not None else written
+        with Checkpoint.open(written, key=self.layout.key if self.layout.kind == "key" else None,
+                             remote=remote) as again:
+            if again.schema() != expected:
+                raise BadInput(f"{shown}: the written file does not read back as written; nothing was replaced")
+            # the envelope as read (JSON), not ``again.metadata``: a copy of a schema per check
+            if env is not None and again.container.envelope != env:
+                raise BadInput(f"{shown}: the written envelope does not read back; nothing was replaced")
 
     def _append(self, payload: torchzip.Pickled, env: bytes | None, check: Any) -> bool:
         """The in-place path: append to this file; if the append or its read-back fails, cut the file

@@ -9,10 +9,20 @@ from typing import Any
 
 import click
 
-from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json, fleet_options, fleet_run, naming, parse_tags
+from ckptmigrate.cli.common import (
+    JSON,
+    LOCATION,
+    MIGRATIONS,
+    emit_json,
+    fleet_options,
+    fleet_run,
+    naming,
+    parse_tags,
+)
 from ckptmigrate.errors import BadInput
 from ckptmigrate.util.paths import multi_file_checkpoint
 from ckptmigrate.util.progress import file_bar
+from ckptmigrate.util.urls import as_location, is_remote, names_many, refuse_remote
 
 
 def _fmt_bytes(n: int) -> str:
@@ -76,7 +86,12 @@ def _print_summary(info: dict[str, Any]) -> None:
 def _single(paths: tuple[str, ...]) -> bool:
     """One file (or one multi-file checkpoint's directory) named as such: one object in JSON, a bare
     answer; several, a directory of checkpoints or a pattern: a list."""
-    return len(paths) == 1 and (Path(paths[0]).is_file() or multi_file_checkpoint(Path(paths[0])))
+    if len(paths) != 1:
+        return False
+    if is_remote(paths[0]):
+        return not names_many(paths[0])
+    path = as_location(paths[0])
+    return path.is_file() or multi_file_checkpoint(path)
 
 
 _KEY = click.option("--key", default=None, metavar="LOCATION",
@@ -104,7 +119,7 @@ def inspect(paths: tuple[str, ...], as_json: bool, keys: bool, key: str | None, 
         if info["envelope"] is not None and info["envelope"].get("revision"):
             from ckptmigrate import formats
 
-            info.update(api.chain_status(info["path"], formats.read_envelope(Path(info["path"]))[1] or {}))
+            info.update(api.chain_status(info["path"], formats.read_envelope(as_location(info["path"]))[1] or {}))
     if as_json:
         emit_json(infos[0] if _single(paths) else infos)
         return
@@ -145,6 +160,7 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
     from ckptmigrate.release import signing
 
     files = api.checkpoint_files(paths)
+    refuse_remote("stamp", *files)
     if output is not None and len(files) != 1:
         raise BadInput("-o/--output takes exactly one input file")
     if revision is not None:  # once, before any file: an unknown revision is one error, not one per file
@@ -221,7 +237,7 @@ def current(paths: tuple[str, ...], as_json: bool, verbose: bool, migrations: st
 
 
 @click.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=LOCATION)
 @_OUTPUT[0]
 @_OUTPUT[1]
 def compact(path: Path, output: Path | None, overwrite: bool) -> None:

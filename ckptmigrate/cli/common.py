@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from ckptmigrate.errors import CkptMigrateError, one_line
+from ckptmigrate.util.urls import as_location
 
 
 def error_line(exc: CkptMigrateError) -> str:
@@ -66,6 +67,19 @@ def parse_tags(values: Sequence[str]) -> dict[str, str]:
 
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+class Location(click.ParamType):
+    """A PATH argument that may be a URL: a local ``Path``, or an ``ObjectURL`` (``pathlib`` would fold
+    ``s3://b/k`` into ``s3:/b/k``)."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return as_location(value) if isinstance(value, str) else value
+
+
+LOCATION = Location()
 
 
 MIGRATIONS = click.option(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ckptmigrate.cli.common import naming
+from ckptmigrate.cli.common import LOCATION, naming
 from ckptmigrate.errors import BadInput
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -28,8 +28,8 @@ def parse_size(text: str) -> int:
 
 
 @click.command()
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("src", type=LOCATION)
+@click.argument("dst", type=LOCATION)
 @click.option("--to", "to", required=True, type=click.Choice(["torch", "safetensors", "hf-sharded", "dcp"]),
               help="The container to write.")
 @click.option("--max-shard-size", default=None, help="hf-sharded: the largest shard (5GB by default).")

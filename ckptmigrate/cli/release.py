@@ -20,6 +20,7 @@ import click
 from ckptmigrate.cli.common import JSON, fleet_options, fleet_run
 from ckptmigrate.errors import BadInput
 from ckptmigrate.util.progress import file_bar
+from ckptmigrate.util.urls import refuse_remote
 
 
 @click.command()
@@ -80,6 +81,7 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
         signing.load_public_key(pubkey)  # once, before any file: a bad key is one error
     files = api.checkpoint_files(paths) if paths else []
     for path in files:
+        refuse_remote("verify", path)
         if not path.exists():
             raise BadInput(f"{path}: no such file", path=path)
 

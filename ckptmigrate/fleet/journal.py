@@ -102,7 +102,7 @@ class Journal:
         from ckptmigrate.errors import CkptMigrateError
 
         try:
-            envelope = formats.read_envelope(Path(path))[1]
+            envelope = formats.read_envelope(path)[1]  # a str: a URL stays whole (Path folds s3:// to s3:/)
         except (CkptMigrateError, OSError):
             return None
         if envelope is None or envelope.get("revision") != record.get("after"):

@@ -22,6 +22,7 @@ from ckptmigrate.errors import BadInput, one_line
 from ckptmigrate.formats import legacy, multifile, safetensors_io, torchzip
 from ckptmigrate.formats.zipio import ZipEntry
 from ckptmigrate.tensors.refs import Source, Storage
+from ckptmigrate.util.urls import ObjectURL, as_location, is_remote
 
 Format = Literal["torch-zip", "torch-legacy", "safetensors", "hf-sharded", "dcp"]
 FORMATS: tuple[str, ...] = ("torch-zip", "torch-legacy", "safetensors", "hf-sharded", "dcp")
@@ -56,7 +57,14 @@ class Container:
             source.close()
 
 
-def _open_source(path: Path) -> Source:
+def _open_source(path: Path | ObjectURL) -> Source:
+    if isinstance(path, ObjectURL):
+        from ckptmigrate.storage.ranges import RangeFile
+
+        remote = RangeFile(path)
+        if remote.size == 0:
+            raise BadInput(f"{path}: empty object, not a checkpoint", path=str(path))
+        return Source(path, remote=remote)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -92,8 +100,8 @@ def sniff(head: bytes, size: int) -> Format | None:
     return None
 
 
-def _detect(path: Path, source: Source) -> Format:
-    head = os.pread(source.fileno(), 16, 0)
+def _detect(path: Path | ObjectURL, source: Source) -> Format:
+    head = source.pread(16, 0)
     fmt = sniff(head, source.size)
     if fmt is None:
         raise BadInput(
@@ -102,14 +110,24 @@ def _detect(path: Path, source: Source) -> Format:
     return fmt
 
 
-def read(path: str | os.PathLike[str]) -> Container:
-    """Open a checkpoint and read everything but tensor bytes; BadInput names the file and the problem."""
+def read(path: str | os.PathLike[str], *, remote: Any = None) -> Container:
+    """Open a checkpoint and read everything but tensor bytes; BadInput names the file and the problem.
+    A URL (``s3://...``, :class:`~ckptmigrate.util.urls.ObjectURL`) is read by range requests;
+    ``remote`` reads it from that object (a :class:`~ckptmigrate.storage.ranges.Spliced` write-to-be)."""
+    if remote is not None:
+        return _read_one(as_location(path), Source(path, remote=remote))
+    if is_remote(path):
+        return _read_one(as_location(path))
     path = Path(path)
     if path.is_dir():
         path = multifile.checkpoint_path(path)
     if multifile.kind(path) is not None:
         return Container(**multifile.read(path))
-    source = _open_source(path)
+    return _read_one(path)
+
+
+def _read_one(path: Path | ObjectURL, source: Source | None = None) -> Container:
+    source = source or _open_source(path)
     named: dict[str, bool] = {}
     try:
         fmt = _detect(path, source)
@@ -136,11 +154,18 @@ def _describe(fmt: str) -> str:
 
 def read_envelope(path: str | os.PathLike[str]) -> tuple[Format, dict[str, Any] | None]:
     """Only the envelope: the zip directory and one record, or the safetensors header."""
+    location = as_location(path)
+    if isinstance(location, ObjectURL):
+        return _read_envelope(location)
     path = Path(path)
     if path.is_dir():
         path = multifile.checkpoint_path(path)
     if multifile.kind(path) is not None:
         return multifile.read_envelope(path)
+    return _read_envelope(path)
+
+
+def _read_envelope(path: Path | ObjectURL) -> tuple[Format, dict[str, Any] | None]:
     source = _open_source(path)
     try:
         fmt = _detect(path, source)

@@ -132,7 +132,7 @@ def read(index_path: Path, sniff: Any) -> tuple[Any, dict[str, Any] | None, dict
             except (IsADirectoryError, OSError) as exc:
                 raise ShardedFormatError(f"shard {shard} cannot be read ({exc.strerror})") from None
             sources.append(source)
-            fmt = sniff(os.pread(source.fileno(), 16, 0), source.size)
+            fmt = sniff(source.pread(16, 0), source.size)
             if fmt not in ("safetensors", "torch-zip"):
                 raise ShardedFormatError(f"shard {shard} is neither safetensors nor a torch zip file")
             if shard_format is not None and fmt != shard_format:

@@ -350,7 +350,7 @@ class Pickled:
 
 def live_end(source: Source) -> int:
     """Where the archive ``source`` holds ends: its length, or less after an interrupted append."""
-    return live_length(source.fileno(), source.size)
+    return live_length(source, source.size)
 
 
 def envelope_record(envelope: dict[str, Any] | bytes | None) -> bytes | None:
@@ -372,6 +372,27 @@ def write_metadata_only(
     writer = ZipWriter(fh)
     _append_directory(writer, source, entries, prefix, payload, envelope_record(envelope))
     writer.close()
+
+
+def metadata_tail(
+    source: Source, entries: dict[str, ZipEntry], prefix: str, payload: Any, envelope: dict[str, Any] | None,
+) -> tuple[int, bytes]:
+    """What :func:`write_metadata_only` writes, as (``keep``, ``tail``): the new file is the first
+    ``keep`` bytes of ``source`` (its records, unchanged) followed by ``tail`` (a new ``data.pkl``,
+    the envelope and a central directory). An object store assembles it without the records moving
+    (storage/s3_compose); the records are never read here (a sparse temporary file stands for them)."""
+    import tempfile
+
+    payload = payload if isinstance(payload, Pickled) else Pickled(payload)
+    keep = max(e.data_offset + e.size for e in entries.values())
+    with tempfile.TemporaryFile() as fh:
+        os.ftruncate(fh.fileno(), keep)
+        fh.seek(keep)
+        writer = ZipWriter(fh)
+        _append_directory(writer, source, entries, prefix, payload,
+                          None if envelope is None else envelope_bytes(envelope))
+        end = writer.close()
+        return keep, os.pread(fh.fileno(), end - keep, keep)
 
 
 def append_in_place(

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ckptmigrate.formats import zipread
+from ckptmigrate.formats.zipread import ByteSource, pread, read_archive
 from ckptmigrate.formats.zipread import Entries as Entries
 from ckptmigrate.formats.zipread import ZipEntry as ZipEntry
 from ckptmigrate.formats.zipread import ZipFormatError as ZipFormatError
-from ckptmigrate.formats.zipread import read_archive
 from ckptmigrate.storage.rawio import copy_range, write_all
 
 ALIGNMENT = 64
@@ -34,13 +34,13 @@ _MAX16 = 0xFFFF
 _PAGE = 4096
 
 
-def live_length(fd: int, file_size: int) -> int:
+def live_length(fd: ByteSource, file_size: int) -> int:
     """The length of the archive a reader that follows the end record's offsets (torch) sees:
     ``file_size``, or, after an in-place append was interrupted (see :meth:`ZipWriter.close_appended`),
     the length before that append: the file then ends with a copy of the bytes that end it there."""
     if file_size < 2 * APPEND_END:
         return file_size
-    end = os.pread(fd, APPEND_END, file_size - APPEND_END)
+    end = pread(fd, APPEND_END, file_size - APPEND_END)
     record = end[-_EOCD.size :]
     if len(end) != APPEND_END or record[:4] != b"PK\x05\x06":
         return file_size
@@ -53,7 +53,7 @@ def live_length(fd: int, file_size: int) -> int:
         live = cd_offset + cd_size + _EOCD.size
     if live == file_size or not APPEND_END <= live < file_size - APPEND_END:
         return file_size
-    return live if os.pread(fd, APPEND_END, live - APPEND_END) == end else file_size
+    return live if pread(fd, APPEND_END, live - APPEND_END) == end else file_size
 
 
 def read_entries(fh: BinaryIO, file_size: int) -> Entries:
@@ -63,11 +63,17 @@ def read_entries(fh: BinaryIO, file_size: int) -> Entries:
     A file whose in-place append was interrupted is read as torch reads it: the archive before it
     (:func:`live_length`; the dead tail is accepted only when it ends with a copy of the archive's end).
     """
-    return read_archive(fh.fileno(), live_length(fh.fileno(), file_size))
+    src = byte_source(fh)
+    return read_archive(src, live_length(src, file_size))
 
 
 def read_record(fh: BinaryIO, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
-    return zipread.read_record(fh.fileno(), entry, check_crc=check_crc)
+    return zipread.read_record(byte_source(fh), entry, check_crc=check_crc)
+
+
+def byte_source(fh: BinaryIO) -> ByteSource:
+    """What the zip reader reads ``fh`` through: a remote object's ranges, else its descriptor."""
+    return fh if hasattr(fh, "pread") else fh.fileno()
 
 
 @dataclass

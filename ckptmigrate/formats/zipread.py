@@ -30,7 +30,7 @@ import os
 import re
 import struct
 import zlib
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
@@ -55,6 +55,9 @@ _DOS_DIRECTORY = 0x10
 _TAG_ZIP64 = 0x0001
 _TAG_PADDING = 0x4246  # "FB": torch's (and ckptmigrate's) alignment padding in local headers
 _SCAN = 1 << 20
+#: The first bytes scanned for a data descriptor (then twice as many, up to _SCAN): a superseded
+#: ``data.pkl`` is often small, and over a network every byte scanned is fetched.
+_FIRST_SCAN = 64 << 10
 #: The largest central directory read (it is read whole): a bound on memory whatever the file claims.
 MAX_DIRECTORY = 256 << 20
 _BLOCK = 512  # a local header and its name and extra field, read at once
@@ -64,6 +67,29 @@ _WINDOW = 64 << 10
 #: torch refuses an archive whose ``version`` record is outside this range (caffe2/serialize/versions.h).
 TORCH_VERSIONS = range(1, 0xA + 1)
 _LEADING_INTEGER = re.compile(rb"[ \t\n\v\f\r]*\+?([0-9]+)")
+
+
+class Preadable(Protocol):
+    """Bytes read by range: a local file's ``os.pread``, or a remote object's range requests."""
+
+    def pread(self, n: int, offset: int) -> bytes: ...
+
+
+#: Where an archive's bytes are read from: a file descriptor or a :class:`Preadable`.
+ByteSource = int | Preadable
+
+
+def pread(src: ByteSource, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes at ``offset`` of ``src`` (fewer only at its end)."""
+    return os.pread(src, n, offset) if isinstance(src, int) else src.pread(n, offset)
+
+
+def prefetch(src: ByteSource, ranges: list[tuple[int, int]]) -> None:
+    """Tell a remote ``src`` the (offset, length) ranges about to be read, so it fetches them in few
+    requests; a local file needs no hint."""
+    hint = getattr(src, "prefetch", None)
+    if hint is not None:
+        hint(ranges)
 
 
 class ZipFormatError(ValueError):
@@ -184,13 +210,13 @@ def _zip64(values: list[int], field: bytes | None, where: str, *, exact: bool) -
 
 
 class _Reader:
-    def __init__(self, fd: int, length: int) -> None:
-        self.fd, self.length = fd, length
+    def __init__(self, src: ByteSource, length: int) -> None:
+        self.src, self.length = src, length
         self.prefix: str | None = None
         self._buf, self._at, self._ahead = b"", 0, 0  # the walk's window: bytes, their offset, read-ahead
 
     def pread(self, n: int, offset: int, what: str) -> bytes:
-        data = os.pread(self.fd, n, offset) if n else b""
+        data = pread(self.src, n, offset) if n else b""
         if len(data) != n:
             raise ZipFormatError(f"{what} runs past the end of the file; it is truncated")
         return data
@@ -312,12 +338,15 @@ class _Reader:
         rel = offset - self._at
         if rel >= 0 and rel + n <= len(self._buf):
             return self._buf[rel : rel + n]
-        self._buf, self._at = os.pread(self.fd, max(n, min(self._ahead, limit - offset)), offset), offset
+        self._buf, self._at = pread(self.src, max(n, min(self._ahead, limit - offset)), offset), offset
         return self._buf[:n]
 
     def walk(self, live: dict[int, _Central], cd_offset: int) -> None:
         self.live = live
         self.records: dict[int, tuple[str, int, int]] = {}  # header offset: (name, size, data offset)
+        # every live local header (and the data descriptor that may end the record before it), in
+        # one go: the walk then reads them from what a remote source already holds
+        prefetch(self.src, [(max(0, off - 32), min(_BLOCK + 32, cd_offset - max(0, off - 32))) for off in sorted(live)])
         pos = 0
         while pos < cd_offset:
             block = self.window(min(_BLOCK, cd_offset - pos), pos, cd_offset)
@@ -436,20 +465,21 @@ class _Reader:
         """The size of a superseded record whose header leaves it to its data descriptor: the first
         descriptor after the data that gives the distance to it (what a streaming reader finds)."""
         long = pos >= MAX32
-        start = data
+        start, step = data, _FIRST_SCAN
         while start < limit:
-            chunk = os.pread(self.fd, min(_SCAN, limit - start) + 3, start)
+            chunk = pread(self.src, min(step, limit - start) + 3, start)
             at = chunk.find(SIG_DESCRIPTOR)
             while at >= 0:
                 dd_at = start + at
                 dd = _DESCRIPTOR64 if long or dd_at - data >= MAX32 else _DESCRIPTOR32
-                body = os.pread(self.fd, dd.size, dd_at)
+                body = pread(self.src, dd.size, dd_at)
                 if len(body) == dd.size:
                     _s, _crc, csize, usize = dd.unpack(body)
                     if csize == usize == dd_at - data:
                         return dd_at - data
                 at = chunk.find(SIG_DESCRIPTOR, at + 1)
-            start += _SCAN
+            start += step
+            step = min(2 * step, _SCAN)
         raise ZipFormatError(f"{where} has no data descriptor: bytes the archive does not explain")
 
     def padding(self, pos: int, limit: int) -> int:
@@ -493,7 +523,7 @@ class _Reader:
         return eocd + 22
 
 
-def read_archive(fd: int, length: int) -> Entries:
+def read_archive(fd: ByteSource, length: int) -> Entries:
     """The records of the torch zip archive in the first ``length`` bytes of ``fd``, refusing any
     archive that miniz (torch) and another zip reader could read differently (see the module)."""
     try:
@@ -502,7 +532,7 @@ def read_archive(fd: int, length: int) -> Entries:
         raise ZipFormatError(f"{exc}; re-save it with torch.save (or restore a copy)") from None
 
 
-def _read_archive(fd: int, length: int) -> Entries:
+def _read_archive(fd: ByteSource, length: int) -> Entries:
     reader = _Reader(fd, length)
     if length < 30 + 46 + 22:
         raise ZipFormatError("the file is too short to be a zip archive")
@@ -513,7 +543,7 @@ def _read_archive(fd: int, length: int) -> Entries:
         # a comment may follow the end record if no end record signature is in it: every reader then
         # takes the same one (miniz and zipfile both take the last signature before the end)
         start = max(0, length - MAX16 - 22)
-        last = os.pread(fd, length - start, start)[:-18].rfind(SIG_EOCD)  # 22 bytes after it, as miniz asks
+        last = pread(fd, length - start, start)[:-18].rfind(SIG_EOCD)  # 22 bytes after it, as miniz asks
         if last < 0:
             raise ZipFormatError("the archive has no end-of-central-directory record: it is truncated")
         eocd, comment = start + last, length - start - last - 22
@@ -537,8 +567,8 @@ def _read_archive(fd: int, length: int) -> Entries:
     return entries
 
 
-def read_record(fd: int, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
-    data = os.pread(fd, entry.size, entry.data_offset)
+def read_record(fd: ByteSource, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
+    data = pread(fd, entry.size, entry.data_offset)
     if len(data) != entry.size:
         raise ZipFormatError(f"record {entry.name!r} is truncated")
     if check_crc and zlib.crc32(data) != entry.crc:
@@ -546,7 +576,7 @@ def read_record(fd: int, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
     return data
 
 
-def _check_torch_records(fd: int, entries: Entries, prefix: str) -> None:
+def _check_torch_records(fd: ByteSource, entries: Entries, prefix: str) -> None:
     """What torch reads before the payload, read (CRC checked) and judged as torch judges it, so that
     an archive accepted here is one torch loads: the version, byte order and storage alignment."""
     if f"{prefix}/constants.pkl" in entries:

@@ -52,26 +52,50 @@ DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPE.items()}
 
 
 class Source:
-    """An open file whose bytes tensors point into; mapped once, on first use, copy-on-write."""
+    """An open file whose bytes tensors point into; mapped once, on first use, copy-on-write.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    ``remote`` is an object read by range (:class:`ckptmigrate.storage.ranges.RangeFile`): metadata
+    is read through :meth:`pread`; the first use of its tensor bytes (:meth:`fileno`, :meth:`map`)
+    stages the whole object in a local temporary file, read from then on.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], remote: Any = None) -> None:
         self.path = os.fspath(path)
-        self._fh = open(self.path, "rb")  # noqa: SIM115 - lives as long as the checkpoint
-        self.size = os.fstat(self._fh.fileno()).st_size
+        self.remote = remote
+        self._staged: Any = None
+        if remote is None:
+            self._fh: Any = open(self.path, "rb")  # noqa: SIM115 - lives as long as the checkpoint
+            self.size = os.fstat(self._fh.fileno()).st_size
+        else:
+            self._fh = remote
+            self.size = remote.size
         self._map: mmap.mmap | None = None
         self._lock = threading.Lock()
 
+    def pread(self, n: int, offset: int) -> bytes:
+        if self.remote is not None:
+            return bytes(self.remote.pread(n, offset))
+        return os.pread(self._fh.fileno(), n, offset)
+
     def fileno(self) -> int:
-        return self._fh.fileno()
+        if self.remote is None:
+            return int(self._fh.fileno())
+        with self._lock:
+            if self._staged is None:
+                self._staged = self.remote.stage()
+            return int(self._staged.fileno())
 
     def map(self) -> mmap.mmap:
+        fd = self.fileno()
         with self._lock:
             if self._map is None:
-                self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
             return self._map
 
     def close(self) -> None:
         self._fh.close()
+        if self._staged is not None:
+            self._staged.close()
 
 
 @dataclass(eq=False, slots=True, weakref_slot=True)

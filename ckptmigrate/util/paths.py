@@ -1,4 +1,5 @@
-"""What a command's PATH arguments name: files, directories searched for checkpoints, glob patterns."""
+"""What a command's PATH arguments name: files, directories searched for checkpoints, glob patterns;
+and the same for URLs (``s3://bucket/runs/**/*.pt``, a prefix ending in ``/``) through fsspec."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ckptmigrate.errors import BadInput
+from ckptmigrate.util.urls import ObjectURL, as_location, filesystem, names_many, translated
 
 #: The suffixes a directory is searched for (a file named explicitly may have any).
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
@@ -15,7 +17,11 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 def expand_paths(specs: Iterable[str | Path]) -> Iterator[Path]:
     """Files, directories (searched recursively for checkpoint suffixes; backups skipped) and glob patterns."""
     for spec in specs:
-        text = str(spec)
+        location = as_location(spec)
+        if isinstance(location, ObjectURL):
+            yield from _objects(location, str(spec)) if names_many(str(spec)) else [location]
+            continue
+        text = str(location)
         path = Path(text)
         if path.is_dir():
             yield from _checkpoints_under(path)
@@ -49,3 +55,19 @@ def _checkpoints_under(directory: Path) -> Iterator[Path]:
             yield from _checkpoints_under(p)
         elif p.is_file() and p.suffix in CHECKPOINT_SUFFIXES and ".bak" not in p.name:
             yield p
+
+
+def _objects(url: ObjectURL, spec: str) -> Iterator[Path]:
+    """The objects a pattern matches, or the checkpoints under a prefix (``spec`` ends in ``/``)."""
+    prefix = spec.endswith("/")
+    fs, path = filesystem(url)
+    with translated(url, "list"):
+        if prefix:
+            found = [p for p in fs.find(path) if p.endswith(CHECKPOINT_SUFFIXES) and ".bak" not in p.rsplit("/", 1)[-1]]
+        else:
+            found = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
+    if not found:
+        what = "/: the prefix holds no checkpoint" if prefix else ": the pattern matches no object"
+        raise BadInput(f"{url}{what}", path=str(url))
+    for p in sorted(found):
+        yield as_location(f"{url.scheme}://{p}")

@@ -1,0 +1,103 @@
+"""``upgrade``/``downgrade`` of a checkpoint in object storage (``s3://bucket/key``).
+
+Planned and migrated from the object's directory and ``data.pkl`` alone (range reads). A migration
+that changes only metadata of a torch zip keeps every record where it is: the new object is the
+old one's records, copied server-side, and a new tail (``data.pkl``, envelope, central directory),
+read back before it is sent (storage/s3_compose). Any other migration is staged: the object is
+streamed into a temporary file, the local engine writes the result beside it, and that is
+uploaded. Either way the object is replaced in one step, only if it is still the one read (its
+ETag); the backup is the version read (a versioned bucket) or a server-side copy ``KEY.bak``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from ckptmigrate.chain import engine
+from ckptmigrate.chain.registry import ChainSource
+from ckptmigrate.chain.revisions import RevisionGraph
+from ckptmigrate.checkpoint.envelope import Envelope
+from ckptmigrate.checkpoint.lazy import Checkpoint
+from ckptmigrate.errors import BadInput, CkptMigrateError, ObjectChanged
+from ckptmigrate.formats import torchzip
+from ckptmigrate.ops.optimizer import check_policy
+from ckptmigrate.storage import s3_compose
+from ckptmigrate.storage.ranges import TRANSFER, RangeFile, Spliced
+from ckptmigrate.util.urls import ObjectURL
+
+
+def migrate_object(
+    url: ObjectURL, chains: RevisionGraph | ChainSource, *, to: str = "head", dry_run: bool = False,
+    backup: bool = True, from_rev: str | None = None, lineage: str | None = None, key: str | None = None,
+    direction: str | None = None, trust_pickle: bool = False, state_dicts: Sequence[str] | None = None,
+    optimizer: str = "strict", max_shard_size: int | None = None,
+) -> engine.Outcome:
+    """As :func:`ckptmigrate.chain.engine.migrate_file`, for an object; the outcome's ``transfer``
+    says what crossed the network (requests, bytes received and sent, bytes copied server-side)."""
+    if max_shard_size is not None:
+        raise BadInput(f"{url}: a shard size applies to multi-file checkpoints, which object storage does not hold")
+    before = TRANSFER.to_dict()
+    with Checkpoint.open(url, key=key, state_dicts=state_dicts) as ckpt:
+        ckpt.optimizers.policy = check_policy(optimizer)
+        graph = chains if isinstance(chains, RevisionGraph) else chains.for_envelope(ckpt.envelope)
+        plan = engine.plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
+        if direction is not None and plan.steps and plan.direction != direction:
+            raise BadInput(f"{url}: {direction} to {to} would {plan.direction} ({plan.describe()}); "
+                           f"use `ckptmigrate {plan.direction}`")
+        engine.refuse_left_behind(ckpt, graph, plan.lineage)
+        if trust_pickle and plan.steps:
+            ckpt.trust_pickle()
+        outcome = engine.Outcome(url, None, plan)
+        if plan.steps:
+            history = engine.apply(ckpt, plan, trace=outcome.ops)
+            ckpt.refuse_changed_module()
+            if not dry_run:
+                _write(ckpt, url, engine.new_envelope(ckpt, plan, history), outcome, backup)
+    outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
+    return outcome
+
+
+def _write(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, outcome: engine.Outcome, backup: bool) -> None:
+    env = envelope.to_dict()
+    source = ckpt.container.source
+    assert source is not None and isinstance(source.remote, RangeFile)
+    target = s3_compose.S3Object.of(url, source.remote.etag, source.remote.version)
+    if ckpt.format not in ("torch-zip", "safetensors"):
+        raise BadInput(f"{url}: a {ckpt.format} checkpoint in object storage is read-only here (torch zip and "
+                       "safetensors objects are rewritten)")
+    expected = ckpt.schema()
+    if backup:
+        outcome.backup = s3_compose.backup(target)
+    try:
+        if ckpt.can_rewrite_metadata_only("torch-zip"):
+            c = ckpt.container
+            keep, tail = torchzip.metadata_tail(source, c.records, c.prefix, ckpt.payload(), env)
+            ckpt.check_reads_back(url, env, expected, remote=Spliced(source.remote, keep, tail))
+            s3_compose.compose(target, source.remote, keep, tail)
+        else:
+            with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
+                staged = Path(tmp) / url.name
+                ckpt.write(staged, envelope, fmt=ckpt.format)
+                s3_compose.upload(target, staged)
+    except BaseException as exc:
+        if isinstance(outcome.backup, ObjectURL):
+            s3_compose.remove(outcome.backup)
+            outcome.backup = None
+        if isinstance(exc, CkptMigrateError) and not isinstance(exc, ObjectChanged):
+            _blame_a_change(target, exc)
+        raise
+    outcome.output = url
+    outcome.written = True
+
+
+def _blame_a_change(target: s3_compose.S3Object, exc: CkptMigrateError) -> None:
+    """A write that failed on what it read (a record that does not parse, a read-back that differs)
+    may have read part of another writer's object: if the ETag moved, that is the error to report."""
+    try:
+        found = target.head_etag()
+    except CkptMigrateError:
+        return  # gone, or unreachable: the original error says more
+    if found != target.etag:
+        raise target.changed(found) from exc

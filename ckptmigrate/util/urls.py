@@ -1,0 +1,180 @@
+"""Checkpoints named by URL (``s3://``, ``gs://``, ``az://``, ``hf://``, ``http(s)://``, ``file://``):
+which fsspec filesystem reads them, the extra that installs its backend, and how a URL is shown.
+
+A URL is shown without what could be a secret (``user:pass@``, a query string such as a presigned
+URL's signature): :class:`ObjectURL` is that shown form, a path the layers above carry like a
+local one, and only :func:`filesystem` sees the full URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path, PosixPath
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ckptmigrate.errors import BadInput, RemoteError
+
+#: scheme -> (the pip extra, the module that backend needs).
+BACKENDS: dict[str, tuple[str, str]] = {
+    "s3": ("s3", "s3fs"), "s3a": ("s3", "s3fs"),
+    "gs": ("gcs", "gcsfs"), "gcs": ("gcs", "gcsfs"),
+    "az": ("azure", "adlfs"), "abfs": ("azure", "adlfs"), "abfss": ("azure", "adlfs"),
+    "hf": ("hf", "huggingface_hub"),
+    "http": ("http", "aiohttp"), "https": ("http", "aiohttp"),
+}
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+#: Full URLs (with their credentials or query) by the shown form; only :func:`filesystem` reads it.
+_FULL: dict[str, str] = {}
+
+
+def scheme_of(text: str) -> str | None:
+    match = _URL.match(text)
+    return match.group(1).lower() if match else None
+
+
+def redact(url: str) -> str:
+    """``url`` without ``user:pass@``, query or fragment (they may hold credentials or a signature)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class ObjectURL(PosixPath):
+    """A remote object, carried where a path is (``name``, ``suffix``, ``with_name`` work; it names
+    no local file: ``exists()`` is False); its
+    ``str`` is the URL as shown, without credentials."""
+
+    def __str__(self) -> str:
+        head, *rest = self.parts
+        return head + "//" + "/".join(rest)
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return f"ObjectURL({str(self)!r})"
+
+    @property
+    def scheme(self) -> str:
+        return self.parts[0].rstrip(":").lower()
+
+    @property
+    def full(self) -> str:
+        """The URL as given, credentials and query included: for the backend only, never shown."""
+        return _FULL.get(str(self), str(self))
+
+
+class ObjectVersion(ObjectURL):
+    """One version of an object in a versioned bucket (a backup that costs no copy): shown with its
+    ``?versionId=`` (an id, not a secret)."""
+
+    version: str
+
+    def __str__(self) -> str:
+        return super().__str__() + f"?versionId={self.version}"
+
+    @classmethod
+    def of(cls, url: ObjectURL, version: str) -> ObjectVersion:
+        out = cls(ObjectURL.__str__(url))
+        out.version = version
+        return out
+
+
+def as_location(spec: str | os.PathLike[str]) -> Path | ObjectURL:
+    """A PATH argument as a local path (``file://`` URLs too) or an :class:`ObjectURL`."""
+    if isinstance(spec, (ObjectURL, Path)):
+        return spec
+    text = os.fspath(spec)
+    scheme = scheme_of(text)
+    if scheme is None:
+        return Path(text)
+    if scheme == "file":
+        return Path(urlsplit(text).path)
+    shown = redact(text)
+    url = ObjectURL(shown)
+    if str(url) != shown.rstrip("/"):
+        raise BadInput(f"{shown}: not a URL ckptmigrate can name an object by (empty or '.' parts)", path=shown)
+    if shown != text:
+        _FULL[shown] = text
+    return url
+
+
+def names_many(text: str) -> bool:
+    """A URL that is a pattern (``*``, ``?``, ``[``) or a prefix (ending in ``/``), not one object; an
+    ``http(s)://`` URL names one object (its ``?`` starts a query)."""
+    if scheme_of(text) in ("http", "https"):
+        return False
+    return text.endswith("/") or any(ch in text for ch in "*?[")
+
+
+def is_remote(spec: object) -> bool:
+    return isinstance(spec, ObjectURL) or (isinstance(spec, str) and scheme_of(spec) not in (None, "file"))
+
+
+def refuse_remote(command: str, *paths: str | os.PathLike[str] | None) -> None:
+    """Commands that write a file in place or hash its bytes take local paths: an object URL is refused."""
+    for path in paths:
+        location = as_location(path) if path is not None else None
+        if isinstance(location, ObjectURL):
+            raise BadInput(f"{location}: `{command}` takes local paths (objects in storage work with inspect, "
+                           "current, diff, check, upgrade and downgrade)", path=str(location))
+
+
+def filesystem(url: ObjectURL) -> tuple[Any, str]:
+    """The fsspec filesystem for ``url`` and the object's path in it. A scheme with no backend, or
+    whose backend is not installed, is one line naming the extra to install.
+
+    ``s3://`` takes its endpoint from ``AWS_ENDPOINT_URL`` (or ``CKPTMIGRATE_S3_ENDPOINT_URL``) as
+    the AWS CLI does, and its credentials from botocore's usual sources."""
+    scheme = url.scheme
+    if scheme not in BACKENDS:
+        raise RemoteError(f"{url}: no backend reads {scheme}:// URLs (ckptmigrate reads s3://, gs://, az://, "
+                          "hf://, http(s):// and file://)", url=str(url))
+    extra, module = BACKENDS[scheme]
+    if importlib.util.find_spec(module) is None:
+        raise RemoteError(f"{url}: reading {scheme}:// needs {module}, which is not installed: "
+                          f"pip install 'ckptmigrate[{extra}]'", url=str(url), extra=extra)
+    import fsspec
+
+    options: dict[str, Any] = {}
+    endpoint = os.environ.get("CKPTMIGRATE_S3_ENDPOINT_URL")
+    if scheme in ("s3", "s3a") and endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    with translated(url):
+        fs, path = fsspec.core.url_to_fs(url.full, **options)
+    return fs, path
+
+
+@contextlib.contextmanager
+def translated(url: ObjectURL | str, action: str = "read") -> Iterator[None]:
+    """Backend exceptions as one :class:`RemoteError` line naming the URL (without credentials)."""
+    shown = str(url) if isinstance(url, ObjectURL) else redact(url)
+    try:
+        yield
+    except BadInput:
+        raise
+    except FileNotFoundError as exc:
+        detail = "the bucket does not exist" if "bucket does not exist" in str(exc).lower() else "no such object"
+        raise RemoteError(f"{shown}: cannot {action}: {_clean(detail, shown)}", url=shown) from None
+    except PermissionError:
+        raise RemoteError(f"{shown}: cannot {action}: access denied (check the credentials' permissions)",
+                          url=shown) from None
+    except Exception as exc:
+        name = type(exc).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+            raise RemoteError(f"{shown}: cannot {action}: no credentials found (set AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role)", url=shown) from None
+        raise RemoteError(f"{shown}: cannot {action}: {_clean(str(exc) or name, shown)}", url=shown) from None
+
+
+def _clean(text: str, shown: str) -> str:
+    """One line, with any URL in a backend's message shown without credentials."""
+    line = " ".join(text.split())
+    line = re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact(m.group(0)), line)
+    line = re.sub(r"(?i)(signature|credential|token|x-amz-[a-z-]+)=[^&\s]+", r"\1=<redacted>", line)
+    return line[:300]

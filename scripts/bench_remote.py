@@ -1,0 +1,194 @@
+"""Benchmark checkpoints in object storage against a local S3 server (moto, on 127.0.0.1).
+
+Run it from the repository root with the project's virtualenv::
+
+    .venv/bin/python scripts/bench_remote.py                    # 1 GiB checkpoint of 16 MiB tensors, 3 repeats
+    .venv/bin/python scripts/bench_remote.py --size-mb 256      # smaller, faster
+    .venv/bin/python scripts/bench_remote.py --tensor-mb 256    # 1 GiB in 4 tensors: few range requests
+    .venv/bin/python scripts/bench_remote.py --json bench-remote.json
+
+What it measures, each case a child process timed by wall clock (interpreter start-up included),
+its CPU time (the client's) and this process's CPU time meanwhile (the server's: moto runs in a
+thread here), and the bytes each moved over the network as the *server* counted them (request and
+response bodies; a server-side copy moves none):
+
+- ``inspect s3://...``: the zip directory, local headers and ``data.pkl`` only;
+- ``upgrade s3://...`` of a rename-only chain (``--no-backup``, and with the default backup, a
+  server-side copy): UploadPartCopy of the records plus a new tail;
+- the naive route: download, ``torch.load``, rename, ``torch.save``, upload (boto3);
+- a plain copy of the object: server-side ``copy_object``, and download + upload (what
+  ``aws s3 cp`` to a local file and back does).
+
+Before each timed upgrade the object is restored by a server-side copy (untimed). moto reads the
+whole object to answer each range request, so on moto the wall time of ``inspect`` and ``upgrade``
+grows with the object (see the server CPU column) although the bytes they move do not; on S3 a
+range request costs its range. Network latency and bandwidth to a real region would make the
+bytes-moved columns matter more, not less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.objectstores import S3Server, set_env  # noqa: E402
+
+BUCKET = "bench"
+NAIVE = """
+import sys, boto3, torch
+bucket, key, tmp = sys.argv[1:4]
+s3 = boto3.client("s3")
+s3.download_file(bucket, key, tmp)
+sd = torch.load(tmp, weights_only=True, mmap=True)
+sd = {("stem.weight" if k == "blocks.0.weight" else k): v for k, v in sd.items()}
+torch.save(sd, tmp + ".new")
+s3.upload_file(tmp + ".new", bucket, key)
+"""
+ROUNDTRIP = """
+import sys, boto3
+bucket, key, tmp = sys.argv[1:4]
+s3 = boto3.client("s3")
+s3.download_file(bucket, key, tmp)
+s3.upload_file(tmp, bucket, key + ".copy")
+"""
+
+
+def build(path: Path, size_mb: int, tensor_mb: int) -> int:
+    import torch
+
+    count = max(1, size_mb // tensor_mb)
+    state = {f"blocks.{i}.weight": torch.full((tensor_mb << 18,), float(i)) for i in range(count)}
+    torch.save(state, path)
+    return count
+
+
+def chain(directory: Path) -> Path:
+    versions = directory / "chain" / "versions"
+    versions.mkdir(parents=True)
+    (versions / "c1.py").write_text('"""c1."""\nrevision = "c1"\ndown_revision = None\n\n\ndef upgrade(ckpt):\n'
+                                    "    pass\n")
+    (versions / "c2.py").write_text('"""c2."""\nrevision = "c2"\ndown_revision = "c1"\n\n\ndef upgrade(ckpt):\n'
+                                    "    ckpt.rename('blocks.0.weight', 'stem.weight')\n")
+    return versions.parent
+
+
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(server: S3Server, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Wall time of the child, its CPU (the client's), and this process's CPU meanwhile (moto's: the
+    server is a thread here) — on moto a range request costs a read of the whole object."""
+    server.served.reset()
+    children, own = _cpu(resource.RUSAGE_CHILDREN), _cpu(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    client_cpu, server_cpu = _cpu(resource.RUSAGE_CHILDREN) - children, _cpu(resource.RUSAGE_SELF) - own
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr}")
+    return {"seconds": seconds, "client_cpu": client_cpu, "server_cpu": server_cpu,
+            "received_by_client": server.served.body_bytes_sent,
+            "sent_by_client": server.served.body_bytes_received, "requests": server.served.requests,
+            "stdout": proc.stdout}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tensor-mb", type=int, default=16,
+                        help="size of each tensor: what ckptmigrate reads grows with their number, not their size")
+    parser.add_argument("--json", type=Path, default=None)
+    opts = parser.parse_args()
+
+    server = S3Server().start()
+    set_env(server.env)
+    env = {**os.environ, **server.env}
+    client = server.client()
+    client.create_bucket(Bucket=BUCKET)
+    with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        local = tmp / "model.pt"
+        tensors = build(local, opts.size_mb, opts.tensor_mb)
+        size = local.stat().st_size
+        client.upload_file(str(local), BUCKET, "orig.pt")
+        local.unlink()
+        migrations = chain(tmp)
+        url = f"s3://{BUCKET}/work.pt"
+        cli = [sys.executable, "-m", "ckptmigrate"]
+
+        def restore() -> None:
+            client.copy_object(Bucket=BUCKET, Key="work.pt", CopySource={"Bucket": BUCKET, "Key": "orig.pt"})
+            for key in ("work.pt.bak", "work.pt.copy"):
+                client.delete_object(Bucket=BUCKET, Key=key)
+
+        cases: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(opts.repeat):
+            restore()
+            cases.setdefault("inspect", []).append(timed(server, [*cli, "inspect", url, "--json"], env))
+            restore()
+            cases.setdefault("upgrade (rename, --no-backup)", []).append(timed(
+                server, [*cli, "upgrade", url, "--from", "c1", "--migrations", str(migrations), "--no-backup",
+                         "--json"], env))
+            restore()
+            cases.setdefault("upgrade (rename, backup KEY.bak)", []).append(timed(
+                server, [*cli, "upgrade", url, "--from", "c1", "--migrations", str(migrations), "--json"], env))
+            restore()
+            cases.setdefault("naive: download, torch.load, rename, torch.save, upload", []).append(timed(
+                server, [sys.executable, "-c", NAIVE, BUCKET, "work.pt", str(tmp / "naive.pt")], env))
+            for leftover in tmp.glob("naive.pt*"):
+                leftover.unlink()
+            restore()
+            copy = ("import sys, boto3; boto3.client('s3').copy_object(Bucket=sys.argv[1], Key='work.pt.copy', "
+                    "CopySource={'Bucket': sys.argv[1], 'Key': 'work.pt'})")
+            cases.setdefault("server-side copy_object", []).append(timed(server, [sys.executable, "-c", copy,
+                                                                                  BUCKET], env))
+            restore()
+            cases.setdefault("download + upload (aws s3 cp style)", []).append(timed(
+                server, [sys.executable, "-c", ROUNDTRIP, BUCKET, "work.pt", str(tmp / "rt.pt")], env))
+            (tmp / "rt.pt").unlink(missing_ok=True)
+        rows = []
+        for name, runs in cases.items():
+            rows.append({"case": name, "median_s": statistics.median(r["seconds"] for r in runs),
+                         "client_cpu_s": statistics.median(r["client_cpu"] for r in runs),
+                         "server_cpu_s": statistics.median(r["server_cpu"] for r in runs),
+                         "received_bytes": max(r["received_by_client"] for r in runs),
+                         "sent_bytes": max(r["sent_by_client"] for r in runs),
+                         "requests": max(r["requests"] for r in runs)})
+    server.stop()
+    print(f"checkpoint: {size / 2**20:.0f} MiB torch zip, {tensors} tensors; moto S3 on 127.0.0.1; "
+          f"{opts.repeat} repeat(s), median wall time")
+    print()
+    print("| case | wall (s) | client CPU (s) | server CPU (s) | received | sent | requests |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(f"| {row['case']} | {row['median_s']:.2f} | {row['client_cpu_s']:.2f} | {row['server_cpu_s']:.2f} | "
+              f"{_size(row['received_bytes'])} | {_size(row['sent_bytes'])} | {row['requests']} |")
+    if opts.json:
+        opts.json.write_text(json.dumps({"size_bytes": size, "tensors": tensors, "rows": rows}, indent=2))
+
+
+def _size(n: int) -> str:
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n} B"
+
+
+if __name__ == "__main__":
+    main()
