@@ -7,6 +7,7 @@ directory" does not trust ckptmigrate's own counter.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import re
@@ -186,6 +187,18 @@ class HttpServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._thread.join()
+
+
+@contextlib.contextmanager
+def running_s3() -> Iterator[S3Server]:
+    """A moto server on 127.0.0.1, with this process's AWS settings pointing at it."""
+    server = S3Server().start()
+    old = set_env(server.env)
+    try:
+        yield server
+    finally:
+        restore_env(old)
+        server.stop()
 
 
 def set_env(env: dict[str, str]) -> dict[str, str | None]:

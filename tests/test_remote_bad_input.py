@@ -21,18 +21,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.objectstores import HttpServer, S3Server, restore_env, set_env
+from tests.objectstores import HttpServer, S3Server, running_s3
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
-    server = S3Server().start()
-    old = set_env(server.env)
-    yield server
-    restore_env(old)
-    server.stop()
+    with running_s3() as server:
+        yield server
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.objectstores import HttpServer, S3Server, restore_env, set_env
+from tests.objectstores import HttpServer, S3Server, running_s3
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 TENSOR = 512 * 1024  # bytes per tensor: a read of tensor bytes would show at once
@@ -28,11 +28,8 @@ TENSOR = 512 * 1024  # bytes per tensor: a read of tensor bytes would show at on
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
-    server = S3Server().start()
-    old = set_env(server.env)
-    yield server
-    restore_env(old)
-    server.stop()
+    with running_s3() as server:
+        yield server
 
 
 @pytest.fixture
