@@ -28,6 +28,7 @@ def tensors(name_length: int = 4) -> dict[str, torch.Tensor]:
         "head.bias": torch.randn(5).to(torch.float16),
         "big": torch.arange(5 << 20, dtype=torch.int32),  # 20 MiB: more than one streamed chunk
         "mask": torch.tensor([True, False, True]),
+        "flag": torch.tensor([True]),  # one byte: the smallest tensor a writer can drop
     }
 
 
