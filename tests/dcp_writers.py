@@ -24,6 +24,7 @@ def run(rank, out, port, dim):
                        "enc.bias": torch.arange(6, dtype=torch.float32)},
              "step": 41}
     dcp.save(state, checkpoint_id=out)
+    dist.barrier()  # both ranks done with every collective before gloo tears down (else a rank may abort)
     dist.destroy_process_group()
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def run(rank, out, port):
                        "enc.bias": distribute_tensor(bias, mesh, [Shard(0)])},
              "step": 41}
     dcp.save(state, checkpoint_id=out)
+    dist.barrier()  # both ranks done with every collective before gloo tears down (else a rank may abort)
     dist.destroy_process_group()
 
 if __name__ == "__main__":
@@ -58,6 +59,7 @@ def run(rank, ckpt, mig, out, port):
     full = {k: v.full_tensor() for k, v in state["model"].items()}
     torch.save({"applied": applied, "step": state["step"], "model": full,
                 "local": state["model"]["encoder.weight"].to_local().shape[0]}, f"{out}.{rank}")
+    dist.barrier()  # both ranks done with every collective before gloo tears down (else a rank may abort)
     dist.destroy_process_group()
 
 if __name__ == "__main__":
