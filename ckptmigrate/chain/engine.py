@@ -21,6 +21,7 @@ from ckptmigrate.chain.future import future_steps
 from ckptmigrate.chain.merging import MergeCheck
 from ckptmigrate.chain.registry import ChainSource
 from ckptmigrate.chain.revisions import Revision, RevisionGraph
+from ckptmigrate.checkpoint.copies import schema_difference
 from ckptmigrate.checkpoint.envelope import Envelope, key_text, now_utc
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, MigrationError, NewerThanChain, RevisionError, SchemaMismatch
@@ -103,14 +104,7 @@ def fingerprint(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | None) -> 
             reshaped = [k for k in snap.keys() & schema.keys() if snap[k] != schema[k]]
             score = len(missing) + len(extra) + len(reshaped)
             if score < best[0]:
-                detail = []
-                if missing:
-                    detail.append(f"missing {sorted(missing)[:3]}")
-                if extra:
-                    detail.append(f"unexpected {sorted(extra)[:3]}")
-                if reshaped:
-                    detail.append(f"different shape/dtype {sorted(reshaped)[:3]}")
-                best = (score, rev, "; ".join(detail), sorted(missing), sorted(extra), sorted(reshaped))
+                best = (score, rev, schema_difference(schema, snap), sorted(missing), sorted(extra), sorted(reshaped))
     if best[1] is None:
         error = SchemaMismatch(
             f"{ckpt.path}: unstamped, and no revision has a recorded schema to match it against", path=ckpt.path

@@ -124,7 +124,8 @@ def _stripped(candidate: Mapping[Any, Any], main: Sequence[str]) -> tuple[str, i
     return best
 
 
-def _difference(got: Mapping[str, Any], want: Mapping[str, Any]) -> str:
+def schema_difference(got: Mapping[str, Any], want: Mapping[str, Any]) -> str:
+    """The first few keys missing, unexpected and of another shape or dtype, on one line."""
     missing = sorted(want.keys() - got.keys())
     extra = sorted(got.keys() - want.keys())
     reshaped = sorted(k for k in got.keys() & want.keys() if got[k] != want[k])
@@ -225,7 +226,7 @@ def _fitting(path: Path_, node: MutableMapping[str, Any], prefix: str, schema: M
         under = f" under {prefix!r}" if prefix else ""
         how = "is declared a state dict" if declared else "looks like a copy of the weights"
         raise LayoutError(
-            f"{copy.location!r} {how}{under} but does not fit the state dict ({_difference(got, schema)}), "
+            f"{copy.location!r} {how}{under} but does not fit the state dict ({schema_difference(got, schema)}), "
             "so a migration would leave it behind; make it fit, or declare the state dicts to migrate "
             "with --state-dict (or [tool.ckptmigrate] state_dicts)"
         )
