@@ -16,6 +16,7 @@ the task raised (``RayTaskError``) is a result, any other ``RayError`` a crash.
 from __future__ import annotations
 
 import os
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,8 @@ from typing import Any
 from ckptmigrate.errors import BadInput, one_line
 
 Task = Callable[[str, int], Any]
+#: How many times a ``ray://`` address is joined before the fleet gives up.
+RAY_CLIENT_JOINS = 3
 
 
 @dataclass
@@ -157,15 +160,34 @@ class Ray(Executor):
         self._ray = ray
         self._owned = not ray.is_initialized()
         if self._owned:
-            try:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR,
-                         include_dashboard=False if address is None else None)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = address or os.environ.get("RAY_ADDRESS") or "ray.init()"
-                raise BadInput(f"{where}: cannot join the Ray cluster ({one_line(exc)})") from None
+            self._join(address, logging.ERROR)
         self.slots = jobs or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._remote = ray.remote(max_retries=0, num_cpus=1)(_call)
         self._running: list[Any] = []
+
+    def _join(self, address: str | None, level: int) -> None:
+        """``ray.init``; through Ray Client, tried up to :data:`RAY_CLIENT_JOINS` times: the head
+        starts a server process per client, and one that dies on start-up (a port still held, a
+        slow GCS on a busy head) fails only that connection, not the next."""
+        ray = self._ray
+        joins = RAY_CLIENT_JOINS if address and address.startswith("ray://") else 1
+        for join in range(1, joins + 1):
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=level,
+                         include_dashboard=False if address is None else None)
+                return
+            except ConnectionError as exc:
+                if join < joins:
+                    if ray.is_initialized():
+                        ray.shutdown()
+                    time.sleep(join)
+                    continue
+                failure: Exception = exc
+            except (RuntimeError, ValueError) as exc:
+                failure = exc
+            where = address or os.environ.get("RAY_ADDRESS") or "ray.init()"
+            tries = f" after {join} tries" if join > 1 else ""
+            raise BadInput(f"{where}: cannot join the Ray cluster{tries} ({one_line(failure)})") from None
 
     def start(self, task: Task, path: str, attempt: int) -> Any:
         ref = self._remote.remote(task, path, attempt)
