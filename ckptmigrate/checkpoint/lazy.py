@@ -37,6 +37,7 @@ from ckptmigrate.tensors.refs import (
     shape_of,
 )
 from ckptmigrate.tensors.state_dict import LazyStateDict
+from ckptmigrate.util.gcpause import pausing
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +94,7 @@ class Checkpoint(ArchitectureOps):
         self.optimizers.policy = policy
 
     @classmethod
+    @pausing
     def open(
         cls, path: str | os.PathLike[str], *, key: str | None = None, state_dicts: Sequence[str] | None = None,
         remote: Any = None,
@@ -412,9 +414,11 @@ class Checkpoint(ArchitectureOps):
         pickled = torchzip.Pickled(payload)
         env_record = torchzip.envelope_record(env)
 
-        def check_metadata(written: Path) -> None:
-            """Read back as torch reads it: the records written are the bytes meant (no re-unpickling)."""
-            problem = torchzip.verify_metadata_only(written, c.records, c.prefix, pickled, env_record)
+        def check_metadata(written: Path, appended_to: int | None = None) -> None:
+            """Read back as torch reads it: the records written are the bytes meant (no re-unpickling);
+            after an in-place append, only what it appended is parsed."""
+            problem = torchzip.verify_metadata_only(written, c.records, c.prefix, pickled, env_record,
+                                                    appended_to=appended_to)
             if problem is not None:
                 raise BadInput(f"{dest}: the written file does not read back as written ({problem}); "
                                "nothing was replaced")
@@ -451,7 +455,7 @@ class Checkpoint(ArchitectureOps):
         try:
             if not torchzip.append_in_place(self.path, c.source, c.records, c.prefix, payload, env):
                 return False
-            check(self.path)
+            check(self.path, size)
         except BaseException:
             os.truncate(self.path, size)
             raise
