@@ -132,17 +132,19 @@ def _rebuild_tensor_v2(
     # most tensors of a file: what :func:`_tensor_ref` and :func:`_check_tensor` check, at once
     if (metadata is None and type(storage) is Storage and type(storage_offset) is int and storage_offset >= 0
             and type(size) is tuple and type(stride) is tuple and len(size) == len(stride)
-            and type(requires_grad) is bool and _naturals(size) and _naturals(stride)
+            and type(requires_grad) is bool
             and (backward_hooks is None or (isinstance(backward_hooks, dict) and not backward_hooks))):
         dtype = storage.dtype
         itemsize = ITEMSIZE.get(dtype) if type(dtype) is str else None
         nbytes = storage.nbytes
         if itemsize is not None and type(nbytes) is int and not nbytes % itemsize:
             if len(size) == 1:
-                inside = size[0] == 0 or storage_offset + (size[0] - 1) * stride[0] < nbytes // itemsize
+                d, s = size[0], stride[0]
+                inside = (type(d) is int and type(s) is int and d >= 0 and s >= 0
+                          and (d == 0 or storage_offset + (d - 1) * s < nbytes // itemsize))
             else:
-                inside = 0 in size or storage_offset + sum(
-                    (d - 1) * s for d, s in zip(size, stride, strict=True)) < nbytes // itemsize
+                inside = _naturals(size) and _naturals(stride) and (0 in size or storage_offset + sum(
+                    (d - 1) * s for d, s in zip(size, stride, strict=True)) < nbytes // itemsize)
             if inside:
                 return TensorRef(storage, storage_offset, size, stride, dtype, requires_grad)
     return _tensor_ref(storage, storage_offset, size, stride, requires_grad, backward_hooks, None, metadata)

@@ -130,7 +130,7 @@ class Entries(dict[str, ZipEntry]):
         super().__setitem__(name, entry)
 
     def _name(self, name: str) -> str:
-        if super().__contains__(name):  # names are unique ignoring case: an exact one is the one
+        if dict.__contains__(self, name):  # names are unique ignoring case: an exact one is the one
             return name
         folded = name.lower()
         got = self._folded.get(folded)
@@ -408,7 +408,7 @@ class _Reader:
             return None
         if described:
             at = end - self._at
-            if 0 <= at and at + _DESCRIPTOR32.size <= len(buf):
+            if at >= 0 and at + _DESCRIPTOR32.size <= len(buf):
                 tail = _DESCRIPTOR32.unpack_from(buf, at)
             else:
                 raw = self.window(_DESCRIPTOR32.size, end, limit)
