@@ -544,5 +544,8 @@ def _walk_tensors(obj: Any, _path: set[int] | None = None) -> Iterator[Any]:
         return
     path.add(id(obj))
     for v in children:
-        yield from _walk_tensors(v, path)
+        if type(v) is TensorRef:  # most of a payload: yielded without a generator of its own
+            yield v
+        else:
+            yield from _walk_tensors(v, path)
     path.discard(id(obj))

@@ -345,13 +345,18 @@ _TUPLES: dict[tuple[Any, ...], bytes] = {}
 def _int_tuple(items: tuple[Any, ...]) -> bytes | None:
     """A tuple of ints (a shape, a stride), unmemoised as nothing else refers to it; None when it
     holds anything but ints. The shapes of a model repeat: the last few thousand are kept."""
-    got = _TUPLES.get(items) if type(items) is tuple else None
-    if got is not None and all(type(d) is int for d in items):  # (1,) == (True,): the types decide
-        return got
-    got = _encode_int_tuple(items)
-    if got is not None and len(items) < 8 and len(_TUPLES) < 4096 and all(type(d) is int for d in items):
-        _TUPLES[items] = got
-    return got
+    if type(items) is tuple and len(items) < 8:
+        for d in items:  # only exact ints are looked up: (1,) == (True,) == (1.0,), and hashing runs code
+            if type(d) is not int:
+                break
+        else:
+            got = _TUPLES.get(items)
+            if got is None:
+                got = _encode_int_tuple(items)
+                if got is not None and len(_TUPLES) < 4096:
+                    _TUPLES[items] = got
+            return got
+    return _encode_int_tuple(items)
 
 
 def _encode_int_tuple(items: tuple[Any, ...]) -> bytes | None:
