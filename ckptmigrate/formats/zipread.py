@@ -280,6 +280,7 @@ class _Reader:
         append = out.append
         unpack_from = _CENTRAL.unpack_from
         fullmatch = _CANONICAL.fullmatch
+        new = tuple.__new__  # the named tuple built in C, as its __new__ would (no Python frame an entry)
         cd_len = len(cd)
         pos = 0
         for _ in range(count):
@@ -307,7 +308,7 @@ class _Reader:
                 usize, csize, offset = _zip64([usize, csize, offset], fields.get(_TAG_ZIP64), what, exact=True)
             if usize != csize:
                 raise ZipFormatError(f"record {name!r} has inconsistent sizes")
-            append(_Central(raw, name, flags, crc, usize, offset))
+            append(new(_Central, (raw, name, flags, crc, usize, offset)))
             pos = end
         if pos != len(cd):
             raise ZipFormatError(f"{where}: the central directory holds {len(cd) - pos} bytes past its {count} "
@@ -618,8 +619,7 @@ def _read_archive(fd: ByteSource, length: int) -> Entries:
             raise ZipFormatError(f"records {live[c.header_offset].name!r} and {c.name!r} share a local header")
     reader.walk(live, cd_offset)
     records = reader.records
-    entries = Entries.of([ZipEntry(c.name, c.header_offset, records[c.header_offset][2], c.size, c.crc)
-                          for c in centrals])
+    entries = _entries(centrals, records)
     _check_torch_records(fd, entries, reader.prefix or "")
     return entries
 
@@ -683,10 +683,16 @@ def _read_appended(fd: ByteSource, length: int, base: Entries, base_length: int)
                                  "superseded (its data descriptor is ambiguous)")
     reader.walk(live, cd_offset, base_length, before)
     records = reader.records
-    entries = Entries.of([ZipEntry(c.name, c.header_offset, records[c.header_offset][2], c.size, c.crc)
-                          for c in centrals])
+    entries = _entries(centrals, records)
     _check_torch_records(fd, entries, reader.prefix or "")
     return entries
+
+
+def _entries(centrals: list[_Central], records: dict[int, tuple[str, int, int]]) -> Entries:
+    """The archive's records, in directory order, each built in C as ``ZipEntry(...)`` would."""
+    new = tuple.__new__
+    return Entries.of([new(ZipEntry, (c.name, c.header_offset, records[c.header_offset][2], c.size, c.crc))
+                       for c in centrals])
 
 
 def read_record(fd: ByteSource, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
