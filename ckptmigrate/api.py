@@ -25,6 +25,7 @@ from ckptmigrate.formats import safetensors_io, torchzip
 from ckptmigrate.release import stamping
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.locking import file_lock
+from ckptmigrate.util.gcpause import pausing
 from ckptmigrate.util.urls import ObjectURL, as_location, refuse_remote
 
 __all__ = [
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # the migration machinery is imported when used: `inspect` st
 PathLike = str | os.PathLike[str]
 
 
+@pausing
 def inspect(
     path: str | os.PathLike[str], *, keys: bool = False, key: str | None = None,
     state_dicts: Sequence[str] | None = None,

@@ -32,6 +32,7 @@ from ckptmigrate.storage.atomic import keep_copy
 from ckptmigrate.storage.locking import file_lock
 from ckptmigrate.storage.safe_open import follow_user_link
 from ckptmigrate.tensors.refs import dtype_of, is_entry, shape_of
+from ckptmigrate.util.gcpause import pausing
 from ckptmigrate.util.keygroups import group_keys
 from ckptmigrate.util.paths import CHECKPOINT_SUFFIXES as CHECKPOINT_SUFFIXES
 from ckptmigrate.util.paths import expand_paths as expand_paths
@@ -605,6 +606,7 @@ def refuse_left_behind(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | No
     ckpt.refuse_copies_left_behind()
 
 
+@pausing
 def migrate_file(
     path: Path, chains: RevisionGraph | ChainSource, *, to: str = "head", output: Path | None = None,
     dry_run: bool = False, backup: bool = True, from_rev: str | None = None,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptmigrate.formats.pickled import StandIn, global_name
-from ckptmigrate.tensors.refs import is_entry
+from ckptmigrate.tensors.refs import TensorRef, is_entry
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "module", "net")
 #: How deep :func:`locate` looks for a state dict when no wrapper key holds one (chgnet: model.state_dict).
@@ -98,6 +98,8 @@ def resolve(payload: Any, text: str) -> Path_:
 
 
 def is_tensor_dict(value: Any) -> bool:
+    if type(value) is TensorRef:  # the most frequent value of a payload, and no mapping (no ABC check)
+        return False
     return isinstance(value, Mapping) and any(is_entry(v) for v in value.values())
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,7 @@ from ckptmigrate.tensors.refs import (
     shape_of,
 )
 from ckptmigrate.tensors.state_dict import LazyStateDict
+from ckptmigrate.util.gcpause import pausing
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +94,7 @@ class Checkpoint(ArchitectureOps):
         self.optimizers.policy = policy
 
     @classmethod
+    @pausing
     def open(
         cls, path: str | os.PathLike[str], *, key: str | None = None, state_dicts: Sequence[str] | None = None,
         remote: Any = None,
@@ -328,16 +330,17 @@ class Checkpoint(ArchitectureOps):
     def summary(self, *, keys: bool = False) -> dict[str, Any]:
         """What ``inspect`` shows: container, layout, envelope, counts, bytes, dtypes, devices."""
         tensors = self.tensors()
+        parameters, nbytes, dtypes, devices = _totals(tensors.values())
         info: dict[str, Any] = {
             "path": str(self.path),
             "container": self.format,
             "layout": self.layout.name,
             "stamped": self.envelope is not None,
             "tensors": len(tensors),
-            "parameters": sum(_numel(v) for v in tensors.values()),
-            "bytes": _data_bytes(tensors.values()),
-            "dtypes": dict(Counter(dtype_of(v) for v in tensors.values())),
-            "devices": sorted({device_of(v) for v in tensors.values()}),
+            "parameters": parameters,
+            "bytes": nbytes,
+            "dtypes": dtypes,
+            "devices": devices,
             "arch_hash": self.arch_hash(),
             "extras": sorted(map(str, self.extras)),
             "state_dicts": self.locations(),
@@ -412,9 +415,11 @@ class Checkpoint(ArchitectureOps):
         pickled = torchzip.Pickled(payload)
         env_record = torchzip.envelope_record(env)
 
-        def check_metadata(written: Path) -> None:
-            """Read back as torch reads it: the records written are the bytes meant (no re-unpickling)."""
-            problem = torchzip.verify_metadata_only(written, c.records, c.prefix, pickled, env_record)
+        def check_metadata(written: Path, appended_to: int | None = None) -> None:
+            """Read back as torch reads it: the records written are the bytes meant (no re-unpickling);
+            after an in-place append, only what it appended is parsed."""
+            problem = torchzip.verify_metadata_only(written, c.records, c.prefix, pickled, env_record,
+                                                    appended_to=appended_to)
             if problem is not None:
                 raise BadInput(f"{dest}: the written file does not read back as written ({problem}); "
                                "nothing was replaced")
@@ -451,7 +456,7 @@ class Checkpoint(ArchitectureOps):
         try:
             if not torchzip.append_in_place(self.path, c.source, c.records, c.prefix, payload, env):
                 return False
-            check(self.path)
+            check(self.path, size)
         except BaseException:
             os.truncate(self.path, size)
             raise
@@ -466,22 +471,35 @@ def _files(container: formats.Container) -> list[str]:
     return sorted(parts.files())
 
 
-def _numel(v: Any) -> int:
-    return math.prod(shape_of(v))
-
-
-def _data_bytes(tensors: Iterable[Any]) -> int:
-    """Bytes of tensor data, a view shared by several keys (tied weights) counted once."""
-    seen: set[tuple[Any, ...]] = set()
+def _totals(tensors: Iterable[Any]) -> tuple[int, int, dict[str, int], list[str]]:
+    """(elements, bytes of tensor data, tensors per dtype, devices) in one pass: ``inspect`` of a
+    checkpoint of many tensors pays per tensor once, not once per figure. A view shared by several
+    keys (tied weights) is counted once in the bytes."""
+    parameters = 0
     total = 0
+    dtypes: dict[str, int] = {}
+    devices: set[str] = set()
+    seen: set[tuple[Any, ...]] = set()
+    prod = math.prod
     for v in tensors:
         if isinstance(v, TensorRef):
-            view = (id(v.storage), v.storage_offset, v.shape, v.stride, v.dtype)
-            if view in seen:
-                continue
-            seen.add(view)
-        total += _nbytes(v)
-    return total
+            numel, dtype, storage = prod(v.shape), v.dtype, v.storage
+            devices.add(storage.location)
+            view = (id(storage), v.storage_offset, v.shape, v.stride, dtype)
+            if view not in seen:
+                seen.add(view)
+                total += numel * ITEMSIZE.get(dtype, 0)
+        else:
+            numel, dtype = _numel(v), dtype_of(v)
+            devices.add(device_of(v))
+            total += _nbytes(v)
+        parameters += numel
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+    return parameters, total, dtypes, sorted(devices)
+
+
+def _numel(v: Any) -> int:
+    return math.prod(shape_of(v))
 
 
 def _nbytes(v: Any) -> int:
@@ -526,5 +544,8 @@ def _walk_tensors(obj: Any, _path: set[int] | None = None) -> Iterator[Any]:
         return
     path.add(id(obj))
     for v in children:
-        yield from _walk_tensors(v, path)
+        if type(v) is TensorRef:  # most of a payload: yielded without a generator of its own
+            yield v
+        else:
+            yield from _walk_tensors(v, path)
     path.discard(id(obj))

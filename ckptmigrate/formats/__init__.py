@@ -22,6 +22,7 @@ from ckptmigrate.errors import BadInput, one_line
 from ckptmigrate.formats import legacy, multifile, safetensors_io, torchzip
 from ckptmigrate.formats.zipio import ZipEntry
 from ckptmigrate.tensors.refs import Source, Storage
+from ckptmigrate.util.gcpause import pausing
 from ckptmigrate.util.urls import ObjectURL, as_location, is_remote
 
 Format = Literal["torch-zip", "torch-legacy", "safetensors", "hf-sharded", "dcp"]
@@ -126,6 +127,7 @@ def read(path: str | os.PathLike[str], *, remote: Any = None) -> Container:
     return _read_one(path)
 
 
+@pausing
 def _read_one(path: Path | ObjectURL, source: Source | None = None) -> Container:
     source = source or _open_source(path)
     named: dict[str, bool] = {}

@@ -10,6 +10,7 @@ import io
 import pickle
 import struct
 from collections.abc import Callable
+from itertools import islice
 from typing import Any, BinaryIO
 
 from ckptmigrate.formats.pickled import TorchRebuild, global_name, standin
@@ -23,6 +24,7 @@ from ckptmigrate.tensors.refs import (
     dtype_of,
     shape_of,
 )
+from ckptmigrate.util.gcpause import pausing
 
 _PurePickler: Any = getattr(pickle, "_Pickler")  # noqa: B009 - the pure-Python pickler lets save_global be overridden
 #: Types neither :meth:`_Writer.persistent_id` nor :meth:`_Writer.reducer_override` acts on: saved
@@ -44,6 +46,7 @@ class _Writer(_PurePickler):
         self._dispatch = self.dispatch
         self._memo = self.memo
         self._unlisted = 0  # memo indices given to objects nothing else refers to, not kept in the memo
+        self._plain: dict[str, tuple[bytes, bytes]] = {}  # dtype: opcodes every plain tensor of it repeats
         self.write = file.write  # protocol 2 has no frames: the framer would only pass writes on
 
     def _memo_ref(self, obj: Any) -> bytes | None:
@@ -55,7 +58,7 @@ class _Writer(_PurePickler):
         """Memoise ``obj`` as ``memoize`` does, returning the opcode instead of writing it."""
         idx = len(self._memo) + self._unlisted
         self._memo[id(obj)] = idx, obj
-        return self.put(idx)
+        return _put_op(idx)
 
     def memoize(self, obj: Any) -> None:
         idx = len(self._memo) + self._unlisted
@@ -92,26 +95,70 @@ class _Writer(_PurePickler):
         """What :meth:`_save_tensor` writes for a plain tensor (no bits, attributes or parameter, a
         dtype with a typed storage) whose rebuild function, storage type and ``OrderedDict`` are
         already in the memo, built at once; False (nothing written) for any other."""
+        op = self._plain_ref(ref)
+        if op is None:
+            return False
+        self.write(op)
+        return True
+
+    def _plain_ref(self, ref: TensorRef) -> bytes | None:
+        """The bytes :meth:`_save_plain_ref` writes (the tensor and its hooks memoised), or None with
+        nothing memoised."""
         if ref.extra or ref.neg or ref.conj:
-            return False
-        storage_type = _STORAGE_TYPE.get(ref.dtype)
-        memo = self._memo
-        fn, st, od = memo.get(id(_REBUILD_V2)), memo.get(id(storage_type)), memo.get(id(collections.OrderedDict))
-        if fn is None or st is None or od is None:
-            return False
+            return None
+        known = self._plain.get(ref.dtype)
+        if known is None:  # the memo gets of its rebuild function, storage type and OrderedDict
+            memo = self._memo
+            storage_type = _STORAGE_TYPE.get(ref.dtype)
+            fn, st, od = memo.get(id(_REBUILD_V2)), memo.get(id(storage_type)), memo.get(id(collections.OrderedDict))
+            if fn is None or st is None or od is None:
+                return None
+            # memoised objects stay in the memo: these opcodes hold for the rest of the pickle
+            known = self._plain[ref.dtype] = (_get_op(fn[0]) + _MARK_MARK_STORAGE + _get_op(st[0]), _get_op(od[0]))
         shape, stride = _int_tuple(ref.shape), _int_tuple(ref.stride)
         if shape is None or stride is None or type(ref.storage_offset) is not int:
-            return False
+            return None
         key, storage = self._storage_of(ref)
-        hooks = len(memo) + self._unlisted  # the hooks' OrderedDict: put, as torch does, never got
+        hooks = len(self._memo) + self._unlisted  # the hooks' OrderedDict: put, as torch does, never got
         self._unlisted += 1
-        self.write(b"".join((
-            self.get(fn[0]), _MARK_MARK_STORAGE, self.get(st[0]), _str_op(key), _short_str(storage.location),
+        return b"".join((
+            known[0], _str_op(key), _short_str(storage.location),
             _int_op(storage.nbytes // ITEMSIZE[ref.dtype]), _TUPLE_BINPERSID, _int_op(ref.storage_offset),
-            shape, stride, pickle.NEWTRUE if ref.requires_grad else pickle.NEWFALSE, self.get(od[0]),
-            _EMPTY_REDUCE, self.put(hooks), _TUPLE_REDUCE, self._put(ref),
-        )))
-        return True
+            shape, stride, pickle.NEWTRUE if ref.requires_grad else pickle.NEWFALSE, known[1],
+            _EMPTY_REDUCE, _put_op(hooks), _TUPLE_REDUCE, self._put(ref),
+        ))
+
+    def _batch_setitems(self, items: Any) -> None:
+        """The pure pickler's SETITEMS batches, with a state dict's entries (a new ``str`` key, a plain
+        tensor) gathered as bytes: the same opcodes without two ``save`` calls an entry."""
+        it = iter(items)
+        memo = self._memo
+        write = self.write
+        size = self._BATCHSIZE
+        while True:
+            batch = list(islice(it, size))
+            n = len(batch)
+            out: list[bytes] = [pickle.MARK] if n > 1 else []
+            for k, v in batch:
+                if type(k) is str and type(v) is TensorRef and id(k) not in memo and id(v) not in memo:
+                    out.append(_str_op(k) + self._put(k))
+                    op = self._plain_ref(v)
+                    if op is not None:
+                        out.append(op)
+                        continue
+                    write(b"".join(out))
+                    out.clear()
+                    self.save(v)
+                    continue
+                write(b"".join(out))
+                out.clear()
+                self.save(k)
+                self.save(v)
+            if n:
+                out.append(pickle.SETITEMS if n > 1 else pickle.SETITEM)
+            write(b"".join(out))
+            if n < size:
+                return
 
     def _save_tensor(self, obj: Any, func: Any, args: Any) -> None:
         """``save_reduce(func, args)`` for a tensor's rebuild call, with its usual arguments (ints,
@@ -253,6 +300,19 @@ _TUPLE_BINPERSID = pickle.TUPLE + pickle.BINPERSID
 _EMPTY_REDUCE = pickle.EMPTY_TUPLE + pickle.REDUCE
 _TUPLE_REDUCE = pickle.TUPLE + pickle.REDUCE
 _BININT = struct.Struct("<i")
+_INDEX = struct.Struct("<I")
+
+
+def _put_op(idx: int) -> bytes:
+    """``Pickler.put`` at protocol 2."""
+    return pickle.BINPUT + bytes((idx,)) if idx < 256 else pickle.LONG_BINPUT + _INDEX.pack(idx)
+
+
+def _get_op(idx: int) -> bytes:
+    """``Pickler.get`` at protocol 2."""
+    return pickle.BINGET + bytes((idx,)) if idx < 256 else pickle.LONG_BINGET + _INDEX.pack(idx)
+
+
 _SMALL_INTS = [pickle.BININT1 + bytes([i]) for i in range(256)]
 
 
@@ -279,9 +339,27 @@ def _int_op(n: int) -> bytes:
 _TUPLE_OPS = {0: pickle.EMPTY_TUPLE, 1: pickle.TUPLE1, 2: pickle.TUPLE2, 3: pickle.TUPLE3}
 
 
+_TUPLES: dict[tuple[Any, ...], bytes] = {}
+
+
 def _int_tuple(items: tuple[Any, ...]) -> bytes | None:
     """A tuple of ints (a shape, a stride), unmemoised as nothing else refers to it; None when it
-    holds anything but ints."""
+    holds anything but ints. The shapes of a model repeat: the last few thousand are kept."""
+    if type(items) is tuple and len(items) < 8:
+        for d in items:  # only exact ints are looked up: (1,) == (True,) == (1.0,), and hashing runs code
+            if type(d) is not int:
+                break
+        else:
+            got = _TUPLES.get(items)
+            if got is None:
+                got = _encode_int_tuple(items)
+                if got is not None and len(_TUPLES) < 4096:
+                    _TUPLES[items] = got
+            return got
+    return _encode_int_tuple(items)
+
+
+def _encode_int_tuple(items: tuple[Any, ...]) -> bytes | None:
     try:
         body = b"".join([_SMALL_INTS[d] if type(d) is int and 0 <= d < 256 else _int_op(d) for d in items])
     except TypeError:
@@ -349,6 +427,7 @@ def _is_torch_tensor(obj: Any) -> bool:
     return type(obj).__module__.startswith("torch") and hasattr(obj, "untyped_storage")
 
 
+@pausing
 def dump(obj: Any, storage_of: Callable[[Any], tuple[str, Storage]]) -> bytes:
     """Pickle ``obj`` as torch would; ``storage_of(tensor or storage)`` names its storage record."""
     buf = io.BytesIO()

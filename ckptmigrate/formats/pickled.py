@@ -28,6 +28,7 @@ from ckptmigrate.tensors.refs import (
     Storage,
     TensorRef,
 )
+from ckptmigrate.util.gcpause import pausing
 
 #: How many distinct globals one pickle may name: each becomes a stand-in class (about 1 KiB), kept
 #: as long as the payload that holds it.
@@ -128,6 +129,24 @@ def _rebuild_tensor_v2(
     storage: Storage, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, backward_hooks: Any,
     metadata: Any = None,
 ) -> TensorRef:
+    # most tensors of a file: what :func:`_tensor_ref` and :func:`_check_tensor` check, at once
+    if (metadata is None and type(storage) is Storage and type(storage_offset) is int and storage_offset >= 0
+            and type(size) is tuple and type(stride) is tuple and len(size) == len(stride)
+            and type(requires_grad) is bool
+            and (backward_hooks is None or (isinstance(backward_hooks, dict) and not backward_hooks))):
+        dtype = storage.dtype
+        itemsize = ITEMSIZE.get(dtype) if type(dtype) is str else None
+        nbytes = storage.nbytes
+        if itemsize is not None and type(nbytes) is int and not nbytes % itemsize:
+            if len(size) == 1:
+                d, s = size[0], stride[0]
+                inside = (type(d) is int and type(s) is int and d >= 0 and s >= 0
+                          and (d == 0 or storage_offset + (d - 1) * s < nbytes // itemsize))
+            else:
+                inside = _naturals(size) and _naturals(stride) and (0 in size or storage_offset + sum(
+                    (d - 1) * s for d, s in zip(size, stride, strict=True)) < nbytes // itemsize)
+            if inside:
+                return TensorRef(storage, storage_offset, size, stride, dtype, requires_grad)
     return _tensor_ref(storage, storage_offset, size, stride, requires_grad, backward_hooks, None, metadata)
 
 
@@ -355,6 +374,7 @@ class SafeUnpickler(pickle.Unpickler):
         return storage
 
 
+@pausing
 def load(
     data: bytes | BinaryIO, storages: dict[str, Storage] | None = None, named: dict[str, bool] | None = None,
 ) -> Any:
@@ -423,6 +443,13 @@ def _check_payload(payload: Any, storages: dict[str, Storage]) -> None:
             child = children[frame[3]]
             frame[3] += 1
             if type(child) in _ATOMS:
+                frame[6] = min(cap, frame[6] + 1)
+                continue
+            if type(child) is TensorRef and type(child.extra) is dict and not child.extra:
+                # a plain tensor, the most frequent node: a leaf one level high (what _node gives)
+                if frame[4] + 1 > MAX_DEPTH:
+                    raise PickleFormatError(f"the pickle nests containers more than {MAX_DEPTH} deep")
+                frame[5] = frame[5] or 1
                 frame[6] = min(cap, frame[6] + 1)
                 continue
             known = done.get(id(child))

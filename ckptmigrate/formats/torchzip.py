@@ -19,11 +19,13 @@ from typing import Any, BinaryIO
 from ckptmigrate.formats.pickle_writer import dump
 from ckptmigrate.formats.pickled import PickleFormatError, load
 from ckptmigrate.formats.zipio import (
+    Entries,
     ZipEntry,
     ZipFormatError,
     ZipWriter,
     copy_range,
     live_length,
+    read_appended_entries,
     read_entries,
     read_record,
 )
@@ -453,7 +455,7 @@ def _append_directory(
 
 def verify_metadata_only(
     path: str | os.PathLike[str], entries: dict[str, ZipEntry], prefix: str, payload: Pickled,
-    envelope: bytes | None,
+    envelope: bytes | None, *, appended_to: int | None = None,
 ) -> str | None:
     """Why the file at ``path`` does not read back as the metadata-only write of ``payload`` and
     ``envelope`` over the records ``entries`` (of the source) made it, or None.
@@ -464,10 +466,18 @@ def verify_metadata_only(
     record the pickle names holds the source record's bytes (its size and CRC, and its offset when
     reused in place). ``data.pkl`` was pickled from the payload in this process, so its bytes
     being the bytes on disk is what makes the file load as the payload.
+
+    ``appended_to``: the write appended in place to the archive of the file's first ``appended_to``
+    bytes, which ``entries`` were read from under the same lock; only what the append changed is
+    parsed (:func:`ckptmigrate.formats.zipread.read_appended`, the same verdict).
     """
     with open(path, "rb") as fh:
         try:
-            written = read_entries(fh, os.fstat(fh.fileno()).st_size)
+            size = os.fstat(fh.fileno()).st_size
+            if appended_to is not None and isinstance(entries, Entries):
+                written = read_appended_entries(fh, size, entries, appended_to)
+            else:
+                written = read_entries(fh, size)
             if not _holds(fh, written.get(f"{prefix}/data.pkl"), payload.data):
                 return "its data.pkl is not the one written"
             env_entry = written.get(f"{prefix}/{ENVELOPE_RECORD}")

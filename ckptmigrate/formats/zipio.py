@@ -67,6 +67,16 @@ def read_entries(fh: BinaryIO, file_size: int) -> Entries:
     return read_archive(src, live_length(src, file_size))
 
 
+def read_appended_entries(fh: BinaryIO, file_size: int, base: Entries, base_length: int) -> Entries:
+    """:func:`read_entries` of a file an in-place append extended from the archive of its first
+    ``base_length`` bytes, read as ``base`` (:func:`ckptmigrate.formats.zipread.read_appended`:
+    only the appended bytes are parsed). The append must be complete: torch reads the new archive."""
+    src = byte_source(fh)
+    if live_length(src, file_size) != file_size:
+        raise ZipFormatError("the file still ends as the archive it was appended to: the append is incomplete")
+    return zipread.read_appended(src, file_size, base, base_length)
+
+
 def read_record(fh: BinaryIO, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
     return zipread.read_record(byte_source(fh), entry, check_crc=check_crc)
 

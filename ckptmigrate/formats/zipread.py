@@ -32,6 +32,8 @@ import struct
 import zlib
 from typing import Any, NamedTuple, Protocol
 
+from ckptmigrate.util.gcpause import pausing
+
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 _EOCD = struct.Struct("<IHHHHIIH")
@@ -128,6 +130,8 @@ class Entries(dict[str, ZipEntry]):
         super().__setitem__(name, entry)
 
     def _name(self, name: str) -> str:
+        if dict.__contains__(self, name):  # names are unique ignoring case: an exact one is the one
+            return name
         folded = name.lower()
         got = self._folded.get(folded)
         if got is not None:
@@ -276,6 +280,7 @@ class _Reader:
         append = out.append
         unpack_from = _CENTRAL.unpack_from
         fullmatch = _CANONICAL.fullmatch
+        new = tuple.__new__  # the named tuple built in C, as its __new__ would (no Python frame an entry)
         cd_len = len(cd)
         pos = 0
         for _ in range(count):
@@ -303,7 +308,7 @@ class _Reader:
                 usize, csize, offset = _zip64([usize, csize, offset], fields.get(_TAG_ZIP64), what, exact=True)
             if usize != csize:
                 raise ZipFormatError(f"record {name!r} has inconsistent sizes")
-            append(_Central(raw, name, flags, crc, usize, offset))
+            append(new(_Central, (raw, name, flags, crc, usize, offset)))
             pos = end
         if pos != len(cd):
             raise ZipFormatError(f"{where}: the central directory holds {len(cd) - pos} bytes past its {count} "
@@ -341,14 +346,25 @@ class _Reader:
         self._buf, self._at = pread(self.src, max(n, min(self._ahead, limit - offset)), offset), offset
         return self._buf[:n]
 
-    def walk(self, live: dict[int, _Central], cd_offset: int) -> None:
+    def walk(self, live: dict[int, _Central], cd_offset: int, start: int = 0,
+             records: dict[int, tuple[str, int, int]] | None = None) -> None:
+        """Read every structure from ``start`` to the central directory at ``cd_offset``; ``records``
+        holds those before ``start`` (header offset: name, size, data offset), read already."""
         self.live = live
-        self.records: dict[int, tuple[str, int, int]] = {}  # header offset: (name, size, data offset)
+        self.records: dict[int, tuple[str, int, int]] = {} if records is None else records
         # every live local header (and the data descriptor that may end the record before it), in
         # one go: the walk then reads them from what a remote source already holds
-        prefetch(self.src, [(max(0, off - 32), min(_BLOCK + 32, cd_offset - max(0, off - 32))) for off in sorted(live)])
-        pos = 0
+        prefetch(self.src, [(max(0, off - 32), min(_BLOCK + 32, cd_offset - max(0, off - 32)))
+                            for off in sorted(live) if off >= start])
+        pos = start
+        live_get = live.get
         while pos < cd_offset:
+            central = live_get(pos)
+            if central is not None:  # a listed record as torch writes it, in the window already read
+                end = self.listed_in_window(pos, central, cd_offset)
+                if end is not None:
+                    pos = end
+                    continue
             block = self.window(min(_BLOCK, cd_offset - pos), pos, cd_offset)
             sig = block[:4]
             if sig == SIG_LOCAL:
@@ -365,6 +381,47 @@ class _Reader:
         hidden = [c.name for off, c in live.items() if off not in self.records]
         if hidden:
             raise ZipFormatError(f"record {hidden[0]!r} has its local header inside another record's bytes")
+
+    def listed_in_window(self, pos: int, central: _Central, limit: int) -> int | None:
+        """:meth:`listed_record` read in place from the walk's window (no block copied out of it),
+        when the record's header is in it; the same result, or None to read it the other ways."""
+        buf = self._buf
+        rel = pos - self._at
+        if rel < 0 or rel + 30 > len(buf):
+            return None
+        (sig, needed, flags, method, _time, _date, crc, csize, usize, nlen, xlen) = _LOCAL.unpack_from(buf, rel)
+        raw_name = central.raw_name
+        name_end = rel + 30 + nlen
+        if (sig != 0x04034B50 or needed > _MAX_VERSION_NEEDED or flags & ~_FLAGS_ALLOWED or method
+                or name_end + xlen > len(buf) or nlen != len(raw_name) or not buf.startswith(raw_name, rel + 30)
+                or not buf.startswith(b"FB", name_end)
+                or int.from_bytes(buf[name_end + 2 : name_end + 4], "little") != xlen - 4):
+            return None
+        size = central.size
+        described = flags & _FLAG_DESCRIPTOR
+        if not (described and crc == csize == usize == 0) and not (
+            usize == csize == size and crc == central.crc and size != MAX32
+        ):
+            return None
+        data = pos + 30 + nlen + xlen
+        end = data + size
+        if end > limit or (described and (pos >= MAX32 or size >= MAX32)):
+            return None
+        if described:
+            at = end - self._at
+            if at >= 0 and at + _DESCRIPTOR32.size <= len(buf):
+                tail = _DESCRIPTOR32.unpack_from(buf, at)
+            else:
+                raw = self.window(_DESCRIPTOR32.size, end, limit)
+                if len(raw) != _DESCRIPTOR32.size:
+                    return None
+                tail = _DESCRIPTOR32.unpack(raw)
+            if tail != (0x08074B50, central.crc, size, size):
+                return None
+            end += _DESCRIPTOR32.size
+        self.records[pos] = (central.name, size, data)
+        self._ahead = _WINDOW if size < _WINDOW // 16 else 0
+        return end
 
     def listed_record(self, pos: int, block: bytes, central: _Central, limit: int) -> int | None:
         """:meth:`record` for a record the directory lists, as torch writes it (its name, the padding
@@ -523,6 +580,7 @@ class _Reader:
         return eocd + 22
 
 
+@pausing
 def read_archive(fd: ByteSource, length: int) -> Entries:
     """The records of the torch zip archive in the first ``length`` bytes of ``fd``, refusing any
     archive that miniz (torch) and another zip reader could read differently (see the module)."""
@@ -561,10 +619,80 @@ def _read_archive(fd: ByteSource, length: int) -> Entries:
             raise ZipFormatError(f"records {live[c.header_offset].name!r} and {c.name!r} share a local header")
     reader.walk(live, cd_offset)
     records = reader.records
-    entries = Entries.of([ZipEntry(c.name, c.header_offset, records[c.header_offset][2], c.size, c.crc)
-                          for c in centrals])
+    entries = _entries(centrals, records)
     _check_torch_records(fd, entries, reader.prefix or "")
     return entries
+
+
+@pausing
+def read_appended(fd: ByteSource, length: int, base: Entries, base_length: int) -> Entries:
+    """:func:`read_archive` of the first ``length`` bytes of ``fd``, an archive appended (in place) to
+    the archive of its first ``base_length`` bytes, whose records ``base`` :func:`read_archive` gave
+    and whose bytes have not changed since (an in-place write holds the file's lock from its read
+    to its read-back): the same verdict and records, parsing only what the append changed.
+
+    The appended bytes are read as the whole parse reads them (end records, the central directory,
+    names, every structure from ``base_length`` on). Of the bytes before, the new directory may
+    name only records ``base`` holds, with their name, size and CRC; a record it no longer names is
+    read again the way a superseded record is read (its size found as a streaming reader finds
+    it), which must give the same record; the old directory and end records, read when they were
+    live, are a valid superseded directory as they are.
+    """
+    try:
+        return _read_appended(fd, length, base, base_length)
+    except ZipFormatError as exc:
+        raise ZipFormatError(f"{exc}; re-save it with torch.save (or restore a copy)") from None
+
+
+def _read_appended(fd: ByteSource, length: int, base: Entries, base_length: int) -> Entries:
+    reader = _Reader(fd, length)
+    if not base or length < base_length + 22 or base_length < 22:
+        raise ZipFormatError("the file is shorter than the archive it was appended to")
+    old_n, _old_size, _old_offset, _old_end = reader.end_records(base_length - 22, "the appended-to end record")
+    if old_n != len(base):
+        raise ZipFormatError("the archive appended to is not the one read")
+    if reader.pread(4, length - 22, "the end record") != SIG_EOCD:
+        raise ZipFormatError("the archive has no end-of-central-directory record at its end")
+    n, cd_size, cd_offset, _end = reader.end_records(length - 22, "the end record")
+    if cd_offset < base_length:
+        raise ZipFormatError("the central directory is not in the appended bytes")
+    centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
+    reader.prefix = next(iter(base)).split("/")[0]  # the folder the superseded directory's names are in
+    reader.check_names(centrals, "the archive")
+    live: dict[int, _Central] = {}
+    for c in centrals:
+        if live.setdefault(c.header_offset, c) is not c:
+            raise ZipFormatError(f"records {live[c.header_offset].name!r} and {c.name!r} share a local header")
+    before: dict[int, tuple[str, int, int]] = {}
+    old_by_offset = {e.header_offset: e for e in base.values()}
+    for off, c in live.items():
+        if off < base_length:
+            old = old_by_offset.get(off)
+            if old is None or (old.name, old.size, old.crc) != (c.name, c.size, c.crc):
+                raise ZipFormatError(f"record {c.name!r} is not a record of the archive it was appended to")
+            before[off] = (old.name, old.size, old.data_offset)
+    for off, old in old_by_offset.items():
+        if off in live:
+            continue
+        # superseded by this append: read as the whole parse reads a superseded record
+        reader.live = live
+        reader.records = {}
+        reader.record(off, reader.window(min(_BLOCK, cd_offset - off), off, cd_offset), cd_offset)
+        if reader.records.get(off) != (old.name, old.size, old.data_offset):
+            raise ZipFormatError(f"record {old.name!r}, which the append supersedes, reads differently once "
+                                 "superseded (its data descriptor is ambiguous)")
+    reader.walk(live, cd_offset, base_length, before)
+    records = reader.records
+    entries = _entries(centrals, records)
+    _check_torch_records(fd, entries, reader.prefix or "")
+    return entries
+
+
+def _entries(centrals: list[_Central], records: dict[int, tuple[str, int, int]]) -> Entries:
+    """The archive's records, in directory order, each built in C as ``ZipEntry(...)`` would."""
+    new = tuple.__new__
+    return Entries.of([new(ZipEntry, (c.name, c.header_offset, records[c.header_offset][2], c.size, c.crc))
+                       for c in centrals])
 
 
 def read_record(fd: ByteSource, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
