@@ -577,6 +577,54 @@ def build_metadata(
     return dump(md, no_storage)
 
 
+def described(md: Any) -> dict[str, tuple[Any, ...]]:
+    """What ``dcp.load`` reads of each key of a parsed Metadata: its kind, size, dtype, planner path,
+    and each chunk's (offsets, sizes, (file, offset, length)). Two Metadata that describe alike load alike."""
+    try:
+        stored: dict[tuple[str, tuple[int, ...] | None], tuple[Any, Any, Any]] = {}
+        for index, info in md.state["storage_data"].items():
+            ist, sst = index.state, info.state
+            at = tuple(ist["offset"].args[0]) if ist.get("offset") is not None else None
+            stored[(ist["fqn"], at)] = (sst["relative_path"], sst["offset"], sst["length"])
+        planner = md.state.get("planner_data") or {}
+        out: dict[str, tuple[Any, ...]] = {}
+        for fqn, smd in md.state["state_dict_metadata"].items():
+            if global_name(smd) == f"{_MD}.BytesStorageMetadata":
+                out[fqn] = ("bytes", planner.get(fqn), stored.get((fqn, None)))
+                continue
+            st = smd.state
+            chunks = []
+            for chunk in st["chunks"]:
+                offsets = tuple(chunk.state["offsets"].args[0])
+                chunks.append((offsets, tuple(chunk.state["sizes"].args[0]), stored.get((fqn, offsets))))
+            out[fqn] = ("tensor", tuple(st["size"].args[0]), _dtype(st["properties"], fqn), planner.get(fqn),
+                        sorted(chunks))
+        return out
+    except (AttributeError, KeyError, TypeError, IndexError) as exc:
+        raise DcpFormatError(f"the .metadata is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def renamed_description(layout: Dcp, kept: list[tuple[str, tuple[Any, ...], Any]]) -> dict[str, tuple[Any, ...]]:
+    """:func:`described` of the ``.metadata`` a rewrite that moves no byte must write: each kept
+    value read as before, under its new name and planner path."""
+    old = described(layout.metadata)
+    out: dict[str, tuple[Any, ...]] = {}
+    for fqn, path, value in kept:
+        entry = old[layout.origin[id(value)][0]]
+        out[fqn] = (entry[0], path, *entry[2:]) if entry[0] == "bytes" else (*entry[:3], path, entry[4])
+    return out
+
+
+def reparse(raw: bytes) -> Any:
+    """A ``.metadata`` this process just pickled, read back by the C unpickler into inert stand-ins
+    (no class is imported, so no code runs). It skips the safety scan of :func:`pickled.load`, which
+    guards against hostile pickles, not against our own writer."""
+    try:
+        return pickled.SafeUnpickler(io.BytesIO(raw)).load()
+    except Exception as exc:  # noqa: BLE001 - whatever the unpickler raises, the bytes do not read back
+        raise DcpFormatError(f"the written .metadata does not unpickle ({type(exc).__name__})") from None
+
+
 def _default_properties() -> tuple[Any, ...]:
     """TensorProperties' pickled state after the dtype, as DCP writes it for a dense CPU tensor:
     strided layout, no grad, contiguous memory format (encoded 0), not pinned."""

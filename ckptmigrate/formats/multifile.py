@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +343,8 @@ def _write_dcp(
         if envelope is not None:
             shardset.add(env_name)
             _write_envelope(directory / env_name, envelope, create=shardset)
+        if same and parts is not None and not fresh and not packed:  # only .metadata is new
+            check = _metadata_check(parts, kept, md, envelope)
         shardset.commit(md, check)
     except BaseException:
         shardset.abort()
@@ -350,6 +353,34 @@ def _write_dcp(
         back = {(packed[rel], pos): (rel, pos) for (rel, _off), (_new, pos) in moved.items()}
         _dcp_names_back(directory, packed, dcp.build_metadata(parts, kept, written, {
             k: back[v] for k, v in moved.items()}), {env_name}, envelope, check)
+
+
+def _metadata_check(
+    parts: dcp.Dcp, kept: list[tuple[str, tuple[Any, ...], Any]], md: bytes, envelope: dict[str, Any] | None,
+) -> Callable[[Path], None]:
+    """The read-back of a rewrite that moves no ``.distcp`` byte, without re-reading the checkpoint:
+    the written file holds the bytes pickled, and those, unpickled again, describe every value as
+    the old ``.metadata`` did under its new name (what ``dcp.load`` reads); the envelope reads back."""
+    expected = dcp.renamed_description(parts, kept)
+    env_path = parts.directory / dcp.envelope_name(md)
+
+    def check(written: Path) -> None:
+        problem = None
+        if written.read_bytes() != md:
+            problem = "its bytes are not the ones written"
+        else:
+            try:
+                if dcp.described(dcp.reparse(md)) != expected:
+                    problem = "it describes other tensors than meant"
+            except dcp.DcpFormatError as exc:
+                problem = str(exc)
+        if problem is None and envelope is not None and json.loads(env_path.read_bytes()) != envelope:
+            problem = "the envelope does not read back"
+        if problem is not None:
+            raise BadInput(f"{parts.directory}: the written .metadata does not read back as written ({problem}); "
+                           "nothing was replaced")
+
+    return check
 
 
 def _untagged(name: str) -> str | None:
