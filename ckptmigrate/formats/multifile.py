@@ -321,10 +321,13 @@ def _write_dcp(
             with shardset.create(new_file) as fh:
                 pos = 0
                 for fqn, path, value in fresh:
-                    data = dcp.save_bytes(value)
-                    write_all(fh.fileno(), data, pos)
-                    written.append((fqn, path, value, new_file, pos, len(data)))
-                    pos += len(data)
+                    length = dcp.write_tensor(fh, pos, value)
+                    if length is None:
+                        data = dcp.save_bytes(value)
+                        write_all(fh.fileno(), data, pos)
+                        length = len(data)
+                    written.append((fqn, path, value, new_file, pos, length))
+                    pos += length
         if not packed and not fresh and unnamed and parts is not None:
             shardset.abort()
             back = {(rel, off): (old_name, off) for rel, old_name in unnamed.items() for off, _n in live[rel]}

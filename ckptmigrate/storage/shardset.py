@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,6 +50,7 @@ class ShardSet:
         self.old: set[str] = set()
         self.new: list[str] = []
         self._digest: str | None = None
+        self._syncer = _Syncer()
 
     def recover(self) -> list[str]:
         """Finish or undo the switch a killed writer left (call holding the checkpoint's lock);
@@ -108,12 +110,13 @@ class ShardSet:
             with os.fdopen(fd, "w+b") as fh:
                 yield fh
                 fh.flush()
-                os.fsync(fh.fileno())
+                self._syncer.start(os.dup(fh.fileno()), path)
         except OSError as exc:
             raise WriteFailed(f"{path}: could not write a new shard: {exc.strerror}; nothing was switched") from exc
 
     def commit(self, data: bytes, check: Callable[[Path], None] | None = None) -> None:
         """Switch: the new commit file replaces the old by one rename, then the old files go."""
+        self._syncer.wait()
         fsync_dir(self.directory)
         self._digest = hashlib.sha256(data).hexdigest()
         self._write_journal(self._digest)
@@ -124,6 +127,8 @@ class ShardSet:
     def abort(self) -> None:
         """Undo a switch that failed before its commit: remove the new files and the journal (if the
         rename did happen, only syncing the directory failed: finish instead)."""
+        with contextlib.suppress(WriteFailed):
+            self._syncer.wait()
         if self._digest is not None and digest_file(self.commit_path) == self._digest:
             self.finish()
             return
@@ -139,6 +144,44 @@ class ShardSet:
                 os.unlink(self.directory / name)
         fsync_dir(self.directory)
         self.journal.unlink(missing_ok=True)
+
+
+class _Syncer:
+    """The fsync of each new shard, in a thread of its own while the next shard is written: the
+    disk writes one file back while the kernel copies the next. One fsync is outstanding at a time,
+    and :meth:`wait` (before the switch) returns only once every file is on disk."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: tuple[Path, OSError] | None = None
+
+    def start(self, fd: int, path: Path) -> None:
+        """fsync then close ``fd`` (a duplicate the syncer owns) in the background."""
+        try:
+            self.wait()
+        except BaseException:
+            os.close(fd)
+            raise
+
+        def run() -> None:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                self._error = (path, exc)
+            finally:
+                os.close(fd)
+
+        self._thread = threading.Thread(target=run, name=f"fsync {path.name}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            path, exc = self._error
+            self._error = None
+            raise WriteFailed(f"{path}: could not write a new shard: {exc.strerror}; nothing was switched") from exc
 
 
 class HeaderRewrite:
