@@ -218,9 +218,11 @@ def _write_sharded(
         if found is not None:
             edits, renamed_map = found
             size = sum(hf_sharded.shard_sizes(payload, plan))
+            placeholder = {k: hf_sharded.REWRITE_IN_PROGRESS for k in parts.shard_of}
             HeaderRewrite(directory, index.name).run(
                 {name: (8, header) for name, header in edits.items()},
-                hf_sharded.index_bytes(parts, renamed_map, size, envelope), check)
+                hf_sharded.index_bytes(parts, renamed_map, size, envelope), check,
+                hf_sharded.index_bytes(parts, placeholder, size, None))
             return
     names = hf_sharded.shard_names(index.name, parts.shard_format, len(plan), None)
     tagged = any((directory / n).exists() for n in names)

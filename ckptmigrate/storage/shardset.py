@@ -188,12 +188,15 @@ class HeaderRewrite:
     """Metadata-only switch of shards whose headers are rewritten in place (each one's bytes, of the
     same length, at a fixed offset), with the commit file switched after them.
 
-    The old bytes of every region are journalled (``.<commit>.ckptmigrate-headers``, fsynced) before
-    the first is overwritten; each shard is fsynced after its write; then the commit file is
-    replaced by one rename. The next writer replays the journal: if the commit file is the new one,
-    the switch is complete; otherwise every region gets its old bytes back. Between a crash and that
-    run, a plain reader may find the old commit file with some shards' new headers (or a header torn
-    by the crash): it refuses the checkpoint rather than reading wrong tensors, and nothing is lost.
+    The old bytes of every region and the old commit file are journalled
+    (``.<commit>.ckptmigrate-headers``, fsynced) before anything changes. Then the commit file is
+    replaced (one rename) by a *placeholder* that names no readable shard, each region is rewritten
+    and fsynced, and the commit file is replaced by the new one. The next writer replays the
+    journal: if the commit file is the new one, the switch is complete; otherwise every region and
+    the commit file get their old bytes back. Between a crash and that run, a plain reader finds the
+    old commit file with every shard as it was, the placeholder (and refuses the checkpoint: it
+    names a file that does not exist), or the new one — never a commit file beside shards of which
+    some were rewritten and some not; nothing is lost.
     """
 
     def __init__(self, directory: Path, commit: str) -> None:
@@ -201,23 +204,32 @@ class HeaderRewrite:
         self.commit_path = directory / commit
         self.journal = directory / f".{commit}.ckptmigrate-headers"
 
-    def run(self, edits: dict[str, tuple[int, bytes]], data: bytes, check: Callable[[Path], None] | None) -> None:
+    def run(
+        self, edits: dict[str, tuple[int, bytes]], data: bytes, check: Callable[[Path], None] | None,
+        placeholder: bytes,
+    ) -> None:
+        """Rewrite the regions ``edits`` (shard -> (offset, new bytes)), then switch the commit file
+        to ``data``; ``placeholder`` stands in for the commit file meanwhile."""
         old: dict[str, list[Any]] = {}
         for name, (offset, new) in edits.items():
             with open(self.directory / name, "rb") as fh:
                 old[name] = [offset, base64.b64encode(os.pread(fh.fileno(), len(new), offset)).decode()]
-        body = {"commit": self.commit_path.name, "digest": hashlib.sha256(data).hexdigest(), "old": old}
+        old_commit = self.commit_path.read_bytes()
+        body = {"commit": self.commit_path.name, "digest": hashlib.sha256(data).hexdigest(), "old": old,
+                "old_commit": base64.b64encode(old_commit).decode()}
         with atomic_write(self.journal) as fh:
             fh.write(json.dumps(body).encode())
         fsync_dir(self.directory)
         try:
+            with atomic_write(self.commit_path) as fh:
+                fh.write(placeholder)
             for name, (offset, new) in edits.items():
                 _overwrite(self.directory / name, offset, new)
             with atomic_write(self.commit_path, check=check) as fh:
                 fh.write(data)
         except BaseException:
             if digest_file(self.commit_path) != body["digest"]:
-                self._restore(old)
+                self._restore(old, old_commit)
             self.journal.unlink(missing_ok=True)
             raise
         self.journal.unlink(missing_ok=True)
@@ -234,15 +246,20 @@ class HeaderRewrite:
             self.journal.unlink(missing_ok=True)
             return True
         if digest_file(self.commit_path) != body.get("digest"):
-            self._restore(body.get("old", {}))
+            old_commit = body.get("old_commit")
+            self._restore(body.get("old", {}), None if old_commit is None else base64.b64decode(old_commit))
         self.journal.unlink(missing_ok=True)
         fsync_dir(self.directory)
         return True
 
-    def _restore(self, old: dict[str, list[Any]]) -> None:
+    def _restore(self, old: dict[str, list[Any]], old_commit: bytes | None) -> None:
+        """The old bytes of every region, then the old commit file (which names them) back."""
         for name, (offset, encoded) in old.items():
             with contextlib.suppress(FileNotFoundError):
                 _overwrite(self.directory / name, int(offset), base64.b64decode(encoded))
+        if old_commit is not None and digest_file(self.commit_path) != hashlib.sha256(old_commit).hexdigest():
+            with atomic_write(self.commit_path) as fh:
+                fh.write(old_commit)
 
 
 def _overwrite(path: Path, offset: int, data: bytes) -> None:
