@@ -313,6 +313,9 @@ def _write_dcp(
         old = parts.files()
     elif (directory / dcp.METADATA).exists():
         raise BadInput(f"{directory}: already holds a DCP checkpoint; give a new directory")
+    if same and parts is not None and not fresh and not packed and not unnamed:
+        _dcp_metadata_only(shardset, parts, kept, set(carried), envelope, keep_old)
+        return
     in_place = {r for r in carried if r not in packed}
     new = ([] if same else sorted(in_place)) + list(packed.values()) + ([new_file] if new_file else [])
     shardset.begin(old - in_place, new, keep_old=keep_old)  # a kept .distcp file is never removed
@@ -341,15 +344,9 @@ def _write_dcp(
             parts.metadata.state["state_dict_metadata"]) and all(parts.origin[id(v)][0] == fqn for fqn, _p, v in kept)
         md = parts.raw if unchanged and parts is not None else dcp.build_metadata(parts, kept, written, moved)
         env_name = dcp.envelope_name(md)
-        if same and parts is not None and md == parts.raw:  # only the envelope changes: one file, replaced atomically
-            shardset.abort()
-            _write_envelope(directory / env_name, envelope)
-            return
         if envelope is not None:
             shardset.add(env_name)
             _write_envelope(directory / env_name, envelope, create=shardset)
-        if same and parts is not None and not fresh and not packed:  # only .metadata is new
-            check = _metadata_check(parts, kept, md, envelope)
         shardset.commit(md, check)
     except BaseException:
         shardset.abort()
@@ -358,6 +355,30 @@ def _write_dcp(
         back = {(packed[rel], pos): (rel, pos) for (rel, _off), (_new, pos) in moved.items()}
         _dcp_names_back(directory, packed, dcp.build_metadata(parts, kept, written, {
             k: back[v] for k, v in moved.items()}), {env_name}, envelope, check)
+
+
+def _dcp_metadata_only(
+    shardset: ShardSet, parts: dcp.Dcp, kept: list[tuple[str, tuple[Any, ...], Any]], carried: set[str],
+    envelope: dict[str, Any] | None, keep_old: bool,
+) -> None:
+    """A rewrite of a DCP directory in place that moves no ``.distcp`` byte (renames, drops, stamps):
+    the new ``.metadata`` is known before anything is written, so the journal names the digest it
+    switches to from the start (one journal write), and an envelope-only change replaces one file."""
+    unchanged = len(kept) == len(parts.metadata.state["state_dict_metadata"]) and all(
+        parts.origin[id(v)][0] == fqn for fqn, _p, v in kept)
+    md = parts.raw if unchanged else dcp.build_metadata(parts, kept, [])
+    env_name = dcp.envelope_name(md)
+    if md == parts.raw:  # only the envelope changes: one file, replaced atomically
+        _write_envelope(parts.directory / env_name, envelope)
+        return
+    shardset.begin(parts.files() - carried, [env_name] if envelope is not None else [], keep_old=keep_old, commit=md)
+    try:
+        if envelope is not None:
+            _write_envelope(parts.directory / env_name, envelope, create=shardset)
+        shardset.commit(md, _metadata_check(parts, kept, md, envelope))
+    except BaseException:
+        shardset.abort()
+        raise
 
 
 def _metadata_check(

@@ -79,17 +79,19 @@ class ShardSet:
         self.journal.unlink(missing_ok=True)
         return removed
 
-    def begin(self, old: set[str], new: list[str], *, keep_old: bool = False) -> None:
+    def begin(self, old: set[str], new: list[str], *, keep_old: bool = False, commit: bytes | None = None) -> None:
         """Record the switch before any new file exists; ``keep_old`` keeps the old shards after it
-        (a backup index names them)."""
+        (a backup index names them). ``commit``, the new commit file when it is known already,
+        puts its digest in this first journal, so :meth:`commit` need not write it again."""
         self.old = set() if keep_old else set(old)
         self.new = list(new)
-        self._write_journal(None)
+        self._digest = None if commit is None else hashlib.sha256(commit).hexdigest()
+        self._write_journal(self._digest)
 
     def add(self, name: str) -> None:
         """One more new file, named in the journal before it is created."""
         self.new.append(name)
-        self._write_journal(None)
+        self._write_journal(self._digest)
 
     def _write_journal(self, digest: str | None) -> None:
         body = {"commit": self.commit_path.name, "old": sorted(self.old), "new": self.new, "digest": digest}
@@ -118,8 +120,10 @@ class ShardSet:
         """Switch: the new commit file replaces the old by one rename, then the old files go."""
         self._syncer.wait()
         fsync_dir(self.directory)
-        self._digest = hashlib.sha256(data).hexdigest()
-        self._write_journal(self._digest)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self._digest:
+            self._digest = digest
+            self._write_journal(digest)
         with atomic_write(self.commit_path, check=check) as fh:
             fh.write(data)
         self.finish()
@@ -217,9 +221,8 @@ class HeaderRewrite:
         old_commit = self.commit_path.read_bytes()
         body = {"commit": self.commit_path.name, "digest": hashlib.sha256(data).hexdigest(), "old": old,
                 "old_commit": base64.b64encode(old_commit).decode()}
-        with atomic_write(self.journal) as fh:
+        with atomic_write(self.journal) as fh:  # synced, with its directory, before anything changes
             fh.write(json.dumps(body).encode())
-        fsync_dir(self.directory)
         try:
             with atomic_write(self.commit_path) as fh:
                 fh.write(placeholder)
@@ -232,8 +235,7 @@ class HeaderRewrite:
                 self._restore(old, old_commit)
             self.journal.unlink(missing_ok=True)
             raise
-        self.journal.unlink(missing_ok=True)
-        fsync_dir(self.directory)
+        self.journal.unlink(missing_ok=True)  # if a crash brings it back, the next run sees the new index and drops it
 
     def recover(self) -> bool:
         """Complete or undo what a killed run left; True if there was a journal."""
