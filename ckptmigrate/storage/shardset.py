@@ -257,8 +257,12 @@ class HeaderRewrite:
     def _restore(self, old: dict[str, list[Any]], old_commit: bytes | None) -> None:
         """The old bytes of every region, then the old commit file (which names them) back."""
         for name, (offset, encoded) in old.items():
+            data = base64.b64decode(encoded)
             with contextlib.suppress(FileNotFoundError):
-                _overwrite(self.directory / name, int(offset), base64.b64decode(encoded))
+                with open(self.directory / name, "rb") as fh:
+                    if os.pread(fh.fileno(), len(data), int(offset)) == data:
+                        continue  # never rewritten (the write that failed, those after it)
+                _overwrite(self.directory / name, int(offset), data)
         if old_commit is not None and digest_file(self.commit_path) != hashlib.sha256(old_commit).hexdigest():
             with atomic_write(self.commit_path) as fh:
                 fh.write(old_commit)
