@@ -3,8 +3,8 @@ directory (every tensor a DTensor sharded over the ranks, as FSDP2 saves it).
 
 Cases, each a whole process (start-up included), medians of ``--repeat`` runs, each on a fresh copy:
 rename-only ``upgrade`` in place (HF: headers rewritten in place; DCP: only ``.metadata``), the same
-out of place (``-o``) beside ``cp -r``, ``convert`` DCP -> one safetensors file beside ``cp -r`` of
-the same bytes, and the naive route (``dcp_to_torch_save``, which loads everything). Every write of
+out of place (``-o``) beside ``cp -r``, ``convert`` DCP -> one safetensors file and HF shards -> DCP
+beside ``cp -r`` of the same bytes, and the naive route (``dcp_to_torch_save``, which loads everything). Every write of
 ckptmigrate is fsynced before it is switched in and ``cp`` is not, so each copy is also timed
 followed by ``sync`` (the fair floor on a machine whose disk, not its CPU, bounds a copy). Wall
 time and CPU time (user + sys of the process) are both reported: on a shared machine the CPU time
@@ -41,6 +41,7 @@ TARGETS = {
     "upgrade -o, DCP (rename)": ("x cp", 1.2, "cp -r DCP"),
     "upgrade -o, HF shards (rename)": ("x cp", 1.2, "cp -r HF"),
     "convert DCP -> safetensors": ("x cp", 1.3, "cp -r DCP"),
+    "convert HF shards -> DCP": ("x cp", 1.3, "cp -r HF"),
 }
 
 
@@ -239,6 +240,7 @@ def main() -> None:
         case("convert DCP -> safetensors",
              [*ckm, "convert", str(dcp_src), str(work / "out.safetensors"), "--to", "safetensors",
               "--state-dict-only"], clear_out)
+        case("convert HF shards -> DCP", [*ckm, "convert", str(hf_src), str(out), "--to", "dcp"], clear_out)
         case("naive: dcp_to_torch_save", [PY, "-c", "import sys; from torch.distributed.checkpoint.format_utils "
                                           "import dcp_to_torch_save; dcp_to_torch_save(sys.argv[1], sys.argv[2])",
                                           str(dcp_src), str(work / "out.safetensors")], clear_out, warm=False)

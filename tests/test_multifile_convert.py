@@ -9,6 +9,8 @@ the envelope with a ``convert`` history entry. Every result is read back by the 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,27 @@ def test_hf_shards_to_dcp_and_back(tmp_path: Path, cli: Any) -> None:
     same(dcp_read(tmp_path / "dcp", sd), sd)
     cli("convert", tmp_path / "dcp", tmp_path / "again", "--to", "hf-sharded", check=True)
     same(hf_read(tmp_path / "again"), sd)
+
+
+def test_convert_to_dcp_copies_the_tensor_bytes_without_torch(tmp_path: Path) -> None:
+    """Each tensor becomes the ``torch.save`` archive DCP stores, written around its bytes, which the
+    kernel copies: torch is never imported (no tensor went through ``torch.save``), and ``dcp.load``
+    reads every tensor back, tied weights and a view into a shared storage included."""
+    sd = state()
+    (tmp_path / "hf").mkdir()
+    huggingface_hub.save_torch_state_dict(sd, tmp_path / "hf", max_shard_size=25_000)
+    base = torch.arange(40, dtype=torch.float32)
+    tied = {"emb.weight": base, "head.weight": base, "tail": base[8:], "scale": torch.ones(3, dtype=torch.bfloat16)}
+    torch.save(tied, tmp_path / "tied.pt")
+    convert = ("import sys; from ckptmigrate import api\n"
+               "for src, dst in zip(sys.argv[1::2], sys.argv[2::2]): api.convert(src, dst, to='dcp')\n"
+               "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    done = subprocess.run([sys.executable, "-c", convert, str(tmp_path / "hf"), str(tmp_path / "dcp"),
+                           str(tmp_path / "tied.pt"), str(tmp_path / "tied-dcp")],
+                          capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "no torch"
+    same(dcp_read(tmp_path / "dcp", sd), sd)
+    same(dcp_read(tmp_path / "tied-dcp", tied), {k: v.clone() for k, v in tied.items()})
 
 
 def test_convert_refuses_its_own_source_and_an_existing_dcp(tmp_path: Path, cli: Any) -> None:

@@ -40,6 +40,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from ckptmigrate import formats
+from ckptmigrate.formats.hf_sharded import REWRITE_IN_PROGRESS
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
@@ -219,7 +220,7 @@ def test_sigkill_during_a_multifile_upgrade_leaves_old_or_new(sources: dict[str,
                 try:
                     plain = read(work)
                     mixed = not (equal(plain, original) or equal(plain, result))
-                except Exception:  # noqa: BLE001 - a header torn by the kill: safetensors refuses it
+                except Exception:  # noqa: BLE001 - the index names the placeholder of a rewrite: refused
                     mixed = True
                 TALLY["refused before recovery"] += mixed
                 formats.recover(work)  # what the next writer does first, under the lock
@@ -297,3 +298,53 @@ def test_sigkill_during_a_dcp_compact_loses_nothing(sources: dict[str, Any]) -> 
                 == [], (strategy, phases)
             assert size(work) == compacted, (strategy, phases)
             assert sorted(p.name for p in work.glob("*.distcp")) == names, (strategy, phases)
+
+
+#: (system call, its count in the run) at which the kill lands: each header rewrite (the run's only
+#: pwrites), the rename that puts the placeholder index in, and the one that puts the new index in
+KILL_POINTS = [("rename", 2), ("pwrite64", 1), ("pwrite64", 2), ("pwrite64", 3), ("pwrite64", 4), ("rename", 3)]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace places the SIGKILL at an exact system call")
+def test_sigkill_between_two_shards_header_rewrites(sources: dict[str, Any]) -> None:
+    """A rename in place rewrites the four shards' headers one after another, while the index names
+    only a placeholder file that does not exist. The kill is placed exactly: strace delivers SIGKILL
+    as the process enters the system call (the K-th header ``pwrite``, or a switch of the index).
+    Killed between two shards' rewrites, some shards carry the new names and the rest the old — and
+    a plain reader refuses the checkpoint, since the index names the placeholder; it never sees an
+    index beside a mix. Any tensor it reads from a shard carries a name that belongs to it. The next
+    run puts the old headers and the old index back (the original, whole, no journal left), and the
+    upgrade then completes."""
+    pristine, mig, result, read = sources["hf-rename"]
+    original = sources["original"]
+    work = sources["tmp"] / "work-between-shards"
+    upgrade = [sys.executable, "-m", "ckptmigrate", "upgrade", str(work), "--migrations", str(mig), "--no-backup"]
+    shards = sorted(set(json.loads((pristine / INDEX).read_text())["weight_map"].values()))
+    for call, k in KILL_POINTS:
+        if work.exists():
+            shutil.rmtree(work)
+        shutil.copytree(pristine, work)
+        killed = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={call}",
+                                 "-e", f"inject={call}:signal=KILL:when={k}", *upgrade], capture_output=True)
+        assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stderr.decode()[-2000:]
+        TALLY["kills"] += 1
+        renamed = [s for s in shards if any(key.startswith("blocks.") for key in load_file(work / s))]
+        assert renamed == (shards[: k - 1] if call == "pwrite64" else [] if k == 2 else shards), (call, k, renamed)
+        named = set(json.loads((work / INDEX).read_text())["weight_map"].values())
+        if renamed:
+            assert named == {REWRITE_IN_PROGRESS}, f"{call} #{k}: the index names {named} beside a mix of shards"
+        if named == {REWRITE_IN_PROGRESS}:
+            with pytest.raises(FileNotFoundError, match=REWRITE_IN_PROGRESS):
+                read(work)
+            TALLY["refused before recovery"] += 1
+        else:
+            assert equal(read(work), original), f"{call} #{k}: a plain reader did not read the original"
+        for shard in shards:
+            for key, tensor in load_file(work / shard).items():
+                assert torch.equal(tensor, (result if key.startswith("blocks.") else original)[key]), (call, k, key)
+        formats.recover(work)  # what the next writer does first, under the lock
+        assert equal(read(work), original), f"{call} #{k}: the recovery did not give the original back"
+        assert [n for n in leftovers(work) if not n.endswith("-lock")] == []  # the lock goes with the next run
+        TALLY["original"] += 1
+        run(upgrade, work, None)
+        assert equal(read(work), result) and leftovers(work) == []

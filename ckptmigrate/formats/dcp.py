@@ -25,13 +25,25 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ckptmigrate.formats import pickled
 from ckptmigrate.formats.pickle_scan import PickleFormatError
 from ckptmigrate.formats.pickle_writer import dump
 from ckptmigrate.formats.pickled import StandIn, global_name, standin
-from ckptmigrate.tensors.refs import ITEMSIZE, Deferred, Source, Storage, TensorRef, file_runs, to_torch
+from ckptmigrate.formats.zipio import ZipWriter
+from ckptmigrate.tensors.refs import (
+    ITEMSIZE,
+    Deferred,
+    Source,
+    Storage,
+    TensorRef,
+    contiguous_stride,
+    dtype_of,
+    file_runs,
+    shape_of,
+    to_torch,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -499,6 +511,38 @@ def save_bytes(value: Any) -> bytes:
     return buf.getvalue()
 
 
+def write_tensor(fh: BinaryIO, pos: int, value: Any) -> int | None:
+    """``value`` written at ``pos`` of ``fh`` as DCP stores a tensor (a ``torch.save`` archive of it
+    alone), its bytes copied by the kernel from the files that hold them (a DCP tensor sharded by
+    rows: its chunks one after another); the archive's length. None when the bytes are not such
+    runs (then :func:`save_bytes`). The data record's CRC is the source's when its bytes are one
+    whole stored record, else 0, as ``torch.save`` writes with CRC computation off (torch checks none)."""
+    runs = file_runs(value)
+    if runs is None or (isinstance(value, TensorRef) and (value.neg or value.conj or value.extra)):
+        return None
+    shape, dtype = shape_of(value), dtype_of(value)
+    storage = Storage("0", dtype, "cpu", math.prod(shape) * ITEMSIZE[dtype])
+    crc = 0
+    if isinstance(value, TensorRef) and value.storage.crc32 is not None and len(runs) == 1 \
+            and runs[0][1:] == (value.storage.offset, value.storage.nbytes):
+        crc = value.storage.crc32
+    fh.seek(pos)
+    writer = ZipWriter(fh, origin=pos)
+    writer.add_bytes("archive/data.pkl", dump(TensorRef(storage, 0, shape, contiguous_stride(shape), dtype),
+                                              lambda _obj: ("0", storage)))
+    for name, data in _RECORDS[:3]:
+        writer.add_bytes(f"archive/{name}", data)
+    writer.add_copies("archive/data/0", [(source.fileno(), offset, n) for source, offset, n in runs], crc)
+    for name, data in _RECORDS[3:]:
+        writer.add_bytes(f"archive/{name}", data)
+    writer.add_bytes("archive/.data/serialization_id", str(int.from_bytes(os.urandom(16))).zfill(40).encode())
+    return writer.close()
+
+
+#: The small records of a ``torch.save`` archive around its data (torch >= 2.4 writes these).
+_RECORDS = [(".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little"), ("version", b"3\n")]
+
+
 def _holds_standin(value: Any, depth: int = 0) -> bool:
     if depth > 100 or isinstance(value, StandIn) or (isinstance(value, type) and issubclass(value, StandIn)):
         return True
@@ -559,8 +603,6 @@ def build_metadata(
         st: dict[str, Any] = {"fqn": fqn, "index": None}
         if isinstance(value, (TensorRef, Deferred)) or hasattr(value, "untyped_storage"):
             shape = tuple(int(d) for d in value.shape)
-            from ckptmigrate.tensors.refs import dtype_of
-
             sdm[fqn] = _tensor_md(shape, dtype_of(value), template_props)
             st.update(offset=_torch_size((0,) * len(shape)), index=0)
         else:
@@ -575,6 +617,54 @@ def build_metadata(
         raise DcpFormatError("the .metadata cannot hold a tensor")
 
     return dump(md, no_storage)
+
+
+def described(md: Any) -> dict[str, tuple[Any, ...]]:
+    """What ``dcp.load`` reads of each key of a parsed Metadata: its kind, size, dtype, planner path,
+    and each chunk's (offsets, sizes, (file, offset, length)). Two Metadata that describe alike load alike."""
+    try:
+        stored: dict[tuple[str, tuple[int, ...] | None], tuple[Any, Any, Any]] = {}
+        for index, info in md.state["storage_data"].items():
+            ist, sst = index.state, info.state
+            at = tuple(ist["offset"].args[0]) if ist.get("offset") is not None else None
+            stored[(ist["fqn"], at)] = (sst["relative_path"], sst["offset"], sst["length"])
+        planner = md.state.get("planner_data") or {}
+        out: dict[str, tuple[Any, ...]] = {}
+        for fqn, smd in md.state["state_dict_metadata"].items():
+            if global_name(smd) == f"{_MD}.BytesStorageMetadata":
+                out[fqn] = ("bytes", planner.get(fqn), stored.get((fqn, None)))
+                continue
+            st = smd.state
+            chunks = []
+            for chunk in st["chunks"]:
+                offsets = tuple(chunk.state["offsets"].args[0])
+                chunks.append((offsets, tuple(chunk.state["sizes"].args[0]), stored.get((fqn, offsets))))
+            out[fqn] = ("tensor", tuple(st["size"].args[0]), _dtype(st["properties"], fqn), planner.get(fqn),
+                        sorted(chunks))
+        return out
+    except (AttributeError, KeyError, TypeError, IndexError) as exc:
+        raise DcpFormatError(f"the .metadata is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def renamed_description(layout: Dcp, kept: list[tuple[str, tuple[Any, ...], Any]]) -> dict[str, tuple[Any, ...]]:
+    """:func:`described` of the ``.metadata`` a rewrite that moves no byte must write: each kept
+    value read as before, under its new name and planner path."""
+    old = described(layout.metadata)
+    out: dict[str, tuple[Any, ...]] = {}
+    for fqn, path, value in kept:
+        entry = old[layout.origin[id(value)][0]]
+        out[fqn] = (entry[0], path, *entry[2:]) if entry[0] == "bytes" else (*entry[:3], path, entry[4])
+    return out
+
+
+def reparse(raw: bytes) -> Any:
+    """A ``.metadata`` this process just pickled, read back by the C unpickler into inert stand-ins
+    (no class is imported, so no code runs). It skips the safety scan of :func:`pickled.load`, which
+    guards against hostile pickles, not against our own writer."""
+    try:
+        return pickled.SafeUnpickler(io.BytesIO(raw)).load()
+    except Exception as exc:  # noqa: BLE001 - whatever the unpickler raises, the bytes do not read back
+        raise DcpFormatError(f"the written .metadata does not unpickle ({type(exc).__name__})") from None
 
 
 def _default_properties() -> tuple[Any, ...]:

@@ -281,6 +281,11 @@ def write_shard(fh: BinaryIO, shard_format: str, tensors: dict[str, Any], metada
         torchzip.write(fh, tensors, None)
 
 
+#: The one shard the index names while shard headers are rewritten in place: a file that does not
+#: exist, so a reader in that window refuses the checkpoint (the name says why) rather than mix shards.
+REWRITE_IN_PROGRESS = "ckptmigrate-header-rewrite-in-progress--run-ckptmigrate-on-this-directory.safetensors"
+
+
 def index_bytes(
     layout: Sharded | None, weight_map: dict[str, str], total_size: int, envelope: dict[str, Any] | None,
 ) -> bytes:

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,9 +218,11 @@ def _write_sharded(
         if found is not None:
             edits, renamed_map = found
             size = sum(hf_sharded.shard_sizes(payload, plan))
+            placeholder = {k: hf_sharded.REWRITE_IN_PROGRESS for k in parts.shard_of}
             HeaderRewrite(directory, index.name).run(
                 {name: (8, header) for name, header in edits.items()},
-                hf_sharded.index_bytes(parts, renamed_map, size, envelope), check)
+                hf_sharded.index_bytes(parts, renamed_map, size, envelope), check,
+                hf_sharded.index_bytes(parts, placeholder, size, None))
             return
     names = hf_sharded.shard_names(index.name, parts.shard_format, len(plan), None)
     tagged = any((directory / n).exists() for n in names)
@@ -310,6 +313,9 @@ def _write_dcp(
         old = parts.files()
     elif (directory / dcp.METADATA).exists():
         raise BadInput(f"{directory}: already holds a DCP checkpoint; give a new directory")
+    if same and parts is not None and not fresh and not packed and not unnamed:
+        _dcp_metadata_only(shardset, parts, kept, set(carried), envelope, keep_old)
+        return
     in_place = {r for r in carried if r not in packed}
     new = ([] if same else sorted(in_place)) + list(packed.values()) + ([new_file] if new_file else [])
     shardset.begin(old - in_place, new, keep_old=keep_old)  # a kept .distcp file is never removed
@@ -320,10 +326,13 @@ def _write_dcp(
             with shardset.create(new_file) as fh:
                 pos = 0
                 for fqn, path, value in fresh:
-                    data = dcp.save_bytes(value)
-                    write_all(fh.fileno(), data, pos)
-                    written.append((fqn, path, value, new_file, pos, len(data)))
-                    pos += len(data)
+                    length = dcp.write_tensor(fh, pos, value)
+                    if length is None:
+                        data = dcp.save_bytes(value)
+                        write_all(fh.fileno(), data, pos)
+                        length = len(data)
+                    written.append((fqn, path, value, new_file, pos, length))
+                    pos += length
         if not packed and not fresh and unnamed and parts is not None:
             shardset.abort()
             back = {(rel, off): (old_name, off) for rel, old_name in unnamed.items() for off, _n in live[rel]}
@@ -335,10 +344,6 @@ def _write_dcp(
             parts.metadata.state["state_dict_metadata"]) and all(parts.origin[id(v)][0] == fqn for fqn, _p, v in kept)
         md = parts.raw if unchanged and parts is not None else dcp.build_metadata(parts, kept, written, moved)
         env_name = dcp.envelope_name(md)
-        if same and parts is not None and md == parts.raw:  # only the envelope changes: one file, replaced atomically
-            shardset.abort()
-            _write_envelope(directory / env_name, envelope)
-            return
         if envelope is not None:
             shardset.add(env_name)
             _write_envelope(directory / env_name, envelope, create=shardset)
@@ -350,6 +355,58 @@ def _write_dcp(
         back = {(packed[rel], pos): (rel, pos) for (rel, _off), (_new, pos) in moved.items()}
         _dcp_names_back(directory, packed, dcp.build_metadata(parts, kept, written, {
             k: back[v] for k, v in moved.items()}), {env_name}, envelope, check)
+
+
+def _dcp_metadata_only(
+    shardset: ShardSet, parts: dcp.Dcp, kept: list[tuple[str, tuple[Any, ...], Any]], carried: set[str],
+    envelope: dict[str, Any] | None, keep_old: bool,
+) -> None:
+    """A rewrite of a DCP directory in place that moves no ``.distcp`` byte (renames, drops, stamps):
+    the new ``.metadata`` is known before anything is written, so the journal names the digest it
+    switches to from the start (one journal write), and an envelope-only change replaces one file."""
+    unchanged = len(kept) == len(parts.metadata.state["state_dict_metadata"]) and all(
+        parts.origin[id(v)][0] == fqn for fqn, _p, v in kept)
+    md = parts.raw if unchanged else dcp.build_metadata(parts, kept, [])
+    env_name = dcp.envelope_name(md)
+    if md == parts.raw:  # only the envelope changes: one file, replaced atomically
+        _write_envelope(parts.directory / env_name, envelope)
+        return
+    shardset.begin(parts.files() - carried, [env_name] if envelope is not None else [], keep_old=keep_old, commit=md)
+    try:
+        if envelope is not None:
+            _write_envelope(parts.directory / env_name, envelope, create=shardset)
+        shardset.commit(md, _metadata_check(parts, kept, md, envelope))
+    except BaseException:
+        shardset.abort()
+        raise
+
+
+def _metadata_check(
+    parts: dcp.Dcp, kept: list[tuple[str, tuple[Any, ...], Any]], md: bytes, envelope: dict[str, Any] | None,
+) -> Callable[[Path], None]:
+    """The read-back of a rewrite that moves no ``.distcp`` byte, without re-reading the checkpoint:
+    the written file holds the bytes pickled, and those, unpickled again, describe every value as
+    the old ``.metadata`` did under its new name (what ``dcp.load`` reads); the envelope reads back."""
+    expected = dcp.renamed_description(parts, kept)
+    env_path = parts.directory / dcp.envelope_name(md)
+
+    def check(written: Path) -> None:
+        problem = None
+        if written.read_bytes() != md:
+            problem = "its bytes are not the ones written"
+        else:
+            try:
+                if dcp.described(dcp.reparse(md)) != expected:
+                    problem = "it describes other tensors than meant"
+            except dcp.DcpFormatError as exc:
+                problem = str(exc)
+        if problem is None and envelope is not None and json.loads(env_path.read_bytes()) != envelope:
+            problem = "the envelope does not read back"
+        if problem is not None:
+            raise BadInput(f"{parts.directory}: the written .metadata does not read back as written ({problem}); "
+                           "nothing was replaced")
+
+    return check
 
 
 def _untagged(name: str) -> str | None:

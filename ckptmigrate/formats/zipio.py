@@ -100,12 +100,17 @@ class ZipWriter:
     ``fh`` must be positioned where the first new record goes; records already in the file can be
     listed again with :meth:`reuse` without rewriting them. With ``deferred`` nothing is written
     until :meth:`close_appended` (the in-place append, which must know the final length first).
+    An archive embedded in a larger file (a DCP ``.distcp`` chunk) starts at ``origin``: its offsets
+    count from there, as a reader of that slice expects.
     """
 
-    def __init__(self, fh: BinaryIO, *, deferred: bool = False) -> None:
+    def __init__(self, fh: BinaryIO, *, deferred: bool = False, origin: int = 0) -> None:
+        if deferred and origin:
+            raise ValueError("an in-place append writes a whole file, not an embedded archive")
         self._fh = fh
         self._fd = fh.fileno()
-        self._pos = fh.tell()
+        self._origin = origin
+        self._pos = fh.tell() - origin
         self._entries: list[_Written] = []
         self._deferred: list[tuple[int, bytes] | tuple[int, int, int, int]] | None = [] if deferred else None
 
@@ -115,7 +120,7 @@ class ZipWriter:
 
     def _write(self, data: bytes, offset: int) -> None:
         if self._deferred is None:
-            write_all(self._fd, data, offset)
+            write_all(self._fd, data, self._origin + offset)
         else:
             self._deferred.append((offset, data))
 
@@ -153,20 +158,33 @@ class ZipWriter:
         for chunk in chunks:
             crc = zlib.crc32(chunk, crc)
             view = memoryview(chunk).cast("B")
-            write_all(self._fd, view, data_offset + written)
+            write_all(self._fd, view, self._origin + data_offset + written)
             written += len(view)
         if written != size:
             raise ValueError(f"record {name!r}: expected {size} bytes, got {written}")
         entry.crc = crc
-        write_all(self._fd, struct.pack("<I", crc), entry.header_offset + 14)
+        write_all(self._fd, struct.pack("<I", crc), self._origin + entry.header_offset + 14)
         self._finish(entry, data_offset)
 
     def add_copy(self, name: str, src_fd: int, src_offset: int, size: int, crc: int) -> None:
         entry, data_offset = self._begin(name, size, crc)
         if self._deferred is None:
-            copy_range(src_fd, self._fd, src_offset, size, data_offset)
+            copy_range(src_fd, self._fd, src_offset, size, self._origin + data_offset)
         else:
             self._deferred.append((src_fd, src_offset, size, data_offset))
+        self._finish(entry, data_offset)
+
+    def add_copies(self, name: str, runs: list[tuple[int, int, int]], crc: int) -> None:
+        """One record whose bytes are ``runs`` ((file descriptor, offset, length)) one after another,
+        copied by the kernel; ``crc`` is recorded as given (0 when not known, as ``torch.save``
+        writes it with CRC computation off — torch does not check it)."""
+        if self._deferred is not None:
+            raise ValueError("a deferred (appending) writer takes only small records and copies")
+        entry, data_offset = self._begin(name, sum(n for _fd, _off, n in runs), crc)
+        at = self._origin + data_offset
+        for src_fd, src_offset, n in runs:
+            copy_range(src_fd, self._fd, src_offset, n, at)
+            at += n
         self._finish(entry, data_offset)
 
     def reuse(self, name: str, header_offset: int, size: int, crc: int) -> None:
@@ -227,14 +245,14 @@ class ZipWriter:
         ``durable`` the directory before it is on disk first.
         """
         pad, directory = self._directory(_EOCD.size)
-        write_all(self._fd, bytes(pad) + directory[: -_EOCD.size], self._pos)
+        write_all(self._fd, bytes(pad) + directory[: -_EOCD.size], self._origin + self._pos)
         if durable:
             os.fsync(self._fd)
         end = self._pos + pad + len(directory)
-        write_all(self._fd, directory[-_EOCD.size :], end - _EOCD.size)
-        if os.fstat(self._fd).st_size > end:
-            os.ftruncate(self._fd, end)
-        self._fh.seek(end)
+        write_all(self._fd, directory[-_EOCD.size :], self._origin + end - _EOCD.size)
+        if os.fstat(self._fd).st_size > self._origin + end:
+            os.ftruncate(self._fd, self._origin + end)
+        self._fh.seek(self._origin + end)
         return end
 
     def close_appended(self, live_end: int) -> int:

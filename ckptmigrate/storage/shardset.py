@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,6 +50,7 @@ class ShardSet:
         self.old: set[str] = set()
         self.new: list[str] = []
         self._digest: str | None = None
+        self._syncer = _Syncer()
 
     def recover(self) -> list[str]:
         """Finish or undo the switch a killed writer left (call holding the checkpoint's lock);
@@ -77,17 +79,19 @@ class ShardSet:
         self.journal.unlink(missing_ok=True)
         return removed
 
-    def begin(self, old: set[str], new: list[str], *, keep_old: bool = False) -> None:
+    def begin(self, old: set[str], new: list[str], *, keep_old: bool = False, commit: bytes | None = None) -> None:
         """Record the switch before any new file exists; ``keep_old`` keeps the old shards after it
-        (a backup index names them)."""
+        (a backup index names them). ``commit``, the new commit file when it is known already,
+        puts its digest in this first journal, so :meth:`commit` need not write it again."""
         self.old = set() if keep_old else set(old)
         self.new = list(new)
-        self._write_journal(None)
+        self._digest = None if commit is None else hashlib.sha256(commit).hexdigest()
+        self._write_journal(self._digest)
 
     def add(self, name: str) -> None:
         """One more new file, named in the journal before it is created."""
         self.new.append(name)
-        self._write_journal(None)
+        self._write_journal(self._digest)
 
     def _write_journal(self, digest: str | None) -> None:
         body = {"commit": self.commit_path.name, "old": sorted(self.old), "new": self.new, "digest": digest}
@@ -108,15 +112,18 @@ class ShardSet:
             with os.fdopen(fd, "w+b") as fh:
                 yield fh
                 fh.flush()
-                os.fsync(fh.fileno())
+                self._syncer.start(os.dup(fh.fileno()), path)
         except OSError as exc:
             raise WriteFailed(f"{path}: could not write a new shard: {exc.strerror}; nothing was switched") from exc
 
     def commit(self, data: bytes, check: Callable[[Path], None] | None = None) -> None:
         """Switch: the new commit file replaces the old by one rename, then the old files go."""
+        self._syncer.wait()
         fsync_dir(self.directory)
-        self._digest = hashlib.sha256(data).hexdigest()
-        self._write_journal(self._digest)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self._digest:
+            self._digest = digest
+            self._write_journal(digest)
         with atomic_write(self.commit_path, check=check) as fh:
             fh.write(data)
         self.finish()
@@ -124,6 +131,8 @@ class ShardSet:
     def abort(self) -> None:
         """Undo a switch that failed before its commit: remove the new files and the journal (if the
         rename did happen, only syncing the directory failed: finish instead)."""
+        with contextlib.suppress(WriteFailed):
+            self._syncer.wait()
         if self._digest is not None and digest_file(self.commit_path) == self._digest:
             self.finish()
             return
@@ -141,16 +150,57 @@ class ShardSet:
         self.journal.unlink(missing_ok=True)
 
 
+class _Syncer:
+    """The fsync of each new shard, in a thread of its own while the next shard is written: the
+    disk writes one file back while the kernel copies the next. One fsync is outstanding at a time,
+    and :meth:`wait` (before the switch) returns only once every file is on disk."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: tuple[Path, OSError] | None = None
+
+    def start(self, fd: int, path: Path) -> None:
+        """fsync then close ``fd`` (a duplicate the syncer owns) in the background."""
+        try:
+            self.wait()
+        except BaseException:
+            os.close(fd)
+            raise
+
+        def run() -> None:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                self._error = (path, exc)
+            finally:
+                os.close(fd)
+
+        self._thread = threading.Thread(target=run, name=f"fsync {path.name}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            path, exc = self._error
+            self._error = None
+            raise WriteFailed(f"{path}: could not write a new shard: {exc.strerror}; nothing was switched") from exc
+
+
 class HeaderRewrite:
     """Metadata-only switch of shards whose headers are rewritten in place (each one's bytes, of the
     same length, at a fixed offset), with the commit file switched after them.
 
-    The old bytes of every region are journalled (``.<commit>.ckptmigrate-headers``, fsynced) before
-    the first is overwritten; each shard is fsynced after its write; then the commit file is
-    replaced by one rename. The next writer replays the journal: if the commit file is the new one,
-    the switch is complete; otherwise every region gets its old bytes back. Between a crash and that
-    run, a plain reader may find the old commit file with some shards' new headers (or a header torn
-    by the crash): it refuses the checkpoint rather than reading wrong tensors, and nothing is lost.
+    The old bytes of every region and the old commit file are journalled
+    (``.<commit>.ckptmigrate-headers``, fsynced) before anything changes. Then the commit file is
+    replaced (one rename) by a *placeholder* that names no readable shard, each region is rewritten
+    and fsynced, and the commit file is replaced by the new one. The next writer replays the
+    journal: if the commit file is the new one, the switch is complete; otherwise every region and
+    the commit file get their old bytes back. Between a crash and that run, a plain reader finds the
+    old commit file with every shard as it was, the placeholder (and refuses the checkpoint: it
+    names a file that does not exist), or the new one — never a commit file beside shards of which
+    some were rewritten and some not; nothing is lost.
     """
 
     def __init__(self, directory: Path, commit: str) -> None:
@@ -158,27 +208,34 @@ class HeaderRewrite:
         self.commit_path = directory / commit
         self.journal = directory / f".{commit}.ckptmigrate-headers"
 
-    def run(self, edits: dict[str, tuple[int, bytes]], data: bytes, check: Callable[[Path], None] | None) -> None:
+    def run(
+        self, edits: dict[str, tuple[int, bytes]], data: bytes, check: Callable[[Path], None] | None,
+        placeholder: bytes,
+    ) -> None:
+        """Rewrite the regions ``edits`` (shard -> (offset, new bytes)), then switch the commit file
+        to ``data``; ``placeholder`` stands in for the commit file meanwhile."""
         old: dict[str, list[Any]] = {}
         for name, (offset, new) in edits.items():
             with open(self.directory / name, "rb") as fh:
                 old[name] = [offset, base64.b64encode(os.pread(fh.fileno(), len(new), offset)).decode()]
-        body = {"commit": self.commit_path.name, "digest": hashlib.sha256(data).hexdigest(), "old": old}
-        with atomic_write(self.journal) as fh:
+        old_commit = self.commit_path.read_bytes()
+        body = {"commit": self.commit_path.name, "digest": hashlib.sha256(data).hexdigest(), "old": old,
+                "old_commit": base64.b64encode(old_commit).decode()}
+        with atomic_write(self.journal) as fh:  # synced, with its directory, before anything changes
             fh.write(json.dumps(body).encode())
-        fsync_dir(self.directory)
         try:
+            with atomic_write(self.commit_path) as fh:
+                fh.write(placeholder)
             for name, (offset, new) in edits.items():
                 _overwrite(self.directory / name, offset, new)
             with atomic_write(self.commit_path, check=check) as fh:
                 fh.write(data)
         except BaseException:
             if digest_file(self.commit_path) != body["digest"]:
-                self._restore(old)
+                self._restore(old, old_commit)
             self.journal.unlink(missing_ok=True)
             raise
-        self.journal.unlink(missing_ok=True)
-        fsync_dir(self.directory)
+        self.journal.unlink(missing_ok=True)  # if a crash brings it back, the next run sees the new index and drops it
 
     def recover(self) -> bool:
         """Complete or undo what a killed run left; True if there was a journal."""
@@ -191,15 +248,24 @@ class HeaderRewrite:
             self.journal.unlink(missing_ok=True)
             return True
         if digest_file(self.commit_path) != body.get("digest"):
-            self._restore(body.get("old", {}))
+            old_commit = body.get("old_commit")
+            self._restore(body.get("old", {}), None if old_commit is None else base64.b64decode(old_commit))
         self.journal.unlink(missing_ok=True)
         fsync_dir(self.directory)
         return True
 
-    def _restore(self, old: dict[str, list[Any]]) -> None:
+    def _restore(self, old: dict[str, list[Any]], old_commit: bytes | None) -> None:
+        """The old bytes of every region, then the old commit file (which names them) back."""
         for name, (offset, encoded) in old.items():
+            data = base64.b64decode(encoded)
             with contextlib.suppress(FileNotFoundError):
-                _overwrite(self.directory / name, int(offset), base64.b64decode(encoded))
+                with open(self.directory / name, "rb") as fh:
+                    if os.pread(fh.fileno(), len(data), int(offset)) == data:
+                        continue  # never rewritten (the write that failed, those after it)
+                _overwrite(self.directory / name, int(offset), data)
+        if old_commit is not None and digest_file(self.commit_path) != hashlib.sha256(old_commit).hexdigest():
+            with atomic_write(self.commit_path) as fh:
+                fh.write(old_commit)
 
 
 def _overwrite(path: Path, offset: int, data: bytes) -> None:
