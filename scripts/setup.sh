@@ -12,8 +12,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     touch "$stamp"
 fi
 # System tools the tests use for real: xfsprogs for the copy-on-write (reflink) tests on an XFS loop
-# mount. Installed where we may (root with apt, as on CI); elsewhere those tests say why they skip.
-if ! command -v mkfs.xfs >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+# mount, strace for the SIGKILLs placed at an exact write. Installed where we may (root with apt, as
+# on CI); elsewhere those tests say why they skip.
+missing=""
+command -v mkfs.xfs >/dev/null 2>&1 || missing="$missing xfsprogs"
+command -v strace >/dev/null 2>&1 || missing="$missing strace"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q xfsprogs >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q xfsprogs >/dev/null; }
+    # shellcheck disable=SC2086 # one word per package
+    apt-get install -y -q $missing >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $missing >/dev/null; }
 fi
