@@ -2,10 +2,14 @@
 
 What ckptmigrate verifies must be exactly what torch will load, so where ckptmigrate reads a file by
 torch's rules it must apply torch's rules, not a neighbouring standard's, checked against the
-installed torch as the oracle over many files. The Python 2 names of a
-protocol-2 pickle (``__builtin__.set``, ``multiprocessing.process.Process``) are looked up by torch
-through its own, smaller mapping tables, not the standard library's ``_compat_pickle``: the unsafe
-globals ckptmigrate reports, and whether ``weights_only=True`` loads the file, must be torch's.
+installed torch as the oracle over many files:
+
+- the Python 2 names of a protocol-2 pickle (``__builtin__.set``, ``multiprocessing.process.Process``)
+  are looked up by torch through its own, smaller mapping tables, not the standard library's
+  ``_compat_pickle``: the unsafe globals ckptmigrate reports, and whether ``weights_only=True``
+  loads the file, must be torch's;
+- a zip comment near the 65,535-byte maximum on a small file puts the end record where torch's
+  miniz does not find it: ckptmigrate must refuse exactly the files torch fails on.
 """
 
 from __future__ import annotations
@@ -13,18 +17,26 @@ from __future__ import annotations
 import _compat_pickle
 import importlib
 import inspect
+import io
+import itertools
 import pickle
 import pickletools
+import struct
+import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch._utils
 
+from ckptmigrate import formats
 from ckptmigrate.checkpoint.lazy import Checkpoint
+from ckptmigrate.errors import BadInput
 from ckptmigrate.formats.pickle_safety import IMPORT_MAPPING, NAME_MAPPING
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 # -- Python 2 names ---------------------------------------------------------------------------------
 
@@ -127,3 +139,89 @@ def test_whether_weights_only_loads_a_python_2_name_is_torchs(
             verdicts[name] = (ckpt.pickle_safety().weights_only, torch_loads_weights_only(path))
     assert {theirs for _, theirs in verdicts.values()} == {True, False}  # both verdicts are tried
     assert {n: v for n, v in verdicts.items() if v[0] != v[1]} == {}
+
+
+# -- a comment at the end of the zip -----------------------------------------------------------------
+
+
+def with_comment(data: bytes, length: int) -> bytes:
+    return data[:-2] + struct.pack("<H", length) + b"c" * length
+
+
+def saved(n: int) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(float(n))}, buf)
+    return buf.getvalue()
+
+
+class Verdicts:
+    """torch's and ckptmigrate's verdict on one base archive given comments of chosen lengths."""
+
+    def __init__(self, base: bytes, tmp_path: Path) -> None:
+        self.base, self.path = base, tmp_path / "commented.pt"
+        self.seen: dict[int, tuple[bool, bool]] = {}
+
+    def __call__(self, length: int) -> bool:
+        """torch's verdict (and ckptmigrate's, recorded)."""
+        if length not in self.seen:
+            self.path.write_bytes(with_comment(self.base, length))
+            try:
+                torch.load(self.path, weights_only=True)
+                theirs = True
+            except (RuntimeError, OSError):  # miniz's error, or the read at a negative offset
+                theirs = False
+            try:
+                formats.read(self.path)
+                ours = True
+            except BadInput:
+                ours = False
+            self.seen[length] = (ours, theirs)
+        return self.seen[length][1]
+
+    def flip(self, low: int, high: int) -> None:
+        """Find, by torch's verdicts alone, the exact length between ``low`` and ``high`` where it changes."""
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if self(mid) == self(low) else (low, mid)
+
+
+def test_a_comment_is_read_exactly_when_torch_reads_it(tmp_path: Path) -> None:
+    """A grid of archive sizes (1.5 to 50 KiB) and comment lengths (0 to 65,535), and every length
+    where torch's verdict changes between grid points, found by bisection: ckptmigrate reads the
+    file exactly when ``torch.load`` does."""
+    disagree, refused = [], 0
+    for n in (0, 250, 700, 1500, 3000, 6000, 12000):
+        verdicts = Verdicts(saved(n), tmp_path)
+        grid = [*range(0, 65_536, 389), 65_535]
+        for low, high in itertools.pairwise(grid):
+            if verdicts(low) != verdicts(high):
+                verdicts.flip(low, high)
+        disagree += [(len(verdicts.base), c, v) for c, v in sorted(verdicts.seen.items()) if v[0] != v[1]]
+        refused += sum(not theirs for _, theirs in verdicts.seen.values())
+    assert refused > 100  # torch does refuse some: the grid can tell
+    assert disagree == []
+
+
+def test_the_refusal_is_one_line_naming_the_file_and_the_comment(tmp_path: Path, cli: Cli) -> None:
+    path = tmp_path / "small.pt"
+    path.write_bytes(with_comment(saved(0), 65_535))
+    with pytest.raises((RuntimeError, OSError)):
+        torch.load(path, weights_only=True)
+    proc = cli("inspect", path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert str(path) in proc.stderr and "65535-byte comment" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_an_in_place_write_to_a_commented_file_gives_a_file_torch_reads(tmp_path: Path) -> None:
+    """A file torch reads with a long comment, renamed in place: torch and ckptmigrate read the result."""
+    path = tmp_path / "commented.pt"
+    base = saved(40_000)
+    path.write_bytes(with_comment(base, 60_000))
+    torch.load(path, weights_only=True)
+    with Checkpoint.open(path) as ckpt:
+        ckpt.rename("w", "v")
+        ckpt.write(path, None)
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(40_000.0))
+    with Checkpoint.open(path) as ckpt:
+        assert torch.equal(ckpt.materialize()["v"], torch.arange(40_000.0))
