@@ -3,14 +3,16 @@ a file run code under ``torch.load(weights_only=False)``.
 
 Computed from the names alone (torch is not imported): :data:`WEIGHTS_ONLY_GLOBALS` is torch's
 default allow-list (``torch._weights_only_unpickler._get_allowed_globals``, torch 2.13; a test keeps
-it equal to the installed torch's). Like torch's ``get_unsafe_globals_in_checkpoint``, every other
+it equal to the installed torch's), and protocol-2 names are mapped to Python 3 ones by torch's own
+tables (:data:`IMPORT_MAPPING`, :data:`NAME_MAPPING`, ``torch._utils``, torch 2.13), a subset of the
+standard library's ``_compat_pickle`` ones: a name only the standard library maps is looked up by
+torch as it is written. Like torch's ``get_unsafe_globals_in_checkpoint``, every other
 global is unsafe: even one that is only referenced can be called by an allowed function it is
 passed to.
 """
 
 from __future__ import annotations
 
-import _compat_pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -52,6 +54,35 @@ WEIGHTS_ONLY_GLOBALS = frozenset({
     "torch.uint64", "torch.uint7", "torch.uint8",
 })
 
+#: torch's ``torch._utils.IMPORT_MAPPING`` (torch 2.13): Python 2 module → Python 3 module.
+IMPORT_MAPPING = {
+    "__builtin__": "builtins", "copy_reg": "copyreg", "Queue": "queue", "repr": "reprlib",
+    "_abcoll": "collections.abc", "UserDict": "collections", "UserList": "collections",
+    "UserString": "collections", "whichdb": "dbm", "StringIO": "io", "cStringIO": "io",
+}
+
+#: torch's ``torch._utils.NAME_MAPPING`` (torch 2.13), applied before :data:`IMPORT_MAPPING`.
+NAME_MAPPING = {
+    ("__builtin__", "xrange"): ("builtins", "range"),
+    ("__builtin__", "reduce"): ("functools", "reduce"),
+    ("__builtin__", "intern"): ("sys", "intern"),
+    ("__builtin__", "unichr"): ("builtins", "chr"),
+    ("__builtin__", "unicode"): ("builtins", "str"),
+    ("__builtin__", "long"): ("builtins", "int"),
+    ("itertools", "izip"): ("builtins", "zip"),
+    ("itertools", "imap"): ("builtins", "map"),
+    ("itertools", "ifilter"): ("builtins", "filter"),
+    ("itertools", "ifilterfalse"): ("itertools", "filterfalse"),
+    ("itertools", "izip_longest"): ("itertools", "zip_longest"),
+    ("UserDict", "IterableUserDict"): ("collections", "UserDict"),
+    ("UserList", "UserList"): ("collections", "UserList"),
+    ("UserString", "UserString"): ("collections", "UserString"),
+    ("__builtin__", "basestring"): ("builtins", "str"),
+    ("exceptions", "StandardError"): ("builtins", "Exception"),
+    ("UserDict", "UserDict"): ("collections", "UserDict"),
+}
+
+
 @dataclass(frozen=True)
 class PickleSafety:
     """What ``torch.load`` would do with a file's pickles: whether ``weights_only=True`` reads them,
@@ -81,10 +112,10 @@ def assess(named: Mapping[str, bool]) -> PickleSafety:
 
 def python3_name(name: str) -> str:
     """The name torch looks a global up by: protocol-2 pickles say ``__builtin__.set`` for
-    ``builtins.set`` (the mapping is the standard library's, as torch's is)."""
+    ``builtins.set`` (mapped by torch's tables, not the standard library's larger ones)."""
     module, _, qualname = name.rpartition(".")
-    if (module, qualname) in _compat_pickle.NAME_MAPPING:
-        module, qualname = _compat_pickle.NAME_MAPPING[(module, qualname)]
+    if (module, qualname) in NAME_MAPPING:
+        module, qualname = NAME_MAPPING[(module, qualname)]
     else:
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        module = IMPORT_MAPPING.get(module, module)
     return f"{module}.{qualname}"

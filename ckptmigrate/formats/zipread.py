@@ -7,10 +7,10 @@ offset when the directory is not where the end record says). An archive is accep
 every such rule gives the same answer:
 
 - the end record ends the file (with a comment only when no end record signature is in it: every
-  reader then takes the same one; one disk), with a zip64 end record and
-  locator right before it when it uses them, every 32-bit field equal to its zip64 value or the
-  0xFFFF.. marker; the central directory ends exactly where they begin and holds exactly the
-  counted entries;
+  reader then takes the same one; and only where miniz's backward search reaches it; one disk),
+  with a zip64 end record and locator right before it when it uses them, every 32-bit field
+  equal to its zip64 value or the 0xFFFF.. marker; the central directory ends exactly where they
+  begin and holds exactly the counted entries;
 - every name is printable ASCII, canonical (no ``\\``, no empty, ``.`` or ``..`` part, no leading or
   trailing ``/``), under the one top-level folder of the first entry, and unique ignoring case;
 - every record is stored (torch maps its bytes), unencrypted, not a directory, and its local header
@@ -50,6 +50,7 @@ SIG_DESCRIPTOR = b"PK\x07\x08"
 MAX32 = 0xFFFFFFFF
 MAX16 = 0xFFFF
 PAGE = 4096
+_MINIZ_BLOCK = 4096  # what miniz reads at a time looking for the end record
 _FLAG_DESCRIPTOR = 0x0008
 _FLAGS_ALLOWED = _FLAG_DESCRIPTOR | 0x0800  # data descriptor, UTF-8 names (ASCII here either way)
 _MAX_VERSION_NEEDED = 45  # zip64; what torch's miniz and ckptmigrate write
@@ -580,6 +581,15 @@ class _Reader:
         return eocd + 22
 
 
+def _miniz_reaches(length: int, eocd: int) -> bool:
+    """Whether miniz's backward search for the end record reaches ``eocd``. It reads blocks of
+    _MINIZ_BLOCK bytes from the end of the file, each starting _MINIZ_BLOCK - 3 bytes before the
+    last; the step to a block that would start before offset 0 computes a negative offset instead,
+    whose read fails (torch.load raises), so a block holding the record must start within the file."""
+    block = (length - 4 - eocd) // (_MINIZ_BLOCK - 3)  # the block, counted from the end, holding it
+    return block == 0 or length - _MINIZ_BLOCK - block * (_MINIZ_BLOCK - 3) >= 0
+
+
 @pausing
 def read_archive(fd: ByteSource, length: int) -> Entries:
     """The records of the torch zip archive in the first ``length`` bytes of ``fd``, refusing any
@@ -610,6 +620,10 @@ def _read_archive(fd: ByteSource, length: int) -> Entries:
                 f"{comment} bytes follow the archive's end record, and zip readers may pick different end "
                 "records; if an in-place write was interrupted, "
                 f"`truncate -s {eocd + 22}` gives back the archive it appended to")
+        if not _miniz_reaches(length, eocd):
+            raise ZipFormatError(
+                f"its {comment}-byte comment puts the end record where torch (miniz) fails to find it in a "
+                f"file of {length} bytes")
     n, cd_size, cd_offset, _end = reader.end_records(eocd, "the end record", comment)
     centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
     reader.check_names(centrals, "the archive")
