@@ -26,7 +26,7 @@ from ckptmigrate.release import stamping
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.locking import file_lock
 from ckptmigrate.util.gcpause import pausing
-from ckptmigrate.util.urls import ObjectURL, as_location, refuse_remote
+from ckptmigrate.util.urls import ObjectURL, as_location
 
 __all__ = [
     "autogenerate_revision", "chain_source", "chain_status", "check", "checkpoint_files", "compact", "convert",
@@ -173,6 +173,11 @@ def checkpoint_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
                            f"{', '.join(CHECKPOINT_SUFFIXES)})", path=spec)
         files += found
     return files
+
+
+def _names_object(*paths: PathLike | None) -> bool:
+    """Whether any of ``paths`` is an object URL (the command then runs staged: storage/staged.py)."""
+    return any(p is not None and isinstance(as_location(p), ObjectURL) for p in paths)
 
 
 def _check_output(source: PathLike, output: PathLike | None, overwrite: bool) -> Path | None:
@@ -326,7 +331,11 @@ def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | No
     """
     from ckptmigrate import formats
 
-    refuse_remote("compact", path, output)
+    if _names_object(path, output):
+        from ckptmigrate.storage.staged import staged
+
+        with staged(path, output, overwrite=overwrite) as stage:
+            return compact(stage.source, output=stage.output, overwrite=overwrite)
     path = formats.checkpoint_path(path)
     dest = _check_output(path, output, overwrite) or Path(path)
     with file_lock(dest), Checkpoint.open(path if output else formats.recovered(path)) as ckpt:
@@ -371,6 +380,15 @@ def sanitize(
     from ckptmigrate.checkpoint.envelope import superseded
     from ckptmigrate.checkpoint.layout import module_class
 
+    if _names_object(path, output):
+        from ckptmigrate.storage.staged import staged
+
+        with staged(path, output, overwrite=overwrite, backup=backup and output is None) as stage:
+            staged_row = sanitize(stage.source, output=stage.output, overwrite=overwrite, dry_run=dry_run,
+                                  backup=False, key=key)
+        shown = stage.shown(staged_row["output"]) if staged_row["output"] else None
+        return {**staged_row, "path": os.fspath(path), "output": shown,
+                "backup": str(stage.backup) if stage.backup is not None else None}
     out = _check_output(path, output, overwrite)
     source = formats.checkpoint_path(path)
     dest = out or source
@@ -443,11 +461,25 @@ def convert(
     from ckptmigrate import formats
     from ckptmigrate.util.memory import release_large_blocks
 
-    refuse_remote("convert", src, dst)
     release_large_blocks()
     if to not in CONVERT_TARGETS:
         raise BadInput(f"--to {to}: not one of {', '.join(CONVERT_TARGETS)}")
     fmt = CONVERT_TARGETS[to]
+    if _names_object(src, dst):
+        from ckptmigrate.formats import MULTI_FORMATS
+        from ckptmigrate.storage.staged import staged
+
+        if fmt in MULTI_FORMATS and isinstance(as_location(dst), ObjectURL):
+            raise BadInput(f"{as_location(dst)}: writing a {fmt} checkpoint (several files) to object storage is "
+                           "not supported (its files could not be replaced in one step); convert to a local "
+                           "directory", path=str(as_location(dst)))
+        with staged(src, dst, write_back=False) as stage:
+            assert stage.output is not None
+            written = convert(stage.source, stage.output, to=to, max_shard_size=max_shard_size,
+                              state_dict_only=state_dict_only)
+        located = stage.location(written)
+        assert located is not None
+        return located
     dst = Path(dst)
     src = formats.checkpoint_path(src)
     if dst.exists() and dst.resolve() == Path(src).resolve():
@@ -541,7 +573,16 @@ def stamp(
     revision's snapshot is refused with the difference: stamping it would send the next upgrade
     down the wrong path.
     """
-    refuse_remote("stamp", path, output)
+    if _names_object(path, output):
+        from ckptmigrate.storage.staged import staged
+
+        with staged(path, output, overwrite=overwrite) as stage:
+            written = stamp(stage.source, output=stage.output, overwrite=overwrite, tags=tags, repo=repo, key=key,
+                            lineage=lineage, revision=revision, migrations=migrations, release=release, sign=sign,
+                            digest=digest, allow_dirty=allow_dirty, allow_unsafe_pickle=allow_unsafe_pickle)
+        located = stage.location(written)
+        assert located is not None
+        return located
     out = _check_output(path, output, overwrite)
     if revision is not None:
         graph = revision_graph(migrations)
@@ -579,13 +620,19 @@ def _migrate(direction: str, path: PathLike, *, to: str, output: PathLike | None
     from ckptmigrate.chain.engine import migrate_file
 
     location = as_location(path)
-    if isinstance(location, ObjectURL):
+    if isinstance(location, ObjectURL) and output is None:
         from ckptmigrate.chain.objects import migrate_object
 
-        if output is not None:
-            raise BadInput(f"{location}: -o/--output with an object URL is not supported; the object is "
-                           "rewritten in place (its backup is a server-side copy)", path=str(location))
         return migrate_object(location, chain_source(migrations), direction=direction, to=to, **options)
+    if _names_object(path, output):
+        from ckptmigrate.storage.staged import staged
+
+        with staged(path, output, overwrite=overwrite, write_back=False) as stage:
+            outcome = migrate_file(stage.source, chain_source(migrations), to=to, output=stage.output,
+                                   direction=direction, **options)
+        outcome.path = stage.location(outcome.path) or outcome.path
+        outcome.output = stage.location(outcome.output)
+        return outcome
     out = _check_output(path, output, overwrite)
     return migrate_file(Path(path), chain_source(migrations), to=to, output=out, direction=direction, **options)
 
@@ -627,8 +674,16 @@ def verify(path: PathLike, public_key: Any = None, *, key: str | None = None) ->
     file, which must then have signed it); ``key`` is the state dict's location, as everywhere."""
     from ckptmigrate.release import integrity
 
-    refuse_remote("verify", path)
+    if _names_object(path):
+        from ckptmigrate.storage.staged import staged
+
+        with staged(path, write_back=False) as stage:
+            result = integrity.verify(stage.source, public_key, state_key=key)
+        result.path = as_location(path)
+        result.problems = [stage.shown(p) for p in result.problems]
+        return result
     return integrity.verify(path, public_key, state_key=key)
+
 
 
 def verify_manifest(manifest: PathLike, public_key: Any = None, *, jobs: int | None = None, strict: bool = False
@@ -641,6 +696,19 @@ def verify_manifest(manifest: PathLike, public_key: Any = None, *, jobs: int | N
     from ckptmigrate.release import signing
     from ckptmigrate.release.manifest import check_manifest_file, load_manifest, parallel, unlisted_checkpoints
 
+    if _names_object(manifest):
+        from ckptmigrate.storage.staged import mirrored
+
+        location = as_location(manifest)
+        assert isinstance(location, ObjectURL)
+        with mirrored(location) as stage:
+            info, results = verify_manifest(stage.source, public_key, jobs=jobs, strict=strict)
+        for result in results:
+            result.path = as_location(stage.shown(str(result.path)))
+            result.problems = [stage.shown(p) for p in result.problems]
+        info["path"] = str(location)
+        info["unlisted"] = [{**item, "path": stage.shown(item["path"])} for item in info["unlisted"]]
+        return info, results
     path = Path(manifest)
     key = signing.load_public_key(public_key) if isinstance(public_key, (str, os.PathLike)) else public_key
     doc = load_manifest(path)

@@ -3,9 +3,9 @@
 Planned and migrated from the object's directory and ``data.pkl`` alone (range reads). A migration
 that changes only metadata of a torch zip keeps every record where it is: the new object is the
 old one's records, copied server-side, and a new tail (``data.pkl``, envelope, central directory),
-read back before it is sent (storage/s3_compose). Any other migration is staged: the object is
-streamed into a temporary file, the local engine writes the result beside it, and that is
-uploaded. Either way the object is replaced in one step, only if it is still the one read (its
+read back before it is sent (storage/s3_compose). Any other migration (and any legacy, pre-zip
+file) is staged: the local engine writes the result into a temporary file, reading the tensors by
+range, and that is uploaded. Either way the object is replaced in one step, only if it is still the one read (its
 ETag); the backup is the version read (a versioned bucket) or a server-side copy ``KEY.bak``.
 """
 
@@ -64,9 +64,6 @@ def _write(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, outcome: engine
     source = ckpt.container.source
     assert source is not None and isinstance(source.remote, RangeFile)
     target = s3_compose.S3Object.of(url, source.remote.etag, source.remote.version)
-    if ckpt.format not in ("torch-zip", "safetensors"):
-        raise BadInput(f"{url}: a {ckpt.format} checkpoint in object storage is read-only here (torch zip and "
-                       "safetensors objects are rewritten)")
     expected = ckpt.schema()
     if backup:
         outcome.backup = s3_compose.backup(target)
@@ -79,7 +76,7 @@ def _write(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, outcome: engine
         else:
             with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
                 staged = Path(tmp) / url.name
-                ckpt.write(staged, envelope, fmt=ckpt.format)
+                ckpt.write(staged, envelope)  # a legacy (pre-zip) file becomes a torch zip, as on disk
                 s3_compose.upload(target, staged)
     except BaseException as exc:
         if isinstance(outcome.backup, ObjectURL):

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from ckptmigrate.errors import ObjectChanged, RemoteError
+from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
 from ckptmigrate.util.urls import ObjectURL, filesystem, translated
 
 #: The least a read fetches: the end of a zip is found, then its directory, in one request or two.
@@ -271,6 +271,14 @@ class RangeFile(io.RawIOBase):
 
     def fileno(self) -> int:
         raise io.UnsupportedOperation(f"{self.url} is a remote object")
+
+
+def read_small_object(url: ObjectURL, limit: int, *, what: str) -> bytes:
+    """A small object whole (a key file), refused past ``limit`` bytes before anything is read."""
+    remote = RangeFile(url)
+    if remote.size > limit:
+        raise BadInput(f"{url}: a {what} of {remote.size} bytes is larger than {limit} bytes", path=str(url))
+    return remote.pread(remote.size, 0)
 
 
 class Spliced:

@@ -63,7 +63,9 @@ def _objects(url: ObjectURL, spec: str) -> Iterator[Path]:
     fs, path = filesystem(url)
     with translated(url, "list"):
         if prefix:
-            found = [p for p in fs.find(path) if p.endswith(CHECKPOINT_SUFFIXES) and ".bak" not in p.rsplit("/", 1)[-1]]
+            every = fs.find(path)
+            _refuse_multi_file(url, every)
+            found = [p for p in every if p.endswith(CHECKPOINT_SUFFIXES) and ".bak" not in p.rsplit("/", 1)[-1]]
         else:
             found = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
     if not found:
@@ -71,3 +73,16 @@ def _objects(url: ObjectURL, spec: str) -> Iterator[Path]:
         raise BadInput(f"{url}{what}", path=str(url))
     for p in sorted(found):
         yield as_location(f"{url.scheme}://{p}")
+
+
+def _refuse_multi_file(url: ObjectURL, names: list[str]) -> None:
+    """A prefix holding a multi-file checkpoint (a DCP ``.metadata``, a sharded model's index) is one
+    line saying it is not supported: its shards are not separate checkpoints, and an object store
+    cannot replace several objects in one step."""
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if base == ".metadata" or (base.endswith(".index.json") and not base.startswith(".")):
+            where = f"{url.scheme}://{name.rsplit('/', 1)[0]}/"
+            raise BadInput(f"{where}: a multi-file checkpoint ({base}); multi-file checkpoints in object storage "
+                           "are not supported: copy the prefix to a local directory (aws s3 sync) and run there",
+                           path=where)
