@@ -288,3 +288,23 @@ def test_a_staged_write_loses_to_a_writer_that_got_there_first(s3: S3Server, buc
     # through the API, with the object named by URL: the result is the URL
     assert api.stamp(url, tags={"mine": "2"}) == api.checkpoint_files([url])[0]
     assert api.inspect(url)["envelope"]["tags"] == {"mine": "2"}
+
+
+def test_a_new_output_object_is_written_only_where_none_appeared(s3: S3Server, bucket: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    torch.save({"w": torch.randn(6 * 256 * 1024)}, tmp_path / "big.pt")  # 6 MiB: two parts of 5 MiB
+    monkeypatch.setenv("CKPTMIGRATE_S3_PART_SIZE", str(5 << 20))
+    url = f"s3://{bucket}/out/big.pt"
+    with staged(tmp_path / "big.pt", url) as stage:
+        assert stage.output is not None
+        stage.output.write_bytes(stage.source.read_bytes())
+    assert get(s3, bucket, "out/big.pt") == (tmp_path / "big.pt").read_bytes()
+    raced = f"s3://{bucket}/out/raced.pt"
+    with pytest.raises(ObjectChanged, match=f"^{raced}: an object appeared there since the output was checked"), \
+            staged(tmp_path / "big.pt", raced) as stage:
+        assert stage.output is not None
+        stage.output.write_bytes(stage.source.read_bytes())
+        s3.client().put_object(Bucket=bucket, Key="out/raced.pt", Body=b"theirs")  # the other writer
+    assert get(s3, bucket, "out/raced.pt") == b"theirs"
+    assert open_uploads(s3, bucket) == []

@@ -63,6 +63,7 @@ def check_output(output: ObjectURL, overwrite: bool) -> s3_compose.S3Object:
     """An output URL a new object can be written at: a writable scheme, and no object there unless
     ``overwrite`` (checked before any work)."""
     target = s3_compose.S3Object.of(output, None)
+    target.create_only = not overwrite
     with translated(output):
         target.fs.invalidate_cache(f"{target.bucket}/{target.key}")
         taken = target.fs.exists(f"{target.bucket}/{target.key}")
