@@ -383,7 +383,8 @@ def sanitize(
     if _names_object(path, output):
         from ckptmigrate.storage.staged import staged
 
-        with staged(path, output, overwrite=overwrite, backup=backup and output is None) as stage:
+        with staged(path, output, overwrite=overwrite, write_back=not dry_run,
+                    backup=backup and output is None) as stage:
             staged_row = sanitize(stage.source, output=stage.output, overwrite=overwrite, dry_run=dry_run,
                                   backup=False, key=key)
         shown = stage.shown(staged_row["output"]) if staged_row["output"] else None

@@ -112,6 +112,8 @@ def staged(source: str | os.PathLike[str], output: str | os.PathLike[str] | None
     as read). A failure uploads nothing, and its message names the URLs."""
     src, out = as_location(source), as_location(output) if output is not None else None
     out_target = check_output(out, overwrite) if isinstance(out, ObjectURL) else None
+    if isinstance(src, ObjectURL) and write_back and out is None:
+        s3_compose.S3Object.of(src, None)  # a scheme written in place, or one line before any download
     with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
         stage = Staging(Path(src), Path(out) if out is not None else None, Path(tmp))
         remote = None
