@@ -205,7 +205,10 @@ class RangeFile(io.RawIOBase):
             return b""
         hit = self._cached(offset, n)
         if hit is None:
-            self._fetch([(offset, min(self.size, offset + max(n, MIN_READ)))])
+            end = min(self.size, offset + max(n, MIN_READ))
+            # near the end the window reaches back: a zip's end records, then its directory, in one request
+            start = min(offset, max(0, end - MIN_READ))
+            self._fetch([(start, end)])
             hit = self._cached(offset, n)
             assert hit is not None
         return hit
