@@ -574,7 +574,7 @@ def stamp(
     revision's snapshot is refused with the difference: stamping it would send the next upgrade
     down the wrong path.
     """
-    if _names_object(path, output):
+    if _names_object(output) or (_names_object(path) and output is not None):
         from ckptmigrate.storage.staged import staged
 
         with staged(path, output, overwrite=overwrite) as stage:
@@ -589,13 +589,14 @@ def stamp(
         graph = revision_graph(migrations)
         rev = graph.get(revision)
         revision, lineage = rev.id, rev.lineage
-        _refuse_other_revisions_schema(Path(path), revision, key, graph)
+        _refuse_other_revisions_schema(as_location(path), revision, key, graph)
     return stamping.stamp(path, output=out, tags=tags, repo=repo, key=key, lineage=lineage, revision=revision,
                           release=release, sign=sign, digest=digest, allow_dirty=allow_dirty,
                           allow_unsafe_pickle=allow_unsafe_pickle)
 
 
-def _refuse_other_revisions_schema(path: Path, revision: str, key: str | None, graph: RevisionGraph) -> None:
+def _refuse_other_revisions_schema(path: Path | ObjectURL, revision: str, key: str | None,
+                                   graph: RevisionGraph) -> None:
     from ckptmigrate.autogenerate.plan import diff_schemas
 
     with Checkpoint.open(path, key=key) as ckpt:

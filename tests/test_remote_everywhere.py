@@ -308,3 +308,22 @@ def test_a_new_output_object_is_written_only_where_none_appeared(s3: S3Server, b
         s3.client().put_object(Bucket=bucket, Key="out/raced.pt", Body=b"theirs")  # the other writer
     assert get(s3, bucket, "out/raced.pt") == b"theirs"
     assert open_uploads(s3, bucket) == []
+
+
+def test_a_stamp_in_place_sends_only_the_new_tail(cli: Cli, s3: S3Server, bucket: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    torch.save({"w": torch.randn(6 * 256 * 1024), "b": torch.zeros(3)}, tmp_path / "m.pt")  # 6 MiB
+    original = put_file(s3, bucket, "m.pt", tmp_path / "m.pt")
+    url = f"s3://{bucket}/m.pt"
+    s3.served.reset()
+    assert cli("stamp", url, "--tag", "a=1").returncode == 0
+    # the directory and data.pkl read, the records copied server-side, the new tail sent
+    assert s3.served.body_bytes_sent < len(original) / 4 and s3.served.body_bytes_received < 64 * 1024
+    s3.served.reset()
+    signed = cli("stamp", url, "--digest", "--json")
+    assert signed.returncode == 0, signed.stderr
+    assert json.loads(signed.stdout)["digest"]["overall"]
+    assert s3.served.body_bytes_sent >= len(original)  # the digest hashes every byte it reads...
+    assert s3.served.body_bytes_received < 64 * 1024  # ...but only the tail goes back
+    assert torch.equal(loads(get(s3, bucket, "m.pt"))["w"], torch.load(tmp_path / "m.pt")["w"])
+    assert open_uploads(s3, bucket) == []

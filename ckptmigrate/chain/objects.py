@@ -25,6 +25,7 @@ from ckptmigrate.formats import torchzip
 from ckptmigrate.ops.optimizer import check_policy
 from ckptmigrate.storage import s3_compose
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, Spliced
+from ckptmigrate.storage.staged import refuse_multi_file
 from ckptmigrate.util.urls import ObjectURL
 
 
@@ -54,19 +55,24 @@ def migrate_object(
             history = engine.apply(ckpt, plan, trace=outcome.ops)
             ckpt.refuse_changed_module()
             if not dry_run:
-                _write(ckpt, url, engine.new_envelope(ckpt, plan, history), outcome, backup)
+                outcome.backup = write_object(ckpt, url, engine.new_envelope(ckpt, plan, history), backup=backup)
+                outcome.output = url
+                outcome.written = True
     outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
     return outcome
 
 
-def _write(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, outcome: engine.Outcome, backup: bool) -> None:
+def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool) -> ObjectURL | None:
+    """Replace the object ``ckpt`` was read from by ``ckpt`` with ``envelope``, in one conditional
+    step (server-side assembly when only metadata changed, else staged); returns the backup taken
+    (the version read, or ``KEY.bak``), if ``backup``. Used by upgrade, downgrade and stamp."""
+    refuse_multi_file(url)
     env = envelope.to_dict()
     source = ckpt.container.source
     assert source is not None and isinstance(source.remote, RangeFile)
     target = s3_compose.S3Object.of(url, source.remote.etag, source.remote.version)
     expected = ckpt.schema()
-    if backup:
-        outcome.backup = s3_compose.backup(target)
+    kept = s3_compose.backup(target) if backup else None
     try:
         if ckpt.can_rewrite_metadata_only("torch-zip"):
             c = ckpt.container
@@ -79,14 +85,12 @@ def _write(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, outcome: engine
                 ckpt.write(staged, envelope)  # a legacy (pre-zip) file becomes a torch zip, as on disk
                 s3_compose.upload(target, staged)
     except BaseException as exc:
-        if isinstance(outcome.backup, ObjectURL):
-            s3_compose.remove(outcome.backup)
-            outcome.backup = None
+        if kept is not None:
+            s3_compose.remove(kept)
         if isinstance(exc, CkptMigrateError) and not isinstance(exc, ObjectChanged):
             _blame_a_change(target, exc)
         raise
-    outcome.output = url
-    outcome.written = True
+    return kept
 
 
 def _blame_a_change(target: s3_compose.S3Object, exc: CkptMigrateError) -> None:
