@@ -152,7 +152,8 @@ def main() -> None:
                 server, [*cli, "upgrade", url, "-o", f"s3://{BUCKET}/work.pt.copy", "--from", "c1", "--migrations",
                          str(migrations), "--json"], env))
             restore()
-            cases.setdefault("stamp --digest (every byte read, the tail sent)", []).append(timed(server, [*cli, "stamp", url, "--digest"], env))
+            cases.setdefault("stamp --digest (every byte read, the tail sent)", []).append(
+                timed(server, [*cli, "stamp", url, "--digest"], env))
             cases.setdefault("verify (staged)", []).append(timed(server, [*cli, "verify", url], env))
             restore()
             cases.setdefault("naive: download, torch.load, rename, torch.save, upload", []).append(timed(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from ckptmigrate.errors import BadInput, CkptMigrateError, OutputExists
 from ckptmigrate.storage import s3_compose
 from ckptmigrate.storage.ranges import RangeFile
 from ckptmigrate.util.urls import ObjectURL, as_location, filesystem, translated
+
+#: What transformers and torch DCP name a shard: ``model-00001-of-00004.safetensors``, ``__0_0.distcp``.
+SHARD_NAME = re.compile(r"(-\d+-of-\d+\.[A-Za-z]+|\.distcp)$")
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int] | None:
@@ -90,8 +94,8 @@ def refuse_multi_file(url: ObjectURL) -> None:
     """A shard of a multi-file checkpoint (an HF sharded model, a DCP directory) in a bucket is not
     rewritten alone: the set cannot be replaced in one step on an object store. (An ``http(s)://``
     server lists nothing.)"""
-    if url.scheme in ("http", "https"):
-        return
+    if url.scheme in ("http", "https") or not SHARD_NAME.search(url.name):
+        return  # only a name a sharded save gives costs a listing of its prefix
     fs, path = filesystem(url)
     parent = path.rsplit("/", 1)[0]
     with translated(url, "list"):
