@@ -77,18 +77,19 @@ def test_a_verified_bucket_is_skipped_on_re_run_until_an_object_changes(cli: Cli
     client.create_bucket(Bucket="verified")
     for i in range(3):
         client.put_object(Bucket="verified", Key=f"runs/{i}.pt", Body=saved(i))
-    assert cli("stamp", "s3://verified/runs/", "--digest", check=True).stdout.endswith("3 stamped, 0 failed\n")
+    stamped = cli("stamp", "s3://verified/runs/", "--digest", "-j", "1", check=True)
+    assert stamped.stdout.endswith("3 stamped, 0 failed\n")
     journal = tmp_path / "verify.jsonl"
-    first = cli("verify", "s3://verified/runs/", "--journal", journal, check=True)
+    first = cli("verify", "s3://verified/runs/", "-j", "1", "--journal", journal, check=True)
     assert first.stdout.splitlines()[-1] == "3 files: 3 ok, 0 failed"
-    second = cli("verify", "s3://verified/runs/", "--journal", journal, check=True)
+    second = cli("verify", "s3://verified/runs/", "-j", "1", "--journal", journal, check=True)
     assert second.stdout.splitlines()[-1] == "3 files: 0 ok, 3 skipped (journal), 0 failed"
     # one object's tensor bytes changed behind the journal's back, its size the same: verified again
     body = bytearray(client.get_object(Bucket="verified", Key="runs/1.pt")["Body"].read())
     at = bytes(body).find(torch.full((8,), 1.0).numpy().tobytes())
     body[at] ^= 0xFF
     client.put_object(Bucket="verified", Key="runs/1.pt", Body=bytes(body))
-    third = cli("verify", "s3://verified/runs/", "--journal", journal)
+    third = cli("verify", "s3://verified/runs/", "-j", "1", "--journal", journal)
     assert third.returncode == 1
     assert third.stdout.splitlines()[-1] == "3 files: 0 ok, 2 skipped (journal), 1 failed", third.stdout
     assert third.stderr.startswith("s3://verified/runs/1.pt: FAILED"), third.stderr
