@@ -28,7 +28,7 @@ from ckptmigrate.errors import ObjectChanged
 from ckptmigrate.release import signing
 from ckptmigrate.release.manifest import stamp_release
 from ckptmigrate.storage.staged import staged
-from tests.objectstores import S3Server, running_s3
+from tests.objectstores import HttpServer, S3Server, running_s3
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -327,3 +327,19 @@ def test_a_stamp_in_place_sends_only_the_new_tail(cli: Cli, s3: S3Server, bucket
     assert s3.served.body_bytes_received < 64 * 1024  # ...but only the tail goes back
     assert torch.equal(loads(get(s3, bucket, "m.pt"))["w"], torch.load(tmp_path / "m.pt")["w"])
     assert open_uploads(s3, bucket) == []
+
+
+def test_from_a_read_only_https_url_into_the_bucket(cli: Cli, s3: S3Server, bucket: str, tmp_path: Path) -> None:
+    served = tmp_path / "www"
+    served.mkdir()
+    torch.save(weights(), served / "m.pt")
+    server = HttpServer(served).start()
+    try:
+        url = f"{server.url}/m.pt"
+        up = cli("upgrade", url, "-o", f"s3://{bucket}/from-web.pt", "--from", "c1", "--migrations", chain(tmp_path))
+        assert up.returncode == 0, up.stderr
+        assert set(loads(get(s3, bucket, "from-web.pt"))) == {"body.weight", "out.bias"}
+        in_place = cli("stamp", url, "--tag", "a=b")  # an https:// object is never written
+        assert in_place.returncode == 2 and f"{url}: writing to http:// is not supported" in in_place.stderr
+    finally:
+        server.stop()
