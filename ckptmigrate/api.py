@@ -6,6 +6,9 @@ Checkpoints: :func:`save`, :func:`load`, :func:`inspect`, :func:`current`, :func
 :func:`history`, :func:`record_schema`, :func:`check`, :func:`diff` (from
 :mod:`ckptmigrate.chain.project` and :mod:`ckptmigrate.autogenerate.compare`). Validation lives
 here, not in the CLI; errors are the types of :mod:`ckptmigrate.errors`, with their facts as fields.
+A checkpoint (and an output, a key, a manifest) may be named by URL (``s3://bucket/key``): read by
+range, rewritten in one conditional step, or, for what needs every byte, staged through a local
+temporary copy (:mod:`ckptmigrate.storage.staged`). Fleets of files: :func:`ckptmigrate.fleet.run_fleet`.
 """
 
 from __future__ import annotations
