@@ -511,10 +511,9 @@ def current(path: PathLike, *, verbose: bool = False, migrations: Any = None) ->
     """The revision a checkpoint is at, from its envelope: ``path``, ``revision`` (None when
     unstamped or at base), ``lineage``, ``stamped``; for a stamped file also :func:`chain_status`
     (``newer``, ``warnings``, and with ``verbose`` ``applied``)."""
-    from ckptmigrate import formats
 
     try:
-        _fmt, env = formats.read_envelope(as_location(path))
+        _fmt, env = _read_envelope(path)
     except CkptMigrateError as exc:
         exc.path = exc.path or os.fspath(path)
         raise
@@ -524,6 +523,22 @@ def current(path: PathLike, *, verbose: bool = False, migrations: Any = None) ->
     if env is not None:
         row.update(chain_status(path, env, migrations=migrations, verbose=verbose))
     return row
+
+
+def _read_envelope(path: PathLike) -> tuple[str, dict[str, Any] | None]:
+    """The envelope; of a multi-file checkpoint under a prefix, from its small files alone."""
+    from ckptmigrate import formats
+    from ckptmigrate.errors import MultiFileObject
+
+    location = as_location(path)
+    try:
+        return formats.read_envelope(location)
+    except MultiFileObject:
+        from ckptmigrate.storage.staged import mirrored_prefix, small_files
+
+        assert isinstance(location, ObjectURL)
+        with mirrored_prefix(location, small_files) as stage:
+            return formats.read_envelope(stage.source)
 
 
 def chain_status(path: PathLike, env: Mapping[str, Any], *, migrations: Any = None,
@@ -680,11 +695,18 @@ def verify(path: PathLike, public_key: Any = None, *, key: str | None = None) ->
     from ckptmigrate.release import integrity
 
     if _names_object(path):
-        from ckptmigrate.storage.staged import staged
+        from ckptmigrate.errors import MultiFileObject
+        from ckptmigrate.storage.staged import mirrored_prefix, staged
 
-        with staged(path, write_back=False) as stage:
-            result = integrity.verify(stage.source, public_key, state_key=key)
-        result.path = as_location(path)
+        location = as_location(path)
+        assert isinstance(location, ObjectURL)
+        try:
+            with staged(path, write_back=False) as stage:
+                result = integrity.verify(stage.source, public_key, state_key=key)
+        except MultiFileObject:  # a sharded model or DCP directory: every file under the prefix
+            with mirrored_prefix(location) as stage:
+                result = integrity.verify(stage.source, public_key, state_key=key)
+        result.path = location
         result.problems = [stage.shown(p) for p in result.problems]
         return result
     return integrity.verify(path, public_key, state_key=key)

@@ -5,8 +5,9 @@ compact, convert and sanitize it, a legacy (pre-zip) torch file included."
 Against a real moto S3 server on 127.0.0.1, through the CLI as a subprocess (and the API where the
 loser of a race must be set up). Commands that need every byte (a digest, a signature check, a
 conversion) stream the object into a temporary directory and upload what they wrote in one
-conditional step; what they print names the URL, never the temporary file. A multi-file checkpoint
-under a prefix is refused in one line.
+conditional step; what they print names the URL, never the temporary file. A sharded model or a DCP
+directory under a prefix is read by `current` (its small files) and `verify` (all of them), and
+refused in one line by the rest.
 """
 
 from __future__ import annotations
@@ -253,24 +254,60 @@ def test_a_legacy_torch_file_in_a_bucket(cli: Cli, s3: S3Server, bucket: str, tm
     assert torch.equal(loads(new)["out.bias"], weights()["head.bias"])
 
 
-def test_multi_file_checkpoints_under_a_prefix_are_refused_in_one_line(cli: Cli, s3: S3Server, bucket: str,
-                                                                       tmp_path: Path) -> None:
+def test_a_sharded_model_under_a_prefix_is_read_by_current_and_verify_only(cli: Cli, s3: S3Server, bucket: str,
+                                                                          tmp_path: Path) -> None:
     shards = tmp_path / "hf"
     shards.mkdir()
     save_file({"a": torch.ones(2)}, str(shards / "model-00001-of-00002.safetensors"))
-    save_file({"b": torch.ones(2)}, str(shards / "model-00002-of-00002.safetensors"))
+    save_file({"b": torch.arange(3.0)}, str(shards / "model-00002-of-00002.safetensors"))
     (shards / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
                                         "b": "model-00002-of-00002.safetensors"}}))
+    assert cli("stamp", shards, "--digest", "--tag", "run=7").returncode == 0  # stamped where it was made
     for path in shards.iterdir():
         put_file(s3, bucket, f"hf/{path.name}", path)
-    for args in (("inspect", f"s3://{bucket}/hf/"), ("upgrade", f"s3://{bucket}/hf/"),
-                 ("stamp", f"s3://{bucket}/hf/model-00001-of-00002.safetensors")):
+    prefix = f"s3://{bucket}/hf"
+    s3.served.reset()
+    current = cli("current", f"{prefix}/", "--json")
+    assert current.returncode == 0, current.stderr
+    [row] = json.loads(current.stdout)  # a prefix names many checkpoints: a list, here of one
+    assert row["stamped"] is True and row["path"] == prefix
+    assert s3.served.body_bytes_sent < 16 * 1024  # the index (and its envelope), not the shards
+    ok = cli("verify", f"{prefix}/")
+    assert ok.returncode == 0 and ok.stdout.startswith(f"{prefix}: OK (2 tensors, "), ok.stdout + ok.stderr
+    # a shard's tensor bytes changed in the bucket: verify names the prefix
+    shard = bytearray((shards / "model-00002-of-00002.safetensors").read_bytes())
+    shard[-1] ^= 0xFF
+    s3.client().put_object(Bucket=bucket, Key="hf/model-00002-of-00002.safetensors", Body=bytes(shard))
+    bad = cli("verify", f"{prefix}/")
+    assert bad.returncode == 1 and bad.stderr.startswith(f"{prefix}: FAILED"), bad.stdout + bad.stderr
+    assert "/tmp" not in bad.stderr
+    # anything else is one line: a set of objects cannot be replaced in one step, nor read by range yet
+    for args in (("inspect", f"{prefix}/"), ("upgrade", f"{prefix}/"),
+                 ("stamp", f"{prefix}/model-00001-of-00002.safetensors")):
         proc = cli(*args)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
-        assert "multi-file checkpoints in object storage are not supported" in proc.stderr, proc.stderr
-        assert f"s3://{bucket}/hf/" in proc.stderr
+        assert f"{prefix}/" in proc.stderr and "multi-file checkpoint" in proc.stderr, proc.stderr
     assert len(keys(s3, bucket)) == 3 and open_uploads(s3, bucket) == []
+
+
+def test_a_dcp_directory_under_a_prefix_is_read_by_current_and_verify(cli: Cli, s3: S3Server, bucket: str,
+                                                                      tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    local = tmp_path / "dcp"
+    dcp.save({"w": torch.ones(3), "b": torch.arange(2.0)}, checkpoint_id=str(local))  # one process, no group
+    assert cli("stamp", local, "--digest", "--tag", "step=100").returncode == 0
+    for path in local.iterdir():
+        put_file(s3, bucket, f"ckpt/step100/{path.name}", path)
+    prefix = f"s3://{bucket}/ckpt/step100"
+    current = cli("current", f"s3://{bucket}/ckpt/", "--json")
+    assert current.returncode == 0, current.stderr
+    assert [(r["path"], r["stamped"]) for r in json.loads(current.stdout)] == [(prefix, True)]
+    ok = cli("verify", f"s3://{bucket}/ckpt/")
+    assert ok.returncode == 0 and ok.stdout.startswith(f"{prefix}: OK (2 tensors, "), ok.stdout + ok.stderr
+    refused = cli("inspect", prefix)
+    assert refused.returncode == 2 and f"{prefix}/: a multi-file checkpoint (.metadata)" in refused.stderr
 
 
 def test_a_staged_write_loses_to_a_writer_that_got_there_first(s3: S3Server, bucket: str, tmp_path: Path) -> None:

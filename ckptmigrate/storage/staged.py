@@ -16,13 +16,13 @@ import contextlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptmigrate.errors import BadInput, CkptMigrateError, OutputExists
+from ckptmigrate.errors import BadInput, CkptMigrateError, MultiFileObject, OutputExists
 from ckptmigrate.storage import s3_compose
-from ckptmigrate.storage.ranges import RangeFile
+from ckptmigrate.storage.ranges import RangeFile, multi_file_marker
 from ckptmigrate.util.urls import ObjectURL, as_location, filesystem, translated
 
 #: What transformers and torch DCP name a shard: ``model-00001-of-00004.safetensors``, ``__0_0.distcp``.
@@ -98,13 +98,12 @@ def refuse_multi_file(url: ObjectURL) -> None:
         return  # only a name a sharded save gives costs a listing of its prefix
     fs, path = filesystem(url)
     parent = path.rsplit("/", 1)[0]
-    with translated(url, "list"):
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(parent, detail=False)]
-    if ".metadata" in names or any(n.endswith(".index.json") for n in names):
-        raise BadInput(f"{url}: a shard of a multi-file checkpoint (the prefix holds "
-                       f"{'.metadata' if '.metadata' in names else 'an *.index.json'}); multi-file checkpoints in "
-                       "object storage are not supported: copy the prefix locally (aws s3 sync) and run there",
-                       path=str(url))
+    marker = multi_file_marker(fs, parent, url)
+    if marker is not None:
+        prefix = f"{url.scheme}://{parent}/"
+        raise MultiFileObject(f"{url}: a shard of the multi-file checkpoint {prefix} ({marker}), which object "
+                              "storage cannot replace in one step; copy the prefix to a local directory "
+                              "(aws s3 sync) and run there", url=str(url), marker=marker)
 
 
 @contextlib.contextmanager
@@ -170,25 +169,48 @@ def _renamed(exc: CkptMigrateError, stage: Staging) -> CkptMigrateError:
 def mirrored(manifest: ObjectURL) -> Iterator[Staging]:
     """A release manifest and every object under its prefix (what it lists, and what it does not
     list but a user downloading the release would get), mirrored into a temporary directory."""
-    fs, path = filesystem(manifest)
+    _fs, path = filesystem(manifest)
     prefix = path.rsplit("/", 1)[0]
-    with translated(manifest, "list"):
-        found = [p for p in fs.find(prefix) if p.startswith(prefix + "/")]
-    with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
-        root = Path(tmp) / "release"
-        stage = Staging(root / path[len(prefix) + 1:], None, Path(tmp))
-        stage.urls[str(root)] = f"{manifest.scheme}://{prefix}"
-        for name in found:
-            local = root / name[len(prefix) + 1:]
-            local.parent.mkdir(parents=True, exist_ok=True)
-            url = as_location(f"{manifest.scheme}://{name}")
-            assert isinstance(url, ObjectURL)
-            with open(local, "wb") as fh:
-                for block in RangeFile(url).chunks():
-                    fh.write(block)
+    with mirrored_prefix(as_url(f"{manifest.scheme}://{prefix}")) as stage:
+        stage.source = stage.source / path[len(prefix) + 1:]
         if not stage.source.exists():
             raise BadInput(f"{manifest}: no such manifest", path=str(manifest))
+        yield stage
+
+
+def small_files(name: str) -> bool:
+    """What reading a multi-file checkpoint's envelope needs: its index, ``.metadata`` and envelope
+    file, not its shards."""
+    return not name.endswith((".safetensors", ".bin", ".distcp", ".pt", ".pth"))
+
+
+@contextlib.contextmanager
+def mirrored_prefix(url: ObjectURL, keep: Callable[[str], bool] | None = None) -> Iterator[Staging]:
+    """Every object under the prefix ``url`` (or those whose name ``keep`` takes) in a temporary
+    directory of the same layout: ``source`` is that directory."""
+    fs, path = filesystem(url)
+    with translated(url, "list"):
+        found = [p for p in fs.find(path) if p.startswith(path + "/")]
+    with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
+        root = Path(tmp) / "prefix"
+        root.mkdir()
+        stage = Staging(root, None, Path(tmp))
+        stage.urls[str(root)] = str(url)
+        for name in found:
+            if keep is not None and not keep(name.rsplit("/", 1)[-1]):
+                continue
+            local = root / name[len(path) + 1:]
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with open(local, "wb") as fh:
+                for block in RangeFile(as_url(f"{url.scheme}://{name}")).chunks():
+                    fh.write(block)
         try:
             yield stage
         except CkptMigrateError as exc:
             raise _renamed(exc, stage) from None
+
+
+def as_url(text: str) -> ObjectURL:
+    url = as_location(text)
+    assert isinstance(url, ObjectURL)
+    return url

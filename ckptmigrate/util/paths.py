@@ -64,8 +64,9 @@ def _objects(url: ObjectURL, spec: str) -> Iterator[Path]:
     with translated(url, "list"):
         if prefix:
             every = fs.find(path)
-            _refuse_multi_file(url, every)
-            found = [p for p in every if p.endswith(CHECKPOINT_SUFFIXES) and ".bak" not in p.rsplit("/", 1)[-1]]
+            multi = _multi_file_directories(every)
+            found = [p for p in every if p.endswith(CHECKPOINT_SUFFIXES) and ".bak" not in p.rsplit("/", 1)[-1]
+                     and p.rsplit("/", 1)[0] not in multi] + sorted(multi)
         else:
             found = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
     if not found:
@@ -75,14 +76,12 @@ def _objects(url: ObjectURL, spec: str) -> Iterator[Path]:
         yield as_location(f"{url.scheme}://{p}")
 
 
-def _refuse_multi_file(url: ObjectURL, names: list[str]) -> None:
-    """A prefix holding a multi-file checkpoint (a DCP ``.metadata``, a sharded model's index) is one
-    line saying it is not supported: its shards are not separate checkpoints, and an object store
-    cannot replace several objects in one step."""
+def _multi_file_directories(names: list[str]) -> set[str]:
+    """The prefixes among ``names`` that hold a multi-file checkpoint (a DCP ``.metadata``, a sharded
+    model's index): each is one checkpoint, never its shards one by one."""
+    out = set()
     for name in names:
         base = name.rsplit("/", 1)[-1]
         if base == ".metadata" or (base.endswith(".index.json") and not base.startswith(".")):
-            where = f"{url.scheme}://{name.rsplit('/', 1)[0]}/"
-            raise BadInput(f"{where}: a multi-file checkpoint ({base}); multi-file checkpoints in object storage "
-                           "are not supported: copy the prefix to a local directory (aws s3 sync) and run there",
-                           path=where)
+            out.add(name.rsplit("/", 1)[0])
+    return out
