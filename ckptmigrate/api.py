@@ -6,6 +6,9 @@ Checkpoints: :func:`save`, :func:`load`, :func:`inspect`, :func:`current`, :func
 :func:`history`, :func:`record_schema`, :func:`check`, :func:`diff` (from
 :mod:`ckptmigrate.chain.project` and :mod:`ckptmigrate.autogenerate.compare`). Validation lives
 here, not in the CLI; errors are the types of :mod:`ckptmigrate.errors`, with their facts as fields.
+A checkpoint (and an output, a key, a manifest) may be named by URL (``s3://bucket/key``): read by
+range, rewritten in one conditional step, or, for what needs every byte, staged through a local
+temporary copy (:mod:`ckptmigrate.storage.staged`). Fleets of files: :func:`ckptmigrate.fleet.run_fleet`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ckptmigrate.release import stamping
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.locking import file_lock
 from ckptmigrate.util.gcpause import pausing
-from ckptmigrate.util.urls import ObjectURL, as_location, refuse_remote
+from ckptmigrate.util.urls import ObjectURL, as_location
 
 __all__ = [
     "autogenerate_revision", "chain_source", "chain_status", "check", "checkpoint_files", "compact", "convert",
@@ -173,6 +176,11 @@ def checkpoint_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
                            f"{', '.join(CHECKPOINT_SUFFIXES)})", path=spec)
         files += found
     return files
+
+
+def _names_object(*paths: PathLike | None) -> bool:
+    """Whether any of ``paths`` is an object URL (the command then runs staged: storage/staged.py)."""
+    return any(p is not None and isinstance(as_location(p), ObjectURL) for p in paths)
 
 
 def _check_output(source: PathLike, output: PathLike | None, overwrite: bool) -> Path | None:
@@ -326,7 +334,11 @@ def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | No
     """
     from ckptmigrate import formats
 
-    refuse_remote("compact", path, output)
+    if _names_object(path, output):
+        from ckptmigrate.storage.staged import staged
+
+        with staged(path, output, overwrite=overwrite) as stage:
+            return compact(stage.source, output=stage.output, overwrite=overwrite)
     path = formats.checkpoint_path(path)
     dest = _check_output(path, output, overwrite) or Path(path)
     with file_lock(dest), Checkpoint.open(path if output else formats.recovered(path)) as ckpt:
@@ -371,6 +383,16 @@ def sanitize(
     from ckptmigrate.checkpoint.envelope import superseded
     from ckptmigrate.checkpoint.layout import module_class
 
+    if _names_object(path, output):
+        from ckptmigrate.storage.staged import staged
+
+        with staged(path, output, overwrite=overwrite, write_back=not dry_run,
+                    backup=backup and output is None) as stage:
+            staged_row = sanitize(stage.source, output=stage.output, overwrite=overwrite, dry_run=dry_run,
+                                  backup=False, key=key)
+        shown = stage.shown(staged_row["output"]) if staged_row["output"] else None
+        return {**staged_row, "path": os.fspath(path), "output": shown,
+                "backup": str(stage.backup) if stage.backup is not None else None}
     out = _check_output(path, output, overwrite)
     source = formats.checkpoint_path(path)
     dest = out or source
@@ -443,11 +465,25 @@ def convert(
     from ckptmigrate import formats
     from ckptmigrate.util.memory import release_large_blocks
 
-    refuse_remote("convert", src, dst)
     release_large_blocks()
     if to not in CONVERT_TARGETS:
         raise BadInput(f"--to {to}: not one of {', '.join(CONVERT_TARGETS)}")
     fmt = CONVERT_TARGETS[to]
+    if _names_object(src, dst):
+        from ckptmigrate.formats import MULTI_FORMATS
+        from ckptmigrate.storage.staged import staged
+
+        if fmt in MULTI_FORMATS and isinstance(as_location(dst), ObjectURL):
+            raise BadInput(f"{as_location(dst)}: writing a {fmt} checkpoint (several files) to object storage is "
+                           "not supported (its files could not be replaced in one step); convert to a local "
+                           "directory", path=str(as_location(dst)))
+        with staged(src, dst, write_back=False) as stage:
+            assert stage.output is not None
+            written = convert(stage.source, stage.output, to=to, max_shard_size=max_shard_size,
+                              state_dict_only=state_dict_only)
+        located = stage.location(written)
+        assert located is not None
+        return located
     dst = Path(dst)
     src = formats.checkpoint_path(src)
     if dst.exists() and dst.resolve() == Path(src).resolve():
@@ -475,10 +511,9 @@ def current(path: PathLike, *, verbose: bool = False, migrations: Any = None) ->
     """The revision a checkpoint is at, from its envelope: ``path``, ``revision`` (None when
     unstamped or at base), ``lineage``, ``stamped``; for a stamped file also :func:`chain_status`
     (``newer``, ``warnings``, and with ``verbose`` ``applied``)."""
-    from ckptmigrate import formats
 
     try:
-        _fmt, env = formats.read_envelope(as_location(path))
+        _fmt, env = _read_envelope(path)
     except CkptMigrateError as exc:
         exc.path = exc.path or os.fspath(path)
         raise
@@ -488,6 +523,22 @@ def current(path: PathLike, *, verbose: bool = False, migrations: Any = None) ->
     if env is not None:
         row.update(chain_status(path, env, migrations=migrations, verbose=verbose))
     return row
+
+
+def _read_envelope(path: PathLike) -> tuple[str, dict[str, Any] | None]:
+    """The envelope; of a multi-file checkpoint under a prefix, from its small files alone."""
+    from ckptmigrate import formats
+    from ckptmigrate.errors import MultiFileObject
+
+    location = as_location(path)
+    try:
+        return formats.read_envelope(location)
+    except MultiFileObject:
+        from ckptmigrate.storage.staged import mirrored_prefix, small_files
+
+        assert isinstance(location, ObjectURL)
+        with mirrored_prefix(location, small_files) as stage:
+            return formats.read_envelope(stage.source)
 
 
 def chain_status(path: PathLike, env: Mapping[str, Any], *, migrations: Any = None,
@@ -541,19 +592,29 @@ def stamp(
     revision's snapshot is refused with the difference: stamping it would send the next upgrade
     down the wrong path.
     """
-    refuse_remote("stamp", path, output)
+    if _names_object(output) or (_names_object(path) and output is not None):
+        from ckptmigrate.storage.staged import staged
+
+        with staged(path, output, overwrite=overwrite) as stage:
+            written = stamp(stage.source, output=stage.output, overwrite=overwrite, tags=tags, repo=repo, key=key,
+                            lineage=lineage, revision=revision, migrations=migrations, release=release, sign=sign,
+                            digest=digest, allow_dirty=allow_dirty, allow_unsafe_pickle=allow_unsafe_pickle)
+        located = stage.location(written)
+        assert located is not None
+        return located
     out = _check_output(path, output, overwrite)
     if revision is not None:
         graph = revision_graph(migrations)
         rev = graph.get(revision)
         revision, lineage = rev.id, rev.lineage
-        _refuse_other_revisions_schema(Path(path), revision, key, graph)
+        _refuse_other_revisions_schema(as_location(path), revision, key, graph)
     return stamping.stamp(path, output=out, tags=tags, repo=repo, key=key, lineage=lineage, revision=revision,
                           release=release, sign=sign, digest=digest, allow_dirty=allow_dirty,
                           allow_unsafe_pickle=allow_unsafe_pickle)
 
 
-def _refuse_other_revisions_schema(path: Path, revision: str, key: str | None, graph: RevisionGraph) -> None:
+def _refuse_other_revisions_schema(path: Path | ObjectURL, revision: str, key: str | None,
+                                   graph: RevisionGraph) -> None:
     from ckptmigrate.autogenerate.plan import diff_schemas
 
     with Checkpoint.open(path, key=key) as ckpt:
@@ -579,13 +640,19 @@ def _migrate(direction: str, path: PathLike, *, to: str, output: PathLike | None
     from ckptmigrate.chain.engine import migrate_file
 
     location = as_location(path)
-    if isinstance(location, ObjectURL):
+    if isinstance(location, ObjectURL) and output is None:
         from ckptmigrate.chain.objects import migrate_object
 
-        if output is not None:
-            raise BadInput(f"{location}: -o/--output with an object URL is not supported; the object is "
-                           "rewritten in place (its backup is a server-side copy)", path=str(location))
         return migrate_object(location, chain_source(migrations), direction=direction, to=to, **options)
+    if _names_object(path, output):
+        from ckptmigrate.storage.staged import staged
+
+        with staged(path, output, overwrite=overwrite, write_back=False) as stage:
+            outcome = migrate_file(stage.source, chain_source(migrations), to=to, output=stage.output,
+                                   direction=direction, **options)
+        outcome.path = stage.location(outcome.path) or outcome.path
+        outcome.output = stage.location(outcome.output)
+        return outcome
     out = _check_output(path, output, overwrite)
     return migrate_file(Path(path), chain_source(migrations), to=to, output=out, direction=direction, **options)
 
@@ -627,8 +694,23 @@ def verify(path: PathLike, public_key: Any = None, *, key: str | None = None) ->
     file, which must then have signed it); ``key`` is the state dict's location, as everywhere."""
     from ckptmigrate.release import integrity
 
-    refuse_remote("verify", path)
+    if _names_object(path):
+        from ckptmigrate.errors import MultiFileObject
+        from ckptmigrate.storage.staged import mirrored_prefix, staged
+
+        location = as_location(path)
+        assert isinstance(location, ObjectURL)
+        try:
+            with staged(path, write_back=False) as stage:
+                result = integrity.verify(stage.source, public_key, state_key=key)
+        except MultiFileObject:  # a sharded model or DCP directory: every file under the prefix
+            with mirrored_prefix(location) as stage:
+                result = integrity.verify(stage.source, public_key, state_key=key)
+        result.path = location
+        result.problems = [stage.shown(p) for p in result.problems]
+        return result
     return integrity.verify(path, public_key, state_key=key)
+
 
 
 def verify_manifest(manifest: PathLike, public_key: Any = None, *, jobs: int | None = None, strict: bool = False
@@ -641,6 +723,19 @@ def verify_manifest(manifest: PathLike, public_key: Any = None, *, jobs: int | N
     from ckptmigrate.release import signing
     from ckptmigrate.release.manifest import check_manifest_file, load_manifest, parallel, unlisted_checkpoints
 
+    if _names_object(manifest):
+        from ckptmigrate.storage.staged import mirrored
+
+        location = as_location(manifest)
+        assert isinstance(location, ObjectURL)
+        with mirrored(location) as stage:
+            info, results = verify_manifest(stage.source, public_key, jobs=jobs, strict=strict)
+        for result in results:
+            result.path = as_location(stage.shown(str(result.path)))
+            result.problems = [stage.shown(p) for p in result.problems]
+        info["path"] = str(location)
+        info["unlisted"] = [{**item, "path": stage.shown(item["path"])} for item in info["unlisted"]]
+        return info, results
     path = Path(manifest)
     key = signing.load_public_key(public_key) if isinstance(public_key, (str, os.PathLike)) else public_key
     doc = load_manifest(path)

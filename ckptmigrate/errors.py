@@ -137,6 +137,18 @@ class RemoteError(BadInput):
         return {"url": self.url, "extra": self.extra}
 
 
+class MultiFileObject(RemoteError):
+    """A URL names a prefix that holds a multi-file checkpoint (``marker``: its ``.metadata`` or
+    ``*.index.json``), which the command cannot read or write in object storage."""
+
+    def __init__(self, message: str = "", *, url: str, marker: str) -> None:
+        super().__init__(message, url=url)
+        self.marker = marker
+
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "marker": self.marker}
+
+
 class ObjectChanged(RemoteError):
     """The object changed between the read that planned a write and the write (another runner won):
     ``expected`` and ``found`` are its ETags; nothing was written."""

@@ -29,6 +29,10 @@ def public_objects() -> Iterator[tuple[str, Any]]:
 
     for name in sorted(set(api.__all__) - set(ckptmigrate.__all__)):  # every command as a function
         yield f"ckptmigrate.api.{name}", getattr(api, name)
+    from ckptmigrate import fleet
+
+    for name in sorted(fleet.__all__):
+        yield f"ckptmigrate.fleet.{name}", getattr(fleet, name)
     for name in ("check_chain", "record_fixture", "ChainBroken"):
         yield f"ckptmigrate.testing.{name}", getattr(testing, name)
     ops = (Operations, ArchitectureOps, PickleOps)
@@ -63,12 +67,15 @@ def render() -> str:
     section = None
     for qualname, obj in public_objects():
         head = ("testing" if qualname.startswith("ckptmigrate.testing.")
+                else "fleet" if qualname.startswith("ckptmigrate.fleet.")
                 else "api" if qualname.startswith("ckptmigrate.api.") else qualname.split(".")[0])
         if head != section:
             section = head
             lines += [{"ckptmigrate": "## `ckptmigrate`", "ckpt": "## Ops: what a migration script calls on `ckpt`",
                        "Checkpoint": "## `Checkpoint`", "testing": "## `ckptmigrate.testing`",
-                       "api": "## `ckptmigrate.api`: every command as a function"}[head], ""]
+                       "api": "## `ckptmigrate.api`: every command as a function",
+                       "fleet": "## `ckptmigrate.fleet`: many checkpoints at once, as the CLI's fleet options"}[head],
+                      ""]
         kind = "class " if inspect.isclass(obj) else ""
         lines += [f"### `{kind}{qualname}{_signature(obj)}`", "", docstring(obj), ""]
     return "\n".join(lines).rstrip() + "\n"

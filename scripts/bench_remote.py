@@ -148,6 +148,14 @@ def main() -> None:
             cases.setdefault("upgrade (rename, backup KEY.bak)", []).append(timed(
                 server, [*cli, "upgrade", url, "--from", "c1", "--migrations", str(migrations), "--json"], env))
             restore()
+            cases.setdefault("upgrade -o s3://... (staged)", []).append(timed(
+                server, [*cli, "upgrade", url, "-o", f"s3://{BUCKET}/work.pt.copy", "--from", "c1", "--migrations",
+                         str(migrations), "--json"], env))
+            restore()
+            cases.setdefault("stamp --digest (every byte read, the tail sent)", []).append(
+                timed(server, [*cli, "stamp", url, "--digest"], env))
+            cases.setdefault("verify (staged)", []).append(timed(server, [*cli, "verify", url], env))
+            restore()
             cases.setdefault("naive: download, torch.load, rename, torch.save, upload", []).append(timed(
                 server, [sys.executable, "-c", NAIVE, BUCKET, "work.pt", str(tmp / "naive.pt")], env))
             for leftover in tmp.glob("naive.pt*"):

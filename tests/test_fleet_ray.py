@@ -11,13 +11,9 @@ skips what is done; stamping and verifying a fleet run on the cluster too.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,57 +21,15 @@ import pytest
 import torch
 
 from tests.fleet_chain import applications, arm_kill, make_chain, make_fleet, revision_of
+from tests.raycluster import QUIET, Cluster, ray_head
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
-RAY = str(Path(sys.executable).with_name("ray"))
-#: What cuts the cluster's start-up and noise: no usage report, no dashboard, no driver logs.
-QUIET = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_DEDUP_LOGS": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Cluster:
-    def __init__(self, gcs: int, client: int) -> None:
-        self.gcs, self.client = gcs, client
-
-    @property
-    def executor(self) -> str:
-        return f"ray://127.0.0.1:{self.client}"
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {**QUIET, "RAY_ADDRESS": f"127.0.0.1:{self.gcs}"}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A 2-CPU head node; ready when `ray start` says so; its whole process group killed at the end."""
-    temp = tmp_path_factory.mktemp("ray")
-    gcs, client = free_port(), free_port()
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={gcs}", f"--ray-client-server-port={client}", "--num-cpus=2",
-         "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, **QUIET},
-    )
-    try:
-        assert proc.stdout is not None
-        seen = []
-        for line in proc.stdout:  # blocks until the next line: the event is the head saying it is up
-            seen.append(line)
-            if "Ray runtime started" in line:
-                break
-        else:
-            raise AssertionError("ray start exited:\n" + "".join(seen))
-        yield Cluster(gcs, client)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+    with ray_head(tmp_path_factory.mktemp("ray")) as head:
+        yield head
 
 
 def journal_lines(path: Path) -> list[dict]:

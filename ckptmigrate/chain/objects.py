@@ -3,9 +3,9 @@
 Planned and migrated from the object's directory and ``data.pkl`` alone (range reads). A migration
 that changes only metadata of a torch zip keeps every record where it is: the new object is the
 old one's records, copied server-side, and a new tail (``data.pkl``, envelope, central directory),
-read back before it is sent (storage/s3_compose). Any other migration is staged: the object is
-streamed into a temporary file, the local engine writes the result beside it, and that is
-uploaded. Either way the object is replaced in one step, only if it is still the one read (its
+read back before it is sent (storage/s3_compose). Any other migration (and any legacy, pre-zip
+file) is staged: the local engine writes the result into a temporary file, reading the tensors by
+range, and that is uploaded. Either way the object is replaced in one step, only if it is still the one read (its
 ETag); the backup is the version read (a versioned bucket) or a server-side copy ``KEY.bak``.
 """
 
@@ -25,6 +25,7 @@ from ckptmigrate.formats import torchzip
 from ckptmigrate.ops.optimizer import check_policy
 from ckptmigrate.storage import s3_compose
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, Spliced
+from ckptmigrate.storage.staged import refuse_multi_file
 from ckptmigrate.util.urls import ObjectURL
 
 
@@ -54,22 +55,24 @@ def migrate_object(
             history = engine.apply(ckpt, plan, trace=outcome.ops)
             ckpt.refuse_changed_module()
             if not dry_run:
-                _write(ckpt, url, engine.new_envelope(ckpt, plan, history), outcome, backup)
+                outcome.backup = write_object(ckpt, url, engine.new_envelope(ckpt, plan, history), backup=backup)
+                outcome.output = url
+                outcome.written = True
     outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
     return outcome
 
 
-def _write(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, outcome: engine.Outcome, backup: bool) -> None:
+def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool) -> ObjectURL | None:
+    """Replace the object ``ckpt`` was read from by ``ckpt`` with ``envelope``, in one conditional
+    step (server-side assembly when only metadata changed, else staged); returns the backup taken
+    (the version read, or ``KEY.bak``), if ``backup``. Used by upgrade, downgrade and stamp."""
+    refuse_multi_file(url)
     env = envelope.to_dict()
     source = ckpt.container.source
     assert source is not None and isinstance(source.remote, RangeFile)
     target = s3_compose.S3Object.of(url, source.remote.etag, source.remote.version)
-    if ckpt.format not in ("torch-zip", "safetensors"):
-        raise BadInput(f"{url}: a {ckpt.format} checkpoint in object storage is read-only here (torch zip and "
-                       "safetensors objects are rewritten)")
     expected = ckpt.schema()
-    if backup:
-        outcome.backup = s3_compose.backup(target)
+    kept = s3_compose.backup(target) if backup else None
     try:
         if ckpt.can_rewrite_metadata_only("torch-zip"):
             c = ckpt.container
@@ -79,17 +82,15 @@ def _write(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, outcome: engine
         else:
             with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
                 staged = Path(tmp) / url.name
-                ckpt.write(staged, envelope, fmt=ckpt.format)
+                ckpt.write(staged, envelope)  # a legacy (pre-zip) file becomes a torch zip, as on disk
                 s3_compose.upload(target, staged)
     except BaseException as exc:
-        if isinstance(outcome.backup, ObjectURL):
-            s3_compose.remove(outcome.backup)
-            outcome.backup = None
+        if kept is not None:
+            s3_compose.remove(kept)
         if isinstance(exc, CkptMigrateError) and not isinstance(exc, ObjectChanged):
             _blame_a_change(target, exc)
         raise
-    outcome.output = url
-    outcome.written = True
+    return kept
 
 
 def _blame_a_change(target: s3_compose.S3Object, exc: CkptMigrateError) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,9 @@ from ckptmigrate.cli.common import (
     naming,
     parse_tags,
 )
-from ckptmigrate.errors import BadInput
 from ckptmigrate.util.paths import multi_file_checkpoint
 from ckptmigrate.util.progress import file_bar
-from ckptmigrate.util.urls import as_location, is_remote, names_many, refuse_remote
+from ckptmigrate.util.urls import as_location, is_remote, names_many
 
 
 def _fmt_bytes(n: int) -> str:
@@ -97,7 +95,7 @@ def _single(paths: tuple[str, ...]) -> bool:
 _KEY = click.option("--key", default=None, metavar="LOCATION",
                     help="Where the state dict sits in the payload (default: found, or the envelope's).")
 _OUTPUT = [
-    click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of in place."),
+    click.option("-o", "--output", type=LOCATION, help="Write here (a path or a URL) instead of in place."),
     click.option("--overwrite", is_flag=True, help="With -o: replace an existing file."),
 ]
 
@@ -156,31 +154,16 @@ def stamp(paths: tuple[str, ...], tags: tuple[str, ...], repo: Path | None, outp
           **fleet: Any) -> None:
     """Write the envelope into checkpoints (files, directories, globs) without changing any tensor."""
     from ckptmigrate import api
-    from ckptmigrate.fleet import batch
-    from ckptmigrate.release import signing
 
     files = api.checkpoint_files(paths)
-    refuse_remote("stamp", *files)
-    if output is not None and len(files) != 1:
-        raise BadInput("-o/--output takes exactly one input file")
-    if revision is not None:  # once, before any file: an unknown revision is one error, not one per file
-        revision = api.revision_graph(migrations).get(revision).id
-    if release is not None and not allow_dirty:
-        from ckptmigrate.release.stamping import require_clean
-
-        require_clean(repo)  # once, before any file: stamping tracked files dirties the tree as it goes
-    if sign is not None:
-        signing.load_private_key(sign)  # once, before any file: a bad key is one error
-    options = {"output": str(output) if output is not None else None, "overwrite": overwrite,
-               "tags": parse_tags(tags), "repo": os.path.abspath(repo or os.getcwd()), "key": key,
-               "revision": revision, "migrations": batch.portable_migrations(migrations) if revision else None,
-               "release": release, "sign": str(sign.resolve()) if sign is not None else None, "digest": digest,
-               "allow_dirty": True, "allow_unsafe_pickle": allow_unsafe_pickle}
+    options = {"output": output, "overwrite": overwrite, "tags": parse_tags(tags), "repo": repo, "key": key,
+               "revision": revision, "release": release, "sign": sign, "digest": digest,
+               "allow_dirty": allow_dirty, "allow_unsafe_pickle": allow_unsafe_pickle}
     watching = sys.stdout.isatty() and not as_json
     rows: list[dict[str, Any]] = []
     stamped = failed = skipped = 0
     with file_bar("stamp", files[0], show=watching and len(files) == 1):
-        for result in fleet_run("stamp", files, options, fleet=fleet, show=watching, target=revision or ""):
+        for result in fleet_run("stamp", files, options, fleet=fleet, show=watching, migrations=migrations):
             if result.error is not None:
                 click.echo(f"{result.path}: FAILED: {result.error['message']}", err=True)
                 rows.append({"path": result.path, "error": result.error})

@@ -130,10 +130,10 @@ def fleet_options(fn: Any) -> Any:
 
 
 def fleet_run(command: str, files: Sequence[Path], options: dict[str, Any], *, fleet: dict[str, Any], show: bool,
-              target: str = "", chain: str | None = None) -> Iterator[Any]:
-    """The files' results in order (see :func:`ckptmigrate.fleet.batch.run`), a bar of files on stderr
-    when ``show`` and there are several; one file's error is raised as the single-file command's."""
-    from ckptmigrate.fleet import batch
+              migrations: str | None = None) -> Iterator[Any]:
+    """The files' results in order (:func:`ckptmigrate.fleet.commands.fleet_results`), a bar of files on
+    stderr when ``show`` and there are several; one file's error is raised as the single-file command's."""
+    from ckptmigrate.fleet.commands import fleet_results
 
     bar = None
     if show and len(files) > 1:
@@ -141,9 +141,9 @@ def fleet_run(command: str, files: Sequence[Path], options: dict[str, Any], *, f
 
         bar = tqdm(total=len(files), desc=command, unit="file", file=sys.stderr)
     try:
-        for result in batch.run(command, files, options, target=target, chain=chain,
-                                progress=(lambda _r: bar.update(1)) if bar is not None else None,
-                                **fleet):
+        for result in fleet_results(command, files, migrations=migrations,
+                                    progress=(lambda _r: bar.update(1)) if bar is not None else None,
+                                    **fleet, **options):
             if result.error is not None and len(files) == 1 and command != "verify":
                 raise result.exception or _RemoteError.of(result.error)
             yield result

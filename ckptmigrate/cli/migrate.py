@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ckptmigrate.cli.common import JSON, MIGRATIONS, emit_json, fleet_options, fleet_run
+from ckptmigrate.cli.common import JSON, LOCATION, MIGRATIONS, emit_json, fleet_options, fleet_run
 from ckptmigrate.cli.convert import parse_size
 from ckptmigrate.errors import BadInput
 from ckptmigrate.util.progress import file_bar
@@ -19,24 +19,16 @@ def _migrate(direction: str, paths: tuple[str, ...], to: str, output: Path | Non
              key: str | None, as_json: bool, trust_pickle: bool, state_dicts: tuple[str, ...],
              optimizer: str, max_shard_size: str | None, fleet: dict[str, Any]) -> None:
     from ckptmigrate import api
-    from ckptmigrate.chain import config
-    from ckptmigrate.fleet import batch
 
-    source = api.chain_source(migrations)  # once, in the driver: a broken chain is one error, not one per file
-    declared = list(state_dicts) if state_dicts else config.load().state_dicts
     files = api.checkpoint_files(paths)
-    if output is not None and len(files) != 1:
-        raise BadInput("-o/--output takes exactly one input file")
-    options = {"to": to, "output": str(output) if output is not None else None, "overwrite": overwrite,
+    options = {"to": to, "output": output, "overwrite": overwrite,
                "dry_run": dry_run, "backup": not no_backup, "from_rev": from_rev, "lineage": lineage, "key": key,
-               "trust_pickle": trust_pickle, "migrations": batch.portable_migrations(migrations),
-               "state_dicts": declared, "optimizer": optimizer,
+               "trust_pickle": trust_pickle, "state_dicts": list(state_dicts), "optimizer": optimizer,
                "max_shard_size": parse_size(max_shard_size) if max_shard_size is not None else None}
     watching = sys.stdout.isatty() and not as_json
     rows, written, failed = [], 0, 0
     with file_bar(direction, files[0], show=watching and len(files) == 1):
-        for result in fleet_run(direction, files, options, fleet=fleet, show=watching, target=to,
-                                chain=None if dry_run else batch.chain_key(source)):
+        for result in fleet_run(direction, files, options, fleet=fleet, show=watching, migrations=migrations):
             row = _row(result)
             rows.append(row)
             written += result.result == "written"
@@ -104,7 +96,7 @@ def _print_result(result: Any, dry_run: bool) -> None:
 
 _COMMON: list[Any] = [
     click.argument("paths", nargs=-1, required=True),
-    click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of in place."),
+    click.option("-o", "--output", type=LOCATION, help="Write here (a path or a URL) instead of in place."),
     click.option("--overwrite", is_flag=True, help="With -o: replace an existing file."),
     click.option("--in-place", is_flag=True, help="Rewrite the file itself (the default without -o)."),
     click.option("--dry-run", is_flag=True, help="Print the plan and the keys each op touches; write nothing."),

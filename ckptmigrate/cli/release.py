@@ -17,10 +17,10 @@ from typing import Any
 
 import click
 
-from ckptmigrate.cli.common import JSON, fleet_options, fleet_run
+from ckptmigrate.cli.common import JSON, LOCATION, fleet_options, fleet_run
 from ckptmigrate.errors import BadInput
 from ckptmigrate.util.progress import file_bar
-from ckptmigrate.util.urls import refuse_remote
+from ckptmigrate.util.urls import as_location, is_remote
 
 
 @click.command()
@@ -54,9 +54,9 @@ def _public_key_given_as_key(value: str | None) -> bool:
 
 @click.command()
 @click.argument("paths", nargs=-1)
-@click.option("--public-key", "pubkey", type=click.Path(path_type=Path, dir_okay=False),
+@click.option("--public-key", "pubkey", type=LOCATION,
               help="Public key: every file must carry a valid signature by it.")
-@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
+@click.option("--manifest", type=LOCATION,
               help="Release manifest: check every file it lists (relative to the manifest).")
 @JSON
 @click.option("--key", "state_key", default=None, metavar="LOCATION",
@@ -77,28 +77,25 @@ def verify(paths: tuple[str, ...], pubkey: Path | None, manifest: Path | None, a
         raise BadInput("verify needs PATH... or --manifest")
     if strict and manifest is None:
         raise BadInput("--strict checks the directory of a --manifest; give --manifest")
-    if pubkey is not None:
-        signing.load_public_key(pubkey)  # once, before any file: a bad key is one error
     files = api.checkpoint_files(paths) if paths else []
     for path in files:
-        refuse_remote("verify", path)
-        if not path.exists():
+        if not is_remote(path) and not path.exists():
             raise BadInput(f"{path}: no such file", path=path)
 
     watching = sys.stdout.isatty() and not as_json
-    options = {"public_key": str(pubkey.resolve()) if pubkey is not None else None, "key": state_key}
+    options = {"public_key": pubkey, "key": state_key}
     results: list[Any] = []
     skipped: set[str] = set()
     with file_bar("verify", files[0] if files else ".", show=watching and len(files) == 1 and manifest is None):
-        for outcome in fleet_run("verify", files, options, fleet=fleet, show=watching):
+        for outcome in fleet_run("verify", files, options, fleet=fleet, show=watching) if files else ():
             if outcome.result == "skipped":
                 skipped.add(outcome.path)
                 if not as_json:
                     click.echo(f"{outcome.path}: OK in the journal, unchanged since, skipped")
-                result = integrity.VerifyResult(Path(outcome.path), ok=True)
+                result = integrity.VerifyResult(as_location(outcome.path), ok=True)
             else:
                 result = outcome.detail if outcome.detail is not None else integrity.VerifyResult(
-                    Path(outcome.path), problems=[(outcome.error or {}).get("message", "failed")])
+                    as_location(outcome.path), problems=[(outcome.error or {}).get("message", "failed")])
                 if not as_json:
                     click.echo(_line(result), err=not result.ok)
             results.append(result)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ckptmigrate.cli.common import JSON, emit_json, error_dict, error_line, files_bar, naming
+from ckptmigrate.cli.common import JSON, LOCATION, emit_json, error_dict, error_line, files_bar, naming
 from ckptmigrate.errors import BadInput, CkptMigrateError
 
 
@@ -39,7 +39,7 @@ def _print_row(row: dict[str, Any], dry_run: bool) -> None:
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of in place.")
+@click.option("-o", "--output", type=LOCATION, help="Write here (a path or a URL) instead of in place.")
 @click.option("--overwrite", is_flag=True, help="With -o: replace an existing file.")
 @click.option("--dry-run", is_flag=True, help="Show what would be converted and the verdict; write nothing.")
 @click.option("--no-backup", is_flag=True, help="In place: do not keep the original as PATH.bak.")

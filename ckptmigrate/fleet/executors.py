@@ -28,6 +28,11 @@ from ckptmigrate.errors import BadInput, one_line
 Task = Callable[[str, int], Any]
 #: How many times a ``ray://`` address is joined before the fleet gives up.
 RAY_CLIENT_JOINS = 3
+#: Where the driver's object store is, sent to Ray workers (their ``runtime_env``) so that a fleet of
+#: ``s3://`` objects reaches the same endpoint from every node. Never credentials: a node has its own
+#: (a role, its ``~/.aws``, its environment), and a secret in a runtime_env is stored by the cluster.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "CKPTMIGRATE_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "CKPTMIGRATE_S3_PART_SIZE")
 
 
 @dataclass
@@ -162,7 +167,11 @@ class Ray(Executor):
         if self._owned:
             self._join(address, logging.ERROR)
         self.slots = jobs or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self._remote = ray.remote(max_retries=0, num_cpus=1)(_call)
+        env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+        options: dict[str, Any] = {"max_retries": 0, "num_cpus": 1}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        self._remote = ray.remote(**options)(_call)
         self._running: list[Any] = []
 
     def _join(self, address: str | None, level: int) -> None:

@@ -10,8 +10,8 @@ agrees: a line is a claim, not a proof. Before skipping, the driver reads the fi
 zip directory and the envelope record, or the safetensors header; no tensor bytes) and skips only
 when its revision is the one the line recorded, the chain's heads are the ones the line was
 written under (a new head makes ``--to head`` mean another revision), and, for ``verify``, the
-file's size and modification time are the ones recorded (a multi-file checkpoint's directory has
-none worth trusting: it is verified again). Relative targets (``+N``, ``-N``) name a
+file's size and modification time (an object's size and ETag) are the ones recorded (a multi-file
+checkpoint's directory has none worth trusting: it is verified again). Relative targets (``+N``, ``-N``) name a
 different revision on every run and are never skipped.
 """
 
@@ -34,13 +34,31 @@ def path_key(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def _stat(path: str) -> list[int] | None:
-    """Size and mtime of a regular file; None otherwise (a directory's mtime misses an edited shard)."""
+def _stat(path: str) -> list[int | str] | None:
+    """Size and mtime of a regular file, size and ETag of an object (one HEAD); None otherwise (a
+    directory's mtime misses an edited shard)."""
+    if "://" in path:
+        return _object_stat(path)
     try:
         st = os.stat(path)
     except (OSError, ValueError):
         return None
     return [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None
+
+
+def _object_stat(url: str) -> list[int | str] | None:
+    from ckptmigrate.errors import CkptMigrateError
+    from ckptmigrate.storage.ranges import open_object
+    from ckptmigrate.util.urls import ObjectURL, as_location
+
+    location = as_location(url)
+    if not isinstance(location, ObjectURL):
+        return None
+    try:
+        found = open_object(location)
+    except CkptMigrateError:
+        return None
+    return [found.size, found.etag] if found.etag else None
 
 
 class Journal:

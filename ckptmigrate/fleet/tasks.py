@@ -16,10 +16,10 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ckptmigrate.errors import CkptMigrateError, one_line
+from ckptmigrate.util.urls import as_location
 
 #: The results that mean a file is done (the others: ``failed``; a journal's ``skipped``).
 DONE = ("written", "unchanged", "stamped", "ok")
@@ -98,7 +98,7 @@ def run(command: str, options: dict[str, Any], path: str, attempt: int = 1) -> T
         if command == "verify":
             from ckptmigrate.release.integrity import VerifyResult
 
-            result.detail = VerifyResult(Path(path), problems=[str(exc)])
+            result.detail = VerifyResult(as_location(path), problems=[str(exc)])
     result.attempt = attempt
     result.seconds = time.monotonic() - start
     return result
@@ -130,7 +130,7 @@ def _downgrade(path: str, options: dict[str, Any]) -> TaskResult:
 def _stamp(path: str, options: dict[str, Any]) -> TaskResult:
     from ckptmigrate import api, formats
 
-    before = (formats.read_envelope(Path(path))[1] or {}).get("revision")
+    before = (formats.read_envelope(path)[1] or {}).get("revision")
     options["sign"] = _key("private", options.get("sign"))
     if options.get("revision") is not None:
         options["migrations"] = _graph(options.get("migrations"))

@@ -21,6 +21,9 @@ class LegacyFormatError(ValueError):
 
 def read(source: Source, named: dict[str, bool] | None = None) -> tuple[Any, dict[str, Storage]]:
     fh = source._fh
+    if source.remote is not None:  # an object: the pickles are read through to the end, so it is staged whole
+        source.fileno()
+        fh = source._staged
     fh.seek(0)
     try:
         magic = load(fh, None, named)

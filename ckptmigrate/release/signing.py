@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptmigrate.errors import BadInput
 from ckptmigrate.storage.safe_open import create_new, read_small
+from ckptmigrate.util.urls import ObjectURL, as_location, is_remote
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -99,7 +100,14 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
 
 
 def _read_key_file(path: str | os.PathLike[str]) -> bytes:
-    """A key file is a small regular file: a FIFO or ``/dev/zero`` is refused, not read forever."""
+    """A key file is a small regular file: a FIFO or ``/dev/zero`` is refused, not read forever.
+    A public key named by URL (``s3://...``) is one object of the same bound."""
+    if is_remote(path):
+        from ckptmigrate.storage.ranges import read_small_object
+
+        url = as_location(path)
+        assert isinstance(url, ObjectURL)
+        return read_small_object(url, KEY_FILE_LIMIT, what="key file")
     try:
         return read_small(path, KEY_FILE_LIMIT, what="key file")
     except FileNotFoundError:

@@ -3,6 +3,7 @@ record the commit, the content digest and an Ed25519 signature."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ from ckptmigrate.checkpoint.envelope import Envelope, git_info, now_utc, superse
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput
 from ckptmigrate.storage.locking import file_lock
+from ckptmigrate.util.urls import ObjectURL, as_location
 
 
 def _listed(names: tuple[str, ...], limit: int = 5) -> str:
@@ -88,11 +90,17 @@ def stamp(
     if release is not None and not allow_dirty:
         require_clean(repo)
     private_key = signing.load_private_key(sign) if isinstance(sign, (str, os.PathLike)) else sign
-    path = formats.checkpoint_path(path)
-    # a multi-file checkpoint a killed run left mid-switch is finished or undone under its own lock
-    with file_lock(output if output is not None else path), Checkpoint.open(
-        path if output is not None else formats.recovered(path), key=key
-    ) as ckpt:
+    location = as_location(path)
+    lock: contextlib.AbstractContextManager[Any]
+    source: Path | ObjectURL
+    if isinstance(location, ObjectURL) and output is None:  # an object stamped where it is: no lock file
+        path, lock, source = location, contextlib.nullcontext(), location
+    else:
+        path = formats.checkpoint_path(path)
+        # a multi-file checkpoint a killed run left mid-switch is finished or undone under its own lock
+        lock, source = file_lock(output if output is not None else path), (
+            path if output is not None else formats.recovered(path))
+    with lock, Checkpoint.open(source, key=key) as ckpt:
         ckpt.schema()  # two keys with one text (``{0: a, "0": b}``) are refused here, naming the file
         safety = ckpt.pickle_safety()
         if (release is not None or private_key is not None) and not safety.weights_only and not allow_unsafe_pickle:
@@ -127,4 +135,9 @@ def stamp(
         if private_key is not None:
             entry["signed_by"] = signing.fingerprint(private_key.public_key())
             env.signature = signing.sign_envelope(env.to_dict(), private_key)
+        if isinstance(path, ObjectURL) and output is None:
+            from ckptmigrate.chain.objects import write_object
+
+            write_object(ckpt, path, env, backup=False)  # only the tail is sent when only metadata changed
+            return path
         return ckpt.write(output if output is not None else path, env)

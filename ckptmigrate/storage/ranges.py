@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from ckptmigrate.errors import ObjectChanged, RemoteError
+from ckptmigrate.errors import BadInput, MultiFileObject, ObjectChanged, RemoteError
 from ckptmigrate.util.urls import ObjectURL, filesystem, translated
 
 #: The least a read fetches: the end of a zip is found, then its directory, in one request or two.
@@ -72,6 +72,12 @@ class FsspecObject:
             info = self.fs.info(self.path)
         TRANSFER.requests += 1
         if info.get("type") == "directory":
+            marker = multi_file_marker(self.fs, self.path, url)
+            if marker is not None:
+                raise MultiFileObject(
+                    f"{url}/: a multi-file checkpoint ({marker}); in object storage only `current` and `verify` "
+                    "read one: copy the prefix to a local directory (aws s3 sync) and run there", url=str(url),
+                    marker=marker)
             raise RemoteError(f"{url}: is a prefix (a directory), not an object", url=str(url))
         self.size = int(info["size"])
         etag = info.get("ETag") or info.get("etag")
@@ -90,6 +96,16 @@ class FsspecObject:
             out = self.fs.cat_ranges([self.path] * len(spans), [s for s, _ in spans], [e for _, e in spans],
                                      on_error="raise")
         return [bytes(b) for b in out]
+
+
+def multi_file_marker(fs: Any, path: str, url: ObjectURL) -> str | None:
+    """The file that makes the prefix ``path`` one multi-file checkpoint (a DCP ``.metadata``, a
+    sharded model's ``*.index.json``), if there is one."""
+    with translated(url, "list"):
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    if ".metadata" in names:
+        return ".metadata"
+    return next((n for n in sorted(names) if n.endswith(".index.json") and not n.startswith(".")), None)
 
 
 class HttpObject:
@@ -205,7 +221,10 @@ class RangeFile(io.RawIOBase):
             return b""
         hit = self._cached(offset, n)
         if hit is None:
-            self._fetch([(offset, min(self.size, offset + max(n, MIN_READ)))])
+            end = min(self.size, offset + max(n, MIN_READ))
+            # near the end the window reaches back: a zip's end records, then its directory, in one request
+            start = min(offset, max(0, end - MIN_READ))
+            self._fetch([(start, end)])
             hit = self._cached(offset, n)
             assert hit is not None
         return hit
@@ -271,6 +290,14 @@ class RangeFile(io.RawIOBase):
 
     def fileno(self) -> int:
         raise io.UnsupportedOperation(f"{self.url} is a remote object")
+
+
+def read_small_object(url: ObjectURL, limit: int, *, what: str) -> bytes:
+    """A small object whole (a key file), refused past ``limit`` bytes before anything is read."""
+    remote = RangeFile(url)
+    if remote.size > limit:
+        raise BadInput(f"{url}: a {what} of {remote.size} bytes is larger than {limit} bytes", path=str(url))
+    return remote.pread(remote.size, 0)
 
 
 class Spliced:

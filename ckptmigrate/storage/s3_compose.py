@@ -42,6 +42,8 @@ class S3Object:
     key: str
     etag: str | None
     version: str | None = None
+    #: A new object: written only if none is there when the write completes (``If-None-Match: *``).
+    create_only: bool = False
 
     @classmethod
     def of(cls, url: ObjectURL, etag: str | None, version: str | None = None) -> S3Object:
@@ -70,10 +72,21 @@ class S3Object:
         return str(head.get("ETag")) if head.get("ETag") else None
 
     def changed(self, found: str | None) -> ObjectChanged:
+        if self.create_only:
+            return ObjectChanged(f"{self.url}: an object appeared there since the output was checked (another "
+                                 "writer got there first); nothing was written", url=str(self.url), expected=None,
+                                 found=found)
         return changed(self.url, self.etag, found)
 
     def check_unchanged(self) -> None:
-        found = self.head_etag()
+        if self.etag is None and not self.create_only:
+            return  # an unconditional write (--overwrite)
+        try:
+            found = self.head_etag()
+        except RemoteError as exc:
+            if not self.create_only or "no such object" not in str(exc):
+                raise
+            found = None
         if found != self.etag:
             raise self.changed(found)
 
@@ -166,8 +179,15 @@ def _file_parts(fh: BinaryIO, size: int, part: int) -> Iterator[tuple[str, bytes
         yield ("data", fh.read(part))
 
 
+def _condition(obj: S3Object) -> dict[str, str]:
+    """The write's precondition: the object still the one read, or (a new object) still absent."""
+    if obj.etag:
+        return {"IfMatch": obj.etag}
+    return {"IfNoneMatch": "*"} if obj.create_only else {}
+
+
 def _put(obj: S3Object, body: Any, size: int) -> None:
-    obj.call("put_object", Key=obj.key, Body=body, **({"IfMatch": obj.etag} if obj.etag else {}))
+    obj.call("put_object", Key=obj.key, Body=body, **_condition(obj))
     TRANSFER.bytes_sent += size
 
 
@@ -195,7 +215,7 @@ def _multipart(obj: S3Object, parts: Any) -> None:
         raise
     try:
         obj.call("complete_multipart_upload", Key=obj.key, UploadId=upload_id, MultipartUpload={"Parts": done},
-                 **({"IfMatch": obj.etag} if obj.etag else {}))
+                 **_condition(obj))
     except BaseException:
         # the answer to a complete can be lost after S3 completed it (a timeout, then a retry that finds
         # no such upload): the object then has the ETag of exactly these parts

@@ -63,7 +63,10 @@ def _objects(url: ObjectURL, spec: str) -> Iterator[Path]:
     fs, path = filesystem(url)
     with translated(url, "list"):
         if prefix:
-            found = [p for p in fs.find(path) if p.endswith(CHECKPOINT_SUFFIXES) and ".bak" not in p.rsplit("/", 1)[-1]]
+            every = fs.find(path)
+            multi = _multi_file_directories(every)
+            found = [p for p in every if p.endswith(CHECKPOINT_SUFFIXES) and ".bak" not in p.rsplit("/", 1)[-1]
+                     and p.rsplit("/", 1)[0] not in multi] + sorted(multi)
         else:
             found = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
     if not found:
@@ -71,3 +74,14 @@ def _objects(url: ObjectURL, spec: str) -> Iterator[Path]:
         raise BadInput(f"{url}{what}", path=str(url))
     for p in sorted(found):
         yield as_location(f"{url.scheme}://{p}")
+
+
+def _multi_file_directories(names: list[str]) -> set[str]:
+    """The prefixes among ``names`` that hold a multi-file checkpoint (a DCP ``.metadata``, a sharded
+    model's index): each is one checkpoint, never its shards one by one."""
+    out = set()
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if base == ".metadata" or (base.endswith(".index.json") and not base.startswith(".")):
+            out.add(name.rsplit("/", 1)[0])
+    return out

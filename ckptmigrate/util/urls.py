@@ -116,15 +116,6 @@ def is_remote(spec: object) -> bool:
     return isinstance(spec, ObjectURL) or (isinstance(spec, str) and scheme_of(spec) not in (None, "file"))
 
 
-def refuse_remote(command: str, *paths: str | os.PathLike[str] | None) -> None:
-    """Commands that write a file in place or hash its bytes take local paths: an object URL is refused."""
-    for path in paths:
-        location = as_location(path) if path is not None else None
-        if isinstance(location, ObjectURL):
-            raise BadInput(f"{location}: `{command}` takes local paths (objects in storage work with inspect, "
-                           "current, diff, check, upgrade and downgrade)", path=str(location))
-
-
 def filesystem(url: ObjectURL) -> tuple[Any, str]:
     """The fsspec filesystem for ``url`` and the object's path in it. A scheme with no backend, or
     whose backend is not installed, is one line naming the extra to install.
@@ -142,7 +133,9 @@ def filesystem(url: ObjectURL) -> tuple[Any, str]:
     import fsspec
 
     options: dict[str, Any] = {}
-    endpoint = os.environ.get("CKPTMIGRATE_S3_ENDPOINT_URL")
+    # named explicitly even when botocore would read it itself: fsspec caches a filesystem by its
+    # options, and a process whose endpoint changes must not reuse one that talks to the old endpoint
+    endpoint = os.environ.get("CKPTMIGRATE_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
     if scheme in ("s3", "s3a") and endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
     with translated(url):

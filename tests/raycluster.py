@@ -1,0 +1,62 @@
+"""A real Ray cluster for a test module: ``ray start --head`` on 127.0.0.1 with 2 CPUs, in its own
+session, ready when it says so, killed as a process group at the end whatever happened."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+#: What cuts the cluster's start-up and noise: no usage report, no dashboard, no driver logs.
+QUIET = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_DEDUP_LOGS": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    def __init__(self, gcs: int, client: int) -> None:
+        self.gcs, self.client = gcs, client
+
+    @property
+    def executor(self) -> str:
+        return f"ray://127.0.0.1:{self.client}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**QUIET, "RAY_ADDRESS": f"127.0.0.1:{self.gcs}"}
+
+
+@contextlib.contextmanager
+def ray_head(temp: Path, env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """A 2-CPU head node whose processes (and so its workers) have this environment plus ``env``."""
+    gcs, client = free_port(), free_port()
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={gcs}", f"--ray-client-server-port={client}", "--num-cpus=2",
+         "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, **QUIET, **(env or {})},
+    )
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:  # blocks until the next line: the event is the head saying it is up
+            seen.append(line)
+            if "Ray runtime started" in line:
+                break
+        else:
+            raise AssertionError("ray start exited:\n" + "".join(seen))
+        yield Cluster(gcs, client)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
