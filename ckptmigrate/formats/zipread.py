@@ -26,6 +26,7 @@ every such rule gives the same answer:
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import struct
@@ -219,6 +220,7 @@ class _Reader:
         self.src, self.length = src, length
         self.prefix: str | None = None
         self._buf, self._at, self._ahead = b"", 0, 0  # the walk's window: bytes, their offset, read-ahead
+        self._heads: list[int] = []  # the listed local headers, in order: where a window may end
 
     def pread(self, n: int, offset: int, what: str) -> bytes:
         data = pread(self.src, n, offset) if n else b""
@@ -344,7 +346,12 @@ class _Reader:
         rel = offset - self._at
         if rel >= 0 and rel + n <= len(self._buf):
             return self._buf[rel : rel + n]
-        self._buf, self._at = pread(self.src, max(n, min(self._ahead, limit - offset)), offset), offset
+        ahead = min(self._ahead, limit - offset)
+        if ahead > n:  # to the last listed header the window reaches: no tensor bytes read ahead
+            heads = self._heads
+            last = heads[bisect.bisect_right(heads, offset + ahead - _BLOCK) - 1] if heads else -1
+            ahead = min(ahead, last + _BLOCK - offset) if last > offset else n
+        self._buf, self._at = pread(self.src, max(n, ahead), offset), offset
         return self._buf[:n]
 
     def walk(self, live: dict[int, _Central], cd_offset: int, start: int = 0,
@@ -352,6 +359,7 @@ class _Reader:
         """Read every structure from ``start`` to the central directory at ``cd_offset``; ``records``
         holds those before ``start`` (header offset: name, size, data offset), read already."""
         self.live = live
+        self._heads = sorted(live)
         self.records: dict[int, tuple[str, int, int]] = {} if records is None else records
         # every live local header (and the data descriptor that may end the record before it), in
         # one go: the walk then reads them from what a remote source already holds

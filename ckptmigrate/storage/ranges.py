@@ -25,8 +25,10 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from ckptmigrate.errors import BadInput, MultiFileObject, ObjectChanged, RemoteError
 from ckptmigrate.util.urls import ObjectURL, filesystem, translated
 
-#: The least a read fetches: the end of a zip is found, then its directory, in one request or two.
+#: The least a read near the end fetches: the end of a zip is found, then its directory, in one request or two.
 MIN_READ = 64 << 10
+#: The least a read elsewhere fetches: a header and its neighbours, not the tensor bytes after them.
+SMALL_READ = 4 << 10
 #: Ranges closer than this are fetched as one (the bytes between cost less than another request).
 GAP = 16 << 10
 #: Staging (the whole object, when tensor bytes are needed) streams in chunks of this size.
@@ -221,9 +223,10 @@ class RangeFile(io.RawIOBase):
             return b""
         hit = self._cached(offset, n)
         if hit is None:
-            end = min(self.size, offset + max(n, MIN_READ))
+            near_end = offset + MIN_READ >= self.size
+            end = min(self.size, offset + max(n, MIN_READ if near_end else SMALL_READ))
             # near the end the window reaches back: a zip's end records, then its directory, in one request
-            start = min(offset, max(0, end - MIN_READ))
+            start = min(offset, max(0, end - MIN_READ)) if near_end else offset
             self._fetch([(start, end)])
             hit = self._cached(offset, n)
             assert hit is not None
