@@ -1,0 +1,485 @@
+"""User story: "When ckptmigrate refuses a checkpoint, it names the rule the file breaks — the same rule
+whether I open it from Python or from the command line."
+
+``tests/test_zip_strict.py`` plays each attack through the CLI as a subprocess (exit 2, one line);
+here the same archives are opened in-process with ``Checkpoint.open`` and each refusal must name its
+own rule, so a check that stops refusing (or a later check that happens to catch the file instead)
+fails a test. The files are real: ``torch.save`` archives rebuilt structure by structure
+(``zipcraft``).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from test_zip_strict import (
+    a_compressed_data_pkl,
+    a_record_outside_the_archive_folder,
+    a_storage_record_longer_than_its_storage,
+    a_torchscript_archive,
+    a_version_torch_refuses,
+    bytes_after_the_end_record,
+    bytes_between_records,
+    data_descriptor_disagrees,
+    directory_not_where_the_end_record_says,
+    local_header_asks_for_encryption,
+    local_header_names_another_record,
+    local_header_sizes_disagree,
+    more_entries_than_counted,
+    name_with,
+    names_equal_ignoring_case,
+    nul_in_a_name,
+    two_local_headers_for_one_entry,
+)
+from zipcraft import Rec, layout_of
+
+from ckptmigrate import formats
+from ckptmigrate.checkpoint.lazy import Checkpoint
+from ckptmigrate.errors import BadInput
+from ckptmigrate.formats import zipread
+
+EOCD = struct.Struct("<IHHHHIIH")
+EOCD64 = struct.Struct("<IQHHIIQQQQ")
+LOCATOR64 = struct.Struct("<IIQI")
+#: Where each field of a central directory entry starts.
+CENTRAL_AT = {"needed": 6, "flags": 8, "method": 10, "crc": 16, "csize": 20, "usize": 24, "disk": 34, "eattr": 38}
+#: Where each field of a local header starts.
+LOCAL_AT = {"needed": 4, "flags": 6, "method": 8, "crc": 14, "csize": 18, "usize": 22}
+
+#: Each attack and the words of the one rule that must refuse it.
+RULES: list[tuple[Callable[[], bytes], str]] = [
+    (nul_in_a_name, "has a NUL byte in its name"),
+    (names_equal_ignoring_case, "have the same name ignoring case"),
+    (more_entries_than_counted, "counted entries (zipfile reads them, miniz does not)"),
+    (directory_not_where_the_end_record_says, "the central directory is not where the end record says"),
+    (bytes_between_records, "are no zip structure"),
+    (local_header_names_another_record, "its local header names 'archive/data/9'"),
+    (local_header_sizes_disagree, "its local header 8 bytes"),
+    (local_header_asks_for_encryption, "needs zip features torch does not write (flags 0x0001)"),
+    (data_descriptor_disagrees, "its data descriptor says 12 bytes"),
+    (a_compressed_data_pkl, "is compressed (method 8)"),
+    (bytes_after_the_end_record, "7 bytes follow the archive's end record"),
+    (name_with(b"archive\\data\\x"), "non-canonical name"),
+    (name_with(b"archive/../x"), "non-canonical name"),
+    (name_with(b"/archive/x"), "non-canonical name"),
+    (name_with(b"archive//x"), "non-canonical name"),
+    (name_with(b"archive/./x"), "non-canonical name"),
+    (name_with(b"archive/x/"), "non-canonical name"),
+    (name_with(b"archive/\xc3\xa9"), "a control or non-ASCII byte"),
+    (name_with(b"archive/x\x1f"), "a control or non-ASCII byte"),
+    (a_record_outside_the_archive_folder, "is outside the archive folder 'archive'"),
+    (two_local_headers_for_one_entry, "share a local header"),
+    (a_version_torch_refuses, "holds no archive version torch reads"),
+    (a_torchscript_archive, "TorchScript"),
+    (a_storage_record_longer_than_its_storage, "holds 48 bytes, its storage is 16"),
+]
+
+
+def refusal(data: bytes, tmp_path: Path) -> str:
+    path = tmp_path / "model.pt"
+    path.write_bytes(data)
+    with pytest.raises(BadInput) as info, Checkpoint.open(path):
+        pass
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(("attack", "rule"), RULES, ids=[f"{a.__name__}" for a, _ in RULES])
+def test_each_attack_is_refused_in_process_by_its_own_rule(
+    attack: Callable[[], bytes], rule: str, tmp_path: Path
+) -> None:
+    assert rule in refusal(attack(), tmp_path)
+
+
+# -- a real torch.save file with one field changed ------------------------------------------------
+
+
+PAYLOAD = {"w": torch.arange(4.0), "b": torch.ones(3, dtype=torch.int64)}
+
+
+def saved() -> bytes:
+    """What torch.save writes (zip64 end records included)."""
+    buf = io.BytesIO()
+    torch.save(PAYLOAD, buf)
+    return buf.getvalue()
+
+
+def plain() -> bytes:
+    """torch.save's records in an archive with only the 32-bit end record."""
+    return layout_of(PAYLOAD).build()
+
+
+def put(data: bytes, offset: int, fmt: str, value: int) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
+def central_entries(data: bytes) -> dict[bytes, int]:
+    """Where the central directory entry of each record starts, by name."""
+    *_, cd_size, cd_offset, _comment = EOCD.unpack(data[-22:])
+    out, pos = {}, cd_offset
+    while pos < cd_offset + cd_size:
+        nlen, xlen, clen = struct.unpack_from("<HHH", data, pos + 28)
+        out[data[pos + 46 : pos + 46 + nlen]] = pos
+        pos += 46 + nlen + xlen + clen
+    return out
+
+
+def local_header(data: bytes, suffix: bytes) -> int:
+    name, at = next((n, at) for n, at in central_entries(data).items() if n.endswith(suffix))
+    return int(struct.unpack_from("<I", data, at + 42)[0])
+
+
+def end_field(data: bytes, field: int, fmt: str, value: int) -> bytes:
+    """``data`` with field ``field`` (a byte offset) of its end record set to ``value``."""
+    return put(data, len(data) - 22 + field, fmt, value)
+
+
+def zip64_field(data: bytes, field: int, fmt: str, value: int) -> bytes:
+    """``data`` (torch.save's: zip64 end records always) with field ``field`` of its zip64 end record set."""
+    return put(data, len(data) - 22 - 20 - 56 + field, fmt, value)
+
+
+def locator_field(data: bytes, field: int, fmt: str, value: int) -> bytes:
+    return put(data, len(data) - 22 - 20 + field, fmt, value)
+
+
+def read_refusal(data: bytes, tmp_path: Path) -> str:
+    path = tmp_path / "model.pt"
+    path.write_bytes(data)
+    with pytest.raises(BadInput) as info:
+        formats.read(path)
+    return str(info.value)
+
+
+def reads_as_torch_loads(data: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(data)
+    with Checkpoint.open(path) as ckpt:
+        ours = {k: v.clone() for k, v in ckpt.materialize().items()}
+    theirs = torch.load(path, weights_only=True)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
+
+
+END_RECORD_LIES: list[tuple[str, Callable[[bytes], bytes], str]] = [
+    ("on disk 1", lambda d: end_field(d, 4, "<H", 1), "spans several disks"),
+    ("directory on disk 1", lambda d: end_field(d, 6, "<H", 1), "spans several disks"),
+    ("a count on this disk unlike the total", lambda d: end_field(d, 8, "<H", 3), "spans several disks"),
+    ("a comment length with no comment", lambda d: end_field(d, 20, "<H", 3), "has a comment that does not end"),
+    ("no records", lambda d: end_field(end_field(d, 8, "<H", 0), 10, "<H", 0), "holds no records"),
+    ("more records than the directory can hold",
+     lambda d: end_field(end_field(d, 8, "<H", 1000), 10, "<H", 1000), "1000 entries cannot fit"),
+    ("a zip64 marker for the offset", lambda d: end_field(d, 16, "<I", 0xFFFFFFFF),
+     "zip64 markers without zip64 end records"),
+    ("a zip64 marker for the size", lambda d: end_field(d, 12, "<I", 0xFFFFFFFF),
+     "zip64 markers without zip64 end records"),
+    ("a zip64 marker for the count", lambda d: end_field(end_field(d, 8, "<H", 0xFFFF), 10, "<H", 0xFFFF),
+     "zip64 markers without zip64 end records"),
+]
+
+
+@pytest.mark.parametrize(("lie", "rule"), [(lie, rule) for _, lie, rule in END_RECORD_LIES],
+                         ids=[name for name, _, _ in END_RECORD_LIES])
+def test_an_end_record_that_lies_is_refused_by_its_rule(
+    lie: Callable[[bytes], bytes], rule: str, tmp_path: Path
+) -> None:
+    assert rule in read_refusal(lie(plain()), tmp_path)
+
+
+def test_zip64_end_records_that_agree_are_read_as_torch_reads_them(tmp_path: Path) -> None:
+    """torch.save's zip64 records, with the 32-bit fields equal to theirs or set to the 0xFFFF.. marker."""
+    assert saved()[-42:-38] == b"PK\x06\x07"
+    data = saved()
+    reads_as_torch_loads(data, tmp_path)
+    for field, fmt, marker in ((8, "<H", 0xFFFF), (10, "<H", 0xFFFF), (12, "<I", 0xFFFFFFFF),
+                               (16, "<I", 0xFFFFFFFF)):
+        data = end_field(data, field, fmt, marker)
+    reads_as_torch_loads(data, tmp_path)
+
+
+ZIP64_LIES: list[tuple[str, Callable[[bytes], bytes], str]] = [
+    ("a locator on disk 1", lambda d: locator_field(d, 4, "<I", 1), "zip64 locator spans several disks"),
+    ("a locator counting 2 disks", lambda d: locator_field(d, 16, "<I", 2), "zip64 locator spans several disks"),
+    ("a locator pointing 8 bytes early", lambda d: locator_field(d, 8, "<Q", len(d) - 22 - 20 - 56 - 8),
+     "is not right before its locator"),
+    ("a record of the wrong size", lambda d: zip64_field(d, 4, "<Q", 52), "zip64 end record is malformed"),
+    ("a record needing version 4.6", lambda d: zip64_field(d, 14, "<H", 46), "zip64 end record is malformed"),
+    ("a record without its signature", lambda d: zip64_field(d, 0, "<I", 0x06054B50),
+     "zip64 end record is malformed"),
+    ("a record on disk 1", lambda d: zip64_field(d, 16, "<I", 1), "zip64 end record spans several disks"),
+    ("a record with its directory on disk 1", lambda d: zip64_field(d, 20, "<I", 1),
+     "zip64 end record spans several disks"),
+    ("a record counting fewer on this disk", lambda d: zip64_field(d, 24, "<Q", 1),
+     "zip64 end record spans several disks"),
+    ("a count unlike the 32-bit one", lambda d: zip64_field(zip64_field(d, 24, "<Q", 3), 32, "<Q", 3),
+     "differs from its zip64 end record's"),
+    ("a size unlike the 32-bit one", lambda d: zip64_field(d, 40, "<Q", 8), "differs from its zip64 end record's"),
+    ("an offset unlike the 32-bit one", lambda d: zip64_field(d, 48, "<Q", 8), "differs from its zip64 end record's"),
+]
+
+
+@pytest.mark.parametrize(("lie", "rule"), [(lie, rule) for _, lie, rule in ZIP64_LIES],
+                         ids=[name for name, _, _ in ZIP64_LIES])
+def test_zip64_end_records_that_lie_are_refused_by_their_rule(
+    lie: Callable[[bytes], bytes], rule: str, tmp_path: Path
+) -> None:
+    assert rule in read_refusal(lie(saved()), tmp_path)
+
+
+def central_field(data: bytes, suffix: bytes, field: str, value: int) -> bytes:
+    at = next(at for name, at in central_entries(data).items() if name.endswith(suffix))
+    return put(data, at + CENTRAL_AT[field], "<I" if field in ("crc", "csize", "usize", "eattr") else "<H", value)
+
+
+CENTRAL_LIES: list[tuple[str, Callable[[bytes], bytes], str]] = [
+    ("a record needing version 4.6", lambda d: central_field(d, b"data/0", "needed", 46),
+     "needs zip features torch does not write"),
+    ("an encrypted record", lambda d: central_field(d, b"data/0", "flags", 0x0809),
+     "needs zip features torch does not write (flags 0x0809)"),
+    ("a deflated record", lambda d: central_field(d, b"data/0", "method", 8), "is compressed (method 8)"),
+    ("a record on disk 1", lambda d: central_field(d, b"data/0", "disk", 1), "another disk or the directory attribute"),
+    ("a directory", lambda d: central_field(d, b"data/0", "eattr", 0x10), "another disk or the directory attribute"),
+    ("a compressed size unlike the size", lambda d: central_field(d, b"data/0", "csize", 17),
+     "record 'archive/data/0' has inconsistent sizes"),
+    ("a zip64 size marker without its field", lambda d: central_field(d, b"data/0", "usize", 0xFFFFFFFF),
+     "is 0xFFFFFFFF but no zip64 field gives it"),
+    ("a CRC unlike the data descriptor's", lambda d: central_field(d, b"data/0", "crc", 0x12345678),
+     "its data descriptor says"),
+]
+
+
+@pytest.mark.parametrize(("lie", "rule"), [(lie, rule) for _, lie, rule in CENTRAL_LIES],
+                         ids=[name for name, _, _ in CENTRAL_LIES])
+def test_a_directory_entry_that_lies_is_refused_by_its_rule(
+    lie: Callable[[bytes], bytes], rule: str, tmp_path: Path
+) -> None:
+    """Each field of torch.save's own entry for a tensor record, changed."""
+    assert rule in read_refusal(lie(saved()), tmp_path)
+
+
+def local_field(data: bytes, suffix: bytes, field: str, value: int) -> bytes:
+    return put(data, local_header(data, suffix) + LOCAL_AT[field], "<H" if field in ("needed", "flags", "method")
+               else "<I", value)
+
+
+def descriptor_field(data: bytes, suffix: bytes, index: int, value: int) -> bytes:
+    """Field ``index`` (1: CRC, 2: compressed size, 3: size) of the record's data descriptor."""
+    at = local_header(data, suffix)
+    nlen, xlen = struct.unpack_from("<HH", data, at + 26)
+    size = next(len(r.data) for r in layout_of(PAYLOAD).recs if r.name.endswith(suffix))
+    return put(data, at + 30 + nlen + xlen + size + 4 * index, "<I", value)
+
+
+LOCAL_LIES: list[tuple[str, Callable[[bytes], bytes], str]] = [
+    ("needing version 4.6", lambda d: local_field(d, b"data/0", "needed", 46), "its local header asks for"),
+    ("deflated", lambda d: local_field(d, b"data/0", "method", 8), "its local header asks for"),
+    ("encrypted", lambda d: local_field(d, b"data/0", "flags", 0x0809), "its local header asks for"),
+    ("without the data descriptor flag", lambda d: local_field(d, b"data/0", "flags", 0x0800),
+     "the central directory says 16 bytes"),
+    ("with a CRC of its own", lambda d: local_field(d, b"data/0", "crc", 1), "the central directory says 16 bytes"),
+    ("naming another record", lambda d: local_name(d, b"data/0", b"archive/data/9"),
+     "its local header names 'archive/data/9'"),
+    ("a data descriptor with another CRC", lambda d: descriptor_field(d, b"data/0", 1, 1), "its data descriptor says"),
+    ("a data descriptor with another size", lambda d: descriptor_field(d, b"data/0", 3, 12),
+     "its data descriptor says 12 bytes"),
+    ("a data descriptor with another compressed size", lambda d: descriptor_field(d, b"data/0", 2, 12),
+     "its data descriptor says"),
+]
+
+
+def local_name(data: bytes, suffix: bytes, name: bytes) -> bytes:
+    at = local_header(data, suffix)
+    nlen = struct.unpack_from("<H", data, at + 26)[0]
+    assert len(name) == nlen
+    return data[: at + 30] + name + data[at + 30 + nlen :]
+
+
+@pytest.mark.parametrize(("lie", "rule"), [(lie, rule) for _, lie, rule in LOCAL_LIES],
+                         ids=[name for name, _, _ in LOCAL_LIES])
+def test_a_local_header_that_lies_is_refused_by_its_rule(
+    lie: Callable[[bytes], bytes], rule: str, tmp_path: Path
+) -> None:
+    """torch.save's own local header (and data descriptor) of a tensor record, one field changed."""
+    assert rule in read_refusal(lie(saved()), tmp_path)
+
+
+def with_record(**knobs: object) -> Callable[[], bytes]:
+    """torch.save's records with the tensor record's headers changed by zipcraft ``knobs``."""
+
+    def build() -> bytes:
+        layout = layout_of(PAYLOAD)
+        r = next(r for r in layout.recs if r.name.endswith(b"data/0"))
+        for knob, value in knobs.items():
+            setattr(r, knob, value)
+        return layout.build()
+
+    return build
+
+
+def field(tag: int, body: bytes) -> bytes:
+    return struct.pack("<HH", tag, len(body)) + body
+
+
+EXTRA_FIELD_LIES: list[tuple[str, Callable[[], bytes], str]] = [
+    ("a timestamp field in a local header", with_record(local_extra=field(0x5455, b"\x01" + bytes(4))),
+     "an extra field of type 0x5455, which torch does not write"),
+    ("two padding fields in a local header", with_record(local_extra=field(0x4246, bytes(4)) * 2),
+     "two extra fields of type 0x4246"),
+    ("a local extra field cut short", with_record(local_extra=b"\x01\x00\x08"), "its extra field is malformed"),
+    ("a local extra field longer than it is", with_record(local_extra=struct.pack("<HH", 0x4246, 9) + bytes(4)),
+     "its extra field runs past its end"),
+    ("a padding field in the directory", with_record(central_extra=field(0x4246, bytes(4))),
+     "an extra field of type 0x4246, which torch does not write"),
+    ("a zip64 field for no marker in the directory", with_record(central_extra=field(1, struct.pack("<Q", 16))),
+     "its zip64 field does not match the fields it replaces"),
+    ("a comment in the directory", with_record(comment=b"hello"), "has a comment, another disk or the directory"),
+]
+
+
+@pytest.mark.parametrize(("build", "rule"), [(build, rule) for _, build, rule in EXTRA_FIELD_LIES],
+                         ids=[name for name, _, _ in EXTRA_FIELD_LIES])
+def test_an_extra_field_torch_does_not_write_is_refused_by_its_rule(
+    build: Callable[[], bytes], rule: str, tmp_path: Path
+) -> None:
+    assert rule in read_refusal(build(), tmp_path)
+
+
+def test_the_extra_fields_torch_and_zip64_writers_write_are_read(tmp_path: Path) -> None:
+    """A local header's padding field, or its sizes in a zip64 field (longer than the markers need,
+    as zip64 writers write it), are read as torch reads them."""
+    reads_as_torch_loads(with_record(local_extra=field(0x4246, bytes(20)))(), tmp_path)
+    size = next(len(r.data) for r in layout_of(PAYLOAD).recs if r.name.endswith(b"data/0"))
+    crc = next(r.crc for r in layout_of(PAYLOAD).recs if r.name.endswith(b"data/0"))
+    zip64 = field(1, struct.pack("<QQ", size, size))
+    reads_as_torch_loads(with_record(local_fields=(crc, 0xFFFFFFFF, 0xFFFFFFFF), local_extra=zip64)(), tmp_path)
+
+
+def with_version(text: bytes, name: bytes = b"archive/version") -> bytes:
+    layout = layout_of(PAYLOAD)
+    r = next(r for r in layout.recs if r.name.endswith(b"/version"))
+    r.name, r.data = name, text
+    return layout.build()
+
+
+def torch_loads(data: bytes, tmp_path: Path) -> bool:
+    path = tmp_path / "torch.pt"
+    path.write_bytes(data)
+    try:
+        torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 - any refusal
+        return False
+    return True
+
+
+def ckptmigrate_reads(data: bytes, tmp_path: Path) -> bool:
+    path = tmp_path / "ours.pt"
+    path.write_bytes(data)
+    try:
+        formats.read(path)
+    except BadInput as exc:
+        assert "no archive version torch reads" in str(exc)
+        return False
+    return True
+
+
+@pytest.mark.parametrize("text", [b"1", b"3\n", b" +3\n", b"\t10x", b"10", b"0", b"11", b"-3", b"+", b"x3"])
+def test_the_archive_version_is_read_as_torch_reads_it(text: bytes, tmp_path: Path) -> None:
+    """torch reads the version record's leading integer and refuses one outside the versions it knows."""
+    data = with_version(text)
+    assert ckptmigrate_reads(data, tmp_path) == torch_loads(data, tmp_path)
+
+
+def test_the_version_record_is_looked_for_where_newer_torch_writes_it_too(tmp_path: Path) -> None:
+    reads_as_torch_loads(with_version(b"3\n", b"archive/.data/version"), tmp_path)
+    assert "has no version record" in read_refusal(with_version(b"3\n", b"archive/versions"), tmp_path)
+
+
+def with_record_data(suffix: bytes, data: bytes, *, crc: int | None = None) -> bytes:
+    """torch.save's records with one record's bytes replaced (its CRC in both headers: ``crc``, else theirs)."""
+    layout = layout_of(PAYLOAD)
+    r = next(r for r in layout.recs if r.name.endswith(suffix))
+    r.data = data
+    if crc is not None:
+        r.local_fields = (crc, len(data), len(data))
+    return layout.build()
+
+
+def test_the_records_torch_reads_first_are_checked_as_torch_checks_them(tmp_path: Path) -> None:
+    assert "byteorder record" in read_refusal(with_record_data(b"byteorder", b"big"), tmp_path)
+    assert ".storage_alignment record is not a number" in read_refusal(
+        with_record_data(b".storage_alignment", b"sixty-four"), tmp_path)
+    reads_as_torch_loads(with_record_data(b".storage_alignment", b"64\n"), tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [
+    b"/version", b"/byteorder", b".format_version", b".data/serialization_id",
+    pytest.param(b".storage_alignment", marks=pytest.mark.xfail(strict=True, reason=(
+        "zipread._check_torch_records catches ValueError around int(read_record(...)), and ZipFormatError "
+        "is a ValueError: the CRC failure is reported as 'not a number'"))),
+])
+def test_a_record_torch_reads_first_with_a_wrong_crc_is_refused(suffix: bytes, tmp_path: Path) -> None:
+    """A flipped byte in a small record torch checks before the payload (both headers keep the old CRC)."""
+    layout = layout_of(PAYLOAD)
+    r = next(r for r in layout.recs if r.name.endswith(suffix))
+    flipped = bytes([r.data[0] ^ 0x01]) + r.data[1:]
+    data = with_record_data(suffix, flipped, crc=r.crc)
+    data = central_field(data, suffix, "crc", r.crc)
+    assert f"{r.name.decode()}' fails its CRC check" in read_refusal(data, tmp_path)
+
+
+def with_layout(**knobs: object) -> bytes:
+    layout = layout_of(PAYLOAD)
+    for knob, value in knobs.items():
+        setattr(layout, knob, value)
+    return layout.build()
+
+
+def test_names_that_miniz_and_zipfile_could_read_two_ways_are_refused(tmp_path: Path) -> None:
+    layout = layout_of(PAYLOAD)
+    layout.recs.append(Rec(b"archive/data/0", b"\x00" * 16))
+    assert "record 'archive/data/0' appears twice" in read_refusal(layout.build(), tmp_path)
+    layout = layout_of(PAYLOAD)
+    layout.recs.insert(1, Rec(b"", b"x"))
+    assert "has an empty name" in read_refusal(layout.build(), tmp_path)
+
+
+def test_what_is_not_a_whole_zip_archive_is_refused_by_its_rule(tmp_path: Path) -> None:
+    data = plain()
+    assert "too short to be a zip archive" in read_refusal(data[:97], tmp_path)
+    assert "no end-of-central-directory record: it is truncated" in read_refusal(data[:98], tmp_path)
+    assert "no end-of-central-directory record: it is truncated" in read_refusal(data[:-10], tmp_path)
+    path = tmp_path / "junk.pt"  # not sniffed as a zip by formats.read: the archive reader itself
+    path.write_bytes(b"\x00" * 4 + data[4:])
+    with open(path, "rb") as fh, pytest.raises(zipread.ZipFormatError, match="does not start with a zip local header"):
+        zipread.read_archive(fh.fileno(), len(data))
+
+
+def test_zero_padding_of_less_than_a_page_before_the_directory_is_read_more_is_refused(tmp_path: Path) -> None:
+    """ckptmigrate pads to a page before a directory it appends; anything else there is unexplained."""
+    reads_as_torch_loads(with_layout(before_directory=bytes(4095)), tmp_path)
+    assert "are not the padding before a central directory" in read_refusal(
+        with_layout(before_directory=bytes(4096)), tmp_path)
+    assert "are not the padding before a central directory" in read_refusal(
+        with_layout(before_directory=bytes(10) + b"hidden"), tmp_path)
+
+
+def test_a_directory_larger_than_the_bound_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """The directory is read whole: one claiming more than MAX_DIRECTORY bytes is refused from the end
+    record alone (a sparse file whose end record says so)."""
+    data = plain()
+    sig, disk, cd_disk, n_disk, n, _size, cd_offset, comment = EOCD.unpack(data[-22:])
+    eocd = cd_offset + zipread.MAX_DIRECTORY + 1
+    path = tmp_path / "model.pt"
+    with open(path, "wb") as fh:
+        fh.write(data[:-22])
+        fh.seek(eocd)
+        fh.write(EOCD.pack(sig, disk, cd_disk, n_disk, n, zipread.MAX_DIRECTORY + 1, cd_offset, comment))
+    with pytest.raises(BadInput, match="is more than ckptmigrate reads"):
+        formats.read(path)
