@@ -11,11 +11,15 @@ fails a test. The files are real: ``torch.save`` archives rebuilt structure by s
 from __future__ import annotations
 
 import io
+import json
 import struct
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 from test_zip_strict import (
     a_compressed_data_pkl,
@@ -41,7 +45,8 @@ from zipcraft import Rec, layout_of
 from ckptmigrate import formats
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput
-from ckptmigrate.formats import zipread
+from ckptmigrate.formats import safetensors_io, zipread
+from ckptmigrate.tensors.refs import Source
 
 EOCD = struct.Struct("<IHHHHIIH")
 EOCD64 = struct.Struct("<IQHHIIQQQQ")
@@ -495,3 +500,129 @@ def test_a_directory_larger_than_the_bound_is_refused_before_it_is_read(tmp_path
         fh.write(EOCD.pack(sig, disk, cd_disk, n_disk, n, zipread.MAX_DIRECTORY + 1, cd_offset, comment))
     with pytest.raises(BadInput, match="is more than ckptmigrate reads"):
         formats.read(path)
+
+
+# -- safetensors: a header that lies ------------------------------------------------------------------
+
+
+def safetensors_parts() -> tuple[dict[str, Any], bytes]:
+    """(header, data section) of what the safetensors library writes for two tensors and metadata."""
+    raw = safetensors.torch.save({"a": torch.arange(4.0), "b": torch.ones(3, dtype=torch.int64)},
+                                 metadata={"format": "pt"})
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def safetensors_with(change: Callable[[dict[str, Any]], object] | None = None, *, header: bytes | None = None,
+                     data: Callable[[bytes], bytes] = lambda d: d) -> bytes:
+    parsed, section = safetensors_parts()
+    if change is not None:
+        change(parsed)
+    text = json.dumps(parsed).encode() if header is None else header
+    return struct.pack("<Q", len(text)) + text + data(section)
+
+
+def set_in(entry: str, key: str, value: object) -> Callable[[dict[str, Any]], object]:
+    return lambda h: h[entry].__setitem__(key, value)
+
+
+def span(h: dict[str, Any], name: str) -> list[int]:
+    return list(h[name]["data_offsets"])
+
+
+SAFETENSORS_LIES: list[tuple[str, bytes | Callable[[], bytes], str]] = [
+    ("header not JSON", lambda: safetensors_with(header=b"{not json"), "header is not valid JSON"),
+    ("header not UTF-8", lambda: safetensors_with(header=b'{"\xff":1}'), "header is not valid JSON"),
+    ("header nested too deeply", lambda: safetensors_with(header=b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+     "header is nested too deeply"),
+    ("metadata of a number", lambda: safetensors_with(lambda h: h["__metadata__"].__setitem__("epochs", 3)),
+     "__metadata__ must map strings to strings"),
+    ("metadata a list of strings", lambda: safetensors_with(lambda h: h.__setitem__("__metadata__", ["a"])),
+     "__metadata__ must map strings to strings"),
+    ("an unknown dtype", lambda: safetensors_with(set_in("a", "dtype", "F33")), "'a' has a malformed header entry"),
+    ("no dtype", lambda: safetensors_with(lambda h: h["a"].pop("dtype")), "'a' has a malformed header entry"),
+    ("a shape of a number", lambda: safetensors_with(set_in("a", "shape", 4)), "'a' has a malformed header entry"),
+    ("three offsets", lambda: safetensors_with(set_in("a", "data_offsets", [0, 8, 16])),
+     "'a' has a malformed header entry"),
+    ("a negative dimension", lambda: safetensors_with(set_in("a", "shape", [-4])), "'a' has an invalid shape [-4]"),
+    ("a fractional dimension", lambda: safetensors_with(set_in("a", "shape", [4.0])), "'a' has an invalid shape"),
+    ("offsets backwards", lambda: safetensors_with(lambda h: h["a"].__setitem__("data_offsets", span(h, "a")[::-1])),
+     "'a' has offsets"),
+    ("a negative offset", lambda: safetensors_with(set_in("a", "data_offsets", [-1, 15])), "'a' has offsets"),
+    ("an offset as a string", lambda: safetensors_with(lambda h: h["a"].__setitem__(
+        "data_offsets", [str(span(h, "a")[0]), span(h, "a")[1]])), "'a' has offsets"),
+    ("an end past the data", lambda: safetensors_with(lambda h: h["a"].__setitem__(
+        "data_offsets", [span(h, "a")[0], span(h, "a")[1] + 1])), "'a' has offsets"),
+    ("a shape its bytes do not hold", lambda: safetensors_with(set_in("a", "shape", [2])),
+     "'a': offsets do not match its shape and dtype"),
+    ("a dtype its bytes do not hold", lambda: safetensors_with(set_in("a", "dtype", "F64")),
+     "'a': offsets do not match its shape and dtype"),
+    ("bytes no tensor uses before the first", lambda: safetensors_with(
+        lambda h: [h[k].__setitem__("data_offsets", [b + 8, e + 8]) for k in ("a", "b") for b, e in [span(h, k)]],
+        data=lambda d: bytes(8) + d), "the data section starts with 8 bytes no tensor uses"),
+    ("bytes after the last tensor", lambda: safetensors_with(data=lambda d: d + bytes(3)),
+     "holds 3 bytes after the last tensor"),
+]
+
+
+@pytest.mark.parametrize(("build", "rule"), [(build, rule) for _, build, rule in SAFETENSORS_LIES],
+                         ids=[name for name, _, _ in SAFETENSORS_LIES])
+def test_a_safetensors_header_that_lies_is_refused_by_its_rule(
+    build: Callable[[], bytes], rule: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(build())
+    with pytest.raises(BadInput) as info:
+        formats.read(path)
+    assert rule in str(info.value)
+
+
+def test_what_the_sniffer_lets_through_is_still_checked_by_the_safetensors_reader(tmp_path: Path) -> None:
+    """formats.read sniffs 8 bytes and a ``{`` first; the reader itself (which the sharded and remote
+    readers call too) refuses a file shorter than its length field, a header longer than the file or
+    the limit, and a header that is not an object."""
+    cases = {
+        b"\x02\x00\x00": "shorter than a safetensors header",
+        struct.pack("<Q", 3) + b"[1]": "header is not a JSON object",
+        struct.pack("<Q", 3) + b"{}": "header length 3 is larger than the file",
+        struct.pack("<Q", safetensors_io.MAX_HEADER + 1) + b"{}": "exceeds the limit of 100,000,000 bytes",
+    }
+    for raw, rule in cases.items():
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(raw)
+        with closing(Source(path)) as source, pytest.raises(safetensors_io.SafetensorsFormatError, match=rule):
+            safetensors_io.read(source)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(safetensors.torch.save({}))  # a header that fills the file: no tensors
+    with closing(Source(empty)) as source:
+        tensors, envelope, metadata, _ = safetensors_io.read(source)
+    assert (dict(tensors), envelope, metadata) == ({}, None, {})
+
+
+def test_the_envelope_in_a_safetensors_header_is_read_or_refused_by_its_rule(tmp_path: Path) -> None:
+    """The envelope is one JSON object in a string under __metadata__["ckptmigrate"]; ``read`` and the
+    quick ``read_envelope`` (what ``current`` reads) give it back or refuse it the same way."""
+    envelope = {"revision": "0002", "tags": {"a": "b"}}
+
+    def read_both(metadata: object) -> list[object]:
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(safetensors_with(lambda h: h.__setitem__("__metadata__", metadata)))
+        out: list[object] = []
+        for read in (lambda s: safetensors_io.read(s)[1], safetensors_io.read_envelope):
+            with closing(Source(path)) as source:
+                try:
+                    out.append(read(source))
+                except safetensors_io.SafetensorsFormatError as exc:
+                    out.append(str(exc))
+        return out
+
+    assert read_both({"format": "pt", "ckptmigrate": json.dumps(envelope)}) == [envelope, envelope]
+    assert read_both({"format": "pt"}) == [None, None]
+    assert read_both({}) == [None, None]
+    not_an_object = read_both({"ckptmigrate": "[1]"})
+    assert not_an_object == ["the ckptmigrate envelope in __metadata__ is not a JSON object"] * 2
+    too_deep = read_both({"ckptmigrate": "[" * 10_000 + "]" * 10_000})
+    assert all("the ckptmigrate envelope in __metadata__ is refused" in str(m) for m in too_deep), too_deep
+    not_a_string = read_both({"ckptmigrate": {"revision": "0002"}})
+    assert "must map strings to strings" in str(not_a_string[0])
+    assert not_a_string[1] == "the ckptmigrate envelope in __metadata__ is not a string"
