@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import struct
+import zipfile
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -45,7 +47,7 @@ from zipcraft import Rec, layout_of
 from ckptmigrate import formats
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput
-from ckptmigrate.formats import safetensors_io, zipread
+from ckptmigrate.formats import pickle_scan, safetensors_io, zipread
 from ckptmigrate.tensors.refs import Source
 
 EOCD = struct.Struct("<IHHHHIIH")
@@ -626,3 +628,111 @@ def test_the_envelope_in_a_safetensors_header_is_read_or_refused_by_its_rule(tmp
     not_a_string = read_both({"ckptmigrate": {"revision": "0002"}})
     assert "must map strings to strings" in str(not_a_string[0])
     assert not_a_string[1] == "the ckptmigrate envelope in __metadata__ is not a string"
+
+
+# -- the pickle scan: what the C unpickler must not be handed ------------------------------------------
+
+
+def nested(depth: int, leaf: object = 1, width: int = 1) -> object:
+    """A tuple ``depth`` deep; ``width`` 2 or 3 nests through (t, 1) or (t, 1, 2)."""
+    value = leaf
+    for _ in range(depth):
+        value = (value, 1, 2)[:width]
+    return value
+
+
+def scan_verdict(data: bytes) -> str | None:
+    try:
+        pickle_scan.scan(data)
+    except pickle_scan.PickleFormatError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 4, 5])
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_tuples_nested_deeper_than_the_bound_are_refused_by_every_opcode_that_builds_them(
+    protocol: int, width: int
+) -> None:
+    """Protocol 0 and 1 build tuples with MARK ... TUPLE, later ones with TUPLE1..3; each is followed."""
+    deepest = pickle.dumps(nested(pickle_scan.MAX_DEPTH, width=width), protocol=protocol)
+    too_deep = pickle.dumps(nested(pickle_scan.MAX_DEPTH + 1, width=width), protocol=protocol)
+    assert scan_verdict(deepest) is None
+    assert scan_verdict(too_deep) == f"the pickle nests tuples more than {pickle_scan.MAX_DEPTH} deep"
+
+
+def visits(value: object, cache: dict[int, int] | None = None) -> int:
+    """How many elements hashing ``value`` visits: every element of every tuple in it, shared or not."""
+    cache = {} if cache is None else cache
+    if not isinstance(value, tuple):
+        return 1
+    if id(value) not in cache:
+        cache[id(value)] = 1 + sum(visits(item, cache) for item in value)
+    return cache[id(value)]
+
+
+def shared(levels: int) -> tuple[object, ...]:
+    value: tuple[object, ...] = (1,)
+    for _ in range(levels):
+        value = (value, value)
+    return value
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_tuples_shared_so_often_that_hashing_one_visits_over_the_bound_are_refused(protocol: int) -> None:
+    """``t = (t, t)`` twenty times is 200 bytes of pickle and a million elements to hash."""
+    levels = next(n for n in range(64) if visits(shared(n)) > pickle_scan.MAX_SHARED_VISITS)
+    below, above = pickle.dumps(shared(levels - 1), protocol=protocol), pickle.dumps(shared(levels), protocol=protocol)
+    assert scan_verdict(below) is None
+    assert scan_verdict(above) is not None and "the pickle shares tuples so often" in scan_verdict(above)
+
+
+def test_the_scan_follows_tuples_through_the_memo() -> None:
+    """A tuple put in the memo and got back keeps its depth (a get is no fresh start)."""
+    deep = nested(pickle_scan.MAX_DEPTH)
+    assert scan_verdict(pickle.dumps([deep, (deep,)], protocol=2)) is not None
+    assert scan_verdict(pickle.dumps([deep, deep], protocol=2)) is None
+
+
+PROTO2 = b"\x80\x02"
+MEMO_PUTS = {
+    "BINPUT": lambda i: b"q" + bytes([i]), "LONG_BINPUT": lambda i: b"r" + struct.pack("<I", i),
+    "PUT": lambda i: b"p" + str(i).encode() + b"\n",
+}
+
+
+@pytest.mark.parametrize("put", MEMO_PUTS.values(), ids=MEMO_PUTS.keys())
+def test_a_memo_index_past_the_opcodes_read_is_refused(put: Callable[[int], bytes]) -> None:
+    """The unpickler grows its memo to twice the index: ``LONG_BINPUT 2**31`` asks for 32 GiB."""
+    ops = 3  # PROTO, EMPTY_LIST, the put
+    assert scan_verdict(PROTO2 + b"]" + put(ops) + b".") is None
+    refused = scan_verdict(PROTO2 + b"]" + put(200) + b".")
+    assert refused == f"the pickle stores memo entry 200 after {ops:,} opcodes"
+
+
+ARGUMENTS = {
+    "BINUNICODE": b"X" + struct.pack("<I", 1 << 30) + b"abc",
+    "BINBYTES": b"B" + struct.pack("<I", 1 << 30) + b"abc",
+    "BINBYTES8": b"\x8e" + struct.pack("<Q", 1 << 40) + b"abc",
+    "SHORT_BINBYTES": b"C" + bytes([200]) + b"abc",
+    "BINSTRING": b"T" + struct.pack("<i", 1 << 30) + b"abc",
+}
+
+
+@pytest.mark.parametrize("argument", ARGUMENTS.values(), ids=ARGUMENTS.keys())
+def test_an_argument_longer_than_the_bytes_left_is_refused_before_it_is_allocated(argument: bytes) -> None:
+    verdict = scan_verdict(PROTO2 + b"](" + argument + b"e.")
+    assert verdict is not None and verdict.startswith("the pickle is truncated")
+
+
+def test_the_pickles_python_and_torch_write_are_accepted() -> None:
+    """Every protocol, memo puts past 255 (LONG_BINPUT), shared and nested values within the bounds."""
+    values = [str(i) for i in range(300)]
+    payload = {"values": values, "again": values, "nested": nested(50), "shared": shared(10), "bytes": b"x" * 300}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert scan_verdict(pickle.dumps(payload, protocol=protocol)) is None, protocol
+    buf = io.BytesIO()
+    torch.save({f"layer{i}.weight": torch.ones(2, 3) for i in range(300)}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as archive:
+        data_pkl = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    assert scan_verdict(data_pkl) is None
