@@ -10,6 +10,7 @@ fails a test. The files are real: ``torch.save`` archives rebuilt structure by s
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import pickle
@@ -736,3 +737,22 @@ def test_the_pickles_python_and_torch_write_are_accepted() -> None:
     with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as archive:
         data_pkl = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
     assert scan_verdict(data_pkl) is None
+
+
+# -- the verdict on a file's pickles, as `inspect --json` reports it ------------------------------------
+
+
+def test_the_pickle_verdict_reports_the_fields_the_readme_documents(tmp_path: Path) -> None:
+    """`inspect --json` gives ``pickle.weights_only``, ``pickle.unsafe_globals`` and ``pickle.called``
+    (README); torch's own verdict on the same files decides weights_only."""
+    safe, unsafe = tmp_path / "safe.pt", tmp_path / "unsafe.pt"
+    torch.save({"w": torch.ones(2), "classes": {1, 2}}, safe)
+    torch.save({"w": torch.ones(2), "args": argparse.Namespace(lr=0.1), "kind": argparse.ArgumentParser}, unsafe)
+    for path in (safe, unsafe):
+        with Checkpoint.open(path) as ckpt:
+            verdict = ckpt.pickle_safety().to_dict()
+        torch_says = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        assert verdict["weights_only"] is (not torch_says)
+        assert verdict["unsafe_globals"] == torch_says
+        assert set(verdict) == {"weights_only", "unsafe_globals", "called"}
+        assert verdict["called"] == (["argparse.Namespace"] if torch_says else [])
