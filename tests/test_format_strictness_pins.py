@@ -756,3 +756,43 @@ def test_the_pickle_verdict_reports_the_fields_the_readme_documents(tmp_path: Pa
         assert verdict["unsafe_globals"] == torch_says
         assert set(verdict) == {"weights_only", "unsafe_globals", "called"}
         assert verdict["called"] == (["argparse.Namespace"] if torch_says else [])
+
+
+# -- what an in-place append leaves behind -------------------------------------------------------------
+
+
+def appended(tmp_path: Path) -> tuple[Path, int]:
+    """A torch.save file after one in-place rename by ckptmigrate (its old data.pkl, directory and end
+    records superseded), and where the superseded end record starts."""
+    path = tmp_path / "model.pt"
+    torch.save(PAYLOAD, path)
+    first_end = path.stat().st_size
+    with Checkpoint.open(path) as ckpt:
+        ckpt.rename("w", "v")
+        ckpt.write(path, None)
+    reads_as_torch_loads(path.read_bytes(), tmp_path)
+    return path, first_end - 22
+
+
+def test_a_superseded_directory_must_describe_records_that_precede_it(tmp_path: Path) -> None:
+    path, old_end = appended(tmp_path)
+    raw = bytearray(path.read_bytes())
+    *_, cd_size, cd_offset, _comment = EOCD.unpack(raw[old_end : old_end + 22])
+    first = raw.index(b"PK\x01\x02", cd_offset)  # the superseded entry of the old data.pkl, at offset 0
+    assert raw[first + 46 :].startswith(b"model/data.pkl")
+    struct.pack_into("<I", raw, first + 42, local_header(bytes(raw), b".format_version"))
+    assert "where no such record precedes it" in read_refusal(bytes(raw), tmp_path)
+
+
+def test_a_superseded_record_is_held_to_the_rules_of_a_listed_one(tmp_path: Path) -> None:
+    path, _old_end = appended(tmp_path)
+    raw = path.read_bytes()
+    nlen = struct.unpack_from("<H", raw, 26)[0]
+    old_name = raw[30 : 30 + nlen]  # the superseded data.pkl, at offset 0
+    folder = old_name.split(b"/")[0]
+    outside = raw[:30] + b"x" * len(folder) + old_name[len(folder) :] + raw[30 + nlen :]
+    assert "a superseded record at offset 0" in read_refusal(outside, tmp_path)
+    assert "is outside the archive folder" in read_refusal(outside, tmp_path)
+    descriptor = raw.index(b"PK\x07\x08")  # the superseded data.pkl's data descriptor
+    unexplained = raw[:descriptor] + bytes(4) + raw[descriptor + 4 :]
+    assert "has no data descriptor: bytes the archive does not explain" in read_refusal(unexplained, tmp_path)
