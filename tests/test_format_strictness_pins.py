@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+import zipcraft
 from test_zip_strict import (
     a_compressed_data_pkl,
     a_record_outside_the_archive_folder,
@@ -796,3 +797,56 @@ def test_a_superseded_record_is_held_to_the_rules_of_a_listed_one(tmp_path: Path
     descriptor = raw.index(b"PK\x07\x08")  # the superseded data.pkl's data descriptor
     unexplained = raw[:descriptor] + bytes(4) + raw[descriptor + 4 :]
     assert "has no data descriptor: bytes the archive does not explain" in read_refusal(unexplained, tmp_path)
+
+
+def with_superseded_directory(padding: int = 0, appended: bool = True) -> bytes:
+    """torch.save's records, ``padding`` zero bytes, their directory and end record (now superseded),
+    then — as an in-place write appends — a new ``data.pkl`` (unless not ``appended``: a write that
+    changed only the directory) and the live directory listing it with the old records."""
+    old = with_layout(before_directory=bytes(padding))
+    offsets, at = {}, 0
+    for r in layout_of(PAYLOAD).recs:
+        offsets[r.name] = (at, r.data)
+        at += 30 + len(r.name) + len(r.data)
+    out = bytearray(old)
+    if appended:
+        pkl = next(r for r in layout_of(PAYLOAD).recs if r.name.endswith(b"data.pkl"))
+        offsets[pkl.name] = (len(out), pkl.data)
+        out += zipcraft.LOCAL.pack(0x04034B50, 20, 0, 0, 0, 0, pkl.crc, len(pkl.data), len(pkl.data),
+                                   len(pkl.name), 0) + pkl.name + pkl.data
+    cd = b"".join(zipcraft.central_entry(name, data, offset) for name, (offset, data) in offsets.items())
+    cd_at = len(out)
+    out += cd + EOCD.pack(0x06054B50, 0, 0, len(offsets), len(offsets), len(cd), cd_at, 0)
+    return bytes(out)
+
+
+def test_zero_padding_before_a_superseded_directory_and_a_directory_only_append_are_read(tmp_path: Path) -> None:
+    reads_as_torch_loads(with_superseded_directory(), tmp_path)
+    reads_as_torch_loads(with_superseded_directory(padding=100), tmp_path)
+    reads_as_torch_loads(with_superseded_directory(appended=False), tmp_path)
+
+
+def test_padding_that_ends_inside_the_directory_is_refused(tmp_path: Path) -> None:
+    """Zeros then as many other bytes as the first directory entry: the zeros must reach the directory."""
+    first_entry = 46 + len(layout_of(PAYLOAD).recs[0].name)
+    assert "are not the padding before a central directory" in read_refusal(
+        with_layout(before_directory=bytes(10) + b"j" * first_entry), tmp_path)
+
+
+def test_a_superseded_directory_is_held_to_the_rules_of_the_live_one(tmp_path: Path) -> None:
+    data = with_superseded_directory()
+    old_cd = EOCD.unpack(with_layout()[-22:])[6]
+    name_at = old_cd + 46  # the superseded entry of the first record
+    outside = data[:name_at] + b"x" * len(b"archive") + data[name_at + len(b"archive") :]
+    refusal = read_refusal(outside, tmp_path)
+    assert "the superseded end record at offset" in refusal and "is outside the archive folder" in refusal
+
+
+def test_a_large_state_dict_appended_in_place_is_read_through_its_superseded_directory(tmp_path: Path) -> None:
+    """Two thousand records: the superseded directory is read in more than one window."""
+    path = tmp_path / "model.pt"
+    torch.save({f"layers.{i}.weight": torch.full((2,), float(i)) for i in range(2000)}, path)
+    with Checkpoint.open(path) as ckpt:
+        ckpt.rename("layers.0.weight", "layers.0.w")
+        ckpt.write(path, None)
+    reads_as_torch_loads(path.read_bytes(), tmp_path)
