@@ -534,6 +534,12 @@ def span(h: dict[str, Any], name: str) -> list[int]:
     return list(h[name]["data_offsets"])
 
 
+def in_order() -> list[str]:
+    """The tensors in the order of their bytes in the data section."""
+    header, _ = safetensors_parts()
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: span(header, k))
+
+
 SAFETENSORS_LIES: list[tuple[str, bytes | Callable[[], bytes], str]] = [
     ("header not JSON", lambda: safetensors_with(header=b"{not json"), "header is not valid JSON"),
     ("header not UTF-8", lambda: safetensors_with(header=b'{"\xff":1}'), "header is not valid JSON"),
@@ -563,7 +569,14 @@ SAFETENSORS_LIES: list[tuple[str, bytes | Callable[[], bytes], str]] = [
      "'a': offsets do not match its shape and dtype"),
     ("bytes no tensor uses before the first", lambda: safetensors_with(
         lambda h: [h[k].__setitem__("data_offsets", [b + 8, e + 8]) for k in ("a", "b") for b, e in [span(h, k)]],
-        data=lambda d: bytes(8) + d), "the data section starts with 8 bytes no tensor uses"),
+        data=lambda d: bytes(8) + d),
+     f"the data section starts with 8 bytes no tensor uses (before {in_order()[0]!r})"),
+    ("two tensors overlapping", lambda: safetensors_with(lambda h: h[in_order()[1]].__setitem__(
+        "data_offsets", [x - 4 for x in span(h, in_order()[1])]), data=lambda d: d[:-4]),
+     f"tensors {in_order()[0]!r} and {in_order()[1]!r} overlap in the data section"),
+    ("a gap between two tensors", lambda: safetensors_with(lambda h: h[in_order()[1]].__setitem__(
+        "data_offsets", [x + 8 for x in span(h, in_order()[1])]), data=lambda d: d + bytes(8)),
+     f"a gap of 8 bytes no tensor uses between tensors {in_order()[0]!r} and {in_order()[1]!r}"),
     ("bytes after the last tensor", lambda: safetensors_with(data=lambda d: d + bytes(3)),
      "holds 3 bytes after the last tensor"),
 ]
