@@ -56,7 +56,8 @@ EOCD = struct.Struct("<IHHHHIIH")
 EOCD64 = struct.Struct("<IQHHIIQQQQ")
 LOCATOR64 = struct.Struct("<IIQI")
 #: Where each field of a central directory entry starts.
-CENTRAL_AT = {"needed": 6, "flags": 8, "method": 10, "crc": 16, "csize": 20, "usize": 24, "disk": 34, "eattr": 38}
+CENTRAL_AT = {"needed": 6, "flags": 8, "method": 10, "crc": 16, "csize": 20, "usize": 24, "disk": 34, "eattr": 38,
+              "offset": 42}
 #: Where each field of a local header starts.
 LOCAL_AT = {"needed": 4, "flags": 6, "method": 8, "crc": 14, "csize": 18, "usize": 22}
 
@@ -85,6 +86,11 @@ RULES: list[tuple[str, Callable[[], bytes], str]] = [
     ("a trailing slash", name_with(b"archive/x/"), "non-canonical name"),
     ("utf-8", name_with(b"archive/\xc3\xa9"), "a control or non-ASCII byte"),
     ("a control byte", name_with(b"archive/x\x1f"), "a control or non-ASCII byte"),
+    ("a delete byte", name_with(b"archive/x\x7f"), "a control or non-ASCII byte"),
+    ("a space in a dot-dot name", name_with(b"archive/my model/../x"), "non-canonical name"),
+    ("a tilde in a dot-dot name", name_with(b"archive/~/../x"), "non-canonical name"),
+    ("a top-level record", name_with(b"x"), "'x' is not inside the archive's folder"),
+    ("an absolute top-level record", name_with(b"/x"), "'/x' is not inside the archive's folder"),
     ("a record outside the archive folder", a_record_outside_the_archive_folder,
      "is outside the archive folder 'archive'"),
     ("two local headers for one entry", two_local_headers_for_one_entry, "share a local header"),
@@ -251,7 +257,8 @@ def test_zip64_end_records_that_lie_are_refused_by_their_rule(
 
 def central_field(data: bytes, suffix: bytes, field: str, value: int) -> bytes:
     at = next(at for name, at in central_entries(data).items() if name.endswith(suffix))
-    return put(data, at + CENTRAL_AT[field], "<I" if field in ("crc", "csize", "usize", "eattr") else "<H", value)
+    return put(data, at + CENTRAL_AT[field], "<I" if field in ("crc", "csize", "usize", "eattr", "offset") else "<H",
+               value)
 
 
 CENTRAL_LIES: list[tuple[str, Callable[[bytes], bytes], str]] = [
@@ -356,6 +363,12 @@ EXTRA_FIELD_LIES: list[tuple[str, Callable[[], bytes], str]] = [
     ("a zip64 field for no marker in the directory", with_record(central_extra=field(1, struct.pack("<Q", 16))),
      "its zip64 field does not match the fields it replaces"),
     ("a comment in the directory", with_record(comment=b"hello"), "has a comment, another disk or the directory"),
+    ("a local zip64 field too short for its markers", with_record(
+        local_fields=(0, 0xFFFFFFFF, 0xFFFFFFFF), local_extra=field(1, struct.pack("<Q", 16))),
+     "its zip64 field does not match the fields it replaces"),
+    ("local zip64 sizes that differ", with_record(
+        local_fields=(0, 0xFFFFFFFF, 0xFFFFFFFF), local_extra=field(1, struct.pack("<QQ", 16, 17))),
+     "its local header has inconsistent sizes"),
 ]
 
 
@@ -375,6 +388,21 @@ def test_the_extra_fields_torch_and_zip64_writers_write_are_read(tmp_path: Path)
     crc = next(r.crc for r in layout_of(PAYLOAD).recs if r.name.endswith(b"data/0"))
     zip64 = field(1, struct.pack("<QQ", size, size))
     reads_as_torch_loads(with_record(local_fields=(crc, 0xFFFFFFFF, 0xFFFFFFFF), local_extra=zip64)(), tmp_path)
+    padding = field(0x4246, bytes(8))
+    for extra in (zip64 + padding, padding + zip64, padding + field(1, b"")):
+        reads_as_torch_loads(with_record(local_fields=(crc, 0xFFFFFFFF, 0xFFFFFFFF) if len(extra) > 16 else None,
+                                         local_extra=extra)(), tmp_path)
+
+
+def test_a_directory_entry_with_its_sizes_and_offset_in_a_zip64_field_is_read(tmp_path: Path) -> None:
+    """All three of an entry's 32-bit fields set to the marker, their values in its zip64 field, in order."""
+    data = with_record()()
+    size = next(len(r.data) for r in layout_of(PAYLOAD).recs if r.name.endswith(b"data/0"))
+    offset = local_header(data, b"data/0")
+    data = with_record(central_extra=field(1, struct.pack("<QQQ", size, size, offset)))()
+    for name in ("usize", "csize", "offset"):
+        data = central_field(data, b"data/0", name, 0xFFFFFFFF)
+    reads_as_torch_loads(data, tmp_path)
 
 
 def with_version(text: bytes, name: bytes = b"archive/version") -> bytes:
