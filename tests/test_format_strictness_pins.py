@@ -891,3 +891,34 @@ def test_a_large_state_dict_appended_in_place_is_read_through_its_superseded_dir
         ckpt.rename("layers.0.weight", "layers.0.w")
         ckpt.write(path, None)
     reads_as_torch_loads(path.read_bytes(), tmp_path)
+
+
+def archive_refusal(data: bytes, tmp_path: Path) -> str:
+    """The zip reader's own refusal (the readers of remote and multi-file checkpoints call it too)."""
+    path = tmp_path / "archive.pt"
+    path.write_bytes(data)
+    with open(path, "rb") as fh, pytest.raises(zipread.ZipFormatError) as info:
+        zipread.read_archive(fh.fileno(), len(data))
+    return str(info.value)
+
+
+def test_the_zip_reader_itself_refuses_what_torch_would_not_load_as_a_checkpoint(tmp_path: Path) -> None:
+    layout = layout_of(PAYLOAD)
+    layout.recs.insert(1, Rec(b"archive/constants.pkl", b"\x80\x02)."))
+    assert archive_refusal(layout.build(), tmp_path).startswith("a TorchScript archive (constants.pkl)")
+    assert archive_refusal(with_version(b"3", b"archive/versions"), tmp_path).startswith(
+        "the archive has no version record, which torch requires")
+    assert archive_refusal(with_record_data(b"byteorder", b"big"), tmp_path).startswith(
+        "the byteorder record is not 'little'")
+    assert archive_refusal(with_record_data(b".storage_alignment", b"x"), tmp_path).startswith(
+        "the .storage_alignment record is not a number")
+
+
+def test_record_lookups_ignore_ascii_case_both_ways(tmp_path: Path) -> None:
+    """miniz finds a record under any case of its name; so do the entries the reader returns."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(with_version(b"3\n", b"archive/VERSION"))
+    entries = formats.read(path).records
+    assert entries.get("ARCHIVE/DATA.PKL") is entries["archive/data.pkl"] is entries["Archive/Data.pkl"]
+    assert entries.get("archive/version") is entries["archive/VERSION"] and "ARCHIVE/VERSION" in entries
+    assert entries.get("archive/nothing", "absent") == "absent" and 1 not in entries
