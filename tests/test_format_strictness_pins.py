@@ -16,6 +16,7 @@ import json
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -922,3 +923,19 @@ def test_record_lookups_ignore_ascii_case_both_ways(tmp_path: Path) -> None:
     assert entries.get("ARCHIVE/DATA.PKL") is entries["archive/data.pkl"] is entries["Archive/Data.pkl"]
     assert entries.get("archive/version") is entries["archive/VERSION"] and "ARCHIVE/VERSION" in entries
     assert entries.get("archive/nothing", "absent") == "absent" and 1 not in entries
+
+
+@pytest.mark.parametrize("size", [0, 100, 65533, 65534, 65535, 65536, 65537, 300_000])
+def test_a_superseded_record_sized_by_its_data_descriptor_is_read_whatever_its_size(size: int, tmp_path: Path) -> None:
+    """A record no directory lists, its sizes left to its data descriptor (torch.save's way), found by
+    scanning its data in growing chunks: the descriptor may sit on a chunk boundary or across one, and
+    the data may hold the descriptor's signature itself (a descriptor that does not fit is skipped)."""
+    data = (b"PK\x07\x08" + struct.pack("<III", 0, 1, 1) + bytes(size))[:size]
+    crc = zlib.crc32(data)
+    old = Rec(b"archive/old", data, flags=0x0008, local_fields=(0, 0, 0), central=False,
+              after=struct.pack("<IIII", 0x08074B50, crc, size, size))
+    layout = layout_of(PAYLOAD)
+    layout.recs.insert(1, old)
+    reads_as_torch_loads(layout.build(), tmp_path)
+    old.after = struct.pack("<IIII", 0x08074B50, crc, size + 1, size + 1)  # a descriptor that does not fit
+    assert "has no data descriptor: bytes the archive does not explain" in read_refusal(layout.build(), tmp_path)
