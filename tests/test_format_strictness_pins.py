@@ -939,3 +939,75 @@ def test_a_superseded_record_sized_by_its_data_descriptor_is_read_whatever_its_s
     reads_as_torch_loads(layout.build(), tmp_path)
     old.after = struct.pack("<IIII", 0x08074B50, crc, size + 1, size + 1)  # a descriptor that does not fit
     assert "has no data descriptor: bytes the archive does not explain" in read_refusal(layout.build(), tmp_path)
+
+
+# -- torch's own layout (the padding field) is read on a fast path: it must refuse what the slow one does --
+
+FB = field(0x4246, bytes(8))  # the padding field torch writes in every local header
+W = next(r for r in layout_of(PAYLOAD).recs if r.name.endswith(b"data/0"))
+
+
+def claiming(size: int) -> Callable[[], bytes]:
+    """The last record, with torch's padding field, claiming ``size`` bytes in both headers."""
+
+    def build() -> bytes:
+        layout = layout_of(PAYLOAD)
+        last = layout.recs[-1]
+        last.local_extra, last.local_fields = FB, (last.crc, size, size)
+        data = layout.build()
+        suffix = last.name[-8:]
+        return central_field(central_field(data, suffix, "csize", size), suffix, "usize", size)
+
+    return build
+
+
+FAST_PATH_LIES: list[tuple[str, Callable[[], bytes], str]] = [
+    ("another CRC", with_record(local_extra=FB, local_fields=(W.crc ^ 1, len(W.data), len(W.data))),
+     f"the central directory says {len(W.data)} bytes"),
+    ("other sizes", with_record(local_extra=FB, local_fields=(W.crc, 8, 8)), "its local header 8 bytes"),
+    ("sizes that differ", with_record(local_extra=FB, local_fields=(W.crc, len(W.data), 8)),
+     "its local header has inconsistent sizes"),
+    ("deflated", lambda: local_field(with_record(local_extra=FB)(), b"data/0", "method", 8),
+     "its local header asks for"),
+    ("needing version 4.6", lambda: local_field(with_record(local_extra=FB)(), b"data/0", "needed", 46),
+     "its local header asks for"),
+    ("encrypted", lambda: local_field(with_record(local_extra=FB)(), b"data/0", "flags", 1),
+     "its local header asks for"),
+    ("naming another record", lambda: local_name(with_record(local_extra=FB)(), b"data/0", b"archive/data/9"),
+     "its local header names 'archive/data/9'"),
+    ("data past the directory", claiming(1000), "claims 1000 bytes past the central directory"),
+]
+
+
+@pytest.mark.parametrize(("build", "rule"), [(build, rule) for _, build, rule in FAST_PATH_LIES],
+                         ids=[name for name, _, _ in FAST_PATH_LIES])
+def test_a_local_header_in_torchs_layout_that_lies_is_refused_by_its_rule(
+    build: Callable[[], bytes], rule: str, tmp_path: Path
+) -> None:
+    assert rule in read_refusal(build(), tmp_path)
+
+
+def test_torchs_layout_without_a_data_descriptor_is_read(tmp_path: Path) -> None:
+    reads_as_torch_loads(with_record(local_extra=FB)(), tmp_path)
+
+
+def test_bytes_between_the_records_and_the_directory_are_refused_by_what_they_are(tmp_path: Path) -> None:
+    junk = with_layout(before_directory=b"junk")
+    cd_offset = EOCD.unpack(junk[-22:])[6]
+    assert f"4 bytes at offset {cd_offset - 4} are no zip structure" in read_refusal(junk, tmp_path)
+    cut = with_layout(before_directory=b"PK\x03\x04" + bytes(10))
+    assert f"a local header at offset {EOCD.unpack(cut[-22:])[6] - 14} runs into the central directory" in (
+        read_refusal(cut, tmp_path))
+
+
+def test_a_record_whose_local_header_hides_inside_another_records_bytes_is_refused(tmp_path: Path) -> None:
+    """The directory points into the middle of a listed record: a walk from offset 0 never meets that
+    header, a reader that seeks to it does."""
+    hidden = zipcraft.LOCAL.pack(0x04034B50, 20, 0, 0, 0, 0, zlib.crc32(b"x" * 8), 8, 8, 14, 0) + b"archive/hidden"
+    layout = layout_of(PAYLOAD)
+    layout.recs.insert(1, Rec(b"archive/blob", hidden + b"x" * 8))
+    at = local_header(layout.build(), b"archive/blob") + 30 + len(b"archive/blob")
+    layout.extra_central = zipcraft.central_entry(b"archive/hidden", b"x" * 8, at)
+    layout.count = len(layout.recs) + 1
+    assert "record 'archive/hidden' has its local header inside another record's bytes" in read_refusal(
+        layout.build(), tmp_path)
