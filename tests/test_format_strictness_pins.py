@@ -1011,3 +1011,30 @@ def test_a_record_whose_local_header_hides_inside_another_records_bytes_is_refus
     layout.count = len(layout.recs) + 1
     assert "record 'archive/hidden' has its local header inside another record's bytes" in read_refusal(
         layout.build(), tmp_path)
+
+
+def test_local_headers_longer_than_one_read_are_read(tmp_path: Path) -> None:
+    """torch names the archive's folder after the file; a 490-character folder makes every local
+    header longer than the block the walk reads at once."""
+    layout = layout_of(PAYLOAD, prefix="p" * 490)
+    reads_as_torch_loads(layout.build(), tmp_path)
+    for r in layout.recs:
+        r.local_extra = FB
+    reads_as_torch_loads(layout.build(), tmp_path)
+    layout.recs[-1].local_name = layout.recs[-1].name[:-1] + b"X"
+    assert "its local header names" in read_refusal(layout.build(), tmp_path)
+
+
+def test_a_local_zip64_field_that_gives_sizes_the_header_also_gives_is_read(tmp_path: Path) -> None:
+    """Some zip64 writers put both sizes in the local header's zip64 field whether or not it needs them."""
+    size = len(W.data)
+    reads_as_torch_loads(with_record(local_extra=field(1, struct.pack("<QQ", size, size)))(), tmp_path)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "torch reads the first record's name into a 512-byte buffer and refuses a folder name of 511 "
+    "characters or more ('file in archive is not in a subdirectory'); zipread accepts it"))
+def test_a_folder_name_torch_cannot_read_is_refused(tmp_path: Path) -> None:
+    data = layout_of(PAYLOAD, prefix="p" * 511).build()
+    assert not torch_loads(data, tmp_path)
+    read_refusal(data, tmp_path)
