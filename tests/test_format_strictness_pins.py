@@ -632,6 +632,7 @@ def test_what_the_sniffer_lets_through_is_still_checked_by_the_safetensors_reade
         struct.pack("<Q", 3) + b"[1]": "header is not a JSON object",
         struct.pack("<Q", 3) + b"{}": "header length 3 is larger than the file",
         struct.pack("<Q", safetensors_io.MAX_HEADER + 1) + b"{}": "exceeds the limit of 100,000,000 bytes",
+        struct.pack("<Q", (1 << 64) - 1) + b"{}": "exceeds the limit of 100,000,000 bytes",
     }
     for raw, rule in cases.items():
         path = tmp_path / "model.safetensors"
