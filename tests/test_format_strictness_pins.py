@@ -1,11 +1,13 @@
 """User story: "When ckptmigrate refuses a checkpoint, it names the rule the file breaks — the same rule
-whether I open it from Python or from the command line."
+whether I open it from Python or from the command line — and what torch loads, it reads."
 
-``tests/test_zip_strict.py`` plays each attack through the CLI as a subprocess (exit 2, one line);
-here the same archives are opened in-process with ``Checkpoint.open`` and each refusal must name its
-own rule, so a check that stops refusing (or a later check that happens to catch the file instead)
-fails a test. The files are real: ``torch.save`` archives rebuilt structure by structure
-(``zipcraft``).
+Each strictness rule of the readers in ``formats/`` (the zip reader, the safetensors header, the
+pickle scan, the verdict on a pickle's globals) is played in-process here, one lie per case, and the
+refusal must name that rule; the layouts torch and other zip writers really produce must be read,
+and read as ``torch.load`` reads them. ``tests/test_zip_strict.py`` plays the attacks through the CLI
+as a subprocess, where a mutant of the reader (``mutmut``, README "Mutation testing") cannot be
+seen. The files are real: ``torch.save`` and ``safetensors`` output, changed field by field or
+rebuilt structure by structure (``zipcraft``); where the rule is torch's, torch is asked too.
 """
 
 from __future__ import annotations
