@@ -1041,3 +1041,25 @@ def test_a_folder_name_torch_cannot_read_is_refused(tmp_path: Path) -> None:
     data = layout_of(PAYLOAD, prefix="p" * 511).build()
     assert not torch_loads(data, tmp_path)
     read_refusal(data, tmp_path)
+
+
+def with_comment(data: bytes, comment: bytes) -> bytes:
+    return data[:-2] + struct.pack("<H", len(comment)) + comment
+
+
+@pytest.mark.parametrize("length", [1, 40_000, 65_535])
+def test_a_comment_of_any_length_is_read_in_a_file_of_any_size(length: int, tmp_path: Path) -> None:
+    """The end record is searched for in the last 64 KiB + 22 bytes, the last one found is taken (an
+    in-place append leaves an older one before it), and the comment must run exactly to the end.
+    (torch itself fails on a small file with a comment near the maximum: the files here are larger.)"""
+    path = tmp_path / "big.pt"
+    torch.save({"w": torch.arange(40_000.0)}, path)  # larger than the 64 KiB searched
+    plain_big = path.read_bytes()
+    with Checkpoint.open(path) as ckpt:
+        ckpt.rename("w", "v")
+        ckpt.write(path, None)
+    for data in (plain_big, path.read_bytes()):
+        commented = with_comment(data, b"c" * length)
+        reads_as_torch_loads(commented, tmp_path)
+        refusal = read_refusal(commented + b"c", tmp_path)  # a byte past the comment (at the maximum: out of reach)
+        assert "bytes follow the archive's end record" in refusal or (length == 65_535 and "truncated" in refusal)
