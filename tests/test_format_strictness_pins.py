@@ -1072,3 +1072,22 @@ def test_a_comment_torch_cannot_read_past_is_refused(tmp_path: Path) -> None:
     data = with_comment(saved(), b"c" * 65_535)
     assert not torch_loads(data, tmp_path)
     read_refusal(data, tmp_path)
+
+
+def test_a_tensor_whose_memo_gets_fetch_a_deep_tuple_is_refused_as_opcode_by_opcode() -> None:
+    """The scan steps over a tensor at once only when every memo get in it fetches a plain value; a
+    "storage" tag or location fetched from the memo where a tuple MAX_DEPTH deep was put makes the
+    storage's tuple one level too deep, whichever way the scan reads it."""
+    deep = b"K\x01" + b"\x85" * pickle_scan.MAX_DEPTH
+    globals_ = (b"ctorch._utils\n_rebuild_tensor_v2\nq\x000" + b"ctorch\nFloatStorage\nq\x010"
+                + b"ccollections\nOrderedDict\nq\x020" + deep + b"q\x030")
+    literal_storage, literal_location = b"X\x07\x00\x00\x00storage", b"X\x03\x00\x00\x00cpu"
+    for storage, location in ((b"h\x03", literal_location), (literal_storage, b"h\x03")):
+        tensor = (b"h\x00((" + storage + b"h\x01X\x01\x00\x00\x000" + location + b"K\x06tQK\x00K\x06\x85K\x01\x85\x89"
+                  b"h\x02)RtR")
+        assert pickle_scan._TENSOR.fullmatch(tensor)  # the layout the scan steps over at once
+        data = b"\x80\x02" + globals_ + b"}(X\x01\x00\x00\x00w" + tensor + b"u."
+        refused = f"the pickle nests tuples more than {pickle_scan.MAX_DEPTH} deep"
+        assert scan_verdict(data) == refused
+        with pytest.raises(pickle_scan.PickleFormatError, match=refused):
+            pickle_scan.scan(data, whole_tensors=False)
