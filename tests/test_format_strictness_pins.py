@@ -826,8 +826,9 @@ def test_a_superseded_directory_must_describe_records_that_precede_it(tmp_path: 
     *_, cd_size, cd_offset, _comment = EOCD.unpack(raw[old_end : old_end + 22])
     first = raw.index(b"PK\x01\x02", cd_offset)  # the superseded entry of the old data.pkl, at offset 0
     assert raw[first + 46 :].startswith(b"model/data.pkl")
-    struct.pack_into("<I", raw, first + 42, local_header(bytes(raw), b".format_version"))
-    assert "where no such record precedes it" in read_refusal(bytes(raw), tmp_path)
+    for offset in (local_header(bytes(raw), b".format_version"), 1):  # another record's header, or none
+        struct.pack_into("<I", raw, first + 42, offset)
+        assert "where no such record precedes it" in read_refusal(bytes(raw), tmp_path)
 
 
 def test_a_superseded_record_is_held_to_the_rules_of_a_listed_one(tmp_path: Path) -> None:
@@ -939,6 +940,8 @@ def test_a_superseded_record_sized_by_its_data_descriptor_is_read_whatever_its_s
               after=struct.pack("<IIII", 0x08074B50, crc, size, size))
     layout = layout_of(PAYLOAD)
     layout.recs.insert(1, old)
+    reads_as_torch_loads(layout.build(), tmp_path)
+    layout.recs.insert(1, Rec(b"archive/before", bytes(3 << 20)))  # the record 3 MiB into the file
     reads_as_torch_loads(layout.build(), tmp_path)
     old.after = struct.pack("<IIII", 0x08074B50, crc, size + 1, size + 1)  # a descriptor that does not fit
     assert "has no data descriptor: bytes the archive does not explain" in read_refusal(layout.build(), tmp_path)
