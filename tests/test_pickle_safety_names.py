@@ -15,7 +15,6 @@ import multiprocessing.context
 import pickle
 from pathlib import Path
 
-import pytest
 import torch
 
 from ckptmigrate.checkpoint.lazy import Checkpoint
@@ -68,13 +67,9 @@ def test_the_mapping_covers_renamed_modules_and_renamed_names() -> None:
     assert python3_name("a.b.c.D") == "a.b.c.D"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pickle_safety maps names with the standard library's _compat_pickle tables; torch maps them with the "
-    "smaller torch._utils.IMPORT_MAPPING / NAME_MAPPING, so for 114 Python 2 names (none of them allowed "
-    "either way) the unsafe_globals reported differ from torch's"))
 def test_a_python_2_name_torch_does_not_map_is_reported_as_torch_reports_it(tmp_path: Path) -> None:
     """``multiprocessing.context.Process`` pickles (protocol 2) as ``multiprocessing.process.Process``,
-    a name the standard library maps back and torch does not."""
+    a name the standard library's tables map and torch's do not: the name reported is torch's."""
     ckpt, torch_says = judged(tmp_path, {"w": torch.ones(2), "kind": multiprocessing.context.Process}, "process")
     with ckpt:
         assert set(ckpt.pickle_safety().unsafe) == torch_says
