@@ -11,6 +11,7 @@ One rule of `formats/pickle_safety.py` per test, so a mutant of it fails here by
 from __future__ import annotations
 
 import argparse
+import multiprocessing.context
 import pickle
 from pathlib import Path
 
@@ -64,3 +65,11 @@ def test_the_mapping_covers_renamed_modules_and_renamed_names() -> None:
     assert python3_name("exceptions.StandardError") == "builtins.Exception"  # a renamed name
     assert python3_name("torch._utils._rebuild_tensor_v2") == "torch._utils._rebuild_tensor_v2"
     assert python3_name("a.b.c.D") == "a.b.c.D"
+
+
+def test_a_python_2_name_torch_does_not_map_is_reported_as_torch_reports_it(tmp_path: Path) -> None:
+    """``multiprocessing.context.Process`` pickles (protocol 2) as ``multiprocessing.process.Process``,
+    a name the standard library's tables map and torch's do not: the name reported is torch's."""
+    ckpt, torch_says = judged(tmp_path, {"w": torch.ones(2), "kind": multiprocessing.context.Process}, "process")
+    with ckpt:
+        assert set(ckpt.pickle_safety().unsafe) == torch_says

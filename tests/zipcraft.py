@@ -39,6 +39,9 @@ class Rec:
     after: bytes = b""  # bytes right after the data (a data descriptor)
     central: bool = True  # listed in the central directory
     central_offset: int | None = None  # a lie about where the local header is
+    local_extra: bytes = b""  # the local header's extra field
+    central_extra: bytes = b""  # the central directory entry's extra field
+    comment: bytes = b""  # the central directory entry's comment
 
     @property
     def crc(self) -> int:
@@ -51,6 +54,7 @@ class Layout:
     between: dict[int, bytes] = field(default_factory=dict)  # bytes inserted before record i
     count: int | None = None  # the end record's entry count
     cd_offset: int | None = None  # the end record's directory offset
+    before_directory: bytes = b""  # bytes between the last record and the directory
     after_directory: bytes = b""  # bytes between the directory and the end record
     comment: bytes = b""
     trailer: bytes = b""  # bytes after the end record
@@ -64,7 +68,8 @@ class Layout:
             offsets.append(len(out))
             name = r.local_name if r.local_name is not None else r.name
             crc, csize, usize = r.local_fields or (r.crc, len(r.data), len(r.data))
-            out += LOCAL.pack(0x04034B50, 20, r.flags, r.method, 0, 0, crc, csize, usize, len(name), 0) + name
+            out += LOCAL.pack(0x04034B50, 20, r.flags, r.method, 0, 0, crc, csize, usize, len(name),
+                              len(r.local_extra)) + name + r.local_extra
             out += r.data + r.after
         cd = bytearray()
         listed = 0
@@ -74,8 +79,10 @@ class Layout:
             listed += 1
             at = offset if r.central_offset is None else r.central_offset
             cd += CENTRAL.pack(0x02014B50, 20, 20, r.flags, r.method, 0, 0, r.crc, len(r.data), len(r.data),
-                               len(r.name), 0, 0, 0, 0, 0, at) + r.name
+                               len(r.name), len(r.central_extra), len(r.comment), 0, 0, 0, at)
+            cd += r.name + r.central_extra + r.comment
         cd += self.extra_central
+        out += self.before_directory
         cd_at = len(out)
         out += cd + self.after_directory
         count = listed if self.count is None else self.count
