@@ -65,6 +65,8 @@ _FIRST_SCAN = 64 << 10
 #: The largest central directory read (it is read whole): a bound on memory whatever the file claims.
 MAX_DIRECTORY = 256 << 20
 _BLOCK = 512  # a local header and its name and extra field, read at once
+#: torch copies the first record's name into a buffer this long (NUL included) to find the folder
+_TORCH_NAME_BUFFER = 512
 #: Where records are small (a run of small tensors), the walk reads this many bytes at once and
 #: finds the next headers and data descriptors in them: one read for hundreds of records.
 _WINDOW = 64 << 10
@@ -321,6 +323,9 @@ class _Reader:
     def check_names(self, centrals: list[_Central], where: str) -> None:
         """One top-level folder (torch takes the first entry's; it refuses other folders) and no two
         names equal ignoring ASCII case (miniz's lookup finds either)."""
+        if self.prefix is None and b"/" not in centrals[0].raw_name[:_TORCH_NAME_BUFFER - 1]:
+            raise ZipFormatError(f"{where}: the archive's folder name is longer than the {_TORCH_NAME_BUFFER - 2} "
+                                 "bytes torch reads of the first record's name (torch refuses the file)")
         self.prefix = self.prefix or centrals[0].name.split("/")[0]
         folder = self.prefix + "/"  # names are canonical: they hold a "/"
         names = [c.name for c in centrals]
@@ -748,7 +753,8 @@ def _check_torch_records(fd: ByteSource, entries: Entries, prefix: str) -> None:
             read_record(fd, entry)
     alignment = entries.get(f"{prefix}/.storage_alignment")
     if alignment is not None:
+        raw = read_record(fd, alignment)  # its CRC refusal is its own
         try:
-            int(read_record(fd, alignment)[:64])
+            int(raw[:64])
         except ValueError:
             raise ZipFormatError("the .storage_alignment record is not a number, which torch requires") from None
