@@ -13,6 +13,7 @@ from ckptmigrate.errors import (
     CkptMigrateError,
     CkptMigrateWarning,
     MigrationError,
+    MultiFileObject,
     ObjectChanged,
     OutputExists,
     RemoteError,
@@ -23,8 +24,9 @@ from ckptmigrate.version import __version__ as __version__
 
 __all__ = [
     "BadInput", "CheckFailed", "Checkpoint", "CkptMigrateError", "CkptMigrateWarning", "LoadReport",
-    "MigrationContext", "MigrationError", "ObjectChanged", "OpError", "OutputExists", "RemoteError", "RevisionError",
-    "SchemaMismatch", "attach", "dcp", "inspect", "load", "load_state_dict", "op", "save", "stamp",
+    "MigrationContext", "MigrationError", "MultiFileObject", "ObjectChanged", "OpError", "OutputExists",
+    "RemoteError", "RevisionError", "SchemaMismatch", "attach", "dcp", "inspect", "load", "load_state_dict", "op",
+    "save", "stamp",
 ]
 
 if TYPE_CHECKING:
