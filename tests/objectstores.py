@@ -92,6 +92,12 @@ class S3Server:
         self._server.shutdown()
         self._thread.join()
 
+    def new_bucket(self, tag: str, test_dir: Path) -> str:
+        """A bucket of the test's own (named after its temporary directory, as S3 names may be)."""
+        name = f"{tag}-{test_dir.name.lower().replace('_', '-')[-(62 - len(tag)):]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
     def client(self) -> Any:
         """A plain boto3 client, for the tests' own looks at the bucket (not what ckptmigrate uses)."""
         import boto3

@@ -34,9 +34,7 @@ def s3() -> Iterator[S3Server]:
 
 @pytest.fixture
 def bucket(s3: S3Server, tmp_path: Path) -> str:
-    name = f"bad-{tmp_path.name.lower().replace('_', '-')[-50:]}"
-    s3.client().create_bucket(Bucket=name)
-    return name
+    return s3.new_bucket("bad", tmp_path)
 
 
 def one_line(proc: subprocess.CompletedProcess[str], *needles: str) -> str:

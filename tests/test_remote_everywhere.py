@@ -42,9 +42,7 @@ def s3() -> Iterator[S3Server]:
 
 @pytest.fixture
 def bucket(s3: S3Server, tmp_path: Path) -> str:
-    name = f"all-{tmp_path.name.lower().replace('_', '-')[-50:]}"
-    s3.client().create_bucket(Bucket=name)
-    return name
+    return s3.new_bucket("all", tmp_path)
 
 
 def chain(tmp_path: Path) -> Path:

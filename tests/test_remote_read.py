@@ -35,9 +35,8 @@ def s3() -> Iterator[S3Server]:
 @pytest.fixture
 def bucket(s3: S3Server, tmp_path: Path) -> dict[str, Any]:
     """A bucket holding a torch zip (24 tensors of 512 KiB) and a safetensors file, and the local copies."""
-    name = f"ckpts-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+    name = s3.new_bucket("ckpts", tmp_path)
     client = s3.client()
-    client.create_bucket(Bucket=name)
     torch.manual_seed(0)
     state = {f"blocks.{i}.weight": torch.randn(TENSOR // 4) for i in range(24)}
     zip_path = tmp_path / "model.pt"
