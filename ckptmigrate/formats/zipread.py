@@ -399,9 +399,20 @@ class _Reader:
     def listed_in_window(self, pos: int, central: _Central, limit: int) -> int | None:
         """:meth:`listed_record` read in place from the walk's window (no block copied out of it),
         when the record's header is in it; the same result, or None to read it the other ways."""
-        buf = self._buf
         rel = pos - self._at
-        if rel < 0 or rel + 30 > len(buf):
+        return None if rel < 0 else self._listed(self._buf, self._at, pos, central, limit)
+
+    def listed_record(self, pos: int, block: bytes, central: _Central, limit: int) -> int | None:
+        """:meth:`record` for a record the directory lists, as torch writes it (its name, the padding
+        extra field, a data descriptor that agrees), in fewer steps; None for anything else, which
+        :meth:`record` then reads (and judges) the general way."""
+        return self._listed(block, pos, pos, central, limit)
+
+    def _listed(self, buf: bytes, base: int, pos: int, central: _Central, limit: int) -> int | None:
+        """The listed record whose local header is at ``pos``, read from ``buf`` (the bytes from file
+        offset ``base``): its end, or None."""
+        rel = pos - base
+        if rel + 30 > len(buf):
             return None
         (sig, needed, flags, method, _time, _date, crc, csize, usize, nlen, xlen) = _LOCAL.unpack_from(buf, rel)
         raw_name = central.raw_name
@@ -422,7 +433,7 @@ class _Reader:
         if end > limit or (described and (pos >= MAX32 or size >= MAX32)):
             return None
         if described:
-            at = end - self._at
+            at = end - base
             if at >= 0 and at + _DESCRIPTOR32.size <= len(buf):
                 tail = _DESCRIPTOR32.unpack_from(buf, at)
             else:
@@ -431,37 +442,6 @@ class _Reader:
                     return None
                 tail = _DESCRIPTOR32.unpack(raw)
             if tail != (0x08074B50, central.crc, size, size):
-                return None
-            end += _DESCRIPTOR32.size
-        self.records[pos] = (central.name, size, data)
-        self._ahead = _WINDOW if size < _WINDOW // 16 else 0
-        return end
-
-    def listed_record(self, pos: int, block: bytes, central: _Central, limit: int) -> int | None:
-        """:meth:`record` for a record the directory lists, as torch writes it (its name, the padding
-        extra field, a data descriptor that agrees), in fewer steps; None for anything else, which
-        :meth:`record` then reads (and judges) the general way."""
-        if len(block) < 30:
-            return None
-        (_sig, needed, flags, method, _time, _date, crc, csize, usize, nlen, xlen) = _LOCAL.unpack_from(block)
-        name_end = 30 + nlen
-        if (needed > _MAX_VERSION_NEEDED or flags & ~_FLAGS_ALLOWED or method or len(block) < name_end + xlen
-                or block[30:name_end] != central.raw_name or block[name_end : name_end + 2] != b"FB"
-                or int.from_bytes(block[name_end + 2 : name_end + 4], "little") != xlen - 4):
-            return None
-        size = central.size
-        described = flags & _FLAG_DESCRIPTOR
-        if not (described and crc == csize == usize == 0) and not (
-            usize == csize == size and crc == central.crc and size != MAX32
-        ):
-            return None
-        data = pos + name_end + xlen
-        end = data + size
-        if end > limit or (described and (pos >= MAX32 or size >= MAX32)):
-            return None
-        if described:
-            tail = self.window(_DESCRIPTOR32.size, end, limit)
-            if len(tail) != _DESCRIPTOR32.size or _DESCRIPTOR32.unpack(tail) != (0x08074B50, central.crc, size, size):
                 return None
             end += _DESCRIPTOR32.size
         self.records[pos] = (central.name, size, data)
