@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ckptmigrate.errors import BadInput, MultiFileObject, ObjectChanged, RemoteError
-from ckptmigrate.util.urls import ObjectURL, filesystem, translated
+from ckptmigrate.util.urls import ObjectURL, filesystem, read_options, translated
 
 #: The least a read near the end fetches: the end of a zip is found, then its directory, in one request or two.
 MIN_READ = 64 << 10
@@ -96,7 +96,7 @@ class FsspecObject:
     def ranges(self, spans: list[tuple[int, int]]) -> list[bytes]:
         with translated(self.url):
             out = self.fs.cat_ranges([self.path] * len(spans), [s for s, _ in spans], [e for _, e in spans],
-                                     on_error="raise")
+                                     on_error="raise", **read_options(self.url))
         return [bytes(b) for b in out]
 
 
