@@ -84,13 +84,15 @@ class FsspecObject:
         self.size = int(info["size"])
         etag = info.get("ETag") or info.get("etag")
         self.etag = str(etag) if etag else None
-        self.version = info.get("VersionId")
+        # S3's version id in a versioned bucket; a GCS object's generation (always there)
+        self.version = info.get("VersionId") or (str(info["generation"]) if info.get("generation") else None)
 
     def etag_now(self) -> str | None:
         TRANSFER.requests += 1
         with translated(self.url):
             self.fs.invalidate_cache(self.path)
-            etag = self.fs.info(self.path).get("ETag")
+            info = self.fs.info(self.path)
+        etag = info.get("ETag") or info.get("etag")
         return str(etag) if etag else None
 
     def ranges(self, spans: list[tuple[int, int]]) -> list[bytes]:

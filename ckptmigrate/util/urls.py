@@ -85,6 +85,14 @@ class ObjectVersion(ObjectURL):
         return out
 
 
+class ObjectGeneration(ObjectVersion):
+    """One generation of a GCS object in a bucket with versioning on: shown as gsutil does,
+    ``gs://b/k#GENERATION``."""
+
+    def __str__(self) -> str:
+        return ObjectURL.__str__(self) + f"#{self.version}"
+
+
 def as_location(spec: str | os.PathLike[str]) -> Path | ObjectURL:
     """A PATH argument as a local path (``file://`` URLs too) or an :class:`ObjectURL`."""
     if isinstance(spec, (ObjectURL, Path)):
