@@ -134,6 +134,9 @@ def test_dash_o_between_keys_and_from_a_local_file(cli: Cli, env: dict[str, str]
     assert bucket.blob(f"{prefix}/m.pt").download_as_bytes() == original  # the source is untouched
     again = cli("upgrade", src, "--from", "c1", "--migrations", migrations, "-o", dst, env=env)
     assert again.returncode == 2 and f"{dst}: the output exists" in again.stderr, again.stderr
+    nowhere = cli("upgrade", src, "--from", "c1", "--migrations", migrations, "-o", "gs://no-bucket/m.pt", env=env)
+    assert nowhere.returncode == 2 and nowhere.stderr.count("\n") == 1, nowhere.stderr
+    assert "gs://no-bucket/m.pt: cannot write: the bucket does not exist" in nowhere.stderr
 
     local = tmp_path / "local.pt"
     local.write_bytes(checkpoint(seed=1))

@@ -207,9 +207,15 @@ def upload_blocks(obj: GcsObject, total: int, sources: Iterable[Iterable[bytes]]
 
 
 def _initiate(obj: GcsObject) -> str:
-    headers, _ = obj.call("POST", f"{obj.fs._location}/upload/storage/v1/b/{{}}/o", obj.bucket,
-                          uploadType="resumable", name=obj.key, json={"name": obj.key},
-                          headers={"X-Upload-Content-Type": "application/octet-stream"}, **obj.precondition())
+    """A resumable upload session, carrying the precondition; a 404 here can only be the bucket's."""
+    try:
+        headers, _ = obj.call("POST", f"{obj.fs._location}/upload/storage/v1/b/{{}}/o", obj.bucket,
+                              uploadType="resumable", name=obj.key, json={"name": obj.key},
+                              headers={"X-Upload-Content-Type": "application/octet-stream"}, **obj.precondition())
+    except RemoteError as exc:
+        if "no such object" in str(exc):
+            raise RemoteError(f"{obj.url}: cannot write: the bucket does not exist", url=str(obj.url)) from None
+        raise
     location = headers["Location"]
     return str(location[0] if isinstance(location, list) else location)
 
