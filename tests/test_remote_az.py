@@ -100,3 +100,7 @@ def test_a_missing_container_or_blob_is_one_line_without_the_key(cli: Cli, azuri
             assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
             assert proc.stderr.startswith(f"ckptmigrate: error: {url}: cannot read: "), proc.stderr
             assert KEY not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+    anonymous = cli("inspect", "az://ckpts/runs/m.pt")  # no connection string, no account
+    assert anonymous.returncode == 2 and anonymous.stderr.count("\n") == 1, anonymous.stderr
+    assert "az://ckpts/runs/m.pt: cannot read: no credentials found (set AZURE_STORAGE_CONNECTION_STRING" \
+        in anonymous.stderr

@@ -175,6 +175,10 @@ def translated(url: ObjectURL | str, action: str = "read") -> Iterator[None]:
                           url=shown) from None
     except Exception as exc:
         name = type(exc).__name__
+        if "Must provide either a connection_string or account_name" in str(exc):  # adlfs
+            raise RemoteError(f"{shown}: cannot {action}: no credentials found (set AZURE_STORAGE_CONNECTION_STRING, "
+                              "or AZURE_STORAGE_ACCOUNT_NAME with a key, SAS token or service principal)",
+                              url=shown) from None
         if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
             raise RemoteError(f"{shown}: cannot {action}: no credentials found (set AWS_ACCESS_KEY_ID and "
                               "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role)", url=shown) from None
