@@ -187,11 +187,11 @@ def test_an_interrupted_run_changes_no_object(env: dict[str, str], bucket: Any, 
     with pytest.raises(KeyboardInterrupt), staged(url, backup=True) as stage:
         api.stamp(stage.source, tags={"mine": "1"})
         raise KeyboardInterrupt
-    # interrupted mid-upload: two chunks sent, the third never comes
+    # interrupted mid-upload: two chunks sent, the rest never comes
     target = gcs_write.GcsObject.of(as_location(url), str(bucket.get_blob(f"{prefix}/m.pt").generation))
 
     def blocks() -> Iterator[bytes]:
-        yield b"\0" * (2 * CHUNK)
+        yield b"\0" * (3 * CHUNK)  # the last chunk waits for the check: two go
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
