@@ -94,6 +94,10 @@ def test_a_safetensors_model_is_read_by_its_header(cli: Cli, hub: HubServer, env
     for spec in ("main", commit):
         current = cli("current", f"hf://alice/tiny@{spec}/model.safetensors", env=env)
         assert current.returncode == 0 and current.stdout.strip() == "unstamped", current.stderr
+    listed = cli("current", "hf://alice/tiny/**/*.safetensors", env=env)  # a glob within a repository
+    assert listed.stdout.strip() == f"{url}: unstamped", listed.stderr
+    across = cli("current", "hf://alice/*/model.safetensors", env=env)  # the Hub lists no repositories here
+    assert across.returncode == 2 and across.stderr.count("\n") == 1, across.stderr
     mine = weights()
     mine["out.bias"] = mine.pop("head.bias")
     save_file(mine, str(tmp_path / "mine.safetensors"))
