@@ -35,7 +35,7 @@ WRITABLE = ("gs", "gcs")
 #: GCS takes a resumable upload's chunks in multiples of 256 KiB (but the last).
 QUANTUM = 256 << 10
 #: Bytes per chunk sent and per range read back (``CKPTMIGRATE_GCS_CHUNK_SIZE`` overrides it):
-#: memory holds about two.
+#: memory holds a few.
 CHUNK = 16 << 20
 
 
