@@ -22,3 +22,10 @@ if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1
     # shellcheck disable=SC2086 # one word per package
     apt-get install -y -q $missing >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $missing >/dev/null; }
 fi
+# Azurite, the Azure Blob Storage emulator (on npm only), for the az:// tests: in .venv/azurite,
+# pinned. A failed install is not fatal here; the az:// tests then fail saying so.
+azurite=3.35.0
+if command -v npm >/dev/null 2>&1 && ! grep -qs "\"version\": \"$azurite\"" .venv/azurite/node_modules/azurite/package.json; then
+    npm install --prefix .venv/azurite --no-audit --no-fund --silent "azurite@$azurite" >/dev/null 2>&1 \
+        || echo "setup.sh: npm could not install azurite@$azurite (the az:// tests need it)" >&2
+fi

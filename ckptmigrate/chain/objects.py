@@ -23,7 +23,7 @@ from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, CkptMigrateError, ObjectChanged
 from ckptmigrate.formats import torchzip
 from ckptmigrate.ops.optimizer import check_policy
-from ckptmigrate.storage import s3_compose
+from ckptmigrate.storage import writers
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, Spliced
 from ckptmigrate.storage.staged import refuse_multi_file
 from ckptmigrate.util.urls import ObjectURL
@@ -70,30 +70,30 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
     env = envelope.to_dict()
     source = ckpt.container.source
     assert source is not None and isinstance(source.remote, RangeFile)
-    target = s3_compose.S3Object.of(url, source.remote.etag, source.remote.version)
+    target = writers.target(url, source.remote.etag, source.remote.version)
     expected = ckpt.schema()
-    kept = s3_compose.backup(target) if backup else None
+    kept = writers.backup(target) if backup else None
     try:
         if ckpt.can_rewrite_metadata_only("torch-zip"):
             c = ckpt.container
             keep, tail = torchzip.metadata_tail(source, c.records, c.prefix, ckpt.payload(), env)
             ckpt.check_reads_back(url, env, expected, remote=Spliced(source.remote, keep, tail))
-            s3_compose.compose(target, source.remote, keep, tail)
+            writers.compose(target, source.remote, keep, tail)
         else:
             with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
                 staged = Path(tmp) / url.name
                 ckpt.write(staged, envelope)  # a legacy (pre-zip) file becomes a torch zip, as on disk
-                s3_compose.upload(target, staged)
+                writers.upload(target, staged)
     except BaseException as exc:
         if kept is not None:
-            s3_compose.remove(kept)
+            writers.remove(kept)
         if isinstance(exc, CkptMigrateError) and not isinstance(exc, ObjectChanged):
             _blame_a_change(target, exc)
         raise
     return kept
 
 
-def _blame_a_change(target: s3_compose.S3Object, exc: CkptMigrateError) -> None:
+def _blame_a_change(target: writers.Target, exc: CkptMigrateError) -> None:
     """A write that failed on what it read (a record that does not parse, a read-back that differs)
     may have read part of another writer's object: if the ETag moved, that is the error to report."""
     try:

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ckptmigrate.errors import BadInput, MultiFileObject, ObjectChanged, RemoteError
-from ckptmigrate.util.urls import ObjectURL, filesystem, translated
+from ckptmigrate.util.urls import ObjectURL, filesystem, read_options, translated
 
 #: The least a read near the end fetches: the end of a zip is found, then its directory, in one request or two.
 MIN_READ = 64 << 10
@@ -84,19 +84,21 @@ class FsspecObject:
         self.size = int(info["size"])
         etag = info.get("ETag") or info.get("etag")
         self.etag = str(etag) if etag else None
-        self.version = info.get("VersionId")
+        # S3's version id in a versioned bucket; a GCS object's generation (always there)
+        self.version = info.get("VersionId") or (str(info["generation"]) if info.get("generation") else None)
 
     def etag_now(self) -> str | None:
         TRANSFER.requests += 1
         with translated(self.url):
             self.fs.invalidate_cache(self.path)
-            etag = self.fs.info(self.path).get("ETag")
+            info = self.fs.info(self.path)
+        etag = info.get("ETag") or info.get("etag")
         return str(etag) if etag else None
 
     def ranges(self, spans: list[tuple[int, int]]) -> list[bytes]:
         with translated(self.url):
             out = self.fs.cat_ranges([self.path] * len(spans), [s for s, _ in spans], [e for _, e in spans],
-                                     on_error="raise")
+                                     on_error="raise", **read_options(self.url))
         return [bytes(b) for b in out]
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptmigrate.errors import BadInput, CkptMigrateError, MultiFileObject, OutputExists
-from ckptmigrate.storage import s3_compose
+from ckptmigrate.storage import writers
 from ckptmigrate.storage.ranges import RangeFile, multi_file_marker
 from ckptmigrate.util.urls import ObjectURL, as_location, filesystem, translated
 
@@ -63,10 +63,10 @@ class Staging:
         return as_location(self.urls[text]) if text in self.urls else Path(text)
 
 
-def check_output(output: ObjectURL, overwrite: bool) -> s3_compose.S3Object:
+def check_output(output: ObjectURL, overwrite: bool) -> writers.Target:
     """An output URL a new object can be written at: a writable scheme, and no object there unless
     ``overwrite`` (checked before any work)."""
-    target = s3_compose.S3Object.of(output, None)
+    target = writers.target(output, None)
     target.create_only = not overwrite
     with translated(output):
         target.fs.invalidate_cache(f"{target.bucket}/{target.key}")
@@ -116,7 +116,7 @@ def staged(source: str | os.PathLike[str], output: str | os.PathLike[str] | None
     src, out = as_location(source), as_location(output) if output is not None else None
     out_target = check_output(out, overwrite) if isinstance(out, ObjectURL) else None
     if isinstance(src, ObjectURL) and write_back and out is None:
-        s3_compose.S3Object.of(src, None)  # a scheme written in place, or one line before any download
+        writers.target(src, None)  # a scheme written in place, or one line before any download
     with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
         stage = Staging(Path(src), Path(out) if out is not None else None, Path(tmp))
         remote = None
@@ -137,21 +137,21 @@ def staged(source: str | os.PathLike[str], output: str | os.PathLike[str] | None
         if out_target is not None:
             assert stage.output is not None
             if stage.output.exists():
-                s3_compose.upload(out_target, stage.output)
+                writers.upload(out_target, stage.output)
         elif remote is not None and write_back and output is None and _fingerprint(stage.source) != before:
             assert isinstance(src, ObjectURL)
             _replace(src, remote, stage, backup)
 
 
 def _replace(url: ObjectURL, remote: RangeFile, stage: Staging, backup: bool) -> None:
-    target = s3_compose.S3Object.of(url, remote.etag, remote.version)
+    target = writers.target(url, remote.etag, remote.version)
     if backup:
-        stage.backup = s3_compose.backup(target)
+        stage.backup = writers.backup(target)
     try:
-        s3_compose.upload(target, stage.source)
+        writers.upload(target, stage.source)
     except BaseException:
         if stage.backup is not None:
-            s3_compose.remove(stage.backup)
+            writers.remove(stage.backup)
             stage.backup = None
         raise
 

@@ -85,6 +85,14 @@ class ObjectVersion(ObjectURL):
         return out
 
 
+class ObjectGeneration(ObjectVersion):
+    """One generation of a GCS object in a bucket with versioning on: shown as gsutil does,
+    ``gs://b/k#GENERATION``."""
+
+    def __str__(self) -> str:
+        return ObjectURL.__str__(self) + f"#{self.version}"
+
+
 def as_location(spec: str | os.PathLike[str]) -> Path | ObjectURL:
     """A PATH argument as a local path (``file://`` URLs too) or an :class:`ObjectURL`."""
     if isinstance(spec, (ObjectURL, Path)):
@@ -143,6 +151,14 @@ def filesystem(url: ObjectURL) -> tuple[Any, str]:
     return fs, path
 
 
+def read_options(url: ObjectURL) -> dict[str, Any]:
+    """What a backend's ``cat_ranges`` needs to fetch exactly the bytes asked for. huggingface_hub's
+    ``HfFileSystem`` reads through a buffered file whose read-ahead cache fetches 5 MiB past every
+    read (a whole small checkpoint for its 4 KiB header): its cache is turned off. s3fs, gcsfs and
+    adlfs fetch ranges exactly already."""
+    return {"cache_type": "none"} if url.scheme == "hf" else {}
+
+
 @contextlib.contextmanager
 def translated(url: ObjectURL | str, action: str = "read") -> Iterator[None]:
     """Backend exceptions as one :class:`RemoteError` line naming the URL (without credentials)."""
@@ -152,17 +168,36 @@ def translated(url: ObjectURL | str, action: str = "read") -> Iterator[None]:
     except BadInput:
         raise
     except FileNotFoundError as exc:
-        detail = "the bucket does not exist" if "bucket does not exist" in str(exc).lower() else "no such object"
+        detail = _not_found(exc)
         raise RemoteError(f"{shown}: cannot {action}: {_clean(detail, shown)}", url=shown) from None
     except PermissionError:
         raise RemoteError(f"{shown}: cannot {action}: access denied (check the credentials' permissions)",
                           url=shown) from None
     except Exception as exc:
         name = type(exc).__name__
+        if "Must provide either a connection_string or account_name" in str(exc):  # adlfs
+            raise RemoteError(f"{shown}: cannot {action}: no credentials found (set AZURE_STORAGE_CONNECTION_STRING, "
+                              "or AZURE_STORAGE_ACCOUNT_NAME with a key, SAS token or service principal)",
+                              url=shown) from None
         if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
             raise RemoteError(f"{shown}: cannot {action}: no credentials found (set AWS_ACCESS_KEY_ID and "
                               "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role)", url=shown) from None
         raise RemoteError(f"{shown}: cannot {action}: {_clean(str(exc) or name, shown)}", url=shown) from None
+
+
+#: What huggingface_hub's ``HfFileSystem`` says a missing file is missing for (the error it chains).
+_HUB_NOT_FOUND = {
+    "RepositoryNotFoundError": "no such repository (a private or gated one needs HF_TOKEN with access to it)",
+    "RevisionNotFoundError": "no such revision (branch, tag or commit) in the repository",
+    "HFValidationError": "not a repository id (namespace/name)",
+}
+
+
+def _not_found(exc: FileNotFoundError) -> str:
+    if "bucket does not exist" in str(exc).lower():
+        return "the bucket does not exist"
+    cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else ""
+    return _HUB_NOT_FOUND.get(cause, "no such object")
 
 
 def _clean(text: str, shown: str) -> str:

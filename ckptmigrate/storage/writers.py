@@ -1,0 +1,46 @@
+"""Which writer replaces an object in a bucket: S3's (the kept bytes assembled server-side,
+storage/s3_compose) or Google Cloud Storage's (a streamed resumable upload, storage/gcs_write). Both
+write in one step, conditionally on what was read, and take the same backups."""
+
+from __future__ import annotations
+
+import os
+
+from ckptmigrate.storage import gcs_write, s3_compose
+from ckptmigrate.storage.ranges import RangeFile
+from ckptmigrate.util.urls import ObjectURL
+
+Target = s3_compose.S3Object | gcs_write.GcsObject
+
+
+def target(url: ObjectURL, etag: str | None, version: str | None = None) -> Target:
+    """The object at ``url`` to replace, conditionally on the ETag (S3) or generation (GCS,
+    ``version``) read; a scheme that is not written is one line."""
+    if url.scheme in gcs_write.WRITABLE:
+        return gcs_write.GcsObject.of(url, version)
+    return s3_compose.S3Object.of(url, etag, version)
+
+
+def backup(obj: Target) -> ObjectURL:
+    return gcs_write.backup(obj) if isinstance(obj, gcs_write.GcsObject) else s3_compose.backup(obj)
+
+
+def upload(obj: Target, path: str | os.PathLike[str]) -> None:
+    if isinstance(obj, gcs_write.GcsObject):
+        gcs_write.upload(obj, path)
+    else:
+        s3_compose.upload(obj, path)
+
+
+def compose(obj: Target, old: RangeFile, keep: int, tail: bytes) -> None:
+    if isinstance(obj, gcs_write.GcsObject):
+        gcs_write.compose(obj, old, keep, tail)
+    else:
+        s3_compose.compose(obj, old, keep, tail)
+
+
+def remove(url: ObjectURL) -> None:
+    if url.scheme in gcs_write.WRITABLE:
+        gcs_write.remove(url)
+    else:
+        s3_compose.remove(url)
