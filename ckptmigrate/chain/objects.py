@@ -15,15 +15,16 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ckptmigrate import formats
 from ckptmigrate.chain import engine
 from ckptmigrate.chain.registry import ChainSource
 from ckptmigrate.chain.revisions import RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope
 from ckptmigrate.checkpoint.lazy import Checkpoint
-from ckptmigrate.errors import BadInput, CkptMigrateError, ObjectChanged
-from ckptmigrate.formats import torchzip
+from ckptmigrate.errors import BadInput, CkptMigrateError, MultiFileObject, ObjectChanged
+from ckptmigrate.formats import dcp, multifile, torchzip
 from ckptmigrate.ops.optimizer import check_policy
-from ckptmigrate.storage import s3_compose
+from ckptmigrate.storage import s3_compose, s3_prefix
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, Spliced
 from ckptmigrate.storage.staged import refuse_multi_file
 from ckptmigrate.util.urls import ObjectURL
@@ -66,6 +67,8 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
     """Replace the object ``ckpt`` was read from by ``ckpt`` with ``envelope``, in one conditional
     step (server-side assembly when only metadata changed, else staged); returns the backup taken
     (the version read, or ``KEY.bak``), if ``backup``. Used by upgrade, downgrade and stamp."""
+    if ckpt.container.format in formats.MULTI_FORMATS:
+        return _write_prefix(ckpt, url, envelope, backup=backup)
     refuse_multi_file(url)
     env = envelope.to_dict()
     source = ckpt.container.source
@@ -91,6 +94,29 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
             _blame_a_change(target, exc)
         raise
     return kept
+
+
+def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool) -> ObjectURL | None:
+    """A multi-file checkpoint under a prefix: a DCP rewrite that moves no ``.distcp`` byte puts its
+    ``.metadata`` and envelope objects in place (storage/s3_prefix); anything else is refused."""
+    parts = ckpt.container.parts
+    prefix = ckpt.container.path
+    assert isinstance(prefix, ObjectURL)
+    if isinstance(parts, dcp.Dcp):
+        rewrite = multifile.dcp_metadata_rewrite(parts, ckpt.payload(), envelope.to_dict())
+        if rewrite is not None:
+            return s3_prefix.switch_metadata(
+                prefix, metadata=rewrite.metadata, metadata_etag=parts.metadata_etag,
+                metadata_version=parts.metadata_version, envelope_name=rewrite.envelope_name,
+                envelope=rewrite.envelope, old_envelope=parts.envelope_file, old_envelope_etag=parts.envelope_etag,
+                backup=backup)
+        what = "changes tensor bytes (they would go into a new .distcp object)"
+    else:
+        what = "rewrites shard headers"
+    raise MultiFileObject(f"{prefix}/: a migration of this multi-file checkpoint that {what} is not done in object "
+                          "storage yet; copy the prefix to a local directory (aws s3 sync) and run there",
+                          url=str(prefix), marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp)
+                          else parts.index_path.name)
 
 
 def _blame_a_change(target: s3_compose.S3Object, exc: CkptMigrateError) -> None:

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from ckptmigrate.formats import safetensors_io, torchzip
+from ckptmigrate.formats import locations, safetensors_io, torchzip
 from ckptmigrate.tensors.refs import (
     DTYPE_TO_SAFETENSORS,
     Deferred,
@@ -79,11 +79,12 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def read_index(path: Path) -> dict[str, Any]:
     """The index as JSON, validated: a weight_map of tensor names to plain shard file names."""
-    size = os.stat(path).st_size
-    if size > MAX_INDEX:
-        raise ShardedFormatError(f"index of {size:,} bytes exceeds the limit of {MAX_INDEX:,}")
     try:
-        index = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+        raw = locations.read_small(path, MAX_INDEX)
+    except locations.TooLarge as exc:
+        raise ShardedFormatError(f"index of {exc.size:,} bytes exceeds the limit of {MAX_INDEX:,}") from None
+    try:
+        index = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise ShardedFormatError("index is nested too deeply") from None
     except ShardedFormatError as exc:
@@ -126,7 +127,7 @@ def read(index_path: Path, sniff: Any) -> tuple[Any, dict[str, Any] | None, dict
         for shard in shards:
             path = directory / shard
             try:
-                source = Source(path)
+                source = locations.open_source(path)
             except FileNotFoundError:
                 raise ShardedFormatError(f"names shard {shard}, which is missing from {directory}") from None
             except (IsADirectoryError, OSError) as exc:

@@ -186,6 +186,16 @@ def _condition(obj: S3Object) -> dict[str, str]:
     return {"IfNoneMatch": "*"} if obj.create_only else {}
 
 
+def put(obj: S3Object, body: bytes) -> None:
+    """Replace (or create) the object by ``body`` in one conditional put."""
+    _put(obj, body, len(body))
+
+
+def delete(obj: S3Object) -> None:
+    """Delete the object (unconditionally: S3 has no conditional delete on an ETag everywhere)."""
+    obj.call("delete_object", Key=obj.key)
+
+
 def _put(obj: S3Object, body: Any, size: int) -> None:
     obj.call("put_object", Key=obj.key, Body=body, **_condition(obj))
     TRANSFER.bytes_sent += size
