@@ -207,3 +207,33 @@ def test_what_object_storage_cannot_do_yet_is_one_line(cli: Cli, s3: S3Server, b
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stdout + proc.stderr
         assert url in proc.stderr and what in proc.stderr and "aws s3 sync" in proc.stderr, proc.stderr
     assert objects(s3, name) == before
+
+
+def test_a_safetensors_rename_sends_a_new_header_and_copies_the_rest(cli: Cli, s3: S3Server, tmp_path: Path) -> None:
+    """A 24 MiB safetensors object: the new header and the first 5 MiB are sent (S3's least part),
+    the rest is copied server-side; a reader sees the old object or the new one."""
+    from safetensors.torch import load, save_file
+
+    name = s3.new_bucket("st", tmp_path)
+    torch.manual_seed(7)
+    big = {f"blocks.{i}.weight": torch.randn(1024 * 1024) for i in range(6)}  # 4 MiB each
+    save_file(big, str(tmp_path / "m.safetensors"))
+    original = (tmp_path / "m.safetensors").read_bytes()
+    s3.client().upload_file(str(tmp_path / "m.safetensors"), name, "m.safetensors")
+    s3.served.reset()
+    migrations = chain(tmp_path, "ckpt.rename('blocks.0.weight', 'stem.weight')")
+    row = one(cli, "upgrade", f"s3://{name}/m.safetensors", "--from", "c1", "--migrations", migrations)
+    received, sent = s3.served.body_bytes_received, s3.served.body_bytes_sent
+    assert row["written"] is True and row["backup"] == f"s3://{name}/m.safetensors.bak", row
+    new = get(s3, name, "m.safetensors")
+    loaded = load(new)
+    assert torch.equal(loaded["stem.weight"], big["blocks.0.weight"]) and set(loaded) == {
+        "stem.weight", *[f"blocks.{i}.weight" for i in range(1, 6)]}
+    assert get(s3, name, "m.safetensors.bak") == original
+    five = 5 << 20
+    # sent to the server: one 5 MiB part (the header, then data bytes) and the complete's list of parts;
+    # read from it: the old header and those data bytes; the rest was copied inside the server (the backup too)
+    assert row["transfer"]["bytes_sent"] == five <= received < five + 1024
+    assert five <= sent < five + 64 * 1024 < len(original) / 4
+    assert row["transfer"]["bytes_copied_server_side"] == len(original) + len(new) - five
+    assert cli("current", f"s3://{name}/m.safetensors").stdout.strip() == "c2"

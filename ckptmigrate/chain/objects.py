@@ -22,10 +22,10 @@ from ckptmigrate.chain.revisions import RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, CkptMigrateError, MultiFileObject, ObjectChanged
-from ckptmigrate.formats import dcp, multifile, torchzip
+from ckptmigrate.formats import dcp, multifile, safetensors_io, torchzip
 from ckptmigrate.ops.optimizer import check_policy
 from ckptmigrate.storage import s3_compose, s3_prefix
-from ckptmigrate.storage.ranges import TRANSFER, RangeFile, Spliced
+from ckptmigrate.storage.ranges import TRANSFER, Prefixed, RangeFile, Spliced
 from ckptmigrate.storage.staged import refuse_multi_file
 from ckptmigrate.util.urls import ObjectURL
 
@@ -75,13 +75,19 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
     assert source is not None and isinstance(source.remote, RangeFile)
     target = s3_compose.S3Object.of(url, source.remote.etag, source.remote.version)
     expected = ckpt.schema()
+    c = ckpt.container
+    header = safetensors_io.new_header(source, ckpt.payload(), c.storages, c.metadata, env) \
+        if c.format == "safetensors" else None
     kept = s3_compose.backup(target) if backup else None
     try:
         if ckpt.can_rewrite_metadata_only("torch-zip"):
-            c = ckpt.container
             keep, tail = torchzip.metadata_tail(source, c.records, c.prefix, ckpt.payload(), env)
             ckpt.check_reads_back(url, env, expected, remote=Spliced(source.remote, keep, tail))
             s3_compose.compose(target, source.remote, keep, tail)
+        elif header is not None:  # a safetensors rename: a new header before the same data, copied server-side
+            head, skip = header
+            ckpt.check_reads_back(url, env, expected, remote=Prefixed(source.remote, head, skip))
+            s3_compose.replace_head(target, source.remote, head, skip)
         else:
             with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
                 staged = Path(tmp) / url.name

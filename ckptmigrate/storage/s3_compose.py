@@ -153,6 +153,21 @@ def compose(obj: S3Object, old: RangeFile, keep: int, tail: bytes) -> None:
     _multipart(obj, [*(("copy", a, b) for a, b in copy_ranges(keep)), ("data", tail)])
 
 
+def replace_head(obj: S3Object, old: RangeFile, head: bytes, skip: int) -> None:
+    """Replace the object by ``head`` and its bytes from ``skip`` on (a safetensors header rewritten
+    before the same data): the first part is ``head`` and as many of the old bytes as make it
+    :data:`MIN_PART` (read by range, then sent), every later part a server-side copy — about 5 MiB
+    move each way, however large the object. An object no larger than one part is one put."""
+    start = skip + max(0, MIN_PART - len(head))
+    if start >= old.size:
+        body = head + old.pread(old.size - skip, skip)
+        _put(obj, body, len(body))
+        return
+    first = head + old.pread(start - skip, skip)
+    copies = [(start + a, start + b) for a, b in copy_ranges(old.size - start)]
+    _multipart(obj, [("data", first), *(("copy", a, b) for a, b in copies)])
+
+
 def upload(obj: S3Object, path: str | os.PathLike[str]) -> None:
     """Replace the object by a local file (a migration staged on disk): one conditional put up to
     :data:`UPLOAD_PART`, else a multipart upload of parts read from the file one at a time."""
