@@ -199,10 +199,9 @@ def test_what_object_storage_cannot_do_yet_is_one_line(cli: Cli, s3: S3Server, b
                                                       tmp_path: Path) -> None:
     name = bucket["name"]
     before = objects(s3, name)
-    renames = chain(tmp_path / "r")
-    scales = chain(tmp_path / "s", "ckpt.cast('layers.1.weight', 'float16')")
-    for url, migrations, what in ((f"s3://{name}/hf/", renames, "rewrites shard headers"),
-                                  (f"s3://{name}/dcp/", scales, "changes tensor bytes")):
+    casts = chain(tmp_path, "ckpt.cast('layers.1.weight', 'float16')")
+    for url in (f"s3://{name}/hf/", f"s3://{name}/dcp/"):
+        migrations, what = casts, "changes tensor bytes"
         proc = cli("upgrade", url, "--from", "c1", "--migrations", migrations)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stdout + proc.stderr
         assert url in proc.stderr and what in proc.stderr and "aws s3 sync" in proc.stderr, proc.stderr
@@ -237,3 +236,119 @@ def test_a_safetensors_rename_sends_a_new_header_and_copies_the_rest(cli: Cli, s
     assert five <= sent < five + 64 * 1024 < len(original) / 4
     assert row["transfer"]["bytes_copied_server_side"] == len(original) + len(new) - five
     assert cli("current", f"s3://{name}/m.safetensors").stdout.strip() == "c2"
+
+
+@pytest.fixture
+def big_shards(s3: S3Server, tmp_path: Path) -> dict[str, Any]:
+    """Three 6 MiB safetensors shards and their index under ``hf/`` (S3's least part is 5 MiB)."""
+    name = s3.new_bucket("shards", tmp_path)
+    torch.manual_seed(9)
+    state = {f"layers.{i}.weight": torch.randn(6 << 18) for i in range(3)}  # 6 MiB each
+    local = tmp_path / "hf"
+    local.mkdir()
+    save_torch_state_dict(state, str(local), max_shard_size="7MB")
+    for path in local.iterdir():
+        s3.client().upload_file(str(path), name, f"hf/{path.name}")
+    s3.served.reset()
+    return {"name": name, "state": state, "local": local}
+
+
+def load_shards(s3: S3Server, bucket: str) -> dict[str, torch.Tensor]:
+    """What a reader through the index gets: every tensor the index names, from the shard it names."""
+    from safetensors.torch import load
+
+    index = json.loads(get(s3, bucket, "hf/model.safetensors.index.json"))
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load(get(s3, bucket, f"hf/{shard}"))  # KeyError-free: a missing shard raises here
+        out.update((k, tensors[k]) for k, s in index["weight_map"].items() if s == shard)
+    return out
+
+
+def test_a_sharded_rename_in_place_moves_5_mib_per_changed_shard(cli: Cli, s3: S3Server, big_shards: dict[str, Any],
+                                                                 tmp_path: Path) -> None:
+    name, state = big_shards["name"], big_shards["state"]
+    before = objects(s3, name)
+    migrations = chain(tmp_path, "ckpt.rename('layers.0.weight', 'embed.weight')")
+    row = one(cli, "upgrade", f"s3://{name}/hf/", "--from", "c1", "--migrations", migrations, "--no-backup")
+    received = s3.served.body_bytes_received
+    assert row["written"] is True and row["backup"] is None, row
+    after = objects(s3, name)
+    changed = {k for k in after if after[k] != before.get(k)}
+    # one shard held the renamed tensor: its new object, the index (the journal came and went)
+    assert changed == {"hf/model.safetensors.index.json", "hf/model-00001-of-00003.safetensors"}, changed
+    assert set(after) == set(before)
+    index = get(s3, name, "hf/model.safetensors.index.json")
+    five = 5 << 20
+    # sent: the shard's first part (5 MiB), the journal, the placeholder and the new index (a few KiB)
+    assert five < row["transfer"]["bytes_sent"] <= received < five + 16 * 1024 + 3 * len(index), (row, received)
+    loaded = load_shards(s3, name)
+    assert set(loaded) == {"embed.weight", "layers.1.weight", "layers.2.weight"}
+    assert torch.equal(loaded["embed.weight"], state["layers.0.weight"])
+    assert cli("current", f"s3://{name}/hf").stdout.strip() == "c2"
+
+
+CRASH = """
+import os, sys
+from ckptmigrate.storage import s3_prefix
+rewritten = []
+real = s3_prefix._replace_header
+def once_then_die(shard, head):
+    if rewritten:
+        os._exit(9)  # killed between two shards: no clean-up runs
+    rewritten.append(shard.key)
+    real(shard, head)
+s3_prefix._replace_header = once_then_die
+from ckptmigrate.cli import main
+main(sys.argv[1:], prog_name="ckptmigrate")
+"""
+
+
+def test_a_run_killed_between_shards_is_refused_by_readers_then_recovered(
+        cli: Cli, s3: S3Server, big_shards: dict[str, Any], tmp_path: Path) -> None:
+    import sys
+
+    name, state = big_shards["name"], big_shards["state"]
+    original = {k: get(s3, name, k) for k in objects(s3, name)}
+    migrations = chain(tmp_path, "ckpt.rename_regex(r'^layers\\.', 'blocks.')")
+    url = f"s3://{name}/hf/"
+    killed = subprocess.run([sys.executable, "-c", CRASH, "upgrade", url, "--from", "c1", "--migrations",
+                             str(migrations), "--no-backup"], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env=os.environ)
+    assert killed.returncode == 9, killed.stderr
+    # the first shard has its new header, the others the old: a mix, but the index is the placeholder,
+    # which names only a shard that does not exist, so no reader loads any of it
+    shard1 = "hf/model-00001-of-00003.safetensors"
+    assert get(s3, name, shard1) != original[shard1]
+    assert get(s3, name, "hf/model-00002-of-00003.safetensors") == original["hf/model-00002-of-00003.safetensors"]
+    with pytest.raises(Exception, match="NoSuchKey|Not Found|404"):
+        load_shards(s3, name)
+    refused = cli("inspect", url.rstrip("/"))
+    assert refused.returncode == 2 and "ckptmigrate-header-rewrite-in-progress" in refused.stderr, refused.stderr
+    assert [k for k in objects(s3, name) if ".ckptmigrate-headers." in k]  # its journal
+    # the next run puts the old headers and index back, then migrates: the result, whole
+    again = cli("upgrade", url, "--from", "c1", "--migrations", migrations, "--no-backup")
+    assert again.returncode == 0, again.stderr
+    loaded = load_shards(s3, name)
+    assert set(loaded) == {f"blocks.{i}.weight" for i in range(3)}
+    assert all(torch.equal(loaded[f"blocks.{i}.weight"], state[f"layers.{i}.weight"]) for i in range(3))
+    assert not [k for k in objects(s3, name) if ".ckptmigrate-headers." in k]
+
+
+def test_a_killed_run_recovered_then_downgraded_is_the_original(
+        cli: Cli, s3: S3Server, big_shards: dict[str, Any], tmp_path: Path) -> None:
+    """Recovery restores: after a kill, a downgrade to where the model already is gives back every
+    original byte of every shard and of the index."""
+    import sys
+
+    name = big_shards["name"]
+    original = {k: get(s3, name, k) for k in objects(s3, name)}
+    migrations = chain(tmp_path, "ckpt.rename_regex(r'^layers\\.', 'blocks.')")
+    url = f"s3://{name}/hf/"
+    killed = subprocess.run([sys.executable, "-c", CRASH, "upgrade", url, "--from", "c1", "--migrations",
+                             str(migrations), "--no-backup"], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env=os.environ)
+    assert killed.returncode == 9, killed.stderr
+    stay = cli("upgrade", url, "--from", "c1", "--to", "c1", "--migrations", migrations, "--no-backup")
+    assert stay.returncode == 0, stay.stderr
+    assert {k: get(s3, name, k) for k in objects(s3, name)} == original

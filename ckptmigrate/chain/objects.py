@@ -11,9 +11,11 @@ ETag); the backup is the version read (a versioned bucket) or a server-side copy
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ckptmigrate import formats
 from ckptmigrate.chain import engine
@@ -22,12 +24,13 @@ from ckptmigrate.chain.revisions import RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, CkptMigrateError, MultiFileObject, ObjectChanged
-from ckptmigrate.formats import dcp, multifile, safetensors_io, torchzip
+from ckptmigrate.formats import dcp, hf_sharded, multifile, safetensors_io, torchzip
 from ckptmigrate.ops.optimizer import check_policy
 from ckptmigrate.storage import s3_compose, s3_prefix
-from ckptmigrate.storage.ranges import TRANSFER, Prefixed, RangeFile, Spliced
+from ckptmigrate.storage.ranges import TRANSFER, Prefixed, RangeFile, Spliced, multi_file_marker
 from ckptmigrate.storage.staged import refuse_multi_file
-from ckptmigrate.util.urls import ObjectURL
+from ckptmigrate.tensors.refs import Source
+from ckptmigrate.util.urls import ObjectURL, filesystem
 
 
 def migrate_object(
@@ -41,7 +44,7 @@ def migrate_object(
     if max_shard_size is not None:
         raise BadInput(f"{url}: a shard size applies to multi-file checkpoints, which object storage does not hold")
     before = TRANSFER.to_dict()
-    with Checkpoint.open(url, key=key, state_dicts=state_dicts) as ckpt:
+    with _open(url, key=key, state_dicts=state_dicts, recover=not dry_run) as ckpt:
         ckpt.optimizers.policy = check_policy(optimizer)
         graph = chains if isinstance(chains, RevisionGraph) else chains.for_envelope(ckpt.envelope)
         plan = engine.plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
@@ -61,6 +64,25 @@ def migrate_object(
                 outcome.written = True
     outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
     return outcome
+
+
+def _open(url: ObjectURL, *, key: str | None, state_dicts: Sequence[str] | None, recover: bool) -> Checkpoint:
+    """The checkpoint at ``url``; a sharded model whose index is the placeholder a killed header
+    rewrite left (``recover``: a run that writes) gets its old headers and index back first."""
+    try:
+        return Checkpoint.open(url, key=key, state_dicts=state_dicts)
+    except BadInput as exc:
+        if not recover or hf_sharded.REWRITE_IN_PROGRESS not in str(exc):
+            raise
+        error = exc
+    if url.name.endswith(hf_sharded.INDEX_SUFFIX):
+        prefix, marker = url.parent, url.name
+    else:
+        fs, path = filesystem(url)
+        prefix, marker = url, multi_file_marker(fs, path, url) or ""
+    if not marker or not s3_prefix.recover_headers(prefix, marker):
+        raise error
+    return Checkpoint.open(url, key=key, state_dicts=state_dicts)
 
 
 def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool) -> ObjectURL | None:
@@ -118,11 +140,54 @@ def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backu
                 backup=backup)
         what = "changes tensor bytes (they would go into a new .distcp object)"
     else:
-        what = "rewrites shard headers"
+        found = hf_sharded.object_headers(parts, ckpt.payload(), ckpt.container.storages)
+        if found is not None:
+            return _rewrite_headers(ckpt, parts, prefix, found, envelope, backup)
+        what = "changes tensor bytes or moves a tensor between shards (the shards would be rewritten)"
     raise MultiFileObject(f"{prefix}/: a migration of this multi-file checkpoint that {what} is not done in object "
                           "storage yet; copy the prefix to a local directory (aws s3 sync) and run there",
                           url=str(prefix), marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp)
                           else parts.index_path.name)
+
+
+def _rewrite_headers(
+    ckpt: Checkpoint, parts: hf_sharded.Sharded, prefix: ObjectURL,
+    found: tuple[dict[str, tuple[bytes, int]], dict[str, str]], envelope: Envelope, backup: bool,
+) -> ObjectURL | None:
+    """A sharded model whose tensors keep their bytes (renames, a stamp): the new index, and each
+    changed shard's new header before its data, put in place by the journalled protocol of
+    storage/s3_prefix, after the new headers and index read back as meant."""
+    headers, weight_map = found
+    env = envelope.to_dict()
+    total = sum(hf_sharded.shard_sizes(ckpt.payload(), [[k] for k in weight_map]))
+    new_index = hf_sharded.index_bytes(parts, weight_map, total, env)
+    sources = {s.path.rsplit("/", 1)[-1]: s for s in ckpt.container.sources}
+    shards = {}
+    payload = ckpt.payload()
+    for name, (head, skip) in headers.items():
+        remote = sources[name].remote
+        assert isinstance(remote, RangeFile)
+        _check_header(prefix / name, remote, head, skip, {k: payload[k] for k, s in weight_map.items() if s == name})
+        shards[name] = s3_prefix.ShardHead(remote.etag, remote.pread(skip, 0), head)
+    placeholder = json.loads(hf_sharded.index_bytes(
+        parts, {k: hf_sharded.REWRITE_IN_PROGRESS for k in parts.shard_of}, total, None))
+    return s3_prefix.rewrite_headers(
+        prefix, parts.index_path.name, index_etag=parts.index_etag, old_index=parts.index_raw,
+        new_index=new_index, placeholder=placeholder, shards=shards, backup=backup)
+
+
+def _check_header(url: ObjectURL, remote: RangeFile, head: bytes, skip: int, expected: dict[str, Any]) -> None:
+    """The shard as it will be (``head`` before its data) read back before anything is sent: the
+    tensors ``expected`` under their new names, each at its bytes, and nothing else."""
+    try:
+        tensors, _env, _meta, _storages = safetensors_io.read(Source(url, remote=Prefixed(remote, head, skip)))
+    except safetensors_io.SafetensorsFormatError as exc:
+        raise BadInput(f"{url}: the new header does not read back ({exc}); nothing was written") from None
+    same = set(tensors) == set(expected) and all(
+        (t.dtype, t.shape, t.storage.offset - len(head)) == (r.dtype, r.shape, r.storage.offset - skip)
+        for k, r in expected.items() for t in [tensors[k]])
+    if not same:
+        raise BadInput(f"{url}: the new header does not describe the tensors meant; nothing was written")
 
 
 def _blame_a_change(target: s3_compose.S3Object, exc: CkptMigrateError) -> None:

@@ -24,7 +24,17 @@ no state mixes old and new. A stamp changes only the envelope: one conditional p
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from ckptmigrate.errors import RemoteError
 from ckptmigrate.storage import s3_compose
+from ckptmigrate.storage.ranges import RangeFile, changed
 from ckptmigrate.util.urls import ObjectURL
 
 METADATA = ".metadata"
@@ -81,3 +91,135 @@ def _envelope_only(
             s3_compose.remove(kept)
         raise
     return kept
+
+
+# --- a sharded model's headers ----------------------------------------------------------------------
+
+#: Where the placeholder index names the journal of the run that put it.
+JOURNAL_FIELD = "ckptmigrate_header_rewrite"
+
+
+@dataclass
+class ShardHead:
+    """One shard's header rewrite: the ETag read, the old header (length prefix included) and the new."""
+
+    etag: str | None
+    old: bytes
+    new: bytes
+
+
+def rewrite_headers(
+    prefix: ObjectURL, index_name: str, *, index_etag: str | None, old_index: bytes, new_index: bytes,
+    placeholder: dict[str, Any], shards: dict[str, ShardHead], backup: bool,
+) -> ObjectURL | None:
+    """Rewrite shard headers of a sharded model under ``prefix`` (each shard a new object: the new
+    header before the same data, :func:`s3_compose.replace_head`), switching the index as the local
+    engine does (storage/shardset.HeaderRewrite): a journal object of the run (the old index and
+    every old header) first, then the index replaced by ``placeholder`` — naming only a shard that
+    does not exist, and the journal — then the shards, then the new index, then the journal removed.
+
+    Every write is conditional: the placeholder on the index's ETag as read (the loser of two runs
+    removes its journal and writes nothing else), each shard on its own, the new index on the
+    placeholder's. A failure puts the old headers and the old index back; a crash leaves the
+    placeholder, which every reader refuses, until the next run (:func:`recover_headers`) does."""
+    index = s3_compose.S3Object.of(prefix / index_name, index_etag)
+    index.check_unchanged()
+    if not shards:  # only the index changes (a stamp): one conditional put
+        backup_url = s3_compose.backup(index) if backup else None
+        try:
+            s3_compose.put(index, new_index)
+        except BaseException:
+            if backup_url is not None:
+                s3_compose.remove(backup_url)
+            raise
+        return backup_url
+    token = secrets.token_hex(6)
+    journal = s3_compose.S3Object.of(prefix / f".{index_name}.ckptmigrate-headers.{token}", None)
+    journal.create_only = True
+    body = {"commit": index_name, "digest": hashlib.sha256(new_index).hexdigest(),
+            "old_commit": base64.b64encode(old_index).decode(),
+            "old": {name: base64.b64encode(head.old).decode() for name, head in shards.items()}}
+    s3_compose.put(journal, json.dumps(body).encode())
+    marked = dict(placeholder)
+    marked["metadata"] = {**(marked.get("metadata") or {}), JOURNAL_FIELD: journal.key.rsplit("/", 1)[-1]}
+    placeholder_bytes = (json.dumps(marked, indent=2) + "\n").encode()
+    kept: list[ObjectURL] = []
+    try:
+        if backup:
+            kept.append(s3_compose.backup_copy(index))
+        s3_compose.put(index, placeholder_bytes)
+    except BaseException:
+        s3_compose.delete(journal)
+        for url in kept:
+            s3_compose.remove(url)
+        raise
+    index.etag = _put_etag(placeholder_bytes)
+    done: list[str] = []
+    try:
+        for name, head in shards.items():
+            shard = s3_compose.S3Object.of(prefix / name, head.etag)
+            if backup:
+                kept.append(s3_compose.backup_copy(shard))
+            done.append(name)  # from here its header may be the new one
+            _replace_header(shard, head.new)
+        s3_compose.put(index, new_index)
+    except BaseException:
+        _restore(prefix, index, {n: shards[n].old for n in done}, old_index)
+        s3_compose.delete(journal)
+        for url in kept:
+            s3_compose.remove(url)
+        raise
+    s3_compose.delete(journal)
+    return kept[0] if kept else None
+
+
+def recover_headers(prefix: ObjectURL, index_name: str) -> bool:
+    """Put back what a killed :func:`rewrite_headers` changed, if the index is its placeholder:
+    every shard's old header (a shard whose header is already the old one is left), then the old
+    index (conditional on the placeholder), then the journal removed. True if there was one."""
+    index_url = prefix / index_name
+    current = RangeFile(index_url)
+    raw = current.pread(current.size, 0)
+    try:
+        name = json.loads(raw).get("metadata", {}).get(JOURNAL_FIELD)
+    except (ValueError, AttributeError):
+        return False
+    if not isinstance(name, str) or "/" in name or not name.startswith(f".{index_name}.ckptmigrate-headers."):
+        return False
+    journal_url = prefix / name
+    try:
+        journal = json.loads(RangeFile(journal_url).pread(1 << 30, 0))
+        old = {str(k): base64.b64decode(v) for k, v in journal["old"].items()}
+        old_index = base64.b64decode(journal["old_commit"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RemoteError(f"{journal_url}: the journal of an interrupted header rewrite does not read "
+                          f"({type(exc).__name__}); the shards' old headers cannot be put back",
+                          url=str(prefix)) from None
+    _restore(prefix, s3_compose.S3Object.of(index_url, current.etag), old, old_index)
+    s3_compose.delete(s3_compose.S3Object.of(journal_url, None))
+    return True
+
+
+def _restore(prefix: ObjectURL, index: s3_compose.S3Object, old: dict[str, bytes], old_index: bytes) -> None:
+    """Each shard's old header back where it is not, then the old index (if the placeholder is still there)."""
+    for name, head in old.items():
+        remote = RangeFile(prefix / name)
+        if remote.pread(len(head), 0) == head:
+            continue  # never rewritten (or put back already)
+        shard = s3_compose.S3Object.of(prefix / name, remote.etag)
+        (length,) = struct.unpack("<Q", remote.pread(8, 0))
+        s3_compose.replace_head(shard, remote, head, 8 + length)
+    s3_compose.put(index, old_index)
+
+
+def _replace_header(shard: s3_compose.S3Object, head: bytes) -> None:
+    remote = RangeFile(shard.url)
+    if remote.etag != shard.etag:
+        raise changed(shard.url, shard.etag, remote.etag)
+    (length,) = struct.unpack("<Q", remote.pread(8, 0))
+    s3_compose.replace_head(shard, remote, head, 8 + length)
+
+
+def _put_etag(body: bytes) -> str:
+    """The ETag S3 gives an object written by one put: the MD5 of its bytes."""
+    return f'"{hashlib.md5(body, usedforsecurity=False).hexdigest()}"'
