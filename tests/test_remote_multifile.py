@@ -173,26 +173,30 @@ def test_a_dcp_rename_in_place_sends_only_metadata_and_envelope(cli: Cli, s3: S3
     assert set(load_dcp(s3, name, "dcp", tmp_path, list(expected))) == set(expected)
 
 
-def test_a_dcp_rename_that_loses_a_race_writes_nothing(cli: Cli, s3: S3Server, bucket: dict[str, Any],
-                                                       tmp_path: Path) -> None:
-    """The migration script is the other writer: it replaces ``.metadata`` after this run read it."""
+@pytest.mark.parametrize("kind", ["dcp", "hf"])
+def test_a_rename_that_loses_a_race_writes_nothing(cli: Cli, s3: S3Server, bucket: dict[str, Any],
+                                                   tmp_path: Path, kind: str) -> None:
+    """The migration script is the other writer: it replaces ``.metadata`` (the index) after this
+    run read it."""
     name = bucket["name"]
-    other = tmp_path / "other"
-    dcp.save({"x": torch.zeros(3)}, checkpoint_id=str(other))
-    theirs = (other / ".metadata").read_bytes()
+    commit = ".metadata" if kind == "dcp" else "model.safetensors.index.json"
+    theirs = (bucket[kind] / commit).read_bytes().replace(b"layers.7", b"layers.8")
     (tmp_path / "theirs.bin").write_bytes(theirs)
-    code = (f"_put({name!r}, 'dcp/.metadata', {str(tmp_path / 'theirs.bin')!r}); "
+    code = (f"_put({name!r}, '{kind}/{commit}', {str(tmp_path / 'theirs.bin')!r}); "
             "ckpt.rename('layers.0.weight', 'embed.weight')")
     extra = ("import boto3, os\n\n\ndef _put(bucket, key, path):\n"
              "    boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL']).upload_file(path, bucket, key)\n")
     migrations = chain(tmp_path, code, extra)
-    proc = cli("upgrade", f"s3://{name}/dcp/", "--from", "c1", "--migrations", migrations)
+    before = objects(s3, name)
+    proc = cli("upgrade", f"s3://{name}/{kind}/", "--from", "c1", "--migrations", migrations)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and "the object changed since it was read" in proc.stderr, proc.stderr
-    assert f"s3://{name}/dcp/.metadata" in proc.stderr
+    assert f"s3://{name}/{kind}/{commit}" in proc.stderr
     left = objects(s3, name)
-    assert get(s3, name, "dcp/.metadata") == theirs  # the other writer's object stands
+    assert get(s3, name, f"{kind}/{commit}") == theirs  # the other writer's object stands
     assert not [k for k in left if ".bak" in k or ".ckptmigrate-" in k], left
+    assert {k: v for k, v in left.items() if not k.endswith(commit)} == {
+        k: v for k, v in before.items() if not k.endswith(commit)}
 
 
 def test_what_object_storage_cannot_do_yet_is_one_line(cli: Cli, s3: S3Server, bucket: dict[str, Any],
