@@ -356,3 +356,18 @@ def test_a_killed_run_recovered_then_downgraded_is_the_original(
     stay = cli("upgrade", url, "--from", "c1", "--to", "c1", "--migrations", migrations, "--no-backup")
     assert stay.returncode == 0, stay.stderr
     assert {k: get(s3, name, k) for k in objects(s3, name)} == original
+
+
+def test_stamping_a_prefix_writes_only_its_index_or_envelope(cli: Cli, s3: S3Server, bucket: dict[str, Any]) -> None:
+    name = bucket["name"]
+    before = objects(s3, name)
+    for kind in ("hf", "dcp"):
+        proc = cli("stamp", f"s3://{name}/{kind}", "--tag", "run=7")
+        assert proc.returncode == 0, proc.stderr
+        info = json.loads(cli("inspect", f"s3://{name}/{kind}", "--json").stdout)
+        assert info["stamped"] is True and '"run": "7"' in json.dumps(info), info
+    after = objects(s3, name)
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert changed == {"hf/model.safetensors.index.json", *[k for k in after if k.startswith("dcp/.ckptmigrate-")]}
+    assert set(before) <= set(after)
+    assert s3.served.body_bytes_received < 16 * 1024  # the index and an envelope, nothing else

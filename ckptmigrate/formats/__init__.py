@@ -171,7 +171,14 @@ def read_envelope(path: str | os.PathLike[str]) -> tuple[Format, dict[str, Any] 
     """Only the envelope: the zip directory and one record, or the safetensors header."""
     location = as_location(path)
     if isinstance(location, ObjectURL):
-        return _read_envelope(location)
+        from ckptmigrate.errors import MultiFileObject
+
+        if location.name == multifile.dcp.METADATA or location.name.endswith(multifile.hf_sharded.INDEX_SUFFIX):
+            return multifile.read_envelope_remote(location.parent, location.name)
+        try:
+            return _read_envelope(location)
+        except MultiFileObject as exc:
+            return multifile.read_envelope_remote(location, exc.marker)
     path = Path(path)
     if path.is_dir():
         path = multifile.checkpoint_path(path)

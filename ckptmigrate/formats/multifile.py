@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptmigrate.errors import BadInput, one_line
-from ckptmigrate.formats import dcp, hf_sharded
+from ckptmigrate.formats import dcp, hf_sharded, locations
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.rawio import copy_range, write_all
 from ckptmigrate.storage.shardset import HeaderRewrite, ShardSet
@@ -185,6 +185,25 @@ def read_envelope(path: Path) -> tuple[Any, dict[str, Any] | None]:
         return k, json.loads(env_path.read_text()) if env_path.exists() else None
     except (hf_sharded.ShardedFormatError, ValueError) as exc:
         raise BadInput(f"{commit}: {one_line(exc)}") from None
+
+
+def read_envelope_remote(prefix: ObjectURL, marker: str) -> tuple[Any, dict[str, Any] | None]:
+    """:func:`read_envelope` of a multi-file checkpoint under a prefix: its index, or its
+    ``.metadata`` and envelope objects, read whole; no shard is opened."""
+    commit = prefix / marker
+    try:
+        if marker != dcp.METADATA:
+            return "hf-sharded", hf_sharded.read_envelope(commit)
+        raw = locations.read_small(commit, dcp.MAX_METADATA)
+        try:
+            env = locations.read_small(prefix / dcp.envelope_name(raw), dcp.MAX_METADATA)
+        except FileNotFoundError:
+            return "dcp", None
+        return "dcp", json.loads(env)
+    except FileNotFoundError:
+        raise BadInput(f"{commit}: no such object", path=str(prefix)) from None
+    except (hf_sharded.ShardedFormatError, locations.TooLarge, ValueError) as exc:
+        raise BadInput(f"{commit}: {one_line(exc)}", path=str(prefix)) from None
 
 
 # --- writing ----------------------------------------------------------------------------------------
