@@ -7,6 +7,11 @@ read back before it is sent (storage/s3_compose). Any other migration (and any l
 file) is staged: the local engine writes the result into a temporary file, reading the tensors by
 range, and that is uploaded. Either way the object is replaced in one step, only if it is still the one read (its
 ETag); the backup is the version read (a versioned bucket) or a server-side copy ``KEY.bak``.
+A safetensors rename is a new header before the same data, copied server-side.
+
+A multi-file checkpoint under a prefix is read by range too; a rewrite that keeps every tensor's
+bytes puts a DCP directory's ``.metadata`` and envelope, or a sharded model's shard headers and
+index, in place (storage/s3_prefix); anything else is refused in one line.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ def migrate_object(
     """As :func:`ckptmigrate.chain.engine.migrate_file`, for an object; the outcome's ``transfer``
     says what crossed the network (requests, bytes received and sent, bytes copied server-side)."""
     if max_shard_size is not None:
-        raise BadInput(f"{url}: a shard size applies to multi-file checkpoints, which object storage does not hold")
+        raise BadInput(f"{url}: re-planning shards (a shard size) is not done in object storage; copy the prefix "
+                       "to a local directory (aws s3 sync) and run there")
     before = TRANSFER.to_dict()
     with _open(url, key=key, state_dicts=state_dicts, recover=not dry_run) as ckpt:
         ckpt.optimizers.policy = check_policy(optimizer)
