@@ -290,6 +290,12 @@ def test_a_sharded_rename_in_place_moves_5_mib_per_changed_shard(cli: Cli, s3: S
     assert set(loaded) == {"embed.weight", "layers.1.weight", "layers.2.weight"}
     assert torch.equal(loaded["embed.weight"], state["layers.0.weight"])
     assert cli("current", f"s3://{name}/hf").stdout.strip() == "c2"
+    # back down, with a backup: the index and the changed shard are kept as KEY.bak, server-side copies
+    upgraded = {k: get(s3, name, k) for k in changed}
+    down = one(cli, "downgrade", f"s3://{name}/hf/", "--to", "c1", "--migrations", migrations)
+    assert down["backup"] == f"s3://{name}/hf/model.safetensors.index.json.bak", down
+    assert {k: get(s3, name, k + ".bak") for k in changed} == upgraded
+    assert set(load_shards(s3, name)) == set(state)
 
 
 CRASH = """
