@@ -209,6 +209,11 @@ def test_what_object_storage_cannot_do_yet_is_one_line(cli: Cli, s3: S3Server, b
         proc = cli("upgrade", url, "--from", "c1", "--migrations", migrations)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stdout + proc.stderr
         assert url in proc.stderr and what in proc.stderr and "aws s3 sync" in proc.stderr, proc.stderr
+    for args in (("compact", f"s3://{name}/dcp"), ("upgrade", f"s3://{name}/hf", "-o", f"s3://{name}/out/"),
+                 ("upgrade", f"s3://{name}/hf", "--max-shard-size", "1GB")):
+        proc = cli(*args, "--from", "c1", "--migrations", casts) if args[0] == "upgrade" else cli(*args)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
+        assert f"s3://{name}/" in proc.stderr and "aws s3 sync" in proc.stderr, proc.stderr
     assert objects(s3, name) == before
 
 

@@ -149,7 +149,8 @@ def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backu
         found = hf_sharded.object_headers(parts, ckpt.payload(), ckpt.container.storages)
         if found is not None:
             return _rewrite_headers(ckpt, parts, prefix, found, envelope, backup)
-        what = "changes tensor bytes or moves a tensor between shards (the shards would be rewritten)"
+        what = "changes tensor bytes or drops a tensor (its shards would be rewritten)" \
+            if parts.shard_format == "safetensors" else "changes torch .bin shards (each would be rewritten)"
     raise MultiFileObject(f"{prefix}/: a migration of this multi-file checkpoint that {what} is not done in object "
                           "storage yet; copy the prefix to a local directory (aws s3 sync) and run there",
                           url=str(prefix), marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp)

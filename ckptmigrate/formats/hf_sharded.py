@@ -392,9 +392,10 @@ def object_headers(
     """For shards in object storage, where a header of any length is written before the same data
     (a new object assembled server-side): shard -> (new header with its length prefix, where the
     data starts), for each shard whose header changes, and the new weight map. None when a tensor
-    would leave its shard or change its bytes, or a shard is not safetensors."""
-    if layout.shard_format != "safetensors":
-        return None
+    would leave its shard or change its bytes, or torch ``.bin`` shards would change."""
+    if layout.shard_format != "safetensors":  # torch .bin shards: only a change of the index alone (a stamp)
+        same = len(payload) == len(layout.shard_of) and all(payload[k] is layout.original.get(k) for k in payload)
+        return ({}, {k: layout.shard_of[k] for k in payload}) if same else None
     plan = plan_shards(payload, layout)
     sources = {os.path.basename(s.source.path): s.source for s in storages.values() if s.source is not None}
     headers: dict[str, tuple[bytes, int]] = {}

@@ -77,8 +77,9 @@ class FsspecObject:
             marker = multi_file_marker(self.fs, self.path, url)
             if marker is not None:
                 raise MultiFileObject(
-                    f"{url}/: a multi-file checkpoint ({marker}); in object storage only `current` and `verify` "
-                    "read one: copy the prefix to a local directory (aws s3 sync) and run there", url=str(url),
+                    f"{url}/: a multi-file checkpoint ({marker}), which this command does not take in object storage "
+                    "(inspect, current, diff, verify and upgrade/downgrade/stamp in place do): copy the prefix to a "
+                    "local directory (aws s3 sync) and run there", url=str(url),
                     marker=marker)
             raise RemoteError(f"{url}: is a prefix (a directory), not an object", url=str(url))
         self.size = int(info["size"])
