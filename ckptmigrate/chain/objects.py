@@ -168,6 +168,10 @@ def _rewrite_headers(
     env = envelope.to_dict()
     total = sum(hf_sharded.shard_sizes(ckpt.payload(), [[k] for k in weight_map]))
     new_index = hf_sharded.index_bytes(parts, weight_map, total, env)
+    again = hf_sharded.parse_index(new_index)
+    if again["weight_map"] != weight_map or again["metadata"].get(hf_sharded.ENVELOPE_KEY) != env:
+        raise BadInput(f"{prefix}/{parts.index_path.name}: the new index does not read back as written; "
+                       "nothing was written")
     sources = {s.path.rsplit("/", 1)[-1]: s for s in ckpt.container.sources}
     shards = {}
     payload = ckpt.payload()

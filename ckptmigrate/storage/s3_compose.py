@@ -201,9 +201,9 @@ def _condition(obj: S3Object) -> dict[str, str]:
     return {"IfNoneMatch": "*"} if obj.create_only else {}
 
 
-def put(obj: S3Object, body: bytes) -> None:
-    """Replace (or create) the object by ``body`` in one conditional put."""
-    _put(obj, body, len(body))
+def put(obj: S3Object, body: bytes) -> str | None:
+    """Replace (or create) the object by ``body`` in one conditional put; the new object's ETag."""
+    return _put(obj, body, len(body))
 
 
 def delete(obj: S3Object) -> None:
@@ -211,9 +211,10 @@ def delete(obj: S3Object) -> None:
     obj.call("delete_object", Key=obj.key)
 
 
-def _put(obj: S3Object, body: Any, size: int) -> None:
-    obj.call("put_object", Key=obj.key, Body=body, **_condition(obj))
+def _put(obj: S3Object, body: Any, size: int) -> str | None:
+    etag = obj.call("put_object", Key=obj.key, Body=body, **_condition(obj)).get("ETag")
     TRANSFER.bytes_sent += size
+    return str(etag) if etag else None
 
 
 def _multipart(obj: S3Object, parts: Any) -> None:

@@ -147,13 +147,13 @@ def rewrite_headers(
     try:
         if backup:
             kept.append(s3_compose.backup_copy(index))
-        s3_compose.put(index, placeholder_bytes)
+        placed = s3_compose.put(index, placeholder_bytes)
     except BaseException:
         s3_compose.delete(journal)
         for url in kept:
             s3_compose.remove(url)
         raise
-    index.etag = _put_etag(placeholder_bytes)
+    index.etag = placed  # the new index replaces the placeholder, and nothing else
     done: list[str] = []
     try:
         for name, head in shards.items():
@@ -218,8 +218,3 @@ def _replace_header(shard: s3_compose.S3Object, head: bytes) -> None:
         raise changed(shard.url, shard.etag, remote.etag)
     (length,) = struct.unpack("<Q", remote.pread(8, 0))
     s3_compose.replace_head(shard, remote, head, 8 + length)
-
-
-def _put_etag(body: bytes) -> str:
-    """The ETag S3 gives an object written by one put: the MD5 of its bytes."""
-    return f'"{hashlib.md5(body, usedforsecurity=False).hexdigest()}"'
