@@ -8,7 +8,8 @@ instant whole:
 1. the ETag of ``.metadata`` is checked against the one read: a run that lost to another writer
    stops here, having written nothing;
 2. the new envelope is put under the name the *new* ``.metadata`` gives it — a name the current
-   one does not give, so no reader looks at it yet;
+   one does not give, so no reader looks at it yet (conditionally: created, or replacing the
+   object of that name as found, so a second run making the same ``.metadata`` stops here);
 3. the backup: ``.metadata`` as read stays as its version (a versioned bucket) or ``.metadata.bak``
    (a server-side copy);
 4. the new ``.metadata`` is put with ``If-Match`` on the ETag read — the switch, one step; a loser
@@ -52,12 +53,17 @@ def switch_metadata(
     if metadata is None:
         return _envelope_only(prefix, md, envelope_name, envelope, old_envelope_etag, backup)
     env = s3_compose.S3Object.of(prefix / envelope_name, None)
+    env.etag = _etag_if_there(env)
+    env.create_only = env.etag is None
     created: list[s3_compose.S3Object] = []
     kept = None
     try:
         if envelope is not None:
-            s3_compose.put(env, envelope)  # unconditional: no .metadata names this object yet
-            created.append(env)
+            # no .metadata names this object yet; conditional all the same, so that of two runs making
+            # the same .metadata the second stops here, before it writes anything
+            s3_compose.put(env, envelope)
+            if env.create_only:
+                created.append(env)
         kept = s3_compose.backup(md) if backup else None
         s3_compose.put(md, metadata)
     except BaseException:
@@ -69,6 +75,16 @@ def switch_metadata(
     if old_envelope is not None and old_envelope != envelope_name and not backup:
         s3_compose.delete(s3_compose.S3Object.of(prefix / old_envelope, None))
     return kept
+
+
+def _etag_if_there(obj: s3_compose.S3Object) -> str | None:
+    """The object's ETag, or None when there is no such object."""
+    try:
+        return obj.head_etag()
+    except RemoteError as exc:
+        if "no such object" in str(exc):
+            return None
+        raise
 
 
 def _envelope_only(
