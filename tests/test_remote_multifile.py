@@ -382,3 +382,16 @@ def test_stamping_a_prefix_writes_only_its_index_or_envelope(cli: Cli, s3: S3Ser
     assert changed == {"hf/model.safetensors.index.json", *[k for k in after if k.startswith("dcp/.ckptmigrate-")]}
     assert set(before) <= set(after)
     assert s3.served.body_bytes_received < 16 * 1024  # the index and an envelope, nothing else
+
+
+def test_a_missing_shard_or_a_truncated_distcp_is_one_line(cli: Cli, s3: S3Server, bucket: dict[str, Any]) -> None:
+    name = bucket["name"]
+    client = s3.client()
+    client.delete_object(Bucket=name, Key="hf/model-00003-of-00008.safetensors")
+    distcp = get(s3, name, "dcp/__0_0.distcp")
+    client.put_object(Bucket=name, Key="dcp/__0_0.distcp", Body=distcp[: len(distcp) // 2])
+    for url, what in ((f"s3://{name}/hf", "model-00003-of-00008.safetensors, which is missing"),
+                      (f"s3://{name}/dcp", "torch.distributed.checkpoint")):
+        proc = cli("inspect", url)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert url in proc.stderr and what in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -132,7 +132,8 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
 
 def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool) -> ObjectURL | None:
     """A multi-file checkpoint under a prefix: a DCP rewrite that moves no ``.distcp`` byte puts its
-    ``.metadata`` and envelope objects in place (storage/s3_prefix); anything else is refused."""
+    ``.metadata`` and envelope objects in place, a sharded model's rewrite that keeps every tensor's
+    bytes its shard headers and index (storage/s3_prefix); anything else is refused in one line."""
     parts = ckpt.container.parts
     prefix = ckpt.container.path
     assert isinstance(prefix, ObjectURL)
