@@ -395,3 +395,40 @@ def test_a_missing_shard_or_a_truncated_distcp_is_one_line(cli: Cli, s3: S3Serve
         proc = cli("inspect", url)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert url in proc.stderr and what in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+DCP_CRASH = """
+import os, sys
+from ckptmigrate.storage import s3_compose
+real = s3_compose.put
+def die_at_the_switch(obj, body):
+    if obj.key.endswith("/.metadata"):
+        os._exit(9)  # killed after the new envelope was put, before .metadata: no clean-up runs
+    return real(obj, body)
+s3_compose.put = die_at_the_switch
+from ckptmigrate.cli import main
+main(sys.argv[1:], prog_name="ckptmigrate")
+"""
+
+
+def test_a_dcp_run_killed_before_its_switch_leaves_the_original_loadable(
+        cli: Cli, s3: S3Server, bucket: dict[str, Any], tmp_path: Path) -> None:
+    import sys
+
+    name, migrations = bucket["name"], chain(tmp_path)
+    original_md = get(s3, name, "dcp/.metadata")
+    url = f"s3://{name}/dcp/"
+    killed = subprocess.run([sys.executable, "-c", DCP_CRASH, "upgrade", url, "--from", "c1", "--migrations",
+                             str(migrations)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=os.environ)
+    assert killed.returncode == 9, killed.stderr
+    # the new envelope is there, named for a .metadata that is not: nothing reads it
+    [orphan] = [k for k in objects(s3, name) if k.startswith("dcp/.ckptmigrate-")]
+    assert get(s3, name, "dcp/.metadata") == original_md
+    assert cli("current", f"s3://{name}/dcp").stdout.strip() == "unstamped"
+    assert set(load_dcp(s3, name, "dcp", tmp_path, list(weights()))) == set(weights())
+    # the next run writes that name again and switches
+    again = cli("upgrade", url, "--from", "c1", "--migrations", migrations)
+    assert again.returncode == 0, again.stderr
+    assert [k for k in objects(s3, name) if k.startswith("dcp/.ckptmigrate-")] == [orphan]
+    assert cli("current", f"s3://{name}/dcp").stdout.strip() == "c2"
