@@ -526,19 +526,10 @@ def current(path: PathLike, *, verbose: bool = False, migrations: Any = None) ->
 
 
 def _read_envelope(path: PathLike) -> tuple[str, dict[str, Any] | None]:
-    """The envelope; of a multi-file checkpoint under a prefix, from its small files alone."""
+    """The envelope; of a multi-file checkpoint under a prefix, from its small files alone (by range)."""
     from ckptmigrate import formats
-    from ckptmigrate.errors import MultiFileObject
 
-    location = as_location(path)
-    try:
-        return formats.read_envelope(location)
-    except MultiFileObject:
-        from ckptmigrate.storage.staged import mirrored_prefix, small_files
-
-        assert isinstance(location, ObjectURL)
-        with mirrored_prefix(location, small_files) as stage:
-            return formats.read_envelope(stage.source)
+    return formats.read_envelope(as_location(path))
 
 
 def chain_status(path: PathLike, env: Mapping[str, Any], *, migrations: Any = None,

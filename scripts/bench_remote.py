@@ -6,6 +6,7 @@ Run it from the repository root with the project's virtualenv::
     .venv/bin/python scripts/bench_remote.py --size-mb 256      # smaller, faster
     .venv/bin/python scripts/bench_remote.py --tensor-mb 256    # 1 GiB in 4 tensors: few range requests
     .venv/bin/python scripts/bench_remote.py --json bench-remote.json
+    .venv/bin/python scripts/bench_remote.py --cases multi      # only the multi-file and safetensors cases
 
 What it measures, each case a child process timed by wall clock (interpreter start-up included),
 its CPU time (the client's) and this process's CPU time meanwhile (the server's: moto runs in a
@@ -17,7 +18,12 @@ response bodies; a server-side copy moves none):
   server-side copy): UploadPartCopy of the records plus a new tail;
 - the naive route: download, ``torch.load``, rename, ``torch.save``, upload (boto3);
 - a plain copy of the object: server-side ``copy_object``, and download + upload (what
-  ``aws s3 cp`` to a local file and back does).
+  ``aws s3 cp`` to a local file and back does);
+- the same tensors as one safetensors object, as a sharded model (4 safetensors shards and their
+  index under a prefix) and as a DCP directory under a prefix: ``inspect`` (headers, index,
+  ``.metadata`` by range) and a rename in place (``--no-backup``): a safetensors object or shard
+  gets a new header and its first 5 MiB sent, the rest copied server-side; DCP puts ``.metadata``
+  and its envelope only.
 
 Before each timed upgrade the object is restored by a server-side copy (untimed). moto reads the
 whole object to answer each range request, so on moto the wall time of ``inspect`` and ``upgrade``
@@ -74,6 +80,21 @@ def build(path: Path, size_mb: int, tensor_mb: int) -> int:
     return count
 
 
+def build_multi(directory: Path, size_mb: int, tensor_mb: int) -> None:
+    """The tensors of :func:`build` as one safetensors file, 4 HF shards and a DCP directory."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import save_file
+
+    count = max(1, size_mb // tensor_mb)
+    state = {f"blocks.{i}.weight": torch.full((tensor_mb << 18,), float(i)) for i in range(count)}
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "hf").mkdir()
+    save_torch_state_dict(state, str(directory / "hf"), max_shard_size=max(1, size_mb // 4) * 2**20 + 1)
+    dcp.save(state, checkpoint_id=str(directory / "dcp"))
+
+
 def chain(directory: Path) -> Path:
     versions = directory / "chain" / "versions"
     versions.mkdir(parents=True)
@@ -113,6 +134,8 @@ def main() -> None:
     parser.add_argument("--tensor-mb", type=int, default=16,
                         help="size of each tensor: what ckptmigrate reads grows with their number, not their size")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--cases", choices=("all", "zip", "multi"), default="all",
+                        help="the torch zip cases, the safetensors / sharded / DCP ones, or both")
     opts = parser.parse_args()
 
     server = S3Server().start()
@@ -137,7 +160,9 @@ def main() -> None:
                 client.delete_object(Bucket=BUCKET, Key=key)
 
         cases: dict[str, list[dict[str, Any]]] = {}
-        for _ in range(opts.repeat):
+        if opts.cases != "zip":
+            multi_cases(server, client, tmp, opts, migrations, cli, env, cases)
+        for _ in range(opts.repeat if opts.cases != "multi" else 0):
             restore()
             cases.setdefault("inspect", []).append(timed(server, [*cli, "inspect", url, "--json"], env))
             restore()
@@ -188,6 +213,35 @@ def main() -> None:
               f"{_size(row['received_bytes'])} | {_size(row['sent_bytes'])} | {row['requests']} |")
     if opts.json:
         opts.json.write_text(json.dumps({"size_bytes": size, "tensors": tensors, "rows": rows}, indent=2))
+
+
+def multi_cases(server: S3Server, client: Any, tmp: Path, opts: argparse.Namespace, migrations: Path,
+                cli: list[str], env: dict[str, str], cases: dict[str, list[dict[str, Any]]]) -> None:
+    """inspect and a rename in place of a safetensors object, a sharded model and a DCP directory;
+    each put back from a pristine copy (server-side, untimed) before each run."""
+    build_multi(tmp, opts.size_mb, opts.tensor_mb)
+    uploads = {"st/model.safetensors": tmp / "model.safetensors"}
+    for kind in ("hf", "dcp"):
+        uploads.update({f"{kind}/{p.name}": p for p in (tmp / kind).iterdir()})
+    for key, path in uploads.items():
+        client.upload_file(str(path), BUCKET, f"orig/{key}")
+
+    def restore() -> None:
+        listing = client.list_objects_v2(Bucket=BUCKET, Prefix="work/").get("Contents", [])
+        for obj in listing:
+            client.delete_object(Bucket=BUCKET, Key=obj["Key"])
+        for key in uploads:
+            client.copy_object(Bucket=BUCKET, Key=f"work/{key}", CopySource={"Bucket": BUCKET, "Key": f"orig/{key}"})
+
+    upgrade = ["upgrade", "--from", "c1", "--migrations", str(migrations), "--no-backup", "--json"]
+    targets = {"safetensors object": f"s3://{BUCKET}/work/st/model.safetensors",
+               "sharded model (4 shards)": f"s3://{BUCKET}/work/hf", "DCP directory": f"s3://{BUCKET}/work/dcp"}
+    for _ in range(opts.repeat):
+        for label, url in targets.items():
+            restore()
+            cases.setdefault(f"inspect, {label}", []).append(timed(server, [*cli, "inspect", url, "--json"], env))
+            cases.setdefault(f"upgrade rename in place, {label}", []).append(
+                timed(server, [*cli, upgrade[0], url, *upgrade[1:]], env))
 
 
 def _size(n: int) -> str:

@@ -1,4 +1,4 @@
-"""``upgrade``/``downgrade`` of a checkpoint in object storage (``s3://bucket/key``).
+"""``upgrade``/``downgrade`` of a checkpoint in object storage (``s3://bucket/key``, ``gs://``).
 
 Planned and migrated from the object's directory and ``data.pkl`` alone (range reads). A migration
 that changes only metadata of a torch zip keeps every record where it is: the new object is the
@@ -7,26 +7,35 @@ read back before it is sent (storage/s3_compose). Any other migration (and any l
 file) is staged: the local engine writes the result into a temporary file, reading the tensors by
 range, and that is uploaded. Either way the object is replaced in one step, only if it is still the one read (its
 ETag); the backup is the version read (a versioned bucket) or a server-side copy ``KEY.bak``.
+A safetensors rename is a new header before the same data, copied server-side.
+
+A multi-file checkpoint under a prefix is read by range too; a rewrite that keeps every tensor's
+bytes puts a DCP directory's ``.metadata`` and envelope, or a sharded model's shard headers and
+index, in place (storage/s3_prefix); anything else is refused in one line.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from ckptmigrate import formats
 from ckptmigrate.chain import engine
 from ckptmigrate.chain.registry import ChainSource
 from ckptmigrate.chain.revisions import RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope
 from ckptmigrate.checkpoint.lazy import Checkpoint
-from ckptmigrate.errors import BadInput, CkptMigrateError, ObjectChanged
-from ckptmigrate.formats import torchzip
+from ckptmigrate.errors import BadInput, CkptMigrateError, MultiFileObject, ObjectChanged
+from ckptmigrate.formats import dcp, hf_sharded, multifile, safetensors_io, torchzip
 from ckptmigrate.ops.optimizer import check_policy
-from ckptmigrate.storage import writers
-from ckptmigrate.storage.ranges import TRANSFER, RangeFile, Spliced
+from ckptmigrate.storage import s3_compose, s3_prefix, writers
+from ckptmigrate.storage.ranges import TRANSFER, Prefixed, RangeFile, Spliced, multi_file_marker
 from ckptmigrate.storage.staged import refuse_multi_file
-from ckptmigrate.util.urls import ObjectURL
+from ckptmigrate.tensors.refs import Source
+from ckptmigrate.util.urls import ObjectURL, filesystem
 
 
 def migrate_object(
@@ -38,9 +47,10 @@ def migrate_object(
     """As :func:`ckptmigrate.chain.engine.migrate_file`, for an object; the outcome's ``transfer``
     says what crossed the network (requests, bytes received and sent, bytes copied server-side)."""
     if max_shard_size is not None:
-        raise BadInput(f"{url}: a shard size applies to multi-file checkpoints, which object storage does not hold")
+        raise BadInput(f"{url}: re-planning shards (a shard size) is not done in object storage; copy the prefix "
+                       "to a local directory (aws s3 sync) and run there")
     before = TRANSFER.to_dict()
-    with Checkpoint.open(url, key=key, state_dicts=state_dicts) as ckpt:
+    with _open(url, key=key, state_dicts=state_dicts, recover=not dry_run) as ckpt:
         ckpt.optimizers.policy = check_policy(optimizer)
         graph = chains if isinstance(chains, RevisionGraph) else chains.for_envelope(ckpt.envelope)
         plan = engine.plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
@@ -62,23 +72,50 @@ def migrate_object(
     return outcome
 
 
+def _open(url: ObjectURL, *, key: str | None, state_dicts: Sequence[str] | None, recover: bool) -> Checkpoint:
+    """The checkpoint at ``url``; a sharded model whose index is the placeholder a killed header
+    rewrite left (``recover``: a run that writes) gets its old headers and index back first."""
+    try:
+        return Checkpoint.open(url, key=key, state_dicts=state_dicts)
+    except BadInput as exc:
+        if not recover or hf_sharded.REWRITE_IN_PROGRESS not in str(exc):
+            raise
+        error = exc
+    if url.name.endswith(hf_sharded.INDEX_SUFFIX):
+        prefix, marker = url.parent, url.name
+    else:
+        fs, path = filesystem(url)
+        prefix, marker = url, multi_file_marker(fs, path, url) or ""
+    if not marker or not s3_prefix.recover_headers(prefix, marker):
+        raise error
+    return Checkpoint.open(url, key=key, state_dicts=state_dicts)
+
+
 def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool) -> ObjectURL | None:
     """Replace the object ``ckpt`` was read from by ``ckpt`` with ``envelope``, in one conditional
     step (server-side assembly when only metadata changed, else staged); returns the backup taken
     (the version read, or ``KEY.bak``), if ``backup``. Used by upgrade, downgrade and stamp."""
+    if ckpt.container.format in formats.MULTI_FORMATS:
+        return _write_prefix(ckpt, url, envelope, backup=backup)
     refuse_multi_file(url)
     env = envelope.to_dict()
     source = ckpt.container.source
     assert source is not None and isinstance(source.remote, RangeFile)
     target = writers.target(url, source.remote.etag, source.remote.version)
     expected = ckpt.schema()
+    c = ckpt.container
+    header = safetensors_io.new_header(source, ckpt.payload(), c.storages, c.metadata, env) \
+        if c.format == "safetensors" else None
     kept = writers.backup(target) if backup else None
     try:
         if ckpt.can_rewrite_metadata_only("torch-zip"):
-            c = ckpt.container
             keep, tail = torchzip.metadata_tail(source, c.records, c.prefix, ckpt.payload(), env)
             ckpt.check_reads_back(url, env, expected, remote=Spliced(source.remote, keep, tail))
             writers.compose(target, source.remote, keep, tail)
+        elif header is not None:  # a safetensors rename: a new header before the same data, copied server-side
+            head, skip = header
+            ckpt.check_reads_back(url, env, expected, remote=Prefixed(source.remote, head, skip))
+            writers.replace_head(target, source.remote, head, skip)
         else:
             with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
                 staged = Path(tmp) / url.name
@@ -91,6 +128,83 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
             _blame_a_change(target, exc)
         raise
     return kept
+
+
+def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool) -> ObjectURL | None:
+    """A multi-file checkpoint under a prefix: a DCP rewrite that moves no ``.distcp`` byte puts its
+    ``.metadata`` and envelope objects in place, a sharded model's rewrite that keeps every tensor's
+    bytes its shard headers and index (storage/s3_prefix); anything else is refused in one line."""
+    parts = ckpt.container.parts
+    prefix = ckpt.container.path
+    assert isinstance(prefix, ObjectURL)
+    if prefix.scheme not in s3_compose.WRITABLE:
+        raise MultiFileObject(f"{prefix}/: a multi-file checkpoint is rewritten in place in s3:// only (GCS cannot "
+                              "copy part of an object server-side); copy the prefix to a local directory and run there",
+                              url=str(prefix), marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp)
+                              else parts.index_path.name)
+    if isinstance(parts, dcp.Dcp):
+        rewrite = multifile.dcp_metadata_rewrite(parts, ckpt.payload(), envelope.to_dict())
+        if rewrite is not None:
+            return s3_prefix.switch_metadata(
+                prefix, metadata=rewrite.metadata, metadata_etag=parts.metadata_etag,
+                metadata_version=parts.metadata_version, envelope_name=rewrite.envelope_name,
+                envelope=rewrite.envelope, old_envelope=parts.envelope_file, old_envelope_etag=parts.envelope_etag,
+                backup=backup)
+        what = "changes tensor bytes (they would go into a new .distcp object)"
+    else:
+        found = hf_sharded.object_headers(parts, ckpt.payload(), ckpt.container.storages)
+        if found is not None:
+            return _rewrite_headers(ckpt, parts, prefix, found, envelope, backup)
+        what = "changes tensor bytes or drops a tensor (its shards would be rewritten)" \
+            if parts.shard_format == "safetensors" else "changes torch .bin shards (each would be rewritten)"
+    raise MultiFileObject(f"{prefix}/: a migration of this multi-file checkpoint that {what} is not done in object "
+                          "storage yet; copy the prefix to a local directory (aws s3 sync) and run there",
+                          url=str(prefix), marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp)
+                          else parts.index_path.name)
+
+
+def _rewrite_headers(
+    ckpt: Checkpoint, parts: hf_sharded.Sharded, prefix: ObjectURL,
+    found: tuple[dict[str, tuple[bytes, int]], dict[str, str]], envelope: Envelope, backup: bool,
+) -> ObjectURL | None:
+    """A sharded model whose tensors keep their bytes (renames, a stamp): the new index, and each
+    changed shard's new header before its data, put in place by the journalled protocol of
+    storage/s3_prefix, after the new headers and index read back as meant."""
+    headers, weight_map = found
+    env = envelope.to_dict()
+    total = sum(hf_sharded.shard_sizes(ckpt.payload(), [[k] for k in weight_map]))
+    new_index = hf_sharded.index_bytes(parts, weight_map, total, env)
+    again = hf_sharded.parse_index(new_index)
+    if again["weight_map"] != weight_map or again["metadata"].get(hf_sharded.ENVELOPE_KEY) != env:
+        raise BadInput(f"{prefix}/{parts.index_path.name}: the new index does not read back as written; "
+                       "nothing was written")
+    sources = {s.path.rsplit("/", 1)[-1]: s for s in ckpt.container.sources}
+    shards = {}
+    payload = ckpt.payload()
+    for name, (head, skip) in headers.items():
+        remote = sources[name].remote
+        assert isinstance(remote, RangeFile)
+        _check_header(prefix / name, remote, head, skip, {k: payload[k] for k, s in weight_map.items() if s == name})
+        shards[name] = s3_prefix.ShardHead(remote.etag, remote.pread(skip, 0), head)
+    placeholder = json.loads(hf_sharded.index_bytes(
+        parts, {k: hf_sharded.REWRITE_IN_PROGRESS for k in parts.shard_of}, total, None))
+    return s3_prefix.rewrite_headers(
+        prefix, parts.index_path.name, index_etag=parts.index_etag, old_index=parts.index_raw,
+        new_index=new_index, placeholder=placeholder, shards=shards, backup=backup)
+
+
+def _check_header(url: ObjectURL, remote: RangeFile, head: bytes, skip: int, expected: dict[str, Any]) -> None:
+    """The shard as it will be (``head`` before its data) read back before anything is sent: the
+    tensors ``expected`` under their new names, each at its bytes, and nothing else."""
+    try:
+        tensors, _env, _meta, _storages = safetensors_io.read(Source(url, remote=Prefixed(remote, head, skip)))
+    except safetensors_io.SafetensorsFormatError as exc:
+        raise BadInput(f"{url}: the new header does not read back ({exc}); nothing was written") from None
+    same = set(tensors) == set(expected) and all(
+        (t.dtype, t.shape, t.storage.offset - len(head)) == (r.dtype, r.shape, r.storage.offset - skip)
+        for k, r in expected.items() for t in [tensors[k]])
+    if not same:
+        raise BadInput(f"{url}: the new header does not describe the tensors meant; nothing was written")
 
 
 def _blame_a_change(target: writers.Target, exc: CkptMigrateError) -> None:

@@ -118,13 +118,26 @@ def read(path: str | os.PathLike[str], *, remote: Any = None) -> Container:
     if remote is not None:
         return _read_one(as_location(path), Source(path, remote=remote))
     if is_remote(path):
-        return _read_one(as_location(path))
+        return _read_remote(as_location(path))
     path = Path(path)
     if path.is_dir():
         path = multifile.checkpoint_path(path)
     if multifile.kind(path) is not None:
         return Container(**multifile.read(path))
     return _read_one(path)
+
+
+def _read_remote(url: Path | ObjectURL) -> Container:
+    """An object, or a multi-file checkpoint named by its prefix or its index / ``.metadata`` object."""
+    from ckptmigrate.errors import MultiFileObject
+
+    assert isinstance(url, ObjectURL)
+    if url.name == multifile.dcp.METADATA or url.name.endswith(multifile.hf_sharded.INDEX_SUFFIX):
+        return Container(**multifile.read_remote(url.parent, url.name))
+    try:
+        return _read_one(url)
+    except MultiFileObject as exc:
+        return Container(**multifile.read_remote(url, exc.marker))
 
 
 @pausing
@@ -158,7 +171,14 @@ def read_envelope(path: str | os.PathLike[str]) -> tuple[Format, dict[str, Any] 
     """Only the envelope: the zip directory and one record, or the safetensors header."""
     location = as_location(path)
     if isinstance(location, ObjectURL):
-        return _read_envelope(location)
+        from ckptmigrate.errors import MultiFileObject
+
+        if location.name == multifile.dcp.METADATA or location.name.endswith(multifile.hf_sharded.INDEX_SUFFIX):
+            return multifile.read_envelope_remote(location.parent, location.name)
+        try:
+            return _read_envelope(location)
+        except MultiFileObject as exc:
+            return multifile.read_envelope_remote(location, exc.marker)
     path = Path(path)
     if path.is_dir():
         path = multifile.checkpoint_path(path)

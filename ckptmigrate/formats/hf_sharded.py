@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from ckptmigrate.formats import safetensors_io, torchzip
+from ckptmigrate.formats import locations, safetensors_io, torchzip
 from ckptmigrate.tensors.refs import (
     DTYPE_TO_SAFETENSORS,
     Deferred,
@@ -54,6 +54,9 @@ class Sharded:
     shard_metadata: dict[str, dict[str, str]] = field(default_factory=dict)
     #: key -> the tensor read under that key (what "unchanged" is checked against)
     original: dict[str, Any] = field(default_factory=dict)
+    #: The index as read, and (an object in a bucket) its ETag: what a write in its place is conditional on.
+    index_raw: bytes = b""
+    index_etag: str | None = None
 
     @property
     def directory(self) -> Path:
@@ -79,11 +82,22 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def read_index(path: Path) -> dict[str, Any]:
     """The index as JSON, validated: a weight_map of tensor names to plain shard file names."""
-    size = os.stat(path).st_size
-    if size > MAX_INDEX:
-        raise ShardedFormatError(f"index of {size:,} bytes exceeds the limit of {MAX_INDEX:,}")
+    return read_index_tagged(path)[0]
+
+
+def read_index_tagged(path: Path) -> tuple[dict[str, Any], bytes, str | None]:
+    """:func:`read_index`, with the bytes read and (an object) their ETag."""
     try:
-        index = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+        raw, etag, _version = locations.read_tagged(path, MAX_INDEX)
+    except locations.TooLarge as exc:
+        raise ShardedFormatError(f"index of {exc.size:,} bytes exceeds the limit of {MAX_INDEX:,}") from None
+    return parse_index(raw), raw, etag
+
+
+def parse_index(raw: bytes) -> dict[str, Any]:
+    """An index's bytes as JSON, validated (see :func:`read_index`)."""
+    try:
+        index = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise ShardedFormatError("index is nested too deeply") from None
     except ShardedFormatError as exc:
@@ -113,7 +127,7 @@ def read(index_path: Path, sniff: Any) -> tuple[Any, dict[str, Any] | None, dict
 
     ``sniff(head, size)`` names a shard's container (safetensors or torch zip) from its first bytes.
     """
-    index = read_index(index_path)
+    index, raw, etag = read_index_tagged(index_path)
     weight_map: dict[str, str] = index["weight_map"]
     shards = list(dict.fromkeys(weight_map.values()))
     directory = index_path.parent
@@ -126,7 +140,7 @@ def read(index_path: Path, sniff: Any) -> tuple[Any, dict[str, Any] | None, dict
         for shard in shards:
             path = directory / shard
             try:
-                source = Source(path)
+                source = locations.open_source(path)
             except FileNotFoundError:
                 raise ShardedFormatError(f"names shard {shard}, which is missing from {directory}") from None
             except (IsADirectoryError, OSError) as exc:
@@ -164,7 +178,7 @@ def read(index_path: Path, sniff: Any) -> tuple[Any, dict[str, Any] | None, dict
     payload = OrderedDict((k, found[k][1]) for k in weight_map)
     envelope = index.get("metadata", {}).get(ENVELOPE_KEY)
     layout = Sharded(index_path, index, dict(weight_map), shards, shard_format or "safetensors", shard_metadata,
-                     dict(payload))
+                     dict(payload), raw, etag)
     return payload, envelope, storages, sources, layout
 
 
@@ -370,3 +384,35 @@ def _whole_stored(ref: Any, path: Path) -> bool:
         and ref.storage_offset == 0 and ref.nbytes == ref.storage.nbytes and ref.dtype in DTYPE_TO_SAFETENSORS
         and ref.stride == contiguous_stride(ref.shape) and ref.storage.offset is not None
     )
+
+
+def object_headers(
+    layout: Sharded, payload: dict[str, Any], storages: dict[str, Storage],
+) -> tuple[dict[str, tuple[bytes, int]], dict[str, str]] | None:
+    """For shards in object storage, where a header of any length is written before the same data
+    (a new object assembled server-side): shard -> (new header with its length prefix, where the
+    data starts), for each shard whose header changes, and the new weight map. None when a tensor
+    would leave its shard or change its bytes, or torch ``.bin`` shards would change."""
+    if layout.shard_format != "safetensors":  # torch .bin shards: only a change of the index alone (a stamp)
+        same = len(payload) == len(layout.shard_of) and all(payload[k] is layout.original.get(k) for k in payload)
+        return ({}, {k: layout.shard_of[k] for k in payload}) if same else None
+    plan = plan_shards(payload, layout)
+    sources = {os.path.basename(s.source.path): s.source for s in storages.values() if s.source is not None}
+    headers: dict[str, tuple[bytes, int]] = {}
+    weight_map: dict[str, str] = {}
+    for keys in plan:
+        first = payload[keys[0]]
+        shard = os.path.basename(first.storage.source.path) if isinstance(first, TensorRef) and \
+            first.storage.source is not None else None
+        if shard not in layout.shards or shard not in sources:
+            return None
+        own = {k[len(shard) + 1:]: s for k, s in storages.items() if k.startswith(shard + "/")}
+        found = safetensors_io.new_header(sources[shard], {k: payload[k] for k in keys}, own,
+                                          layout.shard_metadata.get(shard) or {}, None)
+        if found is None:
+            return None
+        weight_map.update((k, shard) for k in keys)
+        head, data_start = found
+        if head != sources[shard].pread(data_start, 0):
+            headers[shard] = found
+    return headers, {k: weight_map[k] for k in payload}

@@ -14,14 +14,16 @@ import re
 import secrets
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ckptmigrate.errors import BadInput, one_line
-from ckptmigrate.formats import dcp, hf_sharded
+from ckptmigrate.formats import dcp, hf_sharded, locations
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.rawio import copy_range, write_all
 from ckptmigrate.storage.shardset import HeaderRewrite, ShardSet
+from ckptmigrate.util.urls import ObjectURL
 
 #: The one weights file of a model directory saved unsharded (transformers, huggingface_hub).
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -144,6 +146,26 @@ def read(path: Path) -> dict[str, Any]:
             "storages": storages, "sources": sources, "parts": parts}
 
 
+def read_remote(prefix: ObjectURL, marker: str) -> dict[str, Any]:
+    """:func:`read` of a multi-file checkpoint under a prefix in object storage (``marker``: its
+    ``.metadata`` or ``*.index.json``), by range requests: the small files whole, each shard's
+    header or each chunk's zip records, never tensor bytes. It is named by its prefix."""
+    commit = prefix / marker
+    k = "dcp" if marker == dcp.METADATA else "hf-sharded"
+    parts: Any
+    try:
+        if k == "hf-sharded":
+            payload, envelope, storages, sources, parts = hf_sharded.read(commit, _sniff_shard)
+        else:
+            payload, envelope, storages, sources, parts = dcp.read(commit)
+    except hf_sharded.ShardedFormatError as exc:
+        raise BadInput(f"{commit}: sharded checkpoint index {one_line(exc)}", path=str(prefix)) from None
+    except dcp.DcpFormatError as exc:
+        raise BadInput(f"{commit}: torch.distributed.checkpoint {one_line(exc)}", path=str(prefix)) from None
+    return {"format": k, "path": prefix, "source": None, "payload": payload, "envelope": envelope,
+            "storages": storages, "sources": sources, "parts": parts}
+
+
 def _sniff_shard(head: bytes, size: int) -> str | None:
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return "torch-zip"
@@ -163,6 +185,25 @@ def read_envelope(path: Path) -> tuple[Any, dict[str, Any] | None]:
         return k, json.loads(env_path.read_text()) if env_path.exists() else None
     except (hf_sharded.ShardedFormatError, ValueError) as exc:
         raise BadInput(f"{commit}: {one_line(exc)}") from None
+
+
+def read_envelope_remote(prefix: ObjectURL, marker: str) -> tuple[Any, dict[str, Any] | None]:
+    """:func:`read_envelope` of a multi-file checkpoint under a prefix: its index, or its
+    ``.metadata`` and envelope objects, read whole; no shard is opened."""
+    commit = prefix / marker
+    try:
+        if marker != dcp.METADATA:
+            return "hf-sharded", hf_sharded.read_envelope(commit)
+        raw = locations.read_small(commit, dcp.MAX_METADATA)
+        try:
+            env = locations.read_small(prefix / dcp.envelope_name(raw), dcp.MAX_METADATA)
+        except FileNotFoundError:
+            return "dcp", None
+        return "dcp", json.loads(env)
+    except FileNotFoundError:
+        raise BadInput(f"{commit}: no such object", path=str(prefix)) from None
+    except (hf_sharded.ShardedFormatError, locations.TooLarge, ValueError) as exc:
+        raise BadInput(f"{commit}: {one_line(exc)}", path=str(prefix)) from None
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -379,6 +420,39 @@ def _dcp_metadata_only(
     except BaseException:
         shardset.abort()
         raise
+
+
+@dataclass
+class DcpRewrite:
+    """A rewrite of a DCP checkpoint that moves no ``.distcp`` byte, as the files to put in place:
+    the new ``.metadata`` (None when it does not change) and the envelope file named for it."""
+
+    metadata: bytes | None
+    envelope_name: str
+    envelope: bytes | None
+
+
+def dcp_metadata_rewrite(parts: dcp.Dcp, payload: Any, envelope: dict[str, Any] | None) -> DcpRewrite | None:
+    """The files a rewrite of ``parts`` into ``payload`` writes when every tensor keeps its bytes
+    (renames, drops, a stamp), checked to read back as meant before anything is written; None
+    when a value changes (its bytes would go into a new ``.distcp`` file)."""
+    kept, fresh = dcp.split_payload(parts, payload)
+    if fresh:
+        return None
+    unchanged = len(kept) == len(parts.metadata.state["state_dict_metadata"]) and all(
+        parts.origin[id(v)][0] == fqn for fqn, _p, v in kept)
+    md = parts.raw if unchanged else dcp.build_metadata(parts, kept, [])
+    if md != parts.raw:
+        problem = None
+        try:
+            if dcp.described(dcp.reparse(md)) != dcp.renamed_description(parts, kept):
+                problem = "it describes other tensors than meant"
+        except dcp.DcpFormatError as exc:
+            problem = str(exc)
+        if problem is not None:
+            raise BadInput(f"{parts.directory}: the new .metadata does not read back ({problem}); nothing was written")
+    data = None if envelope is None else json.dumps(envelope, separators=(",", ":"), sort_keys=True).encode()
+    return DcpRewrite(None if md == parts.raw else md, dcp.envelope_name(md), data)
 
 
 def _metadata_check(

@@ -141,6 +141,37 @@ def read_envelope(source: Source) -> dict[str, Any] | None:
     return _parse_envelope(meta[ENVELOPE_KEY])
 
 
+def new_header(
+    source: Source, tensors: dict[str, Any], storages: dict[str, Storage], metadata: dict[str, str],
+    envelope: dict[str, Any] | None,
+) -> tuple[bytes, int] | None:
+    """The header (length prefix included) that makes ``source``'s data section, unchanged, hold
+    ``tensors`` under their names, and where that data section starts; None when a tensor is not
+    exactly one stored tensor of ``source``, or a stored tensor is left out (the format allows no
+    unused bytes). What a rename of an object costs: a new header before the same data bytes."""
+    if set(map(id, storages.values())) != {id(getattr(v, "storage", None)) for v in tensors.values()} \
+            or len(tensors) != len(storages):
+        return None
+    (old_len,) = struct.unpack("<Q", source.pread(8, 0))
+    data_start = 8 + old_len
+    meta = dict(metadata)
+    if envelope is not None:
+        meta[ENVELOPE_KEY] = json.dumps(envelope, separators=(",", ":"), sort_keys=True)
+    header: dict[str, Any] = {"__metadata__": meta} if meta else {}
+    for name, ref in sorted(tensors.items(), key=lambda kv: kv[1].storage.offset):
+        st = ref.storage
+        if not (isinstance(ref, TensorRef) and st.source is source and st.offset is not None
+                and ref.storage_offset == 0 and ref.nbytes == st.nbytes and ref.dtype in DTYPE_TO_SAFETENSORS
+                and ref.stride == contiguous_stride(ref.shape) and not (ref.neg or ref.conj or ref.extra)):
+            return None
+        begin = st.offset - data_start
+        header[name] = {"dtype": DTYPE_TO_SAFETENSORS[ref.dtype], "shape": list(ref.shape),
+                        "data_offsets": [begin, begin + st.nbytes]}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * ((-len(encoded)) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded, data_start
+
+
 def _chunks(obj: Any) -> Iterator[memoryview]:
     import torch
 

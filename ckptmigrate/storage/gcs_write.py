@@ -159,19 +159,26 @@ def remove(url: ObjectURL) -> None:
 def compose(obj: GcsObject, old: RangeFile, keep: int, tail: bytes) -> None:
     """Replace the object by its first ``keep`` bytes and ``tail``: the kept bytes read back in
     bounded ranges and sent with the tail in one resumable upload (GCS has no server-side splice)."""
+    upload_blocks(obj, keep + len(tail), [_streamed(old, 0, keep), [tail]])
+
+
+def replace_head(obj: GcsObject, old: RangeFile, head: bytes, skip: int) -> None:
+    """Replace the object by ``head`` and its bytes from ``skip`` on (a safetensors header rewritten
+    before the same data), the old bytes streamed through in bounded ranges."""
+    upload_blocks(obj, len(head) + old.size - skip, [[head], _streamed(old, skip, old.size)])
+
+
+def _streamed(old: RangeFile, begin: int, end: int) -> Iterator[bytes]:
+    """The old object's bytes ``begin``..``end`` read in chunks, each counted and checked for length."""
     step = chunk_size()
-
-    def kept() -> Iterator[bytes]:
-        for start in range(0, keep, step):
-            end = min(keep, start + step)
-            (block,) = old.fetcher.ranges([(start, end)])
-            TRANSFER.requests += 1
-            TRANSFER.bytes_received += len(block)
-            if len(block) != end - start:
-                old._short(f"asked for bytes {start}-{end - 1}, got {len(block)} bytes")
-            yield block
-
-    upload_blocks(obj, keep + len(tail), [kept(), [tail]])
+    for start in range(begin, end, step):
+        stop = min(end, start + step)
+        (block,) = old.fetcher.ranges([(start, stop)])
+        TRANSFER.requests += 1
+        TRANSFER.bytes_received += len(block)
+        if len(block) != stop - start:
+            old._short(f"asked for bytes {start}-{stop - 1}, got {len(block)} bytes")
+        yield block
 
 
 def upload(obj: GcsObject, path: str | os.PathLike[str]) -> None:

@@ -77,8 +77,9 @@ class FsspecObject:
             marker = multi_file_marker(self.fs, self.path, url)
             if marker is not None:
                 raise MultiFileObject(
-                    f"{url}/: a multi-file checkpoint ({marker}); in object storage only `current` and `verify` "
-                    "read one: copy the prefix to a local directory (aws s3 sync) and run there", url=str(url),
+                    f"{url}/: a multi-file checkpoint ({marker}), which this command does not take in object storage "
+                    "(inspect, current, diff, verify and upgrade/downgrade/stamp in place do): copy the prefix to a "
+                    "local directory (aws s3 sync) and run there", url=str(url),
                     marker=marker)
             raise RemoteError(f"{url}: is a prefix (a directory), not an object", url=str(url))
         self.size = int(info["size"])
@@ -326,3 +327,46 @@ class Spliced:
 
     def close(self) -> None:
         """Nothing of its own to close: the base belongs to the checkpoint read."""
+
+
+class Prefixed(io.RawIOBase):
+    """An object as it will be after a write that puts ``head`` in place of its first ``skip`` bytes
+    (a safetensors header before the same data): read back before anything is sent."""
+
+    def __init__(self, base: RangeFile, head: bytes, skip: int) -> None:
+        super().__init__()
+        self.base, self.head, self.skip = base, head, skip
+        self.size = len(head) + base.size - skip
+        self.url = base.url
+        self.etag, self.version = base.etag, base.version
+        self._pos = 0
+
+    def pread(self, n: int, offset: int) -> bytes:
+        n = max(0, min(n, self.size - offset))
+        front = self.head[offset : offset + n] if offset < len(self.head) else b""
+        rest = n - len(front)
+        start = self.skip + max(0, offset - len(self.head))
+        return front + (self.base.pread(rest, start) if rest else b"")
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        """Nothing to fetch ahead: the readers of a safetensors header read it in one go."""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = {0: 0, 1: self._pos, 2: self.size}[whence] + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.pread(len(buffer), self._pos)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        """The base belongs to the checkpoint read; nothing of its own to close."""
+        super().close()

@@ -153,6 +153,21 @@ def compose(obj: S3Object, old: RangeFile, keep: int, tail: bytes) -> None:
     _multipart(obj, [*(("copy", a, b) for a, b in copy_ranges(keep)), ("data", tail)])
 
 
+def replace_head(obj: S3Object, old: RangeFile, head: bytes, skip: int) -> None:
+    """Replace the object by ``head`` and its bytes from ``skip`` on (a safetensors header rewritten
+    before the same data): the first part is ``head`` and as many of the old bytes as make it
+    :data:`MIN_PART` (read by range, then sent), every later part a server-side copy — about 5 MiB
+    move each way, however large the object. An object no larger than one part is one put."""
+    start = skip + max(0, MIN_PART - len(head))
+    if start >= old.size:
+        body = head + old.pread(old.size - skip, skip)
+        _put(obj, body, len(body))
+        return
+    first = head + old.pread(start - skip, skip)
+    copies = [(start + a, start + b) for a, b in copy_ranges(old.size - start)]
+    _multipart(obj, [("data", first), *(("copy", a, b) for a, b in copies)])
+
+
 def upload(obj: S3Object, path: str | os.PathLike[str]) -> None:
     """Replace the object by a local file (a migration staged on disk): one conditional put up to
     :data:`UPLOAD_PART`, else a multipart upload of parts read from the file one at a time."""
@@ -186,9 +201,20 @@ def _condition(obj: S3Object) -> dict[str, str]:
     return {"IfNoneMatch": "*"} if obj.create_only else {}
 
 
-def _put(obj: S3Object, body: Any, size: int) -> None:
-    obj.call("put_object", Key=obj.key, Body=body, **_condition(obj))
+def put(obj: S3Object, body: bytes) -> str | None:
+    """Replace (or create) the object by ``body`` in one conditional put; the new object's ETag."""
+    return _put(obj, body, len(body))
+
+
+def delete(obj: S3Object) -> None:
+    """Delete the object (unconditionally: S3 has no conditional delete on an ETag everywhere)."""
+    obj.call("delete_object", Key=obj.key)
+
+
+def _put(obj: S3Object, body: Any, size: int) -> str | None:
+    etag = obj.call("put_object", Key=obj.key, Body=body, **_condition(obj)).get("ETag")
     TRANSFER.bytes_sent += size
+    return str(etag) if etag else None
 
 
 def _multipart(obj: S3Object, parts: Any) -> None:

@@ -16,7 +16,7 @@ import contextlib
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,16 +178,10 @@ def mirrored(manifest: ObjectURL) -> Iterator[Staging]:
         yield stage
 
 
-def small_files(name: str) -> bool:
-    """What reading a multi-file checkpoint's envelope needs: its index, ``.metadata`` and envelope
-    file, not its shards."""
-    return not name.endswith((".safetensors", ".bin", ".distcp", ".pt", ".pth"))
-
-
 @contextlib.contextmanager
-def mirrored_prefix(url: ObjectURL, keep: Callable[[str], bool] | None = None) -> Iterator[Staging]:
-    """Every object under the prefix ``url`` (or those whose name ``keep`` takes) in a temporary
-    directory of the same layout: ``source`` is that directory."""
+def mirrored_prefix(url: ObjectURL) -> Iterator[Staging]:
+    """Every object under the prefix ``url`` in a temporary directory of the same layout: ``source``
+    is that directory (``verify`` of a multi-file checkpoint, a release manifest's prefix)."""
     fs, path = filesystem(url)
     with translated(url, "list"):
         found = [p for p in fs.find(path) if p.startswith(path + "/")]
@@ -197,8 +191,6 @@ def mirrored_prefix(url: ObjectURL, keep: Callable[[str], bool] | None = None) -
         stage = Staging(root, None, Path(tmp))
         stage.urls[str(root)] = str(url)
         for name in found:
-            if keep is not None and not keep(name.rsplit("/", 1)[-1]):
-                continue
             local = root / name[len(path) + 1:]
             local.parent.mkdir(parents=True, exist_ok=True)
             with open(local, "wb") as fh:

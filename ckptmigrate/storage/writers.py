@@ -39,6 +39,13 @@ def compose(obj: Target, old: RangeFile, keep: int, tail: bytes) -> None:
         s3_compose.compose(obj, old, keep, tail)
 
 
+def replace_head(obj: Target, old: RangeFile, head: bytes, skip: int) -> None:
+    if isinstance(obj, gcs_write.GcsObject):
+        gcs_write.replace_head(obj, old, head, skip)
+    else:
+        s3_compose.replace_head(obj, old, head, skip)
+
+
 def remove(url: ObjectURL) -> None:
     if url.scheme in gcs_write.WRITABLE:
         gcs_write.remove(url)

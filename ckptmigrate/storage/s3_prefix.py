@@ -1,0 +1,236 @@
+"""A DCP checkpoint under a prefix in S3, switched by its ``.metadata`` object: no ``.distcp`` byte moves.
+
+A rewrite in which every tensor keeps its bytes (renames, drops, a stamp) changes two small objects:
+``.metadata`` and the envelope ``.ckptmigrate-<digest of .metadata>.json``, which is named for the
+``.metadata`` it describes. S3 cannot replace two objects in one step, so the order makes every
+instant whole:
+
+1. the ETag of ``.metadata`` is checked against the one read: a run that lost to another writer
+   stops here, having written nothing;
+2. the new envelope is put under the name the *new* ``.metadata`` gives it — a name the current
+   one does not give, so no reader looks at it yet (conditionally: created, or replacing the
+   object of that name as found, so a second run making the same ``.metadata`` stops here);
+3. the backup: ``.metadata`` as read stays as its version (a versioned bucket) or ``.metadata.bak``
+   (a server-side copy);
+4. the new ``.metadata`` is put with ``If-Match`` on the ETag read — the switch, one step; a loser
+   of a race after step 1 fails here, and what steps 2 and 3 created is removed;
+5. the old envelope is deleted (kept with a backup: it is the envelope of ``.metadata.bak``).
+
+A reader (``dcp.load``, ckptmigrate) therefore finds, at every instant and after a crash at any
+point, the old ``.metadata`` with its envelope or the new one with its own; a crash before step 4
+leaves an envelope object no ``.metadata`` names (the next run writes the same name again), one
+after it the old envelope, named for a ``.metadata`` that is no longer there. No journal is needed:
+no state mixes old and new. A stamp changes only the envelope: one conditional put of it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from ckptmigrate.errors import RemoteError
+from ckptmigrate.storage import s3_compose
+from ckptmigrate.storage.ranges import RangeFile, changed
+from ckptmigrate.util.urls import ObjectURL
+
+METADATA = ".metadata"
+
+
+def switch_metadata(
+    prefix: ObjectURL, *, metadata: bytes | None, metadata_etag: str | None, metadata_version: str | None,
+    envelope_name: str, envelope: bytes | None, old_envelope: str | None, old_envelope_etag: str | None,
+    backup: bool,
+) -> ObjectURL | None:
+    """Put ``metadata`` (None: unchanged) and ``envelope`` (None: none) in place under ``prefix`` in
+    the order above; return the backup taken, if ``backup``."""
+    md = s3_compose.S3Object.of(prefix / METADATA, metadata_etag, metadata_version)
+    md.check_unchanged()
+    if metadata is None:
+        return _envelope_only(prefix, md, envelope_name, envelope, old_envelope_etag, backup)
+    env = s3_compose.S3Object.of(prefix / envelope_name, None)
+    env.etag = _etag_if_there(env)
+    env.create_only = env.etag is None
+    created: list[s3_compose.S3Object] = []
+    kept = None
+    try:
+        if envelope is not None:
+            # no .metadata names this object yet; conditional all the same, so that of two runs making
+            # the same .metadata the second stops here, before it writes anything
+            s3_compose.put(env, envelope)
+            if env.create_only:
+                created.append(env)
+        kept = s3_compose.backup(md) if backup else None
+        s3_compose.put(md, metadata)
+    except BaseException:
+        for obj in created:
+            s3_compose.delete(obj)
+        if kept is not None:
+            s3_compose.remove(kept)
+        raise
+    if old_envelope is not None and old_envelope != envelope_name and not backup:
+        s3_compose.delete(s3_compose.S3Object.of(prefix / old_envelope, None))
+    return kept
+
+
+def _etag_if_there(obj: s3_compose.S3Object) -> str | None:
+    """The object's ETag, or None when there is no such object."""
+    try:
+        return obj.head_etag()
+    except RemoteError as exc:
+        if "no such object" in str(exc):
+            return None
+        raise
+
+
+def _envelope_only(
+    prefix: ObjectURL, md: s3_compose.S3Object, name: str, envelope: bytes | None, etag: str | None, backup: bool,
+) -> ObjectURL | None:
+    """A stamp: the envelope of the current ``.metadata`` replaced by one conditional put (or
+    created, if there was none: ``If-None-Match``), then ``.metadata`` checked unchanged."""
+    env = s3_compose.S3Object.of(prefix / name, etag)
+    env.create_only = etag is None
+    kept = s3_compose.backup(env) if backup and etag is not None else None
+    try:
+        if envelope is None:
+            if etag is not None:
+                s3_compose.delete(env)
+        else:
+            s3_compose.put(env, envelope)
+        md.check_unchanged()
+    except BaseException:
+        if kept is not None:
+            s3_compose.remove(kept)
+        raise
+    return kept
+
+
+# --- a sharded model's headers ----------------------------------------------------------------------
+
+#: Where the placeholder index names the journal of the run that put it.
+JOURNAL_FIELD = "ckptmigrate_header_rewrite"
+
+
+@dataclass
+class ShardHead:
+    """One shard's header rewrite: the ETag read, the old header (length prefix included) and the new."""
+
+    etag: str | None
+    old: bytes
+    new: bytes
+
+
+def rewrite_headers(
+    prefix: ObjectURL, index_name: str, *, index_etag: str | None, old_index: bytes, new_index: bytes,
+    placeholder: dict[str, Any], shards: dict[str, ShardHead], backup: bool,
+) -> ObjectURL | None:
+    """Rewrite shard headers of a sharded model under ``prefix`` (each shard a new object: the new
+    header before the same data, :func:`s3_compose.replace_head`), switching the index as the local
+    engine does (storage/shardset.HeaderRewrite): a journal object of the run (the old index and
+    every old header) first, then the index replaced by ``placeholder`` — naming only a shard that
+    does not exist, and the journal — then the shards, then the new index, then the journal removed.
+
+    Every write is conditional: the placeholder on the index's ETag as read (the loser of two runs
+    removes its journal and writes nothing else), each shard on its own, the new index on the
+    placeholder's. A failure puts the old headers and the old index back; a crash leaves the
+    placeholder, which every reader refuses, until the next run (:func:`recover_headers`) does."""
+    index = s3_compose.S3Object.of(prefix / index_name, index_etag)
+    index.check_unchanged()
+    if not shards:  # only the index changes (a stamp): one conditional put
+        backup_url = s3_compose.backup(index) if backup else None
+        try:
+            s3_compose.put(index, new_index)
+        except BaseException:
+            if backup_url is not None:
+                s3_compose.remove(backup_url)
+            raise
+        return backup_url
+    token = secrets.token_hex(6)
+    journal = s3_compose.S3Object.of(prefix / f".{index_name}.ckptmigrate-headers.{token}", None)
+    journal.create_only = True
+    body = {"commit": index_name, "digest": hashlib.sha256(new_index).hexdigest(),
+            "old_commit": base64.b64encode(old_index).decode(),
+            "old": {name: base64.b64encode(head.old).decode() for name, head in shards.items()}}
+    s3_compose.put(journal, json.dumps(body).encode())
+    marked = dict(placeholder)
+    marked["metadata"] = {**(marked.get("metadata") or {}), JOURNAL_FIELD: journal.key.rsplit("/", 1)[-1]}
+    placeholder_bytes = (json.dumps(marked, indent=2) + "\n").encode()
+    kept: list[ObjectURL] = []
+    try:
+        if backup:
+            kept.append(s3_compose.backup_copy(index))
+        placed = s3_compose.put(index, placeholder_bytes)
+    except BaseException:
+        s3_compose.delete(journal)
+        for url in kept:
+            s3_compose.remove(url)
+        raise
+    index.etag = placed  # the new index replaces the placeholder, and nothing else
+    done: list[str] = []
+    try:
+        for name, head in shards.items():
+            shard = s3_compose.S3Object.of(prefix / name, head.etag)
+            if backup:
+                kept.append(s3_compose.backup_copy(shard))
+            done.append(name)  # from here its header may be the new one
+            _replace_header(shard, head.new)
+        s3_compose.put(index, new_index)
+    except BaseException:
+        _restore(prefix, index, {n: shards[n].old for n in done}, old_index)
+        s3_compose.delete(journal)
+        for url in kept:
+            s3_compose.remove(url)
+        raise
+    s3_compose.delete(journal)
+    return kept[0] if kept else None
+
+
+def recover_headers(prefix: ObjectURL, index_name: str) -> bool:
+    """Put back what a killed :func:`rewrite_headers` changed, if the index is its placeholder:
+    every shard's old header (a shard whose header is already the old one is left), then the old
+    index (conditional on the placeholder), then the journal removed. True if there was one."""
+    index_url = prefix / index_name
+    current = RangeFile(index_url)
+    raw = current.pread(current.size, 0)
+    try:
+        name = json.loads(raw).get("metadata", {}).get(JOURNAL_FIELD)
+    except (ValueError, AttributeError):
+        return False
+    if not isinstance(name, str) or "/" in name or not name.startswith(f".{index_name}.ckptmigrate-headers."):
+        return False
+    journal_url = prefix / name
+    try:
+        journal = json.loads(RangeFile(journal_url).pread(1 << 30, 0))
+        old = {str(k): base64.b64decode(v) for k, v in journal["old"].items()}
+        old_index = base64.b64decode(journal["old_commit"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RemoteError(f"{journal_url}: the journal of an interrupted header rewrite does not read "
+                          f"({type(exc).__name__}); the shards' old headers cannot be put back",
+                          url=str(prefix)) from None
+    _restore(prefix, s3_compose.S3Object.of(index_url, current.etag), old, old_index)
+    s3_compose.delete(s3_compose.S3Object.of(journal_url, None))
+    return True
+
+
+def _restore(prefix: ObjectURL, index: s3_compose.S3Object, old: dict[str, bytes], old_index: bytes) -> None:
+    """Each shard's old header back where it is not, then the old index (if the placeholder is still there)."""
+    for name, head in old.items():
+        remote = RangeFile(prefix / name)
+        if remote.pread(len(head), 0) == head:
+            continue  # never rewritten (or put back already)
+        shard = s3_compose.S3Object.of(prefix / name, remote.etag)
+        (length,) = struct.unpack("<Q", remote.pread(8, 0))
+        s3_compose.replace_head(shard, remote, head, 8 + length)
+    s3_compose.put(index, old_index)
+
+
+def _replace_header(shard: s3_compose.S3Object, head: bytes) -> None:
+    remote = RangeFile(shard.url)
+    if remote.etag != shard.etag:
+        raise changed(shard.url, shard.etag, remote.etag)
+    (length,) = struct.unpack("<Q", remote.pread(8, 0))
+    s3_compose.replace_head(shard, remote, head, 8 + length)
