@@ -189,11 +189,7 @@ class _Decoder:
                 if len(items) % 2 or len(stack) <= (marks[-1] if marks else 0):
                     raise _Refused
                 target = stack[-1]
-                if type(target) is dict:
-                    for i in range(0, len(items), 2):
-                        _key(items[i])
-                        target[items[i]] = items[i + 1]
-                elif type(target) is collections.OrderedDict:
+                if type(target) is dict or type(target) is collections.OrderedDict:
                     for i in range(0, len(items), 2):
                         _key(items[i])
                         target[items[i]] = items[i + 1]
@@ -210,12 +206,8 @@ class _Decoder:
                 target[k] = value
             elif op == 0x7D:  # EMPTY_DICT
                 stack.append({})
-            elif op == 0x29:  # EMPTY_TUPLE: only as the arguments of OrderedDict()
-                if (data[pos : pos + 1] != b"R" or len(stack) <= (marks[-1] if marks else 0)
-                        or stack[-1] is not _ORDERED_DICT):
-                    raise _Refused
-                stack[-1] = collections.OrderedDict()
-                pos += 1
+            elif op == 0x29:  # EMPTY_TUPLE
+                stack.append(())
             elif op == 0x63:  # GLOBAL
                 m = _GLOBAL_LINES.match(data, pos - 1)
                 g = None if m is None else _GLOBALS.get(m[1])
@@ -237,28 +229,28 @@ class _Decoder:
                     attributes[sys.intern(k)] = v
             elif op == 0x74:  # TUPLE
                 start = marks.pop()
-                items = tuple(stack[start:])
-                del stack[start:]
-                stack.append(items)
+                stack[start:] = [tuple(stack[start:])]
             elif 0x85 <= op <= 0x87:  # TUPLE1, TUPLE2, TUPLE3
                 n = op - 0x84
                 if len(stack) - n < (marks[-1] if marks else 0):
                     raise _Refused
-                items = tuple(stack[-n:])
-                del stack[-n:]
-                stack.append(items)
+                stack[-n:] = [tuple(stack[-n:])]
             elif op == 0x51:  # BINPERSID: a storage
                 pid = stack.pop()
                 if (type(pid) is not tuple or len(pid) != 5 or pid[0] != "storage" or type(pid[2]) is not str
                         or type(pid[4]) is not int or len(stack) < (marks[-1] if marks else 0)):
                     raise _Refused
                 stack.append(self.storage(pid[1], pid[2], pid[3], pid[4]))
-            elif op == 0x52:  # REDUCE: a tensor's rebuild call (the first of a file; then matched whole)
-                args = stack.pop()
-                if (stack.pop() is not _REBUILD_V2 or type(args) is not tuple or len(args) != 6
-                        or type(args[0]) is not Storage or len(stack) < (marks[-1] if marks else 0)):
+            elif op == 0x52:  # REDUCE: OrderedDict(), or a tensor's rebuild call (the first of a file)
+                args, fn = stack.pop(), stack.pop()
+                if len(stack) < (marks[-1] if marks else 0) or type(args) is not tuple:
                     raise _Refused
-                stack.append(self.rebuild(*args))
+                if fn is _ORDERED_DICT and not args:
+                    stack.append(collections.OrderedDict())
+                elif fn is _REBUILD_V2 and len(args) == 6 and type(args[0]) is Storage:
+                    stack.append(self.rebuild(*args))
+                else:
+                    raise _Refused
             elif op == 0x4B:  # BININT1
                 stack.append(data[pos])
                 pos += 1
