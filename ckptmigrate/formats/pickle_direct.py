@@ -60,7 +60,7 @@ _GLOBAL_LINES = re.compile(rb"c([A-Za-z_.]+\n[A-Za-z_0-9]+\n)")
 # numel, pid put, offset, shape and put, stride and put, requires_grad, hooks' OrderedDict get, hooks
 # put, arguments put, tensor put.
 _INT = rb"(K.|M..|J....)"
-_PUT = rb"(q.|r....)?"
+_PUT = rb"(?:[qr]((?<=q).|(?<=r)....))?"  # the group is the index's bytes
 _GET = rb"(h.|j....)"
 _RI = rb"(?:K.|M..|J....)"
 _TUPLE = rb"(\)|" + _RI + rb"\x85|" + _RI * 2 + rb"\x86|" + _RI * 3 + rb"\x87|\((?:" + _RI + rb")*t)"
@@ -286,7 +286,7 @@ class _Decoder:
         memo = self.memo
         ifb = int.from_bytes
         if key_put is not None:
-            if ifb(key_put[1:], "little") != len(memo):
+            if ifb(key_put, "little") != len(memo):
                 raise _Refused
             memo.append(key)
         got = self.got
@@ -301,7 +301,7 @@ class _Decoder:
                 raise _Refused
             storage_key = skey.decode("ascii")
             if skey_put is not None:
-                if ifb(skey_put[1:], "little") != len(memo):
+                if ifb(skey_put, "little") != len(memo):
                     raise _Refused
                 memo.append(storage_key)
         else:
@@ -313,7 +313,7 @@ class _Decoder:
                 raise _Refused
             location = loc.decode("ascii")
             if loc_put is not None:
-                if ifb(loc_put[1:], "little") != len(memo):
+                if ifb(loc_put, "little") != len(memo):
                     raise _Refused
                 memo.append(location)
         else:
@@ -322,18 +322,23 @@ class _Decoder:
         count = ints.get(numel)
         if count is None:
             count = ints[numel] = _int(numel)
-        storage = self.storage(storage_type, storage_key, location, count)
+        storage = self.mine.get(storage_key)
+        if storage is None:
+            storage = self.storage(storage_type, storage_key, location, count)
+        elif (type(storage_type) is not _Global or storage_type.dtype is None or type(location) is not str
+              or count < 0):
+            raise _Refused
         n = len(memo)
         for op in (pid_put, shape_put, stride_put):
             if op is not None:
-                if ifb(op[1:], "little") != n:
+                if ifb(op, "little") != n:
                     raise _Refused
                 n += 1
         if (got.get(hooks_get) or self.get(hooks_get)) is not _ORDERED_DICT:
             raise _Refused
         for op in (hooks_put, args_put):
             if op is not None:
-                if ifb(op[1:], "little") != n:
+                if ifb(op, "little") != n:
                     raise _Refused
                 n += 1
         memo += [None] * (n - len(memo))
@@ -349,7 +354,7 @@ class _Decoder:
             start = ints[offset] = _int(offset)
         ref = self.rebuild(storage, start, size, strides, grad == b"\x88", self.hooks)
         if tensor_put is not None:
-            if ifb(tensor_put[1:], "little") != n:
+            if ifb(tensor_put, "little") != n:
                 raise _Refused
             memo.append(ref)
         return ref
