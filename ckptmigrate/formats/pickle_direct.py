@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import re
+import struct
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +73,7 @@ _TENSOR = re.compile(
     + rb"([\x88\x89])" + _GET + rb"\)R" + _PUT + rb"t" + _PUT + rb"R" + _PUT,
     re.DOTALL,
 )
+_EIGHT = struct.Struct("<8I")
 _INTS = re.compile(rb"K(.)|M(..)|J(....)", re.DOTALL)
 
 
@@ -125,6 +127,7 @@ class _Decoder:
         self.memo: list[Any] = []
         self.hooks = collections.OrderedDict()  # type: ignore[var-annotated]
         self.got: dict[bytes, Any] = {}  # a get opcode's bytes: what it fetches
+        self.known: dict[tuple[bytes, ...], tuple[Any, str]] = {}  # see :meth:`check_gets`
         self.tuples: dict[bytes, tuple[int, ...]] = {}  # a shape's or stride's bytes: the tuple
         self.ints: dict[bytes, int] = {}  # an int opcode's bytes: its value
 
@@ -277,9 +280,68 @@ class _Decoder:
         raise _Refused
 
     def tensor(self, m: re.Match[bytes], key: Any) -> TensorRef:
-        """The tensor matched after ``key``'s BINUNICODE: its memo puts, in the order of the bytes, and
-        its rebuild call. What a memo get or a shape's bytes give is looked up once per distinct bytes
-        (memo entries never change: each put appends)."""
+        """The tensor matched after ``key``'s BINUNICODE, as torch pickles all but the first of a state
+        dict (the storage key a new string, the location a get, every object put): its puts checked
+        in one comparison, its gets once per distinct bytes; any other form by :meth:`tensor_parts`."""
+        (key_put, fn, storage_get, stype, skey_len, skey, skey_put, skey_get, loc_get, loc_len, loc, loc_put,
+         numel, pid_put, offset, shape, shape_put, stride, stride_put, grad, hooks_get, hooks_put, args_put,
+         tensor_put) = m.groups()
+        puts = (key_put, skey_put, pid_put, shape_put, stride_put, hooks_put, args_put, tensor_put)
+        if skey is None or storage_get is None or loc_get is None or None in puts:
+            return self.tensor_parts(m, key)
+        memo = self.memo
+        n = len(memo)
+        joined = b"".join(puts)
+        if not (joined == _EIGHT.pack(n, n + 1, n + 2, n + 3, n + 4, n + 5, n + 6, n + 7) if len(joined) == 32
+                else joined == bytes(range(n, n + 8)) if len(joined) == 8 and n + 8 <= 256 else False):
+            return self.tensor_parts(m, key)
+        if len(skey) != skey_len[0]:
+            raise _Refused
+        gets = (fn, storage_get, stype, loc_get, hooks_get)
+        known = self.known.get(gets)
+        if known is None:
+            known = self.check_gets(gets, n)
+        storage_type, location = known
+        storage_key = skey.decode("ascii")
+        ints = self.ints
+        count = ints.get(numel)
+        if count is None:
+            count = ints[numel] = _int(numel)
+        if count < 0:
+            raise _Refused
+        storage = self.mine.get(storage_key)
+        if storage is None:
+            storage = self.storages.get(storage_key)
+            if storage is None:  # what persistent_load makes (the storage type's dtype is checked)
+                dtype = storage_type.dtype
+                storage = self.mine[storage_key] = Storage(storage_key, dtype, location, count * ITEMSIZE[dtype])
+        tuples = self.tuples
+        size = tuples.get(shape)
+        if size is None:
+            size = tuples[shape] = _tuple(shape)
+        strides = tuples.get(stride)
+        if strides is None:
+            strides = tuples[stride] = _tuple(stride)
+        start = ints.get(offset)
+        if start is None:
+            start = ints[offset] = _int(offset)
+        ref = self.rebuild(storage, start, size, strides, grad == b"\x88", self.hooks)
+        memo += (key, storage_key, None, None, None, None, None, ref)
+        return ref
+
+    def check_gets(self, gets: tuple[bytes, ...], n: int) -> tuple[Any, str]:
+        """(storage type, location) of a tensor's gets of its rebuild function, "storage", storage
+        type, location and OrderedDict, each of an entry put before the tensor (the first ``n``)."""
+        fn, storage_get, stype, loc_get, hooks_get = (self.memo[i] if i < n else None
+                                                      for i in (int.from_bytes(g[1:], "little") for g in gets))
+        if (fn is not _REBUILD_V2 or storage_get != "storage" or type(stype) is not _Global or stype.dtype is None
+                or type(loc_get) is not str or hooks_get is not _ORDERED_DICT):
+            raise _Refused
+        self.known[gets] = stype, loc_get
+        return stype, loc_get
+
+    def tensor_parts(self, m: re.Match[bytes], key: Any) -> TensorRef:
+        """:meth:`tensor` for any form the pattern matches, part by part."""
         (key_put, fn, storage_get, stype, skey_len, skey, skey_put, skey_get, loc_get, loc_len, loc, loc_put,
          numel, pid_put, offset, shape, shape_put, stride, stride_put, grad, hooks_get, hooks_put, args_put,
          tensor_put) = m.groups()
