@@ -99,8 +99,10 @@ def read(
         payload = load(payload_bytes, storages, named)
     except PickleFormatError as exc:
         raise TorchZipError(f"data.pkl: {exc}") from None
+    exact = dict.get  # a name as torch writes it is found exactly; ``entries.get`` then folds case
+    folder = f"{prefix}/data/"
     for key, storage in storages.items():
-        entry = entries.get(f"{prefix}/data/{key}")
+        entry = exact(entries, folder + key) or entries.get(folder + key)
         if entry is None:
             raise TorchZipError(f"storage record data/{key} is missing from the archive")
         if entry.size != storage.nbytes:  # torch.load (without mmap) refuses any other size
