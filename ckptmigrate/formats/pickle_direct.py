@@ -130,6 +130,9 @@ class _Decoder:
         self.known: dict[tuple[bytes, ...], tuple[Any, str]] = {}  # see :meth:`check_gets`
         self.tuples: dict[bytes, tuple[int, ...]] = {}  # a shape's or stride's bytes: the tuple
         self.ints: dict[bytes, int] = {}  # an int opcode's bytes: its value
+        #: (offset, shape, stride bytes, storage dtype, storage bytes) that the rebuild call accepted:
+        #: the (offset, shape, stride) it built a plain TensorRef of
+        self.layouts: dict[tuple[bytes, bytes, bytes, str, int], tuple[int, tuple[int, ...], tuple[int, ...]]] = {}
 
     def storage(self, stype: Any, key: str, location: Any, numel: int) -> Storage:
         """What ``SafeUnpickler.persistent_load`` returns for ``("storage", stype, key, location, numel)``."""
@@ -315,17 +318,27 @@ class _Decoder:
             if storage is None:  # what persistent_load makes (the storage type's dtype is checked)
                 dtype = storage_type.dtype
                 storage = self.mine[storage_key] = Storage(storage_key, dtype, location, count * ITEMSIZE[dtype])
-        tuples = self.tuples
-        size = tuples.get(shape)
-        if size is None:
-            size = tuples[shape] = _tuple(shape)
-        strides = tuples.get(stride)
-        if strides is None:
-            strides = tuples[stride] = _tuple(stride)
-        start = ints.get(offset)
-        if start is None:
-            start = ints[offset] = _int(offset)
-        ref = self.rebuild(storage, start, size, strides, grad == b"\x88", self.hooks)
+        # the rebuild call's checks depend on these alone: once they passed, the same TensorRef is built
+        layout = (offset, shape, stride, storage.dtype, storage.nbytes)
+        args = self.layouts.get(layout)
+        if args is not None:
+            ref = TensorRef(storage, args[0], args[1], args[2], layout[3], grad == b"\x88")
+        else:
+            tuples = self.tuples
+            size = tuples.get(shape)
+            if size is None:
+                size = tuples[shape] = _tuple(shape)
+            strides = tuples.get(stride)
+            if strides is None:
+                strides = tuples[stride] = _tuple(stride)
+            start = ints.get(offset)
+            if start is None:
+                start = ints[offset] = _int(offset)
+            ref = self.rebuild(storage, start, size, strides, grad == b"\x88", self.hooks)
+            if (type(ref) is TensorRef and not ref.extra and ref.storage is storage and ref.dtype == layout[3]
+                    and (ref.storage_offset, ref.shape, ref.stride) == (start, size, strides)
+                    and not ref.neg and not ref.conj):
+                self.layouts[layout] = start, size, strides
         memo += (key, storage_key, None, None, None, None, None, ref)
         return ref
 
