@@ -278,8 +278,6 @@ class _Decoder:
                 return payload
             else:
                 raise _Refused
-            if len(stack) > end:
-                raise _Refused
         raise _Refused
 
     def tensor(self, m: re.Match[bytes], key: Any) -> TensorRef:
