@@ -7,10 +7,12 @@ callbacks a tensor. :func:`decode` reads it once: a tensor is one regex match, i
 handed to the rebuild function the unpickler would call, and the few other opcodes (the dict, its
 keys, ``_metadata``) are run by a small interpreter for plain values.
 
-It accepts only a narrow language, in which the result provably equals the general path's: memo puts
-numbered as a pickler numbers them (each the next index, so none exceeds the opcodes read and none is
-overwritten), memo gets only of strings, ints, tensors and the globals it knows, containers that are
-never shared and nest at most :data:`MAX_NESTING` deep, no trailing bytes. Anything else, one byte off
+It accepts only a narrow language, in which the result provably equals the general path's: dicts,
+OrderedDicts (with ``_metadata``), lists and tuples of strings, ints, floats, bools, None and tensors
+(a training checkpoint's model and optimizer state too); memo puts numbered as a pickler numbers
+them (each the next index, so none exceeds the opcodes read and none is overwritten); memo gets only
+of those plain values, tensors and the globals it knows, never of a container, so none is shared;
+containers nested at most :data:`MAX_NESTING` deep; tuples never a key; no trailing bytes. Anything else, one byte off
 this language, returns None and the caller takes the general path, whose verdict is then the verdict:
 a file refused by it is refused with the same message (``tests/test_pickle_direct.py`` compares both
 on mutated, real and golden pickles).
@@ -27,7 +29,8 @@ from typing import Any
 
 from ckptmigrate.tensors.refs import ITEMSIZE, LEGACY_STORAGE, Storage, TensorRef
 
-#: How deeply the containers of a decoded payload may nest (a state dict and its ``_metadata``: 3).
+#: How deeply the containers of a decoded payload may nest (a state dict and its ``_metadata``: 3; a
+#: training checkpoint's optimizer state: 4).
 MAX_NESTING = 8
 #: The longest key or string decoded (the general path has no such bound; longer ones fall back).
 _MAX_STRING = 1 << 16
@@ -74,6 +77,7 @@ _TENSOR = re.compile(
     re.DOTALL,
 )
 _EIGHT = struct.Struct("<8I")
+_DOUBLE = struct.Struct(">d")
 _INTS = re.compile(rb"K(.)|M(..)|J(....)", re.DOTALL)
 
 
@@ -112,9 +116,9 @@ def decode(data: bytes, storages: dict[str, Storage], rebuild: _Rebuild,
     return payload
 
 
-_PLAIN = (str, int, bool, type(None))
+_PLAIN = (str, int, bool, float, type(None))
 #: What a memo get may fetch: never a container (sharing one would need the general path's checks).
-_GETTABLE = {str, int, bool, type(None), TensorRef, _Global}
+_GETTABLE = {str, int, bool, float, type(None), TensorRef, _Global}
 
 
 class _Decoder:
@@ -212,6 +216,30 @@ class _Decoder:
                 target[k] = value
             elif op == 0x7D:  # EMPTY_DICT
                 stack.append({})
+            elif op == 0x5D:  # EMPTY_LIST
+                stack.append([])
+            elif op == 0x61:  # APPEND
+                if len(stack) < 2 or (marks and marks[-1] > len(stack) - 2) or type(stack[-2]) is not list:
+                    raise _Refused
+                value = stack.pop()
+                stack[-1].append(value)
+            elif op == 0x65:  # APPENDS
+                start = marks.pop()
+                if start <= (marks[-1] if marks else 0) or type(stack[start - 1]) is not list:
+                    raise _Refused
+                stack[start - 1].extend(stack[start:])
+                del stack[start:]
+            elif op == 0x47:  # BINFLOAT
+                if pos + 8 > end:
+                    raise _Refused
+                stack.append(_DOUBLE.unpack_from(data, pos)[0])
+                pos += 8
+            elif op == 0x8A:  # LONG1
+                n = data[pos]
+                if pos + 1 + n > end:
+                    raise _Refused
+                stack.append(int.from_bytes(data[pos + 1 : pos + 1 + n], "little", signed=True))
+                pos += 1 + n
             elif op == 0x29:  # EMPTY_TUPLE
                 stack.append(())
             elif op == 0x63:  # GLOBAL
@@ -449,7 +477,8 @@ def _key(k: Any) -> None:
 
 
 def _check_nesting(payload: Any) -> None:
-    """Containers nest at most :data:`MAX_NESTING` deep (none is shared: no get fetches one)."""
+    """Containers nest at most :data:`MAX_NESTING` deep (none is shared: no get fetches one), and
+    hold only what the decode makes (no global)."""
     level = [payload]
     for _ in range(MAX_NESTING):
         inner = []
@@ -462,6 +491,8 @@ def _check_nesting(payload: Any) -> None:
                 attributes = getattr(obj, "__dict__", None)
                 if attributes:
                     inner.extend(attributes.values())
+            elif t is list or t is tuple:
+                inner.extend(v for v in obj if type(v) is not TensorRef and type(v) not in _PLAIN)
             elif t is not TensorRef and t not in _PLAIN:
                 raise _Refused
         if not inner:
