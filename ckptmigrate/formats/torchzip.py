@@ -60,11 +60,22 @@ class TorchZipError(ValueError):
 def foreign_archive(names: Iterable[str]) -> str | None:
     """What a zip archive that torch writes but that is no checkpoint is, from its record names:
     ``torch.load`` itself hands a TorchScript archive (``constants.pkl``) to ``torch.jit.load``."""
-    tails = {name.partition("/")[2].lower() for name in names}
-    if "constants.pkl" in tails or any(t.startswith("code/__torch__/") for t in tails):
+    # the names joined by NUL (which no name holds) and lower-cased: searched in C, not name by name
+    joined = "\0" + "\0".join(names).lower() + "\0"
+
+    def tail(start: str) -> bool:
+        """Whether a name's part after its first ``/`` starts with ``start``."""
+        at = joined.find("/" + start)
+        while at >= 0:
+            if "/" not in joined[joined.rfind("\0", 0, at) + 1 : at]:
+                return True
+            at = joined.find("/" + start, at + 1)
+        return False
+
+    if tail("constants.pkl\0") or tail("code/__torch__/"):
         return ("a TorchScript archive (torch.jit.save), not a checkpoint: its modules are compiled code, which "
                 "ckptmigrate cannot migrate; migrate the state dict (torch.save(model.state_dict())) instead")
-    if "archive_format" in tails or "models/model.json" in tails:
+    if tail("archive_format\0") or tail("models/model.json\0"):
         return ("a torch.export archive (.pt2, torch.export.save), not a checkpoint: ckptmigrate cannot migrate "
                 "it; migrate the state dict (torch.save(model.state_dict())) and export again")
     return None
