@@ -131,23 +131,21 @@ def read(
     return payload, envelope, storages, prefix, entries
 
 
-def _check_byteorder(fh: BinaryIO, entries: dict[str, ZipEntry], prefix: str) -> None:
+def _check_byteorder(fh: BinaryIO, entries: Entries, prefix: str) -> None:
     """torch byte-swaps every storage of a file whose ``byteorder`` record says ``big`` (and refuses
     any other word); ckptmigrate reads and writes little-endian bytes only, so it refuses the rest."""
-    wanted = f"{prefix}/byteorder".lower()  # miniz may look names up ignoring case
-    for name, entry in entries.items():
-        if name.lower() != wanted:
-            continue
+    # miniz may look names up ignoring case, as ``entries`` does (names are unique ignoring case)
+    entry = entries.get(f"{prefix}/byteorder")
+    if entry is not None:
         try:
             order = read_record(fh, entry)
         except ZipFormatError as exc:
             raise TorchZipError(str(exc)) from None
-        if order == b"little":
-            continue
-        raise TorchZipError(
-            f"the byteorder record says {order[:16].decode('ascii', 'replace')!r}: torch would byte-swap (or "
-            "refuse) every tensor, and ckptmigrate handles little-endian files only; re-save it with torch.save"
-        )
+        if order != b"little":
+            raise TorchZipError(
+                f"the byteorder record says {order[:16].decode('ascii', 'replace')!r}: torch would byte-swap (or "
+                "refuse) every tensor, and ckptmigrate handles little-endian files only; re-save it with torch.save"
+            )
 
 
 def _lenient_names(fh: BinaryIO) -> list[str]:
