@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, ClassVar
 
 from ckptmigrate.errors import one_line
-from ckptmigrate.formats import torch_builds
+from ckptmigrate.formats import pickle_direct, torch_builds
 from ckptmigrate.formats.pickle_scan import MAX_DEPTH, MAX_SHARED_VISITS, PickleFormatError, scan
 from ckptmigrate.tensors.refs import (
     ITEMSIZE,
@@ -377,11 +377,13 @@ class SafeUnpickler(pickle.Unpickler):
 @pausing
 def load(
     data: bytes | BinaryIO, storages: dict[str, Storage] | None = None, named: dict[str, bool] | None = None,
+    *, direct: bool = True,
 ) -> Any:
     """Unpickle a torch payload safely; raises PickleFormatError for anything malformed.
 
     ``named`` receives every global the pickle names (``module.qualname``) and whether it calls it
-    (what :func:`ckptmigrate.formats.pickle_safety.assess` judges).
+    (what :func:`ckptmigrate.formats.pickle_safety.assess` judges). ``direct=False`` skips
+    :func:`ckptmigrate.formats.pickle_direct.decode` (the tests compare both paths).
 
     Besides running no pickled code, the result is safe to walk: containers nest at most
     :data:`MAX_DEPTH` deep and share little enough that a walk stays short, and every tensor lies
@@ -389,6 +391,11 @@ def load(
     are kept, as torch keeps them: code that walks a payload tracks the objects on its path.
     """
     storages = {} if storages is None else storages
+    if direct and isinstance(data, (bytes, bytearray, memoryview)):
+        # a state dict as torch pickles it: one decode (None for anything else: the general path)
+        payload = pickle_direct.decode(bytes(data), storages, _rebuild_tensor_v2, named)
+        if payload is not None:
+            return payload
     fh = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
         if isinstance(data, (bytes, bytearray, memoryview)):

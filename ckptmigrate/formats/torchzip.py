@@ -60,11 +60,22 @@ class TorchZipError(ValueError):
 def foreign_archive(names: Iterable[str]) -> str | None:
     """What a zip archive that torch writes but that is no checkpoint is, from its record names:
     ``torch.load`` itself hands a TorchScript archive (``constants.pkl``) to ``torch.jit.load``."""
-    tails = {name.partition("/")[2].lower() for name in names}
-    if "constants.pkl" in tails or any(t.startswith("code/__torch__/") for t in tails):
+    # the names joined by NUL (which no name holds) and lower-cased: searched in C, not name by name
+    joined = "\0" + "\0".join(names).lower() + "\0"
+
+    def tail(start: str) -> bool:
+        """Whether a name's part after its first ``/`` starts with ``start``."""
+        at = joined.find("/" + start)
+        while at >= 0:
+            if "/" not in joined[joined.rfind("\0", 0, at) + 1 : at]:
+                return True
+            at = joined.find("/" + start, at + 1)
+        return False
+
+    if tail("constants.pkl\0") or tail("code/__torch__/"):
         return ("a TorchScript archive (torch.jit.save), not a checkpoint: its modules are compiled code, which "
                 "ckptmigrate cannot migrate; migrate the state dict (torch.save(model.state_dict())) instead")
-    if "archive_format" in tails or "models/model.json" in tails:
+    if tail("archive_format\0") or tail("models/model.json\0"):
         return ("a torch.export archive (.pt2, torch.export.save), not a checkpoint: ckptmigrate cannot migrate "
                 "it; migrate the state dict (torch.save(model.state_dict())) and export again")
     return None
@@ -99,8 +110,10 @@ def read(
         payload = load(payload_bytes, storages, named)
     except PickleFormatError as exc:
         raise TorchZipError(f"data.pkl: {exc}") from None
+    exact = dict.get  # a name as torch writes it is found exactly; ``entries.get`` then folds case
+    folder = f"{prefix}/data/"
     for key, storage in storages.items():
-        entry = entries.get(f"{prefix}/data/{key}")
+        entry = exact(entries, folder + key) or entries.get(folder + key)
         if entry is None:
             raise TorchZipError(f"storage record data/{key} is missing from the archive")
         if entry.size != storage.nbytes:  # torch.load (without mmap) refuses any other size
@@ -118,23 +131,21 @@ def read(
     return payload, envelope, storages, prefix, entries
 
 
-def _check_byteorder(fh: BinaryIO, entries: dict[str, ZipEntry], prefix: str) -> None:
+def _check_byteorder(fh: BinaryIO, entries: Entries, prefix: str) -> None:
     """torch byte-swaps every storage of a file whose ``byteorder`` record says ``big`` (and refuses
     any other word); ckptmigrate reads and writes little-endian bytes only, so it refuses the rest."""
-    wanted = f"{prefix}/byteorder".lower()  # miniz may look names up ignoring case
-    for name, entry in entries.items():
-        if name.lower() != wanted:
-            continue
+    # miniz may look names up ignoring case, as ``entries`` does (names are unique ignoring case)
+    entry = entries.get(f"{prefix}/byteorder")
+    if entry is not None:
         try:
             order = read_record(fh, entry)
         except ZipFormatError as exc:
             raise TorchZipError(str(exc)) from None
-        if order == b"little":
-            continue
-        raise TorchZipError(
-            f"the byteorder record says {order[:16].decode('ascii', 'replace')!r}: torch would byte-swap (or "
-            "refuse) every tensor, and ckptmigrate handles little-endian files only; re-save it with torch.save"
-        )
+        if order != b"little":
+            raise TorchZipError(
+                f"the byteorder record says {order[:16].decode('ascii', 'replace')!r}: torch would byte-swap (or "
+                "refuse) every tensor, and ckptmigrate handles little-endian files only; re-save it with torch.save"
+            )
 
 
 def _lenient_names(fh: BinaryIO) -> list[str]:
