@@ -441,15 +441,20 @@ def _append_directory(
         if name.startswith(data_dir) or name in skip:
             continue
         writer.reuse(name, entry.header_offset, entry.size, entry.crc)
-    old_by_offset = {e.data_offset: e for e in entries.values()}
+    by_offset: dict[int | None, ZipEntry] = {}
+    exact = dict.get  # a record keeps its name unless the plan renamed it: looked up as written
+    reuse = writer.reuse
     for key, storage in payload.plan.records:
         name = data_dir + key
         if not isinstance(storage, Storage) or storage.source is not source:
             raise ValueError("a metadata-only rewrite needs every tensor to be in the source file")
         assert storage.offset is not None
-        old = old_by_offset[storage.offset]
+        old = exact(entries, name)
+        if old is None or old.data_offset != storage.offset:  # renamed: the record at its offset
+            by_offset = by_offset or {e.data_offset: e for e in entries.values()}
+            old = by_offset[storage.offset]
         if old.name == name:
-            writer.reuse(name, old.header_offset, old.size, old.crc)
+            reuse(name, old.header_offset, old.size, old.crc)
         else:
             writer.add_copy(name, source.fileno(), storage.offset, storage.nbytes, old.crc)
     if envelope is not None:
