@@ -14,6 +14,8 @@ import json
 import os
 import zlib
 from collections.abc import Iterable, Iterator
+from itertools import repeat
+from operator import attrgetter, itemgetter
 from typing import Any, BinaryIO
 
 from ckptmigrate.formats.pickle_writer import dump
@@ -493,10 +495,19 @@ def verify_metadata_only(
                 return "its envelope is not the one written"
         except ZipFormatError as exc:
             return str(exc)
-    by_offset: dict[int | None, ZipEntry] = {}
     data_dir = f"{prefix}/data/"
+    records = payload.plan.records
+    # the usual case at once, in C loops: every record listed as it was, where it was (a record
+    # that moved, was renamed or is missing is looked at one by one below)
+    names = list(map(data_dir.__add__, map(_FIRST, records)))
+    olds = list(map(dict.get, repeat(entries), names))
+    if None not in olds and olds == list(map(dict.get, repeat(written), names)) and all(
+        isinstance(s, Storage) for s in map(_SECOND, records)
+    ) and list(map(_DATA_OFFSET, olds)) == list(map(_OFFSET, map(_SECOND, records))):
+        return None
+    by_offset: dict[int | None, ZipEntry] = {}
     exact = dict.get  # the names written, as written: no lookup ignoring case needed
-    for key, storage in payload.plan.records:
+    for key, storage in records:
         record = exact(written, data_dir + key)
         assert isinstance(storage, Storage)
         old = exact(entries, data_dir + key)
@@ -508,6 +519,9 @@ def verify_metadata_only(
         ):
             return f"its storage record data/{key} is not the one written"
     return None
+
+
+_FIRST, _SECOND, _OFFSET, _DATA_OFFSET = itemgetter(0), itemgetter(1), attrgetter("offset"), attrgetter("data_offset")
 
 
 def _holds(fh: BinaryIO, entry: ZipEntry | None, data: bytes | None) -> bool:
