@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ckptmigrate import formats
 from ckptmigrate.checkpoint import copies as copies_
 from ckptmigrate.checkpoint import model_config
-from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, key_text, schema_of
+from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash_of, key_text, schema_of
 from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate, module_class, set_at
 from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
 from ckptmigrate.formats import dcp, multifile, torchzip
@@ -257,7 +257,10 @@ class Checkpoint(ArchitectureOps):
 
     def arch_hash(self) -> str:
         """The architecture hash of :meth:`schema` (docs/format.md)."""
-        return architecture_hash(self.schema())
+        try:
+            return architecture_hash_of(self.state_dict.entries)
+        except BadInput as exc:
+            raise BadInput(f"{self.path}: {exc}") from None
 
     def module_intact(self) -> bool:
         """A pickled module whose state dict no op has touched: it can be written back as a module."""

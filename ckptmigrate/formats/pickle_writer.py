@@ -102,9 +102,7 @@ class _Writer(_PurePickler):
         self.write(op)
         return True
 
-    def _plain_ref(
-        self, ref: TensorRef, key: str | None = None, stored: tuple[str, Storage] | None = None,
-    ) -> bytes | None:
+    def _plain_ref(self, ref: TensorRef, key: str | None = None) -> bytes | None:
         """The bytes :meth:`_save_plain_ref` writes (the tensor and its hooks memoised), or None with
         nothing memoised. With ``key`` (a string not in the memo), the bytes of the state dict entry:
         the key, memoised, then the tensor.
@@ -126,7 +124,7 @@ class _Writer(_PurePickler):
         shape, stride, offset = _int_tuple(ref.shape), _int_tuple(ref.stride), ref.storage_offset
         if shape is None or stride is None or type(offset) is not int:
             return None
-        record, storage = self._storage_of(ref) if stored is None else stored
+        record, storage = self._storage_of(ref)
         numel = storage.nbytes // ITEMSIZE[ref.dtype]
         flag = pickle.NEWTRUE if ref.requires_grad else pickle.NEWFALSE
         # exact ints only in the key: 1 == 1.0 == True, and a float storage size must still raise
@@ -153,42 +151,18 @@ class _Writer(_PurePickler):
 
     def _batch_setitems(self, items: Any) -> None:
         """The pure pickler's SETITEMS batches, with a state dict's entries (a new ``str`` key, a plain
-        tensor) gathered as bytes: the same opcodes without two ``save`` calls an entry. An entry
-        whose tensor's template (:meth:`_plain_ref`) is known is joined here, without a call."""
+        tensor) gathered as bytes: the same opcodes without two ``save`` calls an entry."""
         it = iter(items)
         memo = self._memo
         write = self.write
         size = self._BATCHSIZE
-        plain, middles, storage_of, int_tuple, itemsize = self._plain, self._middles, self._storage_of, _int_tuple, ITEMSIZE
-        str_op, put_op, join, tuple_reduce, true, false = _str_op, _put_op, b"".join, _TUPLE_REDUCE, pickle.NEWTRUE, pickle.NEWFALSE
         while True:
             batch = list(islice(it, size))
             n = len(batch)
             out: list[bytes] = [pickle.MARK] if n > 1 else []
             for k, v in batch:
                 if type(k) is str and type(v) is TensorRef and id(k) not in memo and id(v) not in memo:
-                    known = plain.get(v.dtype)
-                    offset = v.storage_offset
-                    if known is not None and type(offset) is int and not (v.extra or v.neg or v.conj):
-                        shape, stride = int_tuple(v.shape), int_tuple(v.stride)
-                        if shape is not None and stride is not None:
-                            record, storage = storage_of(v)
-                            numel = storage.nbytes // itemsize[v.dtype]
-                            middle = middles.get((v.dtype, storage.location, numel, offset, shape, stride,
-                                                  true if v.requires_grad else false)) if type(numel) is int else None
-                            if middle is not None:
-                                idx = len(memo) + self._unlisted
-                                memo[id(k)] = idx, k
-                                memo[id(v)] = idx + 2, v
-                                self._unlisted += 1
-                                out.append(join((str_op(k), put_op(idx), known, str_op(record), middle,
-                                                 put_op(idx + 1), tuple_reduce, put_op(idx + 2))))
-                                continue
-                            op = self._plain_ref(v, k, (record, storage))
-                        else:
-                            op = None
-                    else:
-                        op = self._plain_ref(v, k)
+                    op = self._plain_ref(v, k)
                     if op is not None:
                         out.append(op)
                         continue
