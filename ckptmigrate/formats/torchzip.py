@@ -15,6 +15,7 @@ import os
 import zlib
 from collections.abc import Iterable, Iterator
 from itertools import repeat
+from json.encoder import encode_basestring_ascii  # json's own string encoder (C)
 from operator import attrgetter, itemgetter
 from typing import Any, BinaryIO
 
@@ -172,8 +173,48 @@ def envelope_bytes(envelope: dict[str, Any]) -> bytes:
     """The envelope record's bytes. zlib's fastest level: on an envelope's repeated key names it
     compresses as well as the default (level 6) in a quarter of the time (2.6 MB of JSON for a
     rename of 20,000 tensors: 247 KB in 6 ms, against 256 KB in 29 ms)."""
-    raw = json.dumps(envelope, separators=(",", ":"), sort_keys=True).encode()
+    raw = _envelope_json(envelope).encode()
     return zlib.compress(raw, 1) if len(raw) > COMPRESS_ABOVE else raw
+
+
+def _envelope_json(envelope: dict[str, Any]) -> str:
+    """``json.dumps(envelope, separators=(",", ":"), sort_keys=True)``, with the schema (a few
+    distinct entries repeated under thousands of keys) encoded by :func:`_schema_json`."""
+    schema = _schema_json(envelope.get("schema"))
+    if schema is not None:
+        marker = os.urandom(16).hex()  # stands for the schema in the text, found exactly once
+        text = json.dumps({**envelope, "schema": marker}, separators=(",", ":"), sort_keys=True)
+        field = f'"schema":"{marker}"'
+        if text.count(field) == 1:
+            return text.replace(field, '"schema":' + schema)
+    return json.dumps(envelope, separators=(",", ":"), sort_keys=True)
+
+
+def _schema_json(schema: Any) -> str | None:
+    """What ``json.dumps`` gives for a schema (string keys, each ``{"shape": [ints], "dtype": str}``),
+    each distinct entry encoded once: twice as fast for many keys. None for anything else."""
+    if type(schema) is not dict:
+        return None
+    entries: dict[tuple[Any, ...], str] = {}
+    parts = []
+    for key in sorted(schema) if all(type(k) is str for k in schema) else ():
+        value = schema[key]
+        if type(value) is not dict or len(value) != 2:
+            return None
+        shape, dtype = value.get("shape"), value.get("dtype")
+        if type(shape) is not list or type(dtype) is not str:
+            return None
+        for d in shape:  # only exact ints are looked up: [1] == [True] == [1.0], whose text differs
+            if type(d) is not int:
+                return None
+        encoded = entries.get((dtype, *shape))
+        if encoded is None:
+            encoded = entries[(dtype, *shape)] = json.dumps(value, separators=(",", ":"), sort_keys=True)
+        parts.append(encode_basestring_ascii(key) + ":" + encoded)
+    if len(parts) != len(schema):
+        return None
+    return "{" + ",".join(parts) + "}"
+
 
 
 def parse_envelope(data: bytes) -> Any:
