@@ -44,6 +44,9 @@ def schema_of(state_dict: Mapping[Any, Any]) -> Schema:
     as :func:`key_text`; two keys with one text are refused: the schema could not tell them apart)."""
     schema: Schema = {}
     for key, value in state_dict.items():
+        if type(value) is TensorRef and type(key) is str and key.isascii() and key not in schema:
+            schema[key] = {"shape": list(value.shape), "dtype": value.dtype}  # what a file holds, at once
+            continue
         if not is_entry(value):
             continue
         text = key_text(key)
