@@ -483,15 +483,22 @@ def _totals(tensors: Iterable[Any]) -> tuple[int, int, dict[str, int], list[str]
     dtypes: dict[str, int] = {}
     devices: set[str] = set()
     seen: set[tuple[Any, ...]] = set()
+    first: dict[int, TensorRef] = {}  # storage: the first view of it (most storages have one)
     prod = math.prod
     for v in tensors:
-        if isinstance(v, TensorRef):
+        if type(v) is TensorRef or isinstance(v, TensorRef):
             numel, dtype, storage = prod(v.shape), v.dtype, v.storage
             devices.add(storage.location)
-            view = (id(storage), v.storage_offset, v.shape, v.stride, dtype)
-            if view not in seen:
-                seen.add(view)
+            other = first.get(id(storage))
+            if other is None:
+                first[id(storage)] = v
                 total += numel * ITEMSIZE.get(dtype, 0)
+            else:  # a storage seen before (tied weights, views): a view counts once
+                seen.add(_view(other))
+                view = _view(v)
+                if view not in seen:
+                    seen.add(view)
+                    total += numel * ITEMSIZE.get(dtype, 0)
         else:
             numel, dtype = _numel(v), dtype_of(v)
             devices.add(device_of(v))
@@ -499,6 +506,10 @@ def _totals(tensors: Iterable[Any]) -> tuple[int, int, dict[str, int], list[str]
         parameters += numel
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
     return parameters, total, dtypes, sorted(devices)
+
+
+def _view(v: TensorRef) -> tuple[Any, ...]:
+    return (id(v.storage), v.storage_offset, v.shape, v.stride, v.dtype)
 
 
 def _numel(v: Any) -> int:
