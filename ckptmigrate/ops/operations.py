@@ -150,11 +150,12 @@ class Operations(PickleOps):
         if missing:
             raise self._closest(_op, missing[0])
         new_keys = [mapping.get(k, k) for k in entries]
-        seen: set[str] = set()
-        for old, new in zip(entries, new_keys, strict=True):
-            if new in seen:
-                raise OpError(_op, old, f"{_op}: {old!r} -> {new!r} collides with another key named {new!r}")
-            seen.add(new)
+        if len(set(new_keys)) != len(new_keys):  # a collision: found in order, to name it
+            seen: set[str] = set()
+            for old, new in zip(entries, new_keys, strict=True):
+                if new in seen:
+                    raise OpError(_op, old, f"{_op}: {old!r} -> {new!r} collides with another key named {new!r}")
+                seen.add(new)
         meta_inverse = self._move_metadata(list(entries), mapping, metadata)
         values = list(entries.items())
         entries.clear()
