@@ -142,12 +142,15 @@ class _Writer(_PurePickler):
         head = b""
         if key is not None:  # the key is put first, as save() would
             memo[id(key)] = idx, key
-            head = _str_op(key) + _put_op(idx)
+            raw = key.encode("utf-8", "surrogatepass")
+            head = b"".join((_BINUNICODE_LEN.pack(_BINUNICODE, len(raw)), raw, _put_op(idx)))
             idx += 1
         # the hooks' OrderedDict is put, as torch does, and never got: its index is not kept
         self._unlisted += 1
         memo[id(ref)] = idx + 1, ref
-        return b"".join((head, known, _str_op(record), middle, _put_op(idx), _TUPLE_REDUCE, _put_op(idx + 1)))
+        tail = (_TAIL.pack(_LONG_BINPUT, idx, _TUPLE, _REDUCE, _LONG_BINPUT, idx + 1) if idx >= 256
+                else _put_op(idx) + _TUPLE_REDUCE + _put_op(idx + 1))
+        return b"".join((head, known, _str_op(record), middle, tail))
 
     def _batch_setitems(self, items: Any) -> None:
         """The pure pickler's SETITEMS batches, with a state dict's entries (a new ``str`` key, a plain
@@ -322,6 +325,10 @@ _EMPTY_REDUCE = pickle.EMPTY_TUPLE + pickle.REDUCE
 _TUPLE_REDUCE = pickle.TUPLE + pickle.REDUCE
 _BININT = struct.Struct("<i")
 _INDEX = struct.Struct("<I")
+_BINUNICODE_LEN = struct.Struct("<BI")  # BINUNICODE and a length
+_TAIL = struct.Struct("<BIBBBI")  # LONG_BINPUT i, TUPLE, REDUCE, LONG_BINPUT i + 1: a tensor's last opcodes
+_BINUNICODE, _LONG_BINPUT, _TUPLE, _REDUCE = (pickle.BINUNICODE[0], pickle.LONG_BINPUT[0], pickle.TUPLE[0],
+                                              pickle.REDUCE[0])
 
 
 def _put_op(idx: int) -> bytes:

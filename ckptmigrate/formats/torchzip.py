@@ -216,7 +216,6 @@ def _schema_json(schema: Any) -> str | None:
     return "{" + ",".join(parts) + "}"
 
 
-
 def parse_envelope(data: bytes) -> Any:
     """The envelope record: JSON text, or zlib-compressed JSON (its first byte is 0x78, never ``{``),
     within the bounds of :data:`MAX_ENVELOPE`, :data:`MAX_ENVELOPE_VALUES` and :data:`MAX_ENVELOPE_DEPTH`."""
@@ -261,7 +260,19 @@ class _StoragePlan:
         return key
 
     def __call__(self, obj: Any) -> tuple[str, Storage]:
-        if type(obj) is TensorRef or isinstance(obj, (TensorRef, Storage)):
+        if type(obj) is TensorRef:  # the usual case, at once: a storage not seen yet keeps its key if free
+            storage = obj.storage
+            known = self._by_storage.get(id(storage))
+            if known is None:
+                key = storage.key
+                if key is None or key in self._taken:
+                    key = self._fresh()
+                else:
+                    self._taken.add(key)
+                known = self._by_storage[id(storage)] = (key, storage)
+                self.records.append((key, storage))
+            return known
+        if isinstance(obj, (TensorRef, Storage)):
             storage = obj.storage if isinstance(obj, TensorRef) else obj
             known = self._by_storage.get(id(storage))
             if known is None:
