@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from itertools import repeat
 from json.encoder import encode_basestring_ascii  # json's own string encoder (C)
-from operator import attrgetter, itemgetter
+from operator import attrgetter, is_, itemgetter
 from typing import Any, BinaryIO
 
 from ckptmigrate.formats.pickle_writer import dump
@@ -495,10 +495,23 @@ def _append_directory(
         if name.startswith(data_dir) or name in skip:
             continue
         writer.reuse(name, entry.header_offset, entry.size, entry.crc)
+    names, olds = _records_as_before(entries, data_dir, payload.plan.records, source)
+    if olds is not None:  # every storage record listed again as it is
+        writer.reuse_all(names, map(_HEADER_OFFSET, olds), map(_SIZE, olds), map(_CRC, olds))
+    else:
+        _append_records(writer, source, entries, data_dir, payload.plan.records)
+    if envelope is not None:
+        writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", envelope)
+
+
+def _append_records(
+    writer: ZipWriter, source: Source, entries: dict[str, ZipEntry], data_dir: str, records: list[tuple[str, Any]],
+) -> None:
+    """List each storage record of the plan: the record of the source it is, reused where it is,
+    or, renamed, copied under its new name."""
     by_offset: dict[int | None, ZipEntry] = {}
     exact = dict.get  # a record keeps its name unless the plan renamed it: looked up as written
-    reuse = writer.reuse
-    for key, storage in payload.plan.records:
+    for key, storage in records:
         name = data_dir + key
         if not isinstance(storage, Storage) or storage.source is not source:
             raise ValueError("a metadata-only rewrite needs every tensor to be in the source file")
@@ -508,11 +521,9 @@ def _append_directory(
             by_offset = by_offset or {e.data_offset: e for e in entries.values()}
             old = by_offset[storage.offset]
         if old.name == name:
-            reuse(name, old.header_offset, old.size, old.crc)
+            writer.reuse(name, old.header_offset, old.size, old.crc)
         else:
             writer.add_copy(name, source.fileno(), storage.offset, storage.nbytes, old.crc)
-    if envelope is not None:
-        writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", envelope)
 
 
 def verify_metadata_only(
@@ -549,13 +560,8 @@ def verify_metadata_only(
             return str(exc)
     data_dir = f"{prefix}/data/"
     records = payload.plan.records
-    # the usual case at once, in C loops: every record listed as it was, where it was (a record
-    # that moved, was renamed or is missing is looked at one by one below)
-    names = list(map(data_dir.__add__, map(_FIRST, records)))
-    olds = list(map(dict.get, repeat(entries), names))
-    if None not in olds and olds == list(map(dict.get, repeat(written), names)) and all(
-        isinstance(s, Storage) for s in map(_SECOND, records)
-    ) and list(map(_DATA_OFFSET, olds)) == list(map(_OFFSET, map(_SECOND, records))):
+    names, olds = _records_as_before(entries, data_dir, records, None)
+    if olds is not None and olds == list(map(dict.get, repeat(written), names)):
         return None
     by_offset: dict[int | None, ZipEntry] = {}
     exact = dict.get  # the names written, as written: no lookup ignoring case needed
@@ -573,7 +579,25 @@ def verify_metadata_only(
     return None
 
 
+def _records_as_before(
+    entries: dict[str, ZipEntry], data_dir: str, records: list[tuple[str, Any]], source: Source | None,
+) -> tuple[list[str], list[ZipEntry] | None]:
+    """The record names of a storage plan, and the records of ``entries`` they are when each is the
+    record of that name, its data where the storage says (and in ``source``, when given) — the
+    usual case of a metadata-only write, found in C loops; None for the records when any is not."""
+    names = list(map(data_dir.__add__, map(_FIRST, records)))
+    storages = list(map(_SECOND, records))
+    olds: list[Any] = list(map(dict.get, repeat(entries), names))
+    if None in olds or not all(isinstance(s, Storage) for s in storages) or (
+        list(map(_DATA_OFFSET, olds)) != list(map(_OFFSET, storages))
+    ) or (source is not None and not all(map(is_, map(_SOURCE, storages), repeat(source)))):
+        return names, None
+    return names, olds
+
+
 _FIRST, _SECOND, _OFFSET, _DATA_OFFSET = itemgetter(0), itemgetter(1), attrgetter("offset"), attrgetter("data_offset")
+_SOURCE, _HEADER_OFFSET = attrgetter("source"), attrgetter("header_offset")
+_SIZE, _CRC = attrgetter("size"), attrgetter("crc")
 
 
 def _holds(fh: BinaryIO, entry: ZipEntry | None, data: bytes | None) -> bool:

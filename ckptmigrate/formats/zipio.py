@@ -186,6 +186,11 @@ class ZipWriter:
         """List a record that already sits in this file at ``header_offset`` (written earlier)."""
         self._entries.append((name.encode("utf-8"), header_offset, size, crc))
 
+    def reuse_all(self, names: Iterable[str], header_offsets: Iterable[int], sizes: Iterable[int],
+                  crcs: Iterable[int]) -> None:
+        """:meth:`reuse` of many records at once (an append lists every record of the file again)."""
+        self._entries.extend(zip(map(str.encode, names), header_offsets, sizes, crcs, strict=True))
+
     def _finish(self, entry: _Written, data_offset: int) -> None:
         self._entries.append(entry)
         self._pos = data_offset + entry[2]
