@@ -103,6 +103,14 @@ def devices_of(entries: Iterable[Entry]) -> list[str]:
     return sorted({device_of(e) for e in entries})
 
 
+def _state_dict_devices(state_dict: Mapping[Any, Any]) -> list[str]:
+    """:func:`devices_of` the state dict's tensors; a file's references in one C loop."""
+    values = state_dict.values()
+    found = {v.storage.location for v in values if type(v) is TensorRef}
+    found.update(device_of(v) for v in values if type(v) is not TensorRef and is_entry(v))
+    return sorted(found)
+
+
 def _torch_versions() -> dict[str, str | None]:
     """torch, CUDA and cuDNN versions, without importing torch when it is not imported yet."""
     torch_mod = sys.modules.get("torch")
@@ -265,7 +273,7 @@ class Envelope:
         versions = _torch_versions()
         env = cls(
             schema=schema, arch_hash=architecture_hash_of(state_dict), layout=layout,
-            devices=devices_of(v for v in state_dict.values() if is_entry(v)),
+            devices=_state_dict_devices(state_dict),
             git=git_info(repo) if describe_code else (previous.git if previous is not None else None),
             torch=versions["torch"], cuda=versions["cuda"], cudnn=versions["cudnn"],
         )

@@ -200,7 +200,8 @@ class Operations(PickleOps):
 
     def rename_prefix(self, old: str, new: str, *, missing_ok: bool = False, _op: str = "rename_prefix") -> None:
         """Replace the prefix ``old`` with ``new`` on every key that starts with it."""
-        mapping = {k: new + k[len(old):] for k in self._entries if k.startswith(old)}
+        cut = len(old)
+        mapping = {k: new + k[cut:] for k in self._entries if k.startswith(old)}
         if not mapping:
             if missing_ok:
                 return
