@@ -52,7 +52,8 @@ class MergeCheck:
 
     def changed(self, rev: Revision, before: dict[str, Any]) -> set[str]:
         after = self.ckpt.state_dict.entries
-        keys = set(before.keys() ^ after.keys()) | {k for k in after if k in before and after[k] is not before[k]}
+        keys = before.keys() ^ after.keys()
+        keys.update(k for k in before.keys() & after.keys() if after[k] is not before[k])
         for other in self._others(rev):
             known = self.seen[other]
             if known is None and self.graph is not None and self.graph.revisions[other].lineage != rev.lineage:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ckptmigrate.tensors.refs import Entry, device_of, dtype_of, is_entry, shape_of
+from ckptmigrate.tensors.refs import Entry, TensorRef, device_of, dtype_of, is_entry, shape_of
 
 FORMAT_VERSION = 1
 
@@ -44,6 +44,9 @@ def schema_of(state_dict: Mapping[Any, Any]) -> Schema:
     as :func:`key_text`; two keys with one text are refused: the schema could not tell them apart)."""
     schema: Schema = {}
     for key, value in state_dict.items():
+        if type(value) is TensorRef and type(key) is str and key.isascii() and key not in schema:
+            schema[key] = {"shape": list(value.shape), "dtype": value.dtype}  # what a file holds, at once
+            continue
         if not is_entry(value):
             continue
         text = key_text(key)
@@ -68,8 +71,44 @@ def architecture_hash(schema: Mapping[str, Mapping[str, Any]]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def architecture_hash_of(state_dict: Mapping[Any, Any]) -> str:
+    """``architecture_hash(schema_of(state_dict))`` without building the schema: a state dict of
+    ASCII string keys and tensor references (as a file is read) is hashed from the references, the
+    text of each (shape, dtype) made once; any other goes the schema's way."""
+    tails: dict[tuple[Any, str], str] = {}
+    lines: dict[str, str] = {}
+    for key, value in state_dict.items():
+        if type(value) is not TensorRef:
+            if is_entry(value):
+                return architecture_hash(schema_of(state_dict))
+            continue
+        shape, dtype = value.shape, value.dtype
+        if type(key) is not str or not key.isascii() or type(dtype) is not str or type(shape) is not tuple:
+            return architecture_hash(schema_of(state_dict))
+        for d in shape:  # only exact ints are looked up: (1,) == (True,), whose text differs
+            if type(d) is not int:
+                return architecture_hash(schema_of(state_dict))
+        tail = tails.get((shape, dtype))
+        if tail is None:
+            tail = tails[(shape, dtype)] = f"\t{','.join(map(str, shape))}\t{dtype}\n"
+        lines[key] = tail
+    h = hashlib.sha256()
+    keys = sorted(lines)
+    for start in range(0, len(keys), 4096):  # hashed in runs: one update call per few thousand keys
+        h.update("".join([k + lines[k] for k in keys[start : start + 4096]]).encode())
+    return "sha256:" + h.hexdigest()
+
+
 def devices_of(entries: Iterable[Entry]) -> list[str]:
     return sorted({device_of(e) for e in entries})
+
+
+def _state_dict_devices(state_dict: Mapping[Any, Any]) -> list[str]:
+    """:func:`devices_of` the state dict's tensors; a file's references in one C loop."""
+    values = state_dict.values()
+    found = {v.storage.location for v in values if type(v) is TensorRef}
+    found.update(device_of(v) for v in values if type(v) is not TensorRef and is_entry(v))
+    return sorted(found)
 
 
 def _torch_versions() -> dict[str, str | None]:
@@ -233,8 +272,8 @@ class Envelope:
         schema = schema_of(state_dict)
         versions = _torch_versions()
         env = cls(
-            schema=schema, arch_hash=architecture_hash(schema), layout=layout,
-            devices=devices_of(v for v in state_dict.values() if is_entry(v)),
+            schema=schema, arch_hash=architecture_hash_of(state_dict), layout=layout,
+            devices=_state_dict_devices(state_dict),
             git=git_info(repo) if describe_code else (previous.git if previous is not None else None),
             torch=versions["torch"], cuda=versions["cuda"], cudnn=versions["cudnn"],
         )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ckptmigrate import formats
 from ckptmigrate.checkpoint import copies as copies_
 from ckptmigrate.checkpoint import model_config
-from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash, key_text, schema_of
+from ckptmigrate.checkpoint.envelope import Envelope, architecture_hash_of, key_text, schema_of
 from ckptmigrate.checkpoint.layout import Layout, LayoutError, locate, module_class, set_at
 from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
 from ckptmigrate.formats import dcp, multifile, torchzip
@@ -257,7 +257,10 @@ class Checkpoint(ArchitectureOps):
 
     def arch_hash(self) -> str:
         """The architecture hash of :meth:`schema` (docs/format.md)."""
-        return architecture_hash(self.schema())
+        try:
+            return architecture_hash_of(self.state_dict.entries)
+        except BadInput as exc:
+            raise BadInput(f"{self.path}: {exc}") from None
 
     def module_intact(self) -> bool:
         """A pickled module whose state dict no op has touched: it can be written back as a module."""
@@ -480,15 +483,22 @@ def _totals(tensors: Iterable[Any]) -> tuple[int, int, dict[str, int], list[str]
     dtypes: dict[str, int] = {}
     devices: set[str] = set()
     seen: set[tuple[Any, ...]] = set()
+    first: dict[int, TensorRef] = {}  # storage: the first view of it (most storages have one)
     prod = math.prod
     for v in tensors:
-        if isinstance(v, TensorRef):
+        if type(v) is TensorRef or isinstance(v, TensorRef):
             numel, dtype, storage = prod(v.shape), v.dtype, v.storage
             devices.add(storage.location)
-            view = (id(storage), v.storage_offset, v.shape, v.stride, dtype)
-            if view not in seen:
-                seen.add(view)
+            other = first.get(id(storage))
+            if other is None:
+                first[id(storage)] = v
                 total += numel * ITEMSIZE.get(dtype, 0)
+            else:  # a storage seen before (tied weights, views): a view counts once
+                seen.add(_view(other))
+                view = _view(v)
+                if view not in seen:
+                    seen.add(view)
+                    total += numel * ITEMSIZE.get(dtype, 0)
         else:
             numel, dtype = _numel(v), dtype_of(v)
             devices.add(device_of(v))
@@ -496,6 +506,10 @@ def _totals(tensors: Iterable[Any]) -> tuple[int, int, dict[str, int], list[str]
         parameters += numel
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
     return parameters, total, dtypes, sorted(devices)
+
+
+def _view(v: TensorRef) -> tuple[Any, ...]:
+    return (id(v.storage), v.storage_offset, v.shape, v.stride, v.dtype)
 
 
 def _numel(v: Any) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,16 @@ from ckptmigrate.util.urls import as_location
 
 #: The results that mean a file is done (the others: ``failed``; a journal's ``skipped``).
 DONE = ("written", "unchanged", "stamped", "ok")
+
+
+def hostname() -> str:
+    """``socket.gethostname()``: the kernel's host name, which ``os.uname`` gives without importing
+    ``socket`` (3 ms of every command's start-up)."""
+    if hasattr(os, "uname"):
+        return os.uname().nodename
+    import socket
+
+    return socket.gethostname()
 
 
 @dataclass
@@ -36,7 +45,7 @@ class TaskResult:
     after: str | None = None
     error: dict[str, Any] | None = None
     attempt: int = 1
-    host: str = field(default_factory=socket.gethostname)
+    host: str = field(default_factory=hostname)
     pid: int = field(default_factory=os.getpid)
     seconds: float = 0.0
     detail: Any = None

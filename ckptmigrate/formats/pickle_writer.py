@@ -46,7 +46,8 @@ class _Writer(_PurePickler):
         self._dispatch = self.dispatch
         self._memo = self.memo
         self._unlisted = 0  # memo indices given to objects nothing else refers to, not kept in the memo
-        self._plain: dict[str, tuple[bytes, bytes]] = {}  # dtype: opcodes every plain tensor of it repeats
+        self._plain: dict[str, bytes] = {}  # dtype: the opcodes every plain tensor of it starts with
+        self._middles: dict[tuple[Any, ...], bytes] = {}  # see _plain_ref
         self.write = file.write  # protocol 2 has no frames: the framer would only pass writes on
 
     def _memo_ref(self, obj: Any) -> bytes | None:
@@ -101,9 +102,14 @@ class _Writer(_PurePickler):
         self.write(op)
         return True
 
-    def _plain_ref(self, ref: TensorRef) -> bytes | None:
+    def _plain_ref(self, ref: TensorRef, key: str | None = None) -> bytes | None:
         """The bytes :meth:`_save_plain_ref` writes (the tensor and its hooks memoised), or None with
-        nothing memoised."""
+        nothing memoised. With ``key`` (a string not in the memo), the bytes of the state dict entry:
+        the key, memoised, then the tensor.
+
+        The opcodes between the storage record's key and the hooks' put are the same for every
+        tensor of one dtype, device, storage size, offset, shape, stride and ``requires_grad`` (a
+        model repeats a few dozen): they are built once (:attr:`_middles`)."""
         if ref.extra or ref.neg or ref.conj:
             return None
         known = self._plain.get(ref.dtype)
@@ -114,19 +120,37 @@ class _Writer(_PurePickler):
             if fn is None or st is None or od is None:
                 return None
             # memoised objects stay in the memo: these opcodes hold for the rest of the pickle
-            known = self._plain[ref.dtype] = (_get_op(fn[0]) + _MARK_MARK_STORAGE + _get_op(st[0]), _get_op(od[0]))
-        shape, stride = _int_tuple(ref.shape), _int_tuple(ref.stride)
-        if shape is None or stride is None or type(ref.storage_offset) is not int:
+            known = self._plain[ref.dtype] = _get_op(fn[0]) + _MARK_MARK_STORAGE + _get_op(st[0])
+        shape, stride, offset = _int_tuple(ref.shape), _int_tuple(ref.stride), ref.storage_offset
+        if shape is None or stride is None or type(offset) is not int:
             return None
-        key, storage = self._storage_of(ref)
-        hooks = len(self._memo) + self._unlisted  # the hooks' OrderedDict: put, as torch does, never got
+        record, storage = self._storage_of(ref)
+        numel = storage.nbytes // ITEMSIZE[ref.dtype]
+        flag = pickle.NEWTRUE if ref.requires_grad else pickle.NEWFALSE
+        # exact ints only in the key: 1 == 1.0 == True, and a float storage size must still raise
+        template = (ref.dtype, storage.location, numel, offset, shape, stride, flag) if type(numel) is int else None
+        middle = self._middles.get(template) if template is not None else None
+        if middle is None:
+            middle = b"".join((
+                _short_str(storage.location), _int_op(numel), _TUPLE_BINPERSID, _int_op(offset), shape, stride,
+                flag, _get_op(self._memo[id(collections.OrderedDict)][0]), _EMPTY_REDUCE,
+            ))
+            if template is not None and len(self._middles) < 4096:
+                self._middles[template] = middle
+        memo = self._memo
+        idx = len(memo) + self._unlisted
+        head = b""
+        if key is not None:  # the key is put first, as save() would
+            memo[id(key)] = idx, key
+            raw = key.encode("utf-8", "surrogatepass")
+            head = b"".join((_BINUNICODE_LEN.pack(_BINUNICODE, len(raw)), raw, _put_op(idx)))
+            idx += 1
+        # the hooks' OrderedDict is put, as torch does, and never got: its index is not kept
         self._unlisted += 1
-        return b"".join((
-            known[0], _str_op(key), _short_str(storage.location),
-            _int_op(storage.nbytes // ITEMSIZE[ref.dtype]), _TUPLE_BINPERSID, _int_op(ref.storage_offset),
-            shape, stride, pickle.NEWTRUE if ref.requires_grad else pickle.NEWFALSE, known[1],
-            _EMPTY_REDUCE, _put_op(hooks), _TUPLE_REDUCE, self._put(ref),
-        ))
+        memo[id(ref)] = idx + 1, ref
+        tail = (_TAIL.pack(_LONG_BINPUT, idx, _TUPLE, _REDUCE, _LONG_BINPUT, idx + 1) if idx >= 256
+                else _put_op(idx) + _TUPLE_REDUCE + _put_op(idx + 1))
+        return b"".join((head, known, _str_op(record), middle, tail))
 
     def _batch_setitems(self, items: Any) -> None:
         """The pure pickler's SETITEMS batches, with a state dict's entries (a new ``str`` key, a plain
@@ -141,11 +165,11 @@ class _Writer(_PurePickler):
             out: list[bytes] = [pickle.MARK] if n > 1 else []
             for k, v in batch:
                 if type(k) is str and type(v) is TensorRef and id(k) not in memo and id(v) not in memo:
-                    out.append(_str_op(k) + self._put(k))
-                    op = self._plain_ref(v)
+                    op = self._plain_ref(v, k)
                     if op is not None:
                         out.append(op)
                         continue
+                    out.append(_str_op(k) + self._put(k))
                     write(b"".join(out))
                     out.clear()
                     self.save(v)
@@ -301,6 +325,10 @@ _EMPTY_REDUCE = pickle.EMPTY_TUPLE + pickle.REDUCE
 _TUPLE_REDUCE = pickle.TUPLE + pickle.REDUCE
 _BININT = struct.Struct("<i")
 _INDEX = struct.Struct("<I")
+_BINUNICODE_LEN = struct.Struct("<BI")  # BINUNICODE and a length
+_TAIL = struct.Struct("<BIBBBI")  # LONG_BINPUT i, TUPLE, REDUCE, LONG_BINPUT i + 1: a tensor's last opcodes
+_BINUNICODE, _LONG_BINPUT, _TUPLE, _REDUCE = (pickle.BINUNICODE[0], pickle.LONG_BINPUT[0], pickle.TUPLE[0],
+                                              pickle.REDUCE[0])
 
 
 def _put_op(idx: int) -> bytes:

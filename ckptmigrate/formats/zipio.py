@@ -13,7 +13,6 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from ckptmigrate.formats import zipread
@@ -86,12 +85,9 @@ def byte_source(fh: BinaryIO) -> ByteSource:
     return fh if hasattr(fh, "pread") else fh.fileno()
 
 
-@dataclass
-class _Written:
-    name: bytes
-    header_offset: int
-    size: int
-    crc: int
+#: A record the central directory lists: (name as UTF-8, local header offset, size, CRC-32). A
+#: tuple, not an object: an append lists every record of the file again, tens of thousands of them.
+_Written = tuple[bytes, int, int, int]
 
 
 class ZipWriter:
@@ -139,7 +135,7 @@ class ZipWriter:
     def _begin(self, name: str, size: int, crc: int) -> tuple[_Written, int]:
         raw = name.encode("utf-8")
         header = self._header(raw, size, crc)
-        entry = _Written(raw, self._pos, size, crc)
+        entry = (raw, self._pos, size, crc)
         self._write(header, self._pos)
         return entry, self._pos + len(header)
 
@@ -162,9 +158,8 @@ class ZipWriter:
             written += len(view)
         if written != size:
             raise ValueError(f"record {name!r}: expected {size} bytes, got {written}")
-        entry.crc = crc
-        write_all(self._fd, struct.pack("<I", crc), self._origin + entry.header_offset + 14)
-        self._finish(entry, data_offset)
+        write_all(self._fd, struct.pack("<I", crc), self._origin + entry[1] + 14)
+        self._finish((entry[0], entry[1], size, crc), data_offset)
 
     def add_copy(self, name: str, src_fd: int, src_offset: int, size: int, crc: int) -> None:
         entry, data_offset = self._begin(name, size, crc)
@@ -189,38 +184,27 @@ class ZipWriter:
 
     def reuse(self, name: str, header_offset: int, size: int, crc: int) -> None:
         """List a record that already sits in this file at ``header_offset`` (written earlier)."""
-        self._entries.append(_Written(name.encode("utf-8"), header_offset, size, crc))
+        self._entries.append((name.encode("utf-8"), header_offset, size, crc))
+
+    def reuse_all(self, names: Iterable[str], header_offsets: Iterable[int], sizes: Iterable[int],
+                  crcs: Iterable[int]) -> None:
+        """:meth:`reuse` of many records at once (an append lists every record of the file again)."""
+        self._entries.extend(zip(map(str.encode, names), header_offsets, sizes, crcs, strict=True))
 
     def _finish(self, entry: _Written, data_offset: int) -> None:
         self._entries.append(entry)
-        self._pos = data_offset + entry.size
+        self._pos = data_offset + entry[2]
 
     def _directory(self, whole: int) -> tuple[int, bytes]:
         """(padding, central directory + end records) for records that end at the current position;
         the padding keeps the last ``whole`` bytes inside one page, so a single write of them lands
         whole or not at all (a killed write stops at a page boundary)."""
-        parts: list[bytes] = []
-        for e in self._entries:
-            extra_fields: list[int] = []
-            if e.size >= _MAX32:
-                extra_fields += [e.size, e.size]
-            if e.header_offset >= _MAX32:
-                extra_fields.append(e.header_offset)
-            extra = b""
-            if extra_fields:
-                extra = struct.pack(f"<HH{len(extra_fields)}Q", 1, 8 * len(extra_fields), *extra_fields)
-            size32 = _MAX32 if e.size >= _MAX32 else e.size
-            off32 = _MAX32 if e.header_offset >= _MAX32 else e.header_offset
-            version = 45 if extra else 20
-            parts.append(
-                _CENTRAL.pack(
-                    0x02014B50, version, version, 0, 0, 0, 0, e.crc, size32, size32,
-                    len(e.name), len(extra), 0, 0, 0, 0, off32,
-                )
-                + e.name
-                + extra
-            )
-        cd = b"".join(parts)
+        pack = _CENTRAL.pack
+        cd = b"".join([
+            pack(0x02014B50, 20, 20, 0, 0, 0, 0, crc, size, size, len(name), 0, 0, 0, 0, 0, offset) + name
+            if size < _MAX32 and offset < _MAX32 else _central_zip64(name, offset, size, crc)
+            for name, offset, size, crc in self._entries
+        ])
         n = len(self._entries)
         zip64 = n >= _MAX16 or self._pos >= _MAX32 - _PAGE or len(cd) >= _MAX32
         between = _EOCD64.size + _LOCATOR64.size if zip64 else 0
@@ -309,6 +293,22 @@ class ZipWriter:
         os.fsync(self._fd)
         self._fh.seek(end)
         return end
+
+
+def _central_zip64(name: bytes, offset: int, size: int, crc: int) -> bytes:
+    """The central directory entry of a record of 4 GiB or more, or beyond 4 GiB: its size and
+    offset in the zip64 extra field."""
+    extra_fields: list[int] = []
+    if size >= _MAX32:
+        extra_fields += [size, size]
+    if offset >= _MAX32:
+        extra_fields.append(offset)
+    extra = struct.pack(f"<HH{len(extra_fields)}Q", 1, 8 * len(extra_fields), *extra_fields)
+    size32 = _MAX32 if size >= _MAX32 else size
+    off32 = _MAX32 if offset >= _MAX32 else offset
+    return _CENTRAL.pack(
+        0x02014B50, 45, 45, 0, 0, 0, 0, crc, size32, size32, len(name), len(extra), 0, 0, 0, 0, off32,
+    ) + name + extra
 
 
 #: Bytes at the end of an archive written in one piece when appending: the end record and the 20

@@ -17,6 +17,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from functools import partial
+from operator import ne
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ckptmigrate.errors import BadInput
@@ -146,23 +147,25 @@ class Operations(PickleOps):
         moved to another prefix moves with them (``metadata`` replays a recorded move exactly).
         """
         entries = self._entries
-        missing = [k for k in mapping if k not in entries]
-        if missing:
-            raise self._closest(_op, missing[0])
-        new_keys = [mapping.get(k, k) for k in entries]
-        seen: set[str] = set()
-        for old, new in zip(entries, new_keys, strict=True):
-            if new in seen:
-                raise OpError(_op, old, f"{_op}: {old!r} -> {new!r} collides with another key named {new!r}")
-            seen.add(new)
+        if not mapping.keys() <= entries.keys():  # the first key missing, in the map's order, is named
+            raise self._closest(_op, next(k for k in mapping if k not in entries))
+        new_keys = list(map(mapping.get, entries, entries))  # C loops: a rename of 100,000 keys costs per key
+        if len(set(new_keys)) != len(new_keys):  # a collision: found in order, to name it
+            seen: set[str] = set()
+            for old, new in zip(entries, new_keys, strict=True):
+                if new in seen:
+                    raise OpError(_op, old, f"{_op}: {old!r} -> {new!r} collides with another key named {new!r}")
+                seen.add(new)
         meta_inverse = self._move_metadata(list(entries), mapping, metadata)
-        values = list(entries.items())
+        values = list(entries.values())
         entries.clear()
-        for (_old, value), new in zip(values, new_keys, strict=True):
-            entries[new] = value
+        entries.update(zip(new_keys, values, strict=True))
         self.optimizers.rename(mapping)
-        changed = {o: n for o, n in mapping.items() if o != n}
-        inverse: dict[str, Any] = {"mapping": {n: o for o, n in changed.items()}}
+        if all(map(ne, mapping.keys(), mapping.values())):
+            changed = dict(mapping)
+        else:
+            changed = {o: n for o, n in mapping.items() if o != n}
+        inverse: dict[str, Any] = {"mapping": dict(zip(changed.values(), changed.keys(), strict=True))}
         if meta_inverse is not None:
             inverse["metadata"] = meta_inverse
         self._record(_op, changed, ["rename_map", inverse])
@@ -197,7 +200,8 @@ class Operations(PickleOps):
 
     def rename_prefix(self, old: str, new: str, *, missing_ok: bool = False, _op: str = "rename_prefix") -> None:
         """Replace the prefix ``old`` with ``new`` on every key that starts with it."""
-        mapping = {k: new + k[len(old):] for k in self._entries if k.startswith(old)}
+        cut = len(old)
+        mapping = {k: new + k[cut:] for k in self._entries if k.startswith(old)}
         if not mapping:
             if missing_ok:
                 return
