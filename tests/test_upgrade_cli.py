@@ -48,7 +48,9 @@ def fingerprint(path: Path) -> tuple[bytes, int]:
 
 
 def listing(directory: Path) -> list[str]:
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+    """The files under ``directory``, less the bytecode Python caches for imported migration scripts
+    (written where ``PYTHONDONTWRITEBYTECODE`` is unset, by Python, not by ckptmigrate)."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if "__pycache__" not in p.parts)
 
 
 def revision_of(path: Path) -> str | None:
