@@ -195,3 +195,46 @@ def test_a_safetensors_rename_streams_the_data_behind_a_new_header(cli: Cli, env
     transfer = json.loads(proc.stdout)["transfer"]
     assert transfer["bytes_sent"] == len(new)
     assert cli("current", url, env=env).stdout.strip() == "c2"
+
+
+def test_azure_itself_refuses_a_stale_commit_and_an_interrupted_one_changes_nothing(
+        env: dict[str, str], container: Any, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptmigrate.errors import ObjectChanged
+    from ckptmigrate.storage import azure_write
+    from ckptmigrate.util.urls import as_location
+
+    original = checkpoint(1024)
+    name = f"{prefix}/m.pt"
+    container.upload_blob(name, original)
+    url = as_location(f"az://ckpts/{name}")
+    staged = tmp_path / "new.pt"
+    staged.write_bytes(checkpoint(1024, seed=1))
+    monkeypatch.setattr(azure_write.AzureObject, "check_unchanged", lambda self: None)  # the commit's own If-Match
+    stale = azure_write.AzureObject.of(url, '"0x8D0000000000000"')
+    with pytest.raises(ObjectChanged, match="the object changed since it was read"):
+        azure_write.upload(stale, staged)
+    create = azure_write.AzureObject.of(url, None)
+    create.create_only = True  # If-None-Match: * on a blob that is there
+    with pytest.raises(ObjectChanged, match="an object appeared there"):
+        azure_write.upload(create, staged)
+    # interrupted between staged blocks: nothing is committed
+    monkeypatch.setenv("CKPTMIGRATE_AZ_BLOCK_SIZE", "1024")
+    current = azure_write.AzureObject.of(url, container.get_blob_client(name).get_blob_properties().etag)
+    calls = 0
+    real = azure_write._Blocks.data
+
+    def interrupted(self: Any, data: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        real(self, data)
+
+    monkeypatch.setattr(azure_write._Blocks, "data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        azure_write.upload(current, staged)
+    assert read(container, name) == original
+    assert names(container, prefix) == [name]
+    monkeypatch.setattr(azure_write._Blocks, "data", real)
+    azure_write.upload(current, staged)  # several blocks, one commit
+    assert read(container, name) == staged.read_bytes()
