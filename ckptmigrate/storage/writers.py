@@ -1,16 +1,17 @@
 """Which writer replaces an object in a bucket: S3's (the kept bytes assembled server-side,
-storage/s3_compose) or Google Cloud Storage's (a streamed resumable upload, storage/gcs_write). Both
-write in one step, conditionally on what was read, and take the same backups."""
+storage/s3_compose), Google Cloud Storage's (a streamed resumable upload, storage/gcs_write) or
+Azure's (a block list, the kept bytes staged server-side, storage/azure_write). All write in one
+step, conditionally on what was read, and take the same backups."""
 
 from __future__ import annotations
 
 import os
 
-from ckptmigrate.storage import gcs_write, s3_compose
+from ckptmigrate.storage import azure_write, gcs_write, s3_compose
 from ckptmigrate.storage.ranges import RangeFile
 from ckptmigrate.util.urls import ObjectURL
 
-Target = s3_compose.S3Object | gcs_write.GcsObject
+Target = s3_compose.S3Object | gcs_write.GcsObject | azure_write.AzureObject
 
 
 def target(url: ObjectURL, etag: str | None, version: str | None = None) -> Target:
@@ -18,36 +19,48 @@ def target(url: ObjectURL, etag: str | None, version: str | None = None) -> Targ
     ``version``) read; a scheme that is not written is one line."""
     if url.scheme in gcs_write.WRITABLE:
         return gcs_write.GcsObject.of(url, version)
+    if url.scheme in azure_write.WRITABLE:
+        return azure_write.AzureObject.of(url, etag)
     return s3_compose.S3Object.of(url, etag, version)
 
 
 def backup(obj: Target) -> ObjectURL:
+    if isinstance(obj, azure_write.AzureObject):
+        return azure_write.backup(obj)
     return gcs_write.backup(obj) if isinstance(obj, gcs_write.GcsObject) else s3_compose.backup(obj)
 
 
 def upload(obj: Target, path: str | os.PathLike[str]) -> None:
-    if isinstance(obj, gcs_write.GcsObject):
+    if isinstance(obj, azure_write.AzureObject):
+        azure_write.upload(obj, path)
+    elif isinstance(obj, gcs_write.GcsObject):
         gcs_write.upload(obj, path)
     else:
         s3_compose.upload(obj, path)
 
 
 def compose(obj: Target, old: RangeFile, keep: int, tail: bytes) -> None:
-    if isinstance(obj, gcs_write.GcsObject):
+    if isinstance(obj, azure_write.AzureObject):
+        azure_write.compose(obj, old, keep, tail)
+    elif isinstance(obj, gcs_write.GcsObject):
         gcs_write.compose(obj, old, keep, tail)
     else:
         s3_compose.compose(obj, old, keep, tail)
 
 
 def replace_head(obj: Target, old: RangeFile, head: bytes, skip: int) -> None:
-    if isinstance(obj, gcs_write.GcsObject):
+    if isinstance(obj, azure_write.AzureObject):
+        azure_write.replace_head(obj, old, head, skip)
+    elif isinstance(obj, gcs_write.GcsObject):
         gcs_write.replace_head(obj, old, head, skip)
     else:
         s3_compose.replace_head(obj, old, head, skip)
 
 
 def remove(url: ObjectURL) -> None:
-    if url.scheme in gcs_write.WRITABLE:
+    if url.scheme in azure_write.WRITABLE:
+        azure_write.remove(url)
+    elif url.scheme in gcs_write.WRITABLE:
         gcs_write.remove(url)
     else:
         s3_compose.remove(url)

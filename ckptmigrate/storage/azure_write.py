@@ -1,0 +1,270 @@
+"""Replacing an Azure blob in one step, conditionally on the ETag read.
+
+A block blob is a committed list of blocks: blocks are staged (uncommitted: invisible to readers)
+and ``Put Block List`` commits them at once, so a reader sees the old blob or the new one, never a
+half. The commit carries ``If-Match`` with the ETag read when the blob was opened (``If-None-Match:
+*`` for a new blob: create only), and the ETag is checked once more right before it; the loser of
+two runners raises :class:`~ckptmigrate.errors.ObjectChanged` and the blob is unchanged. A failed
+write commits nothing (Azure discards uncommitted blocks after a week).
+
+When only metadata changes, the kept bytes are read back in bounded blocks and staged again, with
+the new bytes as one more block: they cross the network twice. (``Put Block From URL`` would keep
+them server-side, but Azurite, the emulator the tests run, does not implement it: answers
+``APINotImplemented``; so it is not used.) A blob replaced meanwhile fails the commit's
+``If-Match``, so bytes of another writer's blob are never committed. The backup is a server-side
+copy (``Copy Blob From URL``, synchronous, the source read through a short-lived read SAS signed
+with the account key, or the account's SAS) to ``KEY.bak`` (``.bak.1``, ...; never overwritten:
+``If-None-Match: *``) conditional on the source ETag.
+
+Requests go through azure-storage-blob (what adlfs uses), with a BlobClient built from the adlfs
+filesystem's own service client (its credentials and endpoint).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
+from ckptmigrate.storage.ranges import TRANSFER, RangeFile, changed
+from ckptmigrate.util.urls import ObjectURL, filesystem, translated
+
+WRITABLE = ("az", "abfs", "abfss")
+#: Azure's largest block (``Put Block``: 4000 MiB; kept far below, memory holds a block).
+MAX_BLOCK = 100 << 20
+#: Bytes per block staged and per range read back (``CKPTMIGRATE_AZ_BLOCK_SIZE`` overrides it).
+BLOCK = 16 << 20
+
+
+def block_size() -> int:
+    text = os.environ.get("CKPTMIGRATE_AZ_BLOCK_SIZE")
+    if not text:
+        return BLOCK
+    if not text.isdigit() or not 0 < int(text) <= MAX_BLOCK:
+        raise BadInput(f"CKPTMIGRATE_AZ_BLOCK_SIZE={text!r}: a block size in bytes, 1 to {MAX_BLOCK}")
+    return int(text)
+
+
+@dataclass
+class AzureObject:
+    """A blob to replace: where it is, and the ETag it had when it was read (None: an unconditional write)."""
+
+    url: ObjectURL
+    fs: Any
+    bucket: str
+    key: str
+    etag: str | None
+    #: A new blob: committed only if none is there (``If-None-Match: *``).
+    create_only: bool = False
+
+    @classmethod
+    def of(cls, url: ObjectURL, etag: str | None) -> AzureObject:
+        fs, path = filesystem(url)
+        bucket, _, key = path.partition("/")
+        return cls(url, fs, bucket, key, etag)
+
+    def client(self, key: str | None = None) -> Any:
+        """A synchronous BlobClient on the filesystem's account, credentials and endpoint."""
+        from azure.storage.blob import BlobClient
+
+        connection = getattr(self.fs, "connection_string", None)
+        if connection:
+            return BlobClient.from_connection_string(connection, self.bucket, key or self.key)
+        with translated(self.url, "write"):
+            service = self.fs.service_client
+        credential = service.credential
+        if credential is not None and hasattr(credential, "account_key"):
+            credential = {"account_name": credential.account_name, "account_key": credential.account_key}
+        elif credential is None and getattr(self.fs, "sas_token", None):
+            credential = self.fs.sas_token
+        return BlobClient(service.url, self.bucket, key or self.key, credential=credential,
+                          api_version=getattr(service, "api_version", None))
+
+    def call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """One request; a failed precondition (412, or 409 on a create-only) is the other writer's win."""
+        from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError
+
+        TRANSFER.requests += 1
+        try:
+            with translated(self.url, what):
+                try:
+                    return fn(*args, **kwargs)
+                except (ResourceModifiedError, ResourceExistsError) as exc:
+                    raise _Lost() from exc
+                except HttpResponseError as exc:
+                    if exc.status_code == 412:
+                        raise _Lost() from exc
+                    if exc.status_code == 404 and "ContainerNotFound" in str(exc):
+                        raise FileNotFoundError("the bucket does not exist") from None
+                    raise
+        except RemoteError as exc:
+            if isinstance(exc.__context__, _Lost):
+                raise self.changed(self.head_etag()) from None
+            raise
+
+    def head_etag(self) -> str | None:
+        """The blob's ETag now (None: there is no blob)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        TRANSFER.requests += 1
+        with translated(self.url):
+            try:
+                return str(self.client().get_blob_properties().etag)
+            except ResourceNotFoundError:
+                return None
+
+    def changed(self, found: str | None) -> ObjectChanged:
+        if self.create_only:
+            return ObjectChanged(f"{self.url}: an object appeared there since the output was checked (another "
+                                 "writer got there first); nothing was written", url=str(self.url), expected=None,
+                                 found=found)
+        return changed(self.url, self.etag, found)
+
+    def check_unchanged(self) -> None:
+        if self.etag is None and not self.create_only:
+            return  # an unconditional write (--overwrite)
+        found = self.head_etag()
+        if found != self.etag:
+            raise self.changed(found)
+
+    def precondition(self) -> dict[str, Any]:
+        from azure.core import MatchConditions
+
+        if self.etag is not None:
+            return {"etag": self.etag, "match_condition": MatchConditions.IfNotModified}
+        return {"match_condition": MatchConditions.IfMissing} if self.create_only else {}
+
+
+class _Lost(Exception):
+    """A precondition failed (inside :meth:`AzureObject.call`)."""
+
+
+def _source_url(obj: AzureObject, blob: Any) -> str:
+    """The blob's URL as a copy source: with a read SAS signed by the account key (an hour), or
+    the SAS the account was given; else the bare URL (a public container)."""
+    from azure.storage.blob import BlobSasPermissions, generate_blob_sas
+
+    credential = blob.credential
+    key = getattr(credential, "account_key", None)
+    if key:
+        signed = generate_blob_sas(blob.account_name, blob.container_name, blob.blob_name, account_key=key,
+                                   permission=BlobSasPermissions(read=True),
+                                   expiry=datetime.now(UTC) + timedelta(hours=1))
+        return f"{blob.url}?{signed}"
+    given = getattr(obj.fs, "sas_token", None)
+    return f"{blob.url}?{str(given).lstrip('?')}" if given else str(blob.url)
+
+
+def backup(obj: AzureObject) -> ObjectURL:
+    """A server-side copy of the blob to the first free ``KEY.bak`` (``.bak.1``, ...), created only
+    where nothing is, from the ETag read."""
+    from azure.core import MatchConditions
+
+    n = 0
+    while True:
+        name = obj.key + ".bak" + (f".{n}" if n else "")
+        TRANSFER.requests += 1
+        with translated(obj.url, "back up"):
+            obj.fs.invalidate_cache(f"{obj.bucket}/{name}")
+            taken = obj.fs.exists(f"{obj.bucket}/{name}")
+        if not taken:
+            break
+        n += 1
+    source = obj.client()
+    target = obj.client(name)
+    conditions: dict[str, Any] = {"source_etag": obj.etag, "source_match_condition": MatchConditions.IfNotModified} \
+        if obj.etag is not None else {}
+    copy = obj.call("back up", target.start_copy_from_url, _source_url(obj, source), requires_sync=True,
+                    match_condition=MatchConditions.IfMissing, **conditions)
+    if copy.get("copy_status") not in (None, "success"):
+        raise RemoteError(f"{obj.url}: cannot back up: the copy to {name} is {copy.get('copy_status')}",
+                          url=str(obj.url))
+    TRANSFER.requests += 1
+    with translated(obj.url, "back up"):
+        TRANSFER.bytes_copied_server_side += int(target.get_blob_properties().size)
+    return ObjectURL(f"{obj.url.scheme}://{obj.bucket}/{name}")
+
+
+def remove(url: ObjectURL) -> None:
+    """Delete a blob this run created (a backup whose write failed)."""
+    fs, path = filesystem(url)
+    with translated(url, "delete"):
+        fs.rm_file(path)
+
+
+def _block_id(n: int, run: str) -> str:
+    return base64.b64encode(f"{run}-{n:08d}".encode()).decode()
+
+
+class _Blocks:
+    """Blocks staged for one commit, in order."""
+
+    def __init__(self, obj: AzureObject) -> None:
+        self.obj = obj
+        self.blob = obj.client()
+        self.run = uuid.uuid4().hex
+        self.ids: list[str] = []
+
+    def _next_id(self) -> str:
+        self.ids.append(_block_id(len(self.ids), self.run))
+        return self.ids[-1]
+
+    def data(self, data: bytes) -> None:
+        step = block_size()
+        for start in range(0, len(data), step):
+            part = data[start:start + step]
+            self.obj.call("write", self.blob.stage_block, self._next_id(), part, length=len(part))
+            TRANSFER.bytes_sent += len(part)
+
+    def copied(self, old: RangeFile, begin: int, end: int) -> None:
+        """Bytes ``begin``..``end`` of the old blob, read back a block at a time (each counted and
+        checked for length) and staged again. A blob replaced meanwhile fails the commit's
+        ``If-Match``, so what was read from it is never committed."""
+        step = block_size()
+        for start in range(begin, end, step):
+            stop = min(end, start + step)
+            (block,) = old.fetcher.ranges([(start, stop)])
+            TRANSFER.requests += 1
+            TRANSFER.bytes_received += len(block)
+            if len(block) != stop - start:
+                old._short(f"asked for bytes {start}-{stop - 1}, got {len(block)} bytes")
+            self.data(block)
+
+    def commit(self) -> None:
+        """The one step: the block list committed, if the blob is still the one read."""
+        from azure.storage.blob import BlobBlock
+
+        self.obj.check_unchanged()
+        self.obj.call("write", self.blob.commit_block_list, [BlobBlock(i) for i in self.ids],
+                      **self.obj.precondition())
+
+
+def compose(obj: AzureObject, old: RangeFile, keep: int, tail: bytes) -> None:
+    """Replace the blob by its first ``keep`` bytes (streamed through) and ``tail``."""
+    blocks = _Blocks(obj)
+    blocks.copied(old, 0, keep)
+    blocks.data(tail)
+    blocks.commit()
+
+
+def replace_head(obj: AzureObject, old: RangeFile, head: bytes, skip: int) -> None:
+    """Replace the blob by ``head`` and its bytes from ``skip`` on (streamed through)."""
+    blocks = _Blocks(obj)
+    blocks.data(head)
+    blocks.copied(old, skip, old.size)
+    blocks.commit()
+
+
+def upload(obj: AzureObject, path: str | os.PathLike[str]) -> None:
+    """Replace (or create) the blob with a local file, staged a block at a time; one commit."""
+    step = block_size()
+    blocks = _Blocks(obj)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(step), b""):
+            blocks.data(block)
+    blocks.commit()  # an empty file: an empty block list
+
