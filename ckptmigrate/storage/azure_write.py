@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
-from ckptmigrate.storage.ranges import TRANSFER, RangeFile, changed
+from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared, changed
 from ckptmigrate.util.urls import ObjectURL, filesystem, translated
 
 WRITABLE = ("az", "abfs", "abfss")
@@ -119,9 +119,7 @@ class AzureObject:
 
     def changed(self, found: str | None) -> ObjectChanged:
         if self.create_only:
-            return ObjectChanged(f"{self.url}: an object appeared there since the output was checked (another "
-                                 "writer got there first); nothing was written", url=str(self.url), expected=None,
-                                 found=found)
+            return appeared(self.url, found)
         return changed(self.url, self.etag, found)
 
     def check_unchanged(self) -> None:
@@ -189,11 +187,6 @@ def backup(obj: AzureObject) -> ObjectURL:
     return ObjectURL(f"{obj.url.scheme}://{obj.bucket}/{name}")
 
 
-def remove(url: ObjectURL) -> None:
-    """Delete a blob this run created (a backup whose write failed)."""
-    fs, path = filesystem(url)
-    with translated(url, "delete"):
-        fs.rm_file(path)
 
 
 def _block_id(n: int, run: str) -> str:

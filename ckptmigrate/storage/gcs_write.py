@@ -28,7 +28,7 @@ from typing import Any
 import fsspec.asyn
 
 from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
-from ckptmigrate.storage.ranges import TRANSFER, RangeFile
+from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared
 from ckptmigrate.util.urls import ObjectGeneration, ObjectURL, filesystem, translated
 
 WRITABLE = ("gs", "gcs")
@@ -84,9 +84,7 @@ class GcsObject:
 
     def changed(self, found: str | None) -> ObjectChanged:
         if self.create_only:
-            return ObjectChanged(f"{self.url}: an object appeared there since the output was checked (another "
-                                 "writer got there first); nothing was written", url=str(self.url), expected=None,
-                                 found=found)
+            return appeared(self.url, found)
         return ObjectChanged(f"{self.url}: the object changed since it was read (generation {self.etag} -> "
                              f"{found}): another writer got there first; nothing was written", url=str(self.url),
                              expected=self.etag, found=found)
@@ -147,13 +145,6 @@ def backup_copy(obj: GcsObject) -> ObjectURL:
     return ObjectURL(f"{obj.url.scheme}://{obj.bucket}/{name}")
 
 
-def remove(url: ObjectURL) -> None:
-    """Delete an object this run created (a backup whose write failed); a generation is the object itself."""
-    if isinstance(url, ObjectGeneration):
-        return
-    fs, path = filesystem(url)
-    with translated(url, "delete"):
-        fs.rm_file(path)
 
 
 def compose(obj: GcsObject, old: RangeFile, keep: int, tail: bytes) -> None:

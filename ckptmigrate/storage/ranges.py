@@ -168,6 +168,12 @@ def open_object(url: ObjectURL) -> Fetcher:
     return HttpObject(url) if url.scheme in ("http", "https") else FsspecObject(url)
 
 
+def appeared(url: ObjectURL, found: str | None) -> ObjectChanged:
+    """The loser of a create-only write: another writer made the object first."""
+    return ObjectChanged(f"{url}: an object appeared there since the output was checked (another writer got "
+                         "there first); nothing was written", url=str(url), expected=None, found=found)
+
+
 def changed(url: ObjectURL, expected: str | None, found: str | None) -> ObjectChanged:
     return ObjectChanged(f"{url}: the object changed since it was read (ETag {expected} -> {found}): another "
                          "writer got there first; nothing was written", url=str(url), expected=expected, found=found)

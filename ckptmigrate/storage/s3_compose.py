@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
-from ckptmigrate.storage.ranges import TRANSFER, RangeFile, changed
+from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared, changed
 from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translated
 
 #: S3's part sizes: every part but the last at least 5 MiB, none over 5 GiB.
@@ -74,9 +74,7 @@ class S3Object:
 
     def changed(self, found: str | None) -> ObjectChanged:
         if self.create_only:
-            return ObjectChanged(f"{self.url}: an object appeared there since the output was checked (another "
-                                 "writer got there first); nothing was written", url=str(self.url), expected=None,
-                                 found=found)
+            return appeared(self.url, found)
         return changed(self.url, self.etag, found)
 
     def check_unchanged(self) -> None:
@@ -126,13 +124,6 @@ def backup_copy(obj: S3Object) -> ObjectURL:
     return ObjectURL(f"{obj.url.scheme}://{obj.bucket}/{name}")
 
 
-def remove(url: ObjectURL) -> None:
-    """Delete an object this run created (a backup whose write failed); a version is the object itself."""
-    if isinstance(url, ObjectVersion):
-        return
-    fs, path = filesystem(url)
-    with translated(url, "delete"):
-        fs.rm_file(path)
 
 
 def copy_ranges(keep: int) -> list[tuple[int, int]]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptmigrate.errors import RemoteError
-from ckptmigrate.storage import s3_compose
+from ckptmigrate.storage import s3_compose, writers
 from ckptmigrate.storage.ranges import RangeFile, changed
 from ckptmigrate.util.urls import ObjectURL
 
@@ -70,7 +70,7 @@ def switch_metadata(
         for obj in created:
             s3_compose.delete(obj)
         if kept is not None:
-            s3_compose.remove(kept)
+            writers.remove(kept)
         raise
     if old_envelope is not None and old_envelope != envelope_name and not backup:
         s3_compose.delete(s3_compose.S3Object.of(prefix / old_envelope, None))
@@ -104,7 +104,7 @@ def _envelope_only(
         md.check_unchanged()
     except BaseException:
         if kept is not None:
-            s3_compose.remove(kept)
+            writers.remove(kept)
         raise
     return kept
 
@@ -146,7 +146,7 @@ def rewrite_headers(
             s3_compose.put(index, new_index)
         except BaseException:
             if backup_url is not None:
-                s3_compose.remove(backup_url)
+                writers.remove(backup_url)
             raise
         return backup_url
     token = secrets.token_hex(6)
@@ -167,7 +167,7 @@ def rewrite_headers(
     except BaseException:
         s3_compose.delete(journal)
         for url in kept:
-            s3_compose.remove(url)
+            writers.remove(url)
         raise
     index.etag = placed  # the new index replaces the placeholder, and nothing else
     done: list[str] = []
@@ -183,7 +183,7 @@ def rewrite_headers(
         _restore(prefix, index, {n: shards[n].old for n in done}, old_index)
         s3_compose.delete(journal)
         for url in kept:
-            s3_compose.remove(url)
+            writers.remove(url)
         raise
     s3_compose.delete(journal)
     return kept[0] if kept else None

@@ -9,7 +9,7 @@ import os
 
 from ckptmigrate.storage import azure_write, gcs_write, s3_compose
 from ckptmigrate.storage.ranges import RangeFile
-from ckptmigrate.util.urls import ObjectURL
+from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translated
 
 Target = s3_compose.S3Object | gcs_write.GcsObject | azure_write.AzureObject
 
@@ -58,9 +58,10 @@ def replace_head(obj: Target, old: RangeFile, head: bytes, skip: int) -> None:
 
 
 def remove(url: ObjectURL) -> None:
-    if url.scheme in azure_write.WRITABLE:
-        azure_write.remove(url)
-    elif url.scheme in gcs_write.WRITABLE:
-        gcs_write.remove(url)
-    else:
-        s3_compose.remove(url)
+    """Delete an object this run created (a backup whose write failed); a version or generation is
+    the object itself, kept by the bucket."""
+    if isinstance(url, ObjectVersion):
+        return
+    fs, path = filesystem(url)
+    with translated(url, "delete"):
+        fs.rm_file(path)
