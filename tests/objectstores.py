@@ -207,6 +207,28 @@ def running_s3() -> Iterator[S3Server]:
         server.stop()
 
 
+@contextlib.contextmanager
+def running_gcs(bucket: str = "ckpts", **settings: str) -> Iterator[tuple[dict[str, str], Any]]:
+    """gcp-storage-emulator (GCS's JSON API, in memory) on 127.0.0.1 with ``bucket``, this process's
+    gcsfs settings pointing at it (plus ``settings``): the settings and the tests' own client's bucket."""
+    from gcp_storage_emulator.server import create_server
+    from google.cloud import storage  # the tests' own look at the bucket, not what ckptmigrate uses
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.start()
+    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+           **settings}
+    old = set_env(env)
+    try:
+        client = storage.Client.create_anonymous_client()
+        client._connection.API_BASE_URL = env["STORAGE_EMULATOR_HOST"]
+        yield env, client.bucket(bucket)
+    finally:
+        restore_env(old)
+        server.stop()
+
+
 def set_env(env: dict[str, str]) -> dict[str, str | None]:
     """Set ``env`` in this process; returns what to restore."""
     old = {k: os.environ.get(k) for k in env}

@@ -5,8 +5,9 @@ objects in a bucket — on local processes or our Ray cluster, and acts on each 
 failure its result (never raised), an input broken before any file (no such chain) raised. In
 process on real files with local worker processes, one of them killed mid-migration; on a real Ray
 cluster (``ray start --head`` on 127.0.0.1) joined through Ray Client from this process; and a
-fleet of objects in a real moto bucket upgraded by Ray workers through the CLI: the cluster's nodes
-have their own credentials, and the driver's endpoint reaches them through the task's runtime_env.
+fleet of objects in a real moto bucket, and one in a real GCS emulator, upgraded by Ray workers through
+the CLI: the cluster's nodes have their own credentials, and the driver's endpoint reaches them
+through the task's runtime_env.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from ckptmigrate.errors import BadInput
 from ckptmigrate.fleet import run_fleet
 from tests.fleet_chain import applications, arm_kill, make_chain, make_fleet, revision_of
-from tests.objectstores import DUMMY_CREDENTIALS, running_s3
+from tests.objectstores import DUMMY_CREDENTIALS, running_gcs, running_s3
 from tests.raycluster import QUIET, Cluster, ray_head
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -113,3 +114,26 @@ def test_a_bucket_upgraded_by_ray_workers(tmp_path: Path, cli: Cli, cluster: Clu
         records = journal_lines(tmp_path / "j.jsonl")
         assert {r["executor"] for r in records} == {cluster.executor} and len(records) == 4
         assert all(r["pid"] != os.getpid() for r in records)
+
+
+def test_a_gcs_bucket_upgraded_by_ray_workers(tmp_path: Path, cli: Cli, cluster: Cluster) -> None:
+    versions = tmp_path / "chain" / "versions"
+    versions.mkdir(parents=True)
+    for rev, down, code in (("c1", None, "pass"), ("c2", "c1", "ckpt.rename('head.bias', 'out.bias')")):
+        (versions / f"{rev}.py").write_text(f"revision = {rev!r}\ndown_revision = {down!r}\n\n\n"
+                                            f"def upgrade(ckpt):\n    {code}\n")
+    with running_gcs("ray-gcs") as (env, bucket):  # started after the cluster: its nodes do not know the emulator
+        originals = {}
+        for i in range(3):
+            buf = io.BytesIO()
+            torch.save({"w": torch.full((4,), float(i)), "head.bias": torch.zeros(2)}, buf)
+            originals[f"runs/{i}.pt"] = buf.getvalue()
+            bucket.blob(f"runs/{i}.pt").upload_from_string(buf.getvalue())
+        proc = cli("upgrade", "gs://ray-gcs/runs/", "--from", "c1", "--migrations", tmp_path / "chain",
+                   "--executor", cluster.executor, "--json", env={**QUIET, **env})
+        assert proc.returncode == 0, proc.stderr
+        rows = json.loads(proc.stdout)
+        assert [(r["path"], r["written"]) for r in rows] == [(f"gs://ray-gcs/{k}", True) for k in sorted(originals)]
+        for key, body in originals.items():
+            assert set(torch.load(io.BytesIO(bucket.blob(key).download_as_bytes()))) == {"w", "out.bias"}
+            assert bucket.blob(f"{key}.bak").download_as_bytes() == body

@@ -28,11 +28,14 @@ from ckptmigrate.errors import BadInput, one_line
 Task = Callable[[str, int], Any]
 #: How many times a ``ray://`` address is joined before the fleet gives up.
 RAY_CLIENT_JOINS = 3
-#: Where the driver's object store is, sent to Ray workers (their ``runtime_env``) so that a fleet of
-#: ``s3://`` objects reaches the same endpoint from every node. Never credentials: a node has its own
-#: (a role, its ``~/.aws``, its environment), and a secret in a runtime_env is stored by the cluster.
+#: Where the driver's object stores are and how their clients are set, sent to Ray workers (their
+#: ``runtime_env``) so that a fleet of ``s3://``, ``gs://`` or ``hf://`` objects reaches the same
+#: endpoint from every node. Never credentials: a node has its own (a role, its ``~/.aws``, its
+#: environment), and a secret in a runtime_env is stored by the cluster.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "CKPTMIGRATE_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-                 "AWS_REGION", "CKPTMIGRATE_S3_PART_SIZE")
+                 "AWS_REGION", "CKPTMIGRATE_S3_PART_SIZE",
+                 "STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "CKPTMIGRATE_GCS_CHUNK_SIZE",
+                 "HF_ENDPOINT", "CKPTMIGRATE_AZ_BLOCK_SIZE")
 
 
 @dataclass
