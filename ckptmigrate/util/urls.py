@@ -182,7 +182,21 @@ def translated(url: ObjectURL | str, action: str = "read") -> Iterator[None]:
         if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
             raise RemoteError(f"{shown}: cannot {action}: no credentials found (set AWS_ACCESS_KEY_ID and "
                               "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role)", url=shown) from None
-        raise RemoteError(f"{shown}: cannot {action}: {_clean(str(exc) or name, shown)}", url=shown) from None
+        detail = _clean(_service_message(exc) or name, shown)
+        if getattr(exc, "status_code", None) == 403:  # azure-core's errors carry the HTTP status
+            raise RemoteError(f"{shown}: cannot {action}: access denied (check the credentials' permissions): "
+                              f"{detail}", url=shown) from None
+        raise RemoteError(f"{shown}: cannot {action}: {detail}", url=shown) from None
+
+
+def _service_message(exc: Exception) -> str:
+    """What the service said: Azure's first line and error code, not the request id, time and XML
+    body azure-core appends; any other backend's message whole."""
+    text = str(exc)
+    code = getattr(exc, "error_code", None)
+    if code is None or not text:
+        return text
+    return f"{text.splitlines()[0]} ({code})"
 
 
 #: What huggingface_hub's ``HfFileSystem`` says a missing file is missing for (the error it chains).
