@@ -4,7 +4,7 @@ A torch zip file of ``--tensors`` small tensors under ``module.`` and a two-revi
 then ``unwrap("module.")``), each revision with its snapshot. An in-process upgrade
 (``api.upgrade(dry_run=True)``: plan, open, run the scripts, check; nothing written) is run
 ``--repeat`` times; printed are the medians of its CPU time (user + sys of this process) and of the
-CPU time spent in the check (``engine._SnapshotCheck.step``, timed by a wrapper). The check reads keys,
+CPU time spent in the check (``snapshot_check.SnapshotCheck.step``, timed by a wrapper). The check reads keys,
 shapes and dtypes only: its cost grows with the number of tensors, not their bytes.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ckptmigrate import api
-from ckptmigrate.chain import engine
+from ckptmigrate.chain import snapshot_check
 
 CHAIN = {
     "r1": "revision = 'r1'\ndown_revision = None\n\n\ndef upgrade(ckpt):\n    pass\n",
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
     in_check: list[float] = []
-    check = engine._SnapshotCheck.step
+    check = snapshot_check.SnapshotCheck.step
 
     def timed(*a: Any, **k: Any) -> None:
         start = time.process_time()
@@ -66,7 +66,7 @@ def main() -> None:
         finally:
             in_check[-1] += time.process_time() - start
 
-    engine._SnapshotCheck.step = timed  # type: ignore[method-assign]
+    snapshot_check.SnapshotCheck.step = timed  # type: ignore[method-assign]
     totals = []
     with tempfile.TemporaryDirectory() as tmp:
         path, migrations = build(Path(tmp), args.tensors)
