@@ -21,20 +21,18 @@ from operator import ne
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ckptmigrate.errors import BadInput
+from ckptmigrate.ops import tensor_values as values
 from ckptmigrate.ops.optimizer import OptimizerTrack
 from ckptmigrate.ops.pickle_globals import PickleOps
 from ckptmigrate.tensors.refs import (
-    ITEMSIZE,
     Deferred,
     Entry,
     TensorRef,
     contiguous_stride,
-    dtype_name,
     dtype_of,
     is_entry,
     shape_of,
     to_torch,
-    torch_dtype,
 )
 
 if TYPE_CHECKING:
@@ -44,7 +42,6 @@ if TYPE_CHECKING:
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 Inverse = list[Any]
-#: Mantissa bits of the IEEE float types whose NaNs :func:`_cast` carries across.
 MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}
 #: The ops an inverse journal may name (it is read back from the file's envelope).
 INVERSE_OPS = frozenset({"rename_map", "drop", "reshape", "transpose", "permute", "cast", "truncate", "split", "merge",
@@ -157,9 +154,9 @@ class Operations(PickleOps):
                     raise OpError(_op, old, f"{_op}: {old!r} -> {new!r} collides with another key named {new!r}")
                 seen.add(new)
         meta_inverse = self._move_metadata(list(entries), mapping, metadata)
-        values = list(entries.values())
+        moved = list(entries.values())
         entries.clear()
-        entries.update(zip(new_keys, values, strict=True))
+        entries.update(zip(new_keys, moved, strict=True))
         self.optimizers.rename(mapping)
         if all(map(ne, mapping.keys(), mapping.values())):
             changed = dict(mapping)
@@ -299,9 +296,9 @@ class Operations(PickleOps):
             new = _resolve_shape("reshape", k, old, shape)
             if isinstance(src, TensorRef) and src.stride == contiguous_stride(old):
                 self._replace(k, src.view(src.storage_offset, new, contiguous_stride(new)))
-                self.optimizers.transform([k], [k], old, partial(_reshape_all, shape=new))
+                self.optimizers.transform([k], [k], old, partial(values.reshape_all, shape=new))
             else:
-                self._transform("reshape", k, new, partial(_reshape, shape=new))
+                self._transform("reshape", k, new, partial(values.reshape, shape=new))
             self._record("reshape", [k], ["reshape", {"key": re.escape(k), "shape": list(old)}])
 
     def transpose(self, key: str, dim0: int, dim1: int, *, missing_ok: bool = False) -> None:
@@ -334,8 +331,8 @@ class Operations(PickleOps):
             src = self._tensor("cast", k)
             old = dtype_of(src)
             shape = shape_of(src)
-            self._transform("cast", k, shape, partial(_cast, name=name), dtype=name)
-            exact = _keeps_values(old, name)
+            self._transform("cast", k, shape, partial(values.cast_exact, name=name), dtype=name)
+            exact = values.keeps_values(old, name)
             self._record("cast", [k], ["cast", {"pattern": re.escape(k), "dtype": old}] if exact else None)
 
     def pad(self, key: str, shape: Sequence[int], value: float = 0, *, missing_ok: bool = False) -> None:
@@ -345,7 +342,7 @@ class Operations(PickleOps):
             new = tuple(shape)
             if len(new) != len(old) or any(n < o for n, o in zip(new, old, strict=True)):
                 raise OpError("pad", k, f"pad: cannot pad {k!r} of shape {list(old)} to {list(new)}")
-            self._transform("pad", k, new, partial(_pad, shape=new, value=value))
+            self._transform("pad", k, new, partial(values.pad, shape=new, value=value))
             self._record("pad", [k], ["truncate", {"key": re.escape(k), "shape": list(old)}])
 
     def truncate(self, key: str, shape: Sequence[int], *, missing_ok: bool = False) -> None:
@@ -355,7 +352,7 @@ class Operations(PickleOps):
             new = tuple(shape)
             if len(new) != len(old) or any(n > o for n, o in zip(new, old, strict=True)):
                 raise OpError("truncate", k, f"truncate: cannot cut {k!r} of shape {list(old)} to {list(new)}")
-            self._transform("truncate", k, new, partial(_truncate, shape=new))
+            self._transform("truncate", k, new, partial(values.truncate, shape=new))
             self._record("truncate", [k], None)
 
     def map(self, key_or_pattern: str, fn: Callable[[torch.Tensor], torch.Tensor], *,
@@ -400,10 +397,10 @@ class Operations(PickleOps):
             for target, size in zip(targets, parts, strict=True):
                 out_shape = list(shape)
                 out_shape[dim] = size
-                view = _slice_view(src, dim, start, size)
+                view = values.slice_view(src, dim, start, size)
                 new_items.append((target, view if view is not None else Deferred(
                     tuple(out_shape), dtype_of(src),
-                    partial(_narrow, src, dim, start, size),
+                    partial(values.narrow, src, dim, start, size),
                 )))
                 start += size
             ordered = items[:position] + new_items + items[position + 1:]
@@ -415,7 +412,7 @@ class Operations(PickleOps):
             for key_, value in ordered:
                 self._entries[key_] = value
             self.optimizers.transform(
-                [k], targets, shape, partial(_split_all, sizes=parts, dim=dim)
+                [k], targets, shape, partial(values.split_all, sizes=parts, dim=dim)
             )
             self._record("split", [k, *targets],
                          ["merge", {"keys": [re.escape(t) for t in targets], "new_key": k, "dim": dim}])
@@ -457,13 +454,14 @@ class Operations(PickleOps):
             items = [(k, v) for k, v in self._entries.items() if k not in sources]
             if target in dict(items):
                 raise OpError("merge", target, f"merge: {target!r} already exists")
-            merged = _joined_view(tensors, dim) or Deferred(tuple(out_shape), dtype, partial(_cat, tensors, dim))
+            merged = (values.joined_view(tensors, dim)
+                      or Deferred(tuple(out_shape), dtype, partial(values.cat, tensors, dim)))
             items.insert(min(position, len(items)), (target, merged))
             self._entries.clear()
             for key_, value in items:
                 self._entries[key_] = value
             self.optimizers.transform(
-                sources, [target], tuple(shapes[0]), lambda ts: [_cat_t(ts, dim)], shapes=shapes
+                sources, [target], tuple(shapes[0]), lambda ts: [values.cat_tensors(ts, dim)], shapes=shapes
             )
             self._record("merge", [*sources, target],
                          ["split", {"key": re.escape(target), "new_keys": sources, "dim": dim, "sizes": sizes,
@@ -555,125 +553,7 @@ def _resolve_shape(op: str, key: str, old: tuple[int, ...], shape: Sequence[int]
     return tuple(new)
 
 
-def _keeps_values(old: str, new: str) -> bool:
-    """Every ``old`` value is exactly a ``new`` value, so casting back restores the same bits."""
-    import torch
-
-    a, b = torch_dtype(old), torch_dtype(new)
-    if a == b or a == torch.bool:
-        return True
-    a_float, b_float = a.is_floating_point or a.is_complex, b.is_floating_point or b.is_complex
-    if b == torch.bool or (a_float and not b_float) or (a.is_complex and not b.is_complex):
-        return False
-    try:
-        if a_float:
-            fa, fb = torch.finfo(a), torch.finfo(b)
-            return fb.eps <= fa.eps and fb.max >= fa.max and fb.smallest_normal <= fa.smallest_normal
-        ia = torch.iinfo(a)
-        if b_float:
-            fb = torch.finfo(b)
-            return max(-ia.min, ia.max) <= min(2 / fb.eps, fb.max)
-        ib = torch.iinfo(b)
-        return ib.min <= ia.min and ib.max >= ia.max
-    except TypeError:  # quantized and other dtypes without finfo/iinfo
-        return False
-
-
-def _cast(t: torch.Tensor, name: str) -> torch.Tensor:
-    """``t.to(dtype)``, but NaNs keep their sign and payload between IEEE float types (torch's half casts
-    make them one NaN), so a tensor cast up and back is bit for bit what it was."""
-    import torch
-
-    out = t.to(torch_dtype(name))
-    src = dtype_name(t.dtype)
-    if src == name or src not in MANTISSA_BITS or name not in MANTISSA_BITS:
-        return out
-    nan = t.isnan()
-    if not nan.any():
-        return out
-    (src_bits, src_mant), (dst_bits, dst_mant) = [(ITEMSIZE[d] * 8, MANTISSA_BITS[d]) for d in (src, name)]
-    ints = {16: torch.int16, 32: torch.int32, 64: torch.int64}
-    bits = t.view(ints[src_bits])[nan].to(torch.int64)
-    payload = bits & ((1 << src_mant) - 1)
-    payload = payload << (dst_mant - src_mant) if dst_mant >= src_mant else payload >> (src_mant - dst_mant)
-    payload = torch.where(payload == 0, 1 << (dst_mant - 1), payload)  # still a NaN, a quiet one
-    sign = ((bits >> (src_bits - 1)) & 1) << (dst_bits - 1)
-    exponent = ((1 << (dst_bits - 1 - dst_mant)) - 1) << dst_mant
-    out.view(ints[dst_bits])[nan] = (sign | exponent | payload).to(ints[dst_bits])
-    return out
-
-
 def _equal_parts(op: str, key: str, length: int, n: int) -> list[int]:
     if n == 0 or length % n:
         raise OpError(op, key, f"{op}: {length} does not split into {n} equal parts for {key!r}; pass sizes=")
     return [length // n] * n
-
-
-def _reshape(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return t.reshape(shape)
-
-
-def _reshape_all(ts: list[torch.Tensor], shape: tuple[int, ...]) -> list[torch.Tensor]:
-    return [ts[0].reshape(shape)]
-
-
-def _truncate(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return t[tuple(slice(0, d) for d in shape)]
-
-
-def _runs_along(ref: TensorRef, dim: int) -> bool:
-    """A stored contiguous tensor whose slices along ``dim`` are single runs of bytes."""
-    return ref.stride == contiguous_stride(ref.shape) and math.prod(ref.shape[:dim]) == 1
-
-
-def _slice_view(src: Entry, dim: int, start: int, size: int) -> TensorRef | None:
-    """A part of a stored tensor as a view of the same bytes, as ``torch.split`` gives: no copy, no
-    torch, and the file can still be rewritten in place. None when the part is not one run."""
-    if not isinstance(src, TensorRef) or not _runs_along(src, dim) or src.numel == 0:
-        return None
-    shape = (*src.shape[:dim], size, *src.shape[dim + 1:])
-    offset = src.storage_offset + start * math.prod(src.shape[dim + 1:])
-    return src.view(offset, shape, contiguous_stride(shape))
-
-
-def _joined_view(parts: Sequence[Entry], dim: int) -> TensorRef | None:
-    """Adjacent views of one storage (the parts a split left) joined back into one view."""
-    first = parts[0]
-    if not isinstance(first, TensorRef):
-        return None
-    offset = first.storage_offset
-    for part in parts:
-        if (not isinstance(part, TensorRef) or part.storage is not first.storage or part.dtype != first.dtype
-                or part.metadata != first.metadata or not _runs_along(part, dim)
-                or part.storage_offset != offset or part.numel == 0):
-            return None
-        offset += part.numel
-    shape = list(first.shape)
-    shape[dim] = sum(p.shape[dim] for p in parts)
-    return first.view(first.storage_offset, tuple(shape), contiguous_stride(tuple(shape)))
-
-
-def _narrow(src: Entry, dim: int, start: int, size: int) -> torch.Tensor:
-    return to_torch(src).narrow(dim, start, size).contiguous()
-
-
-def _split_all(ts: list[torch.Tensor], sizes: list[int], dim: int) -> list[torch.Tensor]:
-    return list(ts[0].split(sizes, dim=dim))
-
-
-def _pad(t: torch.Tensor, shape: tuple[int, ...], value: float) -> torch.Tensor:
-    import torch
-
-    out = torch.full(shape, value, dtype=t.dtype)
-    out[tuple(slice(0, d) for d in t.shape)] = t
-    return out
-
-
-def _cat(entries: Sequence[Entry], dim: int) -> torch.Tensor:
-    return _cat_t([to_torch(e) for e in entries], dim)
-
-
-def _cat_t(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
-    import torch
-
-    return torch.cat(list(tensors), dim=dim)
