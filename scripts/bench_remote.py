@@ -179,7 +179,7 @@ def main() -> None:
             restore()
             cases.setdefault("stamp --digest (every byte read, the tail sent)", []).append(
                 timed(server, [*cli, "stamp", url, "--digest"], env))
-            cases.setdefault("verify (staged)", []).append(timed(server, [*cli, "verify", url], env))
+            cases.setdefault("verify (streamed, nothing on disk)", []).append(timed(server, [*cli, "verify", url], env))
             restore()
             cases.setdefault("naive: download, torch.load, rename, torch.save, upload", []).append(timed(
                 server, [sys.executable, "-c", NAIVE, BUCKET, "work.pt", str(tmp / "naive.pt")], env))

@@ -24,7 +24,7 @@ from ckptmigrate.errors import BadInput
 from ckptmigrate.formats.dcp import Chunked
 from ckptmigrate.formats.pickled import StandIn, TorchRebuild, global_name
 from ckptmigrate.release.signing import canonical_json, check_envelope_signature, load_public_key
-from ckptmigrate.tensors.refs import ITEMSIZE, ComposedTensor, Storage, TensorRef, is_entry
+from ckptmigrate.tensors.refs import ITEMSIZE, ComposedTensor, Source, Storage, TensorRef, is_entry
 from ckptmigrate.util.progress import advance
 
 if TYPE_CHECKING:
@@ -68,17 +68,28 @@ def _span(ref: TensorRef) -> tuple[int, int]:
 
 
 class _Reader:
-    """Hashes byte ranges of one file with one reusable buffer; equal ranges are hashed once."""
+    """Hashes byte ranges of checkpoint files with one reusable buffer; equal ranges are hashed once.
+
+    A local file's ranges are read as they are asked for. A remote object's are deferred (a
+    placeholder is returned) and then hashed together by :meth:`sweep`: one pass over the object in
+    offset order, nothing staged on disk, each byte fetched once.
+    """
 
     def __init__(self, alg: str) -> None:
         self.alg = alg
         self.buf = bytearray(_CHUNK)
         self.cache: dict[tuple[int, int, int], bytes] = {}
+        #: Remote ranges asked for and not hashed yet: per source, its (start, length) spans.
+        self.deferred: dict[int, tuple[Source, set[tuple[int, int]]]] = {}
 
-    def range_digest(self, fd: int, start: int, length: int) -> bytes:
-        ident = (fd, start, length)
+    def range_digest(self, source: Source, start: int, length: int) -> bytes:
+        ident = (id(source), start, length)
         if ident in self.cache:
             return self.cache[ident]
+        if source.remote is not None:
+            self.deferred.setdefault(id(source), (source, set()))[1].add((start, length))
+            return b""
+        fd = source.fileno()
         h = _hasher(self.alg)
         view = memoryview(self.buf)
         pos, end = start, start + length
@@ -98,15 +109,51 @@ class _Reader:
         self.cache[ident] = h.digest()
         return self.cache[ident]
 
+    def sweep(self) -> None:
+        """Hash every deferred remote range in one ordered pass per object: neighbouring ranges are
+        read as one (:data:`~ckptmigrate.storage.ranges.GAP`), from what opening the object cached or
+        fetched a chunk at a time; a hasher lives only while its range is being read."""
+        from ckptmigrate.storage.ranges import GAP
+
+        for source, spans in self.deferred.values():
+            ordered = sorted(spans)
+            windows: list[list[int]] = []
+            for start, length in ordered:
+                if windows and start - windows[-1][1] <= GAP:
+                    windows[-1][1] = max(windows[-1][1], start + length)
+                else:
+                    windows.append([start, start + length])
+            upcoming, active = 0, {}
+            for begin, stop in windows:
+                pos = begin
+                for block in source.remote.stream(begin, stop):
+                    end = pos + len(block)
+                    while upcoming < len(ordered) and ordered[upcoming][0] < end:
+                        active[ordered[upcoming]] = _hasher(self.alg)
+                        upcoming += 1
+                    view = memoryview(block)
+                    for (start, length), h in list(active.items()):
+                        lo, hi = max(start, pos), min(start + length, end)
+                        if lo < hi:
+                            h.update(view[lo - pos:hi - pos])
+                        if start + length <= end:
+                            self.cache[(id(source), start, length)] = h.digest()
+                            del active[(start, length)]
+                    advance(len(block))
+                    pos = end
+            for start, length in ordered[upcoming:]:  # empty ranges at a window's very end
+                self.cache[(id(source), start, length)] = _hasher(self.alg).digest()
+        self.deferred.clear()
+
     def tensor_bytes_digest(self, ref: TensorRef) -> bytes:
         start, length = _span(ref)
         assert ref.storage.source is not None
-        return self.range_digest(ref.storage.source.fileno(), start, length)
+        return self.range_digest(ref.storage.source, start, length)
 
     def storage_digest(self, storage: Storage) -> bytes:
         if storage.source is None or storage.offset is None:
             raise BadInput(f"storage {storage.key!r} is not attached to a file")
-        return self.range_digest(storage.source.fileno(), storage.offset, storage.nbytes)
+        return self.range_digest(storage.source, storage.offset, storage.nbytes)
 
 
 def _tensor_digest(reader: _Reader, key: str, ref: Any) -> str:
@@ -200,8 +247,18 @@ def _canon_node(obj: Any, reader: _Reader, names: Mapping[int, str], path: dict[
 
 
 def compute(ckpt: Checkpoint, *, alg: str = DEFAULT_ALG) -> dict[str, Any]:
-    """The digest record of an opened checkpoint: per-tensor, payload, and overall."""
+    """The digest record of an opened checkpoint: per-tensor, payload, and overall. A checkpoint in
+    a bucket is hashed as it streams by: the ranges are gathered by a first walk, hashed in one
+    pass over each object, and the walk is made again on the hashes."""
     reader = _Reader(alg)
+    record = _record(ckpt, reader)
+    if reader.deferred:
+        reader.sweep()
+        record = _record(ckpt, reader)
+    return record
+
+
+def _record(ckpt: Checkpoint, reader: _Reader) -> dict[str, Any]:
     tensors = ckpt.tensors()
     # keyed by key_text, as the schema is: a non-string key (``{0: t}``) digests and reads back as "0"
     per_tensor = {key_text(key): _tensor_digest(reader, key_text(key), ref) for key, ref in tensors.items()}
@@ -209,13 +266,13 @@ def compute(ckpt: Checkpoint, *, alg: str = DEFAULT_ALG) -> dict[str, Any]:
     for key, ref in tensors.items():
         names.setdefault(id(ref), key_text(key))
     payload = [_canon(ckpt.payload(), reader, names), sorted(ckpt.container.metadata.items())]
-    h = _hasher(alg)
+    h = _hasher(reader.alg)
     h.update(canonical_json(payload))
     payload_digest = str(h.hexdigest())
-    h = _hasher(alg)
+    h = _hasher(reader.alg)
     h.update(b"ckptmigrate-digest-v1\n" + canonical_json({"payload": payload_digest,
                                                           "tensors": sorted(per_tensor.items())}))
-    record = {"alg": alg, "version": DIGEST_VERSION, "overall": f"{alg}:{h.hexdigest()}",
+    record = {"alg": reader.alg, "version": DIGEST_VERSION, "overall": f"{reader.alg}:{h.hexdigest()}",
               "payload": payload_digest, "tensors": per_tensor}
     if ckpt.container.parts is not None:
         record["files"] = _file_digests(reader, tensors)
@@ -269,7 +326,7 @@ def verify(
     from ckptmigrate.checkpoint.lazy import Checkpoint
 
     public_key = load_public_key(key) if isinstance(key, (str, os.PathLike)) else key
-    result = VerifyResult(Path(path))
+    result = VerifyResult(path if isinstance(path, Path) else Path(path))  # an ObjectURL stays one
     with Checkpoint.open(path, key=state_key) as ckpt:
         raw = ckpt.container.envelope
         tensors = ckpt.tensors()

@@ -267,10 +267,28 @@ class RangeFile(io.RawIOBase):
             raise
         return fh
 
-    def chunks(self) -> Iterator[bytes]:
-        """The object's bytes, :data:`CHUNK` at a time, bypassing the cache."""
-        for start in range(0, self.size, CHUNK):
-            end = min(self.size, start + CHUNK)
+    def stream(self, begin: int, stop: int) -> Iterator[bytes]:
+        """Bytes ``begin`` to ``stop`` in consecutive pieces: what the cache holds from it, the rest
+        fetched in ranges of at most :data:`CHUNK` (not kept), so each byte crosses the network once."""
+        pos, stop = begin, min(stop, self.size)
+        while pos < stop:
+            i = bisect.bisect_right(self._starts, pos) - 1
+            if i >= 0 and pos < self._starts[i] + len(self._blocks[self._starts[i]]):
+                start = self._starts[i]
+                block = self._blocks[start]
+                piece = block[pos - start:min(stop, start + len(block)) - start]
+            else:
+                following = self._starts[i + 1] if i + 1 < len(self._starts) else stop
+                piece = next(self.chunks(pos, min(stop, following, pos + CHUNK)))
+            yield piece
+            pos += len(piece)
+
+    def chunks(self, begin: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        """The object's bytes (``begin`` to ``stop``: all of them by default), :data:`CHUNK` at a time,
+        bypassing the cache."""
+        stop = self.size if stop is None else min(stop, self.size)
+        for start in range(begin, stop, CHUNK):
+            end = min(stop, start + CHUNK)
             (block,) = self.fetcher.ranges([(start, end)])
             TRANSFER.requests += 1
             TRANSFER.bytes_received += len(block)
