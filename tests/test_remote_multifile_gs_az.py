@@ -274,3 +274,18 @@ def test_a_run_killed_between_shards_is_refused_by_readers_then_recovered(
     assert set(loaded) == {f"blocks.{i}.weight" for i in range(3)}
     assert all(torch.equal(loaded[f"blocks.{i}.weight"], state[f"layers.{i}.weight"]) for i in range(3))
     assert set(store.objects(at)) == set(original)  # the journal is gone
+
+
+def test_a_migration_that_changes_tensor_bytes_is_refused_in_one_line(run: Cli, store: Store, prefix: str,
+                                                                      tmp_path: Path) -> None:
+    """Neither DCP's ``.distcp`` objects nor a shard's data are rewritten under a prefix: the
+    refusal names the prefix and the tool that copies it down."""
+    before = store.objects(prefix)
+    casts = chain(tmp_path, "ckpt.cast('layers.1.weight', 'float16')")
+    tool = {"gs": "gcloud storage rsync", "az": "azcopy sync"}[store.scheme]
+    for kind in ("dcp", "hf"):
+        proc = run("upgrade", store.url(f"{prefix}/{kind}") + "/", "--from", "c1", "--migrations", casts)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stdout + proc.stderr
+        assert store.url(f"{prefix}/{kind}") in proc.stderr and "changes tensor bytes" in proc.stderr, proc.stderr
+        assert tool in proc.stderr, proc.stderr
+    assert store.objects(prefix) == before

@@ -36,7 +36,7 @@ from ckptmigrate.storage import prefix_write, writers
 from ckptmigrate.storage.ranges import TRANSFER, Prefixed, RangeFile, Spliced, multi_file_marker
 from ckptmigrate.storage.staged import refuse_multi_file
 from ckptmigrate.tensors.refs import Source
-from ckptmigrate.util.urls import ObjectURL, filesystem
+from ckptmigrate.util.urls import ObjectURL, filesystem, sync_tool
 
 
 def migrate_object(
@@ -49,7 +49,7 @@ def migrate_object(
     says what crossed the network (requests, bytes received and sent, bytes copied server-side)."""
     if max_shard_size is not None:
         raise BadInput(f"{url}: re-planning shards (a shard size) is not done in object storage; copy the prefix "
-                       "to a local directory (aws s3 sync) and run there")
+                       f"to a local directory ({sync_tool(url.scheme)}) and run there")
     before = TRANSFER.to_dict()
     with _open(url, key=key, state_dicts=state_dicts, recover=not dry_run) as ckpt:
         ckpt.optimizers.policy = check_policy(optimizer)
@@ -140,8 +140,8 @@ def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backu
     assert isinstance(prefix, ObjectURL)
     if not writers.writable(prefix.scheme):
         raise MultiFileObject(f"{prefix}/: a multi-file checkpoint is rewritten in place in s3://, gs:// and az:// "
-                              f"only ({prefix.scheme}:// is read-only); copy the prefix to a local directory and run "
-                              "there",
+                              f"only ({prefix.scheme}:// is read-only); copy the prefix to a local directory "
+                              f"({sync_tool(prefix.scheme)}) and run there",
                               url=str(prefix), marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp)
                               else parts.index_path.name)
     if isinstance(parts, dcp.Dcp):
@@ -160,7 +160,8 @@ def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backu
         what = "changes tensor bytes or drops a tensor (its shards would be rewritten)" \
             if parts.shard_format == "safetensors" else "changes torch .bin shards (each would be rewritten)"
     raise MultiFileObject(f"{prefix}/: a migration of this multi-file checkpoint that {what} is not done in object "
-                          "storage yet; copy the prefix to a local directory (aws s3 sync) and run there",
+                          f"storage yet; copy the prefix to a local directory ({sync_tool(prefix.scheme)}) and run "
+                          "there",
                           url=str(prefix), marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp)
                           else parts.index_path.name)
 

@@ -1,6 +1,11 @@
 """A multi-file checkpoint under a prefix in a bucket (``s3://``, ``gs://``, ``az://``), rewritten in
-place by small conditional writes (storage/writers: each backend's If-Match, ``ifGenerationMatch`` or
-create-only put, copy and delete) in an order that keeps every instant whole.
+place by small conditional writes in an order that keeps every instant whole. The writes are each
+backend's (storage/writers): a put conditional on the ETag read (S3 and Azure ``If-Match``, GCS
+``ifGenerationMatch`` on the generation) or create-only (``If-None-Match: *``, ``ifGenerationMatch=0``),
+a server-side copy, a delete (conditional too on GCS and Azure). On GCS and Azure a conditional put
+or delete is also checked by a read of the generation or ETag right before it, as the single-object
+writers check before their commit: the GCS emulator the tests run ignores ``ifGenerationMatch`` on
+every call (Azurite enforces ``If-Match`` and ``If-None-Match``), so there that check stops a loser.
 
 A DCP checkpoint is switched by its ``.metadata`` object: no ``.distcp`` byte moves.
 
@@ -9,15 +14,15 @@ A rewrite in which every tensor keeps its bytes (renames, drops, a stamp) change
 ``.metadata`` it describes. No object store replaces two objects in one step, so the order makes every
 instant whole:
 
-1. the ETag (GCS: generation) of ``.metadata`` is checked against the one read: a run that lost to another writer
-   stops here, having written nothing;
+1. the ETag (GCS: the generation) of ``.metadata`` is checked against the one read: a run that
+   lost to another writer stops here, having written nothing;
 2. the new envelope is put under the name the *new* ``.metadata`` gives it — a name the current
    one does not give, so no reader looks at it yet (conditionally: created, or replacing the
    object of that name as found, so a second run making the same ``.metadata`` stops here);
 3. the backup: ``.metadata`` as read stays as its version (a versioned bucket) or ``.metadata.bak``
    (a server-side copy);
-4. the new ``.metadata`` is put conditionally on the ETag (generation) read — the switch, one step; a loser
-   of a race after step 1 fails here, and what steps 2 and 3 created is removed;
+4. the new ``.metadata`` is put conditionally on the ETag (generation) read — the switch, one
+   step; a loser of a race after step 1 fails here, and what steps 2 and 3 created is removed;
 5. the old envelope is deleted (kept with a backup: it is the envelope of ``.metadata.bak``).
 
 A reader (``dcp.load``, ckptmigrate) therefore finds, at every instant and after a crash at any
@@ -126,8 +131,8 @@ def rewrite_headers(
 ) -> ObjectURL | None:
     """Rewrite shard headers of a sharded model under ``prefix`` (each shard a new object: the new
     header before the same data, :func:`writers.replace_head`: copied server-side on S3, streamed
-    through on GCS and Azure), switching the index as the local
-    engine does (storage/shardset.HeaderRewrite): a journal object of the run (the old index and
+    through on GCS and Azure), switching the index as the local engine does
+    (storage/shardset.HeaderRewrite): a journal object of the run (the old index and
     every old header) first, then the index replaced by ``placeholder`` — naming only a shard that
     does not exist, and the journal — then the shards, then the new index, then the journal removed.
 
