@@ -27,6 +27,9 @@ import torch.distributed.checkpoint as dcp
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load as load_safetensors
 
+from ckptmigrate.errors import ObjectChanged
+from ckptmigrate.storage import azure_write, writers
+from ckptmigrate.util.urls import ObjectURL
 from tests import azurite
 from tests.objectstores import free_port
 
@@ -233,6 +236,41 @@ def test_a_rename_that_loses_a_race_writes_nothing(run: Cli, store: Store, prefi
     assert changed(before, after) == {f"{at}/{commit}"}, after  # no backup, envelope or journal left
 
 
+RACE_AT_THE_SWITCH = """
+import sys, fsspec
+from ckptmigrate.storage import writers
+theirs = open(sys.argv.pop(1), "rb").read()
+real = writers.backup
+def another_writer_first(obj):
+    with fsspec.open(obj.url.full, "wb") as f:  # after this run checked .metadata, before its switch
+        f.write(theirs)
+    return real(obj)
+writers.backup = another_writer_first
+from ckptmigrate.cli import main
+main(sys.argv[1:], prog_name="ckptmigrate")
+"""
+
+
+def test_a_dcp_run_that_loses_at_its_switch_removes_what_it_put(run: Cli, store: Store, prefix: str,
+                                                               tmp_path: Path) -> None:
+    """Another writer replaces ``.metadata`` after this run checked it and put its new envelope:
+    the switch (or, on Azure, the backup's copy conditional on the source ETag) is refused, and the
+    envelope and backup this run made are removed."""
+    at = f"{prefix}/dcp"
+    theirs = store.get(f"{at}/.metadata").replace(b"layers.2", b"layers.8")
+    (tmp_path / "theirs.bin").write_bytes(theirs)
+    before = store.objects(at)
+    proc = subprocess.run([sys.executable, "-c", RACE_AT_THE_SWITCH, str(tmp_path / "theirs.bin"), "upgrade",
+                           store.url(at) + "/", "--from", "c1", "--migrations",
+                           str(chain(tmp_path, "ckpt.rename('layers.0.weight', 'embed.weight')"))],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, **store.env})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "the object changed since it was read" in proc.stderr, proc.stderr
+    assert f"{store.url(at)}/.metadata" in proc.stderr
+    assert store.get(f"{at}/.metadata") == theirs
+    assert changed(before, store.objects(at)) == {f"{at}/.metadata"}  # no envelope, no .metadata.bak left
+
+
 CRASH = """
 import os, sys
 from ckptmigrate.storage import prefix_write
@@ -289,3 +327,31 @@ def test_a_migration_that_changes_tensor_bytes_is_refused_in_one_line(run: Cli, 
         assert store.url(f"{prefix}/{kind}") in proc.stderr and "changes tensor bytes" in proc.stderr, proc.stderr
         assert tool in proc.stderr, proc.stderr
     assert store.objects(prefix) == before
+
+
+def test_each_small_write_is_conditional_on_what_was_read(store: Store, prefix: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writes the prefix protocols are made of: a put on a stale generation / ETag, a create
+    where an object is, a delete on a stale one are each refused and change nothing; on Azure by
+    Azurite itself too (our check before each turned off), the GCS emulator enforcing none."""
+    for k, v in store.env.items():
+        monkeypatch.setenv(k, v)
+    url = ObjectURL(store.url(f"{prefix}/small.json"))
+    first = writers.put(writers.target(url, None, create_only=True), b"{}")
+    assert writers.found(writers.target(url, None)) == first  # the token put() returns is the one read
+    second = writers.put(writers.target(url, first, first), b'{"a": 1}')
+    assert second != first
+    stale = {"put": lambda o: writers.put(o, b"lost"), "delete": writers.delete}
+    checks = [True, False] if store.scheme == "az" else [True]
+    for checked in checks:
+        if not checked:
+            monkeypatch.setattr(azure_write.AzureObject, "check_unchanged", lambda self: None)
+        for what, write in stale.items():
+            with pytest.raises(ObjectChanged, match="changed since it was read"):
+                write(writers.target(url, first, first))
+            assert store.get(f"{prefix}/small.json") == b'{"a": 1}', (what, checked)
+        with pytest.raises(ObjectChanged, match="an object appeared there"):
+            writers.put(writers.target(url, None, create_only=True), b"lost")
+        assert store.get(f"{prefix}/small.json") == b'{"a": 1}'
+    writers.delete(writers.target(url, second, second))
+    assert writers.found(writers.target(url, None)) is None
