@@ -329,13 +329,26 @@ def test_a_migration_that_changes_tensor_bytes_is_refused_in_one_line(run: Cli, 
     assert store.objects(prefix) == before
 
 
+@pytest.fixture
+def in_process(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process pointed at the store: its environment, and no filesystem fsspec cached for
+    another test's server (gcsfs and adlfs read the endpoint from the environment when created)."""
+    import fsspec
+
+    for k, v in store.env.items():
+        monkeypatch.setenv(k, v)
+    cls = fsspec.get_filesystem_class(store.scheme)
+    cls.clear_instance_cache()
+    yield
+    cls.clear_instance_cache()
+
+
+@pytest.mark.usefixtures("in_process")
 def test_each_small_write_is_conditional_on_what_was_read(store: Store, prefix: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The writes the prefix protocols are made of: a put on a stale generation / ETag, a create
     where an object is, a delete on a stale one are each refused and change nothing; on Azure by
     Azurite itself too (our check before each turned off), the GCS emulator enforcing none."""
-    for k, v in store.env.items():
-        monkeypatch.setenv(k, v)
     url = ObjectURL(store.url(f"{prefix}/small.json"))
     first = writers.put(writers.target(url, None, create_only=True), b"{}")
     assert writers.found(writers.target(url, None)) == first  # the token put() returns is the one read
