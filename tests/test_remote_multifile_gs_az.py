@@ -211,6 +211,12 @@ def test_a_sharded_rename_in_place_rewrites_only_the_shard_that_changed(
     sent = row["transfer"]["bytes_sent"]
     assert len(old_shard1) <= sent < len(old_shard1) + 32 * 1024 < 2 * len(old_shard1), row["transfer"]
     assert run("current", store.url(at)).stdout.strip() == "c2"
+    # back down, with a backup: the index and the changed shard kept as KEY.bak, copies made by the service
+    upgraded = {k: store.get(k) for k in (f"{at}/{INDEX}", shard1)}
+    down = one(run("downgrade", store.url(at) + "/", "--to", "c1", "--json", "--migrations", tmp_path / "chain"))
+    assert down["backup"] == f"{store.url(at)}/{INDEX}.bak", down
+    assert {k: store.get(k + ".bak") for k in upgraded} == upgraded
+    assert store.get(shard1) == old_shard1 and set(load_shards(store, at)) == set(hf_state())
 
 
 @pytest.mark.parametrize("kind", ["dcp", "hf"])
