@@ -239,22 +239,3 @@ def test_azure_itself_refuses_a_stale_commit_and_an_interrupted_one_changes_noth
     monkeypatch.setattr(azure_write._Blocks, "data", real)
     azure_write.upload(current, staged)  # several blocks, one commit
     assert read(container, name) == staged.read_bytes()
-
-
-def test_a_multi_file_checkpoint_under_an_az_prefix_is_refused_in_one_line(cli: Cli, env: dict[str, str],
-                                                                          container: Any, prefix: str,
-                                                                          tmp_path: Path) -> None:
-    from safetensors.torch import save
-
-    shards = {"model-00001-of-00002.safetensors": {"head.bias": torch.arange(4.0)},
-              "model-00002-of-00002.safetensors": {"body.weight": torch.ones(8)}}
-    index = {"metadata": {"total_size": 48}, "weight_map": {k: name for name, part in shards.items() for k in part}}
-    for name, part in shards.items():
-        container.upload_blob(f"{prefix}/hf/{name}", save(part))
-    container.upload_blob(f"{prefix}/hf/model.safetensors.index.json", json.dumps(index))
-    before = {n: read(container, n) for n in names(container, prefix)}
-    url = f"az://ckpts/{prefix}/hf/"
-    proc = cli("upgrade", url, "--from", "c1", "--migrations", chain(tmp_path), env=env)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"{url}: a multi-file checkpoint is rewritten in place in s3:// only" in proc.stderr
-    assert {n: read(container, n) for n in names(container, prefix)} == before

@@ -241,22 +241,3 @@ def test_a_safetensors_rename_streams_the_data_behind_a_new_header(cli: Cli, env
     assert bucket.blob(f"{prefix}/m.safetensors.bak").download_as_bytes() == original
     assert json.loads(proc.stdout)["transfer"]["bytes_sent"] == len(new)
     assert cli("current", url, env=env).stdout.strip() == "c2"
-
-
-def test_a_multi_file_checkpoint_under_a_gs_prefix_is_refused_in_one_line(cli: Cli, env: dict[str, str], bucket: Any,
-                                                                         prefix: str, tmp_path: Path) -> None:
-    from safetensors.torch import save
-
-    shards = {"model-00001-of-00002.safetensors": {"head.bias": torch.arange(4.0)},
-              "model-00002-of-00002.safetensors": {"body.weight": torch.ones(8)}}
-    index = {"metadata": {"total_size": 48},
-             "weight_map": {k: name for name, part in shards.items() for k in part}}
-    for name, part in shards.items():
-        bucket.blob(f"{prefix}/hf/{name}").upload_from_string(save(part))
-    bucket.blob(f"{prefix}/hf/model.safetensors.index.json").upload_from_string(json.dumps(index))
-    before = {n: bucket.blob(n).download_as_bytes() for n in names(bucket, prefix)}
-    url = f"gs://ckpts/{prefix}/hf/"
-    proc = cli("upgrade", url, "--from", "c1", "--migrations", chain(tmp_path), env=env)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"gs://ckpts/{prefix}/hf/: a multi-file checkpoint is rewritten in place in s3:// only" in proc.stderr
-    assert {n: bucket.blob(n).download_as_bytes() for n in names(bucket, prefix)} == before

@@ -305,15 +305,15 @@ def test_a_sharded_rename_in_place_moves_5_mib_per_changed_shard(cli: Cli, s3: S
 
 CRASH = """
 import os, sys
-from ckptmigrate.storage import s3_prefix
+from ckptmigrate.storage import prefix_write
 rewritten = []
-real = s3_prefix._replace_header
+real = prefix_write._replace_header
 def once_then_die(shard, head):
     if rewritten:
         os._exit(9)  # killed between two shards: no clean-up runs
     rewritten.append(shard.key)
     real(shard, head)
-s3_prefix._replace_header = once_then_die
+prefix_write._replace_header = once_then_die
 from ckptmigrate.cli import main
 main(sys.argv[1:], prog_name="ckptmigrate")
 """

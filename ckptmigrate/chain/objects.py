@@ -11,7 +11,8 @@ A safetensors rename is a new header before the same data, copied server-side.
 
 A multi-file checkpoint under a prefix is read by range too; a rewrite that keeps every tensor's
 bytes puts a DCP directory's ``.metadata`` and envelope, or a sharded model's shard headers and
-index, in place (storage/s3_prefix); anything else is refused in one line.
+index, in place (storage/prefix_write), in ``s3://``, ``gs://`` and ``az://``; anything else is
+refused in one line.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, CkptMigrateError, MultiFileObject, ObjectChanged
 from ckptmigrate.formats import dcp, hf_sharded, multifile, safetensors_io, torchzip
 from ckptmigrate.ops.optimizer import check_policy
-from ckptmigrate.storage import s3_compose, s3_prefix, writers
+from ckptmigrate.storage import prefix_write, writers
 from ckptmigrate.storage.ranges import TRANSFER, Prefixed, RangeFile, Spliced, multi_file_marker
 from ckptmigrate.storage.staged import refuse_multi_file
 from ckptmigrate.tensors.refs import Source
-from ckptmigrate.util.urls import ObjectURL, filesystem
+from ckptmigrate.util.urls import ObjectURL, filesystem, sync_tool
 
 
 def migrate_object(
@@ -48,7 +49,7 @@ def migrate_object(
     says what crossed the network (requests, bytes received and sent, bytes copied server-side)."""
     if max_shard_size is not None:
         raise BadInput(f"{url}: re-planning shards (a shard size) is not done in object storage; copy the prefix "
-                       "to a local directory (aws s3 sync) and run there")
+                       f"to a local directory ({sync_tool(url.scheme)}) and run there")
     before = TRANSFER.to_dict()
     with _open(url, key=key, state_dicts=state_dicts, recover=not dry_run) as ckpt:
         ckpt.optimizers.policy = check_policy(optimizer)
@@ -86,7 +87,7 @@ def _open(url: ObjectURL, *, key: str | None, state_dicts: Sequence[str] | None,
     else:
         fs, path = filesystem(url)
         prefix, marker = url, multi_file_marker(fs, path, url) or ""
-    if not marker or not s3_prefix.recover_headers(prefix, marker):
+    if not marker or not prefix_write.recover_headers(prefix, marker):
         raise error
     return Checkpoint.open(url, key=key, state_dicts=state_dicts)
 
@@ -133,23 +134,24 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
 def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool) -> ObjectURL | None:
     """A multi-file checkpoint under a prefix: a DCP rewrite that moves no ``.distcp`` byte puts its
     ``.metadata`` and envelope objects in place, a sharded model's rewrite that keeps every tensor's
-    bytes its shard headers and index (storage/s3_prefix); anything else is refused in one line."""
+    bytes its shard headers and index (storage/prefix_write); anything else is refused in one line."""
     parts = ckpt.container.parts
     prefix = ckpt.container.path
     assert isinstance(prefix, ObjectURL)
-    if prefix.scheme not in s3_compose.WRITABLE:
-        raise MultiFileObject(f"{prefix}/: a multi-file checkpoint is rewritten in place in s3:// only (GCS cannot "
-                              "copy part of an object server-side); copy the prefix to a local directory and run there",
+    if not writers.writable(prefix.scheme):
+        raise MultiFileObject(f"{prefix}/: a multi-file checkpoint is rewritten in place in s3://, gs:// and az:// "
+                              f"only ({prefix.scheme}:// is read-only); copy the prefix to a local directory "
+                              f"({sync_tool(prefix.scheme)}) and run there",
                               url=str(prefix), marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp)
                               else parts.index_path.name)
     if isinstance(parts, dcp.Dcp):
         rewrite = multifile.dcp_metadata_rewrite(parts, ckpt.payload(), envelope.to_dict())
         if rewrite is not None:
-            return s3_prefix.switch_metadata(
+            return prefix_write.switch_metadata(
                 prefix, metadata=rewrite.metadata, metadata_etag=parts.metadata_etag,
                 metadata_version=parts.metadata_version, envelope_name=rewrite.envelope_name,
                 envelope=rewrite.envelope, old_envelope=parts.envelope_file, old_envelope_etag=parts.envelope_etag,
-                backup=backup)
+                old_envelope_version=parts.envelope_version, backup=backup)
         what = "changes tensor bytes (they would go into a new .distcp object)"
     else:
         found = hf_sharded.object_headers(parts, ckpt.payload(), ckpt.container.storages)
@@ -158,7 +160,8 @@ def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backu
         what = "changes tensor bytes or drops a tensor (its shards would be rewritten)" \
             if parts.shard_format == "safetensors" else "changes torch .bin shards (each would be rewritten)"
     raise MultiFileObject(f"{prefix}/: a migration of this multi-file checkpoint that {what} is not done in object "
-                          "storage yet; copy the prefix to a local directory (aws s3 sync) and run there",
+                          f"storage yet; copy the prefix to a local directory ({sync_tool(prefix.scheme)}) and run "
+                          "there",
                           url=str(prefix), marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp)
                           else parts.index_path.name)
 
@@ -169,7 +172,7 @@ def _rewrite_headers(
 ) -> ObjectURL | None:
     """A sharded model whose tensors keep their bytes (renames, a stamp): the new index, and each
     changed shard's new header before its data, put in place by the journalled protocol of
-    storage/s3_prefix, after the new headers and index read back as meant."""
+    storage/prefix_write, after the new headers and index read back as meant."""
     headers, weight_map = found
     env = envelope.to_dict()
     total = sum(hf_sharded.shard_sizes(ckpt.payload(), [[k] for k in weight_map]))
@@ -185,12 +188,12 @@ def _rewrite_headers(
         remote = sources[name].remote
         assert isinstance(remote, RangeFile)
         _check_header(prefix / name, remote, head, skip, {k: payload[k] for k, s in weight_map.items() if s == name})
-        shards[name] = s3_prefix.ShardHead(remote.etag, remote.pread(skip, 0), head)
+        shards[name] = prefix_write.ShardHead(remote.etag, remote.pread(skip, 0), head, remote.version)
     placeholder = json.loads(hf_sharded.index_bytes(
         parts, {k: hf_sharded.REWRITE_IN_PROGRESS for k in parts.shard_of}, total, None))
-    return s3_prefix.rewrite_headers(
-        prefix, parts.index_path.name, index_etag=parts.index_etag, old_index=parts.index_raw,
-        new_index=new_index, placeholder=placeholder, shards=shards, backup=backup)
+    return prefix_write.rewrite_headers(
+        prefix, parts.index_path.name, index_etag=parts.index_etag, index_version=parts.index_version,
+        old_index=parts.index_raw, new_index=new_index, placeholder=placeholder, shards=shards, backup=backup)
 
 
 def _check_header(url: ObjectURL, remote: RangeFile, head: bytes, skip: int, expected: dict[str, Any]) -> None:

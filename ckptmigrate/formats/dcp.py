@@ -130,6 +130,7 @@ class Dcp:
     metadata_etag: str | None = None
     metadata_version: str | None = None
     envelope_etag: str | None = None
+    envelope_version: str | None = None
 
     def files(self) -> set[str]:
         """The ``.distcp`` files and the envelope, relative to the directory."""
@@ -359,7 +360,7 @@ def read(metadata_path: Path) -> tuple[Any, dict[str, Any] | None, dict[str, Sto
     name = envelope_name(raw)
     envelope = None
     try:
-        env_raw, layout.envelope_etag, _version = locations.read_tagged(directory / name, MAX_METADATA)
+        env_raw, layout.envelope_etag, layout.envelope_version = locations.read_tagged(directory / name, MAX_METADATA)
     except FileNotFoundError:
         env_raw = None
     except locations.TooLarge:

@@ -189,6 +189,22 @@ def backup(obj: AzureObject) -> ObjectURL:
 
 
 
+def put(obj: AzureObject, body: bytes) -> str:
+    """Replace (or create) a small blob by ``body`` in one Put Blob carrying the precondition
+    (``If-Match`` on the ETag read, ``If-None-Match: *`` for create-only; checked right before as
+    well); the new ETag."""
+    obj.check_unchanged()
+    out = obj.call("write", obj.client().upload_blob, body, length=len(body), overwrite=True,
+                   **obj.precondition())
+    TRANSFER.bytes_sent += len(body)
+    return str(out["etag"])
+
+
+def delete(obj: AzureObject) -> None:
+    """Delete the blob, conditionally on the ETag read (if one was)."""
+    obj.call("delete", obj.client().delete_blob, **obj.precondition() if obj.etag is not None else {})
+
+
 def _block_id(n: int, run: str) -> str:
     return base64.b64encode(f"{run}-{n:08d}".encode()).decode()
 

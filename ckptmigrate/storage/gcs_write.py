@@ -147,6 +147,31 @@ def backup_copy(obj: GcsObject) -> ObjectURL:
 
 
 
+def put(obj: GcsObject, body: bytes) -> str:
+    """Replace (or create) a small object by ``body`` in one media upload carrying the precondition
+    (``ifGenerationMatch``: the generation read, ``0`` for create-only); the new generation. The
+    precondition is also checked right before (the emulator the tests run does not enforce it)."""
+    obj.check_unchanged()
+    try:
+        out = obj.call("POST", f"{obj.fs._location}/upload/storage/v1/b/{{}}/o", obj.bucket, uploadType="media",
+                       name=obj.key, data=body, headers={"Content-Type": "application/octet-stream"},
+                       json_out=True, **obj.precondition())
+    except RemoteError as exc:
+        if "no such object" in str(exc):
+            raise RemoteError(f"{obj.url}: cannot write: the bucket does not exist", url=str(obj.url)) from None
+        raise
+    TRANSFER.bytes_sent += len(body)
+    return str(out["generation"])
+
+
+def delete(obj: GcsObject) -> None:
+    """Delete the object, conditionally on the generation read (if one was; checked first as well)."""
+    condition = {"ifGenerationMatch": obj.etag} if obj.etag is not None else {}
+    if condition:
+        obj.check_unchanged()
+    obj.call("DELETE", "b/{}/o/{}", obj.bucket, obj.key, **condition)
+
+
 def compose(obj: GcsObject, old: RangeFile, keep: int, tail: bytes) -> None:
     """Replace the object by its first ``keep`` bytes and ``tail``: the kept bytes read back in
     bounded ranges and sent with the tail in one resumable upload (GCS has no server-side splice)."""

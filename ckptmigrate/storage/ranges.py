@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ckptmigrate.errors import BadInput, MultiFileObject, ObjectChanged, RemoteError
-from ckptmigrate.util.urls import ObjectURL, filesystem, read_options, translated
+from ckptmigrate.util.urls import ObjectURL, filesystem, read_options, sync_tool, translated
 
 #: The least a read near the end fetches: the end of a zip is found, then its directory, in one request or two.
 MIN_READ = 64 << 10
@@ -79,7 +79,7 @@ class FsspecObject:
                 raise MultiFileObject(
                     f"{url}/: a multi-file checkpoint ({marker}), which this command does not take in object storage "
                     "(inspect, current, diff, verify and upgrade/downgrade/stamp in place do): copy the prefix to a "
-                    "local directory (aws s3 sync) and run there", url=str(url),
+                    f"local directory ({sync_tool(url.scheme)}) and run there", url=str(url),
                     marker=marker)
             raise RemoteError(f"{url}: is a prefix (a directory), not an object", url=str(url))
         self.size = int(info["size"])

@@ -23,7 +23,7 @@ from pathlib import Path
 from ckptmigrate.errors import BadInput, CkptMigrateError, MultiFileObject, OutputExists
 from ckptmigrate.storage import writers
 from ckptmigrate.storage.ranges import RangeFile, multi_file_marker
-from ckptmigrate.util.urls import ObjectURL, as_location, filesystem, translated
+from ckptmigrate.util.urls import ObjectURL, as_location, filesystem, sync_tool, translated
 
 #: What transformers and torch DCP name a shard: ``model-00001-of-00004.safetensors``, ``__0_0.distcp``.
 SHARD_NAME = re.compile(r"(-\d+-of-\d+\.[A-Za-z]+|\.distcp)$")
@@ -103,7 +103,7 @@ def refuse_multi_file(url: ObjectURL) -> None:
         prefix = f"{url.scheme}://{parent}/"
         raise MultiFileObject(f"{url}: a shard of the multi-file checkpoint {prefix} ({marker}), which object "
                               "storage cannot replace in one step; copy the prefix to a local directory "
-                              "(aws s3 sync) and run there", url=str(url), marker=marker)
+                              f"({sync_tool(url.scheme)}) and run there", url=str(url), marker=marker)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from ckptmigrate.errors import RemoteError
 from ckptmigrate.storage import azure_write, gcs_write, s3_compose
 from ckptmigrate.storage.ranges import RangeFile
 from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translated
@@ -14,14 +15,73 @@ from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translat
 Target = s3_compose.S3Object | gcs_write.GcsObject | azure_write.AzureObject
 
 
-def target(url: ObjectURL, etag: str | None, version: str | None = None) -> Target:
-    """The object at ``url`` to replace, conditionally on the ETag (S3) or generation (GCS,
-    ``version``) read; a scheme that is not written is one line."""
+def writable(scheme: str) -> bool:
+    """Whether objects under ``scheme://`` are written (else they are read-only)."""
+    return scheme in (*s3_compose.WRITABLE, *gcs_write.WRITABLE, *azure_write.WRITABLE)
+
+
+def target(url: ObjectURL, etag: str | None, version: str | None = None, *, create_only: bool = False) -> Target:
+    """The object at ``url`` to replace, conditionally on the ETag (S3, Azure) or generation (GCS,
+    ``version``) read, or (``create_only``) to create where none is; a scheme that is not written is
+    one line."""
+    obj: Target
     if url.scheme in gcs_write.WRITABLE:
-        return gcs_write.GcsObject.of(url, version)
-    if url.scheme in azure_write.WRITABLE:
-        return azure_write.AzureObject.of(url, etag)
-    return s3_compose.S3Object.of(url, etag, version)
+        obj = gcs_write.GcsObject.of(url, version)
+    elif url.scheme in azure_write.WRITABLE:
+        obj = azure_write.AzureObject.of(url, etag)
+    else:
+        obj = s3_compose.S3Object.of(url, etag, version)
+    obj.create_only = create_only
+    return obj
+
+
+def as_found(url: ObjectURL) -> Target:
+    """The object at ``url`` to write conditionally on what is there now: replacing the object as
+    found, or created where there is none."""
+    obj = target(url, None)
+    obj.etag = found(obj)  # every writer names its precondition token ``etag`` (GCS: the generation)
+    obj.create_only = obj.etag is None
+    return obj
+
+
+def found(obj: Target) -> str | None:
+    """The object's precondition token now (ETag or generation), or None when there is no object."""
+    if isinstance(obj, s3_compose.S3Object):
+        try:
+            return obj.head_etag()
+        except RemoteError as exc:
+            if "no such object" in str(exc):
+                return None
+            raise
+    return obj.head_etag()
+
+
+def put(obj: Target, body: bytes) -> str | None:
+    """Replace (or create) a small object by ``body`` in one conditional request (If-Match /
+    ifGenerationMatch on what was read, or create-only); the new object's ETag or generation, what
+    a later write in its place is conditional on."""
+    if isinstance(obj, azure_write.AzureObject):
+        return azure_write.put(obj, body)
+    return gcs_write.put(obj, body) if isinstance(obj, gcs_write.GcsObject) else s3_compose.put(obj, body)
+
+
+def delete(obj: Target) -> None:
+    """Delete the object (on GCS and Azure conditional on what was read, if anything was; S3 has no
+    conditional delete on an ETag everywhere)."""
+    if isinstance(obj, azure_write.AzureObject):
+        azure_write.delete(obj)
+    elif isinstance(obj, gcs_write.GcsObject):
+        gcs_write.delete(obj)
+    else:
+        s3_compose.delete(obj)
+
+
+def backup_copy(obj: Target) -> ObjectURL:
+    """A server-side copy at ``KEY.bak`` (``.bak.1``, ...), never the version read: for a protocol
+    that keeps several objects' backups, each its own object."""
+    if isinstance(obj, azure_write.AzureObject):
+        return azure_write.backup(obj)
+    return gcs_write.backup_copy(obj) if isinstance(obj, gcs_write.GcsObject) else s3_compose.backup_copy(obj)
 
 
 def backup(obj: Target) -> ObjectURL:

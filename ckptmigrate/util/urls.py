@@ -37,6 +37,16 @@ def scheme_of(text: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
+#: The tool that copies a prefix down, per scheme, named where a command needs a local copy.
+_SYNC = {"s3": "aws s3 sync", "s3a": "aws s3 sync", "gs": "gcloud storage rsync", "gcs": "gcloud storage rsync",
+         "az": "azcopy sync", "abfs": "azcopy sync", "abfss": "azcopy sync", "hf": "hf download"}
+
+
+def sync_tool(scheme: str) -> str:
+    """How a user copies a prefix under ``scheme://`` to a local directory (for an error's advice)."""
+    return _SYNC.get(scheme, "a copy tool")
+
+
 def redact(url: str) -> str:
     """``url`` without ``user:pass@``, query or fragment (they may hold credentials or a signature)."""
     parts = urlsplit(url)

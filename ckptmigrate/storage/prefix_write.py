@@ -1,19 +1,28 @@
-"""A DCP checkpoint under a prefix in S3, switched by its ``.metadata`` object: no ``.distcp`` byte moves.
+"""A multi-file checkpoint under a prefix in a bucket (``s3://``, ``gs://``, ``az://``), rewritten in
+place by small conditional writes in an order that keeps every instant whole. The writes are each
+backend's (storage/writers): a put conditional on the ETag read (S3 and Azure ``If-Match``, GCS
+``ifGenerationMatch`` on the generation) or create-only (``If-None-Match: *``, ``ifGenerationMatch=0``),
+a server-side copy, a delete (conditional too on GCS and Azure). On GCS and Azure a conditional put
+or delete is also checked by a read of the generation or ETag right before it, as the single-object
+writers check before their commit: the GCS emulator the tests run ignores ``ifGenerationMatch`` on
+every call (Azurite enforces ``If-Match`` and ``If-None-Match``), so there that check stops a loser.
+
+A DCP checkpoint is switched by its ``.metadata`` object: no ``.distcp`` byte moves.
 
 A rewrite in which every tensor keeps its bytes (renames, drops, a stamp) changes two small objects:
 ``.metadata`` and the envelope ``.ckptmigrate-<digest of .metadata>.json``, which is named for the
-``.metadata`` it describes. S3 cannot replace two objects in one step, so the order makes every
+``.metadata`` it describes. No object store replaces two objects in one step, so the order makes every
 instant whole:
 
-1. the ETag of ``.metadata`` is checked against the one read: a run that lost to another writer
-   stops here, having written nothing;
+1. the ETag (GCS: the generation) of ``.metadata`` is checked against the one read: a run that
+   lost to another writer stops here, having written nothing;
 2. the new envelope is put under the name the *new* ``.metadata`` gives it — a name the current
    one does not give, so no reader looks at it yet (conditionally: created, or replacing the
    object of that name as found, so a second run making the same ``.metadata`` stops here);
 3. the backup: ``.metadata`` as read stays as its version (a versioned bucket) or ``.metadata.bak``
    (a server-side copy);
-4. the new ``.metadata`` is put with ``If-Match`` on the ETag read — the switch, one step; a loser
-   of a race after step 1 fails here, and what steps 2 and 3 created is removed;
+4. the new ``.metadata`` is put conditionally on the ETag (generation) read — the switch, one
+   step; a loser of a race after step 1 fails here, and what steps 2 and 3 created is removed;
 5. the old envelope is deleted (kept with a backup: it is the envelope of ``.metadata.bak``).
 
 A reader (``dcp.load``, ckptmigrate) therefore finds, at every instant and after a crash at any
@@ -34,8 +43,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptmigrate.errors import RemoteError
-from ckptmigrate.storage import s3_compose, writers
-from ckptmigrate.storage.ranges import RangeFile, changed
+from ckptmigrate.storage import writers
+from ckptmigrate.storage.ranges import RangeFile
 from ckptmigrate.util.urls import ObjectURL
 
 METADATA = ".metadata"
@@ -44,63 +53,53 @@ METADATA = ".metadata"
 def switch_metadata(
     prefix: ObjectURL, *, metadata: bytes | None, metadata_etag: str | None, metadata_version: str | None,
     envelope_name: str, envelope: bytes | None, old_envelope: str | None, old_envelope_etag: str | None,
-    backup: bool,
+    backup: bool, old_envelope_version: str | None = None,
 ) -> ObjectURL | None:
     """Put ``metadata`` (None: unchanged) and ``envelope`` (None: none) in place under ``prefix`` in
-    the order above; return the backup taken, if ``backup``."""
-    md = s3_compose.S3Object.of(prefix / METADATA, metadata_etag, metadata_version)
+    the order above; return the backup taken, if ``backup``. The ETags and versions are those read
+    (a GCS object's precondition is its generation, its ``version``)."""
+    md = writers.target(prefix / METADATA, metadata_etag, metadata_version)
     md.check_unchanged()
     if metadata is None:
-        return _envelope_only(prefix, md, envelope_name, envelope, old_envelope_etag, backup)
-    env = s3_compose.S3Object.of(prefix / envelope_name, None)
-    env.etag = _etag_if_there(env)
-    env.create_only = env.etag is None
-    created: list[s3_compose.S3Object] = []
+        return _envelope_only(prefix, md, envelope_name, envelope, old_envelope_etag, old_envelope_version, backup)
+    env = writers.as_found(prefix / envelope_name)  # created, or replacing the object of that name as found
+    created: list[writers.Target] = []
     kept = None
     try:
         if envelope is not None:
             # no .metadata names this object yet; conditional all the same, so that of two runs making
             # the same .metadata the second stops here, before it writes anything
-            s3_compose.put(env, envelope)
+            writers.put(env, envelope)
             if env.create_only:
-                created.append(env)
-        kept = s3_compose.backup(md) if backup else None
-        s3_compose.put(md, metadata)
+                created.append(env)  # no precondition token: deleted whatever it now is
+        kept = writers.backup(md) if backup else None
+        writers.put(md, metadata)
     except BaseException:
         for obj in created:
-            s3_compose.delete(obj)
+            writers.delete(obj)
         if kept is not None:
             writers.remove(kept)
         raise
     if old_envelope is not None and old_envelope != envelope_name and not backup:
-        s3_compose.delete(s3_compose.S3Object.of(prefix / old_envelope, None))
+        writers.delete(writers.target(prefix / old_envelope, None))
     return kept
 
 
-def _etag_if_there(obj: s3_compose.S3Object) -> str | None:
-    """The object's ETag, or None when there is no such object."""
-    try:
-        return obj.head_etag()
-    except RemoteError as exc:
-        if "no such object" in str(exc):
-            return None
-        raise
-
-
 def _envelope_only(
-    prefix: ObjectURL, md: s3_compose.S3Object, name: str, envelope: bytes | None, etag: str | None, backup: bool,
+    prefix: ObjectURL, md: writers.Target, name: str, envelope: bytes | None, etag: str | None,
+    version: str | None, backup: bool,
 ) -> ObjectURL | None:
     """A stamp: the envelope of the current ``.metadata`` replaced by one conditional put (or
-    created, if there was none: ``If-None-Match``), then ``.metadata`` checked unchanged."""
-    env = s3_compose.S3Object.of(prefix / name, etag)
-    env.create_only = etag is None
-    kept = s3_compose.backup(env) if backup and etag is not None else None
+    created, if there was none: create-only), then ``.metadata`` checked unchanged."""
+    there = etag is not None or version is not None
+    env = writers.target(prefix / name, etag, version, create_only=not there)
+    kept = writers.backup(env) if backup and there else None
     try:
         if envelope is None:
-            if etag is not None:
-                s3_compose.delete(env)
+            if there:
+                writers.delete(env)
         else:
-            s3_compose.put(env, envelope)
+            writers.put(env, envelope)
         md.check_unchanged()
     except BaseException:
         if kept is not None:
@@ -117,20 +116,23 @@ JOURNAL_FIELD = "ckptmigrate_header_rewrite"
 
 @dataclass
 class ShardHead:
-    """One shard's header rewrite: the ETag read, the old header (length prefix included) and the new."""
+    """One shard's header rewrite: the ETag (and version) read, the old header (length prefix
+    included) and the new."""
 
     etag: str | None
     old: bytes
     new: bytes
+    version: str | None = None
 
 
 def rewrite_headers(
     prefix: ObjectURL, index_name: str, *, index_etag: str | None, old_index: bytes, new_index: bytes,
-    placeholder: dict[str, Any], shards: dict[str, ShardHead], backup: bool,
+    placeholder: dict[str, Any], shards: dict[str, ShardHead], backup: bool, index_version: str | None = None,
 ) -> ObjectURL | None:
     """Rewrite shard headers of a sharded model under ``prefix`` (each shard a new object: the new
-    header before the same data, :func:`s3_compose.replace_head`), switching the index as the local
-    engine does (storage/shardset.HeaderRewrite): a journal object of the run (the old index and
+    header before the same data, :func:`writers.replace_head`: copied server-side on S3, streamed
+    through on GCS and Azure), switching the index as the local engine does
+    (storage/shardset.HeaderRewrite): a journal object of the run (the old index and
     every old header) first, then the index replaced by ``placeholder`` — naming only a shard that
     does not exist, and the journal — then the shards, then the new index, then the journal removed.
 
@@ -138,34 +140,33 @@ def rewrite_headers(
     removes its journal and writes nothing else), each shard on its own, the new index on the
     placeholder's. A failure puts the old headers and the old index back; a crash leaves the
     placeholder, which every reader refuses, until the next run (:func:`recover_headers`) does."""
-    index = s3_compose.S3Object.of(prefix / index_name, index_etag)
+    index = writers.target(prefix / index_name, index_etag, index_version)
     index.check_unchanged()
     if not shards:  # only the index changes (a stamp): one conditional put
-        backup_url = s3_compose.backup(index) if backup else None
+        backup_url = writers.backup(index) if backup else None
         try:
-            s3_compose.put(index, new_index)
+            writers.put(index, new_index)
         except BaseException:
             if backup_url is not None:
                 writers.remove(backup_url)
             raise
         return backup_url
     token = secrets.token_hex(6)
-    journal = s3_compose.S3Object.of(prefix / f".{index_name}.ckptmigrate-headers.{token}", None)
-    journal.create_only = True
+    journal = writers.target(prefix / f".{index_name}.ckptmigrate-headers.{token}", None, create_only=True)
     body = {"commit": index_name, "digest": hashlib.sha256(new_index).hexdigest(),
             "old_commit": base64.b64encode(old_index).decode(),
             "old": {name: base64.b64encode(head.old).decode() for name, head in shards.items()}}
-    s3_compose.put(journal, json.dumps(body).encode())
+    writers.put(journal, json.dumps(body).encode())
     marked = dict(placeholder)
     marked["metadata"] = {**(marked.get("metadata") or {}), JOURNAL_FIELD: journal.key.rsplit("/", 1)[-1]}
     placeholder_bytes = (json.dumps(marked, indent=2) + "\n").encode()
     kept: list[ObjectURL] = []
     try:
         if backup:
-            kept.append(s3_compose.backup_copy(index))
-        placed = s3_compose.put(index, placeholder_bytes)
+            kept.append(writers.backup_copy(index))
+        placed = writers.put(index, placeholder_bytes)
     except BaseException:
-        s3_compose.delete(journal)
+        writers.delete(journal)
         for url in kept:
             writers.remove(url)
         raise
@@ -173,19 +174,19 @@ def rewrite_headers(
     done: list[str] = []
     try:
         for name, head in shards.items():
-            shard = s3_compose.S3Object.of(prefix / name, head.etag)
+            shard = writers.target(prefix / name, head.etag, head.version)
             if backup:
-                kept.append(s3_compose.backup_copy(shard))
+                kept.append(writers.backup_copy(shard))
             done.append(name)  # from here its header may be the new one
             _replace_header(shard, head.new)
-        s3_compose.put(index, new_index)
+        writers.put(index, new_index)
     except BaseException:
         _restore(prefix, index, {n: shards[n].old for n in done}, old_index)
-        s3_compose.delete(journal)
+        writers.delete(journal)
         for url in kept:
             writers.remove(url)
         raise
-    s3_compose.delete(journal)
+    writers.delete(journal)
     return kept[0] if kept else None
 
 
@@ -211,26 +212,28 @@ def recover_headers(prefix: ObjectURL, index_name: str) -> bool:
         raise RemoteError(f"{journal_url}: the journal of an interrupted header rewrite does not read "
                           f"({type(exc).__name__}); the shards' old headers cannot be put back",
                           url=str(prefix)) from None
-    _restore(prefix, s3_compose.S3Object.of(index_url, current.etag), old, old_index)
-    s3_compose.delete(s3_compose.S3Object.of(journal_url, None))
+    _restore(prefix, writers.target(index_url, current.etag, current.version), old, old_index)
+    writers.delete(writers.target(journal_url, None))
     return True
 
 
-def _restore(prefix: ObjectURL, index: s3_compose.S3Object, old: dict[str, bytes], old_index: bytes) -> None:
+def _restore(prefix: ObjectURL, index: writers.Target, old: dict[str, bytes], old_index: bytes) -> None:
     """Each shard's old header back where it is not, then the old index (if the placeholder is still there)."""
     for name, head in old.items():
         remote = RangeFile(prefix / name)
         if remote.pread(len(head), 0) == head:
             continue  # never rewritten (or put back already)
-        shard = s3_compose.S3Object.of(prefix / name, remote.etag)
+        shard = writers.target(prefix / name, remote.etag, remote.version)
         (length,) = struct.unpack("<Q", remote.pread(8, 0))
-        s3_compose.replace_head(shard, remote, head, 8 + length)
-    s3_compose.put(index, old_index)
+        writers.replace_head(shard, remote, head, 8 + length)
+    writers.put(index, old_index)
 
 
-def _replace_header(shard: s3_compose.S3Object, head: bytes) -> None:
+def _replace_header(shard: writers.Target, head: bytes) -> None:
+    """The shard's new header before its data, if the shard is still the object read."""
     remote = RangeFile(shard.url)
-    if remote.etag != shard.etag:
-        raise changed(shard.url, shard.etag, remote.etag)
+    now = writers.target(shard.url, remote.etag, remote.version)
+    if now.etag != shard.etag:
+        raise shard.changed(now.etag)
     (length,) = struct.unpack("<Q", remote.pread(8, 0))
-    s3_compose.replace_head(shard, remote, head, 8 + length)
+    writers.replace_head(shard, remote, head, 8 + length)
