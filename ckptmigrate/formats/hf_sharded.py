@@ -57,6 +57,8 @@ class Sharded:
     #: The index as read, and (an object in a bucket) its ETag: what a write in its place is conditional on.
     index_raw: bytes = b""
     index_etag: str | None = None
+    #: The version the index was read at (an hf:// file: the commit read; a versioned bucket's version).
+    index_version: str | None = None
 
     @property
     def directory(self) -> Path:
@@ -85,13 +87,13 @@ def read_index(path: Path) -> dict[str, Any]:
     return read_index_tagged(path)[0]
 
 
-def read_index_tagged(path: Path) -> tuple[dict[str, Any], bytes, str | None]:
-    """:func:`read_index`, with the bytes read and (an object) their ETag."""
+def read_index_tagged(path: Path) -> tuple[dict[str, Any], bytes, str | None, str | None]:
+    """:func:`read_index`, with the bytes read and (an object) their ETag and version."""
     try:
-        raw, etag, _version = locations.read_tagged(path, MAX_INDEX)
+        raw, etag, version = locations.read_tagged(path, MAX_INDEX)
     except locations.TooLarge as exc:
         raise ShardedFormatError(f"index of {exc.size:,} bytes exceeds the limit of {MAX_INDEX:,}") from None
-    return parse_index(raw), raw, etag
+    return parse_index(raw), raw, etag, version
 
 
 def parse_index(raw: bytes) -> dict[str, Any]:
@@ -127,7 +129,7 @@ def read(index_path: Path, sniff: Any) -> tuple[Any, dict[str, Any] | None, dict
 
     ``sniff(head, size)`` names a shard's container (safetensors or torch zip) from its first bytes.
     """
-    index, raw, etag = read_index_tagged(index_path)
+    index, raw, etag, version = read_index_tagged(index_path)
     weight_map: dict[str, str] = index["weight_map"]
     shards = list(dict.fromkeys(weight_map.values()))
     directory = index_path.parent
@@ -178,7 +180,7 @@ def read(index_path: Path, sniff: Any) -> tuple[Any, dict[str, Any] | None, dict
     payload = OrderedDict((k, found[k][1]) for k in weight_map)
     envelope = index.get("metadata", {}).get(ENVELOPE_KEY)
     layout = Sharded(index_path, index, dict(weight_map), shards, shard_format or "safetensors", shard_metadata,
-                     dict(payload), raw, etag)
+                     dict(payload), raw, etag, version)
     return payload, envelope, storages, sources, layout
 
 

@@ -1,22 +1,25 @@
 """Which writer replaces an object in a bucket: S3's (the kept bytes assembled server-side,
-storage/s3_compose), Google Cloud Storage's (a streamed resumable upload, storage/gcs_write) or
-Azure's (a block list, the kept bytes staged server-side, storage/azure_write). All write in one
-step, conditionally on what was read, and take the same backups."""
+storage/s3_compose), Google Cloud Storage's (a streamed resumable upload, storage/gcs_write),
+Azure's (a block list, the kept bytes staged server-side, storage/azure_write) or the Hugging Face
+Hub's (a commit on top of the commit read, storage/hf_commit). All write in one step, conditionally
+on what was read, and take the same backups."""
 
 from __future__ import annotations
 
 import os
 
-from ckptmigrate.storage import azure_write, gcs_write, s3_compose
+from ckptmigrate.storage import azure_write, gcs_write, hf_commit, s3_compose
 from ckptmigrate.storage.ranges import RangeFile
 from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translated
 
-Target = s3_compose.S3Object | gcs_write.GcsObject | azure_write.AzureObject
+Target = s3_compose.S3Object | gcs_write.GcsObject | azure_write.AzureObject | hf_commit.HubFile
 
 
 def target(url: ObjectURL, etag: str | None, version: str | None = None) -> Target:
     """The object at ``url`` to replace, conditionally on the ETag (S3) or generation (GCS,
-    ``version``) read; a scheme that is not written is one line."""
+    ``version``), or the Hub commit (``version``) read; a scheme that is not written is one line."""
+    if url.scheme in hf_commit.WRITABLE:
+        return hf_commit.HubFile.of(url, version)
     if url.scheme in gcs_write.WRITABLE:
         return gcs_write.GcsObject.of(url, version)
     if url.scheme in azure_write.WRITABLE:
@@ -25,13 +28,17 @@ def target(url: ObjectURL, etag: str | None, version: str | None = None) -> Targ
 
 
 def backup(obj: Target) -> ObjectURL:
+    if isinstance(obj, hf_commit.HubFile):
+        return hf_commit.backup(obj)
     if isinstance(obj, azure_write.AzureObject):
         return azure_write.backup(obj)
     return gcs_write.backup(obj) if isinstance(obj, gcs_write.GcsObject) else s3_compose.backup(obj)
 
 
 def upload(obj: Target, path: str | os.PathLike[str]) -> None:
-    if isinstance(obj, azure_write.AzureObject):
+    if isinstance(obj, hf_commit.HubFile):
+        hf_commit.upload(obj, path)
+    elif isinstance(obj, azure_write.AzureObject):
         azure_write.upload(obj, path)
     elif isinstance(obj, gcs_write.GcsObject):
         gcs_write.upload(obj, path)
@@ -40,7 +47,9 @@ def upload(obj: Target, path: str | os.PathLike[str]) -> None:
 
 
 def compose(obj: Target, old: RangeFile, keep: int, tail: bytes) -> None:
-    if isinstance(obj, azure_write.AzureObject):
+    if isinstance(obj, hf_commit.HubFile):
+        hf_commit.compose(obj, old, keep, tail)
+    elif isinstance(obj, azure_write.AzureObject):
         azure_write.compose(obj, old, keep, tail)
     elif isinstance(obj, gcs_write.GcsObject):
         gcs_write.compose(obj, old, keep, tail)
@@ -49,7 +58,9 @@ def compose(obj: Target, old: RangeFile, keep: int, tail: bytes) -> None:
 
 
 def replace_head(obj: Target, old: RangeFile, head: bytes, skip: int) -> None:
-    if isinstance(obj, azure_write.AzureObject):
+    if isinstance(obj, hf_commit.HubFile):
+        hf_commit.replace_head(obj, old, head, skip)
+    elif isinstance(obj, azure_write.AzureObject):
         azure_write.replace_head(obj, old, head, skip)
     elif isinstance(obj, gcs_write.GcsObject):
         gcs_write.replace_head(obj, old, head, skip)
