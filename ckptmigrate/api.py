@@ -641,6 +641,7 @@ def _migrate(direction: str, path: PathLike, *, to: str, output: PathLike | None
         with staged(path, output, overwrite=overwrite, write_back=False) as stage:
             outcome = migrate_file(stage.source, chain_source(migrations), to=to, output=stage.output,
                                    direction=direction, **options)
+            stage.what = outcome.plan.describe() if outcome.plan is not None else None
         outcome.path = stage.location(outcome.path) or outcome.path
         outcome.output = stage.location(outcome.output)
         return outcome

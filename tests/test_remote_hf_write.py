@@ -128,9 +128,132 @@ def test_upgrade_in_place_is_one_commit_on_top_of_the_commit_read(cli: Cli, hub:
     assert hub.store.uploads == [len(new)] and transfer["bytes_sent"] == len(new)
     assert len(original) // 2 < transfer["bytes_received"] - planning <= len(original) + MIN_READ  # + a header read
     assert set(hub.tokens) == {TOKEN} and TOKEN not in proc.stdout + proc.stderr
+    assert TOKEN.encode() not in new and TOKEN not in commit.title + commit.description
 
     # and back down: another commit, on top of the last
     down = cli("downgrade", url, "--to", "c1", "--migrations", chain(tmp_path), env=env)
     assert down.returncode == 0, down.stderr
     assert hub.history(repo_id).commits[hub.commit(repo_id)].parent == head
     assert sorted(loads(hub.file(repo_id, "m.pt"))) == ["body.weight", "head.bias"]
+
+
+def test_a_safetensors_rename_and_a_stamp_are_commits_too(cli: Cli, hub: HubServer, env: dict[str, str],
+                                                          repo: Callable[..., str], tmp_path: Path) -> None:
+    tensors = {"body.weight": torch.randn(100_000), "head.bias": torch.arange(4.0)}
+    original = save(tensors)
+    repo_id = repo({"model.safetensors": original})
+    url = f"hf://{repo_id}/model.safetensors"
+    read_at = hub.commit(repo_id)
+    proc = cli("upgrade", url, "--from", "c1", "--migrations", chain(tmp_path), "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    new = hub.file(repo_id, "model.safetensors")
+    assert sorted(load(new)) == ["body.weight", "out.bias"] and torch.equal(load(new)["out.bias"], tensors["head.bias"])
+    old_head, new_head = (8 + int.from_bytes(b[:8], "little") for b in (original, new))
+    assert new[new_head:] == original[old_head:]  # the same data behind a new header
+    assert hub.history(repo_id).commits[hub.commit(repo_id)].parent == read_at
+    assert json.loads(proc.stdout)["transfer"]["bytes_sent"] == len(new) and hub.store.uploads == [len(new)]
+
+    renamed = hub.commit(repo_id)
+    stamp = cli("stamp", url, "--tag", "run=7", env=env)
+    assert stamp.returncode == 0, stamp.stderr
+    commit = hub.history(repo_id).commits[hub.commit(repo_id)]
+    assert commit.parent == renamed and "stamp c2 -> c2" in commit.title, commit.title
+    info = cli("inspect", url, "--json", env=env)
+    assert json.loads(info.stdout)["envelope"]["tags"] == {"run": "7"}, info.stdout + info.stderr
+    assert load(hub.file(repo_id, "model.safetensors")).keys() == load(new).keys()
+
+
+def test_dash_o_writes_another_path_or_repository(cli: Cli, hub: HubServer, env: dict[str, str],
+                                                  repo: Callable[..., str], tmp_path: Path) -> None:
+    original = checkpoint()
+    src_repo, dst_repo = repo({"m.pt": original}), repo({"README.md": b"# releases\n"})
+    src = f"hf://{src_repo}/m.pt"
+    before = hub.commit(src_repo)
+    for dst, where in ((f"hf://{src_repo}/upgraded/m.pt", src_repo), (f"hf://{dst_repo}/m.pt", dst_repo)):
+        head = hub.commit(where)
+        done = cli("upgrade", src, "--from", "c1", "--migrations", chain(tmp_path), "-o", dst, env=env)
+        assert done.returncode == 0, done.stderr
+        commit = hub.history(where).commits[hub.commit(where)]
+        assert commit.parent == head and "ckptmigrate: upgrade c1 -> c2" in commit.title, commit.title
+        assert sorted(loads(commit.files[dst.split("/", 4)[-1]])) == ["body.weight", "out.bias"]
+        assert cli("current", dst, env=env).stdout.strip() == "c2"
+    assert hub.file(src_repo, "m.pt") == original  # the source is untouched
+    assert hub.file(dst_repo, "README.md") == b"# releases\n"
+    again = cli("upgrade", src, "--from", "c1", "--migrations", chain(tmp_path), "-o", f"hf://{dst_repo}/m.pt",
+                env=env)
+    assert again.returncode == 2 and f"hf://{dst_repo}/m.pt: the output exists" in again.stderr, again.stderr
+    assert len(hub.history(src_repo).commits) == 2 and hub.commit(src_repo) != before  # the -o into src_repo
+    assert TOKEN not in done.stdout + done.stderr + again.stderr
+
+
+def test_the_loser_of_two_writers_commits_nothing(cli: Cli, hub: HubServer, env: dict[str, str],
+                                                  repo: Callable[..., str], tmp_path: Path) -> None:
+    repo_id = repo({"m.pt": checkpoint()})
+    url = f"hf://{repo_id}/m.pt"
+    theirs = checkpoint(seed=1)
+    (tmp_path / "theirs.pt").write_bytes(theirs)
+    race = ("from huggingface_hub import HfApi, utils; utils.disable_progress_bars(); "
+            f"HfApi().upload_file(path_or_fileobj={str(tmp_path / 'theirs.pt')!r}, path_in_repo='m.pt', "
+            f"repo_id={repo_id!r})")
+    proc = cli("upgrade", url, "--from", "c1", "--migrations", chain(tmp_path, race), "--json", env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{url}: another commit changed m.pt on main since commit" in proc.stderr
+    error = json.loads(proc.stdout)["error"]
+    assert (error["type"], error["found"]) == ("ObjectChanged", hub.commit(repo_id))
+    assert hub.file(repo_id, "m.pt") == theirs  # their commit stands, and ours was never made
+    assert len(hub.history(repo_id).commits) == 2 and TOKEN not in proc.stdout + proc.stderr
+
+    # a commit to another file meanwhile is no conflict: ours goes on top of it
+    race = "from huggingface_hub import HfApi; HfApi().upload_file(path_or_fileobj=b'x', path_in_repo='notes.txt', " \
+        f"repo_id={repo_id!r})"
+    before = hub.commit(repo_id)
+    ok = cli("upgrade", url, "--from", "c1", "--migrations", chain(tmp_path / "again", race), env=env)
+    assert ok.returncode == 0, ok.stderr
+    ours = hub.history(repo_id).commits[hub.commit(repo_id)]
+    theirs_commit = hub.history(repo_id).commits[ours.parent or ""]
+    assert theirs_commit.parent == before and theirs_commit.files["notes.txt"] == b"x"
+    assert sorted(loads(ours.files["m.pt"])) == ["body.weight", "out.bias"] and ours.files["notes.txt"] == b"x"
+
+
+def test_a_revision_that_is_not_a_branch_is_refused(cli: Cli, hub: HubServer, env: dict[str, str],
+                                                    repo: Callable[..., str], tmp_path: Path) -> None:
+    repo_id = repo({"m.pt": checkpoint()})
+    hub.tag(repo_id, "v1")
+    sha = hub.commit(repo_id)
+    for revision, what in (("v1", "is a tag"), (sha, "is not a branch")):
+        url = f"hf://{repo_id}@{revision}/m.pt"
+        for args in (("upgrade", url, "--from", "c1", "--migrations", chain(tmp_path)), ("stamp", url),
+                     ("upgrade", f"hf://{repo_id}/m.pt", "--from", "c1", "--migrations", chain(tmp_path), "-o", url)):
+            hub.served.reset()
+            proc = cli(*args, env=env)
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
+            assert f"{url}: revision {revision} {what}, and a Hub commit needs a branch" in proc.stderr, proc.stderr
+            assert not writes(hub), hub.served.log
+    assert len(hub.history(repo_id).commits) == 1
+
+
+def test_a_sharded_model_is_renamed_in_one_commit(cli: Cli, hub: HubServer, env: dict[str, str],
+                                                  repo: Callable[..., str], tmp_path: Path) -> None:
+    shards = {"model-00001-of-00002.safetensors": {"head.bias": torch.arange(4.0), "a.weight": torch.ones(1000)},
+              "model-00002-of-00002.safetensors": {"body.weight": torch.randn(50_000)}}
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: name for name, part in shards.items() for k in part}}
+    files = {f"weights/{name}": save(part) for name, part in shards.items()}
+    repo_id = repo(files | {"weights/model.safetensors.index.json": json.dumps(index).encode()})
+    read_at = hub.commit(repo_id)
+    prefix = f"hf://{repo_id}/weights/"
+    proc = cli("upgrade", prefix, "--from", "c1", "--migrations", chain(tmp_path), "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    commit = hub.history(repo_id).commits[hub.commit(repo_id)]
+    assert commit.parent == read_at  # one commit: the index and the shard renamed in, atomically
+    changed = {f for f in commit.files if commit.files[f] != hub.file(repo_id, f, read_at)}
+    assert changed == {"weights/model.safetensors.index.json", "weights/model-00001-of-00002.safetensors"}
+    assert sorted(load(commit.files["weights/model-00001-of-00002.safetensors"])) == ["a.weight", "out.bias"]
+    assert json.loads(commit.files["weights/model.safetensors.index.json"])["weight_map"]["out.bias"] == \
+        "model-00001-of-00002.safetensors"
+    result = json.loads(proc.stdout)
+    assert result["backup"] == f"hf://{repo_id}@{read_at}/weights/model.safetensors.index.json"
+    first = load(commit.files["weights/model-00001-of-00002.safetensors"])
+    assert torch.equal(first["out.bias"], torch.arange(4.0)) and torch.equal(first["a.weight"], torch.ones(1000))
+    info = cli("inspect", prefix, "--json", env=env)
+    assert info.returncode == 0 and json.loads(info.stdout)[0]["tensors"] == 3, info.stderr
+    assert cli("current", prefix, env=env).stdout.strip().endswith("c2")

@@ -105,8 +105,7 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
     source = ckpt.container.source
     assert source is not None and isinstance(source.remote, RangeFile)
     target = writers.target(url, source.remote.etag, source.remote.version)
-    if isinstance(target, hf_commit.HubFile):
-        hf_commit.describe(target, what or _stamped(ckpt, envelope), [target.key])
+    writers.describe(target, what or _stamped(ckpt, envelope))
     expected = ckpt.schema()
     c = ckpt.container
     header = safetensors_io.new_header(source, ckpt.payload(), c.storages, c.metadata, env) \

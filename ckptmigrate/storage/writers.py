@@ -27,6 +27,12 @@ def target(url: ObjectURL, etag: str | None, version: str | None = None) -> Targ
     return s3_compose.S3Object.of(url, etag, version)
 
 
+def describe(obj: Target, what: str | None) -> None:
+    """Name the change (``upgrade c1 -> c2``) where the store keeps a message with it: a Hub commit's."""
+    if isinstance(obj, hf_commit.HubFile) and what:
+        hf_commit.describe(obj, what, [obj.key])
+
+
 def backup(obj: Target) -> ObjectURL:
     if isinstance(obj, hf_commit.HubFile):
         return hf_commit.backup(obj)
