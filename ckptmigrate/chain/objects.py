@@ -149,18 +149,20 @@ def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backu
     parts = ckpt.container.parts
     prefix = ckpt.container.path
     assert isinstance(prefix, ObjectURL)
-    if prefix.scheme in hf_commit.WRITABLE and isinstance(parts, hf_sharded.Sharded):
-        found = hf_sharded.object_headers(parts, ckpt.payload(), ckpt.container.storages)
-        if found is not None:
+    if prefix.scheme in hf_commit.WRITABLE:
+        found = hf_sharded.object_headers(parts, ckpt.payload(), ckpt.container.storages) \
+            if isinstance(parts, hf_sharded.Sharded) else None
+        if isinstance(parts, hf_sharded.Sharded) and found is not None:
             return _commit_headers(ckpt, parts, prefix, found, envelope, backup, what or _stamped(ckpt, envelope))
-        raise MultiFileObject(f"{prefix}/: a migration of this sharded model that changes tensor bytes or drops a "
-                              "tensor is not done on the Hub yet (its shards would be rewritten); download it "
-                              "(hf download), run there and upload the result", url=str(prefix),
-                              marker=parts.index_path.name)
+        what_is = "a DCP checkpoint" if isinstance(parts, dcp.Dcp) else \
+            "a migration of this sharded model that changes tensor bytes or drops a tensor"
+        raise MultiFileObject(f"{prefix}/: {what_is} is not rewritten on the Hub yet (only a sharded model whose "
+                              "tensors keep their bytes: renames, a stamp); download it (hf download), run there and "
+                              "upload the result", url=str(prefix),
+                              marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp) else parts.index_path.name)
     if prefix.scheme not in s3_compose.WRITABLE:
-        raise MultiFileObject(f"{prefix}/: a multi-file checkpoint is rewritten in place in s3:// (and a sharded "
-                              "model on hf://) only (GCS cannot copy part of an object server-side); copy the prefix "
-                              "to a local directory and run there",
+        raise MultiFileObject(f"{prefix}/: a multi-file checkpoint is rewritten in place in s3:// only (GCS cannot "
+                              "copy part of an object server-side); copy the prefix to a local directory and run there",
                               url=str(prefix), marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp)
                               else parts.index_path.name)
     if isinstance(parts, dcp.Dcp):
