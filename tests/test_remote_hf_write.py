@@ -184,6 +184,11 @@ def test_dash_o_writes_another_path_or_repository(cli: Cli, hub: HubServer, env:
     assert again.returncode == 2 and f"hf://{dst_repo}/m.pt: the output exists" in again.stderr, again.stderr
     assert len(hub.history(src_repo).commits) == 2 and hub.commit(src_repo) != before  # the -o into src_repo
     assert TOKEN not in done.stdout + done.stderr + again.stderr
+    stamped = cli("stamp", src, "--tag", "run=8", "-o", f"hf://{dst_repo}/stamped.pt", env=env)
+    assert stamped.returncode == 0, stamped.stderr
+    commit = hub.history(dst_repo).commits[hub.commit(dst_repo)]
+    assert commit.title == "ckptmigrate: stamp unstamped -> base (stamped.pt)", commit.title
+    assert loads(commit.files["stamped.pt"]).keys() == loads(original).keys()
 
 
 def test_the_loser_of_two_writers_commits_nothing(cli: Cli, hub: HubServer, env: dict[str, str],
@@ -241,6 +246,11 @@ def test_a_sharded_model_is_renamed_in_one_commit(cli: Cli, hub: HubServer, env:
     repo_id = repo(files | {"weights/model.safetensors.index.json": json.dumps(index).encode()})
     read_at = hub.commit(repo_id)
     prefix = f"hf://{repo_id}/weights/"
+    # dropping a tensor would rewrite a shard's data: refused in one line, nothing sent
+    dropped = cli("upgrade", prefix, "--from", "c1", "--migrations", chain(tmp_path / "drop", "ckpt.drop('a.weight')"),
+                  env=env)
+    assert dropped.returncode == 2 and dropped.stderr.count("\n") == 1, dropped.stderr
+    assert "is not rewritten on the Hub yet" in dropped.stderr and not writes(hub), hub.served.log
     proc = cli("upgrade", prefix, "--from", "c1", "--migrations", chain(tmp_path), "--json", env=env)
     assert proc.returncode == 0, proc.stderr
     commit = hub.history(repo_id).commits[hub.commit(repo_id)]

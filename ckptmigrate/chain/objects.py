@@ -136,8 +136,8 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
 
 def _stamped(ckpt: Checkpoint, envelope: Envelope) -> str:
     """A stamp, as a Hub commit's message names it: the revision before and after."""
-    before = ckpt.envelope.revision if ckpt.envelope is not None else None
-    return f"stamp {before or 'unstamped'} -> {envelope.revision or 'unstamped'}"
+    before = "unstamped" if ckpt.envelope is None else ckpt.envelope.revision or "base"
+    return f"stamp {before} -> {envelope.revision or 'base'}"
 
 
 def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool,
