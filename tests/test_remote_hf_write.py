@@ -205,7 +205,8 @@ def test_the_loser_of_two_writers_commits_nothing(cli: Cli, hub: HubServer, env:
     assert f"{url}: another commit changed m.pt on main since commit" in proc.stderr
     error = json.loads(proc.stdout)["error"]
     assert (error["type"], error["found"]) == ("ObjectChanged", hub.commit(repo_id))
-    assert hub.file(repo_id, "m.pt") == theirs  # their commit stands, and ours was never made
+    assert hub.file(repo_id, "m.pt") == theirs  # their commit stands, and ours was never made:
+    assert len(hub.store.uploads) == 2  # ours was uploaded, and the Hub refused its commit (412: a stale parent)
     assert len(hub.history(repo_id).commits) == 2 and TOKEN not in proc.stdout + proc.stderr
 
     # a commit to another file meanwhile is no conflict: ours goes on top of it
