@@ -221,7 +221,7 @@ def test_the_loser_of_two_writers_commits_nothing(cli: Cli, hub: HubServer, env:
     assert sorted(loads(ours.files["m.pt"])) == ["body.weight", "out.bias"] and ours.files["notes.txt"] == b"x"
 
 
-def test_a_revision_that_is_not_a_branch_is_refused(cli: Cli, hub: HubServer, env: dict[str, str],
+def test_a_revision_that_is_not_a_branch_or_a_hub_without_xet_is_one_line(cli: Cli, hub: HubServer, env: dict[str, str],
                                                     repo: Callable[..., str], tmp_path: Path) -> None:
     repo_id = repo({"m.pt": checkpoint()})
     hub.tag(repo_id, "v1")
@@ -235,6 +235,10 @@ def test_a_revision_that_is_not_a_branch_is_refused(cli: Cli, hub: HubServer, en
             assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
             assert f"{url}: revision {revision} {what}, and a Hub commit needs a branch" in proc.stderr, proc.stderr
             assert not writes(hub), hub.served.log
+    # a Hub without Xet, and huggingface_hub left to upload through it: one line naming the switch
+    xet = cli("stamp", f"hf://{repo_id}/m.pt", env=env | {"HF_HUB_DISABLE_XET": "0"})
+    assert xet.returncode == 2 and xet.stderr.count("\n") == 1, xet.stderr
+    assert "this Hub has no Xet storage" in xet.stderr and "set HF_HUB_DISABLE_XET=1" in xet.stderr
     assert len(hub.history(repo_id).commits) == 1
 
 
@@ -268,3 +272,23 @@ def test_a_sharded_model_is_renamed_in_one_commit(cli: Cli, hub: HubServer, env:
     info = cli("inspect", prefix, "--json", env=env)
     assert info.returncode == 0 and json.loads(info.stdout)[0]["tensors"] == 3, info.stderr
     assert cli("current", prefix, env=env).stdout.strip().endswith("c2")
+
+
+def test_a_fleet_on_one_repository_makes_one_commit_per_file(cli: Cli, hub: HubServer, env: dict[str, str],
+                                                             repo: Callable[..., str], tmp_path: Path) -> None:
+    names = [f"run{i}.pt" for i in range(3)]
+    repo_id = repo({name: checkpoint(4096, seed=i) for i, name in enumerate(names)})
+    first = hub.commit(repo_id)
+    proc = cli("upgrade", f"hf://{repo_id}/*.pt", "--from", "c1", "--migrations", chain(tmp_path), "-j", "2", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    history = hub.history(repo_id)
+    line, sha = [], hub.commit(repo_id)
+    while sha != first:  # one line of commits from the first: none lost, whichever runner raced which
+        line.append(history.commits[sha])
+        sha = history.commits[sha].parent or ""
+    assert len(line) == 3 == len(history.commits) - 1
+    assert sorted(c.title for c in line) == [f"ckptmigrate: upgrade c1 -> c2 ({name})" for name in names]
+    for i, name in enumerate(names):
+        got = loads(hub.file(repo_id, name))
+        assert sorted(got) == ["body.weight", "out.bias"]
+        assert torch.equal(got["body.weight"], loads(checkpoint(4096, seed=i))["body.weight"])

@@ -188,6 +188,13 @@ def _create(obj: HubFile, ops: list[Any], title: str, description: str, parent: 
                 if exc.response is not None and exc.response.status_code == 412:
                     return None
                 raise
+            except Exception as exc:
+                if "xet-write-token" in str(exc) and "404" in str(exc):
+                    raise RemoteError(f"{obj.url}: cannot write: this Hub has no Xet storage (its Xet token route "
+                                      "answers 404), and huggingface_hub uploads through Xet whenever hf_xet is "
+                                      "installed: set HF_HUB_DISABLE_XET=1 to upload through LFS",
+                                      url=str(obj.url)) from None
+                raise
     finally:
         if not quiet:
             enable_progress_bars()
