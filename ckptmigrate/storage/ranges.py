@@ -197,7 +197,7 @@ class RangeFile(io.RawIOBase):
         self.fetcher = fetcher or open_object(url)
         self.size = self.fetcher.size
         self.etag = self.fetcher.etag
-        #: The version read, in a versioned bucket (None elsewhere).
+        #: The version read: in a versioned bucket its version, on GCS its generation, on the Hub the commit.
         self.version: str | None = getattr(self.fetcher, "version", None)
         self._starts: list[int] = []
         self._blocks: dict[int, bytes] = {}
