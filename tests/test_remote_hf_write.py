@@ -16,6 +16,7 @@ import io
 import json
 import re
 import subprocess
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -255,7 +256,7 @@ def test_a_sharded_model_is_renamed_in_one_commit(cli: Cli, hub: HubServer, env:
     dropped = cli("upgrade", prefix, "--from", "c1", "--migrations", chain(tmp_path / "drop", "ckpt.drop('a.weight')"),
                   env=env)
     assert dropped.returncode == 2 and dropped.stderr.count("\n") == 1, dropped.stderr
-    assert "is not rewritten on the Hub yet" in dropped.stderr and not writes(hub), hub.served.log
+    assert "is not done on the Hub yet" in dropped.stderr and not writes(hub), hub.served.log
     proc = cli("upgrade", prefix, "--from", "c1", "--migrations", chain(tmp_path), "--json", env=env)
     assert proc.returncode == 0, proc.stderr
     commit = hub.history(repo_id).commits[hub.commit(repo_id)]
@@ -292,3 +293,46 @@ def test_a_fleet_on_one_repository_makes_one_commit_per_file(cli: Cli, hub: HubS
         got = loads(hub.file(repo_id, name))
         assert sorted(got) == ["body.weight", "out.bias"]
         assert torch.equal(got["body.weight"], loads(checkpoint(4096, seed=i))["body.weight"])
+
+
+def test_a_dcp_checkpoint_is_renamed_in_one_commit_of_its_metadata(cli: Cli, hub: HubServer, env: dict[str, str],
+                                                                    repo: Callable[..., str], tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = {"body.weight": torch.randn(10_000), "head.bias": torch.arange(4.0)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group, assuming a single process"
+        dcp.save(state, checkpoint_id=str(tmp_path / "dcp"))
+    repo_id = repo({f"ckpt/{p.name}": p.read_bytes() for p in (tmp_path / "dcp").iterdir()})
+    read_at = hub.commit(repo_id)
+    prefix = f"hf://{repo_id}/ckpt/"
+    proc = cli("upgrade", prefix, "--from", "c1", "--migrations", chain(tmp_path), "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    commit = hub.history(repo_id).commits[hub.commit(repo_id)]
+    old = hub.history(repo_id).commits[read_at].files
+    assert commit.parent == read_at and "ckptmigrate: upgrade c1 -> c2" in commit.title, commit.title
+    changed = {f for f in commit.files.keys() | old.keys() if commit.files.get(f) != old.get(f)}
+    assert "ckpt/.metadata" in changed and not [f for f in changed if f.endswith(".distcp")]  # no data moved
+    [envelope] = [f for f in commit.files if f.startswith("ckpt/.ckptmigrate-")]
+    assert changed == {"ckpt/.metadata", envelope}
+    assert json.loads(proc.stdout)["backup"] == f"hf://{repo_id}@{read_at}/ckpt/.metadata"
+    for name, data in commit.files.items():  # the new commit, as a user downloads it, loads renamed
+        (tmp_path / "got" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "got" / name).write_bytes(data)
+    got = {"body.weight": torch.zeros(10_000), "out.bias": torch.zeros(4)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(got, checkpoint_id=str(tmp_path / "got" / "ckpt"))
+    assert torch.equal(got["out.bias"], state["head.bias"]) and torch.equal(got["body.weight"], state["body.weight"])
+
+    stamped = cli("stamp", prefix, "--tag", "run=9", env=env)  # the same .metadata: its envelope replaced
+    assert stamped.returncode == 0, stamped.stderr
+    files = hub.history(repo_id).commits[hub.commit(repo_id)].files
+    assert [f for f in files if f.startswith("ckpt/.ckptmigrate-")] == [envelope] and files[envelope] != \
+        commit.files[envelope]
+    assert cli("current", prefix, env=env).stdout.strip().endswith("c2")
+    down = cli("downgrade", prefix, "--to", "c1", "--migrations", chain(tmp_path), env=env)  # a new .metadata:
+    assert down.returncode == 0, down.stderr  # the envelope named for it added, the old one deleted, in one commit
+    files = hub.history(repo_id).commits[hub.commit(repo_id)].files
+    [now] = [f for f in files if f.startswith("ckpt/.ckptmigrate-")]
+    assert now != envelope and files["ckpt/.metadata"] != commit.files["ckpt/.metadata"]

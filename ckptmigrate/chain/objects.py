@@ -150,15 +150,20 @@ def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backu
     prefix = ckpt.container.path
     assert isinstance(prefix, ObjectURL)
     if prefix.scheme in hf_commit.WRITABLE:
-        found = hf_sharded.object_headers(parts, ckpt.payload(), ckpt.container.storages) \
-            if isinstance(parts, hf_sharded.Sharded) else None
-        if isinstance(parts, hf_sharded.Sharded) and found is not None:
-            return _commit_headers(ckpt, parts, prefix, found, envelope, backup, what or _stamped(ckpt, envelope))
-        what_is = "a DCP checkpoint" if isinstance(parts, dcp.Dcp) else \
-            "a migration of this sharded model that changes tensor bytes or drops a tensor"
-        raise MultiFileObject(f"{prefix}/: {what_is} is not rewritten on the Hub yet (only a sharded model whose "
-                              "tensors keep their bytes: renames, a stamp); download it (hf download), run there and "
-                              "upload the result", url=str(prefix),
+        what = what or _stamped(ckpt, envelope)
+        if isinstance(parts, dcp.Dcp):
+            rewrite = multifile.dcp_metadata_rewrite(parts, ckpt.payload(), envelope.to_dict())
+            if rewrite is not None:
+                return _commit_metadata(parts, prefix, rewrite, backup, what)
+            what_is = "a DCP migration that changes tensor bytes (they would go into a new .distcp file)"
+        else:
+            found = hf_sharded.object_headers(parts, ckpt.payload(), ckpt.container.storages)
+            if found is not None:
+                return _commit_headers(ckpt, parts, prefix, found, envelope, backup, what)
+            what_is = "a migration of this sharded model that changes tensor bytes or drops a tensor"
+        raise MultiFileObject(f"{prefix}/: {what_is} is not done on the Hub yet (only one whose tensors keep their "
+                              "bytes: renames, a stamp); download it (hf download), run there and upload the result",
+                              url=str(prefix),
                               marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp) else parts.index_path.name)
     if prefix.scheme not in s3_compose.WRITABLE:
         raise MultiFileObject(f"{prefix}/: a multi-file checkpoint is rewritten in place in s3:// only (GCS cannot "
@@ -234,6 +239,31 @@ def _commit_headers(
             with open(files[names[name]], "wb") as fh:
                 fh.write(head)
                 hf_commit.copy_range(remote, fh, skip, remote.size)
+        hf_commit.commit(target, files)
+    return hf_commit.backup(target) if backup else None
+
+
+def _commit_metadata(parts: dcp.Dcp, prefix: ObjectURL, rewrite: multifile.DcpRewrite, backup: bool,
+                     what: str) -> ObjectURL | None:
+    """A DCP checkpoint on the Hub whose tensors keep their bytes: its new ``.metadata`` and the
+    envelope named for it in one commit, the old envelope deleted (the commit read keeps it); no
+    ``.distcp`` file moves."""
+    target = hf_commit.HubFile.of(prefix / parts.metadata_path.name, parts.metadata_version)
+    folder = target.key.rpartition("/")[0]
+
+    def in_repo(name: str) -> str:
+        return f"{folder}/{name}" if folder else name
+
+    with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
+        files: dict[str, Path | None] = {}
+        old = parts.envelope_file
+        if old is not None and (rewrite.envelope is None or old != rewrite.envelope_name):
+            files[in_repo(old)] = None
+        for name, data in ((parts.metadata_path.name, rewrite.metadata), (rewrite.envelope_name, rewrite.envelope)):
+            if data is not None:
+                files[in_repo(name)] = Path(tmp) / name
+                (Path(tmp) / name).write_bytes(data)
+        hf_commit.describe(target, what, sorted(files))
         hf_commit.commit(target, files)
     return hf_commit.backup(target) if backup else None
 

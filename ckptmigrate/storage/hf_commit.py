@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,18 +143,20 @@ def copy_range(old: RangeFile, fh: Any, begin: int, end: int) -> None:
         fh.write(block)
 
 
-def commit(obj: HubFile, files: dict[str, Path]) -> str:
-    """One commit of ``files`` (path in the repository -> local file) on ``obj``'s branch, on top of
-    the commit read; made again on a moved branch only where none of ``files`` changed. Returns the
-    new commit's id."""
-    from huggingface_hub import CommitOperationAdd
+def commit(obj: HubFile, files: Mapping[str, Path | None]) -> str:
+    """One commit of ``files`` (path in the repository -> local file, or None: deleted) on ``obj``'s
+    branch, on top of the commit read; made again on a moved branch only where none of ``files``
+    changed. Returns the new commit's id."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     parent = obj.etag
     title = obj.title or f"ckptmigrate: write {', '.join(sorted(files))}"
     description = obj.description or (f"Written by ckptmigrate {__version__}; the files as they were are at "
                                       f"commit {obj.etag}.")
     # made once: an LFS object uploaded for a refused commit is not sent again for the next
-    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(local)) for name, local in files.items()]
+    ops: list[Any] = [CommitOperationDelete(path_in_repo=name) if local is None
+                      else CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(local))
+                      for name, local in files.items()]
     try:
         for _attempt in range(REBASES + 1):
             made = _create(obj, ops, title, description, parent)
@@ -218,7 +220,8 @@ def _count(ops: list[Any]) -> None:
     """What a commit sent: each file uploaded (LFS: the whole file, however little changed; Xet sends
     only chunks the Hub lacks, so this is its upper bound), a regular file's base64 in the commit,
     and the requests (preupload, LFS batch, upload and verify, commit)."""
-    uploaded = [op for op in ops if op._upload_mode == "lfs" and op._is_uploaded]
+    added = [op for op in ops if hasattr(op, "upload_info")]
+    uploaded = [op for op in added if op._upload_mode == "lfs" and op._is_uploaded]
     TRANSFER.requests += 2 + 2 * len(uploaded) + (1 if uploaded else 0)
     TRANSFER.bytes_sent += sum(op.upload_info.size for op in uploaded)
-    TRANSFER.bytes_sent += sum(op.upload_info.size * 4 // 3 for op in ops if op._upload_mode == "regular")
+    TRANSFER.bytes_sent += sum(op.upload_info.size * 4 // 3 for op in added if op._upload_mode == "regular")
