@@ -525,6 +525,11 @@ def current(path: PathLike, *, verbose: bool = False, migrations: Any = None) ->
     return row
 
 
+def _at(envelope: Mapping[str, Any] | None) -> str:
+    """Where an envelope says its file is, as a stamp's commit message names it."""
+    return "unstamped" if envelope is None else envelope.get("revision") or "base"
+
+
 def _read_envelope(path: PathLike) -> tuple[str, dict[str, Any] | None]:
     """The envelope; of a multi-file checkpoint under a prefix, from its small files alone (by range)."""
     from ckptmigrate import formats
@@ -587,9 +592,11 @@ def stamp(
         from ckptmigrate.storage.staged import staged
 
         with staged(path, output, overwrite=overwrite) as stage:
+            before = _read_envelope(stage.source)[1]
             written = stamp(stage.source, output=stage.output, overwrite=overwrite, tags=tags, repo=repo, key=key,
                             lineage=lineage, revision=revision, migrations=migrations, release=release, sign=sign,
                             digest=digest, allow_dirty=allow_dirty, allow_unsafe_pickle=allow_unsafe_pickle)
+            stage.what = f"stamp {_at(before)} -> {_at(_read_envelope(written)[1])}"
         located = stage.location(written)
         assert located is not None
         return located
@@ -641,6 +648,7 @@ def _migrate(direction: str, path: PathLike, *, to: str, output: PathLike | None
         with staged(path, output, overwrite=overwrite, write_back=False) as stage:
             outcome = migrate_file(stage.source, chain_source(migrations), to=to, output=stage.output,
                                    direction=direction, **options)
+            stage.what = outcome.plan.describe() if outcome.plan is not None else None
         outcome.path = stage.location(outcome.path) or outcome.path
         outcome.output = stage.location(outcome.output)
         return outcome

@@ -110,8 +110,8 @@ def test_forbidden_missing_and_range_ignoring_http_servers(cli: Cli, tmp_path: P
 
 def test_output_to_a_read_only_scheme_is_refused(cli: Cli, s3: S3Server, bucket: str, tmp_path: Path) -> None:
     s3.client().put_object(Bucket=bucket, Key="m.pt", Body=checkpoint(tmp_path / "m.pt"))
-    one_line(cli("upgrade", f"s3://{bucket}/m.pt", "-o", "hf://alice/repo/out.pt", "--from", "c1"),
-             "hf://alice/repo/out.pt: writing to hf:// is not supported")
+    one_line(cli("upgrade", f"s3://{bucket}/m.pt", "-o", "https://127.0.0.1:9/out.pt", "--from", "c1"),
+             "https://127.0.0.1:9/out.pt: writing to https:// is not supported")
     assert list(objects(s3, bucket)) == ["m.pt"]
 
 

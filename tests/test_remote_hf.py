@@ -116,7 +116,8 @@ def test_a_pytorch_model_bin_is_read_by_its_directory_and_data_pkl(cli: Cli, hub
     assert json.loads(info.stdout)["tensors"] == 5
     assert all(end != -1 for _, _, end in resolved(hub)) and hub.served.body_bytes_sent < size // 8, hub.served.log
 
-    # a migration planned on the Hub, written locally (-o): the Hub is read-only
+    # a migration planned on the Hub, written locally (-o); the Hub itself is written by commits on a branch
+    # (tests/test_remote_hf_write.py), so a revision that is a commit id is refused before anything is sent
     versions = tmp_path / "chain" / "versions"
     versions.mkdir(parents=True)
     for rev, down, code in (("c1", None, "pass"), ("c2", "c1", "ckpt.rename('head.bias', 'out.bias')")):
@@ -131,10 +132,12 @@ def test_a_pytorch_model_bin_is_read_by_its_directory_and_data_pkl(cli: Cli, hub
                                                           "out.bias"]
     assert TOKEN.encode() not in out.read_bytes() and TOKEN not in done.stdout + done.stderr
     hub.served.reset()
-    refused = cli("upgrade", url, "--from", "c1", "--migrations", versions.parent, env=env)
+    pinned = f"hf://alice/legacy@{hub.commit('alice/legacy')}/pytorch_model.bin"
+    refused = cli("upgrade", pinned, "--from", "c1", "--migrations", versions.parent, env=env)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-    assert f"{url}: writing to hf:// is not supported" in refused.stderr
-    assert not [line for line in hub.served.log if not line.startswith(("GET", "HEAD"))]  # nothing sent
+    assert f"{pinned}: revision {hub.commit('alice/legacy')} is not a branch, and a Hub commit needs" in refused.stderr
+    reads = ("GET", "HEAD", "POST /api/models/alice/legacy/paths-info")
+    assert not [line for line in hub.served.log if not line.startswith(reads)]  # nothing sent
 
 
 def test_a_sharded_model_is_read_by_its_index(cli: Cli, hub: HubServer, env: dict[str, str]) -> None:

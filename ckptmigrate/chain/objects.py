@@ -32,7 +32,7 @@ from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, CkptMigrateError, MultiFileObject, ObjectChanged
 from ckptmigrate.formats import dcp, hf_sharded, multifile, safetensors_io, torchzip
 from ckptmigrate.ops.optimizer import check_policy
-from ckptmigrate.storage import prefix_write, writers
+from ckptmigrate.storage import hf_commit, prefix_write, writers
 from ckptmigrate.storage.ranges import TRANSFER, Prefixed, RangeFile, Spliced, multi_file_marker
 from ckptmigrate.storage.staged import refuse_multi_file
 from ckptmigrate.tensors.refs import Source
@@ -66,7 +66,8 @@ def migrate_object(
             history = engine.apply(ckpt, plan, trace=outcome.ops)
             ckpt.refuse_changed_module()
             if not dry_run:
-                outcome.backup = write_object(ckpt, url, engine.new_envelope(ckpt, plan, history), backup=backup)
+                outcome.backup = write_object(ckpt, url, engine.new_envelope(ckpt, plan, history), backup=backup,
+                                              what=plan.describe())
                 outcome.output = url
                 outcome.written = True
     outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
@@ -92,17 +93,20 @@ def _open(url: ObjectURL, *, key: str | None, state_dicts: Sequence[str] | None,
     return Checkpoint.open(url, key=key, state_dicts=state_dicts)
 
 
-def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool) -> ObjectURL | None:
+def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool,
+                 what: str | None = None) -> ObjectURL | None:
     """Replace the object ``ckpt`` was read from by ``ckpt`` with ``envelope``, in one conditional
     step (server-side assembly when only metadata changed, else staged); returns the backup taken
-    (the version read, or ``KEY.bak``), if ``backup``. Used by upgrade, downgrade and stamp."""
+    (the version read, or ``KEY.bak``), if ``backup``. Used by upgrade, downgrade and stamp;
+    ``what`` (``upgrade c1 -> c2``) names the change where the store keeps a message (a Hub commit)."""
     if ckpt.container.format in formats.MULTI_FORMATS:
-        return _write_prefix(ckpt, url, envelope, backup=backup)
+        return _write_prefix(ckpt, url, envelope, backup=backup, what=what)
     refuse_multi_file(url)
     env = envelope.to_dict()
     source = ckpt.container.source
     assert source is not None and isinstance(source.remote, RangeFile)
     target = writers.target(url, source.remote.etag, source.remote.version)
+    writers.describe(target, what or _stamped(ckpt, envelope))
     expected = ckpt.schema()
     c = ckpt.container
     header = safetensors_io.new_header(source, ckpt.payload(), c.storages, c.metadata, env) \
@@ -131,16 +135,40 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
     return kept
 
 
-def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool) -> ObjectURL | None:
+def _stamped(ckpt: Checkpoint, envelope: Envelope) -> str:
+    """A stamp, as a Hub commit's message names it: the revision before and after."""
+    before = "unstamped" if ckpt.envelope is None else ckpt.envelope.revision or "base"
+    return f"stamp {before} -> {envelope.revision or 'base'}"
+
+
+def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup: bool,
+                  what: str | None = None) -> ObjectURL | None:
     """A multi-file checkpoint under a prefix: a DCP rewrite that moves no ``.distcp`` byte puts its
     ``.metadata`` and envelope objects in place, a sharded model's rewrite that keeps every tensor's
-    bytes its shard headers and index (storage/prefix_write); anything else is refused in one line."""
+    bytes its shard headers and index (storage/prefix_write; on the Hub, one commit of them all);
+    anything else is refused in one line."""
     parts = ckpt.container.parts
     prefix = ckpt.container.path
     assert isinstance(prefix, ObjectURL)
+    if prefix.scheme in hf_commit.WRITABLE:
+        what = what or _stamped(ckpt, envelope)
+        if isinstance(parts, dcp.Dcp):
+            rewrite = multifile.dcp_metadata_rewrite(parts, ckpt.payload(), envelope.to_dict())
+            if rewrite is not None:
+                return _commit_metadata(parts, prefix, rewrite, backup, what)
+            what_is = "a DCP migration that changes tensor bytes (they would go into a new .distcp file)"
+        else:
+            found = hf_sharded.object_headers(parts, ckpt.payload(), ckpt.container.storages)
+            if found is not None:
+                return _commit_headers(ckpt, parts, prefix, found, envelope, backup, what)
+            what_is = "a migration of this sharded model that changes tensor bytes or drops a tensor"
+        raise MultiFileObject(f"{prefix}/: {what_is} is not done on the Hub yet (only one whose tensors keep their "
+                              "bytes: renames, a stamp); download it (hf download), run there and upload the result",
+                              url=str(prefix),
+                              marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp) else parts.index_path.name)
     if not writers.writable(prefix.scheme):
-        raise MultiFileObject(f"{prefix}/: a multi-file checkpoint is rewritten in place in s3://, gs:// and az:// "
-                              f"only ({prefix.scheme}:// is read-only); copy the prefix to a local directory "
+        raise MultiFileObject(f"{prefix}/: a multi-file checkpoint is rewritten in place in s3://, gs://, az:// and "
+                              f"hf:// only ({prefix.scheme}:// is read-only); copy the prefix to a local directory "
                               f"({sync_tool(prefix.scheme)}) and run there",
                               url=str(prefix), marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp)
                               else parts.index_path.name)
@@ -166,13 +194,12 @@ def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backu
                           else parts.index_path.name)
 
 
-def _rewrite_headers(
+def _checked_headers(
     ckpt: Checkpoint, parts: hf_sharded.Sharded, prefix: ObjectURL,
-    found: tuple[dict[str, tuple[bytes, int]], dict[str, str]], envelope: Envelope, backup: bool,
-) -> ObjectURL | None:
-    """A sharded model whose tensors keep their bytes (renames, a stamp): the new index, and each
-    changed shard's new header before its data, put in place by the journalled protocol of
-    storage/prefix_write, after the new headers and index read back as meant."""
+    found: tuple[dict[str, tuple[bytes, int]], dict[str, str]], envelope: Envelope,
+) -> tuple[bytes, int, dict[str, tuple[RangeFile, bytes, int]]]:
+    """A sharded model whose tensors keep their bytes: the new index, the total size, and each
+    changed shard's (object, new header, old header length), read back as meant before anything is sent."""
     headers, weight_map = found
     env = envelope.to_dict()
     total = sum(hf_sharded.shard_sizes(ckpt.payload(), [[k] for k in weight_map]))
@@ -188,7 +215,72 @@ def _rewrite_headers(
         remote = sources[name].remote
         assert isinstance(remote, RangeFile)
         _check_header(prefix / name, remote, head, skip, {k: payload[k] for k, s in weight_map.items() if s == name})
-        shards[name] = prefix_write.ShardHead(remote.etag, remote.pread(skip, 0), head, remote.version)
+        shards[name] = (remote, head, skip)
+    return new_index, total, shards
+
+
+def _commit_headers(
+    ckpt: Checkpoint, parts: hf_sharded.Sharded, prefix: ObjectURL,
+    found: tuple[dict[str, tuple[bytes, int]], dict[str, str]], envelope: Envelope, backup: bool, what: str,
+) -> ObjectURL | None:
+    """A sharded model on the Hub whose tensors keep their bytes: the new index and each changed
+    shard (its new header before its data, staged) in one commit on top of the commit the index was
+    read at; the backup is the index at that commit (the shards' old headers are there too)."""
+    new_index, _total, shards = _checked_headers(ckpt, parts, prefix, found, envelope)
+    index_url = prefix / parts.index_path.name
+    target = hf_commit.HubFile.of(index_url, parts.index_version)
+    moved = sorted({r.version or "" for r, _h, _s in shards.values()} - {parts.index_version or ""})
+    if moved:  # the branch moved between reading the index and a shard: what was read is not one commit
+        raise target.changed(moved[0])
+    folder = target.key.rpartition("/")[0]
+    names = {name: f"{folder}/{name}" if folder else name for name in [parts.index_path.name, *sorted(shards)]}
+    hf_commit.describe(target, what, list(names.values()))
+    with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
+        files = {path: Path(tmp) / name for name, path in names.items()}
+        files[names[parts.index_path.name]].write_bytes(new_index)
+        for name, (remote, head, skip) in shards.items():
+            with open(files[names[name]], "wb") as fh:
+                fh.write(head)
+                hf_commit.copy_range(remote, fh, skip, remote.size)
+        hf_commit.commit(target, files)
+    return hf_commit.backup(target) if backup else None
+
+
+def _commit_metadata(parts: dcp.Dcp, prefix: ObjectURL, rewrite: multifile.DcpRewrite, backup: bool,
+                     what: str) -> ObjectURL | None:
+    """A DCP checkpoint on the Hub whose tensors keep their bytes: its new ``.metadata`` and the
+    envelope named for it in one commit, the old envelope deleted (the commit read keeps it); no
+    ``.distcp`` file moves."""
+    target = hf_commit.HubFile.of(prefix / parts.metadata_path.name, parts.metadata_version)
+    folder = target.key.rpartition("/")[0]
+
+    def in_repo(name: str) -> str:
+        return f"{folder}/{name}" if folder else name
+
+    with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
+        files: dict[str, Path | None] = {}
+        old = parts.envelope_file
+        if old is not None and (rewrite.envelope is None or old != rewrite.envelope_name):
+            files[in_repo(old)] = None
+        for name, data in ((parts.metadata_path.name, rewrite.metadata), (rewrite.envelope_name, rewrite.envelope)):
+            if data is not None:
+                files[in_repo(name)] = Path(tmp) / name
+                (Path(tmp) / name).write_bytes(data)
+        hf_commit.describe(target, what, sorted(files))
+        hf_commit.commit(target, files)
+    return hf_commit.backup(target) if backup else None
+
+
+def _rewrite_headers(
+    ckpt: Checkpoint, parts: hf_sharded.Sharded, prefix: ObjectURL,
+    found: tuple[dict[str, tuple[bytes, int]], dict[str, str]], envelope: Envelope, backup: bool,
+) -> ObjectURL | None:
+    """A sharded model whose tensors keep their bytes (renames, a stamp): the new index, and each
+    changed shard's new header before its data, put in place by the journalled protocol of
+    storage/prefix_write, after the new headers and index read back as meant."""
+    new_index, total, checked = _checked_headers(ckpt, parts, prefix, found, envelope)
+    shards = {name: prefix_write.ShardHead(remote.etag, remote.pread(skip, 0), head, remote.version)
+              for name, (remote, head, skip) in checked.items()}
     placeholder = json.loads(hf_sharded.index_bytes(
         parts, {k: hf_sharded.REWRITE_IN_PROGRESS for k in parts.shard_of}, total, None))
     return prefix_write.rewrite_headers(

@@ -57,7 +57,8 @@ class Sharded:
     #: The index as read, and (an object in a bucket) its ETag: what a write in its place is conditional on.
     index_raw: bytes = b""
     index_etag: str | None = None
-    #: Its version as read (a GCS object's generation: what a write there is conditional on).
+    #: The version the index was read at (a GCS object's generation, an hf:// file's commit, a versioned
+    #: bucket's version): what a write in its place is conditional on.
     index_version: str | None = None
 
     @property

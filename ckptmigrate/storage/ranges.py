@@ -69,7 +69,14 @@ class FsspecObject:
     def __init__(self, url: ObjectURL) -> None:
         self.url = url
         self.fs, self.path = filesystem(url)
+        commit = None
         with translated(url):
+            if url.scheme == "hf":  # read at the commit the revision points at now
+                from ckptmigrate.storage import hub_revisions
+
+                self.fs.invalidate_cache(self.path)
+                commit, self.path = hub_revisions.pinned(self.fs, self.path)
+                TRANSFER.requests += 1
             self.fs.invalidate_cache(self.path)
             info = self.fs.info(self.path)
         TRANSFER.requests += 1
@@ -85,8 +92,8 @@ class FsspecObject:
         self.size = int(info["size"])
         etag = info.get("ETag") or info.get("etag")
         self.etag = str(etag) if etag else None
-        # S3's version id in a versioned bucket; a GCS object's generation (always there)
-        self.version = info.get("VersionId") or (str(info["generation"]) if info.get("generation") else None)
+        # S3's version id in a versioned bucket; a GCS object's generation (always there); the Hub commit read
+        self.version = commit or info.get("VersionId") or (str(info["generation"]) if info.get("generation") else None)
 
     def etag_now(self) -> str | None:
         TRANSFER.requests += 1
@@ -190,7 +197,7 @@ class RangeFile(io.RawIOBase):
         self.fetcher = fetcher or open_object(url)
         self.size = self.fetcher.size
         self.etag = self.fetcher.etag
-        #: The version read, in a versioned bucket (None elsewhere).
+        #: The version read: in a versioned bucket its version, on GCS its generation, on the Hub the commit.
         self.version: str | None = getattr(self.fetcher, "version", None)
         self._starts: list[int] = []
         self._blocks: dict[int, bytes] = {}

@@ -48,9 +48,9 @@ class S3Object:
     @classmethod
     def of(cls, url: ObjectURL, etag: str | None, version: str | None = None) -> S3Object:
         if url.scheme not in WRITABLE:
-            raise RemoteError(f"{url}: writing to {url.scheme}:// is not supported (only s3://, gs:// and az:// "
-                              "objects are rewritten; other URLs are read-only: inspect, current, diff, check, "
-                              "--dry-run)",
+            raise RemoteError(f"{url}: writing to {url.scheme}:// is not supported (only s3://, gs://, az:// "
+                              "objects and hf:// files are rewritten; other URLs are read-only: inspect, current, "
+                              "diff, check, --dry-run)",
                               url=str(url))
         fs, path = filesystem(url)
         bucket, _, key = path.partition("/")

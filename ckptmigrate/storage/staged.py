@@ -48,6 +48,8 @@ class Staging:
     urls: dict[str, str] = field(default_factory=dict)
     #: The in-place write's backup (a version or ``KEY.bak``), once uploaded.
     backup: ObjectURL | None = None
+    #: What the command did (``upgrade c1 -> c2``), for a store that keeps a message (a Hub commit).
+    what: str | None = None
 
     def shown(self, text: str) -> str:
         """``text`` with every temporary path replaced by the URL it stands for."""
@@ -137,6 +139,7 @@ def staged(source: str | os.PathLike[str], output: str | os.PathLike[str] | None
         if out_target is not None:
             assert stage.output is not None
             if stage.output.exists():
+                writers.describe(out_target, stage.what)
                 writers.upload(out_target, stage.output)
         elif remote is not None and write_back and output is None and _fingerprint(stage.source) != before:
             assert isinstance(src, ObjectURL)
@@ -145,6 +148,7 @@ def staged(source: str | os.PathLike[str], output: str | os.PathLike[str] | None
 
 def _replace(url: ObjectURL, remote: RangeFile, stage: Staging, backup: bool) -> None:
     target = writers.target(url, remote.etag, remote.version)
+    writers.describe(target, stage.what)
     if backup:
         stage.backup = writers.backup(target)
     try:

@@ -1,29 +1,33 @@
 """Which writer replaces an object in a bucket: S3's (the kept bytes assembled server-side,
-storage/s3_compose), Google Cloud Storage's (a streamed resumable upload, storage/gcs_write) or
-Azure's (a block list, the kept bytes staged server-side, storage/azure_write). All write in one
-step, conditionally on what was read, and take the same backups."""
+storage/s3_compose), Google Cloud Storage's (a streamed resumable upload, storage/gcs_write),
+Azure's (a block list, the kept bytes staged server-side, storage/azure_write) or the Hugging Face
+Hub's (a commit on top of the commit read, storage/hf_commit). All write in one step, conditionally
+on what was read, and take the same backups."""
 
 from __future__ import annotations
 
 import os
 
 from ckptmigrate.errors import RemoteError
-from ckptmigrate.storage import azure_write, gcs_write, s3_compose
+from ckptmigrate.storage import azure_write, gcs_write, hf_commit, s3_compose
 from ckptmigrate.storage.ranges import RangeFile
 from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translated
 
-Target = s3_compose.S3Object | gcs_write.GcsObject | azure_write.AzureObject
+Target = s3_compose.S3Object | gcs_write.GcsObject | azure_write.AzureObject | hf_commit.HubFile
 
 
 def writable(scheme: str) -> bool:
-    """Whether objects under ``scheme://`` are written (else they are read-only)."""
+    """Whether objects under ``scheme://`` are replaced object by object (the prefix protocol of
+    storage/prefix_write; a Hub repository is written by one commit instead, storage/hf_commit)."""
     return scheme in (*s3_compose.WRITABLE, *gcs_write.WRITABLE, *azure_write.WRITABLE)
 
 
 def target(url: ObjectURL, etag: str | None, version: str | None = None, *, create_only: bool = False) -> Target:
     """The object at ``url`` to replace, conditionally on the ETag (S3, Azure) or generation (GCS,
-    ``version``) read, or (``create_only``) to create where none is; a scheme that is not written is
-    one line."""
+    ``version``) read, or the Hub commit (``version``) read, or (``create_only``) to create where
+    none is; a scheme that is not written is one line."""
+    if url.scheme in hf_commit.WRITABLE:
+        return hf_commit.HubFile.of(url, version)
     obj: Target
     if url.scheme in gcs_write.WRITABLE:
         obj = gcs_write.GcsObject.of(url, version)
@@ -84,14 +88,24 @@ def backup_copy(obj: Target) -> ObjectURL:
     return gcs_write.backup_copy(obj) if isinstance(obj, gcs_write.GcsObject) else s3_compose.backup_copy(obj)
 
 
+def describe(obj: Target, what: str | None) -> None:
+    """Name the change (``upgrade c1 -> c2``) where the store keeps a message with it: a Hub commit's."""
+    if isinstance(obj, hf_commit.HubFile) and what:
+        hf_commit.describe(obj, what, [obj.key])
+
+
 def backup(obj: Target) -> ObjectURL:
+    if isinstance(obj, hf_commit.HubFile):
+        return hf_commit.backup(obj)
     if isinstance(obj, azure_write.AzureObject):
         return azure_write.backup(obj)
     return gcs_write.backup(obj) if isinstance(obj, gcs_write.GcsObject) else s3_compose.backup(obj)
 
 
 def upload(obj: Target, path: str | os.PathLike[str]) -> None:
-    if isinstance(obj, azure_write.AzureObject):
+    if isinstance(obj, hf_commit.HubFile):
+        hf_commit.upload(obj, path)
+    elif isinstance(obj, azure_write.AzureObject):
         azure_write.upload(obj, path)
     elif isinstance(obj, gcs_write.GcsObject):
         gcs_write.upload(obj, path)
@@ -100,7 +114,9 @@ def upload(obj: Target, path: str | os.PathLike[str]) -> None:
 
 
 def compose(obj: Target, old: RangeFile, keep: int, tail: bytes) -> None:
-    if isinstance(obj, azure_write.AzureObject):
+    if isinstance(obj, hf_commit.HubFile):
+        hf_commit.compose(obj, old, keep, tail)
+    elif isinstance(obj, azure_write.AzureObject):
         azure_write.compose(obj, old, keep, tail)
     elif isinstance(obj, gcs_write.GcsObject):
         gcs_write.compose(obj, old, keep, tail)
@@ -109,7 +125,9 @@ def compose(obj: Target, old: RangeFile, keep: int, tail: bytes) -> None:
 
 
 def replace_head(obj: Target, old: RangeFile, head: bytes, skip: int) -> None:
-    if isinstance(obj, azure_write.AzureObject):
+    if isinstance(obj, hf_commit.HubFile):
+        hf_commit.replace_head(obj, old, head, skip)
+    elif isinstance(obj, azure_write.AzureObject):
         azure_write.replace_head(obj, old, head, skip)
     elif isinstance(obj, gcs_write.GcsObject):
         gcs_write.replace_head(obj, old, head, skip)

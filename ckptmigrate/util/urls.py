@@ -103,6 +103,14 @@ class ObjectGeneration(ObjectVersion):
         return ObjectURL.__str__(self) + f"#{self.version}"
 
 
+class CommitVersion(ObjectVersion):
+    """A file at one commit of a Hugging Face Hub repository, ``hf://REPO@COMMIT/PATH``: the Hub's
+    history keeps it, as a versioned bucket keeps a version, and it reads like any hf:// URL."""
+
+    def __str__(self) -> str:
+        return ObjectURL.__str__(self)
+
+
 def as_location(spec: str | os.PathLike[str]) -> Path | ObjectURL:
     """A PATH argument as a local path (``file://`` URLs too) or an :class:`ObjectURL`."""
     if isinstance(spec, (ObjectURL, Path)):
