@@ -357,9 +357,9 @@ def test_each_small_write_is_conditional_on_what_was_read(store: Store, prefix: 
     where an object is, a delete on a stale one are each refused and change nothing; on Azure by
     Azurite itself too (our check before each turned off), the GCS emulator enforcing none."""
     url = ObjectURL(store.url(f"{prefix}/small.json"))
-    first = writers.put(writers.target(url, None, create_only=True), b"{}")
-    assert writers.found(writers.target(url, None)) == first  # the token put() returns is the one read
-    second = writers.put(writers.target(url, first, first), b'{"a": 1}')
+    first = writers.put(writers.object_target(url, None, create_only=True), b"{}")
+    assert writers.found(writers.object_target(url, None)) == first  # the token put() returns is the one read
+    second = writers.put(writers.object_target(url, first, first), b'{"a": 1}')
     assert second != first
     stale = {"put": lambda o: writers.put(o, b"lost"), "delete": writers.delete}
     checks = [True, False] if store.scheme == "az" else [True]
@@ -368,10 +368,10 @@ def test_each_small_write_is_conditional_on_what_was_read(store: Store, prefix: 
             monkeypatch.setattr(azure_write.AzureObject, "check_unchanged", lambda self: None)
         for what, write in stale.items():
             with pytest.raises(ObjectChanged, match="changed since it was read"):
-                write(writers.target(url, first, first))
+                write(writers.object_target(url, first, first))
             assert store.get(f"{prefix}/small.json") == b'{"a": 1}', (what, checked)
         with pytest.raises(ObjectChanged, match="an object appeared there"):
-            writers.put(writers.target(url, None, create_only=True), b"lost")
+            writers.put(writers.object_target(url, None, create_only=True), b"lost")
         assert store.get(f"{prefix}/small.json") == b'{"a": 1}'
-    writers.delete(writers.target(url, second, second))
-    assert writers.found(writers.target(url, None)) is None
+    writers.delete(writers.object_target(url, second, second))
+    assert writers.found(writers.object_target(url, None)) is None

@@ -58,12 +58,12 @@ def switch_metadata(
     """Put ``metadata`` (None: unchanged) and ``envelope`` (None: none) in place under ``prefix`` in
     the order above; return the backup taken, if ``backup``. The ETags and versions are those read
     (a GCS object's precondition is its generation, its ``version``)."""
-    md = writers.target(prefix / METADATA, metadata_etag, metadata_version)
+    md = writers.object_target(prefix / METADATA, metadata_etag, metadata_version)
     md.check_unchanged()
     if metadata is None:
         return _envelope_only(prefix, md, envelope_name, envelope, old_envelope_etag, old_envelope_version, backup)
     env = writers.as_found(prefix / envelope_name)  # created, or replacing the object of that name as found
-    created: list[writers.Target] = []
+    created: list[writers.ObjectTarget] = []
     kept = None
     try:
         if envelope is not None:
@@ -81,18 +81,18 @@ def switch_metadata(
             writers.remove(kept)
         raise
     if old_envelope is not None and old_envelope != envelope_name and not backup:
-        writers.delete(writers.target(prefix / old_envelope, None))
+        writers.delete(writers.object_target(prefix / old_envelope, None))
     return kept
 
 
 def _envelope_only(
-    prefix: ObjectURL, md: writers.Target, name: str, envelope: bytes | None, etag: str | None,
+    prefix: ObjectURL, md: writers.ObjectTarget, name: str, envelope: bytes | None, etag: str | None,
     version: str | None, backup: bool,
 ) -> ObjectURL | None:
     """A stamp: the envelope of the current ``.metadata`` replaced by one conditional put (or
     created, if there was none: create-only), then ``.metadata`` checked unchanged."""
     there = etag is not None or version is not None
-    env = writers.target(prefix / name, etag, version, create_only=not there)
+    env = writers.object_target(prefix / name, etag, version, create_only=not there)
     kept = writers.backup(env) if backup and there else None
     try:
         if envelope is None:
@@ -140,7 +140,7 @@ def rewrite_headers(
     removes its journal and writes nothing else), each shard on its own, the new index on the
     placeholder's. A failure puts the old headers and the old index back; a crash leaves the
     placeholder, which every reader refuses, until the next run (:func:`recover_headers`) does."""
-    index = writers.target(prefix / index_name, index_etag, index_version)
+    index = writers.object_target(prefix / index_name, index_etag, index_version)
     index.check_unchanged()
     if not shards:  # only the index changes (a stamp): one conditional put
         backup_url = writers.backup(index) if backup else None
@@ -152,7 +152,7 @@ def rewrite_headers(
             raise
         return backup_url
     token = secrets.token_hex(6)
-    journal = writers.target(prefix / f".{index_name}.ckptmigrate-headers.{token}", None, create_only=True)
+    journal = writers.object_target(prefix / f".{index_name}.ckptmigrate-headers.{token}", None, create_only=True)
     body = {"commit": index_name, "digest": hashlib.sha256(new_index).hexdigest(),
             "old_commit": base64.b64encode(old_index).decode(),
             "old": {name: base64.b64encode(head.old).decode() for name, head in shards.items()}}
@@ -174,7 +174,7 @@ def rewrite_headers(
     done: list[str] = []
     try:
         for name, head in shards.items():
-            shard = writers.target(prefix / name, head.etag, head.version)
+            shard = writers.object_target(prefix / name, head.etag, head.version)
             if backup:
                 kept.append(writers.backup_copy(shard))
             done.append(name)  # from here its header may be the new one
@@ -212,27 +212,27 @@ def recover_headers(prefix: ObjectURL, index_name: str) -> bool:
         raise RemoteError(f"{journal_url}: the journal of an interrupted header rewrite does not read "
                           f"({type(exc).__name__}); the shards' old headers cannot be put back",
                           url=str(prefix)) from None
-    _restore(prefix, writers.target(index_url, current.etag, current.version), old, old_index)
-    writers.delete(writers.target(journal_url, None))
+    _restore(prefix, writers.object_target(index_url, current.etag, current.version), old, old_index)
+    writers.delete(writers.object_target(journal_url, None))
     return True
 
 
-def _restore(prefix: ObjectURL, index: writers.Target, old: dict[str, bytes], old_index: bytes) -> None:
+def _restore(prefix: ObjectURL, index: writers.ObjectTarget, old: dict[str, bytes], old_index: bytes) -> None:
     """Each shard's old header back where it is not, then the old index (if the placeholder is still there)."""
     for name, head in old.items():
         remote = RangeFile(prefix / name)
         if remote.pread(len(head), 0) == head:
             continue  # never rewritten (or put back already)
-        shard = writers.target(prefix / name, remote.etag, remote.version)
+        shard = writers.object_target(prefix / name, remote.etag, remote.version)
         (length,) = struct.unpack("<Q", remote.pread(8, 0))
         writers.replace_head(shard, remote, head, 8 + length)
     writers.put(index, old_index)
 
 
-def _replace_header(shard: writers.Target, head: bytes) -> None:
+def _replace_header(shard: writers.ObjectTarget, head: bytes) -> None:
     """The shard's new header before its data, if the shard is still the object read."""
     remote = RangeFile(shard.url)
-    now = writers.target(shard.url, remote.etag, remote.version)
+    now = writers.object_target(shard.url, remote.etag, remote.version)
     if now.etag != shard.etag:
         raise shard.changed(now.etag)
     (length,) = struct.unpack("<Q", remote.pread(8, 0))

@@ -13,7 +13,9 @@ from ckptmigrate.storage import azure_write, gcs_write, hf_commit, s3_compose
 from ckptmigrate.storage.ranges import RangeFile
 from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translated
 
-Target = s3_compose.S3Object | gcs_write.GcsObject | azure_write.AzureObject | hf_commit.HubFile
+#: An object in a bucket, replaced object by object.
+ObjectTarget = s3_compose.S3Object | gcs_write.GcsObject | azure_write.AzureObject
+Target = ObjectTarget | hf_commit.HubFile
 
 
 def writable(scheme: str) -> bool:
@@ -22,13 +24,18 @@ def writable(scheme: str) -> bool:
     return scheme in (*s3_compose.WRITABLE, *gcs_write.WRITABLE, *azure_write.WRITABLE)
 
 
-def target(url: ObjectURL, etag: str | None, version: str | None = None, *, create_only: bool = False) -> Target:
+def target(url: ObjectURL, etag: str | None, version: str | None = None) -> Target:
     """The object at ``url`` to replace, conditionally on the ETag (S3, Azure) or generation (GCS,
-    ``version``) read, or the Hub commit (``version``) read, or (``create_only``) to create where
-    none is; a scheme that is not written is one line."""
+    ``version``) read, or the Hub commit (``version``) read; a scheme that is not written is one line."""
     if url.scheme in hf_commit.WRITABLE:
         return hf_commit.HubFile.of(url, version)
-    obj: Target
+    return object_target(url, etag, version)
+
+
+def object_target(url: ObjectURL, etag: str | None, version: str | None = None, *,
+                  create_only: bool = False) -> ObjectTarget:
+    """:func:`target` in a bucket, or (``create_only``) an object to create where none is."""
+    obj: ObjectTarget
     if url.scheme in gcs_write.WRITABLE:
         obj = gcs_write.GcsObject.of(url, version)
     elif url.scheme in azure_write.WRITABLE:
@@ -39,16 +46,16 @@ def target(url: ObjectURL, etag: str | None, version: str | None = None, *, crea
     return obj
 
 
-def as_found(url: ObjectURL) -> Target:
+def as_found(url: ObjectURL) -> ObjectTarget:
     """The object at ``url`` to write conditionally on what is there now: replacing the object as
     found, or created where there is none."""
-    obj = target(url, None)
+    obj = object_target(url, None)
     obj.etag = found(obj)  # every writer names its precondition token ``etag`` (GCS: the generation)
     obj.create_only = obj.etag is None
     return obj
 
 
-def found(obj: Target) -> str | None:
+def found(obj: ObjectTarget) -> str | None:
     """The object's precondition token now (ETag or generation), or None when there is no object."""
     if isinstance(obj, s3_compose.S3Object):
         try:
@@ -60,7 +67,7 @@ def found(obj: Target) -> str | None:
     return obj.head_etag()
 
 
-def put(obj: Target, body: bytes) -> str | None:
+def put(obj: ObjectTarget, body: bytes) -> str | None:
     """Replace (or create) a small object by ``body`` in one conditional request (If-Match /
     ifGenerationMatch on what was read, or create-only); the new object's ETag or generation, what
     a later write in its place is conditional on."""
@@ -69,7 +76,7 @@ def put(obj: Target, body: bytes) -> str | None:
     return gcs_write.put(obj, body) if isinstance(obj, gcs_write.GcsObject) else s3_compose.put(obj, body)
 
 
-def delete(obj: Target) -> None:
+def delete(obj: ObjectTarget) -> None:
     """Delete the object (on GCS and Azure conditional on what was read, if anything was; S3 has no
     conditional delete on an ETag everywhere)."""
     if isinstance(obj, azure_write.AzureObject):
@@ -80,7 +87,7 @@ def delete(obj: Target) -> None:
         s3_compose.delete(obj)
 
 
-def backup_copy(obj: Target) -> ObjectURL:
+def backup_copy(obj: ObjectTarget) -> ObjectURL:
     """A server-side copy at ``KEY.bak`` (``.bak.1``, ...), never the version read: for a protocol
     that keeps several objects' backups, each its own object."""
     if isinstance(obj, azure_write.AzureObject):
