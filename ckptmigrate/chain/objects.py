@@ -109,9 +109,15 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
     kept = writers.backup(target) if backup else None
     try:
         if ckpt.can_rewrite_metadata_only("torch-zip"):
-            keep, tail = torchzip.metadata_tail(source, c.records, c.prefix, ckpt.payload(), env)
-            ckpt.check_reads_back(url, env, expected, remote=Spliced(source.remote, keep, tail))
-            writers.compose(target, source.remote, keep, tail)
+            how = writers.appendable(target, source.remote.size)
+            appended = None if how is None else torchzip.appended_tail(source, c.records, c.prefix, ckpt.payload(), env)
+            if how is not None and appended is not None:  # GCS, Azure: the whole object stays, a tail is added
+                ckpt.check_reads_back(url, env, expected, remote=Spliced(source.remote, source.remote.size, appended))
+                writers.append(target, source.remote, appended, how)
+            else:
+                keep, tail = torchzip.metadata_tail(source, c.records, c.prefix, ckpt.payload(), env)
+                ckpt.check_reads_back(url, env, expected, remote=Spliced(source.remote, keep, tail))
+                writers.compose(target, source.remote, keep, tail)
         elif header is not None:  # a safetensors rename: a new header before the same data, copied server-side
             head, skip = header
             ckpt.check_reads_back(url, env, expected, remote=Prefixed(source.remote, head, skip))

@@ -38,6 +38,8 @@ WRITABLE = ("az", "abfs", "abfss")
 MAX_BLOCK = 100 << 20
 #: Bytes per block staged and per range read back (``CKPTMIGRATE_AZ_BLOCK_SIZE`` overrides it).
 BLOCK = 16 << 20
+#: Azure's most committed blocks in a blob.
+MAX_BLOCKS = 50_000
 
 
 def block_size() -> int:
@@ -234,6 +236,57 @@ class _Blocks:
         self.obj.check_unchanged()
         self.obj.call("write", self.blob.commit_block_list, [BlobBlock(i) for i in self.ids],
                       **self.obj.precondition())
+
+
+def committed_blocks(obj: AzureObject, size: int) -> list[Any] | None:
+    """The blob's committed blocks when they are the whole blob of ``size`` bytes (a blob written in
+    blocks: by ckptmigrate, azcopy, adlfs, the SDK's large uploads), so that a commit of them and one
+    more block appends to it without its bytes moving; else None (a blob written by one ``Put Blob``
+    has no committed blocks; a block ID that would not read back as given; too many blocks)."""
+    if obj.etag is None:
+        return None
+    TRANSFER.requests += 1
+    with translated(obj.url):
+        committed, _uncommitted = obj.client().get_block_list("committed")
+    if not committed or len(committed) >= MAX_BLOCKS or sum(b.size for b in committed) != size:
+        return None
+    if len({len(str(b.id).encode()) for b in committed}) != 1 or not all(map(_as_given, committed)):
+        return None
+    return list(committed)
+
+
+def _as_given(block: Any) -> bool:
+    """Whether the SDK gave the block's ID as it was staged, so that committing it names the same
+    block: it hands back the raw (base64) name when that does not decode to UTF-8 text."""
+    try:
+        raw = base64.b64decode(str(block.id), validate=True)
+    except ValueError:
+        return True  # not base64 at all: decoded by the SDK, as staged
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def append(obj: AzureObject, committed: list[Any], tail: bytes) -> None:
+    """Replace the blob by itself followed by ``tail``: ``tail`` staged as one block (an ID as long
+    as the others: Azure wants one length per blob), then the committed blocks and it committed
+    conditionally on the ETag read. No byte of the old blob crosses the network."""
+    from azure.storage.blob import BlobBlock, BlockState
+
+    taken = {str(b.id) for b in committed}
+    length = len(str(committed[0].id).encode())
+    new = ""
+    while not new or new in taken:
+        new = (uuid.uuid4().hex * (1 + length // 32))[:length]
+    blob = obj.client()
+    obj.call("write", blob.stage_block, new, tail, length=len(tail))
+    TRANSFER.bytes_sent += len(tail)
+    obj.check_unchanged()
+    blocks = [BlobBlock(str(b.id), BlockState.COMMITTED) for b in committed]
+    obj.call("write", blob.commit_block_list, [*blocks, BlobBlock(new, BlockState.LATEST)], **obj.precondition())
+    TRANSFER.bytes_copied_server_side += sum(b.size for b in committed)
 
 
 def compose(obj: AzureObject, old: RangeFile, keep: int, tail: bytes) -> None:
