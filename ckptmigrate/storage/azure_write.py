@@ -250,8 +250,9 @@ def committed_blocks(obj: AzureObject, size: int) -> list[Any] | None:
         committed, _uncommitted = obj.client().get_block_list("committed")
     if not committed or len(committed) >= MAX_BLOCKS or sum(b.size for b in committed) != size:
         return None
-    if len({len(str(b.id).encode()) for b in committed}) != 1 or not all(map(_as_given, committed)):
-        return None
+    if len({len(str(b.id).encode()) for b in committed}) != 1 or len(str(committed[0].id).encode()) < 8 or \
+            not all(map(_as_given, committed)):
+        return None  # one ID length per blob; ours must fit it and still be unique
     return list(committed)
 
 
@@ -278,8 +279,8 @@ def append(obj: AzureObject, committed: list[Any], tail: bytes) -> None:
     taken = {str(b.id) for b in committed}
     length = len(str(committed[0].id).encode())
     new = ""
-    while not new or new in taken:
-        new = (uuid.uuid4().hex * (1 + length // 32))[:length]
+    while not new or new in taken:  # the "-" keeps it from reading as base64: the next append keeps it
+        new = ("ckm-" + uuid.uuid4().hex * (1 + length // 32))[:length]
     blob = obj.client()
     obj.call("write", blob.stage_block, new, tail, length=len(tail))
     TRANSFER.bytes_sent += len(tail)
