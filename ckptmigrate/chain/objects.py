@@ -1,9 +1,11 @@
-"""``upgrade``/``downgrade`` of a checkpoint in object storage (``s3://bucket/key``, ``gs://``).
+"""``upgrade``/``downgrade`` of a checkpoint in object storage (``s3://bucket/key``, ``gs://``, ``az://``).
 
 Planned and migrated from the object's directory and ``data.pkl`` alone (range reads). A migration
-that changes only metadata of a torch zip keeps every record where it is: the new object is the
-old one's records, copied server-side, and a new tail (``data.pkl``, envelope, central directory),
-read back before it is sent (storage/s3_compose). Any other migration (and any legacy, pre-zip
+that changes only metadata of a torch zip keeps every record where it is: on S3 the new object is
+the old one's records, copied server-side, and a new tail (``data.pkl``, envelope, central
+directory; storage/s3_compose); on GCS and Azure, which keep only whole objects (blocks)
+server-side, the whole old object and the tail a local in-place append writes (storage/gcs_write,
+storage/azure_write). The tail is read back through the object-to-be before it is sent. Any other migration (and any legacy, pre-zip
 file) is staged: the local engine writes the result into a temporary file, reading the tensors by
 range, and that is uploaded. Either way the object is replaced in one step, only if it is still the one read (its
 ETag); the backup is the version read (a versioned bucket) or a server-side copy ``KEY.bak``.

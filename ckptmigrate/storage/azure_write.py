@@ -7,11 +7,16 @@ half. The commit carries ``If-Match`` with the ETag read when the blob was opene
 two runners raises :class:`~ckptmigrate.errors.ObjectChanged` and the blob is unchanged. A failed
 write commits nothing (Azure discards uncommitted blocks after a week).
 
-When only metadata changes, the kept bytes are read back in bounded blocks and staged again, with
-the new bytes as one more block: they cross the network twice. (``Put Block From URL`` would keep
-them server-side, but Azurite, the emulator the tests run, does not implement it: answers
-``APINotImplemented``; so it is not used.) A blob replaced meanwhile fails the commit's
-``If-Match``, so bytes of another writer's blob are never committed. The backup is a server-side
+A torch zip whose metadata-only rewrite is the whole old blob and an appended tail (what a local
+in-place append writes) is :func:`append` when the blob is made of committed blocks (written in
+blocks, as ckptmigrate, azcopy and adlfs write): the tail is staged as one block and the commit
+lists the blob's own committed blocks and it, so no old byte moves. A blob written by one ``Put
+Blob`` has no blocks to list: then, and for any other metadata-only rewrite, the kept bytes are
+read back in bounded blocks and staged again, with the new bytes as one more block: they cross the
+network twice. (``Put Block From URL`` would keep them server-side, but Azurite, the emulator the
+tests run, does not implement it: answers ``APINotImplemented``; so it is not used.) A blob
+replaced meanwhile fails the commit's ``If-Match``, so bytes (or blocks) of another writer's blob
+are never committed. The backup is a server-side
 copy (``Copy Blob From URL``, synchronous, the source read through a short-lived read SAS signed
 with the account key, or the account's SAS) to ``KEY.bak`` (``.bak.1``, ...; never overwritten:
 ``If-None-Match: *``) conditional on the source ETag.

@@ -1,11 +1,13 @@
 """Replacing a Google Cloud Storage object in one step, conditionally on the generation read.
 
-GCS cannot append, and cannot assemble an object from byte ranges of another (``compose`` joins
-whole objects), so the tensor bytes of a metadata-only migration cannot stay server-side as they do
-on S3: a write to ``gs://`` streams. The bytes kept are read back in bounded ranges and sent, with
-the new tail, through one resumable upload (or a staged file is sent the same way); GCS creates the
-object only when the last chunk arrives, so a reader sees the old object or the new one, never a
-half. The upload carries ``ifGenerationMatch`` with the generation read when the object was opened
+GCS cannot append, and cannot assemble an object from byte ranges of another, but ``compose``
+joins whole objects: a torch zip whose metadata-only rewrite is the whole old object and an
+appended tail (what a local in-place append writes) is :func:`append`, the tail uploaded as a
+temporary object and composed after the object at the generation read, no old byte moving. Any
+other write streams: the bytes kept are read back in bounded ranges and sent, with the new tail,
+through one resumable upload (or a staged file is sent the same way); GCS creates the object only
+when the last chunk arrives (or the compose succeeds), so a reader sees the old object or the new
+one, never a half. The upload carries ``ifGenerationMatch`` with the generation read when the object was opened
 (``0`` for a new object: create only), which GCS checks when it finalises; the generation is also
 checked right before the last chunk is sent (the emulator the tests run does not enforce
 ``ifGenerationMatch``). The loser of two runners raises :class:`~ckptmigrate.errors.ObjectChanged`
