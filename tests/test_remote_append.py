@@ -11,7 +11,6 @@ interruptions through the API, the other writer slipped in at the moment it matt
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -207,11 +206,17 @@ def test_a_gcs_append_that_loses_or_is_interrupted_changes_nothing_and_leaves_no
 
 @pytest.fixture(scope="module")
 def azure() -> Iterator[tuple[dict[str, str], Any, CountingProxy]]:
-    with running() as (env, container):
-        port = int(env["AZURE_STORAGE_CONNECTION_STRING"].split("BlobEndpoint=http://127.0.0.1:")[1].split("/")[0])
+    """Azurite behind a counting proxy; the tests' own container client goes direct, and uploads
+    as the SDK (and adlfs, azcopy) upload a large blob: 1 MiB blocks and one commit."""
+    from azure.storage.blob import ContainerClient
+
+    with running() as (env, _container):
+        connection = env["AZURE_STORAGE_CONNECTION_STRING"]
+        port = int(connection.split("BlobEndpoint=http://127.0.0.1:")[1].split("/")[0])
         proxy = CountingProxy(port)
-        through = {"AZURE_STORAGE_CONNECTION_STRING":
-                   env["AZURE_STORAGE_CONNECTION_STRING"].replace(f":{port}/", f":{proxy.port}/")}
+        through = {"AZURE_STORAGE_CONNECTION_STRING": connection.replace(f":{port}/", f":{proxy.port}/")}
+        container = ContainerClient.from_connection_string(connection, "ckpts", max_single_put_size=1 << 20,
+                                                           max_block_size=1 << 20)
         try:
             yield through, container, proxy
         finally:
@@ -226,18 +231,12 @@ def az_read(container: Any, name: str) -> bytes:
     return bytes(container.download_blob(name).readall())
 
 
-def put_in_blocks(container: Any, name: str, data: bytes, block: int = 1 << 20) -> list[tuple[str, int]]:
-    """Upload ``data`` as blocks and one commit (as azcopy, adlfs and the SDK's large uploads do);
-    the committed (ID, size) pairs."""
-    from azure.storage.blob import BlobBlock
-
-    blob = container.get_blob_client(name)
-    ids = []
-    for n, start in enumerate(range(0, len(data), block)):
-        ids.append(base64.b64encode(f"block-{n:06d}".encode()).decode())
-        blob.stage_block(ids[-1], data[start:start + block])
-    blob.commit_block_list([BlobBlock(i) for i in ids])
-    return committed(container, name)
+def put_in_blocks(container: Any, name: str, data: bytes) -> list[tuple[str, int]]:
+    """Upload ``data`` as the SDK does a large blob (blocks, one commit); the committed (ID, size) pairs."""
+    container.upload_blob(name, data)
+    blocks = committed(container, name)
+    assert len(blocks) == -(-len(data) // (1 << 20))
+    return blocks
 
 
 def committed(container: Any, name: str) -> list[tuple[str, int]]:
@@ -292,7 +291,10 @@ def test_a_blob_of_one_put_is_streamed_once_then_appended_to(
     prefix = tmp_path.name
     name = f"{prefix}/m.pt"
     original = checkpoint()
-    container.upload_blob(name, original)  # one Put Blob: no committed blocks to keep
+    from azure.storage.blob import BlobClient
+
+    # one Put Blob (the SDK's default up to 64 MiB): no committed blocks to keep
+    BlobClient.from_connection_string(env["AZURE_STORAGE_CONNECTION_STRING"], "ckpts", name).upload_blob(original)
     assert committed(container, name) == []
     url = f"az://ckpts/{name}"
     migrations = chain(tmp_path)

@@ -5,10 +5,11 @@ that changes only metadata of a torch zip keeps every record where it is: on S3 
 the old one's records, copied server-side, and a new tail (``data.pkl``, envelope, central
 directory; storage/s3_compose); on GCS and Azure, which keep only whole objects (blocks)
 server-side, the whole old object and the tail a local in-place append writes (storage/gcs_write,
-storage/azure_write). The tail is read back through the object-to-be before it is sent. Any other migration (and any legacy, pre-zip
-file) is staged: the local engine writes the result into a temporary file, reading the tensors by
-range, and that is uploaded. Either way the object is replaced in one step, only if it is still the one read (its
-ETag); the backup is the version read (a versioned bucket) or a server-side copy ``KEY.bak``.
+storage/azure_write). The tail is read back through the object-to-be before it is sent. Any other
+migration (and any legacy, pre-zip file) is staged: the local engine writes the result into a
+temporary file, reading the tensors by range, and that is uploaded. Either way the object is
+replaced in one step, only if it is still the one read (its ETag); the backup is the version read
+(a versioned bucket) or a server-side copy ``KEY.bak``.
 A safetensors rename is a new header before the same data, copied server-side.
 
 A multi-file checkpoint under a prefix is read by range too; a rewrite that keeps every tensor's

@@ -33,6 +33,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from xml.etree import ElementTree  # noqa: S405 - the service's own answer, parsed for two fields
 
 from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared, changed
@@ -243,54 +244,60 @@ class _Blocks:
                       **self.obj.precondition())
 
 
-def committed_blocks(obj: AzureObject, size: int) -> list[Any] | None:
+@dataclass
+class Block:
+    """A committed block: its ID as the SDK takes it (the text whose base64 is its name) and size."""
+
+    id: str
+    size: int
+
+
+def committed_blocks(obj: AzureObject, size: int) -> list[Block] | None:
     """The blob's committed blocks when they are the whole blob of ``size`` bytes (a blob written in
     blocks: by ckptmigrate, azcopy, adlfs, the SDK's large uploads), so that a commit of them and one
     more block appends to it without its bytes moving; else None (a blob written by one ``Put Blob``
-    has no committed blocks; a block ID that would not read back as given; too many blocks)."""
+    has no committed blocks; too many blocks; a block name the SDK cannot commit again)."""
     if obj.etag is None:
         return None
+    names: list[tuple[str, int]] = []
+
+    def raw(response: Any) -> None:
+        """The names as the service sent them: the SDK hands back some decoded, some not."""
+        found = ElementTree.fromstring(response.http_response.body()).find("CommittedBlocks")
+        names.extend((str(b.findtext("Name")), int(b.findtext("Size") or -1)) for b in found or ())
+
     TRANSFER.requests += 1
     with translated(obj.url):
-        committed, _uncommitted = obj.client().get_block_list("committed")
-    if not committed or len(committed) >= MAX_BLOCKS or sum(b.size for b in committed) != size:
+        obj.client().get_block_list("committed", raw_response_hook=raw)
+    if not names or len(names) >= MAX_BLOCKS or sum(n for _name, n in names) != size:
         return None
-    if len({len(str(b.id).encode()) for b in committed}) != 1 or len(str(committed[0].id).encode()) < 8 or \
-            not all(map(_as_given, committed)):
+    blocks = []
+    for name, n in names:
+        try:  # the SDK names a block by the base64 of the ID's UTF-8: an ID of other bytes is not sayable
+            blocks.append(Block(base64.b64decode(name, validate=True).decode(), n))
+        except ValueError:
+            return None
+    if len({len(b.id.encode()) for b in blocks}) != 1 or len(blocks[0].id.encode()) < 8:
         return None  # one ID length per blob; ours must fit it and still be unique
-    return list(committed)
+    return blocks
 
 
-def _as_given(block: Any) -> bool:
-    """Whether the SDK gave the block's ID as it was staged, so that committing it names the same
-    block: it hands back the raw (base64) name when that does not decode to UTF-8 text."""
-    try:
-        raw = base64.b64decode(str(block.id), validate=True)
-    except ValueError:
-        return True  # not base64 at all: decoded by the SDK, as staged
-    try:
-        raw.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def append(obj: AzureObject, committed: list[Any], tail: bytes) -> None:
+def append(obj: AzureObject, committed: list[Block], tail: bytes) -> None:
     """Replace the blob by itself followed by ``tail``: ``tail`` staged as one block (an ID as long
     as the others: Azure wants one length per blob), then the committed blocks and it committed
     conditionally on the ETag read. No byte of the old blob crosses the network."""
     from azure.storage.blob import BlobBlock, BlockState
 
-    taken = {str(b.id) for b in committed}
-    length = len(str(committed[0].id).encode())
+    taken = {b.id for b in committed}
+    length = len(committed[0].id.encode())
     new = ""
-    while not new or new in taken:  # the "-" keeps it from reading as base64: the next append keeps it
-        new = ("ckm-" + uuid.uuid4().hex * (1 + length // 32))[:length]
+    while not new or new in taken:
+        new = (uuid.uuid4().hex * (1 + length // 32))[:length]
     blob = obj.client()
     obj.call("write", blob.stage_block, new, tail, length=len(tail))
     TRANSFER.bytes_sent += len(tail)
     obj.check_unchanged()
-    blocks = [BlobBlock(str(b.id), BlockState.COMMITTED) for b in committed]
+    blocks = [BlobBlock(b.id, BlockState.COMMITTED) for b in committed]
     obj.call("write", blob.commit_block_list, [*blocks, BlobBlock(new, BlockState.LATEST)], **obj.precondition())
     TRANSFER.bytes_copied_server_side += sum(b.size for b in committed)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from ckptmigrate.storage import azure_write, gcs_write, s3_compose
 from ckptmigrate.storage.ranges import RangeFile
@@ -47,7 +46,7 @@ class Appendable:
     """An object the store can add bytes to without the old ones moving (:func:`append`):
     ``blocks``, an Azure blob's committed blocks (None on GCS)."""
 
-    blocks: list[Any] | None = None
+    blocks: list[azure_write.Block] | None = None
 
 
 def appendable(obj: Target, size: int) -> Appendable | None:
