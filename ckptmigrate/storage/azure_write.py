@@ -260,15 +260,22 @@ def committed_blocks(obj: AzureObject, size: int) -> list[Block] | None:
     if obj.etag is None:
         return None
     names: list[tuple[str, int]] = []
+    etags: list[str] = []
 
     def raw(response: Any) -> None:
-        """The names as the service sent them: the SDK hands back some decoded, some not."""
+        """The names as the service sent them (the SDK hands back some decoded, some not), and the
+        blob's ETag."""
+        etag = response.http_response.headers.get("ETag")  # sent when the blob has committed blocks
+        if etag:
+            etags.append(str(etag))
         found = ElementTree.fromstring(response.http_response.body()).find("CommittedBlocks")
         names.extend((str(b.findtext("Name")), int(b.findtext("Size") or -1)) for b in found or ())
 
     TRANSFER.requests += 1
     with translated(obj.url):
         obj.client().get_block_list("committed", raw_response_hook=raw)
+    if etags and etags[-1] != obj.etag:  # the other writer's win, found before any byte moves
+        raise obj.changed(etags[-1])
     if not names or len(names) >= MAX_BLOCKS or sum(n for _name, n in names) != size:
         return None
     blocks = []

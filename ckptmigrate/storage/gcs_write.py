@@ -156,16 +156,24 @@ def backup_copy(obj: GcsObject) -> ObjectURL:
 
 
 def appendable(obj: GcsObject) -> bool:
-    """Whether :func:`append` can add to the object: it is still the generation read and a
-    composite of fewer than :data:`MAX_COMPONENTS` objects (each append adds one; past that, a
-    rewrite streams the object and the count starts again at one)."""
+    """Whether :func:`append` can add to the object: a composite of fewer than
+    :data:`MAX_COMPONENTS` objects (each append adds one; past that, a rewrite streams the object
+    and the count starts again at one). An object no longer the generation read is the other
+    writer's win, found before any byte moves."""
     if obj.etag is None:
         return False
     TRANSFER.requests += 1
-    with translated(obj.url):
-        meta = obj.fs.call("GET", "b/{}/o/{}", obj.bucket, obj.key, fields="generation,componentCount",
-                           json_out=True)
-    return str(meta.get("generation")) == obj.etag and int(meta.get("componentCount") or 1) < MAX_COMPONENTS
+    try:
+        with translated(obj.url):
+            meta = obj.fs.call("GET", "b/{}/o/{}", obj.bucket, obj.key, fields="generation,componentCount",
+                               json_out=True)
+    except RemoteError as exc:
+        if "no such object" in str(exc):
+            raise obj.changed(None) from None
+        raise
+    if str(meta.get("generation")) != obj.etag:
+        raise obj.changed(str(meta.get("generation")))
+    return int(meta.get("componentCount") or 1) < MAX_COMPONENTS
 
 
 def append(obj: GcsObject, old: RangeFile, tail: bytes) -> None:
