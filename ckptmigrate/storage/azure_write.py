@@ -16,10 +16,10 @@ read back in bounded blocks and staged again, with the new bytes as one more blo
 network twice. (``Put Block From URL`` would keep them server-side, but Azurite, the emulator the
 tests run, does not implement it: answers ``APINotImplemented``; so it is not used.) A blob
 replaced meanwhile fails the commit's ``If-Match``, so bytes (or blocks) of another writer's blob
-are never committed. The backup is a server-side
-copy (``Copy Blob From URL``, synchronous, the source read through a short-lived read SAS signed
-with the account key, or the account's SAS) to ``KEY.bak`` (``.bak.1``, ...; never overwritten:
-``If-None-Match: *``) conditional on the source ETag.
+are never committed. The backup is a server-side copy (``Copy Blob From URL``, synchronous, the
+source read through a short-lived read SAS signed with the account key, or the account's SAS) to
+``KEY.bak`` (``.bak.1``, ...; never overwritten: ``If-None-Match: *``) conditional on the source
+ETag.
 
 Requests go through azure-storage-blob (what adlfs uses), with a BlobClient built from the adlfs
 filesystem's own service client (its credentials and endpoint).

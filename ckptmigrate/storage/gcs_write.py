@@ -7,12 +7,12 @@ temporary object and composed after the object at the generation read, no old by
 other write streams: the bytes kept are read back in bounded ranges and sent, with the new tail,
 through one resumable upload (or a staged file is sent the same way); GCS creates the object only
 when the last chunk arrives (or the compose succeeds), so a reader sees the old object or the new
-one, never a half. The upload carries ``ifGenerationMatch`` with the generation read when the object was opened
-(``0`` for a new object: create only), which GCS checks when it finalises; the generation is also
-checked right before the last chunk is sent (the emulator the tests run does not enforce
-``ifGenerationMatch``). The loser of two runners raises :class:`~ckptmigrate.errors.ObjectChanged`
-and the object is not created. A failed upload is cancelled (an unfinalised upload is never an
-object; GCS forgets it after a week).
+one, never a half. The upload (and the compose) carries ``ifGenerationMatch`` with the generation
+read when the object was opened (``0`` for a new object: create only), which GCS checks when it
+finalises; the generation is also checked right before the last chunk is sent or the compose
+(the emulator the tests run enforces ``ifGenerationMatch`` on neither). The loser of two runners
+raises :class:`~ckptmigrate.errors.ObjectChanged` and the object is not created. A failed upload
+is cancelled (an unfinalised upload is never an object; GCS forgets it after a week).
 
 The backup is, in a bucket with versioning on, the generation read (``gs://b/k#GEN``), else a
 server-side ``rewrite`` to ``KEY.bak`` (``.bak.1``, ...; never overwritten: ``ifGenerationMatch=0``)
