@@ -176,6 +176,26 @@ def test_a_gcs_rename_sends_only_the_tail_and_compose_keeps_the_rest(
     assert gcs_names(bucket, prefix) == [f"{prefix}/m.pt", f"{prefix}/m.pt.bak"]
 
 
+def test_a_gcs_object_whose_last_append_was_cut_short_is_rewritten_whole(
+        cli: Cli, gcs: tuple[dict[str, str], Any, CountingProxy], tmp_path: Path) -> None:
+    from ckptmigrate.formats.zipio import APPEND_END
+
+    env, bucket, _proxy = gcs
+    prefix = tmp_path.name
+    original = checkpoint()
+    # what a local append killed mid-way leaves (then uploaded as is): the archive, part of the new
+    # bytes, and the old end records copied to the end — torch reads the old archive
+    cut = original + bytes(5000) + original[-APPEND_END:]
+    assert same(loads(cut), loads(original))
+    bucket.blob(f"{prefix}/m.pt").upload_from_string(cut)
+    url = f"gs://ckpts/{prefix}/m.pt"
+    result = upgrade(cli, url, chain(tmp_path), env, "--from", "c1", "--to", "c2", "--no-backup")
+    new = bucket.blob(f"{prefix}/m.pt").download_as_bytes()
+    assert same(loads(new), renamed(loads(original), ("head.bias", "out.bias")))
+    assert result["transfer"]["bytes_sent"] == len(new) < len(cut)  # the records and a new tail, streamed
+    assert gcs_names(bucket, prefix) == [f"{prefix}/m.pt"]
+
+
 @pytest.mark.parametrize("what", ["another writer", "an interruption"])
 def test_a_gcs_append_that_loses_or_is_interrupted_changes_nothing_and_leaves_no_tail(
         gcs: tuple[dict[str, str], Any, CountingProxy], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
