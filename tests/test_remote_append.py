@@ -143,11 +143,14 @@ def test_a_gcs_rename_sends_only_the_tail_and_compose_keeps_the_rest(
     url = f"gs://ckpts/{prefix}/m.pt"
     migrations = chain(tmp_path)
 
+    crc32c = bucket.get_blob(f"{prefix}/m.pt").crc32c
     proxy.reset()
     result = upgrade(cli, url, migrations, env, "--from", "c1", "--to", "c2")
     new = bucket.blob(f"{prefix}/m.pt").download_as_bytes()
     tail = len(new) - len(original)
     assert new[:len(original)] == original  # the old object, whole, then the tail
+    # what a compose whose answer was lost is recognised by: the server's checksum of the result
+    assert gcs_write.extended_crc32c(crc32c, new[len(original):]) == bucket.get_blob(f"{prefix}/m.pt").crc32c
     assert same(loads(new), renamed(loads(original), ("head.bias", "out.bias")))
     assert result["backup"] == f"{url}.bak"
     assert bucket.blob(f"{prefix}/m.pt.bak").download_as_bytes() == original
@@ -232,6 +235,31 @@ def test_a_gcs_append_that_loses_or_is_interrupted_changes_nothing_and_leaves_no
         assert bucket.blob(f"{prefix}/m.pt").download_as_bytes() == before
     assert len(uploaded) == 1 and gcs_write.TAIL_MARK in uploaded[0]
     assert gcs_names(bucket, prefix) == [f"{prefix}/m.pt"]  # no tail object, no backup of the lost write
+
+
+def test_a_gcs_compose_whose_answer_was_lost_is_known_as_ours(
+        gcs: tuple[dict[str, str], Any, CountingProxy], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _env, bucket, _proxy = gcs
+    prefix = tmp_path.name
+    original = checkpoint()
+    bucket.blob(f"{prefix}/m.pt").upload_from_string(original)
+    url = f"gs://ckpts/{prefix}/m.pt"
+    real = gcs_write.GcsObject.call
+
+    def answer_lost(self: gcs_write.GcsObject, method: str, path: str, *args: str, **kwargs: Any) -> Any:
+        """The compose is done, its answer lost; the retry finds the generation moved (412)."""
+        out = real(self, method, path, *args, **kwargs)
+        if path.endswith("/compose"):
+            raise self.changed(self.head_etag())
+        return out
+
+    monkeypatch.setattr(gcs_write.GcsObject, "call", answer_lost)
+    outcome = api.upgrade(url, from_rev="c1", to="c2", migrations=chain(tmp_path))
+    assert outcome.written and str(outcome.backup) == f"{url}.bak"
+    new = bucket.blob(f"{prefix}/m.pt").download_as_bytes()
+    assert new[:len(original)] == original and same(loads(new), renamed(loads(original), ("head.bias", "out.bias")))
+    assert bucket.blob(f"{prefix}/m.pt.bak").download_as_bytes() == original  # the backup stays
+    assert gcs_names(bucket, prefix) == [f"{prefix}/m.pt", f"{prefix}/m.pt.bak"]
 
 
 # --- Azure Blob Storage ---------------------------------------------------------------------------

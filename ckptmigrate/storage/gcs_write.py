@@ -21,6 +21,7 @@ conditional on the source generation.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import uuid
@@ -155,17 +156,17 @@ def backup_copy(obj: GcsObject) -> ObjectURL:
 
 
 
-def appendable(obj: GcsObject) -> bool:
-    """Whether :func:`append` can add to the object: a composite of fewer than
-    :data:`MAX_COMPONENTS` objects (each append adds one; past that, a rewrite streams the object
-    and the count starts again at one). An object no longer the generation read is the other
-    writer's win, found before any byte moves."""
+def appendable(obj: GcsObject) -> str | None:
+    """The object's CRC32C (as GCS gives it: base64) when :func:`append` can add to it: a
+    composite of fewer than :data:`MAX_COMPONENTS` objects (each append adds one; past that, a
+    rewrite streams the object and the count starts again at one); else None. An object no longer
+    the generation read is the other writer's win, found before any byte moves."""
     if obj.etag is None:
-        return False
+        return None
     TRANSFER.requests += 1
     try:
         with translated(obj.url):
-            meta = obj.fs.call("GET", "b/{}/o/{}", obj.bucket, obj.key, fields="generation,componentCount",
+            meta = obj.fs.call("GET", "b/{}/o/{}", obj.bucket, obj.key, fields="generation,componentCount,crc32c",
                                json_out=True)
     except RemoteError as exc:
         if "no such object" in str(exc):
@@ -173,15 +174,19 @@ def appendable(obj: GcsObject) -> bool:
         raise
     if str(meta.get("generation")) != obj.etag:
         raise obj.changed(str(meta.get("generation")))
-    return int(meta.get("componentCount") or 1) < MAX_COMPONENTS
+    if int(meta.get("componentCount") or 1) >= MAX_COMPONENTS or not meta.get("crc32c"):
+        return None
+    return str(meta["crc32c"])
 
 
-def append(obj: GcsObject, old: RangeFile, tail: bytes) -> None:
+def append(obj: GcsObject, old: RangeFile, tail: bytes, crc32c: str) -> None:
     """Replace the object by itself followed by ``tail``, without its bytes crossing the network:
     ``tail`` is uploaded as a temporary object beside it (a unique name, create-only), then
     ``compose`` joins [the object at the generation read, the tail] into the key, conditionally on
     that generation (``ifGenerationMatch``; also checked just before: the emulator the tests run
-    enforces neither). The temporary object is deleted after, whatever happened."""
+    enforces neither). The temporary object is deleted after, whatever happened. A compose refused
+    as stale that had in fact succeeded (its answer lost, the request retried) is known by the
+    object's size and CRC32C, ``crc32c`` (the object's as read) extended by ``tail``."""
     assert obj.etag is not None
     name = f"{obj.key}{TAIL_MARK}{uuid.uuid4().hex}"
     part = GcsObject(ObjectURL(f"{obj.url.scheme}://{obj.bucket}/{name}"), obj.fs, obj.bucket, name, None,
@@ -191,8 +196,12 @@ def append(obj: GcsObject, old: RangeFile, tail: bytes) -> None:
         obj.check_unchanged()
         sources = [{"name": obj.key, "generation": obj.etag, "objectPreconditions": {"ifGenerationMatch": obj.etag}},
                    {"name": name}]
-        obj.call("POST", "b/{}/o/{}/compose", obj.bucket, obj.key, json_out=True, ifGenerationMatch=obj.etag,
-                 json={"sourceObjects": sources, "destination": {"contentType": "application/octet-stream"}})
+        try:
+            obj.call("POST", "b/{}/o/{}/compose", obj.bucket, obj.key, json_out=True, ifGenerationMatch=obj.etag,
+                     json={"sourceObjects": sources, "destination": {"contentType": "application/octet-stream"}})
+        except ObjectChanged:
+            if not _is(obj, old.size + len(tail), extended_crc32c(crc32c, tail)):
+                raise
         TRANSFER.bytes_copied_server_side += old.size
     except BaseException:
         with contextlib.suppress(Exception):  # the error that stopped the write is the one to report
@@ -203,6 +212,25 @@ def append(obj: GcsObject, old: RangeFile, tail: bytes) -> None:
     except RemoteError as exc:  # the object is written: a stray temporary object is not a failed write
         warnings.warn(f"{part.url}: a temporary object of the write to {obj.url} could not be deleted ({exc}); "
                       "delete it", CkptMigrateWarning, stacklevel=2)
+
+
+def extended_crc32c(crc32c: str, data: bytes) -> str:
+    """The CRC32C (GCS's base64 of its 4 big-endian bytes) of an object's bytes followed by ``data``."""
+    import google_crc32c  # google-cloud-storage's, which gcsfs requires
+
+    value = google_crc32c.extend(int.from_bytes(base64.b64decode(crc32c), "big"), data)
+    return base64.b64encode(value.to_bytes(4, "big")).decode()
+
+
+def _is(obj: GcsObject, size: int, crc32c: str) -> bool:
+    """Whether the object now has ``size`` bytes and the CRC32C ``crc32c``."""
+    TRANSFER.requests += 1
+    try:
+        with translated(obj.url):
+            meta = obj.fs.call("GET", "b/{}/o/{}", obj.bucket, obj.key, fields="size,crc32c", json_out=True)
+    except RemoteError:
+        return False
+    return int(meta.get("size") or -1) == size and meta.get("crc32c") == crc32c
 
 
 def _delete(obj: GcsObject) -> None:

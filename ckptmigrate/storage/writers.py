@@ -44,9 +44,10 @@ def upload(obj: Target, path: str | os.PathLike[str]) -> None:
 @dataclass
 class Appendable:
     """An object the store can add bytes to without the old ones moving (:func:`append`):
-    ``blocks``, an Azure blob's committed blocks (None on GCS)."""
+    ``blocks``, an Azure blob's committed blocks; ``crc32c``, a GCS object's checksum."""
 
     blocks: list[azure_write.Block] | None = None
+    crc32c: str | None = None
 
 
 def appendable(obj: Target, size: int) -> Appendable | None:
@@ -59,7 +60,8 @@ def appendable(obj: Target, size: int) -> Appendable | None:
         blocks = azure_write.committed_blocks(obj, size)
         return None if blocks is None else Appendable(blocks)
     if isinstance(obj, gcs_write.GcsObject):
-        return Appendable() if gcs_write.appendable(obj) else None
+        crc32c = gcs_write.appendable(obj)
+        return None if crc32c is None else Appendable(crc32c=crc32c)
     return None
 
 
@@ -69,7 +71,8 @@ def append(obj: Target, old: RangeFile, tail: bytes, how: Appendable) -> None:
         assert how.blocks is not None
         azure_write.append(obj, how.blocks, tail)
     elif isinstance(obj, gcs_write.GcsObject):
-        gcs_write.append(obj, old, tail)
+        assert how.crc32c is not None
+        gcs_write.append(obj, old, tail, how.crc32c)
     else:
         raise AssertionError(f"{obj.url}: appended only on GCS and Azure")
 
