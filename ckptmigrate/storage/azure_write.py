@@ -33,7 +33,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from xml.etree import ElementTree  # noqa: S405 - the service's own answer, parsed for two fields
 
 from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared, changed
@@ -257,6 +256,8 @@ def committed_blocks(obj: AzureObject, size: int) -> list[Block] | None:
     blocks: by ckptmigrate, azcopy, adlfs, the SDK's large uploads), so that a commit of them and one
     more block appends to it without its bytes moving; else None (a blob written by one ``Put Blob``
     has no committed blocks; too many blocks; a block name the SDK cannot commit again)."""
+    from xml.etree import ElementTree  # the service's own answer, read for two fields
+
     if obj.etag is None:
         return None
     names: list[tuple[str, int]] = []
