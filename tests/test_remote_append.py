@@ -400,3 +400,38 @@ def test_the_loser_of_an_azure_append_commits_nothing(
     assert "\n" not in message and message.startswith(f"{url}: the object changed since it was read")
     assert az_read(container, name) == theirs  # their blob stands
     assert az_names(container, prefix) == [name]  # the backup of the lost write is gone
+
+
+@pytest.mark.parametrize("blob", ["of blocks (appended)", "of one Put Blob (streamed)"])
+def test_an_azure_commit_whose_answer_was_lost_is_known_as_ours(
+        azure: tuple[dict[str, str], Any, CountingProxy], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        blob: str) -> None:
+    from azure.storage.blob import BlobClient
+
+    env, container, _proxy = azure
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    prefix = tmp_path.name
+    name = f"{prefix}/m.pt"
+    original = checkpoint()
+    if blob.startswith("of blocks"):
+        put_in_blocks(container, name, original)
+    else:
+        BlobClient.from_connection_string(env["AZURE_STORAGE_CONNECTION_STRING"], "ckpts", name).upload_blob(original)
+    url = f"az://ckpts/{name}"
+    real = azure_write.AzureObject.call
+
+    def answer_lost(self: azure_write.AzureObject, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """The commit is done, its answer lost; the SDK's retry finds the ETag moved (412)."""
+        out = real(self, what, fn, *args, **kwargs)
+        if getattr(fn, "__name__", "") == "commit_block_list":
+            raise self.changed(self.head_etag())
+        return out
+
+    monkeypatch.setattr(azure_write.AzureObject, "call", answer_lost)
+    outcome = api.upgrade(url, from_rev="c1", to="c2", migrations=chain(tmp_path))
+    assert outcome.written and str(outcome.backup) == f"{url}.bak"
+    new = az_read(container, name)
+    assert same(loads(new), renamed(loads(original), ("head.bias", "out.bias")))
+    assert (new[:len(original)] == original) == blob.startswith("of blocks")
+    assert az_read(container, f"{name}.bak") == original  # the backup stays

@@ -239,8 +239,28 @@ class _Blocks:
         from azure.storage.blob import BlobBlock
 
         self.obj.check_unchanged()
-        self.obj.call("write", self.blob.commit_block_list, [BlobBlock(i) for i in self.ids],
-                      **self.obj.precondition())
+        _commit(self.obj, self.blob, [BlobBlock(i) for i in self.ids], self.ids)
+
+
+def _commit(obj: AzureObject, blob: Any, blocks: list[Any], ids: list[str]) -> None:
+    """``Put Block List``, on the precondition. A commit refused as stale after it succeeded (its
+    answer lost, the request retried by the SDK) is known as ours: the blob's committed blocks are
+    exactly ``ids``, one of them at least staged by this run under an ID of its own."""
+    try:
+        obj.call("write", blob.commit_block_list, blocks, **obj.precondition())
+    except ObjectChanged:
+        if not ids or _committed_ids(obj) != ids:
+            raise
+
+
+def _committed_ids(obj: AzureObject) -> list[str] | None:
+    TRANSFER.requests += 1
+    try:
+        with translated(obj.url):
+            committed, _uncommitted = obj.client().get_block_list("committed")
+    except RemoteError:
+        return None
+    return [str(b.id) for b in committed]
 
 
 @dataclass
@@ -306,7 +326,7 @@ def append(obj: AzureObject, committed: list[Block], tail: bytes) -> None:
     TRANSFER.bytes_sent += len(tail)
     obj.check_unchanged()
     blocks = [BlobBlock(b.id, BlockState.COMMITTED) for b in committed]
-    obj.call("write", blob.commit_block_list, [*blocks, BlobBlock(new, BlockState.LATEST)], **obj.precondition())
+    _commit(obj, blob, [*blocks, BlobBlock(new, BlockState.LATEST)], [*(b.id for b in committed), new])
     TRANSFER.bytes_copied_server_side += sum(b.size for b in committed)
 
 
