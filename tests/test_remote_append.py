@@ -5,8 +5,9 @@ A metadata-only rewrite of a torch zip keeps the whole old object and appends a 
 envelope and central directory (the bytes a local in-place append writes). GCS joins [the object,
 a temporary tail object] with ``compose``; Azure commits the blob's own committed blocks and one
 new block. Against gcp-storage-emulator and Azurite on 127.0.0.1, through a TCP proxy that counts
-the bytes on the wire (neither server counts them), as subprocess CLI runs; the races and
-interruptions through the API, the other writer slipped in at the moment it matters.
+the bytes on the wire (neither server counts them), as subprocess CLI runs; the races,
+interruptions and lost answers through the API, the other writer (or the fault) slipped in at the
+moment it matters.
 """
 
 from __future__ import annotations
