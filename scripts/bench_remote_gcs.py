@@ -1,20 +1,24 @@
-"""Benchmark writes to Google Cloud Storage against a local GCS emulator (gcp-storage-emulator, on 127.0.0.1).
+"""Benchmark writes to Google Cloud Storage (gcp-storage-emulator) or Azure (Azurite) on 127.0.0.1.
 
 Run it from the repository root with the project's virtualenv::
 
     .venv/bin/python scripts/bench_remote_gcs.py --size-mb 64 --repeat 3
+    .venv/bin/python scripts/bench_remote_gcs.py --store az --size-mb 64 --repeat 3
 
-GCS cannot splice byte ranges server-side, so a rename-only ``upgrade`` of a ``gs://`` object reads
-the object back and sends it up again through one resumable upload; this puts it beside the naive
-route (download, ``torch.load``, rename, ``torch.save``, upload, with google-cloud-storage) and a
-plain download + upload. Each case is a child process timed by wall clock (interpreter start-up
-included), with its CPU time; the bytes are ckptmigrate's own count (``--json``'s ``transfer``; the
-emulator counts nothing) and, for the other routes, what they must move (the object each way).
+A rename-only ``upgrade`` of a torch zip appends a tail server-side (GCS ``compose``; an Azure
+blob of committed blocks: the blob's blocks and one more), a second rename appends again; this
+puts them beside the naive route (download, ``torch.load``, rename, ``torch.save``, upload, with
+the store's own SDK) and a plain download + upload, and, on Azure, a rename of a blob written by
+one ``Put Blob`` (streamed). Each case is a child process timed by wall clock (interpreter start-up
+included), with its CPU time; every client talks to the server through a TCP proxy that counts
+the bytes on the wire each way (neither server counts them); "copied server-side" is
+ckptmigrate's own count (``--json``'s ``transfer``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -32,33 +36,42 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_remote import build, chain  # noqa: E402
 
-from tests.objectstores import free_port  # noqa: E402
+from tests.objectstores import CountingProxy, free_port  # noqa: E402
 
 BUCKET = "bench"
-CLIENT = """
+CLIENTS = {"gs": """
 import os, sys
 from google.cloud import storage
 client = storage.Client.create_anonymous_client()
 client._connection.API_BASE_URL = os.environ["STORAGE_EMULATOR_HOST"]
 bucket = client.bucket(sys.argv[1])
-"""
-NAIVE = CLIENT + """
+def get(key, path): bucket.blob(key).download_to_filename(path)
+def put(key, path): bucket.blob(key).upload_from_filename(path)
+""", "az": """
+import os, sys
+from azure.storage.blob import ContainerClient
+bucket = ContainerClient.from_connection_string(os.environ["AZURE_STORAGE_CONNECTION_STRING"], sys.argv[1])
+def get(key, path): open(path, "wb").write(bucket.download_blob(key).readall())
+def put(key, path): bucket.upload_blob(key, open(path, "rb"), overwrite=True)
+"""}
+NAIVE = """
 import torch
 key, tmp = sys.argv[2:4]
-bucket.blob(key).download_to_filename(tmp)
+get(key, tmp)
 sd = torch.load(tmp, weights_only=True, mmap=True)
 sd = {("stem.weight" if k == "blocks.0.weight" else k): v for k, v in sd.items()}
 torch.save(sd, tmp + ".new")
-bucket.blob(key).upload_from_filename(tmp + ".new")
+put(key, tmp + ".new")
 """
-ROUNDTRIP = CLIENT + """
+ROUNDTRIP = """
 key, tmp = sys.argv[2:4]
-bucket.blob(key).download_to_filename(tmp)
-bucket.blob(key + ".copy").upload_from_filename(tmp)
+get(key, tmp)
+put(key + ".copy", tmp)
 """
 
 
-def timed(args: list[str], env: dict[str, str]) -> dict[str, Any]:
+def timed(args: list[str], env: dict[str, str], proxy: CountingProxy) -> dict[str, Any]:
+    proxy.reset()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
@@ -68,73 +81,129 @@ def timed(args: list[str], env: dict[str, str]) -> dict[str, Any]:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr}")
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     transfer = json.loads(proc.stdout).get("transfer") if proc.stdout.startswith("{") else None
-    return {"seconds": seconds, "client_cpu": cpu, "transfer": transfer}
+    return {"seconds": seconds, "client_cpu": cpu, "transfer": transfer, "up": proxy.up, "down": proxy.down}
+
+
+class Store:
+    """The emulator, a proxy before it, the environment that points clients at the proxy, and the
+    benchmark's own (direct) uploads."""
+
+    def __init__(self, kind: str, stack: contextlib.ExitStack) -> None:
+        self.kind = kind
+        if kind == "gs":
+            from gcp_storage_emulator.server import create_server
+            from google.cloud import storage
+
+            port = free_port()
+            server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+            server.start()
+            stack.callback(server.stop)
+            self.proxy = CountingProxy(port)
+            self.env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{self.proxy.port}",
+                        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+            client = storage.Client.create_anonymous_client()
+            client._connection.API_BASE_URL = f"http://127.0.0.1:{port}"
+            self.bucket = client.bucket(BUCKET)
+        else:
+            from azure.storage.blob import ContainerClient
+
+            from tests.azurite import running
+
+            served, _container = stack.enter_context(running(BUCKET))
+            connection = served["AZURE_STORAGE_CONNECTION_STRING"]
+            port = int(connection.split("BlobEndpoint=http://127.0.0.1:")[1].split("/")[0])
+            self.proxy = CountingProxy(port)
+            self.env = {**os.environ,
+                        "AZURE_STORAGE_CONNECTION_STRING": connection.replace(f":{port}/", f":{self.proxy.port}/")}
+            # uploads of 4 MiB blocks (as azcopy and adlfs write), or one Put Blob up to 256 MiB
+            self.blocks = ContainerClient.from_connection_string(connection, BUCKET, max_single_put_size=4 << 20,
+                                                                 max_block_size=4 << 20)
+            self.single = ContainerClient.from_connection_string(connection, BUCKET, max_single_put_size=256 << 20)
+        stack.callback(self.proxy.stop)
+
+    def put(self, key: str, path: Path, *, blocks: bool = True) -> None:
+        if self.kind == "gs":
+            self.bucket.blob(key).upload_from_filename(str(path))
+        else:
+            with open(path, "rb") as fh:
+                (self.blocks if blocks else self.single).upload_blob(key, fh, overwrite=True)
+
+    def delete(self, key: str) -> None:
+        if self.kind == "gs":
+            if self.bucket.blob(key).exists():
+                self.bucket.blob(key).delete()
+        else:
+            blob = self.blocks.get_blob_client(key)
+            if blob.exists():
+                blob.delete_blob()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", choices=["gs", "az"], default="gs")
     parser.add_argument("--size-mb", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--tensor-mb", type=int, default=16)
     opts = parser.parse_args()
 
-    from gcp_storage_emulator.server import create_server
-    from google.cloud import storage
-
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    client = storage.Client.create_anonymous_client()
-    client._connection.API_BASE_URL = env["STORAGE_EMULATOR_HOST"]
-    bucket = client.bucket(BUCKET)
-    with tempfile.TemporaryDirectory(prefix="bench-gcs-") as tmp_dir:
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-store-") as tmp_dir:
+        store = Store(opts.store, stack)
+        env, proxy = store.env, store.proxy
         tmp = Path(tmp_dir)
         local = tmp / "model.pt"
         tensors = build(local, opts.size_mb, opts.tensor_mb)
         size = local.stat().st_size
-        bucket.blob("orig.pt").upload_from_filename(str(local))
         migrations = chain(tmp)
-        url = f"gs://{BUCKET}/work.pt"
+        (migrations / "versions" / "c3.py").write_text(
+            '"""c3."""\nrevision = "c3"\ndown_revision = "c2"\n\n\ndef upgrade(ckpt):\n'
+            "    ckpt.rename('stem.weight', 'first.weight')\n")
+        url = f"{opts.store}://{BUCKET}/work.pt"
         cli = [sys.executable, "-m", "ckptmigrate"]
-        upgrade = [*cli, "upgrade", url, "--from", "c1", "--migrations", str(migrations), "--json"]
+        upgrade = [*cli, "upgrade", url, "--from", "c1", "--to", "c2", "--migrations", str(migrations), "--json"]
+        again = [*cli, "upgrade", url, "--to", "c3", "--migrations", str(migrations), "--json", "--no-backup"]
+        sdk = [sys.executable, "-c"]
 
-        def restore() -> None:
-            bucket.copy_blob(bucket.blob("orig.pt"), bucket, "work.pt")
+        def restore(*, blocks: bool = True) -> None:
+            store.put("work.pt", local, blocks=blocks)
             for key in ("work.pt.bak", "work.pt.copy"):
-                if bucket.blob(key).exists():
-                    bucket.blob(key).delete()
+                store.delete(key)
 
         cases: dict[str, list[dict[str, Any]]] = {}
+
+        def case(name: str, args: list[str]) -> None:
+            cases.setdefault(name, []).append(timed(args, env, proxy))
+
         for _ in range(opts.repeat):
             restore()
-            cases.setdefault("`inspect`", []).append(timed([*cli, "inspect", url, "--json"], env))
+            case("`inspect`", [*cli, "inspect", url, "--json"])
+            case("`upgrade` rename, `--no-backup`", [*upgrade, "--no-backup"])
+            case("a second rename (appended again), `--no-backup`", again)
             restore()
-            cases.setdefault("`upgrade` rename, `--no-backup`", []).append(timed([*upgrade, "--no-backup"], env))
+            case("`upgrade` rename, backup `KEY.bak`", upgrade)
+            if opts.store == "az":
+                restore(blocks=False)
+                case("`upgrade` rename of a blob of one Put Blob (streamed), `--no-backup`", [*upgrade, "--no-backup"])
             restore()
-            cases.setdefault("`upgrade` rename, backup `KEY.bak`", []).append(timed(upgrade, env))
-            restore()
-            cases.setdefault("naive: download, `torch.load`, rename, `torch.save`, upload", []).append(timed(
-                [sys.executable, "-c", NAIVE, BUCKET, "work.pt", str(tmp / "naive.pt")], env))
+            case("naive: download, `torch.load`, rename, `torch.save`, upload",
+                 [*sdk, CLIENTS[opts.store] + NAIVE, BUCKET, "work.pt", str(tmp / "naive.pt")])
             for leftover in tmp.glob("naive.pt*"):
                 leftover.unlink()
             restore()
-            cases.setdefault("download + upload", []).append(timed(
-                [sys.executable, "-c", ROUNDTRIP, BUCKET, "work.pt", str(tmp / "rt.pt")], env))
+            case("download + upload", [*sdk, CLIENTS[opts.store] + ROUNDTRIP, BUCKET, "work.pt", str(tmp / "rt.pt")])
             (tmp / "rt.pt").unlink(missing_ok=True)
-    server.stop()
-    print(f"checkpoint: {size / 2**20:.0f} MiB torch zip, {tensors} tensors; gcp-storage-emulator on 127.0.0.1; "
-          f"{opts.repeat} repeat(s), medians")
+    emulator = "gcp-storage-emulator" if opts.store == "gs" else "Azurite"
+    print(f"checkpoint: {size / 2**20:.0f} MiB torch zip, {tensors} tensors; {emulator} on 127.0.0.1; "
+          f"{opts.repeat} repeat(s), medians; bytes on the wire (headers included)")
     print()
     print("| case | wall (s) | client CPU (s) | received | sent | copied server-side |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, runs in cases.items():
         transfer = runs[-1]["transfer"]
-        moved = ([_size(transfer[k]) for k in ("bytes_received", "bytes_sent", "bytes_copied_server_side")]
-                 if transfer else [f"{_size(size)} (the object)"] * 2 + ["0 B"])
+        copied = _size(transfer["bytes_copied_server_side"]) if transfer else "0 B"
         print(f"| {name} | {statistics.median(r['seconds'] for r in runs):.2f} | "
-              f"{statistics.median(r['client_cpu'] for r in runs):.2f} | {' | '.join(moved)} |")
+              f"{statistics.median(r['client_cpu'] for r in runs):.2f} | "
+              f"{_size(int(statistics.median(r['down'] for r in runs)))} | "
+              f"{_size(int(statistics.median(r['up'] for r in runs)))} | {copied} |")
 
 
 def _size(n: int) -> str:

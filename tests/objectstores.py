@@ -242,3 +242,51 @@ def restore_env(old: dict[str, str | None]) -> None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+class CountingProxy:
+    """A TCP forwarder on 127.0.0.1 to a server's port that counts the bytes crossing it each way
+    (HTTP headers included), as the network would: for servers that count nothing themselves
+    (the GCS emulator, Azurite). ``up``: client to server; ``down``: server to client."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = free_port()
+        self.up = self.down = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.up = self.down = 0
+
+    def stop(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # stopped
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client, socket.create_connection(("127.0.0.1", self.target)) as server:
+            up = threading.Thread(target=self._pump, args=(client, server, "up"), daemon=True)
+            up.start()
+            self._pump(server, client, "down")
+            up.join()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, way: str) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                with self._lock:
+                    setattr(self, way, getattr(self, way) + len(data))
+                dst.sendall(data)
+        except OSError:
+            pass  # the other side closed
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)

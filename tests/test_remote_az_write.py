@@ -4,8 +4,9 @@ kept), and never overwritten by a run that lost a race."
 
 Against Azurite (tests/azurite.py) on 127.0.0.1 through adlfs and azure-storage-blob, as a
 subprocess CLI. A write stages blocks and commits the block list conditionally on the ETag read;
-the kept bytes of a metadata-only migration are streamed down and staged again (Azurite does not
-implement Put Block From URL); the backup is a server-side copy.
+the blobs here are each one Put Blob, so the kept bytes of a metadata-only migration are streamed
+down and staged again (Azurite does not implement Put Block From URL; a blob of committed blocks is
+appended to instead: tests/test_remote_append.py); the backup is a server-side copy.
 """
 
 from __future__ import annotations

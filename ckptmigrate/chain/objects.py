@@ -1,12 +1,15 @@
-"""``upgrade``/``downgrade`` of a checkpoint in object storage (``s3://bucket/key``, ``gs://``).
+"""``upgrade``/``downgrade`` of a checkpoint in object storage (``s3://bucket/key``, ``gs://``, ``az://``).
 
 Planned and migrated from the object's directory and ``data.pkl`` alone (range reads). A migration
-that changes only metadata of a torch zip keeps every record where it is: the new object is the
-old one's records, copied server-side, and a new tail (``data.pkl``, envelope, central directory),
-read back before it is sent (storage/s3_compose). Any other migration (and any legacy, pre-zip
-file) is staged: the local engine writes the result into a temporary file, reading the tensors by
-range, and that is uploaded. Either way the object is replaced in one step, only if it is still the one read (its
-ETag); the backup is the version read (a versioned bucket) or a server-side copy ``KEY.bak``.
+that changes only metadata of a torch zip keeps every record where it is: on S3 the new object is
+the old one's records, copied server-side, and a new tail (``data.pkl``, envelope, central
+directory; storage/s3_compose); on GCS and Azure, which keep only whole objects (blocks)
+server-side, the whole old object and the tail a local in-place append writes (storage/gcs_write,
+storage/azure_write). The tail is read back through the object-to-be before it is sent. Any other
+migration (and any legacy, pre-zip file) is staged: the local engine writes the result into a
+temporary file, reading the tensors by range, and that is uploaded. Either way the object is
+replaced in one step, only if it is still the one read (its ETag); the backup is the version read
+(a versioned bucket) or a server-side copy ``KEY.bak``.
 A safetensors rename is a new header before the same data, copied server-side.
 
 A multi-file checkpoint under a prefix is read by range too; a rewrite that keeps every tensor's
@@ -114,9 +117,15 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
     kept = writers.backup(target) if backup else None
     try:
         if ckpt.can_rewrite_metadata_only("torch-zip"):
-            keep, tail = torchzip.metadata_tail(source, c.records, c.prefix, ckpt.payload(), env)
-            ckpt.check_reads_back(url, env, expected, remote=Spliced(source.remote, keep, tail))
-            writers.compose(target, source.remote, keep, tail)
+            how = writers.appendable(target, source.remote.size)
+            appended = None if how is None else torchzip.appended_tail(source, c.records, c.prefix, ckpt.payload(), env)
+            if how is not None and appended is not None:  # GCS, Azure: the whole object stays, a tail is added
+                ckpt.check_reads_back(url, env, expected, remote=Spliced(source.remote, source.remote.size, appended))
+                writers.append(target, source.remote, appended, how)
+            else:
+                keep, tail = torchzip.metadata_tail(source, c.records, c.prefix, ckpt.payload(), env)
+                ckpt.check_reads_back(url, env, expected, remote=Spliced(source.remote, keep, tail))
+                writers.compose(target, source.remote, keep, tail)
         elif header is not None:  # a safetensors rename: a new header before the same data, copied server-side
             head, skip = header
             ckpt.check_reads_back(url, env, expected, remote=Prefixed(source.remote, head, skip))

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 from ckptmigrate.formats.pickle_writer import dump
 from ckptmigrate.formats.pickled import PickleFormatError, load
 from ckptmigrate.formats.zipio import (
+    APPEND_END,
     Entries,
     ZipEntry,
     ZipFormatError,
@@ -463,6 +464,36 @@ def metadata_tail(
                           None if envelope is None else envelope_bytes(envelope))
         end = writer.close()
         return keep, os.pread(fh.fileno(), end - keep, keep)
+
+
+def appended_tail(
+    source: Source, entries: dict[str, ZipEntry], prefix: str, payload: Any, envelope: dict[str, Any] | None,
+) -> bytes | None:
+    """What :func:`append_in_place` would append to ``source`` (a new ``data.pkl``, envelope and
+    central directory after the old end record), byte for byte: the new file is the whole of
+    ``source`` followed by these bytes, which an object store that keeps only whole objects
+    server-side can assemble (GCS ``compose``, an Azure block list). None when ``source`` does not
+    end with its end record (an interrupted append left a tail): only a rewrite fits then. The
+    records are never read here (a sparse temporary file stands for them)."""
+    import tempfile
+
+    payload = payload if isinstance(payload, Pickled) else Pickled(payload)
+    live = live_end(source)
+    if live != source.size or live < APPEND_END:
+        return None
+    with tempfile.TemporaryFile() as fh:
+        fd = fh.fileno()
+        os.ftruncate(fd, live)
+        os.pwrite(fd, source.pread(APPEND_END, live - APPEND_END), live - APPEND_END)  # what close_appended reads
+        fh.seek(live)
+        writer = ZipWriter(fh, deferred=True)
+        _append_directory(writer, source, entries, prefix, payload,
+                          None if envelope is None else envelope_bytes(envelope))
+        try:
+            end = writer.close_appended(live)
+        except ZipFormatError:
+            return None
+        return os.pread(fd, end - live, live)
 
 
 def append_in_place(

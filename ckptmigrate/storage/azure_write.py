@@ -7,14 +7,19 @@ half. The commit carries ``If-Match`` with the ETag read when the blob was opene
 two runners raises :class:`~ckptmigrate.errors.ObjectChanged` and the blob is unchanged. A failed
 write commits nothing (Azure discards uncommitted blocks after a week).
 
-When only metadata changes, the kept bytes are read back in bounded blocks and staged again, with
-the new bytes as one more block: they cross the network twice. (``Put Block From URL`` would keep
-them server-side, but Azurite, the emulator the tests run, does not implement it: answers
-``APINotImplemented``; so it is not used.) A blob replaced meanwhile fails the commit's
-``If-Match``, so bytes of another writer's blob are never committed. The backup is a server-side
-copy (``Copy Blob From URL``, synchronous, the source read through a short-lived read SAS signed
-with the account key, or the account's SAS) to ``KEY.bak`` (``.bak.1``, ...; never overwritten:
-``If-None-Match: *``) conditional on the source ETag.
+A torch zip whose metadata-only rewrite is the whole old blob and an appended tail (what a local
+in-place append writes) is :func:`append` when the blob is made of committed blocks (written in
+blocks, as ckptmigrate, azcopy and adlfs write): the tail is staged as one block and the commit
+lists the blob's own committed blocks and it, so no old byte moves. A blob written by one ``Put
+Blob`` has no blocks to list: then, and for any other metadata-only rewrite, the kept bytes are
+read back in bounded blocks and staged again, with the new bytes as one more block: they cross the
+network twice. (``Put Block From URL`` would keep them server-side, but Azurite, the emulator the
+tests run, does not implement it: answers ``APINotImplemented``; so it is not used.) A blob
+replaced meanwhile fails the commit's ``If-Match``, so bytes (or blocks) of another writer's blob
+are never committed. The backup is a server-side copy (``Copy Blob From URL``, synchronous, the
+source read through a short-lived read SAS signed with the account key, or the account's SAS) to
+``KEY.bak`` (``.bak.1``, ...; never overwritten: ``If-None-Match: *``) conditional on the source
+ETag.
 
 Requests go through azure-storage-blob (what adlfs uses), with a BlobClient built from the adlfs
 filesystem's own service client (its credentials and endpoint).
@@ -38,6 +43,8 @@ WRITABLE = ("az", "abfs", "abfss")
 MAX_BLOCK = 100 << 20
 #: Bytes per block staged and per range read back (``CKPTMIGRATE_AZ_BLOCK_SIZE`` overrides it).
 BLOCK = 16 << 20
+#: Azure's most committed blocks in a blob.
+MAX_BLOCKS = 50_000
 
 
 def block_size() -> int:
@@ -248,8 +255,95 @@ class _Blocks:
         from azure.storage.blob import BlobBlock
 
         self.obj.check_unchanged()
-        self.obj.call("write", self.blob.commit_block_list, [BlobBlock(i) for i in self.ids],
-                      **self.obj.precondition())
+        _commit(self.obj, self.blob, [BlobBlock(i) for i in self.ids], self.ids)
+
+
+def _commit(obj: AzureObject, blob: Any, blocks: list[Any], ids: list[str]) -> None:
+    """``Put Block List``, on the precondition. A commit refused as stale after it succeeded (its
+    answer lost, the request retried by the SDK) is known as ours: the blob's committed blocks are
+    exactly ``ids``, one of them at least staged by this run under an ID of its own."""
+    try:
+        obj.call("write", blob.commit_block_list, blocks, **obj.precondition())
+    except ObjectChanged:
+        if not ids or _committed_ids(obj) != ids:
+            raise
+
+
+def _committed_ids(obj: AzureObject) -> list[str] | None:
+    TRANSFER.requests += 1
+    try:
+        with translated(obj.url):
+            committed, _uncommitted = obj.client().get_block_list("committed")
+    except RemoteError:
+        return None
+    return [str(b.id) for b in committed]
+
+
+@dataclass
+class Block:
+    """A committed block: its ID as the SDK takes it (the text whose base64 is its name) and size."""
+
+    id: str
+    size: int
+
+
+def committed_blocks(obj: AzureObject, size: int) -> list[Block] | None:
+    """The blob's committed blocks when they are the whole blob of ``size`` bytes (a blob written in
+    blocks: by ckptmigrate, azcopy, adlfs, the SDK's large uploads), so that a commit of them and one
+    more block appends to it without its bytes moving; else None (a blob written by one ``Put Blob``
+    has no committed blocks; too many blocks; a block name the SDK cannot commit again)."""
+    from xml.etree import ElementTree  # the service's own answer, read for two fields
+
+    if obj.etag is None:
+        return None
+    names: list[tuple[str, int]] = []
+    etags: list[str] = []
+
+    def raw(response: Any) -> None:
+        """The names as the service sent them (the SDK hands back some decoded, some not), and the
+        blob's ETag."""
+        etag = response.http_response.headers.get("ETag")  # sent when the blob has committed blocks
+        if etag:
+            etags.append(str(etag))
+        found = ElementTree.fromstring(response.http_response.body()).find("CommittedBlocks")
+        names.extend((str(b.findtext("Name")), int(b.findtext("Size") or -1)) for b in found or ())
+
+    TRANSFER.requests += 1
+    with translated(obj.url):
+        obj.client().get_block_list("committed", raw_response_hook=raw)
+    if etags and etags[-1] != obj.etag:  # the other writer's win, found before any byte moves
+        raise obj.changed(etags[-1])
+    if not names or len(names) >= MAX_BLOCKS or sum(n for _name, n in names) != size:
+        return None
+    blocks = []
+    for name, n in names:
+        try:  # the SDK names a block by the base64 of the ID's UTF-8: an ID of other bytes is not sayable
+            blocks.append(Block(base64.b64decode(name, validate=True).decode(), n))
+        except ValueError:
+            return None
+    if len({len(b.id.encode()) for b in blocks}) != 1 or len(blocks[0].id.encode()) < 8:
+        return None  # one ID length per blob; ours must fit it and still be unique
+    return blocks
+
+
+def append(obj: AzureObject, committed: list[Block], tail: bytes) -> None:
+    """Replace the blob by itself followed by ``tail``: ``tail`` staged as one block (an ID as long
+    as the others: Azure wants one length per blob), then the committed blocks and it committed
+    conditionally on the ETag read. No byte of the old blob crosses the network."""
+    from azure.storage.blob import BlobBlock, BlockState
+
+    taken = {b.id for b in committed}
+    length = len(committed[0].id.encode())
+    new = ""
+    while not new or new in taken:
+        new = (uuid.uuid4().hex * (1 + length // 32))[:length]
+    blob = obj.client()
+    obj.call("write", blob.stage_block, new, tail, length=len(tail))
+    TRANSFER.bytes_sent += len(tail)
+    obj.check_unchanged()
+    blocks = [BlobBlock(b.id, BlockState.COMMITTED) for b in committed]
+    _commit(obj, blob, [*blocks, BlobBlock(new, BlockState.LATEST)], [*(b.id for b in committed), new])
+    TRANSFER.bytes_copied_server_side += sum(b.size for b in committed)
 
 
 def compose(obj: AzureObject, old: RangeFile, keep: int, tail: bytes) -> None:

@@ -1,16 +1,18 @@
 """Replacing a Google Cloud Storage object in one step, conditionally on the generation read.
 
-GCS cannot append, and cannot assemble an object from byte ranges of another (``compose`` joins
-whole objects), so the tensor bytes of a metadata-only migration cannot stay server-side as they do
-on S3: a write to ``gs://`` streams. The bytes kept are read back in bounded ranges and sent, with
-the new tail, through one resumable upload (or a staged file is sent the same way); GCS creates the
-object only when the last chunk arrives, so a reader sees the old object or the new one, never a
-half. The upload carries ``ifGenerationMatch`` with the generation read when the object was opened
-(``0`` for a new object: create only), which GCS checks when it finalises; the generation is also
-checked right before the last chunk is sent (the emulator the tests run does not enforce
-``ifGenerationMatch``). The loser of two runners raises :class:`~ckptmigrate.errors.ObjectChanged`
-and the object is not created. A failed upload is cancelled (an unfinalised upload is never an
-object; GCS forgets it after a week).
+GCS cannot append, and cannot assemble an object from byte ranges of another, but ``compose``
+joins whole objects: a torch zip whose metadata-only rewrite is the whole old object and an
+appended tail (what a local in-place append writes) is :func:`append`, the tail uploaded as a
+temporary object and composed after the object at the generation read, no old byte moving. Any
+other write streams: the bytes kept are read back in bounded ranges and sent, with the new tail,
+through one resumable upload (or a staged file is sent the same way); GCS creates the object only
+when the last chunk arrives (or the compose succeeds), so a reader sees the old object or the new
+one, never a half. The upload (and the compose) carries ``ifGenerationMatch`` with the generation
+read when the object was opened (``0`` for a new object: create only), which GCS checks when it
+finalises; the generation is also checked right before the last chunk is sent or the compose
+(the emulator the tests run enforces ``ifGenerationMatch`` on neither). The loser of two runners
+raises :class:`~ckptmigrate.errors.ObjectChanged` and the object is not created. A failed upload
+is cancelled (an unfinalised upload is never an object; GCS forgets it after a week).
 
 The backup is, in a bucket with versioning on, the generation read (``gs://b/k#GEN``), else a
 server-side ``rewrite`` to ``KEY.bak`` (``.bak.1``, ...; never overwritten: ``ifGenerationMatch=0``)
@@ -19,15 +21,18 @@ conditional on the source generation.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
+import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec.asyn
 
-from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
+from ckptmigrate.errors import BadInput, CkptMigrateWarning, ObjectChanged, RemoteError
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared
 from ckptmigrate.util.urls import ObjectGeneration, ObjectURL, filesystem, translated
 
@@ -37,6 +42,10 @@ QUANTUM = 256 << 10
 #: Bytes per chunk sent and per range read back (``CKPTMIGRATE_GCS_CHUNK_SIZE`` overrides it):
 #: memory holds a few.
 CHUNK = 16 << 20
+#: GCS's most components of a composite object (``compose``).
+MAX_COMPONENTS = 1024
+#: The temporary object an append uploads its tail to: ``KEY`` + this + a unique id.
+TAIL_MARK = ".ckptmigrate-tail-"
 
 
 @dataclass
@@ -170,6 +179,89 @@ def delete(obj: GcsObject) -> None:
     if condition:
         obj.check_unchanged()
     obj.call("DELETE", "b/{}/o/{}", obj.bucket, obj.key, **condition)
+
+
+def appendable(obj: GcsObject) -> str | None:
+    """The object's CRC32C (as GCS gives it: base64) when :func:`append` can add to it: a
+    composite of fewer than :data:`MAX_COMPONENTS` objects (each append adds one; past that, a
+    rewrite streams the object and the count starts again at one); else None. An object no longer
+    the generation read is the other writer's win, found before any byte moves."""
+    if obj.etag is None:
+        return None
+    TRANSFER.requests += 1
+    try:
+        with translated(obj.url):
+            meta = obj.fs.call("GET", "b/{}/o/{}", obj.bucket, obj.key, fields="generation,componentCount,crc32c",
+                               json_out=True)
+    except RemoteError as exc:
+        if "no such object" in str(exc):
+            raise obj.changed(None) from None
+        raise
+    if str(meta.get("generation")) != obj.etag:
+        raise obj.changed(str(meta.get("generation")))
+    if int(meta.get("componentCount") or 1) >= MAX_COMPONENTS or not meta.get("crc32c"):
+        return None
+    return str(meta["crc32c"])
+
+
+def append(obj: GcsObject, old: RangeFile, tail: bytes, crc32c: str) -> None:
+    """Replace the object by itself followed by ``tail``, without its bytes crossing the network:
+    ``tail`` is uploaded as a temporary object beside it (a unique name, create-only), then
+    ``compose`` joins [the object at the generation read, the tail] into the key, conditionally on
+    that generation (``ifGenerationMatch``; also checked just before: the emulator the tests run
+    enforces neither). The temporary object is deleted after, whatever happened. A compose refused
+    as stale that had in fact succeeded (its answer lost, the request retried) is known by the
+    object's size and CRC32C, ``crc32c`` (the object's as read) extended by ``tail``."""
+    assert obj.etag is not None
+    name = f"{obj.key}{TAIL_MARK}{uuid.uuid4().hex}"
+    part = GcsObject(ObjectURL(f"{obj.url.scheme}://{obj.bucket}/{name}"), obj.fs, obj.bucket, name, None,
+                     create_only=True)
+    try:
+        upload_blocks(part, len(tail), [[tail]])
+        obj.check_unchanged()
+        sources = [{"name": obj.key, "generation": obj.etag, "objectPreconditions": {"ifGenerationMatch": obj.etag}},
+                   {"name": name}]
+        try:
+            obj.call("POST", "b/{}/o/{}/compose", obj.bucket, obj.key, json_out=True, ifGenerationMatch=obj.etag,
+                     json={"sourceObjects": sources, "destination": {"contentType": "application/octet-stream"}})
+        except ObjectChanged:
+            if not _is(obj, old.size + len(tail), extended_crc32c(crc32c, tail)):
+                raise
+        TRANSFER.bytes_copied_server_side += old.size
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that stopped the write is the one to report
+            _delete(part)
+        raise
+    try:
+        _delete(part)
+    except RemoteError as exc:  # the object is written: a stray temporary object is not a failed write
+        warnings.warn(f"{part.url}: a temporary object of the write to {obj.url} could not be deleted ({exc}); "
+                      "delete it", CkptMigrateWarning, stacklevel=2)
+
+
+def extended_crc32c(crc32c: str, data: bytes) -> str:
+    """The CRC32C (GCS's base64 of its 4 big-endian bytes) of an object's bytes followed by ``data``."""
+    import google_crc32c  # google-cloud-storage's, which gcsfs requires
+
+    value = google_crc32c.extend(int.from_bytes(base64.b64decode(crc32c), "big"), data)
+    return base64.b64encode(value.to_bytes(4, "big")).decode()
+
+
+def _is(obj: GcsObject, size: int, crc32c: str) -> bool:
+    """Whether the object now has ``size`` bytes and the CRC32C ``crc32c``."""
+    TRANSFER.requests += 1
+    try:
+        with translated(obj.url):
+            meta = obj.fs.call("GET", "b/{}/o/{}", obj.bucket, obj.key, fields="size,crc32c", json_out=True)
+    except RemoteError:
+        return False
+    return int(meta.get("size") or -1) == size and meta.get("crc32c") == crc32c
+
+
+def _delete(obj: GcsObject) -> None:
+    TRANSFER.requests += 1
+    with translated(obj.url, "delete"):
+        obj.fs.call("DELETE", "b/{}/o/{}", obj.bucket, obj.key)
 
 
 def compose(obj: GcsObject, old: RangeFile, keep: int, tail: bytes) -> None:

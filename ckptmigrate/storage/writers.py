@@ -1,12 +1,14 @@
-"""Which writer replaces an object in a bucket: S3's (the kept bytes assembled server-side,
-storage/s3_compose), Google Cloud Storage's (a streamed resumable upload, storage/gcs_write),
-Azure's (a block list, the kept bytes staged server-side, storage/azure_write) or the Hugging Face
-Hub's (a commit on top of the commit read, storage/hf_commit). All write in one step, conditionally
-on what was read, and take the same backups."""
+"""Which writer replaces an object: S3's (the kept byte ranges assembled server-side,
+storage/s3_compose), Google Cloud Storage's (a streamed resumable upload, or ``compose`` of the
+whole object and an appended tail, storage/gcs_write), Azure's (a block list: the blob's own
+committed blocks and an appended one, or blocks streamed, storage/azure_write) or the Hugging Face
+Hub's (a commit on top of the commit read, storage/hf_commit). All write in one step,
+conditionally on what was read, and take the same backups."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from ckptmigrate.errors import RemoteError
 from ckptmigrate.storage import azure_write, gcs_write, hf_commit, s3_compose
@@ -120,7 +122,45 @@ def upload(obj: Target, path: str | os.PathLike[str]) -> None:
         s3_compose.upload(obj, path)
 
 
+@dataclass
+class Appendable:
+    """An object the store can add bytes to without the old ones moving (:func:`append`):
+    ``blocks``, an Azure blob's committed blocks; ``crc32c``, a GCS object's checksum."""
+
+    blocks: list[azure_write.Block] | None = None
+    crc32c: str | None = None
+
+
+def appendable(obj: Target, size: int) -> Appendable | None:
+    """Whether a metadata-only rewrite of ``obj`` (``size`` bytes as read) is best the whole object
+    and an appended tail: on GCS (``compose``; under 1,024 components) and on an Azure blob of
+    committed blocks (not one ``Put Blob``), which keep only whole objects or blocks server-side.
+    None elsewhere: S3 copies the records by byte range (:func:`compose`), and an object that
+    cannot take an append is streamed."""
+    if isinstance(obj, azure_write.AzureObject):
+        blocks = azure_write.committed_blocks(obj, size)
+        return None if blocks is None else Appendable(blocks)
+    if isinstance(obj, gcs_write.GcsObject):
+        crc32c = gcs_write.appendable(obj)
+        return None if crc32c is None else Appendable(crc32c=crc32c)
+    return None
+
+
+def append(obj: Target, old: RangeFile, tail: bytes, how: Appendable) -> None:
+    """Replace the object by itself (``old``, as read) followed by ``tail``, assembled server-side."""
+    if isinstance(obj, azure_write.AzureObject):
+        assert how.blocks is not None
+        azure_write.append(obj, how.blocks, tail)
+    elif isinstance(obj, gcs_write.GcsObject):
+        assert how.crc32c is not None
+        gcs_write.append(obj, old, tail, how.crc32c)
+    else:
+        raise AssertionError(f"{obj.url}: appended only on GCS and Azure")
+
+
 def compose(obj: Target, old: RangeFile, keep: int, tail: bytes) -> None:
+    """Replace the object by its first ``keep`` bytes and ``tail`` (S3: the kept ranges copied
+    server-side; GCS, Azure and the Hub: streamed through)."""
     if isinstance(obj, hf_commit.HubFile):
         hf_commit.compose(obj, old, keep, tail)
     elif isinstance(obj, azure_write.AzureObject):
