@@ -17,26 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.objectstores import free_port
+from tests.objectstores import running_gcs
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="module")
 def gcs() -> Iterator[tuple[dict[str, str], object]]:
-    from gcp_storage_emulator.server import create_server
-    from google.cloud import storage  # the tests' own look at the bucket, not what ckptmigrate uses
-
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="ckpts")
-    server.start()
-    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    try:
-        client = storage.Client.create_anonymous_client()
-        client._connection.API_BASE_URL = env["STORAGE_EMULATOR_HOST"]
-        yield env, client.bucket("ckpts")
-    finally:
-        server.stop()
+    with running_gcs() as served:
+        yield served
 
 
 def saved(obj: dict[str, torch.Tensor]) -> bytes:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from ckptmigrate import api
 from ckptmigrate.storage import gcs_write
 from ckptmigrate.storage.staged import staged
 from ckptmigrate.util.urls import as_location
-from tests.objectstores import free_port
+from tests.objectstores import running_gcs
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 CHUNK = 256 << 10  # GCS's smallest chunk: a 1 MiB object goes up in four
@@ -35,27 +34,8 @@ CHUNK = 256 << 10  # GCS's smallest chunk: a 1 MiB object goes up in four
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[tuple[dict[str, str], Any]]:
-    from gcp_storage_emulator.server import create_server
-    from google.cloud import storage  # the tests' own look at the bucket, not what ckptmigrate uses
-
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="ckpts")
-    server.start()
-    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-           "CKPTMIGRATE_GCS_CHUNK_SIZE": str(CHUNK)}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        client = storage.Client.create_anonymous_client()
-        client._connection.API_BASE_URL = env["STORAGE_EMULATOR_HOST"]
-        yield env, client.bucket("ckpts")
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+    with running_gcs(CKPTMIGRATE_GCS_CHUNK_SIZE=str(CHUNK)) as served:
+        yield served
 
 
 @pytest.fixture

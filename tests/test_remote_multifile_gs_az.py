@@ -31,7 +31,7 @@ from ckptmigrate.errors import ObjectChanged
 from ckptmigrate.storage import azure_write, writers
 from ckptmigrate.util.urls import ObjectURL
 from tests import azurite
-from tests.objectstores import free_port
+from tests.objectstores import running_gcs
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 CHUNK = 256 << 10  # the least GCS chunk, and the Azure block size here: a 1 MiB shard goes in four
@@ -77,20 +77,8 @@ def store(request: pytest.FixtureRequest) -> Iterator[Store]:
         with azurite.running() as (env, container):
             yield Store("az", {**env, "CKPTMIGRATE_AZ_BLOCK_SIZE": str(CHUNK)}, container)
         return
-    from gcp_storage_emulator.server import create_server
-    from google.cloud import storage
-
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="ckpts")
-    server.start()
-    try:
-        env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-               "CKPTMIGRATE_GCS_CHUNK_SIZE": str(CHUNK)}
-        client = storage.Client.create_anonymous_client()
-        client._connection.API_BASE_URL = env["STORAGE_EMULATOR_HOST"]
-        yield Store("gs", env, client.bucket("ckpts"))
-    finally:
-        server.stop()
+    with running_gcs(CKPTMIGRATE_GCS_CHUNK_SIZE=str(CHUNK)) as (env, bucket):
+        yield Store("gs", env, bucket)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from typing import Any
 
 from ckptmigrate.errors import ObjectChanged, RemoteError
 from ckptmigrate.storage import hub_revisions
-from ckptmigrate.storage.ranges import CHUNK, TRANSFER, RangeFile
+from ckptmigrate.storage.ranges import TRANSFER, RangeFile
 from ckptmigrate.util.urls import CommitVersion, ObjectURL, filesystem, translated
 from ckptmigrate.version import __version__
 
@@ -133,13 +133,7 @@ def replace_head(obj: HubFile, old: RangeFile, head: bytes, skip: int) -> None:
 
 def copy_range(old: RangeFile, fh: Any, begin: int, end: int) -> None:
     """The file's bytes ``begin``..``end`` (at the commit read) into ``fh``, a chunk at a time."""
-    for start in range(begin, end, CHUNK):
-        stop = min(end, start + CHUNK)
-        (block,) = old.fetcher.ranges([(start, stop)])
-        TRANSFER.requests += 1
-        TRANSFER.bytes_received += len(block)
-        if len(block) != stop - start:
-            old._short(f"asked for bytes {start}-{stop - 1}, got {len(block)} bytes")
+    for block in old.chunks(begin, end):
         fh.write(block)
 
 
