@@ -31,6 +31,7 @@ import os
 import re
 import struct
 import zlib
+from operator import itemgetter
 from typing import Any, NamedTuple, Protocol
 
 from ckptmigrate.util.gcpause import pausing
@@ -620,10 +621,7 @@ def _read_archive(fd: ByteSource, length: int) -> Entries:
     n, cd_size, cd_offset, _end = reader.end_records(eocd, "the end record", comment)
     centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
     reader.check_names(centrals, "the archive")
-    live: dict[int, _Central] = {}
-    for c in centrals:
-        if live.setdefault(c.header_offset, c) is not c:
-            raise ZipFormatError(f"records {live[c.header_offset].name!r} and {c.name!r} share a local header")
+    live = _by_header(centrals)
     reader.walk(live, cd_offset)
     records = reader.records
     entries = _entries(centrals, records)
@@ -666,10 +664,7 @@ def _read_appended(fd: ByteSource, length: int, base: Entries, base_length: int)
     centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
     reader.prefix = next(iter(base)).split("/")[0]  # the folder the superseded directory's names are in
     reader.check_names(centrals, "the archive")
-    live: dict[int, _Central] = {}
-    for c in centrals:
-        if live.setdefault(c.header_offset, c) is not c:
-            raise ZipFormatError(f"records {live[c.header_offset].name!r} and {c.name!r} share a local header")
+    live = _by_header(centrals)
     before: dict[int, tuple[str, int, int]] = {}
     old_by_offset = {e.header_offset: e for e in base.values()}
     for off, c in live.items():
@@ -693,6 +688,20 @@ def _read_appended(fd: ByteSource, length: int, base: Entries, base_length: int)
     entries = _entries(centrals, records)
     _check_torch_records(fd, entries, reader.prefix or "")
     return entries
+
+
+def _by_header(centrals: list[_Central]) -> dict[int, _Central]:
+    """The directory's entries by local header offset (built in C); two that share one are refused."""
+    live = dict(zip(map(_HEADER, centrals), centrals, strict=True))
+    if len(live) != len(centrals):
+        live = {}
+        for c in centrals:
+            if live.setdefault(c.header_offset, c) is not c:
+                raise ZipFormatError(f"records {live[c.header_offset].name!r} and {c.name!r} share a local header")
+    return live
+
+
+_HEADER = itemgetter(5)  # _Central.header_offset
 
 
 def _entries(centrals: list[_Central], records: dict[int, tuple[str, int, int]]) -> Entries:
