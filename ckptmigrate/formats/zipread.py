@@ -31,6 +31,8 @@ import os
 import re
 import struct
 import zlib
+from functools import partial
+from itertools import repeat
 from operator import itemgetter
 from typing import Any, NamedTuple, Protocol
 
@@ -111,6 +113,9 @@ class ZipEntry(NamedTuple):
     crc: int
 
 
+_ENTRY_NAME = itemgetter(0)  # ZipEntry.name
+
+
 class Entries(dict[str, ZipEntry]):
     """Records by name; lookups ignore ASCII case, as miniz's do (names are unique ignoring case)."""
 
@@ -122,8 +127,11 @@ class Entries(dict[str, ZipEntry]):
     def of(cls, entries: list[ZipEntry]) -> Entries:
         """The records ``entries``, in order (as many ``__setitem__`` calls, at once)."""
         out = cls()
-        dict.update(out, ((e.name, e) for e in entries))
-        out._folded.update((folded, e.name) for e in entries if (folded := e.name.lower()) != e.name)
+        names = list(map(_ENTRY_NAME, entries))
+        dict.update(out, zip(names, entries, strict=True))
+        folded = list(map(str.lower, names))
+        if folded != names:  # torch's names are lower case: usually none to fold
+            out._folded.update((f, n) for f, n in zip(folded, names, strict=True) if f != n)
         return out
 
     def __setitem__(self, name: str, entry: ZipEntry) -> None:
@@ -329,8 +337,8 @@ class _Reader:
                                  "bytes torch reads of the first record's name (torch refuses the file)")
         self.prefix = self.prefix or centrals[0].name.split("/")[0]
         folder = self.prefix + "/"  # names are canonical: they hold a "/"
-        names = [c.name for c in centrals]
-        if all(name.startswith(folder) for name in names) and len({n.lower() for n in names}) == len(names):
+        names = list(map(_NAME, centrals))
+        if all(map(str.startswith, names, repeat(folder))) and len(set(map(str.lower, names))) == len(names):
             return
         seen: dict[str, int] = {}
         for i, c in enumerate(centrals):
@@ -369,8 +377,9 @@ class _Reader:
         self.records: dict[int, tuple[str, int, int]] = {} if records is None else records
         # every live local header (and the data descriptor that may end the record before it), in
         # one go: the walk then reads them from what a remote source already holds
-        prefetch(self.src, [(max(0, off - 32), min(_BLOCK + 32, cd_offset - max(0, off - 32)))
-                            for off in sorted(live) if off >= start])
+        if getattr(self.src, "prefetch", None) is not None:  # a local file needs no hint: no list built
+            prefetch(self.src, [(max(0, off - 32), min(_BLOCK + 32, cd_offset - max(0, off - 32)))
+                                for off in self._heads if off >= start])
         pos = start
         live_get = live.get
         while pos < cd_offset:
@@ -393,8 +402,8 @@ class _Reader:
                                      "archive does not explain: something was inserted or overwritten)")
         if pos != cd_offset:
             raise ZipFormatError(f"a record at offset {pos} runs into the central directory")
-        hidden = [c.name for off, c in live.items() if off not in self.records]
-        if hidden:
+        if not self.records.keys() >= live.keys():  # checked in C; the names only for the message
+            hidden = [c.name for off, c in live.items() if off not in self.records]
             raise ZipFormatError(f"record {hidden[0]!r} has its local header inside another record's bytes")
 
     def listed_in_window(self, pos: int, central: _Central, limit: int) -> int | None:
@@ -701,14 +710,16 @@ def _by_header(centrals: list[_Central]) -> dict[int, _Central]:
     return live
 
 
-_HEADER = itemgetter(5)  # _Central.header_offset
+_NAME, _CRC, _SIZE, _HEADER = itemgetter(1), itemgetter(3), itemgetter(4), itemgetter(5)  # of a _Central
+_DATA = itemgetter(2)  # a walked record's data offset
 
 
 def _entries(centrals: list[_Central], records: dict[int, tuple[str, int, int]]) -> Entries:
     """The archive's records, in directory order, each built in C as ``ZipEntry(...)`` would."""
-    new = tuple.__new__
-    return Entries.of([new(ZipEntry, (c.name, c.header_offset, records[c.header_offset][2], c.size, c.crc))
-                       for c in centrals])
+    offsets = list(map(_HEADER, centrals))
+    data_offsets = map(_DATA, map(records.__getitem__, offsets))
+    fields = zip(map(_NAME, centrals), offsets, data_offsets, map(_SIZE, centrals), map(_CRC, centrals), strict=True)
+    return Entries.of(list(map(partial(tuple.__new__, ZipEntry), fields)))
 
 
 def read_record(fd: ByteSource, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
