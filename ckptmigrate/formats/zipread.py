@@ -32,7 +32,7 @@ import re
 import struct
 import zlib
 from functools import partial
-from itertools import repeat
+from itertools import filterfalse, repeat
 from operator import itemgetter
 from typing import Any, NamedTuple, Protocol
 
@@ -674,17 +674,11 @@ def _read_appended(fd: ByteSource, length: int, base: Entries, base_length: int)
     reader.prefix = next(iter(base)).split("/")[0]  # the folder the superseded directory's names are in
     reader.check_names(centrals, "the archive")
     live = _by_header(centrals)
-    before: dict[int, tuple[str, int, int]] = {}
-    old_by_offset = {e.header_offset: e for e in base.values()}
-    for off, c in live.items():
-        if off < base_length:
-            old = old_by_offset.get(off)
-            if old is None or (old.name, old.size, old.crc) != (c.name, c.size, c.crc):
-                raise ZipFormatError(f"record {c.name!r} is not a record of the archive it was appended to")
-            before[off] = (old.name, old.size, old.data_offset)
-    for off, old in old_by_offset.items():
-        if off in live:
-            continue
+    olds = list(base.values())
+    old_by_offset = dict(zip(map(_ENTRY_HEADER, olds), olds, strict=True))
+    before = _listed_before(live, old_by_offset, base_length)
+    for off in filterfalse(live.__contains__, old_by_offset):
+        old = old_by_offset[off]
         # superseded by this append: read as the whole parse reads a superseded record
         reader.live = live
         reader.records = {}
@@ -697,6 +691,26 @@ def _read_appended(fd: ByteSource, length: int, base: Entries, base_length: int)
     entries = _entries(centrals, records)
     _check_torch_records(fd, entries, reader.prefix or "")
     return entries
+
+
+def _listed_before(live: dict[int, _Central], old_by_offset: dict[int, ZipEntry],
+                   base_length: int) -> dict[int, tuple[str, int, int]]:
+    """The records the new directory lists in the bytes before the append (header offset: name,
+    size, data offset), each a record of the old archive with its name, size and CRC; in C loops
+    when all are, else found one by one to name the first that is not."""
+    offsets = list(filter(base_length.__gt__, live))
+    olds: list[Any] = list(map(old_by_offset.get, offsets))
+    listed = map(_C_NAME_SIZE_CRC, map(live.__getitem__, offsets))
+    if None not in olds and list(map(_NAME_SIZE_CRC, olds)) == list(listed):
+        return dict(zip(offsets, map(_NAME_SIZE_DATA, olds), strict=True))
+    before: dict[int, tuple[str, int, int]] = {}
+    for off, c in live.items():
+        if off < base_length:
+            old = old_by_offset.get(off)
+            if old is None or (old.name, old.size, old.crc) != (c.name, c.size, c.crc):
+                raise ZipFormatError(f"record {c.name!r} is not a record of the archive it was appended to")
+            before[off] = (old.name, old.size, old.data_offset)
+    return before
 
 
 def _by_header(centrals: list[_Central]) -> dict[int, _Central]:
@@ -712,6 +726,9 @@ def _by_header(centrals: list[_Central]) -> dict[int, _Central]:
 
 _NAME, _CRC, _SIZE, _HEADER = itemgetter(1), itemgetter(3), itemgetter(4), itemgetter(5)  # of a _Central
 _DATA = itemgetter(2)  # a walked record's data offset
+_C_NAME_SIZE_CRC = itemgetter(1, 4, 3)  # of a _Central
+# of a ZipEntry
+_ENTRY_HEADER, _NAME_SIZE_CRC, _NAME_SIZE_DATA = itemgetter(1), itemgetter(0, 3, 4), itemgetter(0, 3, 2)
 
 
 def _entries(centrals: list[_Central], records: dict[int, tuple[str, int, int]]) -> Entries:
