@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +107,14 @@ def devices_of(entries: Iterable[Entry]) -> list[str]:
 def _state_dict_devices(state_dict: Mapping[Any, Any]) -> list[str]:
     """:func:`devices_of` the state dict's tensors; a file's references in one C loop."""
     values = state_dict.values()
+    if set(map(type, values)) == {TensorRef}:  # a file as read: C loops only
+        return sorted(set(map(_LOCATION, values)))
     found = {v.storage.location for v in values if type(v) is TensorRef}
     found.update(device_of(v) for v in values if type(v) is not TensorRef and is_entry(v))
     return sorted(found)
+
+
+_LOCATION = attrgetter("storage.location")
 
 
 def _torch_versions() -> dict[str, str | None]:

@@ -260,7 +260,7 @@ def locate(payload: Any, key: str | None = None, *, recorded: str | None = None)
         wrapped = [k for k in WRAPPER_KEYS if k in payload and is_tensor_dict(payload[k])]
         if wrapped:
             return Layout.at((wrapped[0],))
-        nested = any(is_tensor_dict(v) for v in payload.values())
+        nested = any(map(is_tensor_dict, payload.values()))  # a C loop: a state dict has many values
         if any(is_entry(v) for v in payload.values()) and not nested:
             return Layout("bare")
         found = _candidates(payload)

@@ -246,7 +246,10 @@ class Checkpoint(ArchitectureOps):
 
     def tensors(self) -> dict[str, Entry]:
         """The state dict's tensors as references (key → where its bytes are), no bytes read."""
-        return {k: v for k, v in self.state_dict.entries.items() if is_entry(v)}
+        entries = self.state_dict.entries
+        if set(map(type, entries.values())) == {TensorRef}:  # a file as read: a copy, in C
+            return dict(entries)
+        return {k: v for k, v in entries.items() if is_entry(v)}
 
     def schema(self) -> dict[str, dict[str, Any]]:
         """key → {"shape", "dtype"} of every tensor in the state dict, in order."""

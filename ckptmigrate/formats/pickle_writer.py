@@ -48,6 +48,7 @@ class _Writer(_PurePickler):
         self._unlisted = 0  # memo indices given to objects nothing else refers to, not kept in the memo
         self._plain: dict[str, bytes] = {}  # dtype: the opcodes every plain tensor of it starts with
         self._middles: dict[tuple[Any, ...], bytes] = {}  # see _plain_ref
+        self._tuple_ops: dict[int, tuple[tuple[Any, ...], bytes | None]] = {}  # see _tuple_op
         self.write = file.write  # protocol 2 has no frames: the framer would only pass writes on
 
     def _memo_ref(self, obj: Any) -> bytes | None:
@@ -121,7 +122,7 @@ class _Writer(_PurePickler):
                 return None
             # memoised objects stay in the memo: these opcodes hold for the rest of the pickle
             known = self._plain[ref.dtype] = _get_op(fn[0]) + _MARK_MARK_STORAGE + _get_op(st[0])
-        shape, stride, offset = _int_tuple(ref.shape), _int_tuple(ref.stride), ref.storage_offset
+        shape, stride, offset = self._tuple_op(ref.shape), self._tuple_op(ref.stride), ref.storage_offset
         if shape is None or stride is None or type(offset) is not int:
             return None
         record, storage = self._storage_of(ref)
@@ -151,6 +152,17 @@ class _Writer(_PurePickler):
         tail = (_TAIL.pack(_LONG_BINPUT, idx, _TUPLE, _REDUCE, _LONG_BINPUT, idx + 1) if idx >= 256
                 else _put_op(idx) + _TUPLE_REDUCE + _put_op(idx + 1))
         return b"".join((head, known, _str_op(record), middle, tail))
+
+    def _tuple_op(self, items: Any) -> bytes | None:
+        """:func:`_int_tuple`, remembered by the tuple object: the tensors of a file share a few shape
+        and stride tuples, and a tuple's items never change, so its bytes are built once."""
+        known = self._tuple_ops.get(id(items))
+        if known is not None and known[0] is items:
+            return known[1]
+        encoded = _int_tuple(items)
+        if type(items) is tuple and len(self._tuple_ops) < 4096:
+            self._tuple_ops[id(items)] = items, encoded  # the tuple is held, so its id stays its own
+        return encoded
 
     def _batch_setitems(self, items: Any) -> None:
         """The pure pickler's SETITEMS batches, with a state dict's entries (a new ``str`` key, a plain

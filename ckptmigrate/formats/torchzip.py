@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from itertools import repeat
 from json.encoder import encode_basestring_ascii  # json's own string encoder (C)
-from operator import attrgetter, is_, itemgetter
+from operator import attrgetter, is_, itemgetter, methodcaller
 from typing import Any, BinaryIO
 
 from ckptmigrate.formats.pickle_writer import dump
@@ -85,8 +85,11 @@ def foreign_archive(names: Iterable[str]) -> str | None:
     return None
 
 
+_ENDS_DATA_PKL = methodcaller("endswith", "/data.pkl")
+
+
 def archive_prefix(entries: dict[str, ZipEntry]) -> str:
-    prefixes = {name[: -len("/data.pkl")] for name in entries if name.endswith("/data.pkl")}
+    prefixes = {name[: -len("/data.pkl")] for name in filter(_ENDS_DATA_PKL, entries)}
     prefixes = {p for p in prefixes if "/" not in p}
     if len(prefixes) != 1:
         raise TorchZipError("the zip archive holds no torch checkpoint (no <name>/data.pkl record)")
@@ -630,7 +633,7 @@ def _records_as_before(
     names = list(map(data_dir.__add__, map(_FIRST, records)))
     storages = list(map(_SECOND, records))
     olds: list[Any] = list(map(dict.get, repeat(entries), names))
-    if None in olds or not all(isinstance(s, Storage) for s in storages) or (
+    if None in olds or not all(map(isinstance, storages, repeat(Storage))) or (
         list(map(_DATA_OFFSET, olds)) != list(map(_OFFSET, storages))
     ) or (source is not None and not all(map(is_, map(_SOURCE, storages), repeat(source)))):
         return names, None

@@ -31,6 +31,9 @@ import os
 import re
 import struct
 import zlib
+from functools import partial
+from itertools import filterfalse, repeat
+from operator import itemgetter
 from typing import Any, NamedTuple, Protocol
 
 from ckptmigrate.util.gcpause import pausing
@@ -110,6 +113,9 @@ class ZipEntry(NamedTuple):
     crc: int
 
 
+_ENTRY_NAME = itemgetter(0)  # ZipEntry.name
+
+
 class Entries(dict[str, ZipEntry]):
     """Records by name; lookups ignore ASCII case, as miniz's do (names are unique ignoring case)."""
 
@@ -121,8 +127,11 @@ class Entries(dict[str, ZipEntry]):
     def of(cls, entries: list[ZipEntry]) -> Entries:
         """The records ``entries``, in order (as many ``__setitem__`` calls, at once)."""
         out = cls()
-        dict.update(out, ((e.name, e) for e in entries))
-        out._folded.update((folded, e.name) for e in entries if (folded := e.name.lower()) != e.name)
+        names = list(map(_ENTRY_NAME, entries))
+        dict.update(out, zip(names, entries, strict=True))
+        folded = list(map(str.lower, names))
+        if folded != names:  # torch's names are lower case: usually none to fold
+            out._folded.update((f, n) for f, n in zip(folded, names, strict=True) if f != n)
         return out
 
     def __setitem__(self, name: str, entry: ZipEntry) -> None:
@@ -328,8 +337,8 @@ class _Reader:
                                  "bytes torch reads of the first record's name (torch refuses the file)")
         self.prefix = self.prefix or centrals[0].name.split("/")[0]
         folder = self.prefix + "/"  # names are canonical: they hold a "/"
-        names = [c.name for c in centrals]
-        if all(name.startswith(folder) for name in names) and len({n.lower() for n in names}) == len(names):
+        names = list(map(_NAME, centrals))
+        if all(map(str.startswith, names, repeat(folder))) and len(set(map(str.lower, names))) == len(names):
             return
         seen: dict[str, int] = {}
         for i, c in enumerate(centrals):
@@ -368,8 +377,9 @@ class _Reader:
         self.records: dict[int, tuple[str, int, int]] = {} if records is None else records
         # every live local header (and the data descriptor that may end the record before it), in
         # one go: the walk then reads them from what a remote source already holds
-        prefetch(self.src, [(max(0, off - 32), min(_BLOCK + 32, cd_offset - max(0, off - 32)))
-                            for off in sorted(live) if off >= start])
+        if getattr(self.src, "prefetch", None) is not None:  # a local file needs no hint: no list built
+            prefetch(self.src, [(max(0, off - 32), min(_BLOCK + 32, cd_offset - max(0, off - 32)))
+                                for off in self._heads if off >= start])
         pos = start
         live_get = live.get
         while pos < cd_offset:
@@ -392,8 +402,8 @@ class _Reader:
                                      "archive does not explain: something was inserted or overwritten)")
         if pos != cd_offset:
             raise ZipFormatError(f"a record at offset {pos} runs into the central directory")
-        hidden = [c.name for off, c in live.items() if off not in self.records]
-        if hidden:
+        if not self.records.keys() >= live.keys():  # checked in C; the names only for the message
+            hidden = [c.name for off, c in live.items() if off not in self.records]
             raise ZipFormatError(f"record {hidden[0]!r} has its local header inside another record's bytes")
 
     def listed_in_window(self, pos: int, central: _Central, limit: int) -> int | None:
@@ -620,10 +630,7 @@ def _read_archive(fd: ByteSource, length: int) -> Entries:
     n, cd_size, cd_offset, _end = reader.end_records(eocd, "the end record", comment)
     centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
     reader.check_names(centrals, "the archive")
-    live: dict[int, _Central] = {}
-    for c in centrals:
-        if live.setdefault(c.header_offset, c) is not c:
-            raise ZipFormatError(f"records {live[c.header_offset].name!r} and {c.name!r} share a local header")
+    live = _by_header(centrals)
     reader.walk(live, cd_offset)
     records = reader.records
     entries = _entries(centrals, records)
@@ -666,21 +673,12 @@ def _read_appended(fd: ByteSource, length: int, base: Entries, base_length: int)
     centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
     reader.prefix = next(iter(base)).split("/")[0]  # the folder the superseded directory's names are in
     reader.check_names(centrals, "the archive")
-    live: dict[int, _Central] = {}
-    for c in centrals:
-        if live.setdefault(c.header_offset, c) is not c:
-            raise ZipFormatError(f"records {live[c.header_offset].name!r} and {c.name!r} share a local header")
-    before: dict[int, tuple[str, int, int]] = {}
-    old_by_offset = {e.header_offset: e for e in base.values()}
-    for off, c in live.items():
-        if off < base_length:
-            old = old_by_offset.get(off)
-            if old is None or (old.name, old.size, old.crc) != (c.name, c.size, c.crc):
-                raise ZipFormatError(f"record {c.name!r} is not a record of the archive it was appended to")
-            before[off] = (old.name, old.size, old.data_offset)
-    for off, old in old_by_offset.items():
-        if off in live:
-            continue
+    live = _by_header(centrals)
+    olds = list(base.values())
+    old_by_offset = dict(zip(map(_ENTRY_HEADER, olds), olds, strict=True))
+    before = _listed_before(live, old_by_offset, base_length)
+    for off in filterfalse(live.__contains__, old_by_offset):
+        old = old_by_offset[off]
         # superseded by this append: read as the whole parse reads a superseded record
         reader.live = live
         reader.records = {}
@@ -695,11 +693,50 @@ def _read_appended(fd: ByteSource, length: int, base: Entries, base_length: int)
     return entries
 
 
+def _listed_before(live: dict[int, _Central], old_by_offset: dict[int, ZipEntry],
+                   base_length: int) -> dict[int, tuple[str, int, int]]:
+    """The records the new directory lists in the bytes before the append (header offset: name,
+    size, data offset), each a record of the old archive with its name, size and CRC; in C loops
+    when all are, else found one by one to name the first that is not."""
+    offsets = list(filter(base_length.__gt__, live))
+    olds: list[Any] = list(map(old_by_offset.get, offsets))
+    listed = map(_C_NAME_SIZE_CRC, map(live.__getitem__, offsets))
+    if None not in olds and list(map(_NAME_SIZE_CRC, olds)) == list(listed):
+        return dict(zip(offsets, map(_NAME_SIZE_DATA, olds), strict=True))
+    before: dict[int, tuple[str, int, int]] = {}
+    for off, c in live.items():
+        if off < base_length:
+            old = old_by_offset.get(off)
+            if old is None or (old.name, old.size, old.crc) != (c.name, c.size, c.crc):
+                raise ZipFormatError(f"record {c.name!r} is not a record of the archive it was appended to")
+            before[off] = (old.name, old.size, old.data_offset)
+    return before
+
+
+def _by_header(centrals: list[_Central]) -> dict[int, _Central]:
+    """The directory's entries by local header offset (built in C); two that share one are refused."""
+    live = dict(zip(map(_HEADER, centrals), centrals, strict=True))
+    if len(live) != len(centrals):
+        live = {}
+        for c in centrals:
+            if live.setdefault(c.header_offset, c) is not c:
+                raise ZipFormatError(f"records {live[c.header_offset].name!r} and {c.name!r} share a local header")
+    return live
+
+
+_NAME, _CRC, _SIZE, _HEADER = itemgetter(1), itemgetter(3), itemgetter(4), itemgetter(5)  # of a _Central
+_DATA = itemgetter(2)  # a walked record's data offset
+_C_NAME_SIZE_CRC = itemgetter(1, 4, 3)  # of a _Central
+# of a ZipEntry
+_ENTRY_HEADER, _NAME_SIZE_CRC, _NAME_SIZE_DATA = itemgetter(1), itemgetter(0, 3, 4), itemgetter(0, 3, 2)
+
+
 def _entries(centrals: list[_Central], records: dict[int, tuple[str, int, int]]) -> Entries:
     """The archive's records, in directory order, each built in C as ``ZipEntry(...)`` would."""
-    new = tuple.__new__
-    return Entries.of([new(ZipEntry, (c.name, c.header_offset, records[c.header_offset][2], c.size, c.crc))
-                       for c in centrals])
+    offsets = list(map(_HEADER, centrals))
+    data_offsets = map(_DATA, map(records.__getitem__, offsets))
+    fields = zip(map(_NAME, centrals), offsets, data_offsets, map(_SIZE, centrals), map(_CRC, centrals), strict=True)
+    return Entries.of(list(map(partial(tuple.__new__, ZipEntry), fields)))
 
 
 def read_record(fd: ByteSource, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
