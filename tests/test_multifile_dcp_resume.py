@@ -35,8 +35,10 @@ def run(rank, out, port):
                        "enc.bias": distribute_tensor(bias, mesh, [Shard(0)])},
              "step": 41}
     dcp.save(state, checkpoint_id=out)
-    dist.barrier()  # both ranks done with every collective before gloo tears down (else a rank may abort)
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks are done with every collective, and their files are written
+    # gloo's teardown (destroy_process_group, or the destructors at exit) can abort a rank with
+    # "terminate called without an active exception" on a busy machine: leave without it
+    os._exit(0)
 
 if __name__ == "__main__":
     mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=2)
@@ -59,8 +61,10 @@ def run(rank, ckpt, mig, out, port):
     full = {k: v.full_tensor() for k, v in state["model"].items()}
     torch.save({"applied": applied, "step": state["step"], "model": full,
                 "local": state["model"]["encoder.weight"].to_local().shape[0]}, f"{out}.{rank}")
-    dist.barrier()  # both ranks done with every collective before gloo tears down (else a rank may abort)
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks are done with every collective, and their files are written
+    # gloo's teardown (destroy_process_group, or the destructors at exit) can abort a rank with
+    # "terminate called without an active exception" on a busy machine: leave without it
+    os._exit(0)
 
 if __name__ == "__main__":
     mp.spawn(run, args=tuple(sys.argv[1:5]), nprocs=2)
