@@ -67,12 +67,12 @@ class GcsObject:
         bucket, _, key = path.partition("/")
         return cls(url, fs, bucket, key, generation)
 
-    def call(self, method: str, path: str, *args: str, **kwargs: Any) -> Any:
+    def call(self, method: str, path: str, *args: str, action: str = "write", **kwargs: Any) -> Any:
         """One JSON API request through gcsfs (its credentials, endpoint and retries); a failed
         precondition is the other writer's win."""
         TRANSFER.requests += 1
         try:
-            with translated(self.url, "write"):
+            with translated(self.url, action):
                 return self.fs.call(method, path, *args, **kwargs)
         except RemoteError as exc:
             if isinstance(exc.__context__, FileExistsError):  # gcsfs's name for HTTP 412
@@ -178,7 +178,7 @@ def delete(obj: GcsObject) -> None:
     condition = {"ifGenerationMatch": obj.etag} if obj.etag is not None else {}
     if condition:
         obj.check_unchanged()
-    obj.call("DELETE", "b/{}/o/{}", obj.bucket, obj.key, **condition)
+    obj.call("DELETE", "b/{}/o/{}", obj.bucket, obj.key, action="delete", **condition)
 
 
 def appendable(obj: GcsObject) -> str | None:
@@ -230,10 +230,10 @@ def append(obj: GcsObject, old: RangeFile, tail: bytes, crc32c: str) -> None:
         TRANSFER.bytes_copied_server_side += old.size
     except BaseException:
         with contextlib.suppress(Exception):  # the error that stopped the write is the one to report
-            _delete(part)
+            delete(part)
         raise
     try:
-        _delete(part)
+        delete(part)
     except RemoteError as exc:  # the object is written: a stray temporary object is not a failed write
         warnings.warn(f"{part.url}: a temporary object of the write to {obj.url} could not be deleted ({exc}); "
                       "delete it", CkptMigrateWarning, stacklevel=2)
@@ -256,12 +256,6 @@ def _is(obj: GcsObject, size: int, crc32c: str) -> bool:
     except RemoteError:
         return False
     return int(meta.get("size") or -1) == size and meta.get("crc32c") == crc32c
-
-
-def _delete(obj: GcsObject) -> None:
-    TRANSFER.requests += 1
-    with translated(obj.url, "delete"):
-        obj.fs.call("DELETE", "b/{}/o/{}", obj.bucket, obj.key)
 
 
 def compose(obj: GcsObject, old: RangeFile, keep: int, tail: bytes) -> None:
