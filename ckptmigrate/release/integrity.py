@@ -255,6 +255,8 @@ def compute(ckpt: Checkpoint, *, alg: str = DEFAULT_ALG) -> dict[str, Any]:
     if reader.deferred:
         reader.sweep()
         record = _record(ckpt, reader)
+        if reader.deferred:  # a range the first walk did not ask for: its digest would be a placeholder
+            raise AssertionError(f"{ckpt.path}: the second walk of a streamed digest asked for new ranges")
     return record
 
 
