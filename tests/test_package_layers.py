@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("checkpoint",),
     ("chain", "autogenerate"),
     ("release",),
-    ("api", "testing"),
+    ("api", "testing", "leftovers"),
     ("integrations",),
     ("fleet",),
     ("cli",),

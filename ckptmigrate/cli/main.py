@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import click
 
-from ckptmigrate.cli import chain, checkpoints, convert, fixture, graph, migrate, release, sanitize, schema
+from ckptmigrate.cli import chain, checkpoints, convert, fixture, graph, leftovers, migrate, release, sanitize, schema
 from ckptmigrate.cli.common import debug_mode, error_dict, error_line, json_mode
 from ckptmigrate.errors import CkptMigrateError
 
@@ -123,7 +123,7 @@ for _command in (
     chain.init, chain.revision, chain.heads, chain.history, graph.merge, graph.chains, graph.squash,
     migrate.upgrade, migrate.downgrade, sanitize.sanitize,
     schema.check, schema.diff, schema.schema, release.keygen, release.verify,
-    fixture.test, fixture.fixture,
+    fixture.test, fixture.fixture, leftovers.leftovers,
 ):
     _everywhere(_command)
     main.add_command(_command)
