@@ -334,7 +334,7 @@ def _age(info: dict[str, Any], now: float) -> float | None:
             value = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         if isinstance(value, _dt.datetime):
             if value.tzinfo is None:
-                value = value.replace(tzinfo=_dt.timezone.utc)
+                value = value.replace(tzinfo=_dt.UTC)
             return max(0.0, now - value.timestamp())
         return max(0.0, now - float(value))
     return None

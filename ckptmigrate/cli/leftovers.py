@@ -32,14 +32,16 @@ def _age(seconds: float | None) -> str:
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--older-than", default="1h", show_default=True, callback=_duration,
               help="Only what is at least this old (30m, 2h, 7d; 0 when no run is at work) counts as left behind.")
-@click.option("--delete", is_flag=True, help="Remove what is provably left behind (conditionally, where the store can).")
+@click.option("--delete", is_flag=True,
+              help="Remove what is provably left behind (conditionally, where the store can).")
 @JSON
 def leftovers(paths: tuple[str, ...], older_than: float, delete: bool, as_json: bool) -> None:
     """What killed ckptmigrate runs left under files, directories, objects or prefixes
     (s3://b/runs/): temporary files and objects, dead locks, open multipart uploads, journals no
     index names. Exit 0 when nothing is left (or all was removed), 1 when something is: a check a CI
     job can run. A journal an interrupted switch still needs is never deleted: run upgrade on it."""
-    from ckptmigrate.leftovers import REMOVED, leftovers as find
+    from ckptmigrate.leftovers import REMOVED
+    from ckptmigrate.leftovers import leftovers as find
 
     report = find(paths, older_than=older_than, delete=delete)
     if as_json:
