@@ -755,3 +755,16 @@ def diff(a: PathLike, b: PathLike = "model", *, model: str | None = None,
     from ckptmigrate.autogenerate import compare
 
     return compare.diff(a, b, model=model, migrations=migrations)
+
+
+def leftovers(paths: Sequence[str | os.PathLike[str]], *, older_than: float = 3600.0,
+              delete: bool = False) -> dict[str, Any]:
+    """What killed runs left under ``paths`` (directories, files, object and prefix URLs), and with
+    ``delete`` removed when provably unused: ``{"leftovers": [...], "failing": N}``, the CLI's
+    ``--json`` (:func:`ckptmigrate.leftovers.leftovers`; ``failing`` > 0 is its exit 1)."""
+    from ckptmigrate.leftovers import leftovers as found
+
+    return found(paths, older_than=older_than, delete=delete).to_dict()
+
+
+__all__ += ["leftovers"]

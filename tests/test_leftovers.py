@@ -22,7 +22,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from huggingface_hub import save_torch_state_dict
 
+from ckptmigrate import api
 from ckptmigrate.storage.locking import file_lock
+from tests import azurite
 from tests.objectstores import S3Server, running_gcs, running_s3
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -103,6 +105,8 @@ def test_a_killed_local_write_leaves_a_temporary_file_and_a_dead_lock(cli: Cli, 
     # a check (no run at work): exactly what the killed run left, exit 1
     code, found = report(cli, ckpts, "--older-than", "0")
     assert code == 1 and found == dict.fromkeys(expected, "leftover")
+    twin = api.leftovers([ckpts], older_than=0)  # the same as a function
+    assert twin["failing"] == 2 and {i["location"]: i["status"] for i in twin["leftovers"]} == found
     # asked about b.pt alone: nothing of a.pt's
     assert report(cli, ckpts / "b.pt", "--older-than", "0") == (0, {})
 
@@ -308,3 +312,28 @@ def test_a_gcs_append_killed_before_its_compose_leaves_its_tail(cli: Cli, tmp_pa
         assert report(cli, "gs://ckpts/run/notes.txt", "--older-than", "0", env=env) == (0, {})
         assert report(cli, "gs://ckpts/run/", "--older-than", "0", "--delete", env=env) == (0, {where: "removed"})
         assert objects() == before
+
+
+# --- Azure -----------------------------------------------------------------------------------------------
+
+def test_an_azure_header_rewrite_killed_before_its_journal_goes(cli: Cli, tmp_path: Path) -> None:
+    with azurite.running() as (env, container):
+        (tmp_path / "hf").mkdir()
+        torch.manual_seed(5)
+        save_torch_state_dict({f"layers.{i}.weight": torch.randn(64 * 1024) for i in range(3)},
+                              str(tmp_path / "hf"), max_shard_size="256KB")
+        for path in (tmp_path / "hf").iterdir():
+            container.upload_blob(f"hf/{path.name}", path.read_bytes())
+
+        def blobs() -> dict[str, str]:
+            return {b.name: str(b.etag) for b in container.list_blobs()}
+
+        before = blobs()
+        killed(DIE_BEFORE_THE_JOURNAL_GOES, "upgrade", "az://ckpts/hf/", "--from", "c1", "--no-backup",
+               "--migrations", chain(tmp_path, "ckpt.rename_regex(r'^layers\\.', 'blocks.')"), cwd=tmp_path, env=env)
+        [journal] = set(blobs()) - set(before)
+        written = blobs()
+        where = f"az://ckpts/{journal}"
+        assert report(cli, "az://ckpts/hf/", "--delete", env=env) == (0, {where: "young"})
+        assert report(cli, "az://ckpts/hf/", "--older-than", "0", "--delete", env=env) == (0, {where: "removed"})
+        assert blobs() == {k: v for k, v in written.items() if k != journal}

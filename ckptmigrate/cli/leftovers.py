@@ -40,17 +40,16 @@ def leftovers(paths: tuple[str, ...], older_than: float, delete: bool, as_json: 
     (s3://b/runs/): temporary files and objects, dead locks, open multipart uploads, journals no
     index names. Exit 0 when nothing is left (or all was removed), 1 when something is: a check a CI
     job can run. A journal an interrupted switch still needs is never deleted: run upgrade on it."""
-    from ckptmigrate.leftovers import REMOVED
-    from ckptmigrate.leftovers import leftovers as find
+    from ckptmigrate import api
 
-    report = find(paths, older_than=older_than, delete=delete)
+    report = api.leftovers(paths, older_than=older_than, delete=delete)
     if as_json:
-        emit_json(report.to_dict())
+        emit_json(report)
     else:
-        for item in report.items:
-            click.echo(f"{item.location}: {item.kind}, {_age(item.age)}, {item.status}"
-                       + (f" ({item.note})" if item.note else ""))
-        removed = sum(i.status == REMOVED for i in report.items)
-        click.echo(f"{len(report.failing)} left behind" + (f", {removed} removed" if delete else ""))
-    if report.failing:
+        for item in report["leftovers"]:
+            click.echo(f"{item['location']}: {item['kind']}, {_age(item['age'])}, {item['status']}"
+                       + (f" ({item['note']})" if item["note"] else ""))
+        removed = sum(i["status"] == "removed" for i in report["leftovers"])
+        click.echo(f"{report['failing']} left behind" + (f", {removed} removed" if delete else ""))
+    if report["failing"]:
         sys.exit(1)
