@@ -229,21 +229,24 @@ def _remote(url: ObjectURL, is_prefix: bool, older_than: float, delete: bool) ->
     root = f"{url.scheme}://{path.split('/', 1)[0]}"
     with translated(url, "list"):
         fs.invalidate_cache()
-        if not is_prefix and fs.isfile(path):
-            parent = path.rsplit("/", 1)[0]
-            listing = {k: v for k, v in _listing(fs, parent, recursive=False).items()
+        exact = not is_prefix and not fs.isdir(path)  # one object (or a key an upload was writing)
+        if exact:
+            there = fs.isfile(path)
+            listing = {k: v for k, v in _listing(fs, path.rsplit("/", 1)[0], recursive=False).items()
                        if k.startswith(path + TAIL_MARK)}
-        elif fs.isdir(path) or is_prefix:
-            listing = _listing(fs, path, recursive=True)
-            parent = None
         else:
-            raise RemoteError(f"{url}: no such object or prefix", url=str(url))
+            listing = _listing(fs, path, recursive=True)
+            there = bool(listing)
     now = time.time()
     found: list[Leftover] = []
-    for key, info in sorted(listing.items()):
-        found.extend(_object_item(fs, root, key, info, listing, now, older_than))
-    if url.scheme in ("s3", "s3a"):
-        found.extend(_uploads(fs, url, path, exact=parent is not None, now=now, older_than=older_than))
+    with translated(url):
+        digests: dict[str, str] = {}
+        for key, info in sorted(listing.items()):
+            found.extend(_object_item(fs, root, key, info, listing, now, older_than, digests))
+        if url.scheme in ("s3", "s3a"):
+            found.extend(_uploads(fs, url, path, exact=exact, now=now, older_than=older_than))
+    if not there and not found:
+        raise RemoteError(f"{url}: no such object or prefix", url=str(url))
     for item in found:
         if delete and item.status == LEFTOVER:
             _delete_remote(fs, item, listing)
@@ -257,7 +260,7 @@ def _listing(fs: Any, path: str, *, recursive: bool) -> dict[str, dict[str, Any]
 
 
 def _object_item(fs: Any, root: str, key: str, info: dict[str, Any], listing: dict[str, dict[str, Any]],
-                 now: float, older_than: float) -> Iterator[Leftover]:
+                 now: float, older_than: float, digests: dict[str, str]) -> Iterator[Leftover]:
     name = key.rsplit("/", 1)[-1]
     directory = key.rsplit("/", 1)[0]
     where = f"{root.split('://')[0]}://{key}"
@@ -280,7 +283,7 @@ def _object_item(fs: Any, root: str, key: str, info: dict[str, Any], listing: di
         return
     envelope = _ENVELOPE.fullmatch(name)
     if envelope and f"{directory}/{METADATA}" in listing:
-        named = {_digest(fs, k) for k in listing
+        named = {_digest(fs, k, digests) for k in listing
                  if k.rsplit("/", 1)[0] == directory and re.fullmatch(re.escape(METADATA) + r"(\.bak(\.\d+)?)?",
                                                                       k.rsplit("/", 1)[-1])}
         if envelope.group(1) in named:
@@ -310,8 +313,11 @@ def _names_journal(fs: Any, index: str, journal: str) -> bool:
         return False
 
 
-def _digest(fs: Any, key: str) -> str:
-    return hashlib.sha256(fs.cat_file(key)).hexdigest()[:16]
+def _digest(fs: Any, key: str, digests: dict[str, str]) -> str:
+    """The name an envelope for ``key`` (a ``.metadata``) has, each object read once."""
+    if key not in digests:
+        digests[key] = hashlib.sha256(fs.cat_file(key)).hexdigest()[:16]
+    return digests[key]
 
 
 def _versioned(fs: Any, root: str) -> bool:

@@ -198,6 +198,9 @@ def test_a_killed_s3_rename_leaves_an_open_multipart_upload(cli: Cli, s3: S3Serv
     assert report(cli, url, "--older-than", "0", "--delete", env=s3.env) == (0, {where: "removed"})
     assert uploads(s3, bucket) == {("run/other.pt", theirs)}  # only the key asked about
     assert s3_objects(s3, bucket) == objects
+    missing = cli("leftovers", f"s3://{bucket}/nothing/", env=s3.env)  # a typo is not "nothing left"
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert f"s3://{bucket}/nothing: no such object or prefix" in missing.stderr, missing.stderr
 
 
 DIE_BEFORE_THE_SWITCH = """
