@@ -53,6 +53,14 @@ class Transfer:
 
 TRANSFER = Transfer()
 
+#: What the last object closed in this process held, for the next open of that same object: a command
+#: that opens an object twice before it writes (a stamp reads the envelope, then the checkpoint)
+#: fetches its metadata once. Keyed by URL, size, ETag and version, so an object changed since is read
+#: afresh (a weak ETag proves no bytes the same, and is not kept).
+_LAST: dict[tuple[str, int, str, str | None], tuple[list[int], dict[int, bytes]]] = {}
+#: The most bytes kept there.
+KEEP_AT_MOST = 64 << 20
+
 
 class Fetcher(Protocol):
     size: int
@@ -199,9 +207,24 @@ class RangeFile(io.RawIOBase):
         self.etag = self.fetcher.etag
         #: The version read: in a versioned bucket its version, on GCS its generation, on the Hub the commit.
         self.version: str | None = getattr(self.fetcher, "version", None)
-        self._starts: list[int] = []
-        self._blocks: dict[int, bytes] = {}
+        kept = _LAST.get(self._key) if self._key is not None else None
+        self._starts: list[int] = list(kept[0]) if kept else []
+        self._blocks: dict[int, bytes] = dict(kept[1]) if kept else {}
         self._pos = 0
+
+    @property
+    def _key(self) -> tuple[str, int, str, str | None] | None:
+        if not self.etag or self.etag.startswith("W/"):
+            return None
+        return str(self.url), self.size, self.etag, self.version
+
+    def close(self) -> None:
+        """Keep what was fetched for the next open of the same object (:data:`_LAST`)."""
+        key = self._key
+        if key is not None and not self.closed and sum(map(len, self._blocks.values())) <= KEEP_AT_MOST:
+            _LAST.clear()
+            _LAST[key] = (self._starts, self._blocks)
+        super().close()
 
     # -- the cache -----------------------------------------------------------------------------------
 
