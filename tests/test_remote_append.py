@@ -91,17 +91,6 @@ def test_the_bytes_appended_are_those_a_local_append_writes(tmp_path: Path) -> N
     assert same(loads(path.read_bytes()), renamed(loads(before), ("head.bias", "out.bias")))
 
 
-def forget_filesystems() -> None:
-    """fsspec keeps one filesystem per backend and options, and gcsfs and adlfs take the endpoint
-    from the environment when made: the ones the API calls here made talk to this module's proxy,
-    which later modules must not reuse."""
-    import adlfs
-    import gcsfs
-
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    adlfs.AzureBlobFileSystem.clear_instance_cache()
-
-
 # --- Google Cloud Storage -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -128,7 +117,6 @@ def gcs() -> Iterator[tuple[dict[str, str], Any, CountingProxy]]:
                 os.environ[k] = v
         proxy.stop()
         server.stop()
-        forget_filesystems()
 
 
 def gcs_names(bucket: Any, prefix: str) -> list[str]:
@@ -282,7 +270,6 @@ def azure() -> Iterator[tuple[dict[str, str], Any, CountingProxy]]:
             yield through, container, proxy
         finally:
             proxy.stop()
-            forget_filesystems()
 
 
 def az_names(container: Any, prefix: str) -> list[str]:

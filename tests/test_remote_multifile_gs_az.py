@@ -326,16 +326,11 @@ def test_a_migration_that_changes_tensor_bytes_is_refused_in_one_line(run: Cli, 
 
 @pytest.fixture
 def in_process(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """This process pointed at the store: its environment, and no filesystem fsspec cached for
-    another test's server (gcsfs and adlfs read the endpoint from the environment when created)."""
-    import fsspec
-
+    """This process pointed at the store by its environment (a filesystem fsspec cached for another
+    test's server is not reused: util/urls.filesystem names the endpoint among its options)."""
     for k, v in store.env.items():
         monkeypatch.setenv(k, v)
-    cls = fsspec.get_filesystem_class(store.scheme)
-    cls.clear_instance_cache()
     yield
-    cls.clear_instance_cache()
 
 
 @pytest.mark.usefixtures("in_process")

@@ -164,9 +164,27 @@ def filesystem(url: ObjectURL) -> tuple[Any, str]:
     endpoint = os.environ.get("CKPTMIGRATE_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
     if scheme in ("s3", "s3a") and endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
+    options.update(_endpoint_options(scheme))
     with translated(url):
         fs, path = fsspec.core.url_to_fs(url.full, **options)
     return fs, path
+
+
+def _endpoint_options(scheme: str) -> dict[str, str]:
+    """What gcsfs and adlfs would read from the environment when made, passed as options (the same
+    values) so that fsspec, which caches a filesystem by its options, makes another when they change:
+    the GCS emulator's host, an Azure account host (fsspec reads ``FSSPEC_AZ_ACCOUNT_HOST`` only at
+    import) and connection string."""
+    options: dict[str, str] = {}
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if scheme in ("gs", "gcs") and host and host != "default":
+        options["endpoint_url"] = host if host.startswith(("http://", "https://")) else f"http://{host}"
+    if scheme in ("az", "abfs", "abfss"):
+        for variable, option in (("FSSPEC_AZ_ACCOUNT_HOST", "account_host"),
+                                 ("AZURE_STORAGE_CONNECTION_STRING", "connection_string")):
+            if os.environ.get(variable):
+                options[option] = os.environ[variable]
+    return options
 
 
 def read_options(url: ObjectURL) -> dict[str, Any]:
