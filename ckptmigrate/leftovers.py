@@ -30,6 +30,7 @@ import contextlib
 import datetime as _dt
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -121,16 +122,14 @@ def parse_duration(text: str) -> float:
 # --- local files ---------------------------------------------------------------------------------------
 
 def _local(path: Path, older_than: float, delete: bool) -> Iterator[Leftover]:
-    if path.is_dir():
-        walk: Iterator[tuple[Path, list[str]]] = ((Path(d), names) for d, _dirs, names in os.walk(path))
-        only = None
-    elif path.exists():
-        walk = iter([(path.parent, os.listdir(path.parent))])
-        only = path.name
-    else:
+    """Under a directory (searched down, and its own lock beside it), or beside one file."""
+    if not path.exists():
         raise BadInput(f"{path}: no such file or directory", path=str(path))
+    places: Iterator[tuple[Path, list[str], str | None]] = iter([(path.parent, os.listdir(path.parent), path.name)])
+    if path.is_dir():
+        places = itertools.chain(places, ((Path(d), names, None) for d, _dirs, names in os.walk(path)))
     now = time.time()
-    for directory, names in walk:
+    for directory, names, only in places:
         ours = sorted(n for n in names if _relevant(n, only))
         if not ours:
             continue

@@ -139,9 +139,11 @@ def test_a_journal_an_interrupted_switch_needs_is_never_deleted(cli: Cli, tmp_pa
     killed(DIE_BETWEEN_SHARDS, "upgrade", model, "--from", "c1", "--no-backup", "--migrations", migrations,
            cwd=tmp_path)
     journal = str(model / ".model.safetensors.index.json.ckptmigrate-headers")
+    lock = model / ".model.safetensors.index.json.ckptmigrate-lock"  # the lock of its index, dead
     proc = cli("leftovers", model, "--older-than", "0", "--delete")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"{journal}: journal" in proc.stdout and "run `ckptmigrate upgrade`" in proc.stdout, proc.stdout
+    assert f"{lock}: lock file" in proc.stdout and not lock.exists(), proc.stdout
     assert Path(journal).exists()
     # the next upgrade replays it, and then nothing is left
     assert cli("upgrade", model, "--from", "c1", "--no-backup", "--migrations", migrations).returncode == 0
