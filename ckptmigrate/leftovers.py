@@ -7,6 +7,9 @@ leave, and how each is known as ours and as no longer in use:
 - a local temporary sibling ``.ckptmigrate-tmp-<name>.<8 hex>.part`` (storage/atomic) and a lock
   file ``.<name>.ckptmigrate-lock`` (storage/locking): in use while any ckptmigrate lock in its
   directory or the one above is held (``flock``; the kernel drops a dead holder's lock);
+- a remote command's staging directory ``$TMPDIR/ckptmigrate-<8 chars>`` (a whole object staged on
+  disk): in use while a process has a file open in it (``/proc``), looked for when the target is
+  the temporary directory itself;
 - a local journal ``.<index>.ckptmigrate-journal`` / ``-headers`` (storage/shardset): a recovery in
   waiting, which the next ``upgrade`` of the checkpoint replays — never deleted here;
 - a GCS append's temporary object ``KEY.ckptmigrate-tail-<32 hex>`` (storage/gcs_write);
@@ -34,6 +37,8 @@ import itertools
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -54,6 +59,7 @@ DEFAULT_OLDER_THAN = 3600.0
 
 _TEMP = re.compile(re.escape(TEMP_PREFIX) + r".+\.[0-9a-f]{8}\.part")
 _LOCK = re.compile(r"\..+\.ckptmigrate-lock")
+_STAGING = re.compile(r"ckptmigrate-[a-z0-9_]{8}")
 _LOCAL_JOURNAL = re.compile(r"\.(.+)\.ckptmigrate-(journal|headers)")
 _TAIL = re.compile(r".+" + re.escape(TAIL_MARK) + r"[0-9a-f]{32}")
 _PREFIX_JOURNAL = re.compile(r"\.(.+)\.ckptmigrate-headers\.[0-9a-f]{12}")
@@ -122,9 +128,14 @@ def parse_duration(text: str) -> float:
 # --- local files ---------------------------------------------------------------------------------------
 
 def _local(path: Path, older_than: float, delete: bool) -> Iterator[Leftover]:
-    """Under a directory (searched down, and its own lock beside it), or beside one file."""
+    """Under a directory (searched down, and its own lock beside it), or beside one file; in the
+    temporary directory, the staging directories of remote commands (and nothing else there)."""
     if not path.exists():
         raise BadInput(f"{path}: no such file or directory", path=str(path))
+    if path.is_dir() and os.path.samefile(path, tempfile.gettempdir()):
+        for stage in _staging(path, time.time(), older_than):
+            yield _delete_staging(stage) if delete and stage.status == LEFTOVER else stage
+        return
     places: Iterator[tuple[Path, list[str], str | None]] = iter([(path.parent, os.listdir(path.parent), path.name)])
     if path.is_dir():
         places = itertools.chain(places, ((Path(d), names, None) for d, _dirs, names in os.walk(path)))
@@ -167,6 +178,54 @@ def _local_item(path: Path, name: str, now: float, older_than: float, live: set[
     if age < older_than:
         return Leftover(str(path), kind, age, YOUNG, "younger than --older-than")
     return Leftover(str(path), kind, age, LEFTOVER, "left by a run that was killed")
+
+
+def _staging(directory: Path, now: float, older_than: float) -> Iterator[Leftover]:
+    """``ckptmigrate-<8 chars>`` directories (``tempfile.TemporaryDirectory(prefix="ckptmigrate-")``:
+    storage/staged, chain/objects, storage/hf_commit), which a killed run leaves with a whole staged
+    object in them. In use while a process has a file open there or works in it (Linux's ``/proc``;
+    elsewhere, or another user's, it cannot be told: unproven, kept). Its age is its newest file's."""
+    in_use = _open_paths()
+    for name in sorted(os.listdir(directory)):
+        path = directory / name
+        if not _STAGING.fullmatch(name) or path.is_symlink() or not path.is_dir():
+            continue
+        real = os.path.realpath(path)
+        newest = max([os.lstat(path).st_mtime, *(os.lstat(os.path.join(d, n)).st_mtime
+                                                 for d, dirs, files in os.walk(path) for n in dirs + files)])
+        item = Leftover(str(path), "staging directory", max(0.0, now - newest), LEFTOVER,
+                        "a remote command's local copy, left by a run that was killed")
+        if in_use is None or os.lstat(path).st_uid != os.getuid():
+            item.status, item.note = UNPROVEN, "whether a process uses it cannot be seen here"
+        elif any(p == real or p.startswith(real + os.sep) for p in in_use):
+            item.status, item.note = IN_USE, "a running process has a file open in it"
+        yield _aged(item, older_than)
+
+
+def _open_paths() -> set[str] | None:
+    """Every file this user's processes have open, and their working directories (None: no ``/proc``)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    found: set[str] = set()
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):  # gone, or another user's
+            found.add(os.readlink(f"/proc/{pid}/cwd"))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
+
+
+def _delete_staging(item: Leftover) -> Leftover:
+    try:
+        shutil.rmtree(item.location)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        item.note = f"cannot delete: {exc.strerror or exc}"
+        return item
+    item.status = REMOVED
+    return item
 
 
 def _live_locks(directory: Path) -> set[str]:
@@ -297,7 +356,7 @@ def _object_item(fs: Any, root: str, key: str, info: dict[str, Any], listing: di
 
 
 def _aged(item: Leftover, older_than: float) -> Leftover:
-    if item.age is not None and item.age < older_than:
+    if item.status == LEFTOVER and item.age is not None and item.age < older_than:
         item.status, item.note = YOUNG, f"{item.note}; younger than --older-than"
     return item
 

@@ -205,6 +205,38 @@ def test_a_killed_s3_rename_leaves_an_open_multipart_upload(cli: Cli, s3: S3Serv
     assert f"s3://{bucket}/nothing: no such object or prefix" in missing.stderr, missing.stderr
 
 
+DIE_AT_THE_UPLOAD = """
+from ckptmigrate.storage import s3_compose
+real = s3_compose.S3Object.call
+def call(self, op, **kwargs):
+    if op == "put_object":
+        os._exit(9)  # the migrated copy is staged on local disk, not yet sent
+    return real(self, op, **kwargs)
+s3_compose.S3Object.call = call
+"""
+
+
+def test_a_killed_staged_run_leaves_its_local_copy_in_the_temporary_directory(
+        cli: Cli, s3: S3Server, tmp_path: Path) -> None:
+    bucket = s3.new_bucket("stage", tmp_path)
+    torch.save({"w": torch.randn(1024)}, tmp_path / "k.pt")
+    s3.client().upload_file(str(tmp_path / "k.pt"), bucket, "k.pt")
+    tmp = tmp_path / "tmp"
+    (tmp / "someone-elses").mkdir(parents=True)
+    env = {**s3.env, "TMPDIR": str(tmp)}
+    killed(DIE_AT_THE_UPLOAD, "upgrade", f"s3://{bucket}/k.pt", "--from", "c1", "--no-backup", "--migrations",
+           chain(tmp_path, "ckpt.cast('w', 'float16')"), cwd=tmp_path, env=env)
+    [stage] = [p for p in tmp.iterdir() if p.name != "someone-elses"]
+    busy = tmp / "ckptmigrate-busy0000"  # a run at work: a file open in it
+    busy.mkdir()
+    with open(busy / "in.pt", "wb"):
+        assert report(cli, tmp, "--delete", env=env) == (0, {str(stage): "young", str(busy): "in use"})
+        assert report(cli, tmp, "--older-than", "0", env=env) == (1, {str(stage): "leftover", str(busy): "in use"})
+        assert report(cli, tmp, "--older-than", "0", "--delete", env=env) == (
+            0, {str(stage): "removed", str(busy): "in use"})
+    assert sorted(p.name for p in tmp.iterdir()) == ["ckptmigrate-busy0000", "someone-elses"]
+
+
 DIE_BEFORE_THE_SWITCH = """
 from ckptmigrate.storage import writers
 real = writers.put
