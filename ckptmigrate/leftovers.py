@@ -280,8 +280,9 @@ def _delete_local(path: Path, item: Leftover) -> Leftover:
 
 def _remote(url: ObjectURL, is_prefix: bool, older_than: float, delete: bool) -> Iterator[Leftover]:
     if not writers.writable(url.scheme):
-        raise RemoteError(f"{url}: ckptmigrate writes nothing under {url.scheme}:// (only s3://, gs://, az://), "
-                          "so it leaves nothing there", url=str(url))
+        raise RemoteError(f"{url}: a killed run leaves nothing under {url.scheme}:// (a Hub commit is whole or "
+                          "absent, http(s):// is only read); leftovers looks under s3://, gs:// and az://",
+                          url=str(url))
     fs, path = filesystem(url)
     path = path.rstrip("/")
     root = f"{url.scheme}://{path.split('/', 1)[0]}"

@@ -114,6 +114,9 @@ def test_a_killed_local_write_leaves_a_temporary_file_and_a_dead_lock(cli: Cli, 
     assert code == 0 and found == dict.fromkeys(expected, "removed")
     assert tree(ckpts) == before
     assert cli("upgrade", ckpts / "a.pt", "--from", "c1", "--migrations", tmp_path / "chain").returncode == 0
+    for bad in (["https://example.org/a.pt"], [ckpts / "missing.pt"], [ckpts, "--older-than", "soon"]):
+        proc = cli("leftovers", *bad)
+        assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith("ckptmigrate: error: "), proc.stderr
 
 
 DIE_BETWEEN_SHARDS = """
