@@ -758,13 +758,14 @@ def diff(a: PathLike, b: PathLike = "model", *, model: str | None = None,
 
 
 def leftovers(paths: Sequence[str | os.PathLike[str]], *, older_than: float = 3600.0,
-              delete: bool = False) -> dict[str, Any]:
+              delete: bool = False, abort_uploads: bool = False) -> dict[str, Any]:
     """What killed runs left under ``paths`` (directories, files, object and prefix URLs), and with
     ``delete`` removed when provably unused: ``{"leftovers": [...], "failing": N}``, the CLI's
-    ``--json`` (:func:`ckptmigrate.leftovers.leftovers`; ``failing`` > 0 is its exit 1)."""
+    ``--json`` (:func:`ckptmigrate.leftovers.leftovers`; ``failing`` > 0 is its exit 1). An open S3
+    multipart upload is not proven ours (S3 does not say who began it) unless ``abort_uploads``."""
     from ckptmigrate.leftovers import leftovers as found
 
-    return found(paths, older_than=older_than, delete=delete).to_dict()
+    return found(paths, older_than=older_than, delete=delete, abort_uploads=abort_uploads).to_dict()
 
 
 __all__ += ["leftovers"]

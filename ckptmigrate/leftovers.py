@@ -14,8 +14,9 @@ leave, and how each is known as ours and as no longer in use:
   waiting, which the next ``upgrade`` of the checkpoint replays — never deleted here;
 - a GCS append's temporary object ``KEY.ckptmigrate-tail-<32 hex>`` (storage/gcs_write);
 - an open S3 multipart upload (storage/s3_compose). S3 shows an open upload's key and start time,
-  never its metadata or who began it, so nothing marks it as ours: an upload on the key or under
-  the prefix older than ``older_than`` is taken as abandoned, as the bucket's
+  never its metadata or who began it, so nothing marks it as ours: it is listed as not proven, and
+  only ``abort_uploads`` (the user's word that no other tool uploads there) takes an upload on the
+  key or under the prefix older than ``older_than`` as abandoned, as the bucket's
   ``AbortIncompleteMultipartUpload`` rule would take it;
 - under a prefix, a header rewrite's journal object ``.<index>.ckptmigrate-headers.<12 hex>``
   (storage/prefix_write): a leftover when the index is not the placeholder naming it (when it is,
@@ -101,7 +102,7 @@ class Report:
 
 
 def leftovers(targets: Sequence[str | os.PathLike[str]], *, older_than: float = DEFAULT_OLDER_THAN,
-              delete: bool = False) -> Report:
+              delete: bool = False, abort_uploads: bool = False) -> Report:
     """List (and, with ``delete``, remove) what killed runs left under each target: a local file or
     directory (searched down), an object URL, or a prefix URL (``s3://b/runs/``, searched down)."""
     if older_than < 0:
@@ -111,7 +112,7 @@ def leftovers(targets: Sequence[str | os.PathLike[str]], *, older_than: float = 
         text = os.fspath(target)
         where = as_location(text)
         if isinstance(where, ObjectURL):
-            items.extend(_remote(where, text.endswith("/"), older_than, delete))
+            items.extend(_remote(where, text.endswith("/"), older_than, delete, abort_uploads))
         else:
             items.extend(_local(where, older_than, delete))
     return Report(items)
@@ -278,7 +279,8 @@ def _delete_local(path: Path, item: Leftover) -> Leftover:
 
 # --- objects in buckets --------------------------------------------------------------------------------
 
-def _remote(url: ObjectURL, is_prefix: bool, older_than: float, delete: bool) -> Iterator[Leftover]:
+def _remote(url: ObjectURL, is_prefix: bool, older_than: float, delete: bool,
+            abort_uploads: bool) -> Iterator[Leftover]:
     if not writers.writable(url.scheme):
         raise RemoteError(f"{url}: a killed run leaves nothing under {url.scheme}:// (a Hub commit is whole or "
                           "absent, http(s):// is only read); leftovers looks under s3://, gs:// and az://",
@@ -303,7 +305,7 @@ def _remote(url: ObjectURL, is_prefix: bool, older_than: float, delete: bool) ->
         for key, info in sorted(listing.items()):
             found.extend(_object_item(fs, root, key, info, listing, now, older_than, digests))
         if url.scheme in ("s3", "s3a"):
-            found.extend(_uploads(fs, url, path, exact=exact, now=now, older_than=older_than))
+            found.extend(_uploads(fs, url, path, exact=exact, now=now, older_than=older_than, abort=abort_uploads))
     if not there and not found:
         raise RemoteError(f"{url}: no such object or prefix", url=str(url))
     for item in found:
@@ -405,8 +407,10 @@ def _age(info: dict[str, Any], now: float) -> float | None:
     return None
 
 
-def _uploads(fs: Any, url: ObjectURL, path: str, *, exact: bool, now: float, older_than: float) -> Iterator[Leftover]:
-    """The open multipart uploads on the key (``exact``) or under the prefix."""
+def _uploads(fs: Any, url: ObjectURL, path: str, *, exact: bool, now: float, older_than: float,
+             abort: bool) -> Iterator[Leftover]:
+    """The open multipart uploads on the key (``exact``) or under the prefix: not proven ours
+    unless ``abort`` says no other tool uploads there."""
     bucket, _, key = path.partition("/")
     prefix = key if exact or not key else key + "/"
     markers: dict[str, str] = {}
@@ -418,9 +422,9 @@ def _uploads(fs: Any, url: ObjectURL, path: str, *, exact: bool, now: float, old
                 continue
             age = max(0.0, now - upload["Initiated"].timestamp())
             item = Leftover(f"{url.scheme}://{bucket}/{upload['Key']}?uploadId={upload['UploadId']}",
-                            "multipart upload", age, LEFTOVER,
-                            "an open multipart upload (S3 does not say who began it: any upload this old is taken "
-                            "as abandoned)")
+                            "multipart upload", age, LEFTOVER if abort else UNPROVEN,
+                            "S3 does not say who began it; any upload this old is taken as abandoned" if abort else
+                            "S3 does not say who began it: --abort-uploads aborts it when no other tool uploads here")
             yield _aged(item, older_than)
         if not page.get("IsTruncated"):
             return

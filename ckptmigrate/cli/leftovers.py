@@ -34,15 +34,18 @@ def _age(seconds: float | None) -> str:
               help="Only what is at least this old (30m, 2h, 7d; 0 when no run is at work) counts as left behind.")
 @click.option("--delete", is_flag=True,
               help="Remove what is provably left behind (conditionally, where the store can).")
+@click.option("--abort-uploads", is_flag=True,
+              help="Take open S3 multipart uploads this old as abandoned (S3 does not say who began one: "
+                   "only when no other tool uploads there).")
 @JSON
-def leftovers(paths: tuple[str, ...], older_than: float, delete: bool, as_json: bool) -> None:
+def leftovers(paths: tuple[str, ...], older_than: float, delete: bool, abort_uploads: bool, as_json: bool) -> None:
     """What killed ckptmigrate runs left under files, directories, objects or prefixes
     (s3://b/runs/): temporary files and objects, dead locks, open multipart uploads, journals no
     index names. Exit 0 when nothing is left (or all was removed), 1 when something is: a check a CI
     job can run. A journal an interrupted switch still needs is never deleted: run upgrade on it."""
     from ckptmigrate import api
 
-    report = api.leftovers(paths, older_than=older_than, delete=delete)
+    report = api.leftovers(paths, older_than=older_than, delete=delete, abort_uploads=abort_uploads)
     if as_json:
         emit_json(report)
     else:
