@@ -280,7 +280,8 @@ def _upgrade_in_memory(
 
     import torch
 
-    from ckptmigrate.chain.engine import apply, new_envelope, plan_for
+    from ckptmigrate.chain.engine import apply, new_envelope
+    from ckptmigrate.chain.planning import plan_for
     from ckptmigrate.checkpoint.compat import version_notes
 
     ckpt.optimizers.policy = policy
@@ -379,7 +380,7 @@ def sanitize(
     safetensors or multi-file checkpoint holds no pickle: ``weights_only`` is None, with a ``note``.
     """
     from ckptmigrate import formats
-    from ckptmigrate.chain.engine import make_backup
+    from ckptmigrate.chain.backups import make_backup
     from ckptmigrate.checkpoint.envelope import superseded
     from ckptmigrate.checkpoint.layout import module_class
 
