@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptmigrate.errors import BadInput, one_line
-from ckptmigrate.formats import dcp, hf_sharded, locations
+from ckptmigrate.formats import dcp, dcp_writer, hf_sharded, locations
 from ckptmigrate.storage.atomic import atomic_write
 from ckptmigrate.storage.rawio import copy_range, write_all
 from ckptmigrate.storage.shardset import HeaderRewrite, ShardSet
@@ -334,8 +334,8 @@ def _write_dcp(
     directory.mkdir(parents=True, exist_ok=True)
     shardset = ShardSet(directory, dcp.METADATA)
     shardset.recover()
-    kept, fresh = dcp.split_payload(parts, payload)
-    live = dcp.live_ranges(parts, kept) if parts is not None else {}
+    kept, fresh = dcp_writer.split_payload(parts, payload)
+    live = dcp_writer.live_ranges(parts, kept) if parts is not None else {}
     carried = sorted(live)
     tag = secrets.token_hex(4)
     # compact: a file holding chunks no value reads any more (dropped, replaced) keeps only the live
@@ -367,9 +367,9 @@ def _write_dcp(
             with shardset.create(new_file) as fh:
                 pos = 0
                 for fqn, path, value in fresh:
-                    length = dcp.write_tensor(fh, pos, value)
+                    length = dcp_writer.write_tensor(fh, pos, value)
                     if length is None:
-                        data = dcp.save_bytes(value)
+                        data = dcp_writer.save_bytes(value)
                         write_all(fh.fileno(), data, pos)
                         length = len(data)
                     written.append((fqn, path, value, new_file, pos, length))
@@ -378,12 +378,12 @@ def _write_dcp(
             shardset.abort()
             back = {(rel, off): (old_name, off) for rel, old_name in unnamed.items() for off, _n in live[rel]}
             _dcp_names_back(directory, {old_name: rel for rel, old_name in unnamed.items()},
-                            dcp.build_metadata(parts, kept, [], back), set(parts.files()) - set(carried),
+                            dcp_writer.build_metadata(parts, kept, [], back), set(parts.files()) - set(carried),
                             envelope, check)
             return
         unchanged = parts is not None and not fresh and not packed and len(kept) == len(
             parts.metadata.state["state_dict_metadata"]) and all(parts.origin[id(v)][0] == fqn for fqn, _p, v in kept)
-        md = parts.raw if unchanged and parts is not None else dcp.build_metadata(parts, kept, written, moved)
+        md = parts.raw if unchanged and parts is not None else dcp_writer.build_metadata(parts, kept, written, moved)
         env_name = dcp.envelope_name(md)
         if envelope is not None:
             shardset.add(env_name)
@@ -394,7 +394,7 @@ def _write_dcp(
         raise
     if same and packed and not keep_old:
         back = {(packed[rel], pos): (rel, pos) for (rel, _off), (_new, pos) in moved.items()}
-        _dcp_names_back(directory, packed, dcp.build_metadata(parts, kept, written, {
+        _dcp_names_back(directory, packed, dcp_writer.build_metadata(parts, kept, written, {
             k: back[v] for k, v in moved.items()}), {env_name}, envelope, check)
 
 
@@ -407,7 +407,7 @@ def _dcp_metadata_only(
     switches to from the start (one journal write), and an envelope-only change replaces one file."""
     unchanged = len(kept) == len(parts.metadata.state["state_dict_metadata"]) and all(
         parts.origin[id(v)][0] == fqn for fqn, _p, v in kept)
-    md = parts.raw if unchanged else dcp.build_metadata(parts, kept, [])
+    md = parts.raw if unchanged else dcp_writer.build_metadata(parts, kept, [])
     env_name = dcp.envelope_name(md)
     if md == parts.raw:  # only the envelope changes: one file, replaced atomically
         _write_envelope(parts.directory / env_name, envelope)
@@ -436,16 +436,16 @@ def dcp_metadata_rewrite(parts: dcp.Dcp, payload: Any, envelope: dict[str, Any] 
     """The files a rewrite of ``parts`` into ``payload`` writes when every tensor keeps its bytes
     (renames, drops, a stamp), checked to read back as meant before anything is written; None
     when a value changes (its bytes would go into a new ``.distcp`` file)."""
-    kept, fresh = dcp.split_payload(parts, payload)
+    kept, fresh = dcp_writer.split_payload(parts, payload)
     if fresh:
         return None
     unchanged = len(kept) == len(parts.metadata.state["state_dict_metadata"]) and all(
         parts.origin[id(v)][0] == fqn for fqn, _p, v in kept)
-    md = parts.raw if unchanged else dcp.build_metadata(parts, kept, [])
+    md = parts.raw if unchanged else dcp_writer.build_metadata(parts, kept, [])
     if md != parts.raw:
         problem = None
         try:
-            if dcp.described(dcp.reparse(md)) != dcp.renamed_description(parts, kept):
+            if dcp_writer.described(dcp_writer.reparse(md)) != dcp_writer.renamed_description(parts, kept):
                 problem = "it describes other tensors than meant"
         except dcp.DcpFormatError as exc:
             problem = str(exc)
@@ -461,7 +461,7 @@ def _metadata_check(
     """The read-back of a rewrite that moves no ``.distcp`` byte, without re-reading the checkpoint:
     the written file holds the bytes pickled, and those, unpickled again, describe every value as
     the old ``.metadata`` did under its new name (what ``dcp.load`` reads); the envelope reads back."""
-    expected = dcp.renamed_description(parts, kept)
+    expected = dcp_writer.renamed_description(parts, kept)
     env_path = parts.directory / dcp.envelope_name(md)
 
     def check(written: Path) -> None:
@@ -470,7 +470,7 @@ def _metadata_check(
             problem = "its bytes are not the ones written"
         else:
             try:
-                if dcp.described(dcp.reparse(md)) != expected:
+                if dcp_writer.described(dcp_writer.reparse(md)) != expected:
                     problem = "it describes other tensors than meant"
             except dcp.DcpFormatError as exc:
                 problem = str(exc)
