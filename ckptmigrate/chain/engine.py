@@ -1,5 +1,5 @@
 """Applying a revision path to a checkpoint: run each script, record history, write (the path is
-planned by :mod:`ckptmigrate.chain.planning`; the backup kept by :mod:`ckptmigrate.chain.backups`).
+planned by :mod:`ckptmigrate.chain.planning`; the backup kept by :mod:`ckptmigrate.checkpoint.backups`).
 
 A migration that raises leaves nothing behind: the checkpoint is edited lazily in memory and only
 written (atomically) when every revision has run. The envelope gets the new revision, schema and
@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ckptmigrate import formats
-from ckptmigrate.chain.backups import make_backup
 from ckptmigrate.chain.merging import MergeCheck
 from ckptmigrate.chain.planning import Plan, plan_for, recorded_inverse
 from ckptmigrate.chain.registry import ChainSource
 from ckptmigrate.chain.revisions import Revision, RevisionGraph
 from ckptmigrate.chain.snapshot_check import SnapshotCheck
+from ckptmigrate.checkpoint.backups import make_backup
 from ckptmigrate.checkpoint.envelope import Envelope, now_utc
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, MigrationError
