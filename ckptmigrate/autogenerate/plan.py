@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptmigrate.autogenerate import stacks
-from ckptmigrate.autogenerate.keys import Sig, digits, regex, sig, similarity, undigit
+from ckptmigrate.autogenerate import fusions, stacks
+from ckptmigrate.autogenerate.keys import Sig, digits, regex, sig, undigit
 from ckptmigrate.autogenerate.renames import Rule, common_prefixes, conflict, generalise, rule_for, subsequence
 from ckptmigrate.autogenerate.render import Code, Step, string_literal, tensor_code
 from ckptmigrate.autogenerate.reshapes import interpolation, resize, resize_note
@@ -25,8 +24,6 @@ from ckptmigrate.ops.operations import WRAPPER_PREFIXES
 
 if TYPE_CHECKING:
     import torch
-
-_QKV = {"q": 0, "query": 0, "wq": 0, "k": 1, "key": 1, "wk": 1, "v": 2, "value": 2, "wv": 2}
 
 
 def diff_schemas(old: Schema, new: Schema) -> SchemaDiff:
@@ -62,20 +59,6 @@ def generate(old: Schema, new: Schema, *, new_values: Mapping[str, torch.Tensor]
 
 
 # -- the plan: the old schema as the ops written so far leave it ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Fusion:
-    kind: str  # split: one fused key → parts; merge: parts → one fused key
-    fused: str
-    parts: tuple[str, ...]
-    dim: int
-    sizes: tuple[int, ...]
-    loose: bool  # matched by layer index and sizes, not by a shared stem
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return (self.fused, *self.parts)
 
 
 class _Plan:
@@ -182,46 +165,13 @@ class _Plan:
 
     def reserved(self) -> set[str]:
         """Keys a split, merge, stack or unstack explains: renames leave them alone."""
-        return {k for f in self.fusions() for k in f.keys} | {k for s in stacks.find(self.state, self.new, set())
-                                                              for k in s.keys}
-
-    def fusions(self) -> list[_Fusion]:
-        """Fused tensors that became sibling keys (split) or siblings that became one (merge), sizes adding up."""
-        removed = [k for k in self.state if k not in self.new]
-        added = [k for k in self.new if k not in self.state]
-        found: list[_Fusion] = []
-        used: set[str] = set()
-        for kind, wholes, pieces, wsig, psig in (("split", removed, added, self.state, self.new),
-                                                 ("merge", added, removed, self.new, self.state)):
-            order = {k: i for i, k in enumerate(pieces)}
-            by_digits: dict[tuple[str, ...], list[tuple[int, list[str]]]] = {}
-            for hole, keys in _siblings(pieces):
-                keys.sort(key=lambda k, h=hole: (_qkv_rank(k.split(".")[h]), order[k]))  # type: ignore[misc]
-                by_digits.setdefault(digits(keys[0]), []).append((hole, keys))
-            for w in wholes:
-                ws, best = w.split("."), None
-                for hole, keys in by_digits.get(digits(w), []):
-                    ps = keys[0].split(".")
-                    strict = len(ws) == len(ps) and ws[:hole] + ws[hole + 1:] == ps[:hole] + ps[hole + 1:]
-                    if not strict and not (digits(w) and (ws[-1].endswith(ps[-1]) or ps[-1].endswith(ws[-1]))):
-                        continue
-                    for run in _runs(keys):
-                        dim = _cat_dim([psig[p] for p in run], wsig[w])
-                        if dim is None or used.intersection(run):
-                            continue
-                        score = (strict, len(run) == len(keys), len(run), similarity(w, run[0]))
-                        if best is None or score > best[0]:
-                            sizes = tuple(psig[p][0][dim] for p in run)
-                            best = (score, _Fusion(kind, w, tuple(run), dim, sizes, not strict))
-                if best is not None and w not in used:
-                    found.append(best[1])
-                    used.update(best[1].keys)
-        return found
+        return {k for f in fusions.find(self.state, self.new) for k in f.keys} | {
+            k for s in stacks.find(self.state, self.new, set()) for k in s.keys}
 
     def fuse(self) -> None:
         """Write the splits and merges, one op per pattern across layers where the pattern fits exactly."""
-        groups: dict[tuple[Any, ...], list[_Fusion]] = {}
-        for f in self.fusions():
+        groups: dict[tuple[Any, ...], list[fusions.Fusion]] = {}
+        for f in fusions.find(self.state, self.new):
             if f.kind == "split":
                 pat, tpls, n, _ = generalise(f.fused.split("."), [p.split(".") for p in f.parts])
                 pats: tuple[str, ...] = (pat,)
@@ -232,7 +182,7 @@ class _Plan:
             sig = (f.kind, pats, tuple(tpls), n, f.dim, None if equal and f.kind == "split" else f.sizes, f.loose)
             groups.setdefault(sig, []).append(f)
         for (kind, pats, tpls, n, dim, sizes, _), fs in groups.items():
-            review = _fusion_review(fs[0])
+            review = fusions.review(fs[0])
             extra = (("dim", dim),) + ((("sizes", list(sizes)),) if sizes is not None else ())
             if n and self._covers(pats[0], tpls, fs):
                 args: tuple[Any, ...] = (pats[0], list(tpls)) if kind == "split" else (list(pats), tpls[0])
@@ -264,7 +214,7 @@ class _Plan:
                 state[k] = v
         self.state = state
 
-    def _covers(self, pattern: str, templates: Sequence[str], fs: list[_Fusion]) -> bool:
+    def _covers(self, pattern: str, templates: Sequence[str], fs: list[fusions.Fusion]) -> bool:
         """The pattern matches exactly the driving keys of ``fs`` and expands to exactly their counterparts."""
         want = {(f.fused if f.kind == "split" else f.parts[0]): f for f in fs}
         got = {k: m for k in self.state if (m := regex(pattern).fullmatch(k))}
@@ -346,51 +296,6 @@ class _Plan:
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
-
-
-def _siblings(keys: Iterable[str]) -> list[tuple[int, list[str]]]:
-    """Keys equal but for one non-numeric segment (the hole): ``attn.{q,k,v}.weight``."""
-    groups: dict[tuple[int, tuple[str, ...]], list[str]] = {}
-    for k in keys:
-        segs = tuple(k.split("."))
-        for i, s in enumerate(segs):
-            if not s.isdigit():
-                groups.setdefault((i, segs[:i] + segs[i + 1:]), []).append(k)
-    return [(hole, ks) for (hole, _), ks in groups.items() if len(ks) > 1]
-
-
-def _qkv_rank(segment: str) -> int:
-    ranks = {_QKV[t] for t in re.split(r"[^a-z]+", segment.lower()) if t in _QKV}
-    return ranks.pop() if len(ranks) == 1 else 3
-
-
-def _runs(keys: list[str]) -> list[list[str]]:
-    if len(keys) > 12:
-        return [keys]
-    return [keys[i:j] for i in range(len(keys)) for j in range(i + 2, len(keys) + 1)]
-
-
-def _cat_dim(parts: list[Sig], whole: Sig) -> int | None:
-    """The dim along which ``parts`` concatenate to ``whole``, if any."""
-    shape, dtype = whole
-    if any(dt != dtype or len(s) != len(shape) for s, dt in parts):
-        return None
-    for d in range(len(shape)):
-        rest = shape[:d] + shape[d + 1:]
-        if all(s[:d] + s[d + 1:] == rest for s, _ in parts) and sum(s[d] for s, _ in parts) == shape[d]:
-            return d
-    return None
-
-
-def _fusion_review(f: _Fusion) -> str | None:
-    if f.loose:
-        return (f"matched by layer index and sizes ({'+'.join(map(str, f.sizes))} along dim {f.dim}), not by name: "
-                f"check the parts and their order ({', '.join(p.rsplit('.', 2)[-2] for p in f.parts)})")
-    segs = [p.split(".") for p in f.parts]
-    names = [p[i] for p in segs for i in range(len(p)) if len({q[i] for q in segs}) > 1]
-    if any(_qkv_rank(n) == 3 for n in names):
-        return f"the order of the parts ({', '.join(names)}) follows the new model's key order; check it"
-    return None
 
 
 def _patterns(keys: list[str], universe: Iterable[str]) -> list[str]:
