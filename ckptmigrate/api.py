@@ -13,21 +13,16 @@ temporary copy (:mod:`ckptmigrate.storage.staged`). Fleets of files: :func:`ckpt
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptmigrate.checkpoint.envelope import Envelope, now_utc
-from ckptmigrate.checkpoint.layout import locate
+from ckptmigrate.checkpoint import compaction, conversion, sanitizing, saving
+from ckptmigrate.checkpoint.envelope import Envelope
 from ckptmigrate.checkpoint.lazy import Checkpoint
-from ckptmigrate.errors import BadInput, CkptMigrateError, OutputExists, SchemaMismatch, UnsafePickleWarning
-from ckptmigrate.formats import safetensors_io, torchzip
+from ckptmigrate.errors import BadInput, CkptMigrateError, OutputExists, SchemaMismatch
 from ckptmigrate.release import stamping
-from ckptmigrate.storage.atomic import atomic_write
-from ckptmigrate.storage.locking import file_lock
 from ckptmigrate.util.gcpause import pausing
 from ckptmigrate.util.urls import ObjectURL, as_location
 
@@ -148,16 +143,6 @@ def chain_source(migrations: Any = None) -> ChainSource:
     return registry.ChainSource(project.revision_graph(migrations))
 
 
-def _optional_graph(migrations: Any, ckpt: Checkpoint | None = None) -> RevisionGraph | None:
-    """The chain for ``ckpt`` (or, without one, the configured chain); None when there is none. With
-    nothing configured, the installed chain that knows ``ckpt`` (see :mod:`ckptmigrate.chain.registry`)."""
-    from ckptmigrate.chain import project, registry
-
-    if not project.configured(migrations):
-        return None if ckpt is None else registry.ChainSource().find(ckpt.envelope)
-    return project.revision_graph(migrations)
-
-
 def checkpoint_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
     """The files that ``paths`` (files, directories searched recursively, glob patterns) name.
 
@@ -207,12 +192,14 @@ def save(
     """Save a module, a state dict or a checkpoint dict, stamped at the lineage's head revision."""
     import torch
 
+    from ckptmigrate.chain import project
+
     path = Path(path)
     payload = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
     if not isinstance(payload, Mapping):
         raise BadInput(f"save: expected a module or a dict, got {type(obj).__name__}")
     fmt = format or ("safetensors" if path.suffix == ".safetensors" else "torch-zip")
-    graph = _optional_graph(migrations)
+    graph = project.optional_graph(migrations)
     if graph is None and lineage is not None:
         from ckptmigrate.chain import registry
 
@@ -221,30 +208,7 @@ def save(
     if graph is not None and len(graph):
         head = graph.head(lineage)
         revision, lineage = head.id, head.lineage
-    layout = locate(payload)
-    state_dict = layout.state_dict(payload)
-    if include is not None:
-        patterns = [include] if isinstance(include, str) else list(include)
-        kept = type(state_dict)((k, v) for k, v in state_dict.items()
-                                if any(re.fullmatch(p, k) or k.startswith(p + ".") for p in patterns))
-        if hasattr(state_dict, "_metadata"):
-            kept._metadata = state_dict._metadata
-        state_dict = kept
-        payload = layout.rebuild(payload, state_dict, layout.extras(payload))
-    env = Envelope.build(state_dict, layout=layout.name, tags=tags)
-    env.lineage, env.revision = lineage, revision
-    env.history.append({"action": "save", "at": now_utc(), "revision": revision})
-    if fmt == "safetensors":
-        if layout.kind != "bare":
-            raise BadInput(f"{path}: safetensors holds only a flat dict of tensors; save a state dict")
-        with atomic_write(path) as fh:
-            safetensors_io.write(fh, dict(state_dict), env.to_dict(), {})
-        return path
-    with atomic_write(path) as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        torchzip.append_records(fh, {torchzip.ENVELOPE_RECORD: torchzip.envelope_bytes(env.to_dict())})
-    return path
+    return saving.save_payload(payload, path, fmt, lineage=lineage, revision=revision, tags=tags, include=include)
 
 
 def load(
@@ -261,66 +225,16 @@ def load(
     best), which are upgraded alike; ``optimizer="reset_new"`` lets a migration add a parameter that
     optimizer state must cover.
     """
+    from ckptmigrate.chain import in_memory
     from ckptmigrate.ops.optimizer import check_policy
 
     policy = check_policy(optimizer)
     ckpt = Checkpoint.open(path, key=key, state_dicts=state_dicts)
     try:
-        return _upgrade_in_memory(ckpt, policy, map_location, mmap, trust_pickle, migrations, to, from_rev)
+        return in_memory.upgrade_in_memory(ckpt, policy, map_location, mmap, trust_pickle, migrations, to, from_rev)
     except BaseException:
         ckpt.close()
         raise
-
-
-def _upgrade_in_memory(
-    ckpt: Checkpoint, policy: str, map_location: Any, mmap: bool, trust_pickle: bool, migrations: Any, to: str,
-    from_rev: str | None,
-) -> Checkpoint:
-    import warnings
-
-    import torch
-
-    from ckptmigrate.chain.engine import apply, new_envelope, plan_for
-    from ckptmigrate.checkpoint.compat import version_notes
-
-    ckpt.optimizers.policy = policy
-    ckpt.map_location = map_location
-    ckpt.mmap = mmap
-    notes = version_notes(
-        ckpt.metadata, ckpt.summary()["devices"], torch_version=torch.__version__,
-        cuda_available=torch.cuda.is_available(), cuda_version=torch.version.cuda,
-    )
-    for note in notes:
-        warnings.warn(f"{ckpt.path}: {note}", stacklevel=2)
-    safety = ckpt.pickle_safety()
-    if not safety.weights_only:
-        warnings.warn(
-            f"{ckpt.path}: its pickle names {', '.join(safety.unsafe[:5])}"
-            f"{f' (+{len(safety.unsafe) - 5} more)' if len(safety.unsafe) > 5 else ''}, outside torch's "
-            "weights_only allow-list: ckptmigrate keeps them inert, torch.load(weights_only=False) would run them",
-            UnsafePickleWarning, stacklevel=2,
-        )
-    if trust_pickle:
-        ckpt.trust_pickle()
-    from ckptmigrate.chain.project import configured
-    from ckptmigrate.errors import SchemaMismatch
-
-    graph = _optional_graph(migrations, ckpt)
-    if graph is None or not len(graph):
-        return ckpt
-    try:
-        plan = plan_for(ckpt, graph, to=to, from_rev=from_rev)
-    except SchemaMismatch:
-        if not configured(migrations):
-            return ckpt  # a file no installed chain recognises is another model's: loaded as it is
-        raise
-    ckpt.head_revision = graph.head(plan.lineage).id
-    if not plan.steps and ckpt.copy_problems:
-        warnings.warn(f"{ckpt.path}: {ckpt.copy_problems[0]}", stacklevel=3)
-    if plan.steps:
-        history = apply(ckpt, plan)
-        ckpt.envelope = new_envelope(ckpt, plan, history, written=False)
-    return ckpt
 
 
 def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None,
@@ -340,26 +254,7 @@ def compact(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | No
         with staged(path, output, overwrite=overwrite) as stage:
             return compact(stage.source, output=stage.output, overwrite=overwrite)
     path = formats.checkpoint_path(path)
-    dest = _check_output(path, output, overwrite) or Path(path)
-    with file_lock(dest), Checkpoint.open(path if output else formats.recovered(path)) as ckpt:
-        before = _disk_bytes(ckpt)
-        if output is None and ckpt.format == "hf-sharded":
-            return before, before  # a shard whose tensors change is rewritten whole: no dead bytes
-        written = ckpt.write(dest, ckpt.envelope, compact=True)
-    if ckpt.format not in formats.MULTI_FORMATS:
-        return before, os.stat(written).st_size
-    with Checkpoint.open(written) as again:
-        return before, _disk_bytes(again)
-
-
-def _disk_bytes(ckpt: Checkpoint) -> int:
-    """The bytes of a checkpoint's files: the file, or the commit file, shards and envelope file."""
-    from ckptmigrate import formats
-
-    if ckpt.format not in formats.MULTI_FORMATS:
-        return os.stat(ckpt.path).st_size
-    commit = formats.commit_file(ckpt.path)
-    return sum(os.stat(commit.parent / name).st_size for name in {commit.name, *ckpt.container.parts.files()})
+    return compaction.compact_file(path, _check_output(path, output, overwrite))
 
 
 def sanitize(
@@ -378,11 +273,6 @@ def sanitize(
     blocks it, left as it was), ``called``; ``superseded`` when a digest or signature was dropped. A
     safetensors or multi-file checkpoint holds no pickle: ``weights_only`` is None, with a ``note``.
     """
-    from ckptmigrate import formats
-    from ckptmigrate.chain.engine import make_backup
-    from ckptmigrate.checkpoint.envelope import superseded
-    from ckptmigrate.checkpoint.layout import module_class
-
     if _names_object(path, output):
         from ckptmigrate.storage.staged import staged
 
@@ -394,59 +284,7 @@ def sanitize(
         return {**staged_row, "path": os.fspath(path), "output": shown,
                 "backup": str(stage.backup) if stage.backup is not None else None}
     out = _check_output(path, output, overwrite)
-    source = formats.checkpoint_path(path)
-    dest = out or source
-    lock = contextlib.nullcontext() if dry_run else file_lock(dest)
-    with lock, Checkpoint.open(source, key=key) as ckpt:
-        row: dict[str, Any] = {"path": os.fspath(path), "output": None, "written": False, "backup": None,
-                               "converted": [], "superseded": False}
-        if ckpt.format not in ("torch-zip", "torch-legacy"):  # nothing pickled: nothing to convert
-            row.update(weights_only=None, unsafe_globals=[], called=[],
-                       note=f"a {ckpt.format} checkpoint holds no pickle: nothing to sanitize")
-            if out is not None and not dry_run:
-                ckpt.write(out, ckpt.envelope, fmt=ckpt.format)
-                row.update(output=str(out), written=True)
-            return row
-        if ckpt.layout.kind == "module":
-            raise BadInput(
-                f"{source}: holds a whole pickled nn.Module ({module_class(ckpt.container.payload)}), which "
-                "torch.load(weights_only=True) refuses whatever its attributes hold; nothing was written. "
-                "Save its state_dict() and sanitize that", path=source)
-        report = ckpt.sanitize()
-        row.update(report.to_dict())
-        if dry_run:
-            return row
-        if not report.converted:
-            if out is not None and out.resolve() != source.resolve():
-                ckpt.write(out, ckpt.envelope)  # -o always leaves a file there, as upgrade -o does
-                row.update(output=str(out), written=True)
-            return row
-        env = Envelope.build(ckpt.state_dict.entries, layout=ckpt.output_layout().name, previous=ckpt.envelope)
-        env.state_dicts = ckpt.recorded_locations()
-        entry: dict[str, Any] = {
-            "action": "sanitize", "at": now_utc(), "revision": env.revision,
-            "converted": {f"{c['global']} -> {c['to']}": c["count"] for c in row["converted"]},
-            "blocking": list(report.blocking), "ckptmigrate_version": env.ckptmigrate_version,
-        }
-        old = superseded(ckpt.envelope)
-        if old is not None:
-            entry["superseded"] = old
-            row["superseded"] = True
-        env.history.append(entry)
-        independent = True
-        if out is None and backup:
-            kept, independent = make_backup(source)
-            row["backup"] = str(kept)
-        try:
-            ckpt.write(dest, env, append_in_place=independent)
-        except BaseException:
-            if row["backup"] is not None:
-                Path(row["backup"]).unlink(missing_ok=True)
-            raise
-        row.update(output=str(dest), written=True)
-    with Checkpoint.open(dest, key=key) as again:  # the verdict on the file as written
-        row.update(again.pickle_safety().to_dict())
-    return row
+    return sanitizing.sanitize_file(path, out, dry_run=dry_run, backup=backup, key=key)
 
 
 #: ``convert --to`` names and the containers they write.
@@ -488,23 +326,8 @@ def convert(
     src = formats.checkpoint_path(src)
     if dst.exists() and dst.resolve() == Path(src).resolve():
         raise BadInput(f"{dst}: converting a checkpoint onto itself; give another destination")
-    with file_lock(dst), Checkpoint.open(src) as ckpt:
-        target = ckpt
-        if state_dict_only:  # tensors only, nested dicts flattened to dotted keys as DCP names them
-            from ckptmigrate.formats.dcp import flatten
-            from ckptmigrate.tensors.refs import is_entry
-
-            flat = {fqn: v for fqn, _path, v in flatten(dict(ckpt.state_dict.entries)) if is_entry(v)}
-            target = Checkpoint.from_payload(flat, name=str(src))
-        elif fmt in ("safetensors", "hf-sharded") and ckpt.layout.kind != "bare":
-            raise BadInput(
-                f"{src}: {to} holds only a flat dict of tensors, and this checkpoint's state dict sits under "
-                f"{ckpt.layout.name} with {sorted(map(str, ckpt.extras))[:5]} beside it; pass --state-dict-only"
-            )
-        env = Envelope.build(target.state_dict.entries, layout=target.output_layout().name, previous=ckpt.envelope)
-        env.history.append({"action": "convert", "at": now_utc(), "revision": env.revision,
-                            "from_container": ckpt.format, "to_container": fmt})
-        return target.write(dst, env, fmt=fmt, max_shard_bytes=max_shard_size)
+    return conversion.convert_file(src, dst, fmt, to=to, max_shard_size=max_shard_size,
+                                   state_dict_only=state_dict_only)
 
 
 def current(path: PathLike, *, verbose: bool = False, migrations: Any = None) -> dict[str, Any]:
@@ -698,7 +521,6 @@ def verify(path: PathLike, public_key: Any = None, *, key: str | None = None) ->
     return integrity.verify(path, public_key, state_key=key)
 
 
-
 def verify_manifest(manifest: PathLike, public_key: Any = None, *, jobs: int | None = None, strict: bool = False
                     ) -> tuple[dict[str, Any], list[VerifyResult]]:
     """Check a release manifest: its signature, and every file it lists (present, hashing to the
@@ -706,8 +528,7 @@ def verify_manifest(manifest: PathLike, public_key: Any = None, *, jobs: int | N
     verdict: ``release``, ``commit``, ``files``, ``signature``, ``signed_by``, ``unlisted`` (checkpoint
     files in its directory it does not list: a problem with ``strict``), ``problems``, ``ok``;
     the verdict of each listed file)."""
-    from ckptmigrate.release import signing
-    from ckptmigrate.release.manifest import check_manifest_file, load_manifest, parallel, unlisted_checkpoints
+    from ckptmigrate.release.manifest import verify_manifest_file
 
     if _names_object(manifest):
         from ckptmigrate.storage.staged import mirrored
@@ -722,21 +543,7 @@ def verify_manifest(manifest: PathLike, public_key: Any = None, *, jobs: int | N
         info["path"] = str(location)
         info["unlisted"] = [{**item, "path": stage.shown(item["path"])} for item in info["unlisted"]]
         return info, results
-    path = Path(manifest)
-    key = signing.load_public_key(public_key) if isinstance(public_key, (str, os.PathLike)) else public_key
-    doc = load_manifest(path)
-    sig = signing.check_manifest_signature(doc, key)
-    problems = [sig.problem] if sig.problem and (sig.status != "absent" or key is not None) else []
-    root = path.resolve().parent
-    unlisted = unlisted_checkpoints(doc, root, path.resolve())
-    if strict and unlisted:
-        problems.append(f"{len(unlisted)} checkpoint file(s) in its directory are not listed (--strict)")
-    info = {"path": str(path), "release": doc.get("release"), "commit": doc.get("commit"),
-            "files": len(doc["files"]), "signature": sig.status, "signed_by": sig.signed_by,
-            "unlisted": [{"path": str(p), "format": kind} for p, kind in unlisted],
-            "problems": problems, "ok": not problems}
-    results = list(parallel(lambda e: check_manifest_file(e, root, doc.get("release"), key), doc["files"], jobs))
-    return info, results
+    return verify_manifest_file(Path(manifest), public_key, jobs=jobs, strict=strict)
 
 
 def check(*, model: str | None = None, migrations: str | os.PathLike[str] | None = None,

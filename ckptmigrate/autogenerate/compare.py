@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptmigrate.autogenerate.plan import SchemaDiff, diff_schemas
+from ckptmigrate.autogenerate.plan import diff_schemas
+from ckptmigrate.autogenerate.schema_diff import SchemaDiff
 from ckptmigrate.chain import project, schemas
 from ckptmigrate.errors import BadInput, CkptMigrateError
 from ckptmigrate.util.urls import is_remote

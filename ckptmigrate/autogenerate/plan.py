@@ -9,59 +9,21 @@ saying why. Works on schemas alone (key → shape, dtype), so a model built on `
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptmigrate.autogenerate import stacks
-from ckptmigrate.autogenerate.keys import Sig, digits, regex, sig, similarity, undigit
+from ckptmigrate.autogenerate import fusions, stacks
+from ckptmigrate.autogenerate.keys import Sig, digits, regex, sig, undigit
+from ckptmigrate.autogenerate.renames import Rule, common_prefixes, conflict, generalise, rule_for, subsequence
 from ckptmigrate.autogenerate.render import Code, Step, string_literal, tensor_code
+from ckptmigrate.autogenerate.reshapes import interpolation, resize, resize_note
+from ckptmigrate.autogenerate.schema_diff import SchemaDiff
 from ckptmigrate.checkpoint.envelope import Schema
 from ckptmigrate.ops.operations import WRAPPER_PREFIXES
-from ckptmigrate.util.keygroups import group_keys
 
 if TYPE_CHECKING:
     import torch
-
-_QKV = {"q": 0, "query": 0, "wq": 0, "k": 1, "key": 1, "wk": 1, "v": 2, "value": 2, "wv": 2}
-
-
-@dataclass
-class SchemaDiff:
-    """What changed between two schemas; ``added``/``removed`` leave out the keys explained as renames."""
-
-    added: dict[str, dict[str, Any]]
-    removed: dict[str, dict[str, Any]]
-    reshaped: dict[str, tuple[dict[str, Any], dict[str, Any]]]
-    renamed: dict[str, str]
-
-    @property
-    def empty(self) -> bool:
-        return not (self.added or self.removed or self.reshaped or self.renamed)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "added": {k: _entry(v) for k, v in self.added.items()},
-            "removed": {k: _entry(v) for k, v in self.removed.items()},
-            "reshaped": {k: {"old": _entry(o), "new": _entry(n)} for k, (o, n) in self.reshaped.items()},
-            "renamed": dict(self.renamed),
-        }
-
-    def lines(self) -> list[str]:
-        """A few lines grouped by module prefix: ``added     layers.{0..11}.attn.{k,q,v}.weight  [64, 64] float32``."""
-        out = [f"renamed   {o} -> {n}" for o, n in _rename_lines(self.renamed)]
-        for label, entries in (("removed", self.removed), ("added", self.added)):
-            by_sig: dict[Sig, list[str]] = {}
-            for key, e in entries.items():
-                by_sig.setdefault(sig(e), []).append(key)
-            out += [f"{label:<9} {line}  {_fmt(sig)}" for sig, keys in by_sig.items() for line in group_keys(keys)]
-        pairs: dict[tuple[Sig, Sig], list[str]] = {}
-        for key, (o, n) in self.reshaped.items():
-            pairs.setdefault((sig(o), sig(n)), []).append(key)
-        out += [f"reshaped  {line}  {_fmt(o)} -> {_fmt(n)}" for (o, n), ks in pairs.items() for line in group_keys(ks)]
-        return out
 
 
 def diff_schemas(old: Schema, new: Schema) -> SchemaDiff:
@@ -99,55 +61,6 @@ def generate(old: Schema, new: Schema, *, new_values: Mapping[str, torch.Tensor]
 # -- the plan: the old schema as the ops written so far leave it ---------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Rule:
-    """A rename of every key the pattern matches: a prefix swap, one key, or a regex across layers."""
-
-    op: str  # rename_prefix | rename | rename_regex
-    old: str
-    new: str
-    lead: str  # literal text every matching key starts with
-    groups: int
-
-    @property
-    def shown(self) -> tuple[str, str]:
-        """Both sides for people: ``encoder.layer.N.attention.output.`` → ``layers.N.self_attn.``."""
-        if self.op != "rename_regex":
-            return self.old, self.new
-        tail = self.old.endswith(r"(.+)")
-        src = re.sub(r"\\(.)", r"\1", self.old.removesuffix(r"(.+)").replace(r"(\d+)", "N"))
-        dst = re.sub(r"\\(\d+|g<\d+>)", "N", self.new)
-        return src, dst.rsplit("N", 1)[0] if tail else dst
-
-    @property
-    def similarity(self) -> float:
-        return similarity(*self.shown)
-
-    def apply(self, key: str) -> str | None:
-        if not key.startswith(self.lead):
-            return None
-        if self.op == "rename_prefix":
-            return self.new + key[len(self.old):]
-        if self.op == "rename":
-            return self.new if key == self.old else None
-        m = regex(self.old).fullmatch(key)
-        return m.expand(self.new) if m else None
-
-
-@dataclass(frozen=True)
-class _Fusion:
-    kind: str  # split: one fused key → parts; merge: parts → one fused key
-    fused: str
-    parts: tuple[str, ...]
-    dim: int
-    sizes: tuple[int, ...]
-    loose: bool  # matched by layer index and sizes, not by a shared stem
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return (self.fused, *self.parts)
-
-
 class _Plan:
     """``state``: the old schema as the steps written so far leave it; each stage adds steps and moves it on."""
 
@@ -170,9 +83,9 @@ class _Plan:
         """A prefix changed on every key: a wrapper (``module.``, ``_orig_mod.``) came or went, or the root moved."""
         best: tuple[int, int, str, str] | None = None
         base = len(self.state.keys() & self.new.keys())
-        for a in _common_prefixes(self.state):
+        for a in common_prefixes(self.state):
             olds = {k[len(a):] for k in self.state}
-            for b in _common_prefixes(self.new):
+            for b in common_prefixes(self.new):
                 score = len(olds & {k[len(b):] for k in self.new})
                 if a != b and score > base and (best is None or (score, -len(a) - len(b)) > best[:2]):
                     best = (score, -len(a) - len(b), a, b)
@@ -188,7 +101,7 @@ class _Plan:
             rule, mapping, review = pick
             self._rename(mapping, Step(rule.op, (rule.old, rule.new), review=review))
 
-    def _best_rule(self, reserved: set[str]) -> tuple[_Rule, dict[str, str], str | None] | None:
+    def _best_rule(self, reserved: set[str]) -> tuple[Rule, dict[str, str], str | None] | None:
         added: dict[Sig, dict[tuple[str, ...], list[str]]] = {}
         for a in self.new:
             if a not in self.state and a not in reserved:
@@ -201,9 +114,9 @@ class _Plan:
             for dt, keys in added.get(self.state[k], {}).items():
                 if dt == dk:  # the same rule for every layer: one pair per shape of the names is enough
                     pairs.update({(undigit(k), undigit(a)): (k, a) for a in keys})
-                elif _subsequence(dt, dk) or _subsequence(dk, dt):  # a Sequential index came or went
+                elif subsequence(dt, dk) or subsequence(dk, dt):  # a Sequential index came or went
                     pairs.update({(k, a): (k, a) for a in keys})
-        rules = {r for k, a in pairs.values() if (r := _rule_for(k, a)) is not None}
+        rules = {r for k, a in pairs.values() if (r := rule_for(k, a)) is not None}
         pos_old, pos_new = {k: i for i, k in enumerate(self.state)}, {k: i for i, k in enumerate(self.new)}
         scored = []
         for rule in rules:
@@ -221,7 +134,7 @@ class _Plan:
         similar = max(group, key=lambda s: s[3].similarity)
         if similar[3].similarity - choice[3].similarity >= 0.25:
             choice = similar
-        rivals = sorted({" -> ".join(s[3].shown) for s in top if s is not choice and _conflict(s[5], choice[5])})
+        rivals = sorted({" -> ".join(s[3].shown) for s in top if s is not choice and conflict(s[5], choice[5])})
         rule = choice[3]
         review = None
         if rivals:
@@ -230,7 +143,7 @@ class _Plan:
             review = "matched by shape and dtype only: the names have little in common"
         return rule, choice[4], review
 
-    def _evaluate(self, rule: _Rule, reserved: set[str]) -> tuple[dict[str, str], dict[str, str]] | None:
+    def _evaluate(self, rule: Rule, reserved: set[str]) -> tuple[dict[str, str], dict[str, str]] | None:
         """(every key the rule moves → its new name, the moves that land on an equal new tensor), or None if unsafe."""
         mapping: dict[str, str] = {}
         for k in self.state:
@@ -252,57 +165,24 @@ class _Plan:
 
     def reserved(self) -> set[str]:
         """Keys a split, merge, stack or unstack explains: renames leave them alone."""
-        return {k for f in self.fusions() for k in f.keys} | {k for s in stacks.find(self.state, self.new, set())
-                                                              for k in s.keys}
-
-    def fusions(self) -> list[_Fusion]:
-        """Fused tensors that became sibling keys (split) or siblings that became one (merge), sizes adding up."""
-        removed = [k for k in self.state if k not in self.new]
-        added = [k for k in self.new if k not in self.state]
-        found: list[_Fusion] = []
-        used: set[str] = set()
-        for kind, wholes, pieces, wsig, psig in (("split", removed, added, self.state, self.new),
-                                                 ("merge", added, removed, self.new, self.state)):
-            order = {k: i for i, k in enumerate(pieces)}
-            by_digits: dict[tuple[str, ...], list[tuple[int, list[str]]]] = {}
-            for hole, keys in _siblings(pieces):
-                keys.sort(key=lambda k, h=hole: (_qkv_rank(k.split(".")[h]), order[k]))  # type: ignore[misc]
-                by_digits.setdefault(digits(keys[0]), []).append((hole, keys))
-            for w in wholes:
-                ws, best = w.split("."), None
-                for hole, keys in by_digits.get(digits(w), []):
-                    ps = keys[0].split(".")
-                    strict = len(ws) == len(ps) and ws[:hole] + ws[hole + 1:] == ps[:hole] + ps[hole + 1:]
-                    if not strict and not (digits(w) and (ws[-1].endswith(ps[-1]) or ps[-1].endswith(ws[-1]))):
-                        continue
-                    for run in _runs(keys):
-                        dim = _cat_dim([psig[p] for p in run], wsig[w])
-                        if dim is None or used.intersection(run):
-                            continue
-                        score = (strict, len(run) == len(keys), len(run), similarity(w, run[0]))
-                        if best is None or score > best[0]:
-                            sizes = tuple(psig[p][0][dim] for p in run)
-                            best = (score, _Fusion(kind, w, tuple(run), dim, sizes, not strict))
-                if best is not None and w not in used:
-                    found.append(best[1])
-                    used.update(best[1].keys)
-        return found
+        return {k for f in fusions.find(self.state, self.new) for k in f.keys} | {
+            k for s in stacks.find(self.state, self.new, set()) for k in s.keys}
 
     def fuse(self) -> None:
         """Write the splits and merges, one op per pattern across layers where the pattern fits exactly."""
-        groups: dict[tuple[Any, ...], list[_Fusion]] = {}
-        for f in self.fusions():
+        groups: dict[tuple[Any, ...], list[fusions.Fusion]] = {}
+        for f in fusions.find(self.state, self.new):
             if f.kind == "split":
-                pat, tpls, n, _ = _generalise(f.fused.split("."), [p.split(".") for p in f.parts])
+                pat, tpls, n, _ = generalise(f.fused.split("."), [p.split(".") for p in f.parts])
                 pats: tuple[str, ...] = (pat,)
             else:
-                gens = [_generalise(p.split("."), [f.fused.split(".")]) for p in f.parts]
+                gens = [generalise(p.split("."), [f.fused.split(".")]) for p in f.parts]
                 pats, tpls, n = tuple(g[0] for g in gens), gens[0][1], gens[0][2]
             equal = len(set(f.sizes)) == 1
             sig = (f.kind, pats, tuple(tpls), n, f.dim, None if equal and f.kind == "split" else f.sizes, f.loose)
             groups.setdefault(sig, []).append(f)
         for (kind, pats, tpls, n, dim, sizes, _), fs in groups.items():
-            review = _fusion_review(fs[0])
+            review = fusions.review(fs[0])
             extra = (("dim", dim),) + ((("sizes", list(sizes)),) if sizes is not None else ())
             if n and self._covers(pats[0], tpls, fs):
                 args: tuple[Any, ...] = (pats[0], list(tpls)) if kind == "split" else (list(pats), tpls[0])
@@ -334,7 +214,7 @@ class _Plan:
                 state[k] = v
         self.state = state
 
-    def _covers(self, pattern: str, templates: Sequence[str], fs: list[_Fusion]) -> bool:
+    def _covers(self, pattern: str, templates: Sequence[str], fs: list[fusions.Fusion]) -> bool:
         """The pattern matches exactly the driving keys of ``fs`` and expands to exactly their counterparts."""
         want = {(f.fused if f.kind == "split" else f.parts[0]): f for f in fs}
         got = {k: m for k in self.state if (m := regex(pattern).fullmatch(k))}
@@ -350,9 +230,9 @@ class _Plan:
         for k in [k for k in self.state if k in self.new and self.state[k] != self.new[k]]:
             (old, odt), (new, ndt) = self.state[k], self.new[k]
             if math.prod(old) != math.prod(new):
-                refit = _interpolation(k, old, new) or _resize(old, new)
+                refit = interpolation(k, old, new) or resize(old, new)
                 if refit is None:
-                    ops.setdefault(("drop", (), (), _resize_note(old, new), True), []).append(k)
+                    ops.setdefault(("drop", (), (), resize_note(old, new), True), []).append(k)
                     self.add_notes[k] = f"{list(new)} replaces the dropped {list(old)}"
                     continue
                 if odt != ndt:
@@ -418,118 +298,6 @@ class _Plan:
 # -- helpers --------------------------------------------------------------------------------------------------
 
 
-def _entry(e: Mapping[str, Any]) -> dict[str, Any]:
-    return {"shape": [int(d) for d in e["shape"]], "dtype": str(e["dtype"])}
-
-
-def _fmt(sig: Sig) -> str:
-    return f"{list(sig[0])} {sig[1]}"
-
-
-def _common_prefixes(keys: Iterable[str]) -> list[str]:
-    """Every dotted prefix all keys share (``""`` included), never a whole key."""
-    common: list[str] = os.path.commonprefix([k.split(".")[:-1] for k in keys]) or []  # type: ignore[assignment]
-    return ["".join(s + "." for s in common[:i]) for i in range(len(common) + 1)]
-
-
-def _subsequence(short: tuple[str, ...], long: tuple[str, ...]) -> bool:
-    it = iter(long)
-    return len(short) < len(long) and all(s in it for s in short)
-
-
-def _generalise(src: list[str], dsts: list[list[str]]) -> tuple[str, list[str], int, str]:
-    """src as a regex whose digit segments that reappear in the dsts are groups; the dsts as templates."""
-    refs: list[dict[int, int]] = []
-    for dst in dsts:
-        ref: dict[int, int] = {}
-        for j, s in enumerate(dst):
-            i = next((i for i, t in enumerate(src) if s.isdigit() and t == s and i not in ref.values()), None)
-            if i is not None:
-                ref[j] = i
-        refs.append(ref)
-    groups = sorted({i for ref in refs for i in ref.values()})
-    num = {i: n + 1 for n, i in enumerate(groups)}
-    pattern = r"\.".join(r"(\d+)" if i in num else re.escape(s) for i, s in enumerate(src))
-    templates = [".".join(_backref(num[ref[j]]) if j in ref else s for j, s in enumerate(dst))
-                 for dst, ref in zip(dsts, refs, strict=True)]
-    lead = "".join(s + "." for s in src[: groups[0]]) if groups else ".".join(src)
-    return pattern, templates, len(groups), lead
-
-
-def _backref(n: int) -> str:
-    return f"\\{n}" if n < 10 else f"\\g<{n}>"
-
-
-def _rule_for(old: str, new: str) -> _Rule | None:
-    """The rename that moves ``old`` to ``new``: the differing prefix when the tails agree, else the whole key."""
-    os_, ns = old.split("."), new.split(".")
-    c = 0
-    while c < min(len(os_), len(ns)) and os_[-1 - c] == ns[-1 - c]:
-        c += 1
-    if c == 0:
-        if os_[:-1] != ns[:-1] and similarity(old, new) < 0.6:
-            return None
-        pattern, (tpl,), n, lead = _generalise(os_, [ns])
-        return _Rule("rename_regex", pattern, tpl, lead, n) if n else _Rule("rename", old, new, old, 0)
-    p, q = os_[:-c], ns[:-c]
-    pattern, (tpl,), n, lead = _generalise(p, [q])
-    if n:
-        return _Rule("rename_regex", pattern + r"\.(.+)", (tpl + "." if q else "") + _backref(n + 1), lead, n)
-    pre, post = "".join(s + "." for s in p), "".join(s + "." for s in q)
-    return _Rule("rename_prefix", pre, post, pre, 0)
-
-
-def _conflict(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
-    """Two renames that send one key to different places, or different keys to one place."""
-    inv = {v: k for k, v in b.items()}
-    return any((k in b and b[k] != v) or (v in inv and inv[v] != k) for k, v in a.items())
-
-
-def _siblings(keys: Iterable[str]) -> list[tuple[int, list[str]]]:
-    """Keys equal but for one non-numeric segment (the hole): ``attn.{q,k,v}.weight``."""
-    groups: dict[tuple[int, tuple[str, ...]], list[str]] = {}
-    for k in keys:
-        segs = tuple(k.split("."))
-        for i, s in enumerate(segs):
-            if not s.isdigit():
-                groups.setdefault((i, segs[:i] + segs[i + 1:]), []).append(k)
-    return [(hole, ks) for (hole, _), ks in groups.items() if len(ks) > 1]
-
-
-def _qkv_rank(segment: str) -> int:
-    ranks = {_QKV[t] for t in re.split(r"[^a-z]+", segment.lower()) if t in _QKV}
-    return ranks.pop() if len(ranks) == 1 else 3
-
-
-def _runs(keys: list[str]) -> list[list[str]]:
-    if len(keys) > 12:
-        return [keys]
-    return [keys[i:j] for i in range(len(keys)) for j in range(i + 2, len(keys) + 1)]
-
-
-def _cat_dim(parts: list[Sig], whole: Sig) -> int | None:
-    """The dim along which ``parts`` concatenate to ``whole``, if any."""
-    shape, dtype = whole
-    if any(dt != dtype or len(s) != len(shape) for s, dt in parts):
-        return None
-    for d in range(len(shape)):
-        rest = shape[:d] + shape[d + 1:]
-        if all(s[:d] + s[d + 1:] == rest for s, _ in parts) and sum(s[d] for s, _ in parts) == shape[d]:
-            return d
-    return None
-
-
-def _fusion_review(f: _Fusion) -> str | None:
-    if f.loose:
-        return (f"matched by layer index and sizes ({'+'.join(map(str, f.sizes))} along dim {f.dim}), not by name: "
-                f"check the parts and their order ({', '.join(p.rsplit('.', 2)[-2] for p in f.parts)})")
-    segs = [p.split(".") for p in f.parts]
-    names = [p[i] for p in segs for i in range(len(p)) if len({q[i] for q in segs}) > 1]
-    if any(_qkv_rank(n) == 3 for n in names):
-        return f"the order of the parts ({', '.join(names)}) follows the new model's key order; check it"
-    return None
-
-
 def _patterns(keys: list[str], universe: Iterable[str]) -> list[str]:
     """One pattern per set of keys that differ only in layer indices, when it matches nothing else."""
     groups: dict[str, list[str]] = {}
@@ -541,59 +309,6 @@ def _patterns(keys: list[str], universe: Iterable[str]) -> list[str]:
         exact = len(ks) > 1 and {k for k in universe if regex(pattern).fullmatch(k)} == set(ks)
         out += [pattern] if exact else ks
     return out
-
-
-#: Names of position and patch embeddings (and Swin's relative position bias tables), which a new
-#: image or window size resamples rather than replaces.
-_EMBEDDING_GRID = re.compile(r"pos(ition)?_?emb|patch_?emb|relative_position_bias_table", re.IGNORECASE)
-
-
-def _interpolation(key: str, old: tuple[int, ...], new: tuple[int, ...]) -> tuple[Any, ...] | None:
-    """``interpolate`` for a position embedding on a new square grid (prefix tokens kept), or a patch
-    embedding's kernel at a new size, when the key's name says it is one; always a guess to review."""
-    if not _EMBEDDING_GRID.search(key) or len(old) != len(new):
-        return None
-    if len(old) == 4 and old[:2] == new[:2]:
-        note = (f"{list(old)} -> {list(new)}: by its name, an embedding whose {old[2]}x{old[3]} grid is resampled "
-                f"to {new[2]}x{new[3]} (bicubic; for a patch kernel, FlexiViT's pseudo-inverse resize keeps the "
-                "function better)")
-        return "interpolate", ((new[2], new[3]),), (), note + _LOSSY, True
-    if len(old) not in (2, 3) or old[:-2] != new[:-2] or old[-1] != new[-1]:
-        return None
-    for prefix in range(min(old[-2], new[-2], 9)):
-        a, b = math.isqrt(old[-2] - prefix), math.isqrt(new[-2] - prefix)
-        if a * a == old[-2] - prefix and b * b == new[-2] - prefix:
-            tokens = f" after {prefix} prefix token{'s' if prefix > 1 else ''} (class, distillation, register)" \
-                if prefix else ""
-            note = (f"{list(old)} -> {list(new)}: by its name, a position embedding: its {a}x{a} grid{tokens} is "
-                    f"resampled to {b}x{b} (bicubic, as timm and transformers do); check the prefix tokens and mode")
-            return "interpolate", ((b, b),), (("prefix_tokens", prefix),) if prefix else (), note + _LOSSY, True
-    return None
-
-
-def _resize(old: tuple[int, ...], new: tuple[int, ...]) -> tuple[Any, ...] | None:
-    """``resize`` when only the leading dim changed (a vocabulary, a class count); its init is a guess."""
-    if not old or len(old) != len(new) or old[1:] != new[1:]:
-        return None
-    if new[0] > old[0]:
-        note = (f"{list(old)} -> {list(new)}: the leading dim grew (a vocabulary?): the {old[0]} rows stay, the new "
-                "ones start at their mean; init='zeros' or 'normal' may suit better")
-        return "resize", (new,), (("init", "mean"),), note, False
-    note = f"{list(old)} -> {list(new)}: the leading dim shrank (a vocabulary?): the rows from {new[0]} on are dropped"
-    return "resize", (new,), (), note + _LOSSY, True
-
-
-_LOSSY = "; the old values cannot be recovered, so walking back past this revision needs a downgrade()"
-
-
-def _resize_note(old: tuple[int, ...], new: tuple[int, ...]) -> str:
-    note = f"{list(old)} -> {list(new)} is not a reshape (element counts differ): the old values are dropped"
-    diff = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b] if len(old) == len(new) else []
-    if len(diff) == 1:
-        grew = new[diff[0]] > old[diff[0]]
-        how = "pad(key, shape) keeps the old values" if grew else "truncate(key, shape) keeps a slice"
-        note += f"; if only dim {diff[0]} grew or shrank (a vocabulary), ckpt.{how}"
-    return note
 
 
 def _init(key: str, sig: Sig, value: Any, schema: Mapping[str, Sig]) -> tuple[str, str]:
@@ -614,20 +329,3 @@ def _init(key: str, sig: Sig, value: Any, schema: Mapping[str, Sig]) -> tuple[st
     why = "the fresh model's values are too big to write here" if given else "no values from the fresh model"
     hint = ", how a norm layer's weight or running_var starts" if norm else "; write the initialisation you want"
     return f"torch.{fill}({size}{dt})", f"{fill} ({why}){hint}"
-
-
-def _rename_lines(renamed: Mapping[str, str]) -> list[tuple[str, str]]:
-    """Renames grouped by the prefix change they share, each side as ``group_keys`` lines."""
-    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for o, n in renamed.items():
-        os_, ns = o.split("."), n.split(".")
-        c = 0
-        while c < min(len(os_), len(ns)) - 1 and os_[-1 - c] == ns[-1 - c]:
-            c += 1
-        sig = tuple(".".join("#" if s.isdigit() else s for s in segs[: len(segs) - c]) for segs in (os_, ns))
-        groups.setdefault((sig[0], sig[1]), []).append((o, n))
-    out: list[tuple[str, str]] = []
-    for pairs in groups.values():
-        olds, news = group_keys(o for o, _ in pairs), group_keys(n for _, n in pairs)
-        out += list(zip(olds, news, strict=True)) if len(olds) == len(news) else [(", ".join(olds), ", ".join(news))]
-    return out

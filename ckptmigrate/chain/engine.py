@@ -1,4 +1,5 @@
-"""Applying a revision path to a checkpoint: plan, run each script, record history, write.
+"""Applying a revision path to a checkpoint: run each script, record history, write (the path is
+planned by :mod:`ckptmigrate.chain.planning`; the backup kept by :mod:`ckptmigrate.checkpoint.backups`).
 
 A migration that raises leaves nothing behind: the checkpoint is edited lazily in memory and only
 written (atomically) when every revision has run. The envelope gets the new revision, schema and
@@ -10,54 +11,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckptmigrate import formats
-from ckptmigrate.chain.future import future_steps
 from ckptmigrate.chain.merging import MergeCheck
+from ckptmigrate.chain.planning import Plan, plan_for, recorded_inverse
 from ckptmigrate.chain.registry import ChainSource
 from ckptmigrate.chain.revisions import Revision, RevisionGraph
 from ckptmigrate.chain.snapshot_check import SnapshotCheck
-from ckptmigrate.checkpoint.copies import schema_difference
+from ckptmigrate.checkpoint.backups import make_backup
 from ckptmigrate.checkpoint.envelope import Envelope, now_utc
 from ckptmigrate.checkpoint.lazy import Checkpoint
-from ckptmigrate.errors import BadInput, MigrationError, NewerThanChain, RevisionError, SchemaMismatch
+from ckptmigrate.errors import BadInput, MigrationError
 from ckptmigrate.ops.context import MigrationContext
 from ckptmigrate.ops.operations import OpError
 from ckptmigrate.ops.optimizer import POLICIES, OptimizerAlignmentError, check_policy
-from ckptmigrate.storage.atomic import keep_copy
 from ckptmigrate.storage.locking import file_lock
-from ckptmigrate.storage.safe_open import follow_user_link
 from ckptmigrate.util.gcpause import pausing
 from ckptmigrate.util.paths import CHECKPOINT_SUFFIXES as CHECKPOINT_SUFFIXES
 from ckptmigrate.util.paths import expand_paths as expand_paths
-
-
-@dataclass
-class Plan:
-    direction: str
-    lineage: str | None
-    start: str | None
-    target: str | None
-    steps: list[Revision]
-    start_source: str = "envelope"
-    #: the graph the steps come from (merge checks need it); None for a plan built by hand
-    graph: RevisionGraph | None = None
-
-    def describe(self) -> str:
-        if not self.steps:
-            return f"already at {self.target or 'base'}"
-        if self.direction == "upgrade":
-            arrow = " -> ".join([self.start or "base", *(s.id for s in self.steps)])
-        elif all(len(s.downs) <= 1 for s in self.steps):
-            arrow = " -> ".join([self.start or "base", *((s.downs or ("base",))[0] for s in self.steps)])
-        else:  # through a merge the file is at no single revision in between
-            arrow = f"{self.start or 'base'} -> {self.target or 'base'} (undoing {', '.join(s.id for s in self.steps)})"
-        return f"{self.direction} {arrow}"
 
 
 @dataclass
@@ -85,109 +60,6 @@ class Outcome:
             "error": self.error, "ops": self.ops,
             **({"transfer": self.transfer} if self.transfer is not None else {}),
         }
-
-
-def fingerprint(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | None) -> tuple[str | None, str]:
-    """The revision whose recorded schema equals the checkpoint's; else an error naming the nearest."""
-    schema = ckpt.schema()
-    best: tuple[int, Revision | None, str, list[str], list[str], list[str]] = (10**9, None, "", [], [], [])
-    lineages = [lineage] if lineage is not None or None in graph.heads() else graph.lineages()
-    for lin in lineages:
-        for rev in graph.chain(lin):
-            snap = rev.schema()
-            if snap is None:
-                continue
-            if snap == schema:
-                return rev.id, lin or ""
-            missing = snap.keys() - schema.keys()
-            extra = schema.keys() - snap.keys()
-            reshaped = [k for k in snap.keys() & schema.keys() if snap[k] != schema[k]]
-            score = len(missing) + len(extra) + len(reshaped)
-            if score < best[0]:
-                best = (score, rev, schema_difference(schema, snap), sorted(missing), sorted(extra), sorted(reshaped))
-    if best[1] is None:
-        error = SchemaMismatch(
-            f"{ckpt.path}: unstamped, and no revision has a recorded schema to match it against", path=ckpt.path
-        )
-    else:
-        error = SchemaMismatch(
-            f"{ckpt.path}: unstamped, and its schema matches no revision; nearest is {best[1].id} ({best[2]})",
-            path=ckpt.path, nearest=best[1].id, missing=best[3], unexpected=best[4], reshaped=best[5],
-        )
-    error.cli_hint = "pass --from REV if you know where it starts"
-    raise error
-
-
-def _downgraded_to_base(env: Envelope) -> bool:
-    """A stamped file without a revision is at base when its last step was a downgrade to base."""
-    last = env.history[-1] if env.history else {}
-    return last.get("action") == "downgrade" and last.get("to") is None
-
-
-def plan_for(
-    ckpt: Checkpoint, graph: RevisionGraph, *, to: str = "head", from_rev: str | None = None,
-    lineage: str | None = None,
-) -> Plan:
-    source = "envelope"
-    future: list[Revision] = []
-    if from_rev is not None:
-        start = None if from_rev == "base" else graph.get(from_rev).id
-        lineage = graph.lineage_of(start) if start else lineage
-        source = "--from"
-    elif ckpt.envelope is not None and ckpt.envelope.revision is not None:
-        if not graph.knows(ckpt.envelope.revision) and ckpt.envelope.revision not in graph.labels:
-            future, start, newer = future_steps(ckpt.path, ckpt.envelope, graph)
-            lineage = graph.lineage_of(start) if start else ckpt.envelope.lineage
-            source = "the file's own history"
-        else:
-            start = graph.get(ckpt.envelope.revision).id
-            lineage = graph.lineage_of(start)
-    elif ckpt.envelope is not None and _downgraded_to_base(ckpt.envelope):
-        start = None
-        lineage = lineage if lineage is not None else ckpt.envelope.lineage
-    else:
-        if ckpt.envelope is not None and ckpt.envelope.lineage is not None and lineage is None:
-            lineage = ckpt.envelope.lineage
-        start, found_lineage = fingerprint(ckpt, graph, lineage)
-        lineage = found_lineage or None
-        source = "schema"
-    if lineage is None and None not in graph.heads() and len(graph.heads()) == 1:
-        lineage = next(iter(graph.heads()))
-    if future:
-        return _plan_from_the_future(ckpt, graph, future, newer, start, to, lineage)
-    target = graph.resolve(to, start, lineage)
-    direction, steps = graph.walk(start, target)
-    floor = next((s for s in steps if s.final), None) if direction == "upgrade" else None
-    if floor is not None:
-        raise RevisionError(
-            f"{ckpt.path}: at {start or 'base'}, below this chain's floor {floor} (final = True); "
-            f"{floor.last_release or 'a release from before the floor'} is the last release that can upgrade it "
-            f"to {floor.id}")
-    return Plan(direction, lineage, start, target, steps, source, graph)
-
-
-def _plan_from_the_future(ckpt: Checkpoint, graph: RevisionGraph, future: list[Revision], newer: NewerThanChain,
-                          known: str | None, to: str, lineage: str | None) -> Plan:
-    """Downgrade a file from the future: undo its unknown revisions by the inverses its history
-    recorded, then walk the known chain."""
-    if to == "head" or to.startswith("+"):
-        raise newer
-    target = graph.resolve(to, known, lineage) if not to.startswith("-") else None
-    if to.startswith("-"):
-        raise BadInput(f"{ckpt.path}: relative targets count revisions this chain knows; the file is at "
-                       f"{newer.revision}, which it does not: give --to REV")
-    direction, steps = graph.walk(known, target)
-    if direction == "upgrade" and steps:
-        raise newer
-    for rev in future:
-        if _recorded_inverse(ckpt, rev) is None:
-            raise NewerThanChain(
-                f"{ckpt.path}: cannot walk back from {newer.revision}: revision {rev.id} of the file's "
-                "history recorded no invertible journal (it dropped, truncated or mapped tensors); only the "
-                f"release that wrote it can downgrade it ({', '.join(newer.written_by)})",
-                str(newer.revision), known, newer.ahead, newer.written_by, path=ckpt.path)
-    start = ckpt.envelope.revision if ckpt.envelope is not None else None
-    return Plan("downgrade", lineage, start, target, [*future, *steps], "the file's own history", graph)
 
 
 def _own(value: Any) -> Any:
@@ -264,24 +136,6 @@ def _upgrade_entry(ckpt: Checkpoint, rev: Revision) -> dict[str, Any] | None:
     return None
 
 
-def _recorded_inverse(ckpt: Checkpoint, rev: Revision) -> list[Any] | None:
-    """The inverse journal the file's history recorded for ``rev`` — for a squashed revision applied
-    before the squash, the journals of the revisions it replaced, one after the other."""
-    if ckpt.envelope is None:
-        return None
-    last: dict[str, Any] = {}
-    for entry in ckpt.envelope.history:
-        if entry.get("action") == "upgrade":
-            last[str(entry.get("revision"))] = entry.get("inverse")
-    if rev.id in last or not rev.aliases:
-        inverse = last.get(rev.id)
-        return inverse if isinstance(inverse, list) else None
-    journals = [last.get(alias) for alias in rev.aliases]
-    if not all(isinstance(j, list) for j in journals):
-        return None
-    return [step for journal in journals for step in journal or []]
-
-
 def _target_order(plan: Plan, order: Sequence[str] | None) -> list[str] | None:
     if order is not None:
         return list(order)
@@ -342,7 +196,7 @@ def apply(ckpt: Checkpoint, plan: Plan, *, order: Sequence[str] | None = None,
             if rev.downgrade is not None:
                 _run(ckpt, rev, rev.downgrade, "downgrade")
             else:
-                inverse = _recorded_inverse(ckpt, rev)
+                inverse = recorded_inverse(ckpt, rev)
                 if inverse is None and _does_nothing(rev.upgrade):
                     inverse = []  # a baseline (or any revision) whose upgrade() is empty has nothing to undo
                 if inverse is None:
@@ -439,32 +293,6 @@ def new_envelope(
         history[0]["superseded"] = old_provenance
     env.history.extend(history)
     return env
-
-
-def backup_path(path: Path, start: int = 0) -> Path:
-    """``x.pth.bak``, or ``x.pth.bak.1``, ``.2``, ... — the first name where nothing is, not even a
-    dangling symbolic link: an existing backup is never overwritten, a planted link never followed."""
-    n = start
-    while True:
-        candidate = path.with_name(path.name + ".bak" + (f".{n}" if n else ""))
-        if not os.path.lexists(candidate):
-            return candidate
-        n += 1
-
-
-def make_backup(path: Path) -> tuple[Path, bool]:
-    """Keep the original at ``PATH.bak[.N]`` without copying it where possible (see
-    :func:`~ckptmigrate.storage.atomic.keep_copy`); True when the backup is a file of its own, so that
-    ``path`` may still be appended to in place. The backup is created as a new name only: a name
-    taken between the look and the creation (another process, a planted link) moves on to the next."""
-    source = follow_user_link(path)
-    n = 0
-    while True:
-        dest = backup_path(path, n)
-        try:
-            return dest, keep_copy(source, dest)
-        except FileExistsError:
-            n = int(dest.name.rsplit(".", 1)[1]) + 1 if not dest.name.endswith(".bak") else 1
 
 
 def refuse_left_behind(ckpt: Checkpoint, graph: RevisionGraph, lineage: str | None) -> None:

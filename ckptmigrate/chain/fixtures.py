@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptmigrate.chain.engine import apply, new_envelope, plan_for
+from ckptmigrate.chain.engine import apply, new_envelope
+from ckptmigrate.chain.planning import plan_for
 from ckptmigrate.chain.revisions import Revision, RevisionGraph
 from ckptmigrate.checkpoint import model_config
 from ckptmigrate.checkpoint.envelope import Envelope, now_utc, schema_of

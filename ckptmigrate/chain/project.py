@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptmigrate.chain import config, trust
 from ckptmigrate.chain.revisions import RevisionGraph
 from ckptmigrate.chain.scripts import DEFAULT_TEMPLATE, TEMPLATE, ScriptDirectory
 from ckptmigrate.checkpoint.envelope import now_utc, schema_of
 from ckptmigrate.errors import BadInput, CkptMigrateError, CkptMigrateWarning
+
+if TYPE_CHECKING:
+    from ckptmigrate.checkpoint.lazy import Checkpoint
 
 Migrations = str | os.PathLike[str] | RevisionGraph | None
 
@@ -232,3 +235,13 @@ def autogenerate_revision(
     path = directory.write_revision(message, rev_id=rev_id, lineage=lineage, graph=graph, body=body)
     path.with_suffix(".schema.json").write_text(json.dumps(new, indent=1) + "\n")
     return path
+
+
+def optional_graph(migrations: Any, ckpt: Checkpoint | None = None) -> RevisionGraph | None:
+    """The chain for ``ckpt`` (or, without one, the configured chain); None when there is none. With
+    nothing configured, the installed chain that knows ``ckpt`` (see :mod:`ckptmigrate.chain.registry`)."""
+    from ckptmigrate.chain import registry
+
+    if not configured(migrations):
+        return None if ckpt is None else registry.ChainSource().find(ckpt.envelope)
+    return revision_graph(migrations)

@@ -3,15 +3,16 @@
 ``.metadata`` is a pickle of DCP's ``Metadata``: for every flattened key its size, dtype and chunks,
 and for every chunk (file, offset, length) of its bytes. It is read by the restricted unpickler, so
 every DCP class is an inert stand-in and no code runs. Each chunk is a whole ``torch.save`` archive
-embedded in a ``.distcp`` file; its directory and ``data.pkl`` are read here (a few hundred bytes),
-so a tensor becomes a reference to its bytes in the ``.distcp`` file like any other. A tensor saved
-as one chunk is a :class:`~ckptmigrate.tensors.refs.TensorRef`; one sharded across ranks is a
-:class:`Chunked` that assembles its chunks when its values are asked for.
+embedded in a ``.distcp`` file; its directory and ``data.pkl`` are read (a few hundred bytes, by
+:mod:`ckptmigrate.formats.dcp_chunks`), so a tensor becomes a reference to its bytes in the
+``.distcp`` file like any other. A tensor saved as one chunk is a
+:class:`~ckptmigrate.tensors.refs.TensorRef`; one sharded across ranks is a :class:`Chunked` that
+assembles its chunks when its values are asked for.
 
 Tensor names live only in ``.metadata``: a rewrite in which no tensor changed writes that one file
 and no ``.distcp`` byte. The envelope is ``.ckptmigrate-<digest of .metadata>.json`` in the
 directory, a file ``dcp.load`` never opens, named for the ``.metadata`` it describes so the two
-switch together.
+switch together. Writing them is :mod:`ckptmigrate.formats.dcp_writer`.
 """
 
 from __future__ import annotations
@@ -21,27 +22,23 @@ import io
 import json
 import math
 import os
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from ckptmigrate.formats import locations, pickled
+from ckptmigrate.formats.dcp_chunks import DcpFormatError as DcpFormatError
+from ckptmigrate.formats.dcp_chunks import Templates, prefetch_archives, read_embedded
 from ckptmigrate.formats.pickle_scan import PickleFormatError
-from ckptmigrate.formats.pickle_writer import dump
-from ckptmigrate.formats.pickled import StandIn, global_name, standin
-from ckptmigrate.formats.zipio import ZipWriter
+from ckptmigrate.formats.pickled import StandIn, global_name
 from ckptmigrate.tensors.refs import (
     ITEMSIZE,
     Deferred,
     Source,
     Storage,
     TensorRef,
-    contiguous_stride,
-    dtype_of,
     file_runs,
-    shape_of,
     to_torch,
 )
 
@@ -49,21 +46,9 @@ if TYPE_CHECKING:
     import torch
 
 METADATA = ".metadata"
-_MD = "torch.distributed.checkpoint.metadata"
-_FS = "torch.distributed.checkpoint.filesystem"
+METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 ENVELOPE_PREFIX = ".ckptmigrate-"
 MAX_METADATA = 256 << 20
-_LOCAL = struct.Struct("<4s5H3I2H")
-_CENTRAL = struct.Struct("<4s6H3I5H2I")
-_EOCD = struct.Struct("<4s4H2IH")
-_LOCATOR64 = struct.Struct("<4sIQI")
-_EOCD64 = struct.Struct("<4sQ2H2I4Q")
-#: How much of an embedded archive's head and tail is read at once (its small records and directory).
-_EDGE = 4096
-
-
-class DcpFormatError(ValueError):
-    pass
 
 
 def looks_like_metadata(head: bytes) -> bool:
@@ -152,136 +137,13 @@ def _size(obj: Any, what: str) -> tuple[int, ...]:
     return dims
 
 
-def _dtype(props: Any, fqn: str) -> str:
+def tensor_dtype(props: Any, fqn: str) -> str:
     state = props.state if isinstance(props, StandIn) else None
     dtype = state[0] if isinstance(state, tuple) and state else None
     if isinstance(dtype, type) and issubclass(dtype, StandIn) and dtype.module == "torch" \
             and dtype.qualname in ITEMSIZE:
         return dtype.qualname
     raise DcpFormatError(f"tensor {fqn!r} has no dtype torch knows")
-
-
-class _Archive:
-    """The records of one ``torch.save`` archive embedded in a file at ``base``, read in two
-    ``pread``s when it is as torch writes it (its head: ``data.pkl`` and the local headers before
-    the storages; its tail: the end records and the central directory)."""
-
-    def __init__(self, source: Source, base: int, length: int, what: str) -> None:
-        self.source, self.base, self.length, self.what = source, base, length, what
-        self.head = self.pread(min(length, _EDGE), 0)
-        tail_at = max(0, length - _EDGE)
-        tail = self.head if tail_at == 0 else self.pread(length - tail_at, tail_at)
-        count, cd_size, cd_off = self._end(tail, tail_at)
-        directory = tail[cd_off - tail_at : cd_off - tail_at + cd_size] if cd_off >= tail_at \
-            else self.pread(cd_size, cd_off)
-        self.records: dict[str, tuple[int, int]] = {}
-        pos = 0
-        for _ in range(count):
-            if pos + _CENTRAL.size > len(directory) or directory[pos : pos + 4] != b"PK\x01\x02":
-                raise self.error("its central directory is malformed")
-            fields = _CENTRAL.unpack_from(directory, pos)
-            method, csize, usize, nlen, xlen, clen, offset = fields[4], *fields[8:13], fields[16]
-            raw_name = directory[pos + _CENTRAL.size : pos + _CENTRAL.size + nlen]
-            name = raw_name.decode("utf-8", "replace")
-            extra = directory[pos + _CENTRAL.size + nlen : pos + _CENTRAL.size + nlen + xlen]
-            usize, csize, offset = _zip64(extra, [usize, csize, offset])
-            pos += _CENTRAL.size + nlen + xlen + clen
-            if method != 0 or csize != usize:
-                raise DcpFormatError(f"{what}: record {name!r} is compressed")
-            if name in self.records:
-                raise DcpFormatError(f"{what}: record {name!r} is in it twice")
-            local = self.head[offset : offset + _LOCAL.size] if offset + _LOCAL.size <= len(self.head) \
-                else self.pread(_LOCAL.size, offset)
-            if local[:4] != b"PK\x03\x04":
-                raise DcpFormatError(f"{what}: record {name!r} has no local header")
-            start = offset + _LOCAL.size + sum(struct.unpack_from("<HH", local, 26))
-            if start + usize > length:
-                raise DcpFormatError(f"{what}: record {name!r} runs past its chunk")
-            self.records[name] = (start, usize)
-
-    def error(self, problem: str) -> DcpFormatError:
-        return DcpFormatError(f"{self.what} is not a torch.save archive ({problem})")
-
-    def pread(self, n: int, at: int) -> bytes:
-        if at < 0 or n < 0 or at + n > self.length:
-            raise self.error("a structure lies outside it")
-        data = self.source.pread(n, self.base + at)
-        if len(data) != n:
-            raise self.error("it is truncated")
-        return data
-
-    def _end(self, tail: bytes, tail_at: int) -> tuple[int, int, int]:
-        """(entries, directory size, directory offset) from the end records, zip64 or not."""
-        if len(tail) < _EOCD.size:
-            raise self.error("too short")
-        sig, _disk, _cd_disk, _here, count, cd_size, cd_off, comment = _EOCD.unpack_from(tail, len(tail) - _EOCD.size)
-        if sig != b"PK\x05\x06" or comment:
-            raise self.error("no end record at its end")
-        if 0xFFFF in (count,) or 0xFFFFFFFF in (cd_size, cd_off):
-            at = len(tail) - _EOCD.size - _LOCATOR64.size
-            if at < 0 or tail[at : at + 4] != b"PK\x06\x07":
-                raise self.error("no zip64 locator")
-            eocd64 = _LOCATOR64.unpack_from(tail, at)[2]
-            block = tail[eocd64 - tail_at : eocd64 - tail_at + _EOCD64.size] if eocd64 >= tail_at \
-                else self.pread(_EOCD64.size, eocd64)
-            if len(block) != _EOCD64.size or block[:4] != b"PK\x06\x06":
-                raise self.error("no zip64 end record")
-            count, cd_size, cd_off = _EOCD64.unpack(block)[7:10]
-        if cd_off + cd_size > self.length:
-            raise self.error("its central directory lies outside it")
-        return count, cd_size, cd_off
-
-    def read(self, name: str) -> bytes:
-        start, size = self.records[name]
-        return self.head[start : start + size] if start + size <= len(self.head) else self.pread(size, start)
-
-
-def _zip64(extra: bytes, values: list[int]) -> list[int]:
-    """Sizes and offset from a zip64 extra field, for those whose 32-bit field is 0xFFFFFFFF."""
-    if 0xFFFFFFFF not in values:
-        return values
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, size = struct.unpack_from("<HH", extra, pos)
-        if tag == 1:
-            wide = iter(struct.unpack_from(f"<{size // 8}Q", extra, pos + 4))
-            return [next(wide, v) if v == 0xFFFFFFFF else v for v in values]
-        pos += 4 + size
-    return values
-
-
-#: A chunk's archive pickle -> the tensor it gave, already checked (chunks of one shape pickle alike).
-Templates = dict[bytes, TensorRef]
-
-
-def read_embedded(source: Source, base: int, length: int, what: str, templates: Templates | None = None) -> Any:
-    """The object a ``torch.save`` archive embedded at ``base`` holds, tensors as references into ``source``."""
-    if base < 0 or length < 0 or base + length > source.size:
-        raise DcpFormatError(f"{what} lies outside {os.path.basename(source.path)}")
-    archive = _Archive(source, base, length, what)
-    pkl = [n for n in archive.records if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(pkl) != 1:
-        raise DcpFormatError(f"{what} holds no torch.save payload")
-    prefix = pkl[0][: -len("/data.pkl")]
-    raw = archive.read(pkl[0])
-    template = templates.get(raw) if templates is not None else None
-    storages: dict[str, Storage] = {}
-    if template is not None:  # the same pickle read before: the same tensor, on a storage of its own
-        obj: Any = replace(template, storage=replace(template.storage, source=None, offset=None), extra={})
-        storages[obj.storage.key] = obj.storage
-    else:
-        try:
-            obj = pickled.load(raw, storages)
-        except PickleFormatError as exc:
-            raise DcpFormatError(f"{what}: {exc}") from None
-        if templates is not None and isinstance(obj, TensorRef) and not obj.extra and len(storages) == 1:
-            templates[raw] = obj
-    for key, storage in storages.items():
-        record = archive.records.get(f"{prefix}/data/{key}")
-        if record is None or record[1] < storage.nbytes:
-            raise DcpFormatError(f"{what}: storage data/{key} is missing or short")
-        storage.source, storage.offset = source, base + record[0]
-    return obj
 
 
 def read_metadata(path: Path) -> tuple[StandIn, bytes]:
@@ -298,7 +160,7 @@ def read_metadata_tagged(path: Path) -> tuple[StandIn, bytes, str | None, str | 
         md = pickled.load(raw)
     except PickleFormatError as exc:
         raise DcpFormatError(f"not a torch.distributed.checkpoint .metadata ({exc})") from None
-    if global_name(md) != f"{_MD}.Metadata" or not isinstance(md.state, dict):
+    if global_name(md) != f"{METADATA_MODULE}.Metadata" or not isinstance(md.state, dict):
         raise DcpFormatError("not a torch.distributed.checkpoint .metadata (no Metadata object)")
     for name in ("state_dict_metadata", "storage_data"):
         if not isinstance(md.state.get(name), dict):
@@ -344,7 +206,7 @@ def read(metadata_path: Path) -> tuple[Any, dict[str, Any] | None, dict[str, Sto
     flat: list[tuple[tuple[Any, ...], Any]] = []
     templates: Templates = {}
     try:
-        _prefetch_archives(storage_data, source_of)
+        prefetch_archives(storage_data, source_of)
         for fqn, smd in md.state["state_dict_metadata"].items():
             if not isinstance(fqn, str):
                 raise DcpFormatError("a key of the .metadata is not a string")
@@ -376,27 +238,12 @@ def read(metadata_path: Path) -> tuple[Any, dict[str, Any] | None, dict[str, Sto
     return unflatten(flat), envelope, storages, list(sources.values()), layout
 
 
-def _prefetch_archives(storage_data: dict[Any, tuple[StandIn, StandIn]], source_of: Callable[[str], Source]) -> None:
-    """Of objects read by range, the edges of every chunk's archive (its records and its directory)
-    asked for in one batch per file, neighbours merged: a request per file, not two per chunk."""
-    wanted: dict[str, list[tuple[int, int]]] = {}
-    for _index, info in storage_data.values():
-        st = info.state
-        base, length = st["offset"], st["length"]
-        edges = [(base, min(length, _EDGE)), (base + max(0, length - _EDGE), min(length, _EDGE))]
-        wanted.setdefault(st["relative_path"], []).extend(edges)
-    for rel, ranges in wanted.items():
-        remote = source_of(rel).remote
-        if remote is not None:
-            remote.prefetch(ranges)
-
-
 def _read_value(
     fqn: str, smd: Any, storage_data: dict[Any, tuple[StandIn, StandIn]], source_of: Callable[[str], Source],
     layout: Dcp, storages: dict[str, Storage], templates: Templates,
 ) -> Any:
     kind = global_name(smd)
-    if kind == f"{_MD}.BytesStorageMetadata":
+    if kind == f"{METADATA_MODULE}.BytesStorageMetadata":
         if (fqn, None) not in storage_data:
             raise DcpFormatError(f"{fqn!r} has no stored bytes")
         index, info = storage_data[(fqn, None)]
@@ -405,11 +252,11 @@ def _read_value(
         layout.origin[id(value)] = (fqn, [(index, info)], smd)
         layout.keep.append(value)
         return value
-    if kind != f"{_MD}.TensorStorageMetadata":
+    if kind != f"{METADATA_MODULE}.TensorStorageMetadata":
         raise DcpFormatError(f"{fqn!r} is described by {kind or type(smd).__name__}, not a DCP storage metadata")
     st = _state(smd, f"the metadata of {fqn!r}")
     shape = _size(st.get("size"), f"the size of {fqn!r}")
-    dtype = _dtype(st.get("properties"), fqn)
+    dtype = tensor_dtype(st.get("properties"), fqn)
     chunks_md = st.get("chunks")
     if not isinstance(chunks_md, list) or not chunks_md:
         raise DcpFormatError(f"{fqn!r} has no chunks")
@@ -453,7 +300,7 @@ def trusted(layout: Dcp, payload: Any) -> Any:
 
     def walk(node: Any) -> Any:
         origin = layout.origin.get(id(node))
-        if origin is not None and global_name(origin[2]) == f"{_MD}.BytesStorageMetadata":
+        if origin is not None and global_name(origin[2]) == f"{METADATA_MODULE}.BytesStorageMetadata":
             st = origin[1][0][1].state
             with open(layout.directory / st["relative_path"], "rb") as fh:
                 raw = os.pread(fh.fileno(), st["length"], st["offset"])
@@ -510,206 +357,3 @@ def flatten(payload: Any) -> list[tuple[str, tuple[Any, ...], Any]]:
 
 def _is_leaf(node: Any) -> bool:
     return isinstance(node, (dict, list)) and not node
-
-
-# --- writing ----------------------------------------------------------------------------------------
-
-
-def _obj(module: str, name: str, state: Any) -> StandIn:
-    obj = standin(module, name).__new__(standin(module, name))
-    obj.state = state
-    return obj
-
-
-def _torch_size(dims: tuple[int, ...]) -> StandIn:
-    return standin("torch", "Size")(tuple(dims))
-
-
-def save_bytes(value: Any) -> bytes:
-    """One value as DCP stores it: a ``torch.save`` archive (a tensor with exactly its own bytes)."""
-    import torch
-
-    buf = io.BytesIO()
-    if isinstance(value, (TensorRef, Deferred)) or hasattr(value, "untyped_storage"):
-        tensor = to_torch(value).contiguous()
-        if tensor.untyped_storage().nbytes() != tensor.nbytes:
-            tensor = tensor.clone()
-        torch.save(tensor, buf)
-    else:
-        if _holds_standin(value):
-            raise DcpFormatError(
-                "a changed non-tensor value holds objects read without their code; it cannot be re-saved")
-        torch.save(value, buf)
-    return buf.getvalue()
-
-
-def write_tensor(fh: BinaryIO, pos: int, value: Any) -> int | None:
-    """``value`` written at ``pos`` of ``fh`` as DCP stores a tensor (a ``torch.save`` archive of it
-    alone), its bytes copied by the kernel from the files that hold them (a DCP tensor sharded by
-    rows: its chunks one after another); the archive's length. None when the bytes are not such
-    runs (then :func:`save_bytes`). The data record's CRC is the source's when its bytes are one
-    whole stored record, else 0, as ``torch.save`` writes with CRC computation off (torch checks none)."""
-    runs = file_runs(value)
-    if runs is None or (isinstance(value, TensorRef) and (value.neg or value.conj or value.extra)):
-        return None
-    shape, dtype = shape_of(value), dtype_of(value)
-    storage = Storage("0", dtype, "cpu", math.prod(shape) * ITEMSIZE[dtype])
-    crc = 0
-    if isinstance(value, TensorRef) and value.storage.crc32 is not None and len(runs) == 1 \
-            and runs[0][1:] == (value.storage.offset, value.storage.nbytes):
-        crc = value.storage.crc32
-    fh.seek(pos)
-    writer = ZipWriter(fh, origin=pos)
-    writer.add_bytes("archive/data.pkl", dump(TensorRef(storage, 0, shape, contiguous_stride(shape), dtype),
-                                              lambda _obj: ("0", storage)))
-    for name, data in _RECORDS[:3]:
-        writer.add_bytes(f"archive/{name}", data)
-    writer.add_copies("archive/data/0", [(source.fileno(), offset, n) for source, offset, n in runs], crc)
-    for name, data in _RECORDS[3:]:
-        writer.add_bytes(f"archive/{name}", data)
-    writer.add_bytes("archive/.data/serialization_id", str(int.from_bytes(os.urandom(16))).zfill(40).encode())
-    return writer.close()
-
-
-#: The small records of a ``torch.save`` archive around its data (torch >= 2.4 writes these).
-_RECORDS = [(".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little"), ("version", b"3\n")]
-
-
-def _holds_standin(value: Any, depth: int = 0) -> bool:
-    if depth > 100 or isinstance(value, StandIn) or (isinstance(value, type) and issubclass(value, StandIn)):
-        return True
-    if isinstance(value, dict):
-        return any(_holds_standin(v, depth + 1) or _holds_standin(k, depth + 1) for k, v in value.items())
-    if isinstance(value, (list, tuple, set)):
-        return any(_holds_standin(v, depth + 1) for v in value)
-    return False
-
-
-def live_ranges(layout: Dcp, kept: list[tuple[str, tuple[Any, ...], Any]]) -> dict[str, list[tuple[int, int]]]:
-    """For each ``.distcp`` file, the (offset, length) of every chunk a kept value still reads, in order."""
-    out: dict[str, set[tuple[int, int]]] = {}
-    for _fqn, _path, value in kept:
-        for _index, info in layout.origin[id(value)][1]:
-            st = info.state
-            out.setdefault(st["relative_path"], set()).add((st["offset"], st["length"]))
-    return {rel: sorted(ranges) for rel, ranges in out.items()}
-
-
-def split_payload(layout: Dcp | None, payload: Any) -> tuple[list[Any], list[Any]]:
-    """The flattened payload as (values still where they were read, values to write)."""
-    kept: list[Any] = []
-    fresh: list[Any] = []
-    for fqn, path, value in flatten(payload):
-        (kept if layout is not None and id(value) in layout.origin else fresh).append((fqn, path, value))
-    return kept, fresh
-
-
-def build_metadata(
-    layout: Dcp | None, kept: list[tuple[str, tuple[Any, ...], Any]],
-    written: list[tuple[str, tuple[Any, ...], Any, str, int, int]],
-    moved: dict[tuple[str, int], tuple[str, int]] | None = None,
-) -> bytes:
-    """The new ``.metadata``: kept values point at their old bytes under their (new) names (or where
-    ``moved`` says those bytes went: (file, offset) -> (file, offset)); written ones at the new file.
-    Everything else in the old Metadata (storage_meta, version) is kept."""
-    sdm: dict[str, Any] = {}
-    planner: dict[str, Any] = {}
-    storage: dict[Any, Any] = {}
-    template_props = None
-    for fqn, path, value in kept:
-        assert layout is not None
-        old_fqn, entries, smd = layout.origin[id(value)]
-        sdm[fqn] = smd
-        planner[fqn] = path
-        if global_name(smd) == f"{_MD}.TensorStorageMetadata":
-            template_props = smd.state.get("properties")
-        for index, info in entries:
-            index_state = dict(index.state)
-            index_state["fqn"] = fqn
-            there = (moved or {}).get((info.state["relative_path"], info.state["offset"]))
-            if there is not None:
-                info = _obj(_FS, "_StorageInfo", {**info.state, "relative_path": there[0], "offset": there[1]})
-            storage[_obj(_MD, "MetadataIndex", index_state)] = info
-    for fqn, path, value, rel, offset, length in written:
-        planner[fqn] = path
-        st: dict[str, Any] = {"fqn": fqn, "index": None}
-        if isinstance(value, (TensorRef, Deferred)) or hasattr(value, "untyped_storage"):
-            shape = tuple(int(d) for d in value.shape)
-            sdm[fqn] = _tensor_md(shape, dtype_of(value), template_props)
-            st.update(offset=_torch_size((0,) * len(shape)), index=0)
-        else:
-            sdm[fqn] = _obj(_MD, "BytesStorageMetadata", None)
-        storage[_obj(_MD, "MetadataIndex", st)] = _obj(_FS, "_StorageInfo", {
-            "relative_path": rel, "offset": offset, "length": length})
-    state = dict(layout.metadata.state) if layout is not None else {"storage_meta": None, "version": "1.0.0"}
-    state.update(state_dict_metadata=sdm, planner_data=planner, storage_data=storage)
-    md = _obj(_MD, "Metadata", state)
-
-    def no_storage(obj: Any) -> Any:
-        raise DcpFormatError("the .metadata cannot hold a tensor")
-
-    return dump(md, no_storage)
-
-
-def described(md: Any) -> dict[str, tuple[Any, ...]]:
-    """What ``dcp.load`` reads of each key of a parsed Metadata: its kind, size, dtype, planner path,
-    and each chunk's (offsets, sizes, (file, offset, length)). Two Metadata that describe alike load alike."""
-    try:
-        stored: dict[tuple[str, tuple[int, ...] | None], tuple[Any, Any, Any]] = {}
-        for index, info in md.state["storage_data"].items():
-            ist, sst = index.state, info.state
-            at = tuple(ist["offset"].args[0]) if ist.get("offset") is not None else None
-            stored[(ist["fqn"], at)] = (sst["relative_path"], sst["offset"], sst["length"])
-        planner = md.state.get("planner_data") or {}
-        out: dict[str, tuple[Any, ...]] = {}
-        for fqn, smd in md.state["state_dict_metadata"].items():
-            if global_name(smd) == f"{_MD}.BytesStorageMetadata":
-                out[fqn] = ("bytes", planner.get(fqn), stored.get((fqn, None)))
-                continue
-            st = smd.state
-            chunks = []
-            for chunk in st["chunks"]:
-                offsets = tuple(chunk.state["offsets"].args[0])
-                chunks.append((offsets, tuple(chunk.state["sizes"].args[0]), stored.get((fqn, offsets))))
-            out[fqn] = ("tensor", tuple(st["size"].args[0]), _dtype(st["properties"], fqn), planner.get(fqn),
-                        sorted(chunks))
-        return out
-    except (AttributeError, KeyError, TypeError, IndexError) as exc:
-        raise DcpFormatError(f"the .metadata is malformed ({type(exc).__name__}: {exc})") from None
-
-
-def renamed_description(layout: Dcp, kept: list[tuple[str, tuple[Any, ...], Any]]) -> dict[str, tuple[Any, ...]]:
-    """:func:`described` of the ``.metadata`` a rewrite that moves no byte must write: each kept
-    value read as before, under its new name and planner path."""
-    old = described(layout.metadata)
-    out: dict[str, tuple[Any, ...]] = {}
-    for fqn, path, value in kept:
-        entry = old[layout.origin[id(value)][0]]
-        out[fqn] = (entry[0], path, *entry[2:]) if entry[0] == "bytes" else (*entry[:3], path, entry[4])
-    return out
-
-
-def reparse(raw: bytes) -> Any:
-    """A ``.metadata`` this process just pickled, read back by the C unpickler into inert stand-ins
-    (no class is imported, so no code runs). It skips the safety scan of :func:`pickled.load`, which
-    guards against hostile pickles, not against our own writer."""
-    try:
-        return pickled.SafeUnpickler(io.BytesIO(raw)).load()
-    except Exception as exc:  # noqa: BLE001 - whatever the unpickler raises, the bytes do not read back
-        raise DcpFormatError(f"the written .metadata does not unpickle ({type(exc).__name__})") from None
-
-
-def _default_properties() -> tuple[Any, ...]:
-    """TensorProperties' pickled state after the dtype, as DCP writes it for a dense CPU tensor:
-    strided layout, no grad, contiguous memory format (encoded 0), not pinned."""
-    layout = standin("torch.serialization", "_get_layout")("torch.strided")
-    memory_format = standin(_MD, "_MEM_FORMAT_ENCODING")(0)
-    return (layout, False, memory_format, False)
-
-
-def _tensor_md(shape: tuple[int, ...], dtype: str, template_props: Any) -> StandIn:
-    rest = template_props.state[1:] if template_props is not None and isinstance(template_props.state, tuple) \
-        else _default_properties()
-    props = _obj(_MD, "TensorProperties", (standin("torch", dtype), *rest))
-    chunk = _obj(_MD, "ChunkStorageMetadata", {"offsets": _torch_size((0,) * len(shape)), "sizes": _torch_size(shape)})
-    return _obj(_MD, "TensorStorageMetadata", {"properties": props, "size": _torch_size(shape), "chunks": [chunk]})

@@ -27,7 +27,8 @@ def load(
     import torch.distributed.checkpoint as dcp
 
     from ckptmigrate import api
-    from ckptmigrate.chain.engine import apply, plan_for
+    from ckptmigrate.chain.engine import apply
+    from ckptmigrate.chain.planning import plan_for
     from ckptmigrate.formats.dcp import Dcp, flatten
 
     with Checkpoint.open(checkpoint_id) as ckpt:

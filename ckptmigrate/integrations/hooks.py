@@ -30,7 +30,8 @@ def upgrade_state_dict(
     the nearest revision and the difference.
     """
     from ckptmigrate.api import chain_source
-    from ckptmigrate.chain.engine import apply, plan_for
+    from ckptmigrate.chain.engine import apply
+    from ckptmigrate.chain.planning import plan_for
     from ckptmigrate.checkpoint.lazy import Checkpoint
 
     ckpt = Checkpoint.from_payload(OrderedDict(state_dict), name=name)

@@ -27,7 +27,8 @@ def upgrade_checkpoint(
     :func:`ckptmigrate.load_state_dict` (unless the module loads with ``strict_loading = False``).
     """
     from ckptmigrate.api import chain_source
-    from ckptmigrate.chain.engine import apply, plan_for
+    from ckptmigrate.chain.engine import apply
+    from ckptmigrate.chain.planning import plan_for
     from ckptmigrate.checkpoint.lazy import Checkpoint
     from ckptmigrate.integrations.loading import diagnose, mismatch
 

@@ -183,3 +183,24 @@ def check_manifest_file(entry: Mapping[str, Any], root: Path, release: str | Non
         result.problems.append(f"not stamped for release {release}")
     result.ok = not result.problems
     return result
+
+
+def verify_manifest_file(path: Path, public_key: Any = None, *, jobs: int | None = None, strict: bool = False
+                         ) -> tuple[dict[str, Any], list[VerifyResult]]:
+    """:func:`ckptmigrate.api.verify_manifest` of a local manifest file."""
+    from ckptmigrate.release import signing
+
+    key = signing.load_public_key(public_key) if isinstance(public_key, (str, os.PathLike)) else public_key
+    doc = load_manifest(path)
+    sig = signing.check_manifest_signature(doc, key)
+    problems = [sig.problem] if sig.problem and (sig.status != "absent" or key is not None) else []
+    root = path.resolve().parent
+    unlisted = unlisted_checkpoints(doc, root, path.resolve())
+    if strict and unlisted:
+        problems.append(f"{len(unlisted)} checkpoint file(s) in its directory are not listed (--strict)")
+    info = {"path": str(path), "release": doc.get("release"), "commit": doc.get("commit"),
+            "files": len(doc["files"]), "signature": sig.status, "signed_by": sig.signed_by,
+            "unlisted": [{"path": str(p), "format": kind} for p, kind in unlisted],
+            "problems": problems, "ok": not problems}
+    results = list(parallel(lambda e: check_manifest_file(e, root, doc.get("release"), key), doc["files"], jobs))
+    return info, results
