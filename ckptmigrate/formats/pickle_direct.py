@@ -167,6 +167,7 @@ def _names_other_globals(data: bytes) -> bool:
 
 
 _PLAIN = (str, int, bool, float, type(None))
+_LEAVES = frozenset((*_PLAIN, TensorRef))  # what a container may hold that is not itself walked
 #: What a memo get may fetch: never a container (sharing one would need the general path's checks).
 _GETTABLE = {str, int, bool, float, type(None), TensorRef, _Global}
 
@@ -653,13 +654,12 @@ def _check_nesting(payload: Any) -> None:
     hold only what the decode makes (no global)."""
     level = [payload]
     for _ in range(MAX_NESTING):
-        inner = []
+        inner: list[Any] = []
         for obj in level:
             t = type(obj)
             if t is dict or t is collections.OrderedDict:
-                for v in obj.values():
-                    if type(v) is not TensorRef and type(v) not in _PLAIN:
-                        inner.append(v)
+                if not _LEAVES.issuperset(map(type, obj.values())):  # a state dict's: no loop in Python
+                    inner.extend(v for v in obj.values() if type(v) is not TensorRef and type(v) not in _PLAIN)
                 attributes = getattr(obj, "__dict__", None)
                 if attributes:
                     inner.extend(attributes.values())
