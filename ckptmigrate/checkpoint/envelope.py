@@ -10,12 +10,14 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import marshal
+import operator
 import os
 import platform
 import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from itertools import chain
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -76,28 +78,47 @@ def architecture_hash_of(state_dict: Mapping[Any, Any]) -> str:
     """``architecture_hash(schema_of(state_dict))`` without building the schema: a state dict of
     ASCII string keys and tensor references (as a file is read) is hashed from the references, the
     text of each (shape, dtype) made once; any other goes the schema's way."""
+    lines = _lines_of_refs(state_dict)
+    if lines is None:
+        return architecture_hash(schema_of(state_dict))
+    h = hashlib.sha256()
+    keys = sorted(lines)
+    for start in range(0, len(keys), 4096):  # hashed in runs: one update call per few thousand keys
+        run = keys[start : start + 4096]
+        h.update("".join(map(operator.add, run, map(lines.__getitem__, run))).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _lines_of_refs(state_dict: Mapping[Any, Any]) -> dict[str, str] | None:
+    """Each key's line tail (``\\t{shape}\\t{dtype}\\n``) for :func:`architecture_hash_of`, in C
+    loops when every value is a TensorRef (as a file is read); None when the schema must be built."""
+    keys, values = list(state_dict), list(state_dict.values())
+    if set(map(type, values)) == {TensorRef} and set(map(type, keys)) <= {str} and "".join(keys).isascii():
+        shapes, kinds = list(map(_SHAPE, values)), list(map(_DTYPE, values))
+        # only exact ints are looked up: (1,) == (True,), whose text differs
+        if set(map(type, shapes)) <= {tuple} and set(map(type, kinds)) <= {str} \
+                and set(map(type, chain.from_iterable(shapes))) <= {int}:
+            pairs = list(zip(shapes, kinds, strict=True))
+            texts = {pair: f"\t{','.join(map(str, pair[0]))}\t{pair[1]}\n" for pair in set(pairs)}
+            return dict(zip(keys, map(texts.__getitem__, pairs), strict=True))
     tails: dict[tuple[Any, str], str] = {}
     lines: dict[str, str] = {}
     for key, value in state_dict.items():
         if type(value) is not TensorRef:
             if is_entry(value):
-                return architecture_hash(schema_of(state_dict))
+                return None
             continue
         shape, dtype = value.shape, value.dtype
         if type(key) is not str or not key.isascii() or type(dtype) is not str or type(shape) is not tuple:
-            return architecture_hash(schema_of(state_dict))
+            return None
         for d in shape:  # only exact ints are looked up: (1,) == (True,), whose text differs
             if type(d) is not int:
-                return architecture_hash(schema_of(state_dict))
+                return None
         tail = tails.get((shape, dtype))
         if tail is None:
             tail = tails[(shape, dtype)] = f"\t{','.join(map(str, shape))}\t{dtype}\n"
         lines[key] = tail
-    h = hashlib.sha256()
-    keys = sorted(lines)
-    for start in range(0, len(keys), 4096):  # hashed in runs: one update call per few thousand keys
-        h.update("".join([k + lines[k] for k in keys[start : start + 4096]]).encode())
-    return "sha256:" + h.hexdigest()
+    return lines
 
 
 def devices_of(entries: Iterable[Entry]) -> list[str]:
@@ -115,6 +136,7 @@ def _state_dict_devices(state_dict: Mapping[Any, Any]) -> list[str]:
 
 
 _LOCATION = attrgetter("storage.location")
+_SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")
 
 
 def _torch_versions() -> dict[str, str | None]:

@@ -32,8 +32,8 @@ import re
 import struct
 import zlib
 from functools import partial
-from itertools import filterfalse, repeat
-from operator import itemgetter
+from itertools import chain, filterfalse, repeat
+from operator import add, itemgetter, sub
 from typing import Any, NamedTuple, Protocol
 
 from ckptmigrate.util.gcpause import pausing
@@ -45,6 +45,10 @@ _EOCD64 = struct.Struct("<IQHHIIQQQQ")
 _LOCATOR64 = struct.Struct("<IIQI")
 _DESCRIPTOR32 = struct.Struct("<IIII")
 _DESCRIPTOR64 = struct.Struct("<IIQQ")
+_LOCAL_REST = struct.Struct("<14s12sHH")  # a local header: its first 14 bytes, CRC and sizes, name and extra lengths
+_PADDING_HEAD = struct.Struct("<HH")  # the padding extra field's tag and length
+_STATED = struct.Struct("<III")  # a local header's CRC and sizes
+_NO_SIZES = bytes(12)  # the CRC and sizes of a local header that leaves them to a data descriptor
 SIG_LOCAL = b"PK\x03\x04"
 SIG_CENTRAL = b"PK\x01\x02"
 SIG_EOCD = b"PK\x05\x06"
@@ -73,6 +77,8 @@ _TORCH_NAME_BUFFER = 512
 #: Where records are small (a run of small tensors), the walk reads this many bytes at once and
 #: finds the next headers and data descriptors in them: one read for hundreds of records.
 _WINDOW = 64 << 10
+#: The fewest listed records of a window the walk checks at once (:meth:`_Reader.listed_run`).
+_MIN_RUN = 8
 #: torch refuses an archive whose ``version`` record is outside this range (caffe2/serialize/versions.h).
 TORCH_VERSIONS = range(1, 0xA + 1)
 _LEADING_INTEGER = re.compile(rb"[ \t\n\v\f\r]*\+?([0-9]+)")
@@ -232,6 +238,7 @@ class _Reader:
         self.prefix: str | None = None
         self._buf, self._at, self._ahead = b"", 0, 0  # the walk's window: bytes, their offset, read-ahead
         self._heads: list[int] = []  # the listed local headers, in order: where a window may end
+        self._run_from = 0  # where the walk may next try :meth:`listed_run` (past a window where it failed)
 
     def pread(self, n: int, offset: int, what: str) -> bytes:
         data = pread(self.src, n, offset) if n else b""
@@ -385,6 +392,11 @@ class _Reader:
         while pos < cd_offset:
             central = live_get(pos)
             if central is not None:  # a listed record as torch writes it, in the window already read
+                if pos >= self._run_from:
+                    end = self.listed_run(pos)
+                    if end is not None:
+                        pos = end
+                        continue
                 end = self.listed_in_window(pos, central, cd_offset)
                 if end is not None:
                     pos = end
@@ -405,6 +417,72 @@ class _Reader:
         if not self.records.keys() >= live.keys():  # checked in C; the names only for the message
             hidden = [c.name for off, c in live.items() if off not in self.records]
             raise ZipFormatError(f"record {hidden[0]!r} has its local header inside another record's bytes")
+
+    def listed_run(self, pos: int) -> int | None:
+        """:meth:`_listed` of the listed records from ``pos`` on whose successor's header is in the
+        walk's window, at once (:meth:`_run`); their end, or None. Where no run of at least
+        _MIN_RUN records reads so, the walk reads record by record to the window's last header."""
+        buf, base = self._buf, self._at
+        heads = self._heads
+        first = bisect.bisect_left(heads, pos)
+        last = bisect.bisect_right(heads, base + len(buf) - 30) - 1  # the last header the window holds
+        count = last - first
+        if pos < base or count < _MIN_RUN:
+            return None
+        while count >= _MIN_RUN:
+            end = self._run(buf, base, heads[first : first + count + 1])
+            if end is not None:
+                return end
+            count //= 2
+        self._run_from = heads[last]
+        return None
+
+    def _run(self, buf: bytes, base: int, offsets: list[int]) -> int | None:
+        """The end of the records at ``offsets[:-1]`` when each is what :meth:`_listed` accepts and
+        ends where the next begins, read from ``buf`` (the bytes from file offset ``base``), else
+        None. Each record's bytes but its data and padding are compared at once with what they must
+        be: the first 14 bytes of the first local header (checked as :meth:`_listed` checks them),
+        then the CRC and sizes as the directory gives them (or zeros, left to a data descriptor),
+        the name's and the extra field's lengths (the extra field filling the room to the data), the
+        name, the padding field's tag and length, and the data descriptor."""
+        starts, nexts = offsets[:-1], offsets[1:]
+        centrals = list(map(self.live.__getitem__, starts))
+        raw_names, sizes, crcs = list(map(_RAW_NAME, centrals)), list(map(_SIZE, centrals)), list(map(_CRC, centrals))
+        rel = starts[0] - base
+        front = buf[rel : rel + 14]
+        if len(front) != 14:
+            return None
+        sig, needed, flags, method = struct.unpack_from("<IHHH", front)
+        if sig != 0x04034B50 or needed > _MAX_VERSION_NEEDED or flags & ~_FLAGS_ALLOWED or method:
+            return None
+        tail = _DESCRIPTOR32.size if flags & _FLAG_DESCRIPTOR else 0
+        if max(sizes) >= MAX32 or (tail and starts[-1] >= MAX32):
+            return None
+        nlens = list(map(len, raw_names))
+        xlens = list(map(sub, map(sub, map(sub, nexts, starts), map(add, sizes, nlens)), repeat(30 + tail)))
+        try:
+            heads = map(_LOCAL_REST.pack, repeat(front),
+                        map(_STATED.pack, crcs, sizes, sizes) if not tail else repeat(_NO_SIZES), nlens, xlens)
+            paddings = map(_PADDING_HEAD.pack, repeat(_TAG_PADDING), map(sub, xlens, repeat(4)))
+            if tail:
+                descriptors = map(_DESCRIPTOR32.pack, repeat(0x08074B50), crcs, sizes, sizes)
+                expected = b"".join(chain.from_iterable(zip(heads, raw_names, paddings, descriptors, strict=True)))
+            else:
+                expected = b"".join(chain.from_iterable(zip(heads, raw_names, paddings, strict=True)))
+        except struct.error:  # an extra field too short or too long for the room: not a record as torch writes it
+            return None
+        rels = list(map(sub, starts, repeat(base)))
+        spans = [rels, list(map(add, rels, map(add, nlens, repeat(34))))]  # header, name, padding field head
+        if tail:
+            ends = list(map(sub, nexts, repeat(base + tail)))
+            spans = [list(chain.from_iterable(zip(spans[0], ends, strict=True))),
+                     list(chain.from_iterable(zip(spans[1], map(add, ends, repeat(tail)), strict=True)))]
+        if b"".join(map(buf.__getitem__, map(slice, *spans))) != expected:
+            return None
+        data = list(map(add, map(add, starts, repeat(30)), map(add, nlens, xlens)))
+        self.records.update(zip(starts, zip(map(_NAME, centrals), sizes, data, strict=True), strict=True))
+        self._ahead = _WINDOW if sizes[-1] < _WINDOW // 16 else 0
+        return nexts[-1]
 
     def listed_in_window(self, pos: int, central: _Central, limit: int) -> int | None:
         """:meth:`listed_record` read in place from the walk's window (no block copied out of it),
@@ -724,7 +802,8 @@ def _by_header(centrals: list[_Central]) -> dict[int, _Central]:
     return live
 
 
-_NAME, _CRC, _SIZE, _HEADER = itemgetter(1), itemgetter(3), itemgetter(4), itemgetter(5)  # of a _Central
+_RAW_NAME, _NAME, _CRC, _SIZE, _HEADER = (itemgetter(0), itemgetter(1), itemgetter(3), itemgetter(4),
+                                          itemgetter(5))  # of a _Central
 _DATA = itemgetter(2)  # a walked record's data offset
 _C_NAME_SIZE_CRC = itemgetter(1, 4, 3)  # of a _Central
 # of a ZipEntry
