@@ -33,9 +33,10 @@ from ckptmigrate.chain.revisions import RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, CkptMigrateError, MultiFileObject, ObjectChanged
-from ckptmigrate.formats import dcp, hf_sharded, multifile, safetensors_io, torchzip
+from ckptmigrate.formats import dcp, hf_sharded, multifile, safetensors_io, torchzip, zipstream
 from ckptmigrate.ops.optimizer import check_policy
 from ckptmigrate.storage import hf_commit, prefix_write, writers
+from ckptmigrate.storage.pieces import Planned
 from ckptmigrate.storage.ranges import TRANSFER, Prefixed, RangeFile, Spliced, multi_file_marker
 from ckptmigrate.storage.staged import refuse_multi_file
 from ckptmigrate.tensors.refs import Source
@@ -130,7 +131,7 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
             head, skip = header
             ckpt.check_reads_back(url, env, expected, remote=Prefixed(source.remote, head, skip))
             writers.replace_head(target, source.remote, head, skip)
-        else:
+        elif not _streamed(ckpt, target, url, env, expected):
             with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
                 staged = Path(tmp) / url.name
                 ckpt.write(staged, envelope)  # a legacy (pre-zip) file becomes a torch zip, as on disk
@@ -142,6 +143,32 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
             _blame_a_change(target, exc)
         raise
     return kept
+
+
+def _streamed(ckpt: Checkpoint, target: writers.Target, url: ObjectURL, env: dict[str, Any],
+              expected: dict[str, Any] | None) -> bool:
+    """A torch zip whose tensors change, sent as it is produced (formats/zipstream): no local file,
+    the kept records copied server-side (S3) or read through, each new tensor computed in turn; the
+    object to be is read back before the one step that replaces it. False (nothing done) when it
+    cannot be: not a torch zip, the Hub (an LFS upload needs the whole file's SHA-256 first),
+    tensors from other files or of no known CRC (formats/zipstream.refusal): then it is staged."""
+    c = ckpt.container
+    source = c.source
+    if c.format != "torch-zip" or isinstance(target, hf_commit.HubFile) or source is None:
+        return False
+    archive = zipstream.records(torchzip.Pickled(ckpt.payload()), torchzip.envelope_bytes(env), c.prefix, None)
+    if zipstream.refusal(archive, source) is not None:
+        return False
+    remote = source.remote
+    assert isinstance(remote, RangeFile)
+    planned = Planned(remote)
+    source.by_range = True  # a tensor an op reads is fetched by range, not the object staged
+    try:
+        writers.stream(target, remote, zipstream.emit(archive, source, planned), zipstream.total_size(archive),
+                       lambda: ckpt.check_reads_back(url, env, expected, remote=planned))
+    finally:
+        source.by_range = False
+    return True
 
 
 def _stamped(ckpt: Checkpoint, envelope: Envelope) -> str:

@@ -71,6 +71,18 @@ class Source:
             self.size = remote.size
         self._map: mmap.mmap | None = None
         self._lock = threading.Lock()
+        #: A remote object's tensor bytes read by range, each when it is used, not staged whole (a
+        #: streamed rewrite of the object: no local copy of it).
+        self.by_range = False
+
+    def read_range(self, offset: int, n: int) -> bytearray:
+        """Bytes ``offset`` to ``offset + n`` of a remote object, fetched (not cached, not staged)."""
+        out = bytearray(n)
+        at = 0
+        for block in self.remote.chunks(offset, offset + n):
+            out[at : at + len(block)] = block
+            at += len(block)
+        return out
 
     def pread(self, n: int, offset: int) -> bytes:
         if self.remote is not None:
@@ -296,7 +308,10 @@ def to_torch(value: Entry) -> torch.Tensor:
             torch._C._set_tensor_metadata(empty, value.metadata)  # type: ignore[attr-defined]
         return empty
     itemsize = ITEMSIZE[value.dtype]
-    flat = torch.frombuffer(storage.source.map(), dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
+    if storage.source.by_range and storage.source.remote is not None:
+        flat = torch.frombuffer(storage.source.read_range(storage.offset, storage.nbytes), dtype=torch.uint8)
+    else:
+        flat = torch.frombuffer(storage.source.map(), dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
     if storage.offset % itemsize:  # misaligned (a DCP chunk's archive starts anywhere): one aligned copy
         flat = flat.clone()
     typed = flat.view(dtype).as_strided(value.shape, value.stride, value.storage_offset)
