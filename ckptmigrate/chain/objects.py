@@ -20,9 +20,10 @@ refused in one line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +68,14 @@ def migrate_object(
             ckpt.trust_pickle()
         outcome = engine.Outcome(url, None, plan)
         if plan.steps:
-            history = engine.apply(ckpt, plan, trace=outcome.ops)
-            ckpt.refuse_changed_module()
-            if not dry_run:
-                outcome.backup = write_object(ckpt, url, engine.new_envelope(ckpt, plan, history), backup=backup,
-                                              what=plan.describe())
-                outcome.output = url
-                outcome.written = True
+            with _by_range(ckpt):  # an op that reads a tensor (``map``) fetches it, not the object
+                history = engine.apply(ckpt, plan, trace=outcome.ops)
+                ckpt.refuse_changed_module()
+                if not dry_run:
+                    outcome.backup = write_object(ckpt, url, engine.new_envelope(ckpt, plan, history),
+                                                  backup=backup, what=plan.describe())
+                    outcome.output = url
+                    outcome.written = True
     outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
     return outcome
 
@@ -162,13 +164,25 @@ def _streamed(ckpt: Checkpoint, target: writers.Target, url: ObjectURL, env: dic
     remote = source.remote
     assert isinstance(remote, RangeFile)
     planned = Planned(remote)
-    source.by_range = True  # a tensor an op reads is fetched by range, not the object staged
-    try:
+    with _by_range(ckpt):
         writers.stream(target, remote, zipstream.emit(archive, source, planned), zipstream.total_size(archive),
                        lambda: ckpt.check_reads_back(url, env, expected, remote=planned))
+    return True
+
+
+@contextlib.contextmanager
+def _by_range(ckpt: Checkpoint) -> Iterator[None]:
+    """While it lasts, a tensor of the object read is fetched by range when an op or the streamed
+    write needs its values, instead of the whole object being staged in a local file."""
+    source = ckpt.container.source
+    if source is None or source.remote is None or source.by_range:
+        yield
+        return
+    source.by_range = True
+    try:
+        yield
     finally:
         source.by_range = False
-    return True
 
 
 def _stamped(ckpt: Checkpoint, envelope: Envelope) -> str:

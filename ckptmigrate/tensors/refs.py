@@ -75,6 +75,11 @@ class Source:
         #: streamed rewrite of the object: no local copy of it).
         self.by_range = False
 
+    @property
+    def ranged(self) -> bool:
+        """Whether tensor bytes are read by range now: :attr:`by_range`, and not staged already."""
+        return self.by_range and self.remote is not None and self._staged is None
+
     def read_range(self, offset: int, n: int) -> bytearray:
         """Bytes ``offset`` to ``offset + n`` of a remote object, fetched (not cached, not staged)."""
         out = bytearray(n)
@@ -308,7 +313,7 @@ def to_torch(value: Entry) -> torch.Tensor:
             torch._C._set_tensor_metadata(empty, value.metadata)  # type: ignore[attr-defined]
         return empty
     itemsize = ITEMSIZE[value.dtype]
-    if storage.source.by_range and storage.source.remote is not None:
+    if storage.source.ranged:
         flat = torch.frombuffer(storage.source.read_range(storage.offset, storage.nbytes), dtype=torch.uint8)
     else:
         flat = torch.frombuffer(storage.source.map(), dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
