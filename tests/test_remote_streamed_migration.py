@@ -44,6 +44,18 @@ def s3() -> Iterator[S3Server]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def gcs() -> Iterator[tuple[dict[str, str], Any]]:
+    with running_gcs() as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def azure() -> Iterator[tuple[dict[str, str], Any]]:
+    with azurite.running() as served:
+        yield served
+
+
 def model() -> dict[str, torch.Tensor]:
     """Four 12 MiB weights and a bias. A kept weight after new bytes is copied server-side on S3 but
     for its first 5 MiB (S3's smallest part, which the new bytes before it must be sent in)."""
@@ -208,17 +220,18 @@ def test_s3_a_failure_mid_stream_leaves_the_object_as_it_was(cli: Cli, s3: S3Ser
     assert keys == ["m.pt"]
 
 
-def test_gcs_a_transpose_is_streamed_through_one_resumable_upload(cli: Cli, tmp_path: Path) -> None:
+def test_gcs_a_transpose_is_streamed_through_one_resumable_upload(cli: Cli, gcs: tuple[dict[str, str], Any],
+                                                                   tmp_path: Path) -> None:
+    env, bucket = gcs
     original_state = model()
     original = saved(original_state)
     migrations = chain(tmp_path, TRANSPOSE)
-    with running_gcs() as (env, bucket):
-        bucket.blob("stream/m.pt").upload_from_string(original)
-        proc, writes = strace(tmp_path, "upgrade", "gs://ckpts/stream/m.pt", "--from", "c1", "--migrations",
-                              migrations, "--json", env=env)
-        assert proc.returncode == 0, proc.stderr
-        new = bucket.blob("stream/m.pt").download_as_bytes()
-        assert bucket.blob("stream/m.pt.bak").download_as_bytes() == original
+    bucket.blob("stream/m.pt").upload_from_string(original)
+    proc, writes = strace(tmp_path, "upgrade", "gs://ckpts/stream/m.pt", "--from", "c1", "--migrations",
+                          migrations, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    new = bucket.blob("stream/m.pt").download_as_bytes()
+    assert bucket.blob("stream/m.pt.bak").download_as_bytes() == original
     assert writes == []
     same_archive(new, migrated_locally(tmp_path, cli, original, migrations))
     loaded = torch.load(io.BytesIO(new), weights_only=True)
@@ -227,19 +240,66 @@ def test_gcs_a_transpose_is_streamed_through_one_resumable_upload(cli: Cli, tmp_
     assert transfer["bytes_sent"] == len(new)  # GCS has no range copy: every byte goes up once
 
 
-def test_azure_a_transpose_is_staged_in_blocks_and_committed_once(cli: Cli, tmp_path: Path) -> None:
+def test_azure_a_transpose_is_staged_in_blocks_and_committed_once(cli: Cli, azure: tuple[dict[str, str], Any],
+                                                                   tmp_path: Path) -> None:
+    env, container = azure
     original_state = model()
     original = saved(original_state)
     migrations = chain(tmp_path, TRANSPOSE)
-    with azurite.running() as (env, container):
-        container.upload_blob("stream/m.pt", original)
-        proc, writes = strace(tmp_path, "upgrade", "az://ckpts/stream/m.pt", "--from", "c1", "--migrations",
-                              migrations, "--json", env=env)
-        assert proc.returncode == 0, proc.stderr
-        new = container.download_blob("stream/m.pt").readall()
-        assert container.download_blob("stream/m.pt.bak").readall() == original
+    container.upload_blob("stream/m.pt", original)
+    proc, writes = strace(tmp_path, "upgrade", "az://ckpts/stream/m.pt", "--from", "c1", "--migrations",
+                          migrations, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    new = container.download_blob("stream/m.pt").readall()
+    assert container.download_blob("stream/m.pt.bak").readall() == original
     assert writes == []
     same_archive(new, migrated_locally(tmp_path, cli, original, migrations))
     loaded = torch.load(io.BytesIO(new), weights_only=True)
     assert torch.equal(loaded["blocks.1.weight"], original_state["blocks.1.weight"].T)
     assert json.loads(proc.stdout)["transfer"]["bytes_sent"] == len(new)
+
+
+@pytest.mark.parametrize("store", ["gs", "az"])
+def test_gcs_and_azure_a_replaced_object_stands_and_a_failure_changes_nothing(
+    cli: Cli, gcs: tuple[dict[str, str], Any], azure: tuple[dict[str, str], Any], tmp_path: Path, store: str,
+) -> None:
+    env, place = gcs if store == "gs" else azure
+    original = saved(model())
+    theirs = saved({"other": torch.randn(1024)})
+    (tmp_path / "theirs.pt").write_bytes(theirs)
+
+    def put(key: str, body: bytes) -> None:
+        if store == "gs":
+            place.blob(key).upload_from_string(body)
+        else:
+            place.upload_blob(key, body, overwrite=True)
+
+    def get(key: str) -> bytes:
+        return bytes(place.blob(key).download_as_bytes() if store == "gs" else place.download_blob(key).readall())
+
+    def names() -> list[str]:
+        if store == "gs":
+            return sorted(b.name for b in place.client.list_blobs(place, prefix=f"{tmp_path.name}/"))
+        return sorted(b.name for b in place.list_blobs(name_starts_with=f"{tmp_path.name}/"))
+
+    key = f"{tmp_path.name}/m.pt"
+    put(key, original)
+    url = f"{store}://ckpts/{key}"
+    # another writer replaces the object while the new tensor after the kept ones is computed
+    replace = (f"from tests.streamed_race import put\n\n\ndef late():\n"
+               f"    put({store!r}, {key!r}, {str(tmp_path / 'theirs.pt')!r})\n    return torch.zeros(1024)\n")
+    race = chain(tmp_path / "race", f"{TRANSPOSE}; ckpt.add('late', Deferred((1024,), 'float32', late))",
+                 "import torch\nfrom ckptmigrate.tensors.refs import Deferred\n" + replace)
+    proc = cli("upgrade", url, "--from", "c1", "--migrations", race, "--json",
+               env={**env, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert proc.returncode == 2 and "the object changed since it was read" in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout)["error"]["type"] == "ObjectChanged"
+    assert get(key) == theirs and names() == [key]  # theirs stands; the backup taken is gone
+
+    put(key, original)
+    failing = chain(tmp_path / "fail", f"{TRANSPOSE}; ckpt.add('late', Deferred((1024,), 'float32', late))",
+                    "from ckptmigrate.tensors.refs import Deferred\n\n\ndef late():\n"
+                    "    raise RuntimeError('out of memory computing late')\n")
+    proc = cli("upgrade", url, "--from", "c1", "--migrations", failing, env=env)
+    assert proc.returncode != 0 and "out of memory computing late" in proc.stderr, proc.stderr
+    assert get(key) == original and names() == [key]
