@@ -203,16 +203,26 @@ def test_s3_an_object_replaced_mid_stream_is_not_overwritten(cli: Cli, s3: S3Ser
     assert keys == ["m.pt"]  # the backup taken for the lost write is gone
 
 
-def test_s3_a_failure_mid_stream_leaves_the_object_as_it_was(cli: Cli, s3: S3Server, tmp_path: Path) -> None:
+FAILURES = {
+    "an op that raises": ("def late():\n    raise RuntimeError('out of memory computing late')\n",
+                          "out of memory computing late"),
+    "ctrl-c": ("import os, signal\n\n\ndef late():\n    os.kill(os.getpid(), signal.SIGINT)\n"
+               "    return torch.zeros(1024)\n", "aborted"),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_s3_a_failure_mid_stream_leaves_the_object_as_it_was(cli: Cli, s3: S3Server, tmp_path: Path,
+                                                              failure: str) -> None:
     bucket = s3.new_bucket("fail", tmp_path)
     original = saved(model())
     s3.client().put_object(Bucket=bucket, Key="m.pt", Body=original)
-    failing = ("from ckptmigrate.tensors.refs import Deferred\n\n\ndef late():\n"
-               "    raise RuntimeError('out of memory computing late')\n")
+    code, said = FAILURES[failure]
+    failing = f"import torch\nfrom ckptmigrate.tensors.refs import Deferred\n{code}"
     migrations = chain(tmp_path, f"{TRANSPOSE}; ckpt.add('late', Deferred((1024,), 'float32', late))", failing)
     s3.served.reset()
     proc = cli("upgrade", f"s3://{bucket}/m.pt", "--from", "c1", "--migrations", migrations)
-    assert proc.returncode != 0 and "out of memory computing late" in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and said in proc.stderr, proc.stderr
     assert any("partNumber=" in line for line in s3.served.log)  # parts had gone up
     assert get(s3, bucket, "m.pt") == original
     assert open_uploads(s3, bucket) == []
