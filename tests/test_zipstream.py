@@ -22,7 +22,7 @@ import torch
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput
 from ckptmigrate.formats import torchzip, zipstream
-from ckptmigrate.storage.pieces import Kept, Planned
+from ckptmigrate.storage.pieces import Kept, Planned, merged
 from ckptmigrate.tensors.refs import Deferred, Source
 
 SID = b"0123456789" * 4
@@ -68,7 +68,7 @@ def migrated(payload: dict[str, Any]) -> dict[str, Any]:
 
 def streamed(tmp_path: Path, envelope: dict[str, Any] | None) -> tuple[bytes, bytes, int, Planned, Source]:
     src = Source(source_file(tmp_path))
-    payload, _env, _storages, prefix, _entries = torchzip.read(src)
+    payload, _env, _storages, prefix, entries = torchzip.read(src)
     payload = migrated(payload)
     written = io.BytesIO()
     with open(tmp_path / "local.pt", "wb") as fh:
@@ -77,7 +77,8 @@ def streamed(tmp_path: Path, envelope: dict[str, Any] | None) -> tuple[bytes, by
                                 torchzip.envelope_bytes(envelope), prefix, SID)
     assert zipstream.refusal(archive, src) is None
     planned = Planned(LocalObject(tmp_path / "src.pt"))  # type: ignore[arg-type]
-    for piece in zipstream.emit(archive, src, planned):
+    headers = {e.data_offset: e.data_offset - e.header_offset for e in entries.values()}
+    for piece in zipstream.emit(archive, src, planned, headers):
         written.write(src.pread(piece.size, piece.start) if isinstance(piece, Kept) else piece)
     return written.getvalue(), (tmp_path / "local.pt").read_bytes(), zipstream.total_size(archive), planned, src
 
@@ -105,3 +106,24 @@ def test_the_object_to_be_reads_back_from_the_pieces_held(tmp_path: Path) -> Non
     with pytest.raises(BadInput, match="does not hold"):
         planned.pread(1024, middle)
     assert planned.pread(64, 0) == sent[:64]
+
+
+def test_records_kept_where_they_were_are_one_range_with_their_headers(tmp_path: Path) -> None:
+    _sent, local, _total, _planned, _src = streamed(tmp_path, None)
+    (tmp_path / "again.pt").write_bytes(local)  # what ckptmigrate wrote, migrated once more
+    src = Source(tmp_path / "again.pt")
+    payload, _env, _storages, prefix, entries = torchzip.read(src)
+    payload["big.weight"] = Deferred((512, 512), "float32", lambda: torch.ones(512, 512) * 4)
+    archive = zipstream.records(torchzip.Pickled(payload), None, prefix, SID)
+    headers = {e.data_offset: e.data_offset - e.header_offset for e in entries.values()}
+    pieces = list(merged(zipstream.emit(archive, src, Planned(LocalObject(tmp_path / "again.pt")),  # type: ignore[arg-type]
+                                        headers)))
+    kept = [p for p in pieces if isinstance(p, Kept)]
+    by_header = {e.header_offset: e for e in entries.values()}
+    assert kept and all(k.start in by_header for k in kept)  # each run starts at a local header
+    # the records before and after the changed one: two runs, every other storage record in them
+    assert len(kept) == 2
+    storages = [e for e in entries.values() if "/data/" in e.name and e.size != 512 * 512 * 4]
+    assert sum(k.size for k in kept) == sum(e.data_offset - e.header_offset + e.size for e in storages)
+    out = b"".join(src.pread(p.size, p.start) if isinstance(p, Kept) else bytes(p) for p in pieces)
+    assert torch.equal(torch.load(io.BytesIO(out), weights_only=True)["big.weight"], torch.ones(512, 512) * 4)

@@ -165,8 +165,9 @@ def _streamed(ckpt: Checkpoint, target: writers.Target, url: ObjectURL, env: dic
     assert isinstance(remote, RangeFile)
     planned = Planned(remote)
     with _by_range(ckpt):
-        writers.stream(target, remote, zipstream.emit(archive, source, planned), zipstream.total_size(archive),
-                       lambda: ckpt.check_reads_back(url, env, expected, remote=planned))
+        headers = {e.data_offset: e.data_offset - e.header_offset for e in c.records.values()}
+        writers.stream(target, remote, zipstream.emit(archive, source, planned, headers),
+                       zipstream.total_size(archive), lambda: ckpt.check_reads_back(url, env, expected, remote=planned))
     return True
 
 

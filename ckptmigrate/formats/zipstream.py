@@ -88,10 +88,12 @@ def total_size(archive: Records) -> int:
     return layout.position + len(layout.end())
 
 
-def emit(archive: Records, source: Source, planned: Planned) -> Iterator[Piece]:
+def emit(archive: Records, source: Source, planned: Planned, headers: dict[int, int]) -> Iterator[Piece]:
     """The archive's bytes in order; each piece is also added to ``planned`` (the object to be, for
     the read-back), a new tensor's bytes only by their edges. A tensor is computed when its turn
-    comes, and dropped after it is sent."""
+    comes, and dropped after it is sent. ``headers``: the length of each source record's local
+    header, by its data offset (a kept record whose new header is as long may be the same bytes,
+    read where the opening of the source already fetched them)."""
     layout = ZipEmitter()
     for name, item in archive:
         if isinstance(item, bytes):
@@ -100,7 +102,7 @@ def emit(archive: Records, source: Source, planned: Planned) -> Iterator[Piece]:
             assert item.crc32 is not None and item.offset is not None
             head = layout.header(name, item.nbytes, item.crc32)
             at = item.offset - len(head)
-            if at >= 0 and source.pread(len(head), at) == head:  # its header as it was: kept with it
+            if headers.get(item.offset) == len(head) and source.pread(len(head), at) == head:  # as it was
                 pieces = [Kept(at, len(head) + item.nbytes)]
             else:
                 pieces = [head, Kept(item.offset, item.nbytes)]
