@@ -234,15 +234,16 @@ def _parts_of(old: RangeFile, pieces: Iterable[Piece], part: int) -> Iterator[An
     buf = bytearray()
     sent = False
 
-    def filled(data: bytes | memoryview) -> Iterator[tuple[str, bytes]]:
+    def filled(data: bytes | memoryview) -> Iterator[tuple[str, bytearray]]:
+        nonlocal buf
         view = memoryview(data).cast("B")
         while view:
             take = part - len(buf)
             buf.extend(view[:take])
             view = view[take:]
-            if len(buf) >= part:
-                yield ("data", bytes(buf))
-                buf.clear()
+            if len(buf) >= part:  # sent as it is (no copy), a new one filled next
+                full, buf = buf, bytearray()
+                yield ("data", full)
 
     for piece in pieces:
         if not isinstance(piece, Kept):
@@ -261,13 +262,13 @@ def _parts_of(old: RangeFile, pieces: Iterable[Piece], part: int) -> Iterator[An
         for block in old.chunks(start, start + need):
             buf.extend(block)
         if buf:
-            yield ("data", bytes(buf))
-            buf.clear()
+            full, buf = buf, bytearray()
+            yield ("data", full)
         for a, b in copy_ranges(end - start - need):
             sent = True
             yield ("copy", start + need + a, start + need + b)
     if buf or not sent:
-        yield ("data", bytes(buf))
+        yield ("data", buf)
 
 
 def _multipart(obj: S3Object, parts: Any, before: Callable[[], None] | None = None) -> None:
