@@ -51,6 +51,10 @@ SAFETENSORS_DTYPE: dict[str, str] = {
 DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPE.items()}
 
 
+#: What a remote object's small tensors read in turn are fetched in (:meth:`Source.read_range`).
+READ_AHEAD = 4 << 20
+
+
 class Source:
     """An open file whose bytes tensors point into; mapped once, on first use, copy-on-write.
 
@@ -74,6 +78,8 @@ class Source:
         #: A remote object's tensor bytes read by range, each when it is used, not staged whole (a
         #: streamed rewrite of the object: no local copy of it).
         self.by_range = False
+        self._window: tuple[int, bytes] | None = None  # the last read-ahead window: (offset, bytes)
+        self._last_end: int | None = None
 
     @property
     def ranged(self) -> bool:
@@ -81,7 +87,20 @@ class Source:
         return self.by_range and self.remote is not None and self._staged is None
 
     def read_range(self, offset: int, n: int) -> bytearray:
-        """Bytes ``offset`` to ``offset + n`` of a remote object, fetched (not cached, not staged)."""
+        """Bytes ``offset`` to ``offset + n`` of a remote object, fetched (not cached, not staged). A
+        small read that follows the last one closely (tensors read in file order) fetches a window
+        of :data:`READ_AHEAD` bytes, which the next ones are read from: one request for many small
+        tensors, and only the bytes between them; memory holds one window."""
+        window = self._window
+        if window is not None and window[0] <= offset and offset + n <= window[0] + len(window[1]):
+            self._last_end = offset + n
+            return bytearray(memoryview(window[1])[offset - window[0] : offset - window[0] + n])
+        near = self._last_end is not None and self._last_end <= offset <= self._last_end + READ_AHEAD
+        self._last_end = offset + n
+        if near and n < READ_AHEAD:
+            data = b"".join(self.remote.chunks(offset, min(self.size, offset + READ_AHEAD)))
+            self._window = (offset, data)
+            return bytearray(memoryview(data)[:n])
         out = bytearray(n)
         at = 0
         for block in self.remote.chunks(offset, offset + n):
