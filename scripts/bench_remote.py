@@ -7,6 +7,8 @@ Run it from the repository root with the project's virtualenv::
     .venv/bin/python scripts/bench_remote.py --tensor-mb 256    # 1 GiB in 4 tensors: few range requests
     .venv/bin/python scripts/bench_remote.py --json bench-remote.json
     .venv/bin/python scripts/bench_remote.py --cases multi      # only the multi-file and safetensors cases
+    .venv/bin/python scripts/bench_remote.py --cases stream --size-mb 256   # one tensor of 16 MiB changed
+    .venv/bin/python scripts/bench_remote.py --cases stream --ckptmigrate /tmp/main-tree  # the same, another build
 
 What it measures, each case a child process timed by wall clock (interpreter start-up included),
 its CPU time (the client's) and this process's CPU time meanwhile (the server's: moto runs in a
@@ -24,6 +26,12 @@ response bodies; a server-side copy moves none):
   ``.metadata`` by range) and a rename in place (``--no-backup``): a safetensors object or shard
   gets a new header and its first 5 MiB sent, the rest copied server-side; DCP puts ``.metadata``
   and its envelope only.
+
+- ``--cases stream``: an upgrade that changes the values of one tensor (``map``, the second of
+  16 MiB), with the backup: streamed (the new archive sent as it is made, kept tensors copied
+  server-side but for 5 MiB of each that fills a part); with ``--ckptmigrate DIR`` the child runs
+  the ckptmigrate of another source tree (a checkout of ``main``: before/after). These rows add the
+  child's peak RSS and the bytes it wrote to local disk (``/proc/self/io`` ``write_bytes``).
 
 Before each timed upgrade the object is restored by a server-side copy (untimed). moto reads the
 whole object to answer each range request, so on moto the wall time of ``inspect`` and ``upgrade``
@@ -95,14 +103,29 @@ def build_multi(directory: Path, size_mb: int, tensor_mb: int) -> None:
     dcp.save(state, checkpoint_id=str(directory / "dcp"))
 
 
-def chain(directory: Path) -> Path:
+def chain(directory: Path, body: str = "ckpt.rename('blocks.0.weight', 'stem.weight')") -> Path:
     versions = directory / "chain" / "versions"
     versions.mkdir(parents=True)
     (versions / "c1.py").write_text('"""c1."""\nrevision = "c1"\ndown_revision = None\n\n\ndef upgrade(ckpt):\n'
                                     "    pass\n")
     (versions / "c2.py").write_text('"""c2."""\nrevision = "c2"\ndown_revision = "c1"\n\n\ndef upgrade(ckpt):\n'
-                                    "    ckpt.rename('blocks.0.weight', 'stem.weight')\n")
+                                    f"    {body}\n")
     return versions.parent
+
+
+#: Runs the CLI and reports, as it exits, the process's peak RSS (KiB: VmHWM; not ``ru_maxrss``, which
+#: counts the parent's memory the child was forked with) and bytes written to disk.
+MEASURED = """
+import atexit, runpy, sys
+def report():
+    io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+    hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    sys.stderr.write(f"\\nBENCH {hwm} {io['write_bytes']}\\n")
+atexit.register(report)
+sys.argv[0] = "ckptmigrate"
+runpy.run_module("ckptmigrate", run_name="__main__", alter_sys=True)
+"""
+MAP_ONE = "ckpt.map('blocks.1.weight', lambda t: -t)"
 
 
 def _cpu(who: int) -> float:
@@ -116,15 +139,18 @@ def timed(server: S3Server, args: list[str], env: dict[str, str]) -> dict[str, A
     server.served.reset()
     children, own = _cpu(resource.RUSAGE_CHILDREN), _cpu(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    # run outside the repository: its working tree would come first on the child's path
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
     seconds = time.perf_counter() - start
     client_cpu, server_cpu = _cpu(resource.RUSAGE_CHILDREN) - children, _cpu(resource.RUSAGE_SELF) - own
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr}")
+    measured = [line.split() for line in proc.stderr.splitlines() if line.startswith("BENCH ")]
     return {"seconds": seconds, "client_cpu": client_cpu, "server_cpu": server_cpu,
             "received_by_client": server.served.body_bytes_sent,
             "sent_by_client": server.served.body_bytes_received, "requests": server.served.requests,
-            "stdout": proc.stdout}
+            "stdout": proc.stdout, **({"peak_rss_kib": int(measured[-1][1]), "disk_written": int(measured[-1][2])}
+                                      if measured else {})}
 
 
 def main() -> None:
@@ -134,13 +160,18 @@ def main() -> None:
     parser.add_argument("--tensor-mb", type=int, default=16,
                         help="size of each tensor: what ckptmigrate reads grows with their number, not their size")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--cases", choices=("all", "zip", "multi"), default="all",
-                        help="the torch zip cases, the safetensors / sharded / DCP ones, or both")
+    parser.add_argument("--cases", choices=("all", "zip", "multi", "stream"), default="all",
+                        help="the torch zip cases, the safetensors / sharded / DCP ones, both, or only the "
+                             "upgrade that changes one tensor")
+    parser.add_argument("--ckptmigrate", type=Path, default=None,
+                        help="a source tree whose ckptmigrate the children run (PYTHONPATH), e.g. a checkout of main")
     opts = parser.parse_args()
 
     server = S3Server().start()
     set_env(server.env)
     env = {**os.environ, **server.env}
+    if opts.ckptmigrate is not None:
+        env["PYTHONPATH"] = str(opts.ckptmigrate.resolve())
     client = server.client()
     client.create_bucket(Bucket=BUCKET)
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp_dir:
@@ -160,9 +191,16 @@ def main() -> None:
                 client.delete_object(Bucket=BUCKET, Key=key)
 
         cases: dict[str, list[dict[str, Any]]] = {}
-        if opts.cases != "zip":
+        if opts.cases in ("all", "multi"):
             multi_cases(server, client, tmp, opts, migrations, cli, env, cases)
-        for _ in range(opts.repeat if opts.cases != "multi" else 0):
+        if opts.cases in ("all", "stream"):
+            changed = chain(tmp / "stream", MAP_ONE)
+            for _ in range(opts.repeat):
+                restore()
+                cases.setdefault("upgrade (one 16 MiB tensor's values changed, backup KEY.bak)", []).append(timed(
+                    server, [sys.executable, "-c", MEASURED, "upgrade", url, "--from", "c1", "--migrations",
+                             str(changed), "--json"], env))
+        for _ in range(opts.repeat if opts.cases in ("all", "zip") else 0):
             restore()
             cases.setdefault("inspect", []).append(timed(server, [*cli, "inspect", url, "--json"], env))
             restore()
@@ -202,6 +240,9 @@ def main() -> None:
                          "received_bytes": max(r["received_by_client"] for r in runs),
                          "sent_bytes": max(r["sent_by_client"] for r in runs),
                          "requests": max(r["requests"] for r in runs)})
+            if "peak_rss_kib" in runs[0]:
+                rows[-1].update(peak_rss_kib=max(r["peak_rss_kib"] for r in runs),
+                                disk_written=max(r["disk_written"] for r in runs))
     server.stop()
     print(f"checkpoint: {size / 2**20:.0f} MiB torch zip, {tensors} tensors; moto S3 on 127.0.0.1; "
           f"{opts.repeat} repeat(s), median wall time")
@@ -211,6 +252,13 @@ def main() -> None:
     for row in rows:
         print(f"| {row['case']} | {row['median_s']:.2f} | {row['client_cpu_s']:.2f} | {row['server_cpu_s']:.2f} | "
               f"{_size(row['received_bytes'])} | {_size(row['sent_bytes'])} | {row['requests']} |")
+    measured = [row for row in rows if "peak_rss_kib" in row]
+    if measured:
+        print()
+        print("| case | peak RSS | written to local disk |")
+        print("| --- | ---: | ---: |")
+        for row in measured:
+            print(f"| {row['case']} | {_size(row['peak_rss_kib'] << 10)} | {_size(row['disk_written'])} |")
     if opts.json:
         opts.json.write_text(json.dumps({"size_bytes": size, "tensors": tensors, "rows": rows}, indent=2))
 

@@ -4,15 +4,18 @@ Run it from the repository root with the project's virtualenv::
 
     .venv/bin/python scripts/bench_remote_gcs.py --size-mb 64 --repeat 3
     .venv/bin/python scripts/bench_remote_gcs.py --store az --size-mb 64 --repeat 3
+    .venv/bin/python scripts/bench_remote_gcs.py --store az --ckptmigrate /tmp/main-tree  # another build
 
 A rename-only ``upgrade`` of a torch zip appends a tail server-side (GCS ``compose``; an Azure
 blob of committed blocks: the blob's blocks and one more), a second rename appends again; this
 puts them beside the naive route (download, ``torch.load``, rename, ``torch.save``, upload, with
 the store's own SDK) and a plain download + upload, and, on Azure, a rename of a blob written by
-one ``Put Blob`` (streamed). Each case is a child process timed by wall clock (interpreter start-up
-included), with its CPU time; every client talks to the server through a TCP proxy that counts
-the bytes on the wire each way (neither server counts them); "copied server-side" is
-ckptmigrate's own count (``--json``'s ``transfer``).
+one ``Put Blob`` (streamed), and an upgrade that changes one 16 MiB tensor's values (streamed: the
+kept bytes read through; with its peak RSS and bytes written to local disk; ``--ckptmigrate DIR``
+runs the ckptmigrate of another source tree, e.g. a checkout of ``main``). Each case is a child
+process timed by wall clock (interpreter start-up included), with its CPU time; every client talks
+to the server through a TCP proxy that counts the bytes on the wire each way (neither server counts
+them); "copied server-side" is ckptmigrate's own count (``--json``'s ``transfer``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_remote import build, chain  # noqa: E402
+from bench_remote import MAP_ONE, MEASURED, build, chain  # noqa: E402
 
 from tests.objectstores import CountingProxy, free_port  # noqa: E402
 
@@ -74,14 +77,17 @@ def timed(args: list[str], env: dict[str, str], proxy: CountingProxy) -> dict[st
     proxy.reset()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    # run outside the repository: its working tree would come first on the child's path
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr}")
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     transfer = json.loads(proc.stdout).get("transfer") if proc.stdout.startswith("{") else None
-    return {"seconds": seconds, "client_cpu": cpu, "transfer": transfer, "up": proxy.up, "down": proxy.down}
+    measured = [line.split() for line in proc.stderr.splitlines() if line.startswith("BENCH ")]
+    return {"seconds": seconds, "client_cpu": cpu, "transfer": transfer, "up": proxy.up, "down": proxy.down,
+            **({"peak_rss_kib": int(measured[-1][1]), "disk_written": int(measured[-1][2])} if measured else {})}
 
 
 class Store:
@@ -144,16 +150,21 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--tensor-mb", type=int, default=16)
+    parser.add_argument("--ckptmigrate", type=Path, default=None,
+                        help="a source tree whose ckptmigrate the children run (PYTHONPATH), e.g. a checkout of main")
     opts = parser.parse_args()
 
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-store-") as tmp_dir:
         store = Store(opts.store, stack)
         env, proxy = store.env, store.proxy
+        if opts.ckptmigrate is not None:
+            env["PYTHONPATH"] = str(opts.ckptmigrate.resolve())
         tmp = Path(tmp_dir)
         local = tmp / "model.pt"
         tensors = build(local, opts.size_mb, opts.tensor_mb)
         size = local.stat().st_size
         migrations = chain(tmp)
+        changed = chain(tmp / "stream", MAP_ONE)
         (migrations / "versions" / "c3.py").write_text(
             '"""c3."""\nrevision = "c3"\ndown_revision = "c2"\n\n\ndef upgrade(ckpt):\n'
             "    ckpt.rename('stem.weight', 'first.weight')\n")
@@ -184,6 +195,9 @@ def main() -> None:
                 restore(blocks=False)
                 case("`upgrade` rename of a blob of one Put Blob (streamed), `--no-backup`", [*upgrade, "--no-backup"])
             restore()
+            case("`upgrade` one 16 MiB tensor's values changed, backup `KEY.bak`",
+                 [*sdk, MEASURED, "upgrade", url, "--from", "c1", "--migrations", str(changed), "--json"])
+            restore()
             case("naive: download, `torch.load`, rename, `torch.save`, upload",
                  [*sdk, CLIENTS[opts.store] + NAIVE, BUCKET, "work.pt", str(tmp / "naive.pt")])
             for leftover in tmp.glob("naive.pt*"):
@@ -204,6 +218,10 @@ def main() -> None:
               f"{statistics.median(r['client_cpu'] for r in runs):.2f} | "
               f"{_size(int(statistics.median(r['down'] for r in runs)))} | "
               f"{_size(int(statistics.median(r['up'] for r in runs)))} | {copied} |")
+    for name, runs in cases.items():
+        if "peak_rss_kib" in runs[0]:
+            print(f"\n{name}: peak RSS {_size(max(r['peak_rss_kib'] for r in runs) << 10)}, written to local disk "
+                  f"{_size(max(r['disk_written'] for r in runs))}")
 
 
 def _size(n: int) -> str:

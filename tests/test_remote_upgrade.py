@@ -6,7 +6,8 @@ the old one's records (UploadPartCopy) and a new tail: the server counts a few K
 sent for a 12 MiB checkpoint. The new object loads in torch with the new keys and the same
 tensors; the backup ``KEY.bak`` is the old object byte for byte; no multipart upload stays open.
 An object under S3's 5 MiB part minimum is rewritten whole by one conditional put; a migration
-that computes tensors is staged and uploaded; safetensors stay safetensors; downgrade walks back.
+that computes tensors is streamed (tests/test_remote_streamed_migration.py); safetensors stay
+safetensors; downgrade walks back.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def test_a_small_object_is_rewritten_whole_in_one_put(cli: Cli, s3: S3Server, bu
     assert open_uploads(s3, bucket) == []
 
 
-def test_a_migration_that_computes_tensors_is_staged(cli: Cli, s3: S3Server, bucket: str, tmp_path: Path) -> None:
+def test_a_migration_that_computes_tensors_goes_in_parts(cli: Cli, s3: S3Server, bucket: str, tmp_path: Path) -> None:
     original = state(3, 1024 * 1024)  # 3 tensors of 4 MiB: uploaded in 5 MiB parts
     put(s3, bucket, "big.pt", original, tmp_path)
     migrations = chain(tmp_path, "ckpt.map('blocks.2.weight', lambda t: t * 2)")

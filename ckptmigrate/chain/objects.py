@@ -20,9 +20,10 @@ refused in one line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,10 @@ from ckptmigrate.chain.revisions import RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, CkptMigrateError, MultiFileObject, ObjectChanged
-from ckptmigrate.formats import dcp, hf_sharded, multifile, safetensors_io, torchzip
+from ckptmigrate.formats import dcp, hf_sharded, multifile, safetensors_io, torchzip, zipstream
 from ckptmigrate.ops.optimizer import check_policy
 from ckptmigrate.storage import hf_commit, prefix_write, writers
+from ckptmigrate.storage.pieces import Planned
 from ckptmigrate.storage.ranges import TRANSFER, Prefixed, RangeFile, Spliced, multi_file_marker
 from ckptmigrate.storage.staged import refuse_multi_file
 from ckptmigrate.tensors.refs import Source
@@ -66,13 +68,14 @@ def migrate_object(
             ckpt.trust_pickle()
         outcome = engine.Outcome(url, None, plan)
         if plan.steps:
-            history = engine.apply(ckpt, plan, trace=outcome.ops)
-            ckpt.refuse_changed_module()
-            if not dry_run:
-                outcome.backup = write_object(ckpt, url, engine.new_envelope(ckpt, plan, history), backup=backup,
-                                              what=plan.describe())
-                outcome.output = url
-                outcome.written = True
+            with _by_range(ckpt):  # an op that reads a tensor (``map``) fetches it, not the object
+                history = engine.apply(ckpt, plan, trace=outcome.ops)
+                ckpt.refuse_changed_module()
+                if not dry_run:
+                    outcome.backup = write_object(ckpt, url, engine.new_envelope(ckpt, plan, history),
+                                                  backup=backup, what=plan.describe())
+                    outcome.output = url
+                    outcome.written = True
     outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
     return outcome
 
@@ -130,7 +133,7 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
             head, skip = header
             ckpt.check_reads_back(url, env, expected, remote=Prefixed(source.remote, head, skip))
             writers.replace_head(target, source.remote, head, skip)
-        else:
+        elif not _streamed(ckpt, target, url, env, expected):
             with tempfile.TemporaryDirectory(prefix="ckptmigrate-") as tmp:
                 staged = Path(tmp) / url.name
                 ckpt.write(staged, envelope)  # a legacy (pre-zip) file becomes a torch zip, as on disk
@@ -142,6 +145,45 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
             _blame_a_change(target, exc)
         raise
     return kept
+
+
+def _streamed(ckpt: Checkpoint, target: writers.Target, url: ObjectURL, env: dict[str, Any],
+              expected: dict[str, Any] | None) -> bool:
+    """A torch zip whose tensors change, sent as it is produced (formats/zipstream): no local file,
+    the kept records copied server-side (S3) or read through, each new tensor computed in turn; the
+    object to be is read back before the one step that replaces it. False (nothing done) when it
+    cannot be: not a torch zip, the Hub (an LFS upload needs the whole file's SHA-256 first),
+    tensors from other files or of no known CRC (formats/zipstream.refusal): then it is staged."""
+    c = ckpt.container
+    source = c.source
+    if c.format != "torch-zip" or isinstance(target, hf_commit.HubFile) or source is None:
+        return False
+    archive = zipstream.records(torchzip.Pickled(ckpt.payload()), torchzip.envelope_bytes(env), c.prefix, None)
+    if zipstream.refusal(archive, source) is not None:
+        return False
+    remote = source.remote
+    assert isinstance(remote, RangeFile)
+    planned = Planned(remote)
+    with _by_range(ckpt):
+        headers = {e.data_offset: e.data_offset - e.header_offset for e in c.records.values()}
+        writers.stream(target, remote, zipstream.emit(archive, source, planned, headers),
+                       zipstream.total_size(archive), lambda: ckpt.check_reads_back(url, env, expected, remote=planned))
+    return True
+
+
+@contextlib.contextmanager
+def _by_range(ckpt: Checkpoint) -> Iterator[None]:
+    """While it lasts, a tensor of the object read is fetched by range when an op or the streamed
+    write needs its values, instead of the whole object being staged in a local file."""
+    source = ckpt.container.source
+    if source is None or source.remote is None or source.by_range:
+        yield
+        return
+    source.by_range = True
+    try:
+        yield
+    finally:
+        source.by_range = False
 
 
 def _stamped(ckpt: Checkpoint, envelope: Envelope) -> str:

@@ -321,13 +321,18 @@ class _StoragePlan:
         return known
 
 
-def _tensor_chunks(obj: Any) -> Iterator[memoryview]:
+def tensor_bytes(obj: Any) -> memoryview:
+    """The bytes a storage record of the tensor entry ``obj`` holds (computed, if it is)."""
     import torch
 
     tensor = to_torch(obj).resolve_conj().resolve_neg().contiguous()
     if tuple(tensor.shape) != shape_of(obj):
         raise ValueError(f"tensor shape {tuple(tensor.shape)} differs from planned {shape_of(obj)}")
-    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def _tensor_chunks(obj: Any) -> Iterator[memoryview]:
+    view = tensor_bytes(obj)
     for start in range(0, len(view), _CHUNK):
         yield view[start : start + _CHUNK]
 
@@ -347,7 +352,9 @@ def _storage_chunks(storage: Storage) -> Iterator[memoryview]:
         yield view[start : min(end, start + _CHUNK)]
 
 
-def _fixed_records(prefix: str, serialization_id: bytes | None) -> list[tuple[str, bytes]]:
+def fixed_records(prefix: str, serialization_id: bytes | None) -> list[tuple[str, bytes]]:
+    """The small records :func:`write` writes around the storages (the first three before them);
+    ``serialization_id`` None: a new random one, as ``torch.save`` writes."""
     return [
         (f"{prefix}/.format_version", b"1"),
         (f"{prefix}/.storage_alignment", b"64"),
@@ -367,7 +374,7 @@ def write(
     pickled = dump(payload, plan)
     writer = ZipWriter(fh)
     writer.add_bytes(f"{prefix}/data.pkl", pickled)
-    for name, data in _fixed_records(prefix, serialization_id)[:3]:
+    for name, data in fixed_records(prefix, serialization_id)[:3]:
         writer.add_bytes(name, data)
     for key, item in plan.records:
         name = f"{prefix}/data/{key}"
@@ -381,7 +388,7 @@ def write(
             nbytes = item.nbytes if isinstance(item, Deferred) else item.numel() * item.element_size()
             runs = file_runs(item)  # a tensor whose bytes already sit in files (a DCP tensor's chunks)
             writer.add_stream(name, nbytes, _run_chunks(runs) if runs is not None else _tensor_chunks(item))
-    for name, data in _fixed_records(prefix, serialization_id)[3:]:
+    for name, data in fixed_records(prefix, serialization_id)[3:]:
         writer.add_bytes(name, data)
     if envelope is not None:
         writer.add_bytes(f"{prefix}/{ENVELOPE_RECORD}", envelope_bytes(envelope))

@@ -90,35 +90,18 @@ def byte_source(fh: BinaryIO) -> ByteSource:
 _Written = tuple[bytes, int, int, int]
 
 
-class ZipWriter:
-    """Write stored, 64-byte-aligned records and a central directory (zip64 when needed).
+class ZipLayout:
+    """Where records go and what their headers and the central directory are: the layout a
+    :class:`ZipWriter` writes to a file and a :class:`ckptmigrate.formats.zipstream.ZipEmitter`
+    sends in order, byte for byte the same."""
 
-    ``fh`` must be positioned where the first new record goes; records already in the file can be
-    listed again with :meth:`reuse` without rewriting them. With ``deferred`` nothing is written
-    until :meth:`close_appended` (the in-place append, which must know the final length first).
-    An archive embedded in a larger file (a DCP ``.distcp`` chunk) starts at ``origin``: its offsets
-    count from there, as a reader of that slice expects.
-    """
-
-    def __init__(self, fh: BinaryIO, *, deferred: bool = False, origin: int = 0) -> None:
-        if deferred and origin:
-            raise ValueError("an in-place append writes a whole file, not an embedded archive")
-        self._fh = fh
-        self._fd = fh.fileno()
-        self._origin = origin
-        self._pos = fh.tell() - origin
+    def __init__(self, pos: int = 0) -> None:
+        self._pos = pos
         self._entries: list[_Written] = []
-        self._deferred: list[tuple[int, bytes] | tuple[int, int, int, int]] | None = [] if deferred else None
 
     @property
     def position(self) -> int:
         return self._pos
-
-    def _write(self, data: bytes, offset: int) -> None:
-        if self._deferred is None:
-            write_all(self._fd, data, self._origin + offset)
-        else:
-            self._deferred.append((offset, data))
 
     def _header(self, name: bytes, size: int, crc: int) -> bytes:
         zip64 = size >= _MAX32
@@ -131,6 +114,77 @@ class ZipWriter:
             0x04034B50, 45 if zip64 else 20, 0, 0, 0, 0, crc, shown, shown, len(name), len(extra)
         )
         return head + name + extra
+
+    def reuse(self, name: str, header_offset: int, size: int, crc: int) -> None:
+        """List a record that already sits in this file at ``header_offset`` (written earlier)."""
+        self._entries.append((name.encode("utf-8"), header_offset, size, crc))
+
+    def reuse_all(self, names: Iterable[str], header_offsets: Iterable[int], sizes: Iterable[int],
+                  crcs: Iterable[int]) -> None:
+        """:meth:`reuse` of many records at once (an append lists every record of the file again)."""
+        self._entries.extend(zip(map(str.encode, names), header_offsets, sizes, crcs, strict=True))
+
+    def _finish(self, entry: _Written, data_offset: int) -> None:
+        self._entries.append(entry)
+        self._pos = data_offset + entry[2]
+
+    def end(self) -> bytes:
+        """What :meth:`ZipWriter.close` writes after the last record: padding, the central directory
+        and the end records."""
+        pad, directory = self._directory(_EOCD.size)
+        return bytes(pad) + directory
+
+    def _directory(self, whole: int) -> tuple[int, bytes]:
+        """(padding, central directory + end records) for records that end at the current position;
+        the padding keeps the last ``whole`` bytes inside one page, so a single write of them lands
+        whole or not at all (a killed write stops at a page boundary)."""
+        pack = _CENTRAL.pack
+        cd = b"".join([
+            pack(0x02014B50, 20, 20, 0, 0, 0, 0, crc, size, size, len(name), 0, 0, 0, 0, 0, offset) + name
+            if size < _MAX32 and offset < _MAX32 else _central_zip64(name, offset, size, crc)
+            for name, offset, size, crc in self._entries
+        ])
+        n = len(self._entries)
+        zip64 = n >= _MAX16 or self._pos >= _MAX32 - _PAGE or len(cd) >= _MAX32
+        between = _EOCD64.size + _LOCATOR64.size if zip64 else 0
+        end_at = self._pos + len(cd) + between + _EOCD.size
+        pad = (-(end_at - whole)) % _PAGE if (end_at - whole) % _PAGE + whole > _PAGE else 0
+        cd_start = self._pos + pad
+        cd_end = cd_start + len(cd)
+        tail = b""
+        if zip64:
+            tail += _EOCD64.pack(0x06064B50, 44, 45, 45, 0, 0, n, n, len(cd), cd_start)
+            tail += _LOCATOR64.pack(0x07064B50, 0, cd_end, 1)
+            eocd = _EOCD.pack(0x06054B50, 0, 0, _MAX16, _MAX16, _MAX32, _MAX32, 0)
+        else:
+            eocd = _EOCD.pack(0x06054B50, 0, 0, n, n, len(cd), cd_start, 0)
+        return pad, cd + tail + eocd
+
+
+class ZipWriter(ZipLayout):
+    """Write stored, 64-byte-aligned records and a central directory (zip64 when needed).
+
+    ``fh`` must be positioned where the first new record goes; records already in the file can be
+    listed again with :meth:`reuse` without rewriting them. With ``deferred`` nothing is written
+    until :meth:`close_appended` (the in-place append, which must know the final length first).
+    An archive embedded in a larger file (a DCP ``.distcp`` chunk) starts at ``origin``: its offsets
+    count from there, as a reader of that slice expects.
+    """
+
+    def __init__(self, fh: BinaryIO, *, deferred: bool = False, origin: int = 0) -> None:
+        if deferred and origin:
+            raise ValueError("an in-place append writes a whole file, not an embedded archive")
+        super().__init__(fh.tell() - origin)
+        self._fh = fh
+        self._fd = fh.fileno()
+        self._origin = origin
+        self._deferred: list[tuple[int, bytes] | tuple[int, int, int, int]] | None = [] if deferred else None
+
+    def _write(self, data: bytes, offset: int) -> None:
+        if self._deferred is None:
+            write_all(self._fd, data, self._origin + offset)
+        else:
+            self._deferred.append((offset, data))
 
     def _begin(self, name: str, size: int, crc: int) -> tuple[_Written, int]:
         raw = name.encode("utf-8")
@@ -181,45 +235,6 @@ class ZipWriter:
             copy_range(src_fd, self._fd, src_offset, n, at)
             at += n
         self._finish(entry, data_offset)
-
-    def reuse(self, name: str, header_offset: int, size: int, crc: int) -> None:
-        """List a record that already sits in this file at ``header_offset`` (written earlier)."""
-        self._entries.append((name.encode("utf-8"), header_offset, size, crc))
-
-    def reuse_all(self, names: Iterable[str], header_offsets: Iterable[int], sizes: Iterable[int],
-                  crcs: Iterable[int]) -> None:
-        """:meth:`reuse` of many records at once (an append lists every record of the file again)."""
-        self._entries.extend(zip(map(str.encode, names), header_offsets, sizes, crcs, strict=True))
-
-    def _finish(self, entry: _Written, data_offset: int) -> None:
-        self._entries.append(entry)
-        self._pos = data_offset + entry[2]
-
-    def _directory(self, whole: int) -> tuple[int, bytes]:
-        """(padding, central directory + end records) for records that end at the current position;
-        the padding keeps the last ``whole`` bytes inside one page, so a single write of them lands
-        whole or not at all (a killed write stops at a page boundary)."""
-        pack = _CENTRAL.pack
-        cd = b"".join([
-            pack(0x02014B50, 20, 20, 0, 0, 0, 0, crc, size, size, len(name), 0, 0, 0, 0, 0, offset) + name
-            if size < _MAX32 and offset < _MAX32 else _central_zip64(name, offset, size, crc)
-            for name, offset, size, crc in self._entries
-        ])
-        n = len(self._entries)
-        zip64 = n >= _MAX16 or self._pos >= _MAX32 - _PAGE or len(cd) >= _MAX32
-        between = _EOCD64.size + _LOCATOR64.size if zip64 else 0
-        end_at = self._pos + len(cd) + between + _EOCD.size
-        pad = (-(end_at - whole)) % _PAGE if (end_at - whole) % _PAGE + whole > _PAGE else 0
-        cd_start = self._pos + pad
-        cd_end = cd_start + len(cd)
-        tail = b""
-        if zip64:
-            tail += _EOCD64.pack(0x06064B50, 44, 45, 45, 0, 0, n, n, len(cd), cd_start)
-            tail += _LOCATOR64.pack(0x07064B50, 0, cd_end, 1)
-            eocd = _EOCD.pack(0x06054B50, 0, 0, _MAX16, _MAX16, _MAX32, _MAX32, 0)
-        else:
-            eocd = _EOCD.pack(0x06054B50, 0, 0, n, n, len(cd), cd_start, 0)
-        return pad, cd + tail + eocd
 
     def close(self, *, durable: bool = False) -> int:
         """Write the central directory; return the file's final length.

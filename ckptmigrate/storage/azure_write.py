@@ -30,11 +30,13 @@ from __future__ import annotations
 import base64
 import os
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
+from ckptmigrate.storage.pieces import Piece, read_through
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared, changed
 from ckptmigrate.util.urls import ObjectURL, filesystem, translated
 
@@ -359,6 +361,23 @@ def replace_head(obj: AzureObject, old: RangeFile, head: bytes, skip: int) -> No
     blocks = _Blocks(obj)
     blocks.data(head)
     blocks.copied(old, skip, old.size)
+    blocks.commit()
+
+
+def stream(obj: AzureObject, old: RangeFile, pieces: Iterable[Piece], before: Callable[[], None]) -> None:
+    """Replace the blob by ``pieces`` as they come, staged in blocks of :func:`block_size` (kept
+    ranges read from ``old`` and staged again: Azurite has no ``Put Block From URL``); ``before``
+    (the read-back of the blob to be) runs before the one commit."""
+    step = block_size()
+    blocks = _Blocks(obj)
+    pending = bytearray()
+    for data in read_through(old, pieces, step):
+        pending += data
+        if len(pending) >= step:
+            blocks.data(bytes(pending[:step]))
+            del pending[:step]
+    blocks.data(bytes(pending))
+    before()
     blocks.commit()
 
 

@@ -26,13 +26,14 @@ import contextlib
 import os
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec.asyn
 
 from ckptmigrate.errors import BadInput, CkptMigrateWarning, ObjectChanged, RemoteError
+from ckptmigrate.storage.pieces import Piece, read_through
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared
 from ckptmigrate.util.urls import ObjectGeneration, ObjectURL, filesystem, translated
 
@@ -291,9 +292,17 @@ def upload(obj: GcsObject, path: str | os.PathLike[str]) -> None:
         upload_blocks(obj, size, [iter(lambda: fh.read(step), b"")])
 
 
-def upload_blocks(obj: GcsObject, total: int, sources: Iterable[Iterable[bytes]]) -> None:
-    """One resumable upload of ``total`` bytes from ``sources`` in turn; the precondition is checked
-    once more before the last chunk, which is what creates the object."""
+def stream(obj: GcsObject, old: RangeFile, pieces: Iterable[Piece], total: int, before: Callable[[], None]) -> None:
+    """Replace the object by ``pieces`` (``total`` bytes) as they come, in one resumable upload: kept
+    ranges read from ``old`` and sent through (GCS copies no byte range server-side). ``before``
+    (the read-back of the object to be) runs before the last chunk, which creates the object."""
+    upload_blocks(obj, total, [read_through(old, pieces, chunk_size())], before=before)
+
+
+def upload_blocks(obj: GcsObject, total: int, sources: Iterable[Iterable[bytes | memoryview]],
+                  before: Callable[[], None] | None = None) -> None:
+    """One resumable upload of ``total`` bytes from ``sources`` in turn; ``before`` runs and the
+    precondition is checked once more before the last chunk, which is what creates the object."""
     step = chunk_size()
     location = _initiate(obj)
     try:
@@ -308,6 +317,8 @@ def upload_blocks(obj: GcsObject, total: int, sources: Iterable[Iterable[bytes]]
         if offset + len(pending) != total:
             raise RemoteError(f"{obj.url}: {offset + len(pending)} bytes to send, {total} announced; nothing "
                               "was written", url=str(obj.url))
+        if before is not None:
+            before()
         obj.check_unchanged()
         _send(obj, location, bytes(pending), offset, total)
     except BaseException:

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
+from ckptmigrate.storage.pieces import Kept, Piece, merged
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared, changed
 from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translated
 
-#: S3's part sizes: every part but the last at least 5 MiB, none over 5 GiB.
+#: S3's part sizes: every part but the last at least 5 MiB, none over 5 GiB; at most 10,000 parts.
 MIN_PART = 5 << 20
 MAX_PART = 5 << 30
+MAX_PARTS = 10_000
 #: Staged uploads: one conditional PutObject up to this size, else parts of this size (as the AWS CLI's
 #: ``multipart_chunksize``; ``CKPTMIGRATE_S3_PART_SIZE`` in bytes, at least 5 MiB, overrides it).
 UPLOAD_PART = 64 << 20
@@ -209,7 +211,67 @@ def _put(obj: S3Object, body: Any, size: int) -> str | None:
     return str(etag) if etag else None
 
 
-def _multipart(obj: S3Object, parts: Any) -> None:
+def stream(obj: S3Object, old: RangeFile, pieces: Iterable[Piece], before: Callable[[], None]) -> None:
+    """Replace the object by ``pieces`` as they come, in one multipart upload: kept ranges of at
+    least :data:`MIN_PART` copied server-side (``UploadPartCopy``), new bytes and shorter kept
+    ranges (read by range) sent in parts of :func:`part_size`. Memory holds about a part. ``before``
+    (the read-back of the object to be) runs after the last part, before the complete."""
+    _multipart(obj, _stream_parts(obj, old, merged(pieces), part_size()), before=before)
+
+
+def _stream_parts(obj: S3Object, old: RangeFile, pieces: Iterable[Piece], part: int) -> Iterator[Any]:
+    """The parts of :func:`stream`, at most :data:`MAX_PARTS`."""
+    for count, one in enumerate(_parts_of(old, pieces, part), start=1):
+        if count > MAX_PARTS:
+            raise BadInput(f"{obj.url}: the streamed write needs more than {MAX_PARTS} parts; set "
+                           "CKPTMIGRATE_S3_PART_SIZE larger; nothing was written", path=str(obj.url))
+        yield one
+
+
+def _parts_of(old: RangeFile, pieces: Iterable[Piece], part: int) -> Iterator[Any]:
+    """Every part but the last at least :data:`MIN_PART`: a kept range is copied when what is left
+    of it, after enough of it is read to fill the part being filled to that size, still is."""
+    buf = bytearray()
+    sent = False
+
+    def filled(data: bytes | memoryview) -> Iterator[tuple[str, bytearray]]:
+        nonlocal buf
+        view = memoryview(data).cast("B")
+        while view:
+            take = part - len(buf)
+            buf.extend(view[:take])
+            view = view[take:]
+            if len(buf) >= part:  # sent as it is (no copy), a new one filled next
+                full, buf = buf, bytearray()
+                yield ("data", full)
+
+    for piece in pieces:
+        if not isinstance(piece, Kept):
+            for one in filled(piece):
+                sent = True
+                yield one
+            continue
+        start, end = piece.start, piece.start + piece.size
+        need = max(0, MIN_PART - len(buf)) if buf else 0
+        if end - start - need < MIN_PART:  # too short to copy: read and sent
+            for block in old.chunks(start, end):
+                for one in filled(block):
+                    sent = True
+                    yield one
+            continue
+        for block in old.chunks(start, start + need):
+            buf.extend(block)
+        if buf:
+            full, buf = buf, bytearray()
+            yield ("data", full)
+        for a, b in copy_ranges(end - start - need):
+            sent = True
+            yield ("copy", start + need + a, start + need + b)
+    if buf or not sent:
+        yield ("data", buf)
+
+
+def _multipart(obj: S3Object, parts: Any, before: Callable[[], None] | None = None) -> None:
     upload_id = obj.call("create_multipart_upload", Key=obj.key)["UploadId"]
     try:
         done = []
@@ -227,6 +289,8 @@ def _multipart(obj: S3Object, parts: Any) -> None:
                 etag = obj.call("upload_part", Key=obj.key, UploadId=upload_id, PartNumber=number, Body=data)["ETag"]
                 TRANSFER.bytes_sent += len(data)
             done.append({"PartNumber": number, "ETag": etag})
+        if before is not None:
+            before()
         obj.check_unchanged()
     except BaseException:
         abort(obj, upload_id)

@@ -8,10 +8,12 @@ conditionally on what was read, and take the same backups."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ckptmigrate.errors import RemoteError
 from ckptmigrate.storage import azure_write, gcs_write, hf_commit, s3_compose
+from ckptmigrate.storage.pieces import Piece
 from ckptmigrate.storage.ranges import RangeFile
 from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translated
 
@@ -120,6 +122,18 @@ def upload(obj: Target, path: str | os.PathLike[str]) -> None:
         gcs_write.upload(obj, path)
     else:
         s3_compose.upload(obj, path)
+
+
+def stream(obj: ObjectTarget, old: RangeFile, pieces: Iterable[Piece], total: int, before: Callable[[], None]) -> None:
+    """Replace the object by ``pieces`` (``total`` bytes, new or kept ranges of ``old``) as they come,
+    without a local file, in one conditional step; ``before`` (the read-back of the object to be)
+    runs before that step. Not on the Hub: an LFS upload needs the whole file's SHA-256 first."""
+    if isinstance(obj, azure_write.AzureObject):
+        azure_write.stream(obj, old, pieces, before)
+    elif isinstance(obj, gcs_write.GcsObject):
+        gcs_write.stream(obj, old, pieces, total, before)
+    else:
+        s3_compose.stream(obj, old, pieces, before)
 
 
 @dataclass

@@ -51,6 +51,10 @@ SAFETENSORS_DTYPE: dict[str, str] = {
 DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPE.items()}
 
 
+#: What a remote object's small tensors read in turn are fetched in (:meth:`Source.read_range`).
+READ_AHEAD = 4 << 20
+
+
 class Source:
     """An open file whose bytes tensors point into; mapped once, on first use, copy-on-write.
 
@@ -71,6 +75,38 @@ class Source:
             self.size = remote.size
         self._map: mmap.mmap | None = None
         self._lock = threading.Lock()
+        #: A remote object's tensor bytes read by range, each when it is used, not staged whole (a
+        #: streamed rewrite of the object: no local copy of it).
+        self.by_range = False
+        self._window: tuple[int, bytes] | None = None  # the last read-ahead window: (offset, bytes)
+        self._last_end: int | None = None
+
+    @property
+    def ranged(self) -> bool:
+        """Whether tensor bytes are read by range now: :attr:`by_range`, and not staged already."""
+        return self.by_range and self.remote is not None and self._staged is None
+
+    def read_range(self, offset: int, n: int) -> bytearray:
+        """Bytes ``offset`` to ``offset + n`` of a remote object, fetched (not cached, not staged). A
+        small read that follows the last one closely (tensors read in file order) fetches a window
+        of :data:`READ_AHEAD` bytes, which the next ones are read from: one request for many small
+        tensors, and only the bytes between them; memory holds one window."""
+        window = self._window
+        if window is not None and window[0] <= offset and offset + n <= window[0] + len(window[1]):
+            self._last_end = offset + n
+            return bytearray(memoryview(window[1])[offset - window[0] : offset - window[0] + n])
+        near = self._last_end is not None and self._last_end <= offset <= self._last_end + READ_AHEAD
+        self._last_end = offset + n
+        if near and n < READ_AHEAD:
+            data = b"".join(self.remote.chunks(offset, min(self.size, offset + READ_AHEAD)))
+            self._window = (offset, data)
+            return bytearray(memoryview(data)[:n])
+        out = bytearray(n)
+        at = 0
+        for block in self.remote.chunks(offset, offset + n):
+            out[at : at + len(block)] = block
+            at += len(block)
+        return out
 
     def pread(self, n: int, offset: int) -> bytes:
         if self.remote is not None:
@@ -296,7 +332,10 @@ def to_torch(value: Entry) -> torch.Tensor:
             torch._C._set_tensor_metadata(empty, value.metadata)  # type: ignore[attr-defined]
         return empty
     itemsize = ITEMSIZE[value.dtype]
-    flat = torch.frombuffer(storage.source.map(), dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
+    if storage.source.ranged:
+        flat = torch.frombuffer(storage.source.read_range(storage.offset, storage.nbytes), dtype=torch.uint8)
+    else:
+        flat = torch.frombuffer(storage.source.map(), dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
     if storage.offset % itemsize:  # misaligned (a DCP chunk's archive starts anywhere): one aligned copy
         flat = flat.clone()
     typed = flat.view(dtype).as_strided(value.shape, value.stride, value.storage_offset)
