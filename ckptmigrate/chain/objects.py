@@ -29,12 +29,14 @@ from typing import Any
 
 from ckptmigrate import formats
 from ckptmigrate.chain import engine
+from ckptmigrate.chain.planning import plan_for
 from ckptmigrate.chain.registry import ChainSource
 from ckptmigrate.chain.revisions import RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput, CkptMigrateError, MultiFileObject, ObjectChanged
-from ckptmigrate.formats import dcp, hf_sharded, multifile, safetensors_io, torchzip, zipstream
+from ckptmigrate.formats import dcp, hf_sharded, safetensors_io, torchzip, zipstream
+from ckptmigrate.formats.dcp_rewrite import DcpRewrite, dcp_metadata_rewrite
 from ckptmigrate.ops.optimizer import check_policy
 from ckptmigrate.storage import hf_commit, prefix_write, writers
 from ckptmigrate.storage.pieces import Planned
@@ -59,7 +61,7 @@ def migrate_object(
     with _open(url, key=key, state_dicts=state_dicts, recover=not dry_run) as ckpt:
         ckpt.optimizers.policy = check_policy(optimizer)
         graph = chains if isinstance(chains, RevisionGraph) else chains.for_envelope(ckpt.envelope)
-        plan = engine.plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
+        plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
         if direction is not None and plan.steps and plan.direction != direction:
             raise BadInput(f"{url}: {direction} to {to} would {plan.direction} ({plan.describe()}); "
                            f"use `ckptmigrate {plan.direction}`")
@@ -204,7 +206,7 @@ def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backu
     if prefix.scheme in hf_commit.WRITABLE:
         what = what or _stamped(ckpt, envelope)
         if isinstance(parts, dcp.Dcp):
-            rewrite = multifile.dcp_metadata_rewrite(parts, ckpt.payload(), envelope.to_dict())
+            rewrite = dcp_metadata_rewrite(parts, ckpt.payload(), envelope.to_dict())
             if rewrite is not None:
                 return _commit_metadata(parts, prefix, rewrite, backup, what)
             what_is = "a DCP migration that changes tensor bytes (they would go into a new .distcp file)"
@@ -224,7 +226,7 @@ def _write_prefix(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backu
                               url=str(prefix), marker=parts.metadata_path.name if isinstance(parts, dcp.Dcp)
                               else parts.index_path.name)
     if isinstance(parts, dcp.Dcp):
-        rewrite = multifile.dcp_metadata_rewrite(parts, ckpt.payload(), envelope.to_dict())
+        rewrite = dcp_metadata_rewrite(parts, ckpt.payload(), envelope.to_dict())
         if rewrite is not None:
             return prefix_write.switch_metadata(
                 prefix, metadata=rewrite.metadata, metadata_etag=parts.metadata_etag,
@@ -297,7 +299,7 @@ def _commit_headers(
     return hf_commit.backup(target) if backup else None
 
 
-def _commit_metadata(parts: dcp.Dcp, prefix: ObjectURL, rewrite: multifile.DcpRewrite, backup: bool,
+def _commit_metadata(parts: dcp.Dcp, prefix: ObjectURL, rewrite: DcpRewrite, backup: bool,
                      what: str) -> ObjectURL | None:
     """A DCP checkpoint on the Hub whose tensors keep their bytes: its new ``.metadata`` and the
     envelope named for it in one commit, the old envelope deleted (the commit read keeps it); no

@@ -18,8 +18,6 @@ from typing import Any
 
 from ckptmigrate.errors import BadInput, one_line
 from ckptmigrate.formats import dcp, dcp_rewrite, hf_sharded, locations
-from ckptmigrate.formats.dcp_rewrite import DcpRewrite as DcpRewrite  # chain/objects names them here
-from ckptmigrate.formats.dcp_rewrite import dcp_metadata_rewrite as dcp_metadata_rewrite
 from ckptmigrate.storage.shardset import HeaderRewrite, ShardSet
 from ckptmigrate.util.urls import ObjectURL
 
