@@ -217,7 +217,7 @@ from ckptmigrate.storage import s3_compose
 real = s3_compose.S3Object.call
 def call(self, op, **kwargs):
     if op == "put_object":
-        os._exit(9)  # the migrated copy is staged on local disk, not yet sent
+        os._exit(9)  # the compacted copy is staged on local disk, not yet sent
     return real(self, op, **kwargs)
 s3_compose.S3Object.call = call
 """
@@ -227,12 +227,12 @@ def test_a_killed_staged_run_leaves_its_local_copy_in_the_temporary_directory(
         cli: Cli, s3: S3Server, tmp_path: Path) -> None:
     bucket = s3.new_bucket("stage", tmp_path)
     torch.save({"w": torch.randn(1024)}, tmp_path / "k.pt")
+    assert cli("stamp", str(tmp_path / "k.pt"), "--tag", "run=1").returncode == 0  # appended: bytes to reclaim
     s3.client().upload_file(str(tmp_path / "k.pt"), bucket, "k.pt")
     tmp = tmp_path / "tmp"
     (tmp / "someone-elses").mkdir(parents=True)
     env = {**s3.env, "TMPDIR": str(tmp)}
-    killed(DIE_AT_THE_UPLOAD, "upgrade", f"s3://{bucket}/k.pt", "--from", "c1", "--no-backup", "--migrations",
-           chain(tmp_path, "ckpt.cast('w', 'float16')"), cwd=tmp_path, env=env)
+    killed(DIE_AT_THE_UPLOAD, "compact", f"s3://{bucket}/k.pt", cwd=tmp_path, env=env)  # compact runs staged
     [stage] = [p for p in tmp.iterdir() if p.name != "someone-elses"]
     busy = tmp / "ckptmigrate-busy0000"  # a run at work: a file open in it
     busy.mkdir()
