@@ -13,6 +13,7 @@ temporary copy (:mod:`ckptmigrate.storage.staged`). Fleets of files: :func:`ckpt
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -465,6 +466,15 @@ def _migrate(direction: str, path: PathLike, *, to: str, output: PathLike | None
         from ckptmigrate.chain.objects import migrate_object
 
         return migrate_object(location, chain_source(migrations), direction=direction, to=to, **options)
+    target = as_location(output) if output is not None else None
+    if isinstance(location, ObjectURL) and isinstance(target, ObjectURL) and _bucket_to_bucket(location, target) \
+            and options.get("max_shard_size") is None:
+        from ckptmigrate.chain.objects import NotStreamed, migrate_object
+
+        streamed = {k: v for k, v in options.items() if k != "backup"}  # -o keeps the source: no backup
+        with contextlib.suppress(NotStreamed):  # not a torch zip, or not streamable: staged below
+            return migrate_object(location, chain_source(migrations), direction=direction, to=to, output=target,
+                                  overwrite=overwrite, **streamed)
     if _names_object(path, output):
         from ckptmigrate.storage.staged import staged
 
@@ -477,6 +487,14 @@ def _migrate(direction: str, path: PathLike, *, to: str, output: PathLike | None
         return outcome
     out = _check_output(path, output, overwrite)
     return migrate_file(Path(path), chain_source(migrations), to=to, output=out, direction=direction, **options)
+
+
+def _bucket_to_bucket(source: ObjectURL, output: ObjectURL) -> bool:
+    """Whether ``-o`` from ``source`` to ``output`` may be streamed: both in s3://, gs:// or az://
+    (not the Hub, whose upload needs the whole file's SHA-256 first, nor a read-only scheme)."""
+    from ckptmigrate.storage.writers import writable
+
+    return writable(source.scheme) and writable(output.scheme)
 
 
 def upgrade(

@@ -41,7 +41,7 @@ from ckptmigrate.ops.optimizer import check_policy
 from ckptmigrate.storage import hf_commit, prefix_write, writers
 from ckptmigrate.storage.pieces import Planned
 from ckptmigrate.storage.ranges import TRANSFER, Prefixed, RangeFile, Spliced, multi_file_marker
-from ckptmigrate.storage.staged import refuse_multi_file
+from ckptmigrate.storage.staged import check_output, refuse_multi_file
 from ckptmigrate.tensors.refs import Source
 from ckptmigrate.util.urls import ObjectURL, filesystem, sync_tool
 
@@ -50,10 +50,18 @@ def migrate_object(
     url: ObjectURL, chains: RevisionGraph | ChainSource, *, to: str = "head", dry_run: bool = False,
     backup: bool = True, from_rev: str | None = None, lineage: str | None = None, key: str | None = None,
     direction: str | None = None, trust_pickle: bool = False, state_dicts: Sequence[str] | None = None,
-    optimizer: str = "strict", max_shard_size: int | None = None,
+    optimizer: str = "strict", max_shard_size: int | None = None, output: ObjectURL | None = None,
+    overwrite: bool = False,
 ) -> engine.Outcome:
     """As :func:`ckptmigrate.chain.engine.migrate_file`, for an object; the outcome's ``transfer``
-    says what crossed the network (requests, bytes received and sent, bytes copied server-side)."""
+    says what crossed the network (requests, bytes received and sent, bytes copied server-side).
+    ``output``: a new object in a bucket (replaced only if ``overwrite``), written as streamed
+    (:func:`write_new_object`) from a torch zip; :class:`NotStreamed` (before anything is written)
+    when it cannot be, and the caller stages it."""
+    if output is not None:
+        return _migrate_to(url, chains, output, overwrite=overwrite, to=to, dry_run=dry_run, from_rev=from_rev,
+                           lineage=lineage, key=key, direction=direction, trust_pickle=trust_pickle,
+                           state_dicts=state_dicts, optimizer=optimizer)
     if max_shard_size is not None:
         raise BadInput(f"{url}: re-planning shards (a shard size) is not done in object storage; copy the prefix "
                        f"to a local directory ({sync_tool(url.scheme)}) and run there")
@@ -80,6 +88,56 @@ def migrate_object(
                     outcome.written = True
     outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
     return outcome
+
+
+class NotStreamed(Exception):
+    """An ``-o`` migration between buckets that is not streamed (not a torch zip, a ``.safetensors``
+    output, tensors that cannot be: formats/zipstream.refusal); nothing was written, it is staged."""
+
+
+def _migrate_to(
+    url: ObjectURL, chains: RevisionGraph | ChainSource, output: ObjectURL, *, overwrite: bool, to: str,
+    dry_run: bool, from_rev: str | None, lineage: str | None, key: str | None, direction: str | None,
+    trust_pickle: bool, state_dicts: Sequence[str] | None, optimizer: str,
+) -> engine.Outcome:
+    """:func:`migrate_object` into a new object at ``output``; the source is untouched, no backup."""
+    check_output(output, overwrite)  # one line before any work when it exists
+    target = writers.as_found(output) if overwrite else writers.object_target(output, None, create_only=True)
+    before = TRANSFER.to_dict()
+    with _open(url, key=key, state_dicts=state_dicts, recover=False) as ckpt:
+        if ckpt.container.format != "torch-zip" or output.name.endswith(".safetensors"):
+            raise NotStreamed(f"{url}: a {ckpt.container.format} checkpoint to {output.name}")
+        ckpt.optimizers.policy = check_policy(optimizer)
+        graph = chains if isinstance(chains, RevisionGraph) else chains.for_envelope(ckpt.envelope)
+        plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
+        if direction is not None and plan.steps and plan.direction != direction:
+            raise BadInput(f"{url}: {direction} to {to} would {plan.direction} ({plan.describe()}); "
+                           f"use `ckptmigrate {plan.direction}`")
+        engine.refuse_left_behind(ckpt, graph, plan.lineage)
+        if trust_pickle and plan.steps:
+            ckpt.trust_pickle()
+        outcome = engine.Outcome(url, output, plan)
+        with _by_range(ckpt):
+            envelope = ckpt.envelope
+            if plan.steps:
+                history = engine.apply(ckpt, plan, trace=outcome.ops)
+                ckpt.refuse_changed_module()
+                envelope = engine.new_envelope(ckpt, plan, history)
+            if not dry_run:  # `-o` always leaves an object there, as a file when nothing is to be done
+                write_new_object(ckpt, target, envelope)
+                outcome.written = True
+    outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
+    return outcome
+
+
+def write_new_object(ckpt: Checkpoint, target: writers.ObjectTarget, envelope: Envelope | None) -> None:
+    """``ckpt`` with ``envelope`` as the object ``target`` (in another bucket, or another store),
+    streamed: its kept records copied server-side (S3 to S3, any bucket) or read through, its new
+    tensors computed in turn, read back before the one step that creates (or, as found, replaces)
+    it. :class:`NotStreamed` when the archive cannot be streamed."""
+    env = envelope.to_dict() if envelope is not None else None
+    if not _streamed(ckpt, target, target.url, env, ckpt.schema()):
+        raise NotStreamed(f"{ckpt.container.path}: {target.url} cannot be streamed")
 
 
 def _open(url: ObjectURL, *, key: str | None, state_dicts: Sequence[str] | None, recover: bool) -> Checkpoint:
@@ -149,7 +207,7 @@ def write_object(ckpt: Checkpoint, url: ObjectURL, envelope: Envelope, *, backup
     return kept
 
 
-def _streamed(ckpt: Checkpoint, target: writers.Target, url: ObjectURL, env: dict[str, Any],
+def _streamed(ckpt: Checkpoint, target: writers.Target, url: ObjectURL, env: dict[str, Any] | None,
               expected: dict[str, Any] | None) -> bool:
     """A torch zip whose tensors change, sent as it is produced (formats/zipstream): no local file,
     the kept records copied server-side (S3) or read through, each new tensor computed in turn; the
@@ -160,7 +218,8 @@ def _streamed(ckpt: Checkpoint, target: writers.Target, url: ObjectURL, env: dic
     source = c.source
     if c.format != "torch-zip" or isinstance(target, hf_commit.HubFile) or source is None:
         return False
-    archive = zipstream.records(torchzip.Pickled(ckpt.payload()), torchzip.envelope_bytes(env), c.prefix, None)
+    envelope = None if env is None else torchzip.envelope_bytes(env)
+    archive = zipstream.records(torchzip.Pickled(ckpt.payload()), envelope, c.prefix, None)
     if zipstream.refusal(archive, source) is not None:
         return False
     remote = source.remote

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
-from ckptmigrate.storage.pieces import Kept, Piece, merged
+from ckptmigrate.storage.pieces import Kept, Piece, merged, read_through
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared, changed
 from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translated
 
@@ -212,11 +212,35 @@ def _put(obj: S3Object, body: Any, size: int) -> str | None:
 
 
 def stream(obj: S3Object, old: RangeFile, pieces: Iterable[Piece], before: Callable[[], None]) -> None:
-    """Replace the object by ``pieces`` as they come, in one multipart upload: kept ranges of at
-    least :data:`MIN_PART` copied server-side (``UploadPartCopy``), new bytes and shorter kept
-    ranges (read by range) sent in parts of :func:`part_size`. Memory holds about a part. ``before``
-    (the read-back of the object to be) runs after the last part, before the complete."""
-    _multipart(obj, _stream_parts(obj, old, merged(pieces), part_size()), before=before)
+    """Replace (or create) the object by ``pieces`` as they come, in one multipart upload: kept
+    ranges of ``old`` of at least :data:`MIN_PART` copied server-side (``UploadPartCopy``, from
+    ``old`` as read: the object itself, or another in the same endpoint, any bucket), new bytes and
+    shorter kept ranges (read by range) sent in parts of :func:`part_size`. An ``old`` in another
+    store is read through. Memory holds about a part. ``before`` (the read-back of the object to
+    be) runs after the last part, before the complete."""
+    if old.url.scheme in WRITABLE:
+        _fs, path = filesystem(old.url)
+        bucket, _, key = path.partition("/")
+        source = CopySource(old.url, bucket, key, old.etag)
+        parts = _stream_parts(obj, old, merged(pieces), part_size())
+    else:
+        source = None
+        parts = _stream_parts(obj, old, read_through(old, pieces, part_size()), part_size())
+    _multipart(obj, parts, before=before, source=source)
+
+
+@dataclass(frozen=True)
+class CopySource:
+    """The object a copied part is a range of, as read (its ETag, which each copy is conditional on)."""
+
+    url: ObjectURL
+    bucket: str
+    key: str
+    etag: str | None
+
+    @classmethod
+    def of(cls, obj: S3Object) -> CopySource:
+        return cls(obj.url, obj.bucket, obj.key, obj.etag)
 
 
 def _stream_parts(obj: S3Object, old: RangeFile, pieces: Iterable[Piece], part: int) -> Iterator[Any]:
@@ -271,18 +295,18 @@ def _parts_of(old: RangeFile, pieces: Iterable[Piece], part: int) -> Iterator[An
         yield ("data", buf)
 
 
-def _multipart(obj: S3Object, parts: Any, before: Callable[[], None] | None = None) -> None:
+def _multipart(obj: S3Object, parts: Any, before: Callable[[], None] | None = None,
+               source: CopySource | None = None) -> None:
+    """One multipart upload of ``parts`` (new bytes, or ranges copied from ``source``: by default
+    the object itself, as read), completed conditionally, or aborted."""
+    source = source or CopySource.of(obj)
     upload_id = obj.call("create_multipart_upload", Key=obj.key)["UploadId"]
     try:
-        done = []
+        done: list[dict[str, Any]] = []
         for number, part in enumerate(parts, start=1):
             if part[0] == "copy":
                 _kind, start, end = part
-                result = obj.call("upload_part_copy", Key=obj.key, UploadId=upload_id, PartNumber=number,
-                                  CopySource={"Bucket": obj.bucket, "Key": obj.key},
-                                  CopySourceRange=f"bytes={start}-{end - 1}",
-                                  **({"CopySourceIfMatch": obj.etag} if obj.etag else {}))
-                etag = result["CopyPartResult"]["ETag"]
+                etag = _copy_part(obj, source, upload_id, number, start, end)
                 TRANSFER.bytes_copied_server_side += end - start
             else:
                 data = part[1]
@@ -305,6 +329,25 @@ def _multipart(obj: S3Object, parts: Any, before: Callable[[], None] | None = No
             return
         abort(obj, upload_id)
         raise
+
+
+def _copy_part(obj: S3Object, source: CopySource, upload_id: str, number: int, start: int, end: int) -> str:
+    """Part ``number``: bytes ``[start, end)`` of ``source`` copied server-side, only if it is still
+    the object read (a source that changed is named as such, not the object written)."""
+    args: dict[str, Any] = {"Key": obj.key, "UploadId": upload_id, "PartNumber": number,
+            "CopySource": {"Bucket": source.bucket, "Key": source.key}, "CopySourceRange": f"bytes={start}-{end - 1}",
+            **({"CopySourceIfMatch": source.etag} if source.etag else {})}
+    if source.url == obj.url:
+        return str(obj.call("upload_part_copy", **args)["CopyPartResult"]["ETag"])
+    TRANSFER.requests += 1
+    try:
+        with translated(obj.url, "write"):
+            result = obj.fs.call_s3("upload_part_copy", Bucket=obj.bucket, **args)
+    except RemoteError as exc:
+        if "pre-condition" not in str(exc) and "PreconditionFailed" not in str(exc):
+            raise
+        raise changed(source.url, source.etag, _found_etag(S3Object.of(source.url, source.etag))) from None
+    return str(result["CopyPartResult"]["ETag"])
 
 
 def multipart_etag(part_etags: list[str]) -> str:
