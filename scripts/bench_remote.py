@@ -31,7 +31,9 @@ response bodies; a server-side copy moves none):
   16 MiB), with the backup: streamed (the new archive sent as it is made, kept tensors copied
   server-side but for 5 MiB of each that fills a part); with ``--ckptmigrate DIR`` the child runs
   the ckptmigrate of another source tree (a checkout of ``main``: before/after). These rows add the
-  child's peak RSS and the bytes it wrote to local disk (``/proc/self/io`` ``write_bytes``).
+  child's peak RSS and the bytes it wrote to local disk (``/proc/self/io`` ``write_bytes``). The
+  same change with ``-o`` into another bucket: a new object, the kept tensors copied from the
+  source bucket server-side.
 
 Before each timed upgrade the object is restored by a server-side copy (untimed). moto reads the
 whole object to answer each range request, so on moto the wall time of ``inspect`` and ``upgrade``
@@ -60,6 +62,8 @@ sys.path.insert(0, str(ROOT))
 from tests.objectstores import S3Server, set_env  # noqa: E402
 
 BUCKET = "bench"
+#: ``-o`` into another bucket (``--cases stream``).
+OTHER = "bench-out"
 NAIVE = """
 import sys, boto3, torch
 bucket, key, tmp = sys.argv[1:4]
@@ -174,6 +178,7 @@ def main() -> None:
         env["PYTHONPATH"] = str(opts.ckptmigrate.resolve())
     client = server.client()
     client.create_bucket(Bucket=BUCKET)
+    client.create_bucket(Bucket=OTHER)
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp_dir:
         tmp = Path(tmp_dir)
         local = tmp / "model.pt"
@@ -200,6 +205,11 @@ def main() -> None:
                 cases.setdefault("upgrade (one 16 MiB tensor's values changed, backup KEY.bak)", []).append(timed(
                     server, [sys.executable, "-c", MEASURED, "upgrade", url, "--from", "c1", "--migrations",
                              str(changed), "--json"], env))
+                restore()
+                client.delete_object(Bucket=OTHER, Key="out.pt")
+                cases.setdefault("upgrade -o s3://another-bucket/... (the same change, a new object)", []).append(
+                    timed(server, [sys.executable, "-c", MEASURED, "upgrade", url, "-o", f"s3://{OTHER}/out.pt",
+                                   "--from", "c1", "--migrations", str(changed), "--json"], env))
         for _ in range(opts.repeat if opts.cases in ("all", "zip") else 0):
             restore()
             cases.setdefault("inspect", []).append(timed(server, [*cli, "inspect", url, "--json"], env))
@@ -211,7 +221,7 @@ def main() -> None:
             cases.setdefault("upgrade (rename, backup KEY.bak)", []).append(timed(
                 server, [*cli, "upgrade", url, "--from", "c1", "--migrations", str(migrations), "--json"], env))
             restore()
-            cases.setdefault("upgrade -o s3://... (staged)", []).append(timed(
+            cases.setdefault("upgrade -o s3://... (rename, a new object)", []).append(timed(
                 server, [*cli, "upgrade", url, "-o", f"s3://{BUCKET}/work.pt.copy", "--from", "c1", "--migrations",
                          str(migrations), "--json"], env))
             restore()
