@@ -89,6 +89,28 @@ def test_s3_to_another_bucket_streams_and_copies_the_kept_tensors_server_side(
     assert open_uploads(s3, dst_bucket) == []
 
 
+def test_s3_a_rename_into_another_bucket_copies_every_record_server_side(
+        cli: Cli, s3: S3Server, tmp_path: Path) -> None:
+    src_bucket, dst_bucket = s3.new_bucket("rsrc", tmp_path), s3.new_bucket("rdst", tmp_path)
+    original_state = model()
+    original = saved(original_state)
+    s3.client().put_object(Bucket=src_bucket, Key="m.pt", Body=original)
+    migrations = chain(tmp_path, "ckpt.rename('blocks.0.weight', 'stem.weight')")
+    s3.served.reset()
+    proc = cli("upgrade", f"s3://{src_bucket}/m.pt", "-o", f"s3://{dst_bucket}/m.pt", "--from", "c1",
+               "--migrations", migrations, "--json")
+    assert proc.returncode == 0, proc.stderr
+    sent, received = s3.served.body_bytes_sent, s3.served.body_bytes_received
+    # the records stay where they are (copied from the source bucket), a new data.pkl, envelope and
+    # directory after them: what crosses is the directory and data.pkl read, and the new tail sent
+    assert sent < MIB and received < MIB, (sent, received)
+    loaded = torch.load(io.BytesIO(get(s3, dst_bucket, "m.pt")), weights_only=True)
+    assert torch.equal(loaded["stem.weight"], original_state["blocks.0.weight"]) and "blocks.0.weight" not in loaded
+    assert cli("current", f"s3://{dst_bucket}/m.pt").stdout.strip() == "c2"
+    assert get(s3, src_bucket, "m.pt") == original and keys(s3, src_bucket) == ["m.pt"]
+    assert open_uploads(s3, dst_bucket) == []
+
+
 def test_s3_an_existing_output_is_kept_unless_overwrite(cli: Cli, s3: S3Server, tmp_path: Path) -> None:
     bucket = s3.new_bucket("exists", tmp_path)
     original = saved(model())
@@ -147,3 +169,23 @@ def test_s3_to_gcs_is_read_through_into_one_resumable_upload(
     assert torch.equal(loaded["blocks.1.weight"], original_state["blocks.1.weight"].T)
     assert json.loads(proc.stdout)["transfer"]["bytes_sent"] == len(new)  # every byte goes up once
     assert get(s3, src_bucket, "m.pt") == original
+
+
+def test_s3_a_source_replaced_mid_stream_writes_no_output(cli: Cli, s3: S3Server, tmp_path: Path) -> None:
+    src_bucket, dst_bucket = s3.new_bucket("rsrc", tmp_path), s3.new_bucket("rdst", tmp_path)
+    original = saved(model())
+    theirs = saved({"other": torch.randn(1024, 1024)})
+    (tmp_path / "theirs.pt").write_bytes(theirs)
+    s3.client().put_object(Bucket=src_bucket, Key="m.pt", Body=original)
+    # the new tensor after the kept ones is computed (their parts copied) by a function that first
+    # replaces the source, as another writer would
+    race = (f"import boto3\nfrom ckptmigrate.tensors.refs import Deferred\nimport torch\n\n\ndef late():\n"
+            f"    boto3.client('s3').put_object(Bucket={src_bucket!r}, Key='m.pt', "
+            f"Body=open({str(tmp_path / 'theirs.pt')!r}, 'rb').read())\n    return torch.zeros(1024)\n")
+    migrations = chain(tmp_path, f"{TRANSPOSE}; ckpt.add('late', Deferred((1024,), 'float32', late))", race)
+    proc = cli("upgrade", f"s3://{src_bucket}/m.pt", "-o", f"s3://{dst_bucket}/m.pt", "--from", "c1",
+               "--migrations", migrations, "--json")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"s3://{src_bucket}/m.pt" in proc.stderr and "changed" in proc.stderr, proc.stderr
+    assert keys(s3, dst_bucket) == [] and open_uploads(s3, dst_bucket) == []
+    assert get(s3, src_bucket, "m.pt") == theirs

@@ -10,7 +10,10 @@ migration (and any legacy, pre-zip file) is staged: the local engine writes the 
 temporary file, reading the tensors by range, and that is uploaded. Either way the object is
 replaced in one step, only if it is still the one read (its ETag); the backup is the version read
 (a versioned bucket) or a server-side copy ``KEY.bak``.
-A safetensors rename is a new header before the same data, copied server-side.
+A safetensors rename is a new header before the same data, copied server-side. ``-o`` from a
+torch zip in a bucket into a bucket is streamed the same way into a new object (create-only, or
+conditional on the object found with ``overwrite``), the source untouched and no backup; any other
+``-o`` is staged by the caller.
 
 A multi-file checkpoint under a prefix is read by range too; a rewrite that keeps every tensor's
 bytes puts a DCP directory's ``.metadata`` and envelope, or a sharded model's shard headers and
@@ -40,7 +43,7 @@ from ckptmigrate.formats.dcp_rewrite import DcpRewrite, dcp_metadata_rewrite
 from ckptmigrate.ops.optimizer import check_policy
 from ckptmigrate.storage import hf_commit, prefix_write, writers
 from ckptmigrate.storage.pieces import Planned
-from ckptmigrate.storage.ranges import TRANSFER, Prefixed, RangeFile, Spliced, multi_file_marker
+from ckptmigrate.storage.ranges import TRANSFER, Prefixed, RangeFile, Spliced, changed, multi_file_marker
 from ckptmigrate.storage.staged import check_output, refuse_multi_file
 from ckptmigrate.tensors.refs import Source
 from ckptmigrate.util.urls import ObjectURL, filesystem, sync_tool
@@ -136,7 +139,23 @@ def write_new_object(ckpt: Checkpoint, target: writers.ObjectTarget, envelope: E
     tensors computed in turn, read back before the one step that creates (or, as found, replaces)
     it. :class:`NotStreamed` when the archive cannot be streamed."""
     env = envelope.to_dict() if envelope is not None else None
-    if not _streamed(ckpt, target, target.url, env, ckpt.schema()):
+    source = ckpt.container.source
+    assert source is not None and isinstance(source.remote, RangeFile)
+    try:
+        if ckpt.can_rewrite_metadata_only("torch-zip") and writers.copies_from(target, source.remote):
+            # every record kept where it is (S3 to S3): copied from the source, a new tail after them
+            keep, tail = torchzip.metadata_tail(source, ckpt.container.records, ckpt.container.prefix,
+                                                ckpt.payload(), env)
+            if writers.copies_from(target, source.remote, keep):
+                ckpt.check_reads_back(target.url, env, ckpt.schema(), remote=Spliced(source.remote, keep, tail))
+                writers.compose(target, source.remote, keep, tail)
+                return
+        streamed = _streamed(ckpt, target, target.url, env, ckpt.schema())
+    except CkptMigrateError as exc:
+        if not isinstance(exc, ObjectChanged):  # a read of the source that failed: was it replaced?
+            _blame_a_change(writers.object_target(source.remote.url, source.remote.etag, source.remote.version), exc)
+        raise
+    if not streamed:
         raise NotStreamed(f"{ckpt.container.path}: {target.url} cannot be streamed")
 
 
@@ -225,10 +244,18 @@ def _streamed(ckpt: Checkpoint, target: writers.Target, url: ObjectURL, env: dic
     remote = source.remote
     assert isinstance(remote, RangeFile)
     planned = Planned(remote)
+
+    def read_back() -> None:
+        ckpt.check_reads_back(url, env, expected, remote=planned)
+        if remote.url != url:  # -o: the write's condition is on the new object, not on the source read
+            found = remote.fetcher.etag_now()
+            if found != remote.etag:
+                raise changed(remote.url, remote.etag, found)
+
     with _by_range(ckpt):
         headers = {e.data_offset: e.data_offset - e.header_offset for e in c.records.values()}
         writers.stream(target, remote, zipstream.emit(archive, source, planned, headers),
-                       zipstream.total_size(archive), lambda: ckpt.check_reads_back(url, env, expected, remote=planned))
+                       zipstream.total_size(archive), read_back)
     return True
 
 

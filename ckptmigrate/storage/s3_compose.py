@@ -144,7 +144,7 @@ def compose(obj: S3Object, old: RangeFile, keep: int, tail: bytes) -> None:
         body = old.pread(keep, 0) + tail
         _put(obj, body, len(body))
         return
-    _multipart(obj, [*(("copy", a, b) for a, b in copy_ranges(keep)), ("data", tail)])
+    _multipart(obj, [*(("copy", a, b) for a, b in copy_ranges(keep)), ("data", tail)], source=_copy_source(old))
 
 
 def replace_head(obj: S3Object, old: RangeFile, head: bytes, skip: int) -> None:
@@ -218,15 +218,21 @@ def stream(obj: S3Object, old: RangeFile, pieces: Iterable[Piece], before: Calla
     shorter kept ranges (read by range) sent in parts of :func:`part_size`. An ``old`` in another
     store is read through. Memory holds about a part. ``before`` (the read-back of the object to
     be) runs after the last part, before the complete."""
-    if old.url.scheme in WRITABLE:
-        _fs, path = filesystem(old.url)
-        bucket, _, key = path.partition("/")
-        source = CopySource(old.url, bucket, key, old.etag)
+    source = _copy_source(old)
+    if source is not None:
         parts = _stream_parts(obj, old, merged(pieces), part_size())
     else:
-        source = None
         parts = _stream_parts(obj, old, read_through(old, pieces, part_size()), part_size())
     _multipart(obj, parts, before=before, source=source)
+
+
+def _copy_source(old: RangeFile) -> CopySource | None:
+    """``old`` as the source of copied parts: an object in S3 (the same endpoint: any bucket)."""
+    if old.url.scheme not in WRITABLE:
+        return None
+    _fs, path = filesystem(old.url)
+    bucket, _, key = path.partition("/")
+    return CopySource(old.url, bucket, key, old.etag)
 
 
 @dataclass(frozen=True)

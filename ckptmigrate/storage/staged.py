@@ -1,6 +1,7 @@
 """Commands that need a checkpoint's bytes on disk, on objects in a bucket: ``stamp`` (its digest
 hashes every byte), ``verify``, ``compact``, ``convert``, ``sanitize``, a legacy (pre-zip) torch
-file, and ``-o`` to or from a URL.
+file, and ``-o`` to or from a URL that is not streamed (between buckets a torch zip is:
+chain/objects).
 
 The object is streamed into a temporary directory (16 MiB ranges: memory stays bounded), the local
 command runs there with its locks and atomic writes, and what it wrote is uploaded in one step

@@ -172,9 +172,17 @@ def append(obj: Target, old: RangeFile, tail: bytes, how: Appendable) -> None:
         raise AssertionError(f"{obj.url}: appended only on GCS and Azure")
 
 
+def copies_from(obj: Target, old: RangeFile, keep: int | None = None) -> bool:
+    """Whether :func:`compose` of ``obj`` copies ``old``'s first ``keep`` bytes (by default: all)
+    server-side, every part conditional on ``old`` as read (S3 to S3, the same endpoint: parts of
+    at least 5 MiB)."""
+    return isinstance(obj, s3_compose.S3Object) and old.url.scheme in s3_compose.WRITABLE \
+        and (old.size if keep is None else keep) >= s3_compose.MIN_PART
+
+
 def compose(obj: Target, old: RangeFile, keep: int, tail: bytes) -> None:
-    """Replace the object by its first ``keep`` bytes and ``tail`` (S3: the kept ranges copied
-    server-side; GCS, Azure and the Hub: streamed through)."""
+    """Replace (or create) the object by the first ``keep`` bytes of ``old`` and ``tail`` (S3: the
+    kept ranges copied server-side, from ``old``'s bucket; GCS, Azure and the Hub: streamed through)."""
     if isinstance(obj, hf_commit.HubFile):
         hf_commit.compose(obj, old, keep, tail)
     elif isinstance(obj, azure_write.AzureObject):
