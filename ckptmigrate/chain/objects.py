@@ -59,7 +59,7 @@ def migrate_object(
     """As :func:`ckptmigrate.chain.engine.migrate_file`, for an object; the outcome's ``transfer``
     says what crossed the network (requests, bytes received and sent, bytes copied server-side).
     ``output``: a new object in a bucket (replaced only if ``overwrite``), written as streamed
-    (:func:`write_new_object`) from a torch zip; :class:`NotStreamed` (before anything is written)
+    (:func:`_write_new`) from a torch zip; :class:`NotStreamed` (before anything is written)
     when it cannot be, and the caller stages it."""
     if output is not None:
         return _migrate_to(url, chains, output, overwrite=overwrite, to=to, dry_run=dry_run, from_rev=from_rev,
@@ -127,18 +127,20 @@ def _migrate_to(
                 ckpt.refuse_changed_module()
                 envelope = engine.new_envelope(ckpt, plan, history)
             if not dry_run:  # `-o` always leaves an object there, as a file when nothing is to be done
-                write_new_object(ckpt, target, envelope)
+                _write_new(ckpt, target, envelope)
                 outcome.written = True
     outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
     return outcome
 
 
-def write_new_object(ckpt: Checkpoint, target: writers.ObjectTarget, envelope: Envelope | None) -> None:
+def _write_new(ckpt: Checkpoint, target: writers.ObjectTarget, envelope: Envelope | None) -> None:
     """``ckpt`` with ``envelope`` as the object ``target`` (in another bucket, or another store),
-    streamed: its kept records copied server-side (S3 to S3, any bucket) or read through, its new
-    tensors computed in turn, read back before the one step that creates (or, as found, replaces)
-    it. :class:`NotStreamed` when the archive cannot be streamed."""
+    read back before the one step that creates (or, as found, replaces) it: a metadata-only change
+    S3 to S3 is the source's records copied and a new tail (as in place); anything else streamed,
+    the kept records copied server-side (S3 to S3, any bucket) or read through, the new tensors
+    computed in turn. :class:`NotStreamed` when the archive cannot be streamed."""
     env = envelope.to_dict() if envelope is not None else None
+    expected = ckpt.schema()
     source = ckpt.container.source
     assert source is not None and isinstance(source.remote, RangeFile)
     try:
@@ -147,10 +149,10 @@ def write_new_object(ckpt: Checkpoint, target: writers.ObjectTarget, envelope: E
             keep, tail = torchzip.metadata_tail(source, ckpt.container.records, ckpt.container.prefix,
                                                 ckpt.payload(), env)
             if writers.copies_from(target, source.remote, keep):
-                ckpt.check_reads_back(target.url, env, ckpt.schema(), remote=Spliced(source.remote, keep, tail))
+                ckpt.check_reads_back(target.url, env, expected, remote=Spliced(source.remote, keep, tail))
                 writers.compose(target, source.remote, keep, tail)
                 return
-        streamed = _streamed(ckpt, target, target.url, env, ckpt.schema())
+        streamed = _streamed(ckpt, target, target.url, env, expected)
     except CkptMigrateError as exc:
         if not isinstance(exc, ObjectChanged):  # a read of the source that failed: was it replaced?
             _blame_a_change(writers.object_target(source.remote.url, source.remote.etag, source.remote.version), exc)
