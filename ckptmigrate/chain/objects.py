@@ -32,7 +32,7 @@ from typing import Any
 
 from ckptmigrate import formats
 from ckptmigrate.chain import engine
-from ckptmigrate.chain.planning import plan_for
+from ckptmigrate.chain.planning import Plan, plan_for
 from ckptmigrate.chain.registry import ChainSource
 from ckptmigrate.chain.revisions import RevisionGraph
 from ckptmigrate.checkpoint.envelope import Envelope
@@ -70,15 +70,8 @@ def migrate_object(
                        f"to a local directory ({sync_tool(url.scheme)}) and run there")
     before = TRANSFER.to_dict()
     with _open(url, key=key, state_dicts=state_dicts, recover=not dry_run) as ckpt:
-        ckpt.optimizers.policy = check_policy(optimizer)
-        graph = chains if isinstance(chains, RevisionGraph) else chains.for_envelope(ckpt.envelope)
-        plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
-        if direction is not None and plan.steps and plan.direction != direction:
-            raise BadInput(f"{url}: {direction} to {to} would {plan.direction} ({plan.describe()}); "
-                           f"use `ckptmigrate {plan.direction}`")
-        engine.refuse_left_behind(ckpt, graph, plan.lineage)
-        if trust_pickle and plan.steps:
-            ckpt.trust_pickle()
+        plan = _plan(ckpt, url, chains, to=to, from_rev=from_rev, lineage=lineage, direction=direction,
+                     trust_pickle=trust_pickle, optimizer=optimizer)
         outcome = engine.Outcome(url, None, plan)
         if plan.steps:
             with _by_range(ckpt):  # an op that reads a tensor (``map``) fetches it, not the object
@@ -91,6 +84,22 @@ def migrate_object(
                     outcome.written = True
     outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
     return outcome
+
+
+def _plan(ckpt: Checkpoint, url: ObjectURL, chains: RevisionGraph | ChainSource, *, to: str, from_rev: str | None,
+          lineage: str | None, direction: str | None, trust_pickle: bool, optimizer: str) -> Plan:
+    """The walk for the object read, as migrate_file plans it: the chain for its envelope, the
+    direction asked for, no revision of the lineage left behind."""
+    ckpt.optimizers.policy = check_policy(optimizer)
+    graph = chains if isinstance(chains, RevisionGraph) else chains.for_envelope(ckpt.envelope)
+    plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
+    if direction is not None and plan.steps and plan.direction != direction:
+        raise BadInput(f"{url}: {direction} to {to} would {plan.direction} ({plan.describe()}); "
+                       f"use `ckptmigrate {plan.direction}`")
+    engine.refuse_left_behind(ckpt, graph, plan.lineage)
+    if trust_pickle and plan.steps:
+        ckpt.trust_pickle()
+    return plan
 
 
 class NotStreamed(Exception):
@@ -110,15 +119,8 @@ def _migrate_to(
     with _open(url, key=key, state_dicts=state_dicts, recover=False) as ckpt:
         if ckpt.container.format != "torch-zip" or output.name.endswith(".safetensors"):
             raise NotStreamed(f"{url}: a {ckpt.container.format} checkpoint to {output.name}")
-        ckpt.optimizers.policy = check_policy(optimizer)
-        graph = chains if isinstance(chains, RevisionGraph) else chains.for_envelope(ckpt.envelope)
-        plan = plan_for(ckpt, graph, to=to, from_rev=from_rev, lineage=lineage)
-        if direction is not None and plan.steps and plan.direction != direction:
-            raise BadInput(f"{url}: {direction} to {to} would {plan.direction} ({plan.describe()}); "
-                           f"use `ckptmigrate {plan.direction}`")
-        engine.refuse_left_behind(ckpt, graph, plan.lineage)
-        if trust_pickle and plan.steps:
-            ckpt.trust_pickle()
+        plan = _plan(ckpt, url, chains, to=to, from_rev=from_rev, lineage=lineage, direction=direction,
+                     trust_pickle=trust_pickle, optimizer=optimizer)
         outcome = engine.Outcome(url, output, plan)
         with _by_range(ckpt):
             envelope = ckpt.envelope
