@@ -7,7 +7,8 @@ Against real servers on 127.0.0.1 (moto S3, the GCS emulator), the CLI as a subp
 (which lists every file opened for writing: none). The new object is byte for byte what the same
 ``-o`` writes locally (but its random serialization id and the envelope's timestamps), and loads in
 torch with the expected values; from S3 to another S3 bucket the kept tensors cross no client
-(``UploadPartCopy`` with the source bucket), from S3 to GCS they are read through. An existing
+(``UploadPartCopy`` with the source bucket), from S3 to GCS and within GCS or Azure (neither copies
+a byte range server-side) they are read through. An existing
 output is one line, exit 2, and nothing written; a failure mid-stream leaves no output and no
 multipart upload open.
 """
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests import azurite
 from tests.objectstores import S3Server, running_gcs, running_s3
 from tests.test_remote_streamed_migration import TRANSPOSE, chain, get, model, open_uploads, same_archive, saved, strace
 
@@ -39,6 +41,12 @@ def s3() -> Iterator[S3Server]:
 @pytest.fixture(scope="module")
 def gcs() -> Iterator[tuple[dict[str, str], Any]]:
     with running_gcs() as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def azure() -> Iterator[tuple[dict[str, str], Any]]:
+    with azurite.running() as served:
         yield served
 
 
@@ -189,3 +197,38 @@ def test_s3_a_source_replaced_mid_stream_writes_no_output(cli: Cli, s3: S3Server
     assert f"s3://{src_bucket}/m.pt" in proc.stderr and "changed" in proc.stderr, proc.stderr
     assert keys(s3, dst_bucket) == [] and open_uploads(s3, dst_bucket) == []
     assert get(s3, src_bucket, "m.pt") == theirs
+
+
+@pytest.mark.parametrize("store", ["gs", "az"])
+def test_gcs_and_azure_to_another_object_of_the_store_stream_and_leave_the_source(
+    cli: Cli, gcs: tuple[dict[str, str], Any], azure: tuple[dict[str, str], Any], tmp_path: Path, store: str,
+) -> None:
+    env, place = gcs if store == "gs" else azure
+    original_state = model()
+    original = saved(original_state)
+    src, dst = f"{tmp_path.name}/m.pt", f"{tmp_path.name}/out/m.pt"
+    if store == "gs":
+        place.blob(src).upload_from_string(original)
+    else:
+        place.upload_blob(src, original)
+
+    def read(key: str) -> bytes:
+        return place.blob(key).download_as_bytes() if store == "gs" else place.download_blob(key).readall()
+
+    migrations = chain(tmp_path, TRANSPOSE)
+    proc, writes = strace(tmp_path, "upgrade", f"{store}://ckpts/{src}", "-o", f"{store}://ckpts/{dst}", "--from",
+                          "c1", "--migrations", migrations, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert writes == []
+    new = read(dst)
+    same_archive(new, migrated_locally(tmp_path, cli, original, migrations))
+    loaded = torch.load(io.BytesIO(new), weights_only=True)
+    assert torch.equal(loaded["blocks.1.weight"], original_state["blocks.1.weight"].T)
+    assert json.loads(proc.stdout)["transfer"]["bytes_sent"] == len(new)
+    assert read(src) == original  # the source untouched, and no backup taken of it
+    backup = place.blob(src + ".bak") if store == "gs" else place.get_blob_client(src + ".bak")
+    assert not backup.exists()
+    again = cli("upgrade", f"{store}://ckpts/{src}", "-o", f"{store}://ckpts/{dst}", "--from", "c1",
+                "--migrations", migrations, env=env)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert read(dst) == new
