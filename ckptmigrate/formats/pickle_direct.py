@@ -461,16 +461,7 @@ class _Decoder:
         """Whether the rebuild call builds a plain TensorRef of ``layout`` (offset, shape and stride
         opcodes, storage dtype and bytes), remembered in :attr:`layouts` as :meth:`tensor` does."""
         offset, shape, stride, dtype, _nbytes = layout
-        tuples, ints = self.tuples, self.ints
-        size = tuples.get(shape)
-        if size is None:
-            size = tuples[shape] = _tuple(shape)
-        strides = tuples.get(stride)
-        if strides is None:
-            strides = tuples[stride] = _tuple(stride)
-        start = ints.get(offset)
-        if start is None:
-            start = ints[offset] = _int(offset)
+        start, size, strides = self.layout_args(offset, shape, stride)
         try:
             ref = self.rebuild(storage, start, size, strides, grad, self.hooks)
         except Exception:  # noqa: BLE001 - the opcode-by-opcode read makes the same call and decides
@@ -524,16 +515,7 @@ class _Decoder:
         if args is not None:
             ref = TensorRef(storage, args[0], args[1], args[2], layout[3], grad == b"\x88")
         else:
-            tuples = self.tuples
-            size = tuples.get(shape)
-            if size is None:
-                size = tuples[shape] = _tuple(shape)
-            strides = tuples.get(stride)
-            if strides is None:
-                strides = tuples[stride] = _tuple(stride)
-            start = ints.get(offset)
-            if start is None:
-                start = ints[offset] = _int(offset)
+            start, size, strides = self.layout_args(offset, shape, stride)
             ref = self.rebuild(storage, start, size, strides, grad == b"\x88", self.hooks)
             if (type(ref) is TensorRef and not ref.extra and ref.storage is storage and ref.dtype == layout[3]
                     and (ref.storage_offset, ref.shape, ref.stride) == (start, size, strides)
@@ -617,7 +599,18 @@ class _Decoder:
                     raise _Refused
                 n += 1
         memo += [None] * (n - len(memo))
-        tuples = self.tuples
+        start, size, strides = self.layout_args(offset, shape, stride)
+        ref = self.rebuild(storage, start, size, strides, grad == b"\x88", self.hooks)
+        if tensor_put is not None:
+            if ifb(tensor_put, "little") != n:
+                raise _Refused
+            memo.append(ref)
+        return ref
+
+    def layout_args(self, offset: bytes, shape: bytes, stride: bytes) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        """The storage offset, size and stride a rebuild call's opcodes give, each decoded once per
+        distinct bytes."""
+        tuples, ints = self.tuples, self.ints
         size = tuples.get(shape)
         if size is None:
             size = tuples[shape] = _tuple(shape)
@@ -627,12 +620,7 @@ class _Decoder:
         start = ints.get(offset)
         if start is None:
             start = ints[offset] = _int(offset)
-        ref = self.rebuild(storage, start, size, strides, grad == b"\x88", self.hooks)
-        if tensor_put is not None:
-            if ifb(tensor_put, "little") != n:
-                raise _Refused
-            memo.append(ref)
-        return ref
+        return start, size, strides
 
     def get(self, op: bytes) -> Any:
         """The memo entry a get opcode fetches (remembered by its bytes); refused for one no get may fetch."""
