@@ -7,7 +7,9 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 stamp=.venv/.ckptmigrate-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+# (again when the C fast paths or their build changed: an editable install compiles them in place)
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ] \
+        || [ setup.py -nt "$stamp" ] || [ -n "$(find ckptmigrate -name '_*.c' -newer "$stamp")" ]; then
     .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,lightning]"
     touch "$stamp"
 fi
