@@ -58,7 +58,7 @@ def inspect(
         before = TRANSFER.to_dict()
         with Checkpoint.open(path, key=key, state_dicts=state_dicts) as ckpt:
             info = ckpt.summary(keys=keys)
-        info["transfer"] = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
+        info["transfer"] = TRANSFER.since(before)
         return info
     with Checkpoint.open(path, key=key, state_dicts=state_dicts) as ckpt:
         return ckpt.summary(keys=keys)
@@ -476,14 +476,17 @@ def _migrate(direction: str, path: PathLike, *, to: str, output: PathLike | None
             return migrate_object(location, chain_source(migrations), direction=direction, to=to, output=target,
                                   overwrite=overwrite, **streamed)
     if _names_object(path, output):
+        from ckptmigrate.storage.ranges import TRANSFER
         from ckptmigrate.storage.staged import staged
 
+        before = TRANSFER.to_dict()
         with staged(path, output, overwrite=overwrite, write_back=False) as stage:
             outcome = migrate_file(stage.source, chain_source(migrations), to=to, output=stage.output,
                                    direction=direction, **options)
             stage.what = outcome.plan.describe() if outcome.plan is not None else None
         outcome.path = stage.location(outcome.path) or outcome.path
         outcome.output = stage.location(outcome.output)
+        outcome.transfer = TRANSFER.since(before)  # as a streamed -o reports it: the whole download and upload
         return outcome
     out = _check_output(path, output, overwrite)
     return migrate_file(Path(path), chain_source(migrations), to=to, output=out, direction=direction, **options)

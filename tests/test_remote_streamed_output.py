@@ -119,6 +119,26 @@ def test_s3_a_rename_into_another_bucket_copies_every_record_server_side(
     assert open_uploads(s3, dst_bucket) == []
 
 
+def test_s3_a_staged_output_reports_what_crossed_the_network_as_a_streamed_one_does(
+        cli: Cli, s3: S3Server, tmp_path: Path) -> None:
+    """A ``.safetensors`` output is not streamed (its header comes first): the object is downloaded,
+    migrated and uploaded, and ``--json``'s ``transfer`` says so, as the server counted it."""
+    src_bucket, dst_bucket = s3.new_bucket("ssrc", tmp_path), s3.new_bucket("sdst", tmp_path)
+    original = saved(model())
+    s3.client().put_object(Bucket=src_bucket, Key="m.pt", Body=original)
+    migrations = chain(tmp_path, "ckpt.rename('blocks.0.weight', 'stem.weight')")
+    s3.served.reset()
+    proc = cli("upgrade", f"s3://{src_bucket}/m.pt", "-o", f"s3://{dst_bucket}/m.safetensors", "--from", "c1",
+               "--migrations", migrations, "--json")
+    assert proc.returncode == 0, proc.stderr
+    transfer = json.loads(proc.stdout)["transfer"]
+    down, up = s3.served.body_bytes_sent, s3.served.body_bytes_received
+    # the whole source down, the whole result up (the server also counts its XML answers)
+    assert len(original) <= transfer["bytes_received"] <= down < transfer["bytes_received"] + MIB
+    assert len(get(s3, dst_bucket, "m.safetensors")) <= transfer["bytes_sent"] <= up < transfer["bytes_sent"] + MIB
+    assert transfer["requests"] >= 2 and transfer["bytes_copied_server_side"] == 0
+
+
 def test_s3_an_existing_output_is_kept_unless_overwrite(cli: Cli, s3: S3Server, tmp_path: Path) -> None:
     bucket = s3.new_bucket("exists", tmp_path)
     original = saved(model())

@@ -79,7 +79,7 @@ def migrate_object(
                                                   backup=backup, what=plan.describe())
                     outcome.output = url
                     outcome.written = True
-    outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
+    outcome.transfer = TRANSFER.since(before)
     return outcome
 
 
@@ -128,7 +128,7 @@ def _migrate_to(
             if not dry_run:  # `-o` always leaves an object there, as a file when nothing is to be done
                 _write_new(ckpt, target, envelope)
                 outcome.written = True
-    outcome.transfer = {k: v - before[k] for k, v in TRANSFER.to_dict().items()}
+    outcome.transfer = TRANSFER.since(before)
     return outcome
 
 

@@ -50,6 +50,10 @@ class Transfer:
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """What moved since ``before``, a :meth:`to_dict` taken earlier (a command's share)."""
+        return {k: v - before[k] for k, v in self.to_dict().items()}
+
 
 TRANSFER = Transfer()
 
