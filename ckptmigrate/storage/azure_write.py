@@ -36,9 +36,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
+from ckptmigrate.storage.bucket_object import BucketObject
 from ckptmigrate.storage.pieces import Piece, read_through
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared, changed
-from ckptmigrate.util.urls import ObjectURL, filesystem, translated
+from ckptmigrate.util.urls import ObjectURL, translated
 
 WRITABLE = ("az", "abfs", "abfss")
 #: Azure's largest block (``Put Block``: 4000 MiB; kept far below, memory holds a block).
@@ -59,22 +60,12 @@ def block_size() -> int:
 
 
 @dataclass
-class AzureObject:
-    """A blob to replace: where it is, and the ETag it had when it was read (None: an unconditional write)."""
-
-    url: ObjectURL
-    fs: Any
-    bucket: str
-    key: str
-    etag: str | None
-    #: A new blob: committed only if none is there (``If-None-Match: *``).
-    create_only: bool = False
+class AzureObject(BucketObject):
+    """A blob to replace, conditionally on its ETag (a new one: ``If-None-Match: *``)."""
 
     @classmethod
     def of(cls, url: ObjectURL, etag: str | None) -> AzureObject:
-        fs, path = filesystem(url)
-        bucket, _, key = path.partition("/")
-        return cls(url, fs, bucket, key, etag)
+        return cls(url, *cls.located(url), etag)
 
     def client(self, key: str | None = None) -> Any:
         """A synchronous BlobClient on the filesystem's account, credentials and endpoint."""
@@ -171,16 +162,7 @@ def backup(obj: AzureObject) -> ObjectURL:
     where nothing is, from the ETag read."""
     from azure.core import MatchConditions
 
-    n = 0
-    while True:
-        name = obj.key + ".bak" + (f".{n}" if n else "")
-        TRANSFER.requests += 1
-        with translated(obj.url, "back up"):
-            obj.fs.invalidate_cache(f"{obj.bucket}/{name}")
-            taken = obj.fs.exists(f"{obj.bucket}/{name}")
-        if not taken:
-            break
-        n += 1
+    name = obj.free_backup_name()
     source = obj.client()
     target = obj.client(name)
     conditions: dict[str, Any] = {"source_etag": obj.etag, "source_match_condition": MatchConditions.IfNotModified} \

@@ -33,9 +33,10 @@ from typing import Any
 import fsspec.asyn
 
 from ckptmigrate.errors import BadInput, CkptMigrateWarning, ObjectChanged, RemoteError
+from ckptmigrate.storage.bucket_object import BucketObject
 from ckptmigrate.storage.pieces import Piece, read_through
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared
-from ckptmigrate.util.urls import ObjectGeneration, ObjectURL, filesystem, translated
+from ckptmigrate.util.urls import ObjectGeneration, ObjectURL, translated
 
 WRITABLE = ("gs", "gcs")
 #: GCS takes a resumable upload's chunks in multiples of 256 KiB (but the last).
@@ -50,23 +51,13 @@ TAIL_MARK = ".ckptmigrate-tail-"
 
 
 @dataclass
-class GcsObject:
-    """An object to replace: where it is, and the generation it had when it was read (named
-    ``etag`` as the S3 writer names its precondition; None: an unconditional write)."""
-
-    url: ObjectURL
-    fs: Any
-    bucket: str
-    key: str
-    etag: str | None
-    #: A new object: written only if none is there when the upload finalises (``ifGenerationMatch=0``).
-    create_only: bool = False
+class GcsObject(BucketObject):
+    """An object to replace, conditionally on its generation (``etag`` here; a new one:
+    ``ifGenerationMatch=0``)."""
 
     @classmethod
     def of(cls, url: ObjectURL, generation: str | None) -> GcsObject:
-        fs, path = filesystem(url)
-        bucket, _, key = path.partition("/")
-        return cls(url, fs, bucket, key, generation)
+        return cls(url, *cls.located(url), generation)
 
     def call(self, method: str, path: str, *args: str, action: str = "write", **kwargs: Any) -> Any:
         """One JSON API request through gcsfs (its credentials, endpoint and retries); a failed
@@ -134,15 +125,7 @@ def backup(obj: GcsObject) -> ObjectURL:
 def backup_copy(obj: GcsObject) -> ObjectURL:
     """A server-side rewrite of the object to the first free ``KEY.bak`` (``.bak.1``, ...), created
     only where nothing is (``ifGenerationMatch=0``), from the generation read."""
-    n = 0
-    while True:
-        name = obj.key + ".bak" + (f".{n}" if n else "")
-        TRANSFER.requests += 1
-        with translated(obj.url, "back up"):
-            taken = obj.fs.exists(f"{obj.bucket}/{name}")
-        if not taken:
-            break
-        n += 1
+    name = obj.free_backup_name()
     source = {"ifSourceGenerationMatch": obj.etag} if obj.etag is not None else {}
     token: str | None = None
     while True:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ckptmigrate.errors import BadInput, ObjectChanged, RemoteError
+from ckptmigrate.storage.bucket_object import BucketObject
 from ckptmigrate.storage.pieces import Kept, Piece, merged, read_through
 from ckptmigrate.storage.ranges import TRANSFER, RangeFile, appeared, changed
 from ckptmigrate.util.urls import ObjectURL, ObjectVersion, filesystem, translated
@@ -35,17 +36,11 @@ WRITABLE = ("s3", "s3a")
 
 
 @dataclass
-class S3Object:
-    """An object to replace: where it is, and the ETag it had when it was read."""
+class S3Object(BucketObject):
+    """An object to replace, conditionally on its ETag (a new one: ``If-None-Match: *``), and its
+    version where the bucket keeps versions."""
 
-    url: ObjectURL
-    fs: Any
-    bucket: str
-    key: str
-    etag: str | None
     version: str | None = None
-    #: A new object: written only if none is there when the write completes (``If-None-Match: *``).
-    create_only: bool = False
 
     @classmethod
     def of(cls, url: ObjectURL, etag: str | None, version: str | None = None) -> S3Object:
@@ -54,9 +49,7 @@ class S3Object:
                               "objects and hf:// files are rewritten; other URLs are read-only: inspect, current, "
                               "diff, check, --dry-run)",
                               url=str(url))
-        fs, path = filesystem(url)
-        bucket, _, key = path.partition("/")
-        return cls(url, fs, bucket, key, etag, version)
+        return cls(url, *cls.located(url), etag, version=version)
 
     def call(self, op: str, **kwargs: Any) -> Any:
         TRANSFER.requests += 1
@@ -105,15 +98,7 @@ def backup(obj: S3Object) -> ObjectURL:
 def backup_copy(obj: S3Object) -> ObjectURL:
     """A server-side copy of the object at ``KEY.bak`` (``.bak.1``, ... when taken): the first name
     free, never overwritten. Nothing crosses the network but the request."""
-    n = 0
-    while True:
-        name = obj.key + ".bak" + (f".{n}" if n else "")
-        TRANSFER.requests += 1
-        with translated(obj.url, "back up"):
-            taken = obj.fs.exists(f"{obj.bucket}/{name}")
-        if not taken:
-            break
-        n += 1
+    name = obj.free_backup_name()
     with translated(obj.url, "back up"):
         obj.fs.invalidate_cache(f"{obj.bucket}/{obj.key}")
         size = obj.fs.info(f"{obj.bucket}/{obj.key}")["size"]
