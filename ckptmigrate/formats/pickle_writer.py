@@ -6,6 +6,7 @@ it read the original.
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import pickle
 import struct
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from itertools import islice
 from typing import Any, BinaryIO
 
+from ckptmigrate.formats import native
 from ckptmigrate.formats.pickled import TorchRebuild, global_name, standin
 from ckptmigrate.tensors.refs import (
     ITEMSIZE,
@@ -26,6 +28,7 @@ from ckptmigrate.tensors.refs import (
 )
 from ckptmigrate.util.gcpause import pausing
 
+_encode = native.load("_encode")
 _PurePickler: Any = getattr(pickle, "_Pickler")  # noqa: B009 - the pure-Python pickler lets save_global be overridden
 #: Types neither :meth:`_Writer.persistent_id` nor :meth:`_Writer.reducer_override` acts on: saved
 #: straight from the dispatch table.
@@ -49,7 +52,20 @@ class _Writer(_PurePickler):
         self._plain: dict[str, bytes] = {}  # dtype: the opcodes every plain tensor of it starts with
         self._middles: dict[tuple[Any, ...], bytes] = {}  # see _plain_ref
         self._tuple_ops: dict[int, tuple[tuple[Any, ...], bytes | None]] = {}  # see _tuple_op
+        self._entries = self._entries_in_c(storage_of)
         self.write = file.write  # protocol 2 has no frames: the framer would only pass writes on
+
+    def _entries_in_c(self, storage_of: Any) -> Callable[[list[Any], int, int], tuple[bytes, int]] | None:
+        """``_encode.entries`` bound to this writer's memo and caches and the storage plan's tables:
+        ``(batch, pos, idx)`` gives the bytes of the run of entries from ``batch[pos]`` on that
+        :meth:`_plain_ref` would write, all at once, and their count. None without the compiled
+        module or a plan that offers its tables (see ``torchzip._StoragePlan.ref_tables``)."""
+        tables = getattr(storage_of, "ref_tables", None)
+        if _encode is None or tables is None:
+            return None
+        by_storage, taken, records = tables
+        return functools.partial(_encode.entries, TensorRef, Storage, self._memo, self._plain, self._middles,
+                                 ITEMSIZE, by_storage, taken, records)
 
     def _memo_ref(self, obj: Any) -> bytes | None:
         """The opcode that fetches ``obj`` from the memo, or None when it is not there yet."""
@@ -171,11 +187,23 @@ class _Writer(_PurePickler):
         memo = self._memo
         write = self.write
         size = self._BATCHSIZE
+        in_c = self._entries
         while True:
             batch = list(islice(it, size))
             n = len(batch)
             out: list[bytes] = [pickle.MARK] if n > 1 else []
-            for k, v in batch:
+            pos = 0
+            while pos < n:
+                if in_c is not None:  # the run of entries C writes, then the one it left, here
+                    run, count = in_c(batch, pos, len(memo) + self._unlisted)
+                    if count:
+                        out.append(run)
+                        self._unlisted += count  # each entry's hooks
+                        pos += count
+                        if pos == n:
+                            break
+                k, v = batch[pos]
+                pos += 1
                 if type(k) is str and type(v) is TensorRef and id(k) not in memo and id(v) not in memo:
                     op = self._plain_ref(v, k)
                     if op is not None:

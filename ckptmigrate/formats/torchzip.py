@@ -258,6 +258,12 @@ class _StoragePlan:
         self._taken: set[str] = set()
         self._counter = 0
 
+    @property
+    def ref_tables(self) -> tuple[dict[int, tuple[str, Storage]], set[str], list[tuple[str, Any]]]:
+        """What :meth:`__call__` keeps for a :class:`TensorRef`, for the writer's compiled path to do
+        the same (``pickle_writer._encode``): the storages seen by id, the record keys taken, the records."""
+        return self._by_storage, self._taken, self.records
+
     def done(self) -> None:
         """Drop what assigning records needed, keeping :attr:`records` (a few MB per 100,000 tensors)."""
         self._by_storage.clear()
