@@ -433,6 +433,9 @@ class Pickled:
         self.plan = _StoragePlan()
         self.data = dump(payload, self.plan)
         self.plan.done()
+        #: (entries, data_dir, names, records) of the last :func:`_records_as_before` over this plan:
+        #: the verification of a metadata-only write reuses what the write found
+        self.as_before: tuple[dict[str, ZipEntry], str, list[str], list[ZipEntry] | None] | None = None
 
 
 def live_end(source: Source) -> int:
@@ -554,6 +557,7 @@ def _append_directory(
             continue
         writer.reuse(name, entry.header_offset, entry.size, entry.crc)
     names, olds = _records_as_before(entries, data_dir, payload.plan.records, source)
+    payload.as_before = entries, data_dir, names, olds
     if olds is not None:  # every storage record listed again as it is
         writer.reuse_all(names, map(_HEADER_OFFSET, olds), map(_SIZE, olds), map(_CRC, olds))
     else:
@@ -618,7 +622,11 @@ def verify_metadata_only(
             return str(exc)
     data_dir = f"{prefix}/data/"
     records = payload.plan.records
-    names, olds = _records_as_before(entries, data_dir, records, None)
+    known = payload.as_before
+    if known is not None and known[0] is entries and known[1] == data_dir:  # as the write found them
+        names, olds = known[2], known[3]
+    else:
+        names, olds = _records_as_before(entries, data_dir, records, None)
     if olds is not None and olds == list(map(dict.get, repeat(written), names)):
         return None
     by_offset: dict[int | None, ZipEntry] = {}
