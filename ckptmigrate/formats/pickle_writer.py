@@ -188,13 +188,14 @@ class _Writer(_PurePickler):
         write = self.write
         size = self._BATCHSIZE
         in_c = self._entries
+        ready = in_c is not None  # False after an entry C would refuse: C waits for a plain one
         while True:
             batch = list(islice(it, size))
             n = len(batch)
             out: list[bytes] = [pickle.MARK] if n > 1 else []
             pos = 0
             while pos < n:
-                if in_c is not None:  # the run of entries C writes, then the one it left, here
+                if ready and in_c is not None:  # the run of entries C writes, then the one it left, here
                     run, count = in_c(batch, pos, len(memo) + self._unlisted)
                     if count:
                         out.append(run)
@@ -208,12 +209,15 @@ class _Writer(_PurePickler):
                     op = self._plain_ref(v, k)
                     if op is not None:
                         out.append(op)
+                        ready = in_c is not None  # its dtype and layout are known now
                         continue
+                    ready = False
                     out.append(_str_op(k) + self._put(k))
                     write(b"".join(out))
                     out.clear()
                     self.save(v)
                     continue
+                ready = False
                 write(b"".join(out))
                 out.clear()
                 self.save(k)
