@@ -438,8 +438,174 @@ cleanup:
     return result;
 }
 
+/* The text of one schema entry, {"dtype":DTYPE,"shape":[INTS]} as json.dumps(sort_keys=True) writes
+ * it, into ``b`` (room reserved by the caller: 19 + len(dtype text) + 21 per dim). */
+static void put_layout(Buf *b, const char *dtype, Py_ssize_t dtype_len, const long long *dims, Py_ssize_t n) {
+    put_bytes(b, "{\"dtype\":", 9);
+    put_bytes(b, dtype, dtype_len);
+    put_bytes(b, ",\"shape\":[", 10);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char digits[24];
+        int len = snprintf(digits, sizeof(digits), i ? ",%lld" : "%lld", dims[i]);
+        put_bytes(b, digits, len);
+    }
+    put_bytes(b, "]}", 2);
+}
+
+/* Whether json's ASCII string encoder writes ``s`` unchanged between quotes: every character printable
+ * ASCII (' ' to '~') but '"' and '\\' (its S_CHAR). */
+static int plain_ascii(PyObject *s) {
+    if (!PyUnicode_IS_ASCII(s))
+        return 0;
+    const unsigned char *p = (const unsigned char *)PyUnicode_DATA(s);
+    for (Py_ssize_t i = 0, n = PyUnicode_GET_LENGTH(s); i < n; i++) {
+        if (p[i] < ' ' || p[i] > '~' || p[i] == '"' || p[i] == '\\')
+            return 0;
+    }
+    return 1;
+}
+
+/* ``encode(text)`` (json's C string encoder) as ASCII bytes, or NULL (not handled, or an error). */
+static const char *encoded(PyObject *encode, PyObject *text, PyObject **holder, Py_ssize_t *len) {
+    *holder = PyObject_CallOneArg(encode, text);
+    if (*holder == NULL)
+        return NULL;
+    if (!PyUnicode_CheckExact(*holder) || !PyUnicode_IS_ASCII(*holder))
+        return NULL;
+    *len = PyUnicode_GET_LENGTH(*holder);
+    return (const char *)PyUnicode_DATA(*holder);
+}
+
+PyDoc_STRVAR(schema_json_doc,
+"schema_json(keys, schema, encode) -> str | None\n\n"
+"json.dumps(schema, separators=(',', ':'), sort_keys=True) for a schema whose keys (``keys``, sorted)\n"
+"are strings and whose entries are each {'shape': [ints], 'dtype': str}; ``encode`` is json's C\n"
+"string encoder. None for any other schema (the pure path encodes it).");
+
+static PyObject *schema_json(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3 || !PyList_CheckExact(args[0]) || !PyDict_CheckExact(args[1]) || !PyCallable_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "schema_json(keys: list, schema: dict, encode)");
+        return NULL;
+    }
+    PyObject *keys = args[0], *schema = args[1], *encode = args[2];
+    PyObject *shape_name = NULL, *dtype_name = NULL, *last_dtype = NULL, *result = NULL;
+    PyObject *key_text = NULL, *dtype_text = NULL;
+    Buf out = {NULL, 0, 0}, last = {NULL, 0, 0};  /* ``last``: the text of the entry before */
+    long long dims[MAX_DIMS], last_dims[MAX_DIMS];
+    Py_ssize_t last_n = -1, n_keys = PyList_GET_SIZE(keys);
+    if (PyDict_GET_SIZE(schema) != n_keys)
+        Py_RETURN_NONE;
+    if ((shape_name = PyUnicode_InternFromString("shape")) == NULL
+        || (dtype_name = PyUnicode_InternFromString("dtype")) == NULL || buf_reserve(&out, 2) < 0)
+        goto cleanup;
+    out.data[out.len++] = '{';
+    for (Py_ssize_t i = 0; i < n_keys; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i), *value, *shape, *dtype;  /* borrowed */
+        const char *text;
+        Py_ssize_t n, text_len;
+        if (!PyUnicode_CheckExact(key))
+            goto unhandled;
+        if ((value = PyDict_GetItemWithError(schema, key)) == NULL) {
+            if (PyErr_Occurred())
+                goto cleanup;
+            goto unhandled;
+        }
+        if (!PyDict_CheckExact(value) || PyDict_GET_SIZE(value) != 2)
+            goto unhandled;
+        if ((shape = PyDict_GetItemWithError(value, shape_name)) == NULL
+            || (dtype = PyDict_GetItemWithError(value, dtype_name)) == NULL) {
+            if (PyErr_Occurred())
+                goto cleanup;
+            goto unhandled;
+        }
+        if (!PyList_CheckExact(shape) || !PyUnicode_CheckExact(dtype) || (n = PyList_GET_SIZE(shape)) > MAX_DIMS)
+            goto unhandled;
+        for (Py_ssize_t d = 0; d < n; d++) {  /* read before any call: the list cannot change meanwhile */
+            PyObject *item = PyList_GET_ITEM(shape, d);
+            int overflow;
+            if (!PyLong_CheckExact(item))
+                goto unhandled;  /* [True] == [1] == [1.0], whose text differs */
+            dims[d] = PyLong_AsLongLongAndOverflow(item, &overflow);
+            if (overflow)
+                goto unhandled;
+        }
+        Py_INCREF(dtype);  /* held: ``encode`` is called below */
+        if (plain_ascii(key)) {  /* json writes it as it is, quoted */
+            text_len = PyUnicode_GET_LENGTH(key);
+            if (buf_reserve(&out, text_len + 4) < 0) {
+                Py_DECREF(dtype);
+                goto cleanup;
+            }
+            if (i)
+                out.data[out.len++] = ',';
+            out.data[out.len++] = '"';
+            put_bytes(&out, (const char *)PyUnicode_DATA(key), text_len);
+            out.data[out.len++] = '"';
+        } else {
+            Py_INCREF(key);
+            text = encoded(encode, key, &key_text, &text_len);
+            Py_DECREF(key);
+            if (text == NULL || buf_reserve(&out, text_len + 2) < 0) {
+                Py_DECREF(dtype);
+                if (PyErr_Occurred())
+                    goto cleanup;
+                goto unhandled;
+            }
+            if (i)
+                out.data[out.len++] = ',';
+            put_bytes(&out, text, text_len);
+            Py_CLEAR(key_text);
+        }
+        out.data[out.len++] = ':';
+        if (dtype != last_dtype || n != last_n || memcmp(dims, last_dims, (size_t)n * sizeof(long long)) != 0) {
+            Py_ssize_t dtype_len;
+            const char *dtype_raw = encoded(encode, dtype, &dtype_text, &dtype_len);
+            if (dtype_raw == NULL) {
+                Py_DECREF(dtype);
+                if (PyErr_Occurred())
+                    goto cleanup;
+                goto unhandled;
+            }
+            last.len = 0;
+            if (buf_reserve(&last, 19 + dtype_len + 21 * n) < 0) {
+                Py_DECREF(dtype);
+                goto cleanup;
+            }
+            put_layout(&last, dtype_raw, dtype_len, dims, n);
+            Py_CLEAR(dtype_text);
+            Py_XSETREF(last_dtype, dtype);  /* the reference taken above */
+            last_n = n;
+            memcpy(last_dims, dims, (size_t)n * sizeof(long long));
+        } else {
+            Py_DECREF(dtype);
+        }
+        if (buf_reserve(&out, last.len) < 0)
+            goto cleanup;
+        put_bytes(&out, last.data, last.len);
+    }
+    if (buf_reserve(&out, 1) < 0)
+        goto cleanup;
+    out.data[out.len++] = '}';
+    result = PyUnicode_DecodeASCII(out.data, out.len, NULL);
+    goto cleanup;
+unhandled:
+    PyErr_Clear();
+    result = Py_NewRef(Py_None);
+cleanup:
+    Py_XDECREF(shape_name);
+    Py_XDECREF(dtype_name);
+    Py_XDECREF(last_dtype);
+    Py_XDECREF(key_text);
+    Py_XDECREF(dtype_text);
+    PyMem_Free(out.data);
+    PyMem_Free(last.data);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"entries", (PyCFunction)(void (*)(void))entries, METH_FASTCALL, entries_doc},
+    {"schema_json", (PyCFunction)(void (*)(void))schema_json, METH_FASTCALL, schema_json_doc},
     {NULL, NULL, 0, NULL},
 };
 
