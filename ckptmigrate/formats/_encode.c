@@ -603,9 +603,75 @@ cleanup:
     return result;
 }
 
+/* An exact int in [0, limit], or -1 (not handled). */
+static long long bounded(PyObject *obj, long long limit) {
+    int overflow;
+    if (!PyLong_CheckExact(obj))
+        return -1;
+    long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    return overflow || v < 0 || v > limit ? -1 : v;
+}
+
+static void put_u16(Buf *b, unsigned long v) {
+    b->data[b->len++] = (char)(v & 0xFF);
+    b->data[b->len++] = (char)((v >> 8) & 0xFF);
+}
+
+PyDoc_STRVAR(central_directory_doc,
+"central_directory(entries) -> bytes | None\n\n"
+"The central directory records of zipio's ZipLayout for ``entries`` (name bytes, header offset, size,\n"
+"CRC), none of which needs zip64: each record as _CENTRAL packs it, then its name. None when any\n"
+"entry is anything else (the pure path writes it, zip64 and all, or raises as struct does).");
+
+static PyObject *central_directory(PyObject *self, PyObject *entries) {
+    (void)self;
+    if (!PyList_CheckExact(entries)) {
+        PyErr_SetString(PyExc_TypeError, "central_directory(entries: list)");
+        return NULL;
+    }
+    Buf out = {NULL, 0, 0};
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(entries); i++) {
+        PyObject *entry = PyList_GET_ITEM(entries, i);  /* borrowed: nothing here runs code */
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 4 || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 0)))
+            goto unhandled;
+        PyObject *name = PyTuple_GET_ITEM(entry, 0);
+        Py_ssize_t name_len = PyBytes_GET_SIZE(name);
+        long long offset = bounded(PyTuple_GET_ITEM(entry, 1), MAX_U32 - 1);
+        long long size = bounded(PyTuple_GET_ITEM(entry, 2), MAX_U32 - 1);
+        long long crc = bounded(PyTuple_GET_ITEM(entry, 3), MAX_U32);
+        if (offset < 0 || size < 0 || crc < 0 || name_len > 0xFFFF)
+            goto unhandled;
+        if (buf_reserve(&out, 46 + name_len) < 0)
+            goto cleanup;
+        put_u32(&out, 0x02014B50);
+        put_u16(&out, 20);  /* version made by */
+        put_u16(&out, 20);  /* version needed */
+        for (int k = 0; k < 4; k++)
+            put_u16(&out, 0);  /* flags, method (stored), time, date */
+        put_u32(&out, (unsigned long long)crc);
+        put_u32(&out, (unsigned long long)size);
+        put_u32(&out, (unsigned long long)size);
+        put_u16(&out, (unsigned long)name_len);
+        for (int k = 0; k < 4; k++)
+            put_u16(&out, 0);  /* extra, comment, disk, internal attributes */
+        put_u32(&out, 0);  /* external attributes */
+        put_u32(&out, (unsigned long long)offset);
+        put_bytes(&out, PyBytes_AS_STRING(name), name_len);
+    }
+    result = PyBytes_FromStringAndSize(out.data ? out.data : "", out.len);
+    goto cleanup;
+unhandled:
+    result = Py_NewRef(Py_None);
+cleanup:
+    PyMem_Free(out.data);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"entries", (PyCFunction)(void (*)(void))entries, METH_FASTCALL, entries_doc},
     {"schema_json", (PyCFunction)(void (*)(void))schema_json, METH_FASTCALL, schema_json_doc},
+    {"central_directory", central_directory, METH_O, central_directory_doc},
     {NULL, NULL, 0, NULL},
 };
 

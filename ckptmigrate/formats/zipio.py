@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Iterable
 from typing import BinaryIO
 
-from ckptmigrate.formats import zipread
+from ckptmigrate.formats import native, zipread
 from ckptmigrate.formats.zipread import ByteSource, pread, read_archive
 from ckptmigrate.formats.zipread import Entries as Entries
 from ckptmigrate.formats.zipread import ZipEntry as ZipEntry
@@ -25,6 +25,7 @@ from ckptmigrate.storage.rawio import copy_range, write_all
 ALIGNMENT = 64
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_encode = native.load("_encode")  # its central_directory: the records below, packed in C
 _EOCD = struct.Struct("<IHHHHIIH")
 _EOCD64 = struct.Struct("<IQHHIIQQQQ")
 _LOCATOR64 = struct.Struct("<IIQI")
@@ -138,12 +139,14 @@ class ZipLayout:
         """(padding, central directory + end records) for records that end at the current position;
         the padding keeps the last ``whole`` bytes inside one page, so a single write of them lands
         whole or not at all (a killed write stops at a page boundary)."""
-        pack = _CENTRAL.pack
-        cd = b"".join([
-            pack(0x02014B50, 20, 20, 0, 0, 0, 0, crc, size, size, len(name), 0, 0, 0, 0, 0, offset) + name
-            if size < _MAX32 and offset < _MAX32 else _central_zip64(name, offset, size, crc)
-            for name, offset, size, crc in self._entries
-        ])
+        cd = _encode.central_directory(self._entries) if _encode is not None else None
+        if cd is None:  # not compiled, or a record needs zip64
+            pack = _CENTRAL.pack
+            cd = b"".join([
+                pack(0x02014B50, 20, 20, 0, 0, 0, 0, crc, size, size, len(name), 0, 0, 0, 0, 0, offset) + name
+                if size < _MAX32 and offset < _MAX32 else _central_zip64(name, offset, size, crc)
+                for name, offset, size, crc in self._entries
+            ])
         n = len(self._entries)
         zip64 = n >= _MAX16 or self._pos >= _MAX32 - _PAGE or len(cd) >= _MAX32
         between = _EOCD64.size + _LOCATOR64.size if zip64 else 0
