@@ -62,22 +62,33 @@ def many_kinds(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def tiled(data: bytes) -> int:
-    """How many tensors the decode of ``data`` took in runs."""
-    count = 0
-    original = _Decoder.decode_tiles
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def runs_decoded_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every story here holds for the compiled decode of the runs (``_tiles.c``) and the Python one."""
+    if request.param == "python":
+        monkeypatch.setattr(pickle_direct, "_tiles", None)
+    else:
+        assert pickle_direct._tiles is not None, "_tiles.c is not built: run scripts/setup.sh"
+    return str(request.param)
 
-    def counting(self: _Decoder, units: list[Any]) -> Any:
+
+def tiled(data: bytes) -> int:
+    """How many tensors the decode of ``data`` took in runs (each puts eight memo entries)."""
+    count = 0
+    original = _Decoder.tiles
+
+    def counting(self: _Decoder, pos: int, stack: list[Any]) -> Any:
         nonlocal count
-        got = original(self, units)
-        count += len(units) if got is not None else 0
+        before = len(self.memo)
+        got = original(self, pos, stack)
+        count += (len(self.memo) - before) // 8 if got is not None else 0
         return got
 
-    _Decoder.decode_tiles = counting  # type: ignore[method-assign]
+    _Decoder.tiles = counting  # type: ignore[method-assign]
     try:
         pickle_direct.decode(data, {}, pickled._rebuild_tensor_v2)
     finally:
-        _Decoder.decode_tiles = original  # type: ignore[method-assign]
+        _Decoder.tiles = original  # type: ignore[method-assign]
     return count
 
 
