@@ -21,13 +21,14 @@ import torch
 from test_pickle_direct import describe, mutate
 from test_pickle_direct_tiles import data_pkl, many_kinds, units
 
-from ckptmigrate.formats import pickle_direct, pickled
+from ckptmigrate.formats import native, pickle_direct, pickled
 from ckptmigrate.formats.pickle_direct import _Decoder, _Global
 from ckptmigrate.formats.pickle_writer import dump
 from ckptmigrate.formats.torchzip import _StoragePlan
 from ckptmigrate.tensors.refs import Storage, TensorRef
 
 COMPILED = pickle_direct._tiles
+pytestmark = pytest.mark.skipif(native.pure_python(), reason=f"{native.PURE_PYTHON_ENV} is set")
 
 
 def everything(data: bytes, compiled: bool, monkeypatch: pytest.MonkeyPatch) -> Any:

@@ -8,7 +8,8 @@ handed to the rebuild function the unpickler would call, and the few other opcod
 keys, ``_metadata``) are run by a small interpreter for plain values. Past the first ~30 tensors of a
 state dict, a run of keys and tensors is decoded at once (:meth:`_Decoder.tiles`): one scanner
 matches them unit after unit and C loops over the matches check and build them, taking only the
-units that tile the bytes exactly as the opcode-by-opcode read would read them.
+units that tile the bytes exactly as the opcode-by-opcode read would read them. Where the optional
+``_tiles.c`` is built, it reads the run instead, unit by unit, to the same objects.
 
 It accepts only a narrow language, in which the result provably equals the general path's: dicts,
 OrderedDicts (with ``_metadata``), lists and tuples of strings, ints, floats, bools, None and tensors
