@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -134,3 +135,29 @@ def test_the_compiled_decode_refuses_arguments_it_cannot_use() -> None:
         with pytest.raises((TypeError, ValueError)):
             COMPILED.scan(*bad)
     assert COMPILED.scan(*args) is None  # no unit where the pickle starts
+
+
+def test_storages_of_a_dict_subclass_are_left_to_the_python_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller's dict subclass may look its keys up its own way: the compiled decode takes no run."""
+
+    class Storages(dict[str, Storage]):
+        pass
+
+    data = data_pkl({f"k{i}": torch.zeros(2) for i in range(100)})
+    assert COMPILED is not None
+    taken: list[Any] = []
+
+    def scan(*args: Any) -> Any:
+        taken.append(COMPILED.scan(*args))
+        return taken[-1]
+
+    got = []
+    for storages, compiled in ((Storages(), True), (Storages(), False), ({}, True)):
+        monkeypatch.setattr(pickle_direct, "_tiles", SimpleNamespace(scan=scan) if compiled else None)
+        decoder = _Decoder(data, storages, storages, pickled._rebuild_tensor_v2, set())
+        seen: dict[int, int] = {}
+        got.append((describe(decoder.run(), seen), [describe(e, seen) for e in decoder.memo], list(storages)))
+        if storages:
+            assert (taken.count(None) == len(taken)) is (type(storages) is Storages)  # runs taken for a dict only
+        taken.clear()
+    assert got[0] == got[1] == got[2]

@@ -243,6 +243,7 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_TypeError, "scan() got an argument of the wrong type");
         return NULL;
     }
+    if (!PyDict_CheckExact(mine) || !PyDict_CheckExact(storages)) Py_RETURN_NONE;  /* lookups of their own */
     if (!valid_maker(storage_type, 4) || !valid_maker(tensor_type, 6)) {
         PyErr_SetString(PyExc_TypeError, "scan() got a class that is not a class or (class, fields)");
         return NULL;
