@@ -115,7 +115,13 @@ def test_objects_made_by_calling_their_classes_are_the_same(monkeypatch: pytest.
         def __post_init__(self) -> None:
             self.key = self.key.upper()
 
+    @dataclasses.dataclass(slots=True)
+    class KeywordOnly:
+        key: str
+        size: int = dataclasses.field(kw_only=True, default=0)
+
     assert pickle_direct._maker(Checked) is Checked
+    assert pickle_direct._maker(KeywordOnly) is KeywordOnly  # its __init__ takes fields in another order
     assert pickle_direct._maker(Storage) is not Storage  # made in C, as its __init__ would
     data = data_pkl(many_kinds(600, seed=4))
     fast = alike(data, monkeypatch)

@@ -49,7 +49,8 @@ def _maker(cls: type) -> Any:
     called, when its ``__init__`` may do more than that."""
     fields = dataclasses.fields(cls)
     descriptors = [vars(cls).get(f.name) for f in fields]
-    if (hasattr(cls, "__post_init__") or cls.__new__ is not object.__new__ or not all(f.init for f in fields)
+    if (hasattr(cls, "__post_init__") or cls.__new__ is not object.__new__
+            or not all(f.init and not f.kw_only for f in fields)
             or not all(type(d) is MemberDescriptorType for d in descriptors)):
         return cls
     return cls, tuple((d, f.default_factory, True) if f.default_factory is not dataclasses.MISSING
