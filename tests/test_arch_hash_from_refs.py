@@ -59,3 +59,12 @@ def test_two_keys_that_read_alike_are_refused_as_the_schema_refuses_them() -> No
     sd = {"1": ref((1,)), 1: ref((1,))}
     with pytest.raises(BadInput, match="two keys"):
         architecture_hash_of(sd)
+
+
+def test_references_sharing_shapes_and_dtypes_or_not_hash_as_their_schema() -> None:
+    """A file's references share their shape tuples and dtype strings (each text is made once per
+    object): shared, equal but distinct, and different ones hash as the schema does."""
+    shared = (3, 4)
+    sd = {f"w{i}": ref(shared if i % 3 else (3, 4) if i % 2 else (i, 1), "float16" if i % 5 else "".join("int8"))
+          for i in range(300)}
+    assert architecture_hash_of(sd) == architecture_hash(schema_of(sd)) == page_hash(schema_of(sd))

@@ -44,3 +44,9 @@ def test_many_tensors_with_tied_weights_and_views(tmp_path: Path) -> None:
     sd.update({"tied.a": base, "tied.b": base, "view.c": base[10:20], "view.d": base[10:20].view(2, 5)})
     torch.save(sd, tmp_path / "tied.pt")
     assert inspected(tmp_path / "tied.pt") == torch_totals(sd)
+
+
+def test_many_tensors_of_one_dtype(tmp_path: Path) -> None:
+    sd = {f"m.{i}.w": torch.zeros((i % 6, 2, i % 4), dtype=torch.bfloat16) for i in range(1500)}
+    torch.save(sd, tmp_path / "one.pt")
+    assert inspected(tmp_path / "one.pt") == torch_totals(sd)

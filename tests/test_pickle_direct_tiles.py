@@ -2,8 +2,9 @@
 
 Past its first ~30 tensors, torch pickles every key and tensor of a state dict as the same opcodes
 with other numbers in them, and ``ckptmigrate.formats.pickle_direct`` decodes a run of them with C
-loops over regex matches (the "tiles"). A tile is taken only when the run tiles the bytes exactly
-as the opcode-by-opcode read would read them; anything else is left to that read. Checked here by
+loops over regex matches (the "tiles"), or, where it is built, with ``_tiles.c``: every story here
+holds for both. A tile is taken only when the run tiles the bytes exactly as the opcode-by-opcode
+read would read them; anything else is left to that read. Checked here by
 comparing with the general path (scan + restricted unpickler) on files torch writes with many
 dtypes, shapes, views and shared storages, keys that hide a tensor's opcodes or are long, other
 pickle protocols, and mutations aimed inside the runs.
@@ -21,7 +22,7 @@ import pytest
 import torch
 from test_pickle_direct import decoded, outcome
 
-from ckptmigrate.formats import pickle_direct, pickled
+from ckptmigrate.formats import native, pickle_direct, pickled
 from ckptmigrate.formats.pickle_direct import _TILE_BODY, _Decoder
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.uint8, torch.bool,
@@ -62,22 +63,35 @@ def many_kinds(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def tiled(data: bytes) -> int:
-    """How many tensors the decode of ``data`` took in runs."""
-    count = 0
-    original = _Decoder.decode_tiles
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def runs_decoded_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every story here holds for the compiled decode of the runs (``_tiles.c``) and the Python one."""
+    if request.param == "python":
+        monkeypatch.setattr(pickle_direct, "_tiles", None)
+    elif native.pure_python():
+        pytest.skip(f"{native.PURE_PYTHON_ENV} is set")
+    else:
+        assert pickle_direct._tiles is not None, "_tiles.c is not built: run scripts/setup.sh"
+    return str(request.param)
 
-    def counting(self: _Decoder, units: list[Any]) -> Any:
+
+def tiled(data: bytes) -> int:
+    """How many tensors the decode of ``data`` took in runs (each puts eight memo entries)."""
+    count = 0
+    original = _Decoder.tiles
+
+    def counting(self: _Decoder, pos: int, stack: list[Any]) -> Any:
         nonlocal count
-        got = original(self, units)
-        count += len(units) if got is not None else 0
+        before = len(self.memo)
+        got = original(self, pos, stack)
+        count += (len(self.memo) - before) // 8 if got is not None else 0
         return got
 
-    _Decoder.decode_tiles = counting  # type: ignore[method-assign]
+    _Decoder.tiles = counting  # type: ignore[method-assign]
     try:
         pickle_direct.decode(data, {}, pickled._rebuild_tensor_v2)
     finally:
-        _Decoder.decode_tiles = original  # type: ignore[method-assign]
+        _Decoder.tiles = original  # type: ignore[method-assign]
     return count
 
 

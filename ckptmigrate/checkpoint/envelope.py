@@ -77,32 +77,40 @@ def architecture_hash(schema: Mapping[str, Mapping[str, Any]]) -> str:
 def architecture_hash_of(state_dict: Mapping[Any, Any]) -> str:
     """``architecture_hash(schema_of(state_dict))`` without building the schema: a state dict of
     ASCII string keys and tensor references (as a file is read) is hashed from the references, the
-    text of each (shape, dtype) made once; any other goes the schema's way."""
+    text of each shape and dtype made once; any other goes the schema's way."""
     lines = _lines_of_refs(state_dict)
     if lines is None:
         return architecture_hash(schema_of(state_dict))
+    keys, tails = lines
+    order = sorted(range(len(keys)), key=keys.__getitem__)  # keys are distinct: the schema's order
     h = hashlib.sha256()
-    keys = sorted(lines)
-    for start in range(0, len(keys), 4096):  # hashed in runs: one update call per few thousand keys
-        run = keys[start : start + 4096]
-        h.update("".join(map(operator.add, run, map(lines.__getitem__, run))).encode())
+    for start in range(0, len(order), 4096):  # hashed in runs: one update call per few thousand keys
+        run = order[start : start + 4096]
+        h.update("".join(chain.from_iterable(zip(map(keys.__getitem__, run), map(tails.__getitem__, run),
+                                                 strict=True))).encode())
     return "sha256:" + h.hexdigest()
 
 
-def _lines_of_refs(state_dict: Mapping[Any, Any]) -> dict[str, str] | None:
-    """Each key's line tail (``\\t{shape}\\t{dtype}\\n``) for :func:`architecture_hash_of`, in C
-    loops when every value is a TensorRef (as a file is read); None when the schema must be built."""
+def _lines_of_refs(state_dict: Mapping[Any, Any]) -> tuple[list[str], list[str]] | None:
+    """The keys and each one's line tail (``\t{shape}\t{dtype}\n``) for :func:`architecture_hash_of`,
+    in C loops when every value is a TensorRef (as a file is read); None when the schema must be built."""
     keys, values = list(state_dict), list(state_dict.values())
     if set(map(type, values)) == {TensorRef} and set(map(type, keys)) <= {str} and "".join(keys).isascii():
         shapes, kinds = list(map(_SHAPE, values)), list(map(_DTYPE, values))
+        # a file's references share their shape tuples and dtype strings: each distinct object is
+        # checked and written once, found by its id (all are alive in ``shapes`` and ``kinds``)
+        shape_ids, kind_ids = list(map(id, shapes)), list(map(id, kinds))
+        distinct_shapes = dict(zip(shape_ids, shapes, strict=True))
+        distinct_kinds = dict(zip(kind_ids, kinds, strict=True))
         # only exact ints are looked up: (1,) == (True,), whose text differs
-        if set(map(type, shapes)) <= {tuple} and set(map(type, kinds)) <= {str} \
-                and set(map(type, chain.from_iterable(shapes))) <= {int}:
-            pairs = list(zip(shapes, kinds, strict=True))
-            texts = {pair: f"\t{','.join(map(str, pair[0]))}\t{pair[1]}\n" for pair in set(pairs)}
-            return dict(zip(keys, map(texts.__getitem__, pairs), strict=True))
+        if set(map(type, distinct_shapes.values())) <= {tuple} and set(map(type, distinct_kinds.values())) <= {str} \
+                and set(map(type, chain.from_iterable(distinct_shapes.values()))) <= {int}:
+            shape_texts = {i: f"\t{','.join(map(str, shape))}\t" for i, shape in distinct_shapes.items()}
+            kind_texts = {i: f"{kind}\n" for i, kind in distinct_kinds.items()}
+            return keys, list(map(operator.add, map(shape_texts.__getitem__, shape_ids),
+                                  map(kind_texts.__getitem__, kind_ids)))
     tails: dict[tuple[Any, str], str] = {}
-    lines: dict[str, str] = {}
+    keys, lines = [], []
     for key, value in state_dict.items():
         if type(value) is not TensorRef:
             if is_entry(value):
@@ -117,8 +125,9 @@ def _lines_of_refs(state_dict: Mapping[Any, Any]) -> dict[str, str] | None:
         tail = tails.get((shape, dtype))
         if tail is None:
             tail = tails[(shape, dtype)] = f"\t{','.join(map(str, shape))}\t{dtype}\n"
-        lines[key] = tail
-    return lines
+        keys.append(key)
+        lines.append(tail)
+    return keys, lines
 
 
 def devices_of(entries: Iterable[Entry]) -> list[str]:

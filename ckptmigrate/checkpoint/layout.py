@@ -260,7 +260,8 @@ def locate(payload: Any, key: str | None = None, *, recorded: str | None = None)
         wrapped = [k for k in WRAPPER_KEYS if k in payload and is_tensor_dict(payload[k])]
         if wrapped:
             return Layout.at((wrapped[0],))
-        nested = any(map(is_tensor_dict, payload.values()))  # a C loop: a state dict has many values
+        values = payload.values()  # a state dict has many: C loops (a reference is no tensor dict)
+        nested = set(map(type, values)) != {TensorRef} and any(map(is_tensor_dict, values))
         if any(is_entry(v) for v in payload.values()) and not nested:
             return Layout("bare")
         found = _candidates(payload)

@@ -489,8 +489,13 @@ def _totals(tensors: Iterable[Any]) -> tuple[int, int, dict[str, int], list[str]
         if len(set(storages)) == len(storages):  # storages hash by identity
             numels = list(map(math.prod, map(_SHAPE, tensors)))
             kinds = list(map(_DTYPE, tensors))
-            return (sum(numels), sum(map(mul, numels, map(ITEMSIZE.get, kinds, repeat(0)))),
-                    dict(Counter(kinds)), sorted(set(map(_LOCATION, storages))))
+            counts = dict(Counter(kinds))
+            elements = sum(numels)
+            if len(counts) == 1:  # one dtype (most files): its item size times the elements
+                nbytes = elements * ITEMSIZE.get(kinds[0], 0)
+            else:
+                nbytes = sum(map(mul, numels, map(ITEMSIZE.get, kinds, repeat(0))))
+            return elements, nbytes, counts, sorted(set(map(_LOCATION, storages)))
     parameters = 0
     total = 0
     dtypes: dict[str, int] = {}

@@ -8,7 +8,8 @@ handed to the rebuild function the unpickler would call, and the few other opcod
 keys, ``_metadata``) are run by a small interpreter for plain values. Past the first ~30 tensors of a
 state dict, a run of keys and tensors is decoded at once (:meth:`_Decoder.tiles`): one scanner
 matches them unit after unit and C loops over the matches check and build them, taking only the
-units that tile the bytes exactly as the opcode-by-opcode read would read them.
+units that tile the bytes exactly as the opcode-by-opcode read would read them. Where the optional
+``_tiles.c`` is built, it reads the run instead, unit by unit, to the same objects.
 
 It accepts only a narrow language, in which the result provably equals the general path's: dicts,
 OrderedDicts (with ``_metadata``), lists and tuples of strings, ints, floats, bools, None and tensors
@@ -24,6 +25,7 @@ on mutated, real and golden pickles).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import struct
 import sys
@@ -31,9 +33,31 @@ from array import array
 from collections.abc import Callable
 from itertools import chain, islice, repeat
 from operator import eq, mul
+from types import MemberDescriptorType
 from typing import Any
 
+from ckptmigrate.formats import native
 from ckptmigrate.tensors.refs import ITEMSIZE, LEGACY_STORAGE, Storage, TensorRef
+
+#: The C decode of runs (``_tiles.c``), None where not built: :meth:`_Decoder.tiles` in Python then.
+_tiles = native.load("_tiles")
+
+
+def _maker(cls: type) -> Any:
+    """How the C decode makes a ``cls`` (a dataclass with slots): (cls, its fields' slot descriptors,
+    defaults and whether each is a factory), set as its ``__init__`` sets them; ``cls`` itself,
+    called, when its ``__init__`` may do more than that."""
+    fields = dataclasses.fields(cls)
+    descriptors = [vars(cls).get(f.name) for f in fields]
+    if (hasattr(cls, "__post_init__") or cls.__new__ is not object.__new__
+            or not all(f.init and not f.kw_only for f in fields)
+            or not all(type(d) is MemberDescriptorType for d in descriptors)):
+        return cls
+    return cls, tuple((d, f.default_factory, True) if f.default_factory is not dataclasses.MISSING
+                      else (d, f.default, False) for d, f in zip(descriptors, fields, strict=True))
+
+
+_STORAGE_MAKER, _TENSOR_MAKER = _maker(Storage), _maker(TensorRef)
 
 #: How deeply the containers of a decoded payload may nest (a state dict and its ``_metadata``: 3; a
 #: training checkpoint's optimizer state: 4).
@@ -135,13 +159,20 @@ def decode(data: bytes, storages: dict[str, Storage], rebuild: _Rebuild,
     ``_rebuild_tensor_v2`` the unpickler calls."""
     if _names_other_globals(data):
         return None
-    mine: dict[str, Storage] = {}
+    # the storages made, apart until the decode succeeds; in ``storages`` itself when it is empty
+    # (emptied again on a refusal): a state dict's storages are not copied from one dict to another
+    mine: dict[str, Storage] = {} if storages else storages
     globals_named: set[_Global] = set()
     try:
         payload = _Decoder(data, storages, mine, rebuild, globals_named).run()
-    except (_Refused, ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError):
-        return None
-    storages.update(mine)
+    except BaseException as exc:
+        if mine is storages:
+            storages.clear()
+        if isinstance(exc, (_Refused, ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)):
+            return None
+        raise
+    if mine is not storages:
+        storages.update(mine)
     if named is not None:
         for g in globals_named:
             named.setdefault(f"{g.module}.{g.name}", False)
@@ -188,6 +219,9 @@ class _Decoder:
         #: (offset, shape, stride bytes, storage dtype, storage bytes) that the rebuild call accepted:
         #: the (offset, shape, stride) it built a plain TensorRef of
         self.layouts: dict[tuple[bytes, bytes, bytes, str, int], tuple[int, tuple[int, ...], tuple[int, ...]]] = {}
+        #: the C decode's memory of the same, by its own keys (:meth:`tile_gets`, :meth:`tile_layout`)
+        self.tile_gets_known: dict[bytes, tuple[str, int, str]] = {}
+        self.tile_layouts: dict[bytes, tuple[int, tuple[int, ...], tuple[int, ...]]] = {}
 
     def storage(self, stype: Any, key: str, location: Any, numel: int) -> Storage:
         """What ``SafeUnpickler.persistent_load`` returns for ``("storage", stype, key, location, numel)``."""
@@ -368,7 +402,12 @@ class _Decoder:
     def tiles(self, pos: int, stack: list[Any]) -> int | None:
         """Decode the run of keys and tensors (:data:`_TILE` units) from the key at ``pos``: each
         pushed on ``stack`` and put in the memo as :meth:`tensor` does. The position after the last
-        unit decoded, or None when none is (the opcode-by-opcode read then reads on, as it would)."""
+        unit decoded, or None when none is (the opcode-by-opcode read then reads on, as it would).
+        The C decode, where built, takes the longest run that decodes, unit by unit, in one call."""
+        if _tiles is not None:
+            return _tiles.scan(self.data, pos, _MAX_TILE_KEY, self.memo, stack, self.mine, self.storages,
+                               self.tile_gets_known, self.tile_layouts, self.tile_gets, self.tile_layout,
+                               _STORAGE_MAKER, _TENSOR_MAKER)
         scan = iter(_TILE.scanner(self.data, pos).match, None)  # type: ignore[attr-defined]
         want = _FIRST_TILES
         done = pos
@@ -448,6 +487,31 @@ class _Decoder:
         starts, shapes, strides = zip(*map(accepted.__getitem__, layouts), strict=True)
         refs = list(map(TensorRef, storages, starts, shapes, strides, dtypes, grads))
         return keys, storage_keys, storages, refs
+
+    def tile_gets(self, gets: bytes, n: int) -> tuple[str, int, str] | None:
+        """For the C decode: (dtype, item size, location) of a unit's five gets (their opcodes one
+        after the other), as :meth:`check_gets` accepts them before memo index ``n``; None when it
+        refuses them."""
+        ops = []
+        at = 0
+        while at < len(gets):
+            width = 2 if gets[at] == 0x68 else 5
+            ops.append(gets[at : at + width])
+            at += width
+        key = tuple(ops)
+        if key not in self.known and not self.gets_before(key, n):
+            return None
+        stype, location = self.known[key]
+        return stype.dtype, ITEMSIZE[stype.dtype], location
+
+    def tile_layout(self, offset: bytes, shape: bytes, stride: bytes, storage: Storage,
+                    grad: bool) -> tuple[int, tuple[int, ...], tuple[int, ...]] | None:
+        """For the C decode: the (offset, shape, stride) of a tensor of ``storage`` the rebuild call
+        builds plainly from these opcodes (:meth:`accepts`), None when it does not."""
+        layout = (offset, shape, stride, storage.dtype, storage.nbytes)
+        if layout in self.layouts or self.accepts(layout, storage, grad):
+            return self.layouts[layout]
+        return None
 
     def gets_before(self, gets: tuple[bytes, ...], n: int) -> bool:
         """:meth:`check_gets` (its verdict remembered when it accepts), False for a refusal."""
