@@ -263,15 +263,16 @@ done:
 }
 
 PyDoc_STRVAR(listed_doc,
-"listed(buf, base, pos, limit, live, records) -> (end, small)\n\n"
+"listed(buf, base, pos, limit, live, records) -> (end, small, count)\n\n"
 "_Reader._listed of the listed records from pos on, one after the other, read from buf (the bytes\n"
 "from file offset base), each stored in records as _listed stores it: end is where the first one\n"
-"it does not read so begins (pos when none), small whether the last read holds few bytes.");
+"it does not read so begins (pos when none), small whether the last read holds few bytes, count\n"
+"how many it read.");
 
 static PyObject *listed(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer view;
-    Py_ssize_t base, pos, limit;
+    Py_ssize_t base, pos, limit, count = 0;
     PyObject *live, *records;
     PyObject *key = NULL, *out = NULL;
     unsigned long long last_size = 0;
@@ -350,9 +351,10 @@ static PyObject *listed(PyObject *self, PyObject *args) {
         Py_CLEAR(key);
         last_size = size;
         pos = end;
+        count++;
     }
 finish:
-    out = Py_BuildValue("(nO)", pos, last_size < (64 << 10) / 16 ? Py_True : Py_False);
+    out = Py_BuildValue("(nOn)", pos, last_size < (64 << 10) / 16 ? Py_True : Py_False, count);
     goto done;
 fail:
     out = NULL;

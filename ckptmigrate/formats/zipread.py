@@ -401,12 +401,7 @@ class _Reader:
         while pos < cd_offset:
             central = live_get(pos)
             if central is not None:  # a listed record as torch writes it, in the window already read
-                if _scan is not None:
-                    end = self.scanned(pos, cd_offset)
-                    if end is not None:
-                        pos = end
-                        continue
-                elif pos >= self._run_from:
+                if pos >= self._run_from:
                     end = self.listed_run(pos)
                     if end is not None:
                         pos = end
@@ -431,23 +426,6 @@ class _Reader:
         if not self.records.keys() >= live.keys():  # checked in C; the names only for the message
             hidden = [c.name for off, c in live.items() if off not in self.records]
             raise ZipFormatError(f"record {hidden[0]!r} has its local header inside another record's bytes")
-
-    def scanned(self, pos: int, limit: int) -> int | None:
-        """:meth:`_listed` of the listed records from ``pos`` on, in C, in the window or (where it
-        does not hold the first one's local header) the window read there; their end, or None."""
-        assert _scan is not None
-        end, small = _scan.listed(self._buf, self._at, pos, limit, self.live, self.records)
-        if end == pos:
-            rel = pos - self._at
-            n = min(_BLOCK, limit - pos)
-            if 0 <= rel and rel + n <= len(self._buf):
-                return None  # the window holds its header: the Python code reads it
-            self.window(n, pos, limit)  # what the Python code would read next
-            end, small = _scan.listed(self._buf, self._at, pos, limit, self.live, self.records)
-            if end == pos:
-                return None
-        self._ahead = _WINDOW if small else 0
-        return end
 
     def listed_run(self, pos: int) -> int | None:
         """:meth:`_listed` of the listed records from ``pos`` on whose successor's header is in the
@@ -475,7 +453,15 @@ class _Reader:
         be: the first 14 bytes of the first local header (checked as :meth:`_listed` checks them),
         then the CRC and sizes as the directory gives them (or zeros, left to a data descriptor),
         the name's and the extra field's lengths (the extra field filling the room to the data), the
-        name, the padding field's tag and length, and the data descriptor."""
+        name, the padding field's tag and length, and the data descriptor. In C, each record read
+        as :meth:`_listed` reads it (where the first that is not ends the run, and the walk reads
+        it next: the records stored are those the walk stores again)."""
+        if _scan is not None:
+            end, small, count = _scan.listed(buf, base, offsets[0], offsets[-1], self.live, self.records)
+            if end != offsets[-1] or count != len(offsets) - 1:  # each ends where the next begins
+                return None
+            self._ahead = _WINDOW if small else 0
+            return end
         starts, nexts = offsets[:-1], offsets[1:]
         centrals = list(map(self.live.__getitem__, starts))
         raw_names, sizes, crcs = list(map(_RAW_NAME, centrals)), list(map(_SIZE, centrals)), list(map(_CRC, centrals))
@@ -690,7 +676,8 @@ class _Reader:
         if (n, cd_size, cd_offset, cd_end) != (count, end - pos, pos, end):
             raise ZipFormatError(f"{where} does not describe the directory before it")
         centrals = self.directory(self.pread(end - pos, pos, where), count, where)
-        if _scan is not None and _scan.names(centrals, self.prefix) is not None and _scan.precede(centrals, self.records):
+        if (_scan is not None and _scan.names(centrals, self.prefix) is not None
+                and _scan.precede(centrals, self.records)):
             return eocd + 22
         self.check_names(centrals, where)
         for c in centrals:
