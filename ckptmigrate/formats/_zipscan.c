@@ -57,7 +57,9 @@ static PyObject *ascii_str(const unsigned char *s, Py_ssize_t n) {
 }
 
 /* An instance of the tuple subclass `type` (a NamedTuple) holding `items`, stolen (NULLs allowed:
- * then it fails and drops the others), as tuple.__new__(type, items) builds it. */
+ * then it fails and drops the others), as tuple.__new__(type, items) builds it. Its items are str,
+ * bytes and int and a NamedTuple has no __dict__: it can be in no reference cycle, so the cyclic
+ * collector is spared it (for a plain tuple, the collector itself would untrack it). */
 static PyObject *named(PyTypeObject *type, PyObject **items, Py_ssize_t n) {
     PyObject *out = NULL;
     for (Py_ssize_t i = 0; i < n; i++)
@@ -68,6 +70,8 @@ static PyObject *named(PyTypeObject *type, PyObject **items, Py_ssize_t n) {
         goto fail;
     for (Py_ssize_t i = 0; i < n; i++)
         PyTuple_SET_ITEM(out, i, items[i]);
+    if (PyObject_GC_IsTracked(out))
+        PyObject_GC_UnTrack(out);
     return out;
 fail:
     for (Py_ssize_t i = 0; i < n; i++)
@@ -76,7 +80,8 @@ fail:
 }
 
 static int is_named_tuple_type(PyObject *type, Py_ssize_t fields) {
-    if (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type))
+    if (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type)
+            || ((PyTypeObject *)type)->tp_dictoffset != 0)
         return 0;
     PyObject *names = PyObject_GetAttrString(type, "_fields");
     if (names == NULL) {
@@ -293,9 +298,8 @@ static PyObject *listed(PyObject *self, PyObject *args) {
             break;
         }
         PyObject *raw = field(central, 0), *name = field(central, 1), *crc_obj = field(central, 3),
-                 *size_obj = field(central, 4);
-        if (raw == NULL || !PyBytes_Check(raw) || name == NULL || crc_obj == NULL || size_obj == NULL
-                || !PyLong_Check(crc_obj) || !PyLong_Check(size_obj))
+                 *size_obj = field(central, 4), *offset = field(central, 5);
+        if (raw == NULL || !PyBytes_Check(raw) || offset == NULL || !PyLong_Check(crc_obj) || !PyLong_Check(size_obj))
             break;
         unsigned long long size = PyLong_AsUnsignedLongLong(size_obj);
         unsigned long long ccrc = PyLong_AsUnsignedLongLong(crc_obj);
@@ -344,7 +348,9 @@ static PyObject *listed(PyObject *self, PyObject *args) {
         PyTuple_SET_ITEM(record, 0, Py_NewRef(name));
         PyTuple_SET_ITEM(record, 1, Py_NewRef(size_obj));
         PyTuple_SET_ITEM(record, 2, data_obj);
-        int stored = PyDict_SetItem(records, key, record);
+        PyObject_GC_UnTrack(record); /* str and int: no cycle (the collector would untrack it) */
+        /* keyed by the directory's own int (equal to pos): later lookups by it find it at once */
+        int stored = PyDict_SetItem(records, PyObject_RichCompareBool(offset, key, Py_EQ) == 1 ? offset : key, record);
         Py_DECREF(record);
         if (stored < 0)
             goto fail;
@@ -394,7 +400,7 @@ static PyObject *entries(PyObject *self, PyObject *args) {
             goto refuse;
         }
         PyObject *data = field(record, 2);
-        if (data == NULL)
+        if (data == NULL || !PyLong_Check(offset) || !PyLong_Check(data) || !PyLong_Check(size) || !PyLong_Check(crc))
             goto refuse;
         PyObject *items[5] = {Py_NewRef(name), Py_NewRef(offset), Py_NewRef(data), Py_NewRef(size), Py_NewRef(crc)};
         PyObject *entry = named((PyTypeObject *)type, items, 5);
