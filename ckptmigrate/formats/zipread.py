@@ -774,11 +774,9 @@ def _read_appended(fd: ByteSource, length: int, base: Entries, base_length: int)
     centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
     reader.prefix = next(iter(base)).split("/")[0]  # the folder the superseded directory's names are in
     live = _names_by_header(reader, centrals)
-    olds = list(base.values())
-    old_by_offset = dict(zip(map(_ENTRY_HEADER, olds), olds, strict=True))
-    before = _listed_before(live, old_by_offset, base_length)
-    for off in filterfalse(live.__contains__, old_by_offset):
-        old = old_by_offset[off]
+    before, superseded = _listed_and_superseded(live, list(base.values()), base_length)
+    for old in superseded:
+        off = old.header_offset
         # superseded by this append: read as the whole parse reads a superseded record
         reader.live = live
         reader.records = {}
@@ -793,15 +791,25 @@ def _read_appended(fd: ByteSource, length: int, base: Entries, base_length: int)
     return entries
 
 
+def _listed_and_superseded(live: dict[int, _Central], olds: list[ZipEntry],
+                           base_length: int) -> tuple[dict[int, tuple[str, int, int]], list[ZipEntry]]:
+    """:func:`_listed_before`, and the old records ``olds`` the new directory no longer lists, in
+    their order (in C where the new directory lists the old records in their order)."""
+    if _scan is not None:
+        scanned: tuple[dict[int, tuple[str, int, int]], list[ZipEntry]] | None = _scan.appended(
+            live, olds, base_length)
+        if scanned is not None:
+            return scanned
+    old_by_offset = dict(zip(map(_ENTRY_HEADER, olds), olds, strict=True))
+    before = _listed_before(live, old_by_offset, base_length)
+    return before, [old_by_offset[off] for off in filterfalse(live.__contains__, old_by_offset)]
+
+
 def _listed_before(live: dict[int, _Central], old_by_offset: dict[int, ZipEntry],
                    base_length: int) -> dict[int, tuple[str, int, int]]:
     """The records the new directory lists in the bytes before the append (header offset: name,
     size, data offset), each a record of the old archive with its name, size and CRC; in C loops
     when all are, else found one by one to name the first that is not."""
-    if _scan is not None:
-        scanned: dict[int, tuple[str, int, int]] | None = _scan.listed_before(live, old_by_offset, base_length)
-        if scanned is not None:
-            return scanned
     offsets = list(filter(base_length.__gt__, live))
     olds: list[Any] = list(map(old_by_offset.get, offsets))
     listed = map(_C_NAME_SIZE_CRC, map(live.__getitem__, offsets))
