@@ -203,3 +203,53 @@ def test_the_pure_python_setting_turns_the_compiled_parse_off(archives: dict[str
     env = {**os.environ, native.PURE_PYTHON_ENV: "1"}
     out = subprocess.run([sys.executable, "-c", probe, str(path)], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", str(len(read_archive(Bytes(archives["torch"]), len(archives["torch"]))))]
+
+
+def test_a_damaged_central_directory_gets_the_same_records_or_the_same_refusal(
+        archives: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes of the central directory itself flipped (its entries' names, flags, sizes, offsets,
+    lengths): the compiled directory, names and entries give way to the Python ones alike."""
+    for name in ("torch", "many"):
+        data = archives[name]
+        size, offset = int.from_bytes(data[-10:-6], "little"), int.from_bytes(data[-6:-2], "little")
+        if offset == 0xFFFFFFFF:  # zip64: the directory's offset and size are in the zip64 end record
+            record = data[-22 - 20 - 56 :]
+            size, offset = int.from_bytes(record[40:48], "little"), int.from_bytes(record[48:56], "little")
+        rng = random.Random(7)
+        for trial in range(40 if name == "many" else 150):
+            mutated = bytearray(data)
+            for _ in range(rng.randint(1, 3)):
+                at = offset + rng.randrange(min(size, 8192) if rng.random() < 0.5 else size)
+                mutated[at] = rng.choice([mutated[at] ^ 1 << rng.randrange(8), rng.randrange(256), 0x2F, 0x41])
+            compiled, pure = both(archive_of(bytes(mutated)), monkeypatch)
+            assert compiled == pure, (name, trial)
+
+
+def test_hostile_windows_are_read_within_their_bytes(archives: dict[str, bytes]) -> None:
+    """The compiled walk given random bytes, offsets and limits against a real directory: it reads
+    within the buffer (AddressSanitizer holds it there in a sanitized build), stores only records
+    the directory lists, and never moves backwards, nor past the limit but by a data descriptor
+    (as the Python walk's ``_listed``: the walk then finds the record runs into the directory)."""
+    assert zipread._scan is not None
+    data = archives["torch"]
+    reader = zipread._Reader(Bytes(data), len(data))
+    n, size, offset, _end = reader.end_records(len(data) - 22, "the end record")
+    centrals = reader.directory(data[offset : offset + size], n, "the archive")
+    live = zipread._names_by_header(reader, centrals)
+    heads = sorted(live)
+    rng = random.Random(3)
+    for _ in range(3000):
+        head = rng.choice(heads)
+        base = head - rng.randrange(0, 64)
+        buf = bytearray(data[base : base + rng.randrange(0, 4096)])
+        for _ in range(rng.randint(0, 4)):
+            if buf:
+                buf[rng.randrange(len(buf))] = rng.randrange(256)
+        pos = head if rng.random() < 0.9 else base + rng.randrange(0, 8192)
+        limit = pos + rng.randrange(0, 1 << 16) if rng.random() < 0.9 else rng.randrange(0, 1 << 40)
+        records: dict[int, tuple[str, int, int]] = {}
+        end, _small, count = zipread._scan.listed(bytes(buf), base, pos, limit, live, records)
+        assert end == pos or pos < end <= limit + 16
+        assert len(records) == count and records.keys() <= live.keys()
+        stepped, _count = zipread._scan.skip(bytes(buf), base, pos, limit)
+        assert stepped == pos or pos < stepped <= limit
