@@ -292,7 +292,7 @@ static PyObject *listed(PyObject *self, PyObject *args) {
         return NULL;
     const unsigned char *buf = view.buf;
     Py_ssize_t len = view.len;
-    if (base < 0 || pos < base || limit < pos)
+    if (base < 0 || pos < base || limit < pos || limit > PY_SSIZE_T_MAX / 2) /* no sum below overflows */
         goto finish;
     while (pos < limit) {
         key = PyLong_FromSsize_t(pos);
@@ -594,7 +594,8 @@ static PyObject *skip(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*nnn", &view, &base, &pos, &limit))
         return NULL;
     const unsigned char *buf = view.buf;
-    while (base >= 0 && pos >= base && pos - base <= view.len && view.len - (pos - base) >= 34) {
+    while (base >= 0 && pos >= base && limit <= PY_SSIZE_T_MAX / 2 && pos - base <= view.len
+           && view.len - (pos - base) >= 34) {
         const unsigned char *e = buf + (pos - base);
         if (u32(e) != SIG_CENTRAL)
             break;
