@@ -22,6 +22,10 @@ every such rule gives the same answer:
   does not reach are *superseded*: an in-place append leaves the old ``data.pkl``, envelope,
   central directory and end records behind, each whole; a superseded directory must describe
   records that precede it, and be closed by its own consistent end records.
+
+The common case (a directory of canonical names, records as torch writes them, an append's
+records in their old order) is read in C where ``_zipscan`` is built (:data:`_scan`); anything
+else it hands back, stage by stage, to the Python code here, which then reads and judges it.
 """
 
 from __future__ import annotations
