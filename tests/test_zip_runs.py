@@ -249,3 +249,32 @@ def test_a_field_changed_alike_in_every_local_header_reads_alike(archives: dict[
                     out[info.header_offset + field : info.header_offset + field + 2] = value.to_bytes(2, "little")
         mutated = bytes(out)
         assert verdict(mutated) == record_by_record(mutated, monkeypatch), (name, field)
+
+
+def test_a_run_read_in_c_is_taken_exactly_when_each_record_reads_to_the_next(archives: dict[str, bytes],
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled parse (``_zipscan``) reads a window's run as the record-by-record walk reads each
+    record: taken exactly when each ends where the next begins, with the same records, whatever one
+    flipped header or descriptor byte does; wherever the Python run takes one, so does it."""
+    if zipread._scan is None:
+        pytest.skip("the compiled parse is not built or not wanted")
+    rng = random.Random(5)
+    taken = 0
+    for name in ("torch", "rewritten"):
+        data = archives[name]
+        where = structure_bytes(data)
+        for trial in range(12):
+            single = bytearray(data)
+            if trial:
+                single[rng.choice(where)] ^= 1 << rng.randrange(8)
+            mutated = bytes(single)
+            for reader, buf, base, offsets, limit in windows(data, mutated):
+                expected = one_by_one(reader, buf, base, offsets, limit)
+                compiled = at_once(reader, buf, base, offsets)
+                with monkeypatch.context() as m:
+                    m.setattr(zipread, "_scan", None)
+                    pure = at_once(reader, buf, base, offsets)
+                assert compiled == expected, (name, trial, base, len(offsets))
+                assert pure is None or pure == compiled, (name, trial, base, len(offsets))
+                taken += compiled is not None
+    assert taken > 0

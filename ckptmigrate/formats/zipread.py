@@ -22,6 +22,10 @@ every such rule gives the same answer:
   does not reach are *superseded*: an in-place append leaves the old ``data.pkl``, envelope,
   central directory and end records behind, each whole; a superseded directory must describe
   records that precede it, and be closed by its own consistent end records.
+
+The common case (a directory of canonical names, records as torch writes them, an append's
+records in their old order) is read in C where ``_zipscan`` is built (:data:`_scan`); anything
+else it hands back, stage by stage, to the Python code here, which then reads and judges it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from itertools import chain, filterfalse, repeat
 from operator import add, itemgetter, sub
 from typing import Any, NamedTuple, Protocol
 
+from ckptmigrate.formats import native
 from ckptmigrate.util.gcpause import pausing
 
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
@@ -82,6 +87,9 @@ _MIN_RUN = 8
 #: torch refuses an archive whose ``version`` record is outside this range (caffe2/serialize/versions.h).
 TORCH_VERSIONS = range(1, 0xA + 1)
 _LEADING_INTEGER = re.compile(rb"[ \t\n\v\f\r]*\+?([0-9]+)")
+#: The C parse of the common case (``_zipscan.c``): None where not built or not wanted. Each of its
+#: functions gives what the Python code here gives, or None for the Python code to read and judge.
+_scan = native.load("_zipscan")
 
 
 class Preadable(Protocol):
@@ -297,6 +305,10 @@ class _Reader:
 
     def directory(self, cd: bytes, count: int, where: str) -> list[_Central]:
         """Exactly ``count`` entries filling ``cd``: an entry past the count is read by zipfile only."""
+        if _scan is not None:
+            scanned: list[_Central] | None = _scan.directory(cd, count, _Central)
+            if scanned is not None:
+                return scanned
         out: list[_Central] = []
         append = out.append
         unpack_from = _CENTRAL.unpack_from
@@ -361,14 +373,15 @@ class _Reader:
 
     # -- the walk from offset 0 ------------------------------------------------------------------------
 
-    def window(self, n: int, offset: int, limit: int) -> bytes:
+    def window(self, n: int, offset: int, limit: int, *, to_header: bool = True) -> bytes:
         """``os.pread(fd, n, offset)`` for the walk, from the last window read when it holds them; a
-        new window reads ahead only after a small record (so the next ones are likely in it)."""
+        new window reads ahead only after a small record (so the next ones are likely in it), and
+        (``to_header``) only to the last listed header it reaches."""
         rel = offset - self._at
         if rel >= 0 and rel + n <= len(self._buf):
             return self._buf[rel : rel + n]
         ahead = min(self._ahead, limit - offset)
-        if ahead > n:  # to the last listed header the window reaches: no tensor bytes read ahead
+        if ahead > n and to_header:  # to the last listed header the window reaches: no tensor bytes read ahead
             heads = self._heads
             last = heads[bisect.bisect_right(heads, offset + ahead - _BLOCK) - 1] if heads else -1
             ahead = min(ahead, last + _BLOCK - offset) if last > offset else n
@@ -444,7 +457,15 @@ class _Reader:
         be: the first 14 bytes of the first local header (checked as :meth:`_listed` checks them),
         then the CRC and sizes as the directory gives them (or zeros, left to a data descriptor),
         the name's and the extra field's lengths (the extra field filling the room to the data), the
-        name, the padding field's tag and length, and the data descriptor."""
+        name, the padding field's tag and length, and the data descriptor. In C, each record read
+        as :meth:`_listed` reads it (where the first that is not ends the run, and the walk reads
+        it next: the records stored are those the walk stores again)."""
+        if _scan is not None:
+            end, small, count = _scan.listed(buf, base, offsets[0], offsets[-1], self.live, self.records)
+            if end != offsets[-1] or count != len(offsets) - 1:  # each ends where the next begins
+                return None
+            self._ahead = _WINDOW if small else 0
+            return end
         starts, nexts = offsets[:-1], offsets[1:]
         centrals = list(map(self.live.__getitem__, starts))
         raw_names, sizes, crcs = list(map(_RAW_NAME, centrals)), list(map(_SIZE, centrals)), list(map(_CRC, centrals))
@@ -636,7 +657,11 @@ class _Reader:
         count = 0
         self._ahead = _WINDOW  # its entries are small: read them in windows, not two preads each
         while True:
-            head = self.window(34, end, limit)
+            head = self.window(34, end, limit, to_header=False)
+            if _scan is not None:  # the entries this window holds, stepped over in C
+                end, stepped = _scan.skip(self._buf, self._at, end, limit)
+                count += stepped
+                head = self.window(34, end, limit, to_header=False)
             if len(head) < 4 or (head[:4] == SIG_CENTRAL and len(head) < 34):
                 raise ZipFormatError("a superseded central directory runs past the end of the file; it is truncated")
             if head[:4] != SIG_CENTRAL:
@@ -655,6 +680,9 @@ class _Reader:
         if (n, cd_size, cd_offset, cd_end) != (count, end - pos, pos, end):
             raise ZipFormatError(f"{where} does not describe the directory before it")
         centrals = self.directory(self.pread(end - pos, pos, where), count, where)
+        if (_scan is not None and _scan.names(centrals, self.prefix) is not None
+                and _scan.precede(centrals, self.records)):
+            return eocd + 22
         self.check_names(centrals, where)
         for c in centrals:
             if self.records.get(c.header_offset, ())[:2] != (c.name, c.size):
@@ -707,8 +735,7 @@ def _read_archive(fd: ByteSource, length: int) -> Entries:
                 f"file of {length} bytes")
     n, cd_size, cd_offset, _end = reader.end_records(eocd, "the end record", comment)
     centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
-    reader.check_names(centrals, "the archive")
-    live = _by_header(centrals)
+    live = _names_by_header(reader, centrals)
     reader.walk(live, cd_offset)
     records = reader.records
     entries = _entries(centrals, records)
@@ -750,13 +777,10 @@ def _read_appended(fd: ByteSource, length: int, base: Entries, base_length: int)
         raise ZipFormatError("the central directory is not in the appended bytes")
     centrals = reader.directory(reader.pread(cd_size, cd_offset, "the central directory"), n, "the archive")
     reader.prefix = next(iter(base)).split("/")[0]  # the folder the superseded directory's names are in
-    reader.check_names(centrals, "the archive")
-    live = _by_header(centrals)
-    olds = list(base.values())
-    old_by_offset = dict(zip(map(_ENTRY_HEADER, olds), olds, strict=True))
-    before = _listed_before(live, old_by_offset, base_length)
-    for off in filterfalse(live.__contains__, old_by_offset):
-        old = old_by_offset[off]
+    live = _names_by_header(reader, centrals)
+    before, superseded = _listed_and_superseded(live, list(base.values()), base_length)
+    for old in superseded:
+        off = old.header_offset
         # superseded by this append: read as the whole parse reads a superseded record
         reader.live = live
         reader.records = {}
@@ -769,6 +793,20 @@ def _read_appended(fd: ByteSource, length: int, base: Entries, base_length: int)
     entries = _entries(centrals, records)
     _check_torch_records(fd, entries, reader.prefix or "")
     return entries
+
+
+def _listed_and_superseded(live: dict[int, _Central], olds: list[ZipEntry],
+                           base_length: int) -> tuple[dict[int, tuple[str, int, int]], list[ZipEntry]]:
+    """:func:`_listed_before`, and the old records ``olds`` the new directory no longer lists, in
+    their order (in C where the new directory lists the old records in their order)."""
+    if _scan is not None:
+        scanned: tuple[dict[int, tuple[str, int, int]], list[ZipEntry]] | None = _scan.appended(
+            live, olds, base_length)
+        if scanned is not None:
+            return scanned
+    old_by_offset = dict(zip(map(_ENTRY_HEADER, olds), olds, strict=True))
+    before = _listed_before(live, old_by_offset, base_length)
+    return before, [old_by_offset[off] for off in filterfalse(live.__contains__, old_by_offset)]
 
 
 def _listed_before(live: dict[int, _Central], old_by_offset: dict[int, ZipEntry],
@@ -789,6 +827,17 @@ def _listed_before(live: dict[int, _Central], old_by_offset: dict[int, ZipEntry]
                 raise ZipFormatError(f"record {c.name!r} is not a record of the archive it was appended to")
             before[off] = (old.name, old.size, old.data_offset)
     return before
+
+
+def _names_by_header(reader: _Reader, centrals: list[_Central]) -> dict[int, _Central]:
+    """:meth:`_Reader.check_names` of the live directory, then :func:`_by_header`."""
+    if _scan is not None:
+        scanned: tuple[str, dict[int, _Central]] | None = _scan.names(centrals, reader.prefix)
+        if scanned is not None:
+            reader.prefix, live = scanned
+            return live
+    reader.check_names(centrals, "the archive")
+    return _by_header(centrals)
 
 
 def _by_header(centrals: list[_Central]) -> dict[int, _Central]:
@@ -812,6 +861,12 @@ _ENTRY_HEADER, _NAME_SIZE_CRC, _NAME_SIZE_DATA = itemgetter(1), itemgetter(0, 3,
 
 def _entries(centrals: list[_Central], records: dict[int, tuple[str, int, int]]) -> Entries:
     """The archive's records, in directory order, each built in C as ``ZipEntry(...)`` would."""
+    if _scan is not None:
+        out = Entries()
+        folded: list[tuple[str, str]] | None = _scan.entries(centrals, records, ZipEntry, out)
+        if folded is not None:
+            out._folded.update(folded)
+            return out
     offsets = list(map(_HEADER, centrals))
     data_offsets = map(_DATA, map(records.__getitem__, offsets))
     fields = zip(map(_NAME, centrals), offsets, data_offsets, map(_SIZE, centrals), map(_CRC, centrals), strict=True)
