@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,9 +39,12 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def ray_head(temp: Path, env: dict[str, str] | None = None) -> Iterator[Cluster]:
-    """A 2-CPU head node whose processes (and so its workers) have this environment plus ``env``."""
+def ray_head(env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """A 2-CPU head node whose processes (and so its workers) have this environment plus ``env``.
+    Its temporary directory is a short one of its own: Ray's Unix sockets live there, and a socket
+    path may not exceed 107 bytes (pytest's temporary directories, per xdist worker, are deeper)."""
     gcs, client = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="ckm-ray-")
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", f"--ray-client-server-port={client}", "--num-cpus=2",
          "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp}"],
@@ -60,3 +65,4 @@ def ray_head(temp: Path, env: dict[str, str] | None = None) -> Iterator[Cluster]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -32,9 +32,9 @@ Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster() -> Iterator[Cluster]:
     """The nodes' own credentials (a role, on a real cluster) but not where the bucket is."""
-    with ray_head(tmp_path_factory.mktemp("ray"), env=DUMMY_CREDENTIALS) as head:
+    with ray_head(env=DUMMY_CREDENTIALS) as head:
         yield head
 
 

@@ -27,8 +27,8 @@ Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with ray_head(tmp_path_factory.mktemp("ray")) as head:
+def cluster() -> Iterator[Cluster]:
+    with ray_head() as head:
         yield head
 
 
