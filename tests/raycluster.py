@@ -4,6 +4,7 @@ session, ready when it says so, killed as a process group at the end whatever ha
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -15,6 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
+#: One cluster at a time on this machine: test files run in parallel processes (pytest-xdist), and
+#: two 2-CPU clusters on two cores starve each other's workers and client servers.
+ONE_AT_A_TIME = Path(tempfile.gettempdir()) / "ckptmigrate-tests-ray.lock"
 #: What cuts the cluster's start-up and noise: no usage report, no dashboard, no driver logs.
 QUIET = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_DEDUP_LOGS": "0"}
 
@@ -43,6 +47,14 @@ def ray_head(env: dict[str, str] | None = None) -> Iterator[Cluster]:
     """A 2-CPU head node whose processes (and so its workers) have this environment plus ``env``.
     Its temporary directory is a short one of its own: Ray's Unix sockets live there, and a socket
     path may not exceed 107 bytes (pytest's temporary directories, per xdist worker, are deeper)."""
+    with open(ONE_AT_A_TIME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        with _head(env) as cluster:
+            yield cluster
+
+
+@contextlib.contextmanager
+def _head(env: dict[str, str] | None) -> Iterator[Cluster]:
     gcs, client = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ckm-ray-")
     proc = subprocess.Popen(
