@@ -266,7 +266,7 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *lvalue = NULL;  /* (offset, shape, stride) of the last layout met */
     Py_ssize_t taken = 0;
     PyObject *key = NULL, *skey = NULL, *storage = NULL, *ref = NULL, *lkey = NULL;
-    PyObject *nbytes = NULL;
+    PyObject *nbytes = NULL, *result = NULL;
     Unit u;
     for (;;) {
         Py_ssize_t m = PyList_GET_SIZE(memo);
@@ -394,6 +394,8 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         pos = u.end;
         taken++;
     }
+    result = taken == 0 ? Py_NewRef(Py_None) : PyLong_FromSsize_t(pos);
+error:  /* and the end of every run: what the last unit left held */
     Py_XDECREF(gets_value);
     Py_XDECREF(key);
     Py_XDECREF(skey);
@@ -402,18 +404,7 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_XDECREF(lkey);
     Py_XDECREF(lvalue);
     Py_XDECREF(nbytes);
-    if (taken == 0) Py_RETURN_NONE;
-    return PyLong_FromSsize_t(pos);
-error:
-    Py_XDECREF(gets_value);
-    Py_XDECREF(key);
-    Py_XDECREF(skey);
-    Py_XDECREF(storage);
-    Py_XDECREF(ref);
-    Py_XDECREF(lkey);
-    Py_XDECREF(lvalue);
-    Py_XDECREF(nbytes);
-    return NULL;
+    return result;
 }
 
 static PyMethodDef methods[] = {
