@@ -52,7 +52,7 @@ from zipcraft import Rec, layout_of
 from ckptmigrate import formats
 from ckptmigrate.checkpoint.lazy import Checkpoint
 from ckptmigrate.errors import BadInput
-from ckptmigrate.formats import pickle_scan, safetensors_io, zipread
+from ckptmigrate.formats import pickle_scan, safetensors_io, zipdirectory, zipread
 from ckptmigrate.tensors.refs import Source
 
 EOCD = struct.Struct("<IHHHHIIH")
@@ -525,12 +525,12 @@ def test_a_directory_larger_than_the_bound_is_refused_before_it_is_read(tmp_path
     record alone (a sparse file whose end record says so)."""
     data = plain()
     sig, disk, cd_disk, n_disk, n, _size, cd_offset, comment = EOCD.unpack(data[-22:])
-    eocd = cd_offset + zipread.MAX_DIRECTORY + 1
+    eocd = cd_offset + zipdirectory.MAX_DIRECTORY + 1
     path = tmp_path / "model.pt"
     with open(path, "wb") as fh:
         fh.write(data[:-22])
         fh.seek(eocd)
-        fh.write(EOCD.pack(sig, disk, cd_disk, n_disk, n, zipread.MAX_DIRECTORY + 1, cd_offset, comment))
+        fh.write(EOCD.pack(sig, disk, cd_disk, n_disk, n, zipdirectory.MAX_DIRECTORY + 1, cd_offset, comment))
     with pytest.raises(BadInput, match="is more than ckptmigrate reads"):
         formats.read(path)
 

@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 import torch
 
-from ckptmigrate.formats import native, zipread
-from ckptmigrate.formats.zipread import ZipFormatError, read_appended, read_archive
+from ckptmigrate.formats import native, zipdirectory, zipread, zipwalk
+from ckptmigrate.formats.zipformat import Entries, ZipFormatError
+from ckptmigrate.formats.zipread import read_appended, read_archive
 
 pytestmark = pytest.mark.skipif(zipread._scan is None, reason="the compiled parse is not built or not wanted")
 
@@ -49,7 +50,7 @@ class Bytes:
         return self.data[offset : offset + n]
 
 
-def outcome(read: Callable[[], zipread.Entries]) -> Any:
+def outcome(read: Callable[[], Entries]) -> Any:
     try:
         entries = read()
     except ZipFormatError as exc:
@@ -57,16 +58,17 @@ def outcome(read: Callable[[], zipread.Entries]) -> Any:
     return [(name, type(e), tuple(e)) for name, e in entries.items()], sorted(entries._folded.items())
 
 
-def both(read: Callable[[], zipread.Entries], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+def both(read: Callable[[], Entries], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
     """What ``read`` gives with the compiled parse, and with the Python parse alone."""
     compiled = outcome(read)
     with monkeypatch.context() as m:
-        m.setattr(zipread, "_scan", None)
+        for module in (zipdirectory, zipwalk, zipread):  # each reads its part of the parse in C
+            m.setattr(module, "_scan", None)
         pure = outcome(read)
     return compiled, pure
 
 
-def archive_of(data: bytes) -> Callable[[], zipread.Entries]:
+def archive_of(data: bytes) -> Callable[[], Entries]:
     return lambda: read_archive(Bytes(data), len(data))
 
 
@@ -232,10 +234,10 @@ def test_hostile_windows_are_read_within_their_bytes(archives: dict[str, bytes])
     (as the Python walk's ``_listed``: the walk then finds the record runs into the directory)."""
     assert zipread._scan is not None
     data = archives["torch"]
-    reader = zipread._Reader(Bytes(data), len(data))
+    reader = zipwalk.Walk(Bytes(data), len(data))
     n, size, offset, _end = reader.end_records(len(data) - 22, "the end record")
     centrals = reader.directory(data[offset : offset + size], n, "the archive")
-    live = zipread._names_by_header(reader, centrals)
+    live = zipdirectory.names_by_header(reader, centrals)
     heads = sorted(live)
     rng = random.Random(3)
     for _ in range(3000):
@@ -248,8 +250,8 @@ def test_hostile_windows_are_read_within_their_bytes(archives: dict[str, bytes])
         pos = head if rng.random() < 0.9 else base + rng.randrange(0, 8192)
         limit = pos + rng.randrange(0, 1 << 16) if rng.random() < 0.9 else rng.randrange(0, 1 << 40)
         records: dict[int, tuple[str, int, int]] = {}
-        end, _small, count = zipread._scan.listed(bytes(buf), base, pos, limit, live, records)
+        end, _small, count = zipwalk._scan.listed(bytes(buf), base, pos, limit, live, records)
         assert end == pos or pos < end <= limit + 16
         assert len(records) == count and records.keys() <= live.keys()
-        stepped, _count = zipread._scan.skip(bytes(buf), base, pos, limit)
+        stepped, _count = zipwalk._scan.skip(bytes(buf), base, pos, limit)
         assert stepped == pos or pos < stepped <= limit

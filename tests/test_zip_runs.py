@@ -2,7 +2,7 @@
 
 The zip parse checks that every local header repeats what the central directory says of its record
 (what torch's miniz reads). Where a window of the walk holds many listed records, it checks them
-at once (``zipread._Reader.listed_run``): every byte but the data and padding compared with what it
+at once (``zipwalk.Walk.listed_run``): every byte but the data and padding compared with what it
 must be. It may only be faster: on torch's files, ckptmigrate's rewrites, in-place appends, and
 mutations of their headers, names, extra fields and data descriptors, the records read or the
 refusal must be those of the record-by-record walk.
@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 import torch
 
-from ckptmigrate.formats import zipread
-from ckptmigrate.formats.zipread import ZipFormatError, read_archive
+from ckptmigrate.formats import zipdirectory, zipwalk
+from ckptmigrate.formats.zipformat import ZipFormatError
+from ckptmigrate.formats.zipread import read_archive
 
 
 class Bytes:
@@ -45,14 +46,14 @@ def verdict(data: bytes) -> Any:
 
 def record_by_record(data: bytes, monkeypatch: pytest.MonkeyPatch) -> Any:
     with monkeypatch.context() as m:
-        m.setattr(zipread, "_MIN_RUN", 1 << 40)  # no window is checked at once
+        m.setattr(zipwalk, "_MIN_RUN", 1 << 40)  # no window is checked at once
         return verdict(data)
 
 
 def runs_taken(data: bytes, monkeypatch: pytest.MonkeyPatch) -> int:
     """How many records the walk of ``data`` checked in runs."""
     taken = 0
-    run = zipread._Reader._run
+    run = zipwalk.Walk._run
 
     def counting(self: Any, buf: bytes, base: int, offsets: list[int]) -> int | None:
         nonlocal taken
@@ -61,7 +62,7 @@ def runs_taken(data: bytes, monkeypatch: pytest.MonkeyPatch) -> int:
         return end
 
     with monkeypatch.context() as m:
-        m.setattr(zipread._Reader, "_run", counting)
+        m.setattr(zipwalk.Walk, "_run", counting)
         verdict(data)
     return taken
 
@@ -171,18 +172,18 @@ def test_a_real_checkpoint_reads_alike(monkeypatch: pytest.MonkeyPatch) -> None:
 def windows(data: bytes, mutated: bytes) -> Any:
     """(reader, window bytes, its offset, listed header offsets in it) over ``mutated``, with the
     directory of ``data``: every window a walk could check at once."""
-    reader = zipread._Reader(Bytes(mutated), len(mutated))
+    reader = zipwalk.Walk(Bytes(mutated), len(mutated))
     n, size, offset, _end = reader.end_records(len(data) - 22, "the end record")
     centrals = reader.directory(data[offset : offset + size], n, "the archive")
     reader.check_names(centrals, "the archive")
-    reader.live = zipread._by_header(centrals)
+    reader.live = zipdirectory.by_header(centrals)
     heads = sorted(reader.live)
     for first in range(0, len(heads) - 10, 37):
         base = heads[first]
         buf = mutated[base : base + (16 << 10)]
         inside = [h for h in heads[first:] if h + 30 <= base + len(buf)]
         for count in sorted({8, 20, len(inside) - 1}):
-            if count < zipread._MIN_RUN or count >= len(inside):
+            if count < zipwalk._MIN_RUN or count >= len(inside):
                 continue
             reader._buf, reader._at = buf, base
             yield reader, buf, base, inside[: count + 1], offset
@@ -256,7 +257,7 @@ def test_a_run_read_in_c_is_taken_exactly_when_each_record_reads_to_the_next(arc
     """The compiled parse (``_zipscan``) reads a window's run as the record-by-record walk reads each
     record: taken exactly when each ends where the next begins, with the same records, whatever one
     flipped header or descriptor byte does; wherever the Python run takes one, so does it."""
-    if zipread._scan is None:
+    if zipwalk._scan is None:
         pytest.skip("the compiled parse is not built or not wanted")
     rng = random.Random(5)
     taken = 0
@@ -272,7 +273,7 @@ def test_a_run_read_in_c_is_taken_exactly_when_each_record_reads_to_the_next(arc
                 expected = one_by_one(reader, buf, base, offsets, limit)
                 compiled = at_once(reader, buf, base, offsets)
                 with monkeypatch.context() as m:
-                    m.setattr(zipread, "_scan", None)
+                    m.setattr(zipwalk, "_scan", None)
                     pure = at_once(reader, buf, base, offsets)
                 assert compiled == expected, (name, trial, base, len(offsets))
                 assert pure is None or pure == compiled, (name, trial, base, len(offsets))

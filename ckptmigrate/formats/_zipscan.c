@@ -31,7 +31,7 @@ static unsigned long long u64(const unsigned char *p) {
     return (unsigned long long)u32(p) | (unsigned long long)u32(p + 4) << 32;
 }
 
-/* zipread._CANONICAL: printable ASCII parts without '/' or '\\', at least two, none "." or "..".
+/* zipformat.CANONICAL: printable ASCII parts without '/' or '\\', at least two, none "." or "..".
  * The bytes are checked in one branch-free pass (vectorised), then the parts between slashes. */
 static int canonical(const unsigned char *s, Py_ssize_t n) {
     unsigned bad = 0;
@@ -101,7 +101,7 @@ static int is_named_tuple_type(PyObject *type, Py_ssize_t fields) {
 
 PyDoc_STRVAR(directory_doc,
 "directory(cd, count, central_type) -> list | None\n\n"
-"_Reader.directory of a central directory whose entries all have canonical names and no extra\n"
+"DirectoryReader.directory of a central directory whose entries all have canonical names and no extra\n"
 "field but a zip64 one, as torch writes them; None for anything else.");
 
 static PyObject *directory(PyObject *self, PyObject *args) {
@@ -197,15 +197,15 @@ static PyObject *ascii_lower(PyObject *s) {
     return out;
 }
 
-/* The item i of a _Central or ZipEntry, when `t` is a tuple long enough. */
+/* The item i of a CentralEntry or ZipEntry, when `t` is a tuple long enough. */
 static PyObject *field(PyObject *t, Py_ssize_t i) {
     return PyTuple_Check(t) && PyTuple_GET_SIZE(t) > i ? PyTuple_GET_ITEM(t, i) : NULL;
 }
 
 PyDoc_STRVAR(names_doc,
 "names(centrals, prefix) -> (prefix, live) | None\n\n"
-"_Reader.check_names (the archive's folder: prefix, or None to take the first record's) then\n"
-"_by_header, when both accept the directory; None for anything they would refuse.");
+"DirectoryReader.check_names (the archive's folder: prefix, or None to take the first record's) then\n"
+"by_header, when both accept the directory; None for anything they would refuse.");
 
 static PyObject *names(PyObject *self, PyObject *args) {
     (void)self;
@@ -276,7 +276,7 @@ done:
 
 PyDoc_STRVAR(listed_doc,
 "listed(buf, base, pos, limit, live, records) -> (end, small, count)\n\n"
-"_Reader._listed of the listed records from pos on, one after the other, read from buf (the bytes\n"
+"Walk._listed of the listed records from pos on, one after the other, read from buf (the bytes\n"
 "from file offset base), each stored in records as _listed stores it: end is where the first one\n"
 "it does not read so begins (pos when none), small whether the last read holds few bytes, count\n"
 "how many it read.");
@@ -584,7 +584,7 @@ static PyObject *precede(PyObject *self, PyObject *args) {
 PyDoc_STRVAR(skip_doc,
 "skip(buf, base, pos, limit) -> (end, count)\n\n"
 "The central directory entries from pos on whose first 34 bytes buf (the bytes from file offset\n"
-"base) holds, one after the other, as _Reader.superseded_directory steps over them: where the\n"
+"base) holds, one after the other, as Walk.superseded_directory steps over them: where the\n"
 "first it does not step over begins, and how many it did (none past limit).");
 
 static PyObject *skip(PyObject *self, PyObject *args) {

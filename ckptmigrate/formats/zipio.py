@@ -15,23 +15,16 @@ import zlib
 from collections.abc import Iterable
 from typing import BinaryIO
 
-from ckptmigrate.formats import native, zipread
-from ckptmigrate.formats.zipread import ByteSource, pread, read_archive
-from ckptmigrate.formats.zipread import Entries as Entries
-from ckptmigrate.formats.zipread import ZipEntry as ZipEntry
-from ckptmigrate.formats.zipread import ZipFormatError as ZipFormatError
+from ckptmigrate.formats import native, zipformat, zipread
+from ckptmigrate.formats.zipformat import CENTRAL, EOCD, EOCD64, LOCAL, LOCATOR64, MAX16, MAX32, PAGE, ByteSource, pread
+from ckptmigrate.formats.zipformat import Entries as Entries
+from ckptmigrate.formats.zipformat import ZipEntry as ZipEntry
+from ckptmigrate.formats.zipformat import ZipFormatError as ZipFormatError
+from ckptmigrate.formats.zipread import read_archive
 from ckptmigrate.storage.rawio import copy_range, write_all
 
 ALIGNMENT = 64
-_LOCAL = struct.Struct("<IHHHHHIIIHH")
-_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 _encode = native.load("_encode")  # its central_directory: the records below, packed in C
-_EOCD = struct.Struct("<IHHHHIIH")
-_EOCD64 = struct.Struct("<IQHHIIQQQQ")
-_LOCATOR64 = struct.Struct("<IIQI")
-_MAX32 = 0xFFFFFFFF
-_MAX16 = 0xFFFF
-_PAGE = 4096
 
 
 def live_length(fd: ByteSource, file_size: int) -> int:
@@ -41,16 +34,16 @@ def live_length(fd: ByteSource, file_size: int) -> int:
     if file_size < 2 * APPEND_END:
         return file_size
     end = pread(fd, APPEND_END, file_size - APPEND_END)
-    record = end[-_EOCD.size :]
+    record = end[-EOCD.size :]
     if len(end) != APPEND_END or record[:4] != b"PK\x05\x06":
         return file_size
-    _sig, _disk, _cd_disk, _n_disk, _n, cd_size, cd_offset, comment = _EOCD.unpack(record)
+    _sig, _disk, _cd_disk, _n_disk, _n, cd_size, cd_offset, comment = EOCD.unpack(record)
     if comment:
         return file_size
     if end[:4] == b"PK\x06\x07":  # a zip64 locator: readers take the directory from its record
-        live = _LOCATOR64.unpack(end[: _LOCATOR64.size])[2] + _EOCD64.size + APPEND_END
+        live = LOCATOR64.unpack(end[: LOCATOR64.size])[2] + EOCD64.size + APPEND_END
     else:
-        live = cd_offset + cd_size + _EOCD.size
+        live = cd_offset + cd_size + EOCD.size
     if live == file_size or not APPEND_END <= live < file_size - APPEND_END:
         return file_size
     return live if pread(fd, APPEND_END, live - APPEND_END) == end else file_size
@@ -78,7 +71,7 @@ def read_appended_entries(fh: BinaryIO, file_size: int, base: Entries, base_leng
 
 
 def read_record(fh: BinaryIO, entry: ZipEntry, *, check_crc: bool = True) -> bytes:
-    return zipread.read_record(byte_source(fh), entry, check_crc=check_crc)
+    return zipformat.read_record(byte_source(fh), entry, check_crc=check_crc)
 
 
 def byte_source(fh: BinaryIO) -> ByteSource:
@@ -105,13 +98,13 @@ class ZipLayout:
         return self._pos
 
     def _header(self, name: bytes, size: int, crc: int) -> bytes:
-        zip64 = size >= _MAX32
+        zip64 = size >= MAX32
         extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
-        base = self._pos + _LOCAL.size + len(name) + len(extra) + 4
+        base = self._pos + LOCAL.size + len(name) + len(extra) + 4
         pad = (-base) % ALIGNMENT
         extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad
-        shown = _MAX32 if zip64 else size
-        head = _LOCAL.pack(
+        shown = MAX32 if zip64 else size
+        head = LOCAL.pack(
             0x04034B50, 45 if zip64 else 20, 0, 0, 0, 0, crc, shown, shown, len(name), len(extra)
         )
         return head + name + extra
@@ -132,7 +125,7 @@ class ZipLayout:
     def end(self) -> bytes:
         """What :meth:`ZipWriter.close` writes after the last record: padding, the central directory
         and the end records."""
-        pad, directory = self._directory(_EOCD.size)
+        pad, directory = self._directory(EOCD.size)
         return bytes(pad) + directory
 
     def _directory(self, whole: int) -> tuple[int, bytes]:
@@ -141,26 +134,26 @@ class ZipLayout:
         whole or not at all (a killed write stops at a page boundary)."""
         cd = _encode.central_directory(self._entries) if _encode is not None else None
         if cd is None:  # not compiled, or a record needs zip64
-            pack = _CENTRAL.pack
+            pack = CENTRAL.pack
             cd = b"".join([
                 pack(0x02014B50, 20, 20, 0, 0, 0, 0, crc, size, size, len(name), 0, 0, 0, 0, 0, offset) + name
-                if size < _MAX32 and offset < _MAX32 else _central_zip64(name, offset, size, crc)
+                if size < MAX32 and offset < MAX32 else _central_zip64(name, offset, size, crc)
                 for name, offset, size, crc in self._entries
             ])
         n = len(self._entries)
-        zip64 = n >= _MAX16 or self._pos >= _MAX32 - _PAGE or len(cd) >= _MAX32
-        between = _EOCD64.size + _LOCATOR64.size if zip64 else 0
-        end_at = self._pos + len(cd) + between + _EOCD.size
-        pad = (-(end_at - whole)) % _PAGE if (end_at - whole) % _PAGE + whole > _PAGE else 0
+        zip64 = n >= MAX16 or self._pos >= MAX32 - PAGE or len(cd) >= MAX32
+        between = EOCD64.size + LOCATOR64.size if zip64 else 0
+        end_at = self._pos + len(cd) + between + EOCD.size
+        pad = (-(end_at - whole)) % PAGE if (end_at - whole) % PAGE + whole > PAGE else 0
         cd_start = self._pos + pad
         cd_end = cd_start + len(cd)
         tail = b""
         if zip64:
-            tail += _EOCD64.pack(0x06064B50, 44, 45, 45, 0, 0, n, n, len(cd), cd_start)
-            tail += _LOCATOR64.pack(0x07064B50, 0, cd_end, 1)
-            eocd = _EOCD.pack(0x06054B50, 0, 0, _MAX16, _MAX16, _MAX32, _MAX32, 0)
+            tail += EOCD64.pack(0x06064B50, 44, 45, 45, 0, 0, n, n, len(cd), cd_start)
+            tail += LOCATOR64.pack(0x07064B50, 0, cd_end, 1)
+            eocd = EOCD.pack(0x06054B50, 0, 0, MAX16, MAX16, MAX32, MAX32, 0)
         else:
-            eocd = _EOCD.pack(0x06054B50, 0, 0, n, n, len(cd), cd_start, 0)
+            eocd = EOCD.pack(0x06054B50, 0, 0, n, n, len(cd), cd_start, 0)
         return pad, cd + tail + eocd
 
 
@@ -246,12 +239,12 @@ class ZipWriter(ZipLayout):
         never across a page boundary, so a process killed mid-write leaves it whole or absent; with
         ``durable`` the directory before it is on disk first.
         """
-        pad, directory = self._directory(_EOCD.size)
-        write_all(self._fd, bytes(pad) + directory[: -_EOCD.size], self._origin + self._pos)
+        pad, directory = self._directory(EOCD.size)
+        write_all(self._fd, bytes(pad) + directory[: -EOCD.size], self._origin + self._pos)
         if durable:
             os.fsync(self._fd)
         end = self._pos + pad + len(directory)
-        write_all(self._fd, directory[-_EOCD.size :], self._origin + end - _EOCD.size)
+        write_all(self._fd, directory[-EOCD.size :], self._origin + end - EOCD.size)
         if os.fstat(self._fd).st_size > self._origin + end:
             os.ftruncate(self._fd, self._origin + end)
         self._fh.seek(self._origin + end)
@@ -295,7 +288,7 @@ class ZipWriter(ZipLayout):
         pad, directory = self._directory(APPEND_END)
         end = self._pos + pad + len(directory)
         old_end = os.pread(self._fd, APPEND_END, live_end - APPEND_END)
-        if len(old_end) != APPEND_END or old_end[-_EOCD.size : -_EOCD.size + 4] != b"PK\x05\x06":
+        if len(old_end) != APPEND_END or old_end[-EOCD.size : -EOCD.size + 4] != b"PK\x05\x06":
             raise ZipFormatError("the archive does not end with its end record; it cannot be appended to")
         write_all(self._fd, old_end, end - APPEND_END)
         os.fsync(self._fd)
@@ -317,18 +310,18 @@ def _central_zip64(name: bytes, offset: int, size: int, crc: int) -> bytes:
     """The central directory entry of a record of 4 GiB or more, or beyond 4 GiB: its size and
     offset in the zip64 extra field."""
     extra_fields: list[int] = []
-    if size >= _MAX32:
+    if size >= MAX32:
         extra_fields += [size, size]
-    if offset >= _MAX32:
+    if offset >= MAX32:
         extra_fields.append(offset)
     extra = struct.pack(f"<HH{len(extra_fields)}Q", 1, 8 * len(extra_fields), *extra_fields)
-    size32 = _MAX32 if size >= _MAX32 else size
-    off32 = _MAX32 if offset >= _MAX32 else offset
-    return _CENTRAL.pack(
+    size32 = MAX32 if size >= MAX32 else size
+    off32 = MAX32 if offset >= MAX32 else offset
+    return CENTRAL.pack(
         0x02014B50, 45, 45, 0, 0, 0, 0, crc, size32, size32, len(name), len(extra), 0, 0, 0, 0, off32,
     ) + name + extra
 
 
 #: Bytes at the end of an archive written in one piece when appending: the end record and the 20
 #: bytes before it (the zip64 locator, or the directory's last bytes), what a reader reads first.
-APPEND_END = _EOCD.size + _LOCATOR64.size
+APPEND_END = EOCD.size + LOCATOR64.size
