@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,10 @@ from bench import MiB, Sample, child_env, cli_command, remove, run_child, warm
 COUNTS = [100, 1_000, 10_000, 100_000]
 SIZES_MB = [64, 256, 1024, 4096]
 SIZE_TENSORS = 200
-CASES = ["inspect", "rename in place", "rename -o", "naive torch.load→rename→torch.save", "cp"]
+#: "ckptmigrate's file": the same tensors after ``ckptmigrate stamp`` (untimed), as every file is once
+#: ckptmigrate has written it: its own ``data.pkl`` and an envelope with a schema entry per key.
+CASES = ["inspect", "rename in place", "rename -o", "inspect ckptmigrate's file", "rename in place ckptmigrate's file",
+         "naive torch.load→rename→torch.save", "cp"]
 
 CHAIN = '''
 revision = "s1"
@@ -59,11 +63,16 @@ def run_cases(src: Path, work: Path, repeat: int) -> dict[str, dict[str, Any]]:
     cli = cli_command()
     chain = work / "chain"
     naive = work / "naive.py"
-    victim, out = work / "victim.pt", work / "out.pt"
+    victim, out, stamped = work / "victim.pt", work / "out.pt", work / "stamped.pt"
+    shutil.copyfile(src, stamped)
+    subprocess.run([*cli, "stamp", str(stamped)], cwd=work, check=True, capture_output=True)
+    rename = [*cli, "upgrade", str(victim), "--no-backup", "--from", "base", "--migrations", str(chain)]
     commands = {
         "inspect": [*cli, "inspect", str(src)],
-        "rename in place": [*cli, "upgrade", str(victim), "--no-backup", "--from", "base", "--migrations", str(chain)],
+        "rename in place": rename,
         "rename -o": [*cli, "upgrade", str(src), "-o", str(out), "--from", "base", "--migrations", str(chain)],
+        "inspect ckptmigrate's file": [*cli, "inspect", str(stamped)],
+        "rename in place ckptmigrate's file": rename,
         "naive torch.load→rename→torch.save": [sys.executable, str(naive), str(src), str(out)],
         "cp": ["cp", str(src), str(out)],
     }
@@ -71,14 +80,14 @@ def run_cases(src: Path, work: Path, repeat: int) -> dict[str, dict[str, Any]]:
     for _ in range(repeat):
         for case in CASES:
             remove(victim, out)
-            if case == "rename in place":
-                shutil.copyfile(src, victim)
+            if case.startswith("rename in place"):
+                shutil.copyfile(stamped if case.endswith("ckptmigrate's file") else src, victim)
             warm(src)
             sample = run_child(commands[case], work)
             if sample.returncode != 0:
                 raise SystemExit(f"{case} on {src.name} failed: {sample.stderr.strip()[-400:]}")
             samples[case].append(sample)
-    remove(victim, out)
+    remove(victim, out, stamped)
     return {case: {"median_s": statistics.median(s.seconds for s in runs), "runs_s": [s.seconds for s in runs],
                    "median_cpu_s": statistics.median(s.cpu_seconds for s in runs),
                    "peak_rss_mib": max(s.peak_rss_mib for s in runs)} for case, runs in samples.items()}
@@ -100,7 +109,8 @@ def sweep(work: Path, repeat: int, max_mb: int, counts: Sequence[int], out_json:
         for point in points:
             src = work / f"{kind}-{point}.pt"
             build(src, point)
-            results[kind][str(point)] = row = run_cases(src, work, repeat)
+            row: dict[str, Any] = run_cases(src, work, repeat)
+            results[kind][str(point)] = row
             row["file_mib"] = src.stat().st_size / MiB
             print(f"{kind} {point}: " + ", ".join(f"{c} {row[c]['median_s']:.3f} s ({row[c]['median_cpu_s']:.2f} CPU s)"
                                                   for c in CASES), flush=True)
