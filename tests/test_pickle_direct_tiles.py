@@ -15,15 +15,20 @@ from __future__ import annotations
 import io
 import pickletools
 import random
+import shutil
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from test_pickle_direct import decoded, outcome
 
+from ckptmigrate.api import stamp
 from ckptmigrate.formats import native, pickle_direct, pickled
 from ckptmigrate.formats.pickle_direct import _TILE_BODY, _Decoder
+from ckptmigrate.formats.pickle_writer import dump
+from ckptmigrate.formats.torchzip import _StoragePlan
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.uint8, torch.bool,
           torch.float64, torch.complex64]
@@ -200,3 +205,28 @@ def test_mutations_inside_the_runs_get_the_same_result_or_the_same_refusal() -> 
         refused += direct[0] == "refused"
         decoded_after += decoded(mutated)
     assert refused > 20 and decoded_after > 100
+
+
+def live_data_pkl(path: Path) -> bytes:
+    """The ``data.pkl`` that ``torch.load`` of ``path`` reads (the live central directory's)."""
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+
+
+def test_a_file_ckptmigrate_wrote_is_decoded_in_runs_as_torchs_own(tmp_path: Path) -> None:
+    sd = {f"model.layers.{i // 8}.w{i % 8}": torch.full((4,), float(i)) for i in range(1200)}
+    original = tmp_path / "torch.pt"
+    torch.save(sd, original)
+    by_torch = live_data_pkl(original)
+    assert tiled(by_torch) >= 1100
+    in_place = tmp_path / "in_place.pt"
+    shutil.copyfile(original, in_place)
+    stamp(in_place)
+    for written in (in_place, stamp(original, output=tmp_path / "rewritten.pt")):
+        assert live_data_pkl(written) == by_torch  # the envelope is a record of its own
+    # a rename: what torch.save of the renamed state dict writes, so it is decoded in runs as that is
+    renamed = {k.replace("model.", "backbone."): v for k, v in pickled.load(by_torch).items()}
+    data = dump(renamed, _StoragePlan())
+    assert data == data_pkl({k.replace("model.", "backbone."): v for k, v in sd.items()})
+    assert outcome(data, True) == outcome(data, False)
+    assert tiled(data) == tiled(by_torch)

@@ -190,8 +190,9 @@ static int memoise(PyObject *memo, PyObject *ident, PyObject *obj, long long idx
     return rc;
 }
 
-/* The middle of a layout (new reference): the last one's, or the writer's from ``middles``; NULL
- * when the writer has not built it (not handled) or on an error (raised). */
+/* The middle of a layout (new reference): the last one's, or the writer's from ``middles`` (the
+ * four runs of opcodes between a tensor's puts, each bytes); NULL when the writer has not built it
+ * (not handled) or on an error (raised). */
 static PyObject *middle_of(Layout *now, Layout *last, PyObject *middles, PyObject *flag) {
     if (last->middle != NULL && now->dtype == last->dtype && now->location == last->location
         && now->numel == last->numel && now->offset == last->offset && now->grad == last->grad
@@ -209,9 +210,15 @@ static PyObject *middle_of(Layout *now, Layout *last, PyObject *middles, PyObjec
         goto done;
     /* the key _plain_ref builds: (dtype, device, numel, offset, shape op, stride op, flag op) */
     middle = PyDict_GetItemWithError(middles, template);  /* borrowed */
-    if (middle == NULL || !PyBytes_CheckExact(middle)) {
+    if (middle == NULL || !PyTuple_CheckExact(middle) || PyTuple_GET_SIZE(middle) != 4) {
         middle = NULL;
         goto done;
+    }
+    for (int i = 0; i < 4; i++) {
+        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(middle, i))) {
+            middle = NULL;
+            goto done;
+        }
     }
     Py_INCREF(middle);
     layout_clear(last);
@@ -226,7 +233,7 @@ done:
 }
 
 typedef struct {
-    PyObject *tensor_type, *storage_type, *memo, *plain, *middles, *itemsize, *by_storage, *taken, *records;
+    PyObject *tensor_type, *storage_type, *memo, *texts, *plain, *middles, *itemsize, *by_storage, *taken, *records;
     PyObject *true_flag, *false_flag;
     Names names;
     Layout last;
@@ -241,16 +248,25 @@ static int small_int(PyObject *obj, long long *value) {
     return !overflow;
 }
 
-/* One entry: 1 written and recorded, 0 not handled (nothing changed), -1 error (raised). */
-static int entry(State *st, PyObject *item, long long idx, Buf *out) {
+/* Whether an encoded shape or stride is the empty tuple, which pickle does not put. */
+static int empty_tuple(const Layout *l, int stride) {
+    return stride ? l->stride_len == 1 && l->stride[0] == ')' : l->shape_len == 1 && l->shape[0] == ')';
+}
+
+/* The bytes of a tuple of bytes' item. */
+#define PART(t, i) PyBytes_AS_STRING(PyTuple_GET_ITEM(t, i)), PyBytes_GET_SIZE(PyTuple_GET_ITEM(t, i))
+
+/* One entry from memo index *idx: 1 written and recorded (*idx the next index), 0 not handled
+ * (nothing changed), -1 error (raised). */
+static int entry(State *st, PyObject *item, long long *idx, Buf *out) {
     const Names *nm = &st->names;
     PyObject *key, *ref, *size, *seen, *prefix;  /* borrowed */
     PyObject *storage = NULL, *extra = NULL, *neg = NULL, *conj = NULL, *dtype = NULL, *offset = NULL;
     PyObject *shape = NULL, *stride = NULL, *grad = NULL, *location = NULL, *nbytes = NULL, *middle = NULL;
-    PyObject *key_id = NULL, *ref_id = NULL, *storage_id = NULL, *record = NULL, *assigned = NULL;
+    PyObject *key_id = NULL, *ref_id = NULL, *storage_id = NULL, *record = NULL, *record_idx = NULL, *assigned = NULL;
     const char *key_raw, *record_raw;
     Py_ssize_t key_len, record_len, need;
-    long long item_size, nbytes_value;
+    long long item_size, nbytes_value, i = *idx;
     Layout now;
     int rc = 0, found;
 
@@ -312,51 +328,64 @@ static int entry(State *st, PyObject *item, long long idx, Buf *out) {
             goto error;
         goto done;
     }
-    /* the storage record: the plan's, or the storage's own key when free */
+    /* the storage record: the storage's own key when free and not in the memo (a storage seen
+     * before is got back by its key's memo index: the pure path writes that) */
     if ((storage_id = PyLong_FromVoidPtr(storage)) == NULL)
         goto error;
-    if ((seen = PyDict_GetItemWithError(st->by_storage, storage_id)) != NULL) {
-        if (!PyTuple_CheckExact(seen) || PyTuple_GET_SIZE(seen) != 2 || !PyUnicode_CheckExact(PyTuple_GET_ITEM(seen, 0)))
-            goto done;
-        record = PyTuple_GET_ITEM(seen, 0);
-        Py_INCREF(record);
-    } else {
+    if ((seen = PyDict_GetItemWithError(st->by_storage, storage_id)) != NULL || PyErr_Occurred()) {
         if (PyErr_Occurred())
             goto error;
-        if ((record = attr(storage, nm->key)) == NULL || !PyUnicode_CheckExact(record))
-            goto done;
-        if ((found = PySet_Contains(st->taken, record)) != 0) {
-            if (found < 0)
-                goto error;
-            goto done;
-        }
-        if ((assigned = PyTuple_Pack(2, record, storage)) == NULL)
-            goto error;
+        goto done;
     }
+    if ((record = attr(storage, nm->key)) == NULL || !PyUnicode_CheckExact(record))
+        goto done;
+    if ((found = PySet_Contains(st->taken, record)) != 0 || (found = PyDict_Contains(st->texts, record)) != 0) {
+        if (found < 0)
+            goto error;
+        goto done;
+    }
+    if ((assigned = PyTuple_Pack(2, record, storage)) == NULL)
+        goto error;
     key_raw = utf8(key, &key_len);
     record_raw = utf8(record, &record_len);
-    if (key_raw == NULL || record_raw == NULL || idx + 2 > MAX_U32)
+    if (key_raw == NULL || record_raw == NULL || i + 8 > MAX_U32)
         goto done;
-    need = 5 + key_len + 5 + PyBytes_GET_SIZE(prefix) + 5 + record_len + PyBytes_GET_SIZE(middle) + 12;
+    need = 5 + key_len + 5 + PyBytes_GET_SIZE(prefix) + 5 + record_len + 5 * 8 + 2;
+    for (int k = 0; k < 4; k++)
+        need += PyBytes_GET_SIZE(PyTuple_GET_ITEM(middle, k));
     if (buf_reserve(out, need) < 0)
         goto error;
-    /* all checked: record the storage and memoise, then write */
-    if (assigned != NULL) {
-        if (PySet_Add(st->taken, record) < 0 || PyDict_SetItem(st->by_storage, storage_id, assigned) < 0
-            || PyList_Append(st->records, assigned) < 0)
-            goto error;
-    }
-    if (memoise(st->memo, key_id, key, idx) < 0 || memoise(st->memo, ref_id, ref, idx + 2) < 0)
+    /* all checked: record the storage and memoise, then write, putting as torch puts: the key, the
+     * storage key, the persistent id, the shape and stride (unless empty), the hooks' OrderedDict,
+     * the arguments and the tensor */
+    if (PySet_Add(st->taken, record) < 0 || PyDict_SetItem(st->by_storage, storage_id, assigned) < 0
+        || PyList_Append(st->records, assigned) < 0)
+        goto error;
+    if (memoise(st->memo, key_id, key, i) < 0 || (record_idx = PyLong_FromLongLong(i + 1)) == NULL
+        || PyDict_SetItem(st->texts, record, record_idx) < 0)
         goto error;
     put_str(out, key_raw, key_len);
-    put_memo(out, idx);
+    put_memo(out, i++);
     put_bytes(out, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix));
     put_str(out, record_raw, record_len);
-    put_bytes(out, PyBytes_AS_STRING(middle), PyBytes_GET_SIZE(middle));
-    put_memo(out, idx + 1);  /* the hooks' OrderedDict */
+    put_memo(out, i++);
+    put_bytes(out, PART(middle, 0));
+    put_memo(out, i++);
+    put_bytes(out, PART(middle, 1));
+    if (!empty_tuple(&now, 0))
+        put_memo(out, i++);
+    put_bytes(out, PART(middle, 2));
+    if (!empty_tuple(&now, 1))
+        put_memo(out, i++);
+    put_bytes(out, PART(middle, 3));
+    put_memo(out, i++);  /* the hooks' OrderedDict */
     out->data[out->len++] = TUPLE;
+    put_memo(out, i++);  /* the arguments */
     out->data[out->len++] = REDUCE;
-    put_memo(out, idx + 2);  /* the tensor */
+    if (memoise(st->memo, ref_id, ref, i) < 0)
+        goto error;
+    put_memo(out, i++);  /* the tensor */
+    *idx = i;
     rc = 1;
     goto done;
 error:
@@ -364,7 +393,7 @@ error:
 done:
     Py_DECREF(key);
     Py_DECREF(ref);
-    Py_XDECREF(key_id); Py_XDECREF(ref_id); Py_XDECREF(storage_id);
+    Py_XDECREF(key_id); Py_XDECREF(ref_id); Py_XDECREF(storage_id); Py_XDECREF(record_idx);
     Py_XDECREF(storage); Py_XDECREF(extra); Py_XDECREF(neg); Py_XDECREF(conj); Py_XDECREF(grad);
     Py_XDECREF(dtype); Py_XDECREF(offset); Py_XDECREF(shape); Py_XDECREF(stride);
     Py_XDECREF(location); Py_XDECREF(nbytes); Py_XDECREF(middle);
@@ -373,28 +402,30 @@ done:
 }
 
 PyDoc_STRVAR(entries_doc,
-"entries(tensor_type, storage_type, memo, plain, middles, itemsize, by_storage, taken, records, batch, pos, idx)\n"
-"-> (bytes, count)\n\n"
+"entries(tensor_type, storage_type, memo, texts, plain, middles, itemsize, by_storage, taken, records, batch,\n"
+"        pos, idx)\n"
+"-> (bytes, count, next_idx)\n\n"
 "The opcodes of batch[pos:pos + count], each a (str, TensorRef) entry written as _plain_ref writes it\n"
-"from memo index idx on (the keys and tensors memoised, the storages assigned to records): the\n"
-"longest run from pos this handles; count 0 when it handles none.");
+"from memo index idx on (the keys and tensors memoised, the storage keys in texts, the storages assigned to\n"
+"records), and the memo index after them: the longest run from pos this handles; count 0 when it\n"
+"handles none.");
 
 static PyObject *entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "entries() takes 12 arguments");
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "entries() takes 13 arguments");
         return NULL;
     }
-    PyObject *batch = args[9];
+    PyObject *batch = args[10];
     if (!PyType_Check(args[0]) || !PyType_Check(args[1]) || !PyDict_CheckExact(args[2])
         || !PyDict_CheckExact(args[3]) || !PyDict_CheckExact(args[4]) || !PyDict_CheckExact(args[5])
-        || !PyDict_CheckExact(args[6]) || !PySet_CheckExact(args[7]) || !PyList_CheckExact(args[8])
-        || !PyList_CheckExact(batch)) {
+        || !PyDict_CheckExact(args[6]) || !PyDict_CheckExact(args[7]) || !PySet_CheckExact(args[8])
+        || !PyList_CheckExact(args[9]) || !PyList_CheckExact(batch)) {
         PyErr_SetString(PyExc_TypeError, "entries(): unexpected argument types");
         return NULL;
     }
-    Py_ssize_t pos = PyLong_AsSsize_t(args[10]);
-    long long idx = PyLong_AsLongLong(args[11]);
+    Py_ssize_t pos = PyLong_AsSsize_t(args[11]);
+    long long idx = PyLong_AsLongLong(args[12]);
     if (PyErr_Occurred())
         return NULL;
     if (pos < 0 || idx < 0) {
@@ -403,9 +434,9 @@ static PyObject *entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     State st;
     memset(&st, 0, sizeof(st));
-    st.tensor_type = args[0]; st.storage_type = args[1]; st.memo = args[2]; st.plain = args[3];
-    st.middles = args[4]; st.itemsize = args[5]; st.by_storage = args[6]; st.taken = args[7];
-    st.records = args[8];
+    st.tensor_type = args[0]; st.storage_type = args[1]; st.memo = args[2]; st.texts = args[3];
+    st.plain = args[4]; st.middles = args[5]; st.itemsize = args[6]; st.by_storage = args[7];
+    st.taken = args[8]; st.records = args[9];
     Buf out = {NULL, 0, 0};
     PyObject *result = NULL, *data = NULL;
     Py_ssize_t count = 0;
@@ -417,7 +448,7 @@ static PyObject *entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     while (pos + count < PyList_GET_SIZE(batch)) {
         PyObject *item = PyList_GET_ITEM(batch, pos + count);
         Py_INCREF(item);
-        int rc = entry(&st, item, idx + 3 * (long long)count, &out);
+        int rc = entry(&st, item, &idx, &out);
         Py_DECREF(item);
         if (rc < 0)
             goto cleanup;
@@ -427,7 +458,7 @@ static PyObject *entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     data = PyBytes_FromStringAndSize(out.data ? out.data : "", out.len);
     if (data != NULL)
-        result = Py_BuildValue("(On)", data, count);
+        result = Py_BuildValue("(OnL)", data, count, idx);
 cleanup:
     names_clear(&st.names);
     layout_clear(&st.last);

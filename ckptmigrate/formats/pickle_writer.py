@@ -50,22 +50,24 @@ class _Writer(_PurePickler):
         self._memo = self.memo
         self._unlisted = 0  # memo indices given to objects nothing else refers to, not kept in the memo
         self._plain: dict[str, bytes] = {}  # dtype: the opcodes every plain tensor of it starts with
-        self._middles: dict[tuple[Any, ...], bytes] = {}  # see _plain_ref
+        self._middles: dict[tuple[Any, ...], tuple[bytes, bytes, bytes, bytes]] = {}  # see _plain_ref
+        self._texts: dict[str, int] = {}  # "storage", locations, storage keys: memo indices, got by value
         self._tuple_ops: dict[int, tuple[tuple[Any, ...], bytes | None]] = {}  # see _tuple_op
         self._entries = self._entries_in_c(storage_of)
         self.write = file.write  # protocol 2 has no frames: the framer would only pass writes on
 
-    def _entries_in_c(self, storage_of: Any) -> Callable[[list[Any], int, int], tuple[bytes, int]] | None:
+    def _entries_in_c(self, storage_of: Any) -> Callable[[list[Any], int, int], tuple[bytes, int, int]] | None:
         """``_encode.entries`` bound to this writer's memo and caches and the storage plan's tables:
         ``(batch, pos, idx)`` gives the bytes of the run of entries from ``batch[pos]`` on that
-        :meth:`_plain_ref` would write, all at once, and their count. None without the compiled
-        module or a plan that offers its tables (see ``torchzip._StoragePlan.ref_tables``)."""
+        :meth:`_plain_ref` would write, all at once, their count and the memo index after them.
+        None without the compiled module or a plan that offers its tables (see
+        ``torchzip._StoragePlan.ref_tables``)."""
         tables = getattr(storage_of, "ref_tables", None)
         if _encode is None or tables is None:
             return None
         by_storage, taken, records = tables
-        return functools.partial(_encode.entries, TensorRef, Storage, self._memo, self._plain, self._middles,
-                                 ITEMSIZE, by_storage, taken, records)
+        return functools.partial(_encode.entries, TensorRef, Storage, self._memo, self._texts, self._plain,
+                                 self._middles, ITEMSIZE, by_storage, taken, records)
 
     def _memo_ref(self, obj: Any) -> bytes | None:
         """The opcode that fetches ``obj`` from the memo, or None when it is not there yet."""
@@ -77,6 +79,22 @@ class _Writer(_PurePickler):
         idx = len(self._memo) + self._unlisted
         self._memo[id(obj)] = idx, obj
         return _put_op(idx)
+
+    def _put_unlisted(self) -> bytes:
+        """The put of an object nothing else refers to (a tuple torch builds afresh): not kept."""
+        idx = len(self._memo) + self._unlisted
+        self._unlisted += 1
+        return _put_op(idx)
+
+    def _text(self, text: str) -> bytes:
+        """A string of a persistent id ("storage", a device, a storage key): put once, got after, as
+        torch's are (by value here: equal strings need not be one object; a string's value is all
+        a get gives back)."""
+        idx = self._texts.get(text)
+        if idx is not None:
+            return _get_op(idx)
+        self._texts[text] = len(self._memo) + self._unlisted
+        return _str_op(text) + self._put_unlisted()
 
     def memoize(self, obj: Any) -> None:
         idx = len(self._memo) + self._unlisted
@@ -124,22 +142,24 @@ class _Writer(_PurePickler):
         nothing memoised. With ``key`` (a string not in the memo), the bytes of the state dict entry:
         the key, memoised, then the tensor.
 
-        The opcodes between the storage record's key and the hooks' put are the same for every
-        tensor of one dtype, device, storage size, offset, shape, stride and ``requires_grad`` (a
-        model repeats a few dozen): they are built once (:attr:`_middles`)."""
+        The opcodes between the puts are the same for every tensor of one dtype, device, storage
+        size, offset, shape, stride and ``requires_grad`` (a model repeats a few dozen): they are
+        built once (:attr:`_middles`)."""
         if ref.extra or ref.neg or ref.conj:
             return None
         known = self._plain.get(ref.dtype)
-        if known is None:  # the memo gets of its rebuild function, storage type and OrderedDict
-            memo = self._memo
+        memo = self._memo
+        if known is None:  # the memo gets of its rebuild function, "storage", storage type and OrderedDict
             storage_type = _STORAGE_TYPE.get(ref.dtype)
             fn, st, od = memo.get(id(_REBUILD_V2)), memo.get(id(storage_type)), memo.get(id(collections.OrderedDict))
-            if fn is None or st is None or od is None:
+            kind = self._texts.get(_STORAGE)
+            if fn is None or st is None or od is None or kind is None:
                 return None
             # memoised objects stay in the memo: these opcodes hold for the rest of the pickle
-            known = self._plain[ref.dtype] = _get_op(fn[0]) + _MARK_MARK_STORAGE + _get_op(st[0])
+            known = self._plain[ref.dtype] = _get_op(fn[0]) + _MARK_MARK + _get_op(kind) + _get_op(st[0])
+        location = self._texts.get(ref.storage.location)
         shape, stride, offset = self._tuple_op(ref.shape), self._tuple_op(ref.stride), ref.storage_offset
-        if shape is None or stride is None or type(offset) is not int:
+        if location is None or shape is None or stride is None or type(offset) is not int:
             return None
         record, storage = self._storage_of(ref)
         numel = storage.nbytes // ITEMSIZE[ref.dtype]
@@ -148,26 +168,44 @@ class _Writer(_PurePickler):
         template = (ref.dtype, storage.location, numel, offset, shape, stride, flag) if type(numel) is int else None
         middle = self._middles.get(template) if template is not None else None
         if middle is None:
-            middle = b"".join((
-                _short_str(storage.location), _int_op(numel), _TUPLE_BINPERSID, _int_op(offset), shape, stride,
-                flag, _get_op(self._memo[id(collections.OrderedDict)][0]), _EMPTY_REDUCE,
-            ))
+            middle = (
+                _get_op(location) + _int_op(numel) + pickle.TUPLE,
+                pickle.BINPERSID + _int_op(offset) + shape,
+                stride,
+                flag + _get_op(memo[id(collections.OrderedDict)][0]) + _EMPTY_REDUCE,
+            )
             if template is not None and len(self._middles) < 4096:
                 self._middles[template] = middle
-        memo = self._memo
         idx = len(memo) + self._unlisted
-        head = b""
+        out: list[bytes] = []
         if key is not None:  # the key is put first, as save() would
             memo[id(key)] = idx, key
             raw = key.encode("utf-8", "surrogatepass")
-            head = b"".join((_BINUNICODE_LEN.pack(_BINUNICODE, len(raw)), raw, _put_op(idx)))
+            out += (_BINUNICODE_LEN.pack(_BINUNICODE, len(raw)), raw, _put_op(idx))
             idx += 1
-        # the hooks' OrderedDict is put, as torch does, and never got: its index is not kept
-        self._unlisted += 1
-        memo[id(ref)] = idx + 1, ref
-        tail = (_TAIL.pack(_LONG_BINPUT, idx, _TUPLE, _REDUCE, _LONG_BINPUT, idx + 1) if idx >= 256
-                else _put_op(idx) + _TUPLE_REDUCE + _put_op(idx + 1))
-        return b"".join((head, known, _str_op(record), middle, tail))
+        out.append(known)
+        got = self._texts.get(record)
+        if got is None:  # as torch: the storage key put, and got by the next tensor of the storage
+            self._texts[record] = idx
+            out += (_str_op(record), _put_op(idx))
+            idx += 1
+        else:
+            out.append(_get_op(got))
+        # the persistent id, shape, stride (an empty tuple is not put), hooks and arguments are put
+        # as torch puts them, and never got: their indices are not kept
+        out += (middle[0], _put_op(idx), middle[1])
+        idx += 1
+        if shape != pickle.EMPTY_TUPLE:
+            out.append(_put_op(idx))
+            idx += 1
+        out.append(stride)
+        if stride != pickle.EMPTY_TUPLE:
+            out.append(_put_op(idx))
+            idx += 1
+        out += (middle[3], _put_op(idx), _TUPLE_OP, _put_op(idx + 1), _REDUCE_OP, _put_op(idx + 2))
+        memo[id(ref)] = idx + 2, ref
+        self._unlisted = idx + 3 - len(memo)
+        return b"".join(out)
 
     def _tuple_op(self, items: Any) -> bytes | None:
         """:func:`_int_tuple`, remembered by the tuple object: the tensors of a file share a few shape
@@ -181,8 +219,12 @@ class _Writer(_PurePickler):
         return encoded
 
     def _batch_setitems(self, items: Any) -> None:
-        """The pure pickler's SETITEMS batches, with a state dict's entries (a new ``str`` key, a plain
-        tensor) gathered as bytes: the same opcodes without two ``save`` calls an entry."""
+        """The SETITEMS batches of torch's (the C) pickler, with a state dict's entries (a new ``str``
+        key, a plain tensor) gathered as bytes: the same opcodes without two ``save`` calls an entry.
+
+        A ``dict``'s items (not an ``OrderedDict``'s, which come as an iterator) are batched as the C
+        pickler batches an exact dict: every batch marked, and one more, empty, after a full one."""
+        exact = type(items) is _DICT_ITEMS and len(items) > 1
         it = iter(items)
         memo = self._memo
         write = self.write
@@ -192,14 +234,15 @@ class _Writer(_PurePickler):
         while True:
             batch = list(islice(it, size))
             n = len(batch)
-            out: list[bytes] = [pickle.MARK] if n > 1 else []
+            marked = n > 1 or exact
+            out: list[bytes] = [pickle.MARK] if marked else []
             pos = 0
             while pos < n:
                 if ready and in_c is not None:  # the run of entries C writes, then the one it left, here
-                    run, count = in_c(batch, pos, len(memo) + self._unlisted)
+                    run, count, following = in_c(batch, pos, len(memo) + self._unlisted)
                     if count:
                         out.append(run)
-                        self._unlisted += count  # each entry's hooks
+                        self._unlisted = following - len(memo)
                         pos += count
                         if pos == n:
                             break
@@ -222,8 +265,8 @@ class _Writer(_PurePickler):
                 out.clear()
                 self.save(k)
                 self.save(v)
-            if n:
-                out.append(pickle.SETITEMS if n > 1 else pickle.SETITEM)
+            if n or marked:
+                out.append(pickle.SETITEMS if marked else pickle.SETITEM)
             write(b"".join(out))
             if n < size:
                 return
@@ -256,18 +299,19 @@ class _Writer(_PurePickler):
                 continue
             if t is tuple:
                 encoded = _int_tuple(item)
-                if encoded is not None:
-                    buf.append(encoded)
+                if encoded is not None:  # put, unless empty, as save_tuple does; never got
+                    buf.append(encoded if encoded == pickle.EMPTY_TUPLE else encoded + self._put_unlisted())
                     continue
             elif t is _PersistentStorage and _plain_pid(item.pid):
                 kind, storage_type, key, location, numel = item.pid
-                buf.append(pickle.MARK + _short_str(kind))
+                buf.append(pickle.MARK + self._text(kind))
                 got = self._memo_ref(storage_type)
                 if got is None:
                     save(storage_type)
                 else:
                     buf.append(got)
-                buf.append(_str_op(key) + _short_str(location) + _int_op(numel) + pickle.TUPLE + pickle.BINPERSID)
+                buf.append(self._text(key) + self._text(location) + _int_op(numel) + pickle.TUPLE
+                           + self._put_unlisted() + pickle.BINPERSID)
                 continue
             elif t is collections.OrderedDict and not item and not vars(item) and id(item) not in self._memo:
                 got = self._memo_ref(collections.OrderedDict)
@@ -283,7 +327,7 @@ class _Writer(_PurePickler):
                 self._save_tensor(item, *item.reduced)
                 continue
             save(item)
-        buf.append(pickle.TUPLE + pickle.REDUCE + self._put(obj))
+        buf.append(pickle.TUPLE + self._put_unlisted() + pickle.REDUCE + self._put(obj))
         write(b"".join(buf))
 
     def persistent_id(self, obj: Any) -> Any:
@@ -363,16 +407,15 @@ class _Writer(_PurePickler):
 
 _REBUILD_V2 = standin("torch._utils", "_rebuild_tensor_v2")
 _STORAGE_TYPE = {dtype: standin("torch", name) for dtype, name in STORAGE_FOR_DTYPE.items()}
-_MARK_MARK_STORAGE = pickle.MARK + pickle.MARK + pickle.BINUNICODE + b"\x07\x00\x00\x00storage"
-_TUPLE_BINPERSID = pickle.TUPLE + pickle.BINPERSID
+_STORAGE = "storage"
+_DICT_ITEMS: Any = type({}.items())
+_MARK_MARK = pickle.MARK + pickle.MARK
 _EMPTY_REDUCE = pickle.EMPTY_TUPLE + pickle.REDUCE
-_TUPLE_REDUCE = pickle.TUPLE + pickle.REDUCE
+_TUPLE_OP, _REDUCE_OP = pickle.TUPLE, pickle.REDUCE
 _BININT = struct.Struct("<i")
 _INDEX = struct.Struct("<I")
 _BINUNICODE_LEN = struct.Struct("<BI")  # BINUNICODE and a length
-_TAIL = struct.Struct("<BIBBBI")  # LONG_BINPUT i, TUPLE, REDUCE, LONG_BINPUT i + 1: a tensor's last opcodes
-_BINUNICODE, _LONG_BINPUT, _TUPLE, _REDUCE = (pickle.BINUNICODE[0], pickle.LONG_BINPUT[0], pickle.TUPLE[0],
-                                              pickle.REDUCE[0])
+_BINUNICODE = pickle.BINUNICODE[0]
 
 
 def _put_op(idx: int) -> bytes:
@@ -457,25 +500,12 @@ def _str_op(text: str) -> bytes:
     return pickle.BINUNICODE + _LENGTH.pack(len(raw)) + raw
 
 
-_SHORT: dict[str, bytes] = {}
-
-
-def _short_str(text: str) -> bytes:
-    """:func:`_str_op` of a string every tensor repeats (``storage``, a device)."""
-    got = _SHORT.get(text)
-    if got is None:
-        got = _str_op(text)
-        if len(_SHORT) < 64:
-            _SHORT[text] = got
-    return got
-
-
 def _storage_pid(dtype: str, key: str, storage: Storage) -> tuple[Any, ...]:
     """The persistent id torch writes for a storage viewed as ``dtype``."""
     if dtype in STORAGE_FOR_DTYPE:
-        return ("storage", standin("torch", STORAGE_FOR_DTYPE[dtype]), key, storage.location,
+        return (_STORAGE, standin("torch", STORAGE_FOR_DTYPE[dtype]), key, storage.location,
                 storage.nbytes // _itemsize(dtype))
-    return ("storage", standin("torch.storage", "UntypedStorage"), key, storage.location,
+    return (_STORAGE, standin("torch.storage", "UntypedStorage"), key, storage.location,
             storage.nbytes)
 
 
