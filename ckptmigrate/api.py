@@ -48,20 +48,24 @@ PathLike = str | os.PathLike[str]
 @pausing
 def inspect(
     path: str | os.PathLike[str], *, keys: bool = False, key: str | None = None,
-    state_dicts: Sequence[str] | None = None,
+    state_dicts: Sequence[str] | None = None, against_chain: bool = False,
 ) -> dict[str, Any]:
     """Describe a checkpoint from its metadata alone (no tensor bytes read, torch not imported);
-    ``state_dicts`` lists where every copy of the weights is (the main one first)."""
-    if isinstance(as_location(path), ObjectURL):
+    ``state_dicts`` lists where every copy of the weights is (the main one first).
+    ``against_chain``: a file stamped at a revision also gets :func:`chain_status` against the
+    project's chain."""
+    remote = isinstance(as_location(path), ObjectURL)
+    if remote:
         from ckptmigrate.storage.ranges import TRANSFER
 
         before = TRANSFER.to_dict()
-        with Checkpoint.open(path, key=key, state_dicts=state_dicts) as ckpt:
-            info = ckpt.summary(keys=keys)
-        info["transfer"] = TRANSFER.since(before)
-        return info
     with Checkpoint.open(path, key=key, state_dicts=state_dicts) as ckpt:
-        return ckpt.summary(keys=keys)
+        info = ckpt.summary(keys=keys)
+        if against_chain and ckpt.envelope is not None and ckpt.envelope.revision:
+            info.update(chain_status(info["path"], ckpt.envelope))
+    if remote:
+        info["transfer"] = TRANSFER.since(before)
+    return info
 
 
 # -- the project (chain/project.py), imported when used: `inspect` and `current` start without it --
@@ -361,7 +365,7 @@ def _read_envelope(path: PathLike) -> tuple[str, dict[str, Any] | None]:
     return formats.read_envelope(as_location(path))
 
 
-def chain_status(path: PathLike, env: Mapping[str, Any], *, migrations: Any = None,
+def chain_status(path: PathLike, env: Mapping[str, Any] | Envelope, *, migrations: Any = None,
                  verbose: bool = False) -> dict[str, Any]:
     """Where a stamped file stands against its chain: ``newer`` (the file is at a revision the chain
     does not know: ``known``, ``ahead``, ``written_by``), ``warnings`` (that, or applied scripts
@@ -372,7 +376,7 @@ def chain_status(path: PathLike, env: Mapping[str, Any], *, migrations: Any = No
 
     path = as_location(path)
     try:
-        envelope = Envelope.from_dict(dict(env), origin=str(path))
+        envelope = env if isinstance(env, Envelope) else Envelope.from_dict(dict(env), origin=str(path))
     except (TypeError, ValueError):
         return {}  # an envelope this version cannot read has nothing to compare
     try:

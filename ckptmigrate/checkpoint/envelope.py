@@ -321,20 +321,20 @@ class Envelope:
         env.tags.update(tags or {})
         return env
 
-    def to_dict(self, *, copy: bool = True) -> dict[str, Any]:
+    def to_dict(self, *, copy: bool = True, schema: bool = True) -> dict[str, Any]:
         """A deep copy as plain data. The schema holds a dict per tensor: ``marshal`` copies it in C
         (``asdict`` walks it in Python, ~50 µs per hundred keys); anything marshal does not take
         (a value of another type) goes the ``asdict`` way. A file with one state dict keeps the
         envelope it always had (no ``state_dicts``).
 
         ``copy=False`` gives the fields as they are, for a caller that only encodes them (a copy of
-        the schema of 100,000 tensors is ~40 MB)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        the schema of 100,000 tensors is ~40 MB); ``schema=False`` leaves the schema out (a summary)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if schema or f.name != "schema"}
         if copy:
             try:
                 out = marshal.loads(marshal.dumps(out))
             except ValueError:
-                out = asdict(self)
+                out = {k: v for k, v in asdict(self).items() if schema or k != "schema"}
         if not out["state_dicts"]:
             del out["state_dicts"]
         return out

@@ -354,11 +354,9 @@ class Checkpoint(ArchitectureOps):
             "state_dicts": self.locations(),
             "state_dict_problems": [str(p) for p in self.copy_problems],
             "files": _files(self.container),
-            "envelope": self.metadata,
+            "envelope": None if self.envelope is None else self.envelope.to_dict(schema=False),
             "pickle": self.pickle_safety().to_dict() if self.format in ("torch-zip", "torch-legacy") else None,
         }
-        if info["envelope"] is not None:
-            info["envelope"] = {k: v for k, v in info["envelope"].items() if k != "schema"}
         if keys:
             info["keys"] = {
                 key_text(k): {"shape": list(shape_of(v)), "dtype": dtype_of(v), "device": device_of(v)}

@@ -112,12 +112,8 @@ def inspect(paths: tuple[str, ...], as_json: bool, keys: bool, key: str | None, 
     from ckptmigrate import api
 
     declared = list(state_dicts) or None
-    infos = [api.inspect(p, keys=keys, key=key, state_dicts=declared) for p in api.checkpoint_files(paths)]
-    for info in infos:
-        if info["envelope"] is not None and info["envelope"].get("revision"):
-            from ckptmigrate import formats
-
-            info.update(api.chain_status(info["path"], formats.read_envelope(as_location(info["path"]))[1] or {}))
+    infos = [api.inspect(p, keys=keys, key=key, state_dicts=declared, against_chain=True)
+             for p in api.checkpoint_files(paths)]
     if as_json:
         emit_json(infos[0] if _single(paths) else infos)
         return
