@@ -2,10 +2,11 @@
 step-by-step scan gave."
 
 ``boundedjson.check_shape`` counts an untrusted envelope's values and nesting before ``json`` builds
-anything. It counts in a few C passes (strings cut out, then brackets and commas counted); the scan
-it replaced visited each string and bracket in Python, a second for 100,000 tensors. On real
-envelopes, on documents made to sit on each bound, and on byte mutations of them, the two must
-agree: both accept, or both refuse for one of the same reasons.
+anything. It counts in one pass of compiled code (``formats/_jsonshape.c``) where built, else in a
+few C passes of Python's (strings cut out, then brackets and commas counted); the scan it replaced
+visited each string and bracket in Python, a second for 100,000 tensors. On real envelopes, on
+documents made to sit on each bound, and on byte mutations of them, each way must agree with it:
+both accept, or both refuse for one of the same reasons; and the two ways count exactly alike.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 
 import pytest
 
+from ckptmigrate.formats import native
 from ckptmigrate.util import boundedjson
 
 _STRUCTURE = re.compile(rb'[\[\]{}"]')
@@ -46,6 +48,18 @@ def stepwise(data: bytes, *, max_values: int, max_depth: int) -> None:
             raise boundedjson.JSONBoundsError(f"holds more than {max_values:,} values")
     if values + data.count(b",", pos) > max_values:
         raise boundedjson.JSONBoundsError(f"holds more than {max_values:,} values")
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def counted_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every story here holds for the compiled count (``_jsonshape.c``) and the Python one."""
+    if request.param == "python":
+        monkeypatch.setattr(boundedjson, "_jsonshape", None)
+    elif native.pure_python():
+        pytest.skip(f"{native.PURE_PYTHON_ENV} is set")
+    else:
+        assert boundedjson._jsonshape is not None, "_jsonshape.c is not built: run scripts/setup.sh"
+    return str(request.param)
 
 
 def verdict(check: object, data: bytes, max_values: int, max_depth: int) -> str:
@@ -100,4 +114,21 @@ def test_mutated_envelopes_get_the_same_verdict() -> None:
             at = rng.randrange(len(data))
             data[at] = rng.choice(b'[]{}",\\:a1 ')
         agree(bytes(data), rng.choice((values, values - 3, values + 5)), rng.choice((depth, depth - 1, 64)))
+
+
+def test_the_compiled_count_is_the_python_count(counted_by: str) -> None:
+    compiled = native.load("_jsonshape")
+    if compiled is None:
+        pytest.skip("the compiled count is not built or not wanted")
+    rng = random.Random(5)
+    base = envelope(30)
+    documents = [base, b"", b'"', b'"\\', b'"a\\"', b"]]][[", b'x"\\', b"[" * 70 + b"]" * 69]
+    for _ in range(800):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 6)):
+            at = rng.randrange(len(data))
+            data[at] = rng.choice(b'[]{}",\\:a1 \x00\xff')
+        documents.append(bytes(data[: rng.choice((len(data), rng.randrange(len(data) + 1)))]))
+    for data in documents:
+        assert compiled.counts(data) == boundedjson.counts(data), data[:200]
 
