@@ -283,7 +283,10 @@ def _fits(payload: Any, layout: Layout) -> bool:
     if layout.kind == "module":
         return _module_state(payload) is not None
     if layout.kind == "bare":  # not a checkpoint dict an older detection took for a state dict
-        return isinstance(payload, Mapping) and not any(is_tensor_dict(v) for v in payload.values())
+        if not isinstance(payload, Mapping):
+            return False
+        values = payload.values()  # a state dict of tensors alone is settled by one C loop
+        return set(map(type, values)) == {TensorRef} or not any(map(is_tensor_dict, values))
     try:
         return isinstance(layout.state_dict(payload), Mapping)
     except (KeyError, LayoutError):
