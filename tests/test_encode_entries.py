@@ -140,7 +140,9 @@ def random_payload(rng: random.Random) -> Any:
             storage = rng.choice(storages)  # a storage shared by views
         else:
             numel = max(1, math.prod(shape)) + offset
-            key: Any = str(len(storages)) if what != 2 else rng.choice(["0", "é", "\udc80", None, "1"])
+            # a key taken, odd text, or the text of "storage" or a device: got back from the memo
+            key: Any = str(len(storages)) if what != 2 else rng.choice(
+                ["0", "é", "\udc80", None, "1", "cpu", "storage", "cuda:0"])
             location = "cpu" if what != 3 else rng.choice(["cuda:0", "cpü", "\udc80"])
             nbytes: Any = numel * ITEMSIZE[dtype] + (0 if what != 4 else rng.choice([1, 2**40, -8, True]))
             storage = Storage(key, dtype, location, nbytes)
