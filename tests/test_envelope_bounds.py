@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptmigrate.formats import torchzip
-from ckptmigrate.util import boundedjson
+from ckptmigrate.formats import boundedjson, torchzip
 
 ADDRESS_SPACE = 768 << 20
 TIME_LIMIT = 20

@@ -17,8 +17,7 @@ import re
 
 import pytest
 
-from ckptmigrate.formats import native
-from ckptmigrate.util import boundedjson
+from ckptmigrate.formats import boundedjson, native
 
 _STRUCTURE = re.compile(rb'[\[\]{}"]')
 

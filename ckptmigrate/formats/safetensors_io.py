@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from ckptmigrate.formats import boundedjson
 from ckptmigrate.formats.torchzip import MAX_ENVELOPE, MAX_ENVELOPE_DEPTH, MAX_ENVELOPE_VALUES
 from ckptmigrate.storage.rawio import copy_range, write_all
 from ckptmigrate.tensors.refs import (
@@ -31,7 +32,6 @@ from ckptmigrate.tensors.refs import (
     shape_of,
     to_torch,
 )
-from ckptmigrate.util import boundedjson
 
 ENVELOPE_KEY = "ckptmigrate"
 #: The longest header read, as the safetensors library itself allows; a longer one is refused

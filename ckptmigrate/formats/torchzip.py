@@ -20,7 +20,7 @@ from json.encoder import encode_basestring_ascii  # json's own string encoder (C
 from operator import attrgetter, is_, itemgetter, methodcaller
 from typing import Any, BinaryIO
 
-from ckptmigrate.formats import native
+from ckptmigrate.formats import boundedjson, native
 from ckptmigrate.formats.pickle_writer import dump
 from ckptmigrate.formats.pickled import PickleFormatError, load
 from ckptmigrate.formats.zipio import (
@@ -45,7 +45,6 @@ from ckptmigrate.tensors.refs import (
     shape_of,
     to_torch,
 )
-from ckptmigrate.util import boundedjson
 
 _encode = native.load("_encode")
 #: json's C string encoder, which ``_encode.schema_json`` calls (None where json has no C accelerator)
