@@ -55,6 +55,11 @@ def _schema(v: Any) -> bool:
 _DTYPE, _SHAPE = itemgetter("dtype"), itemgetter("shape")
 
 
+def _all_str(values: Any) -> bool:
+    """Whether every item is exactly a ``str`` (one C loop)."""
+    return set(map(type, values)) == {str}
+
+
 def _plain_schema(v: Any) -> bool:
     """Whether ``v`` is a schema as ckptmigrate writes it — every entry exactly ``{"dtype": str,
     "shape": [int >= 0, ...]}``, no key or dtype with a lone surrogate — checked a column at a time
@@ -70,12 +75,12 @@ def _plain_schema(v: Any) -> bool:
         dtypes, shapes = list(map(_DTYPE, entries)), list(map(_SHAPE, entries))
     except KeyError:
         return False
-    if set(map(type, dtypes)) != {str} or set(map(type, shapes)) != {list}:
+    if not _all_str(dtypes) or set(map(type, shapes)) != {list}:
         return False
     dims = list(chain.from_iterable(shapes))
     if dims and (set(map(type, dims)) != {int} or min(dims) < 0):
         return False
-    if not all(map(str.__instancecheck__, v)):
+    if not _all_str(v):
         return False
     return not (_bad_text("".join(v)) or _bad_text("".join(set(dtypes))))
 
@@ -146,10 +151,6 @@ def _bad_text(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
-
-
-def _all_str(values: Any) -> bool:
-    return set(map(type, values)) == {str}
 
 
 def check_structure(data: Any) -> None:

@@ -75,7 +75,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_jsonshape",
-    "The counts of an untrusted JSON document's shape in one pass (ckptmigrate.util.boundedjson's fast path).",
+    "The counts of an untrusted JSON document's shape in one pass (ckptmigrate.formats.boundedjson's fast path).",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 

@@ -458,8 +458,9 @@ _TUPLES: dict[tuple[Any, ...], bytes] = {}
 
 
 def _int_tuple(items: tuple[Any, ...]) -> bytes | None:
-    """A tuple of ints (a shape, a stride), unmemoised as nothing else refers to it; None when it
-    holds anything but ints. The shapes of a model repeat: the last few thousand are kept."""
+    """A tuple of ints (a shape, a stride) without its put (the caller puts it, unless empty, as
+    torch's pickler does); None when it holds anything but ints. The shapes of a model repeat: the
+    last few thousand are kept."""
     if type(items) is tuple and len(items) < 8:
         for d in items:  # only exact ints are looked up: (1,) == (True,) == (1.0,), and hashing runs code
             if type(d) is not int:
